@@ -1,0 +1,106 @@
+"""JSON logs through structlog, with request context and a redaction filter.
+
+The filter is the last line of defence: no token, secret, password, cookie or Authorization
+header reaches a log line, whether it was passed as a named field or pasted into a message.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import Mapping, MutableMapping
+from typing import Any
+
+import orjson
+import structlog
+
+REDACTED = "[REDACTED]"
+
+# Field names whose values are never logged, matched anywhere in the key.
+_SECRET_KEY = re.compile(
+    r"(token|secret|password|passwd|authorization|cookie|code_verifier|assertion|"
+    r"private|credential|api_key|apikey|^code$|session)",
+    re.IGNORECASE,
+)
+# Values that look like credentials wherever they appear in a string.
+_SECRET_VALUE = re.compile(
+    r"(eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*"  # a JWS compact token
+    r"|(?i:bearer|basic)\s+[A-Za-z0-9._~+/=-]{8,}"  # an Authorization header value
+    r"|\b(?:lc[a-z]{1,3}|whsec)_[A-Za-z0-9_-]{16,})"  # our own opaque tokens and secrets
+)
+
+
+def _scrub(value: Any, depth: int = 0) -> Any:
+    if depth > 6:
+        return value
+    if isinstance(value, str):
+        return _SECRET_VALUE.sub(REDACTED, value)
+    if isinstance(value, Mapping):
+        return {
+            k: (REDACTED if isinstance(k, str) and _SECRET_KEY.search(k) else _scrub(v, depth + 1))
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [_scrub(v, depth + 1) for v in value]
+    return value
+
+
+def redact(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """structlog processor: blank secret-named fields and secret-shaped values."""
+    for key in list(event_dict):
+        if _SECRET_KEY.search(key) and key != "event":
+            event_dict[key] = REDACTED
+        else:
+            event_dict[key] = _scrub(event_dict[key])
+    return event_dict
+
+
+def _dumps(obj: Any, **_: Any) -> str:
+    return orjson.dumps(obj, default=str).decode()
+
+
+def configure_logging(level: str = "info", *, service: str = "connect") -> None:
+    """JSON lines on stderr; stdout stays free for the CLI's `--json` answers."""
+    numeric = logging.getLevelName(level.upper())
+    processors: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,
+        redact,
+        structlog.processors.JSONRenderer(serializer=_dumps),
+    ]
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+    structlog.contextvars.bind_contextvars(service=service)
+    # Libraries that log through the standard module (aiohttp's access log among them) go
+    # through the same redaction and renderer.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                redact,
+                structlog.processors.JSONRenderer(serializer=_dumps),
+            ],
+            foreign_pre_chain=[
+                structlog.processors.add_log_level,
+                structlog.processors.TimeStamper(fmt="iso", utc=True),
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(numeric)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def get_logger(name: str | None = None) -> Any:
+    return structlog.get_logger(name)

@@ -1,0 +1,154 @@
+"""Redis Streams: the coordination between services (contract section 11).
+
+Producers append with approximate trimming; consumers read as a group, acknowledge what they
+have durably handled, and claim the pending entries of consumers that died (XAUTOCLAIM).
+Fields are one `data` member holding JSON, so every stream entry is a plain document.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import redis.asyncio as redis
+from redis.exceptions import ResponseError
+from redis.typing import EncodableT, FieldT
+
+EVENTS = "connect:events"
+REVOCATIONS = "connect:revocations"
+AUDIT = "connect:audit"
+KEYS = "connect:keys"
+
+DEFAULT_MAXLEN = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    id: str
+    data: dict[str, Any]
+
+
+def connect(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url, decode_responses=False, health_check_interval=30)
+
+
+def _encode(data: Mapping[str, Any]) -> dict[FieldT, EncodableT]:
+    return {b"data": orjson.dumps(data)}
+
+
+def _decode(raw: Sequence[Any]) -> list[Entry]:
+    entries = []
+    for entry_id, fields in raw:
+        payload = fields.get(b"data") if fields else None
+        data = orjson.loads(payload) if payload else {}
+        eid = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+        entries.append(Entry(eid, data))
+    return entries
+
+
+def _first_stream(answer: Any) -> Sequence[Any]:
+    """The entries of the one stream asked for: RESP2 answers a list, RESP3 a map."""
+    if isinstance(answer, dict):
+        return next(iter(answer.values()))[0] if answer else []
+    entries: Sequence[Any] = answer[0][1]
+    return entries
+
+
+async def append(
+    client: redis.Redis, stream: str, data: Mapping[str, Any], *, maxlen: int = DEFAULT_MAXLEN
+) -> str:
+    """XADD with `MAXLEN ~`: trimming whole macro-nodes keeps appends O(1)."""
+    entry_id = await client.xadd(stream, _encode(data), maxlen=maxlen, approximate=True)
+    return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+
+
+async def append_many(
+    client: redis.Redis,
+    stream: str,
+    items: Sequence[Mapping[str, Any]],
+    *,
+    maxlen: int = DEFAULT_MAXLEN,
+) -> None:
+    """Append a batch in one round trip."""
+    if not items:
+        return
+    pipe = client.pipeline(transaction=False)
+    for data in items:
+        pipe.xadd(stream, _encode(data), maxlen=maxlen, approximate=True)
+    await pipe.execute()
+
+
+async def ensure_group(client: redis.Redis, stream: str, group: str, *, start: str = "0") -> None:
+    """Create the consumer group (and the stream) unless it exists; safe to call concurrently."""
+    try:
+        await client.xgroup_create(stream, group, id=start, mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+async def read_group(
+    client: redis.Redis,
+    stream: str,
+    group: str,
+    consumer: str,
+    *,
+    count: int = 100,
+    block_ms: int | None = 1000,
+) -> list[Entry]:
+    """New entries for this consumer; they stay pending until acknowledged."""
+    answer = await client.xreadgroup(group, consumer, {stream: ">"}, count=count, block=block_ms)
+    if not answer:
+        return []
+    return _decode(_first_stream(answer))
+
+
+async def ack(client: redis.Redis, stream: str, group: str, ids: Sequence[str]) -> int:
+    if not ids:
+        return 0
+    return int(await client.xack(stream, group, *ids))
+
+
+async def claim_stale(
+    client: redis.Redis,
+    stream: str,
+    group: str,
+    consumer: str,
+    *,
+    min_idle_ms: int,
+    count: int = 100,
+) -> list[Entry]:
+    """Take over entries another consumer read but did not acknowledge within `min_idle_ms`."""
+    claimed: list[Entry] = []
+    cursor = "0-0"
+    while True:
+        answer = await client.xautoclaim(
+            stream, group, consumer, min_idle_time=min_idle_ms, start_id=cursor, count=count
+        )
+        next_cursor, raw = answer[0], answer[1]
+        # Entries deleted by trimming come back as nil fields; they cannot be handled.
+        claimed.extend(_decode([r for r in raw if r and r[1] is not None]))
+        cursor = next_cursor.decode() if isinstance(next_cursor, bytes) else str(next_cursor)
+        if cursor == "0-0" or len(claimed) >= count:
+            return claimed
+
+
+async def read_tail(
+    client: redis.Redis, stream: str, last_id: str, *, count: int = 500, block_ms: int = 1000
+) -> list[Entry]:
+    """Plain XREAD for broadcast streams every process follows (revocations, keys)."""
+    answer = await client.xread({stream: last_id}, count=count, block=block_ms)
+    if not answer:
+        return []
+    return _decode(_first_stream(answer))
+
+
+async def last_id(client: redis.Redis, stream: str) -> str:
+    """The id of the newest entry, "0-0" for an empty or missing stream."""
+    entries = await client.xrevrange(stream, count=1)
+    if not entries:
+        return "0-0"
+    eid = entries[0][0]
+    return eid.decode() if isinstance(eid, bytes) else str(eid)

@@ -1,0 +1,149 @@
+"""What every service's aiohttp application has: request ids and context in the logs,
+`/healthz`, `/readyz`, `/metrics`, JSON error pages, and a runner that shuts down gracefully."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import secrets
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
+from prometheus_client import generate_latest as prometheus_latest
+
+from libs.common.errors import json_response
+from libs.common.logging import get_logger
+
+log = get_logger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+ReadinessCheck = Callable[[], Awaitable[bool]]
+
+READINESS = web.AppKey("readiness_checks", dict[str, ReadinessCheck])
+REQUEST_ID_KEY = web.RequestKey("request_id", str)
+
+_SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+class ServiceMetrics:
+    """Prometheus metrics of one service, in a registry of its own (tests run many apps)."""
+
+    def __init__(self, service: str) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "http_requests_total",
+            "HTTP requests answered",
+            ["service", "method", "route", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "http_request_duration_seconds",
+            "Time to answer an HTTP request",
+            ["service", "route"],
+            registry=self.registry,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+        )
+        self.service = service
+
+
+METRICS: web.AppKey[ServiceMetrics] = web.AppKey("metrics")
+
+
+def _route_name(request: web.Request) -> str:
+    info = request.match_info.route.resource
+    return info.canonical if info is not None else "unmatched"
+
+
+@web.middleware
+async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A request id for every request (the caller's if well-formed), bound into every log."""
+    incoming = request.headers.get("X-Request-Id", "")
+    request_id = incoming if _SAFE_REQUEST_ID.match(incoming) else secrets.token_hex(12)
+    request[REQUEST_ID_KEY] = request_id
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+    started = time.perf_counter()
+    metrics = request.app.get(METRICS)
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+    except web.HTTPException as exc:
+        status = exc.status
+        exc.headers["X-Request-Id"] = request_id
+        raise
+    except Exception:
+        log.exception("request_failed", method=request.method, path=request.path)
+        response = json_response(
+            {"error": "server_error", "error_description": "An unexpected error occurred."},
+            status=500,
+        )
+    finally:
+        if metrics is not None:
+            route = _route_name(request)
+            metrics.requests.labels(metrics.service, request.method, route, str(status)).inc()
+            metrics.latency.labels(metrics.service, route).observe(time.perf_counter() - started)
+        structlog.contextvars.unbind_contextvars("request_id", "school", "client_id")
+    response.headers["X-Request-Id"] = request_id
+    return response
+
+
+async def healthz(_request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    checks = request.app.get(READINESS, {})
+    results = {}
+    for name, check in checks.items():
+        try:
+            results[name] = await asyncio.wait_for(check(), timeout=2)
+        except (TimeoutError, OSError, ConnectionError):
+            results[name] = False
+    ready = all(results.values())
+    return json_response(
+        {"status": "ready" if ready else "unavailable", "checks": results},
+        status=200 if ready else 503,
+    )
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    metrics = request.app[METRICS]
+    return web.Response(
+        body=prometheus_latest(metrics.registry),
+        headers={"Content-Type": CONTENT_TYPE_LATEST},
+    )
+
+
+def base_application(service: str, *, middlewares: list[Any] | None = None) -> web.Application:
+    app = web.Application(middlewares=[request_context, *(middlewares or [])])
+    app[METRICS] = ServiceMetrics(service)
+    app[READINESS] = {}
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_endpoint)
+    return app
+
+
+async def serve(
+    app: web.Application, host: str, port: int, *, shutdown_timeout: float = 20
+) -> None:
+    """Run until SIGINT/SIGTERM, then stop accepting, finish in-flight requests, clean up."""
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_address=True, backlog=1024)
+    await site.start()
+    log.info("listening", host=host, port=port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting_down")
+        await runner.cleanup()

@@ -1,0 +1,88 @@
+"""The identity service's aiohttp application: wiring only; the endpoints live in routes.py."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+
+import asyncpg
+import structlog
+from aiohttp import web
+
+from libs.common import db, streams
+from libs.common.config import Settings
+from libs.common.errors import OAuthError
+from libs.common.web import READINESS, Handler, base_application
+from services.identity import keys, routes
+from services.identity.context import CONTEXT, ISSUER, IdentityContext
+from services.identity.schools import SchoolDirectory, UnknownSchool
+
+# Paths answered on any Host, school or not: probes and the service's own description.
+_HOSTLESS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json"})
+
+
+@web.middleware
+async def resolve_issuer(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Find the school (or the platform) the Host names; an unknown school is 404."""
+    if request.path in _HOSTLESS:
+        return await handler(request)
+    ctx = request.app[CONTEXT]
+    host = request.host
+    if ctx.settings.trust_forwarded_host:
+        host = request.headers.get("X-Forwarded-Host", host).split(",")[0].strip()
+    try:
+        issuer = await ctx.schools.resolve(host)
+    except UnknownSchool:
+        return OAuthError("not_found", "No school answers at this address.", status=404).response()
+    request[ISSUER] = issuer
+    if issuer.school:
+        structlog.contextvars.bind_contextvars(school=issuer.school.subdomain)
+    return await handler(request)
+
+
+@web.middleware
+async def oauth_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except OAuthError as exc:
+        return exc.response()
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = base_application("identity", middlewares=[resolve_issuer, oauth_errors])
+    app.cleanup_ctx.append(_resources(settings))
+    routes.setup(app)
+    return app
+
+
+def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        pool: asyncpg.Pool = await db.create_pool(
+            settings.database_url, min_size=settings.db_pool_min, max_size=settings.db_pool_max
+        )
+        redis_client = streams.connect(settings.redis_url)
+        context = IdentityContext(
+            settings=settings,
+            pool=pool,
+            redis=redis_client,
+            schools=SchoolDirectory(pool, settings),
+            keyring=keys.KeyRing(pool, settings),
+        )
+        app[CONTEXT] = context
+
+        async def postgres_ready() -> bool:
+            return await db.ping(pool)
+
+        async def redis_ready() -> bool:
+            return bool(await redis_client.ping())
+
+        app[READINESS]["postgresql"] = postgres_ready
+        app[READINESS]["redis"] = redis_ready
+        # The platform issuer needs keys before its first token, like any school.
+        await keys.ensure_issuer_keys(pool, settings, None)
+        try:
+            yield
+        finally:
+            await redis_client.aclose()
+            await pool.close()
+
+    return ctx

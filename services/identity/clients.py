@@ -1,0 +1,178 @@
+"""OAuth clients: their metadata rules, creation, secrets, and authentication at the endpoints.
+
+The same rules serve the admin pages, the CLI and dynamic client registration (RFC 7591), so
+a client is valid or not whichever way it was made.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import asyncpg
+
+from libs.common import scopes as catalogue
+from libs.common.config import Settings
+from libs.common.db import Executor
+from services.identity import credentials, store
+
+GRANT_TYPES = ("authorization_code", "refresh_token", "client_credentials")
+AUTH_METHODS = ("none", "client_secret_basic", "client_secret_post")
+
+
+class ClientMetadataError(ValueError):
+    """Bad client metadata; `error` is the RFC 7591 code to answer with."""
+
+    def __init__(self, error: str, description: str) -> None:
+        super().__init__(description)
+        self.error = error
+        self.description = description
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def validate_redirect_uri(uri: str) -> str:
+    """https, or http on a loopback address for native apps (RFC 8252 7.3); no fragments or
+    wildcards; a private-use scheme (RFC 8252 7.1) in reverse-domain form is allowed too."""
+    parts = urlsplit(uri)
+    if not parts.scheme or "*" in uri or any(c.isspace() for c in uri):
+        raise ClientMetadataError("invalid_redirect_uri", f"{uri!r} is not an absolute URI")
+    if parts.fragment or "#" in uri:
+        raise ClientMetadataError("invalid_redirect_uri", "redirect URIs may not have a fragment")
+    if parts.scheme == "https":
+        if not parts.hostname:
+            raise ClientMetadataError("invalid_redirect_uri", f"{uri!r} has no host")
+    elif parts.scheme == "http":
+        if not parts.hostname or not is_loopback_host(parts.hostname):
+            raise ClientMetadataError(
+                "invalid_redirect_uri", "http redirect URIs are allowed only on loopback"
+            )
+    elif "." not in parts.scheme:
+        raise ClientMetadataError(
+            "invalid_redirect_uri",
+            "redirect URIs must be https, http on loopback, or a reverse-domain private scheme",
+        )
+    return uri
+
+
+def validate_origin(origin: str) -> str:
+    parts = urlsplit(origin)
+    if parts.scheme not in ("https", "http") or not parts.hostname or parts.path not in ("", "/"):
+        raise ClientMetadataError("invalid_client_metadata", f"{origin!r} is not an origin")
+    if parts.scheme == "http" and not is_loopback_host(parts.hostname):
+        raise ClientMetadataError("invalid_client_metadata", "http origins only on loopback")
+    return f"{parts.scheme}://{parts.netloc}".lower()
+
+
+def validate_scopes(requested: Sequence[str], school: store.School | None) -> list[str]:
+    """The scopes a client may register for: known, not admin, allowed by the school."""
+    unknown = catalogue.unknown(requested)
+    if unknown:
+        raise ClientMetadataError("invalid_client_metadata", f"unknown scope {unknown[0]!r}")
+    if any(s in catalogue.ADMIN_SCOPES for s in requested):
+        raise ClientMetadataError("invalid_client_metadata", "admin scopes are not available")
+    if school is not None and school.allowed_scopes is not None:
+        refused = [s for s in requested if s not in school.allowed_scopes]
+        if refused:
+            raise ClientMetadataError(
+                "invalid_client_metadata", f"the school does not allow {refused[0]!r}"
+            )
+    return list(dict.fromkeys(requested)) or [catalogue.DEFAULT_SCOPE]
+
+
+@dataclass(frozen=True, slots=True)
+class NewClient:
+    client: store.Client
+    # Shown once, never stored: the caller must hand them over now.
+    client_secret: str | None
+    registration_access_token: str | None
+
+
+async def create_client(
+    pool: Executor,
+    settings: Settings,
+    *,
+    school: store.School | None,
+    name: str,
+    redirect_uris: Sequence[str],
+    public: bool = False,
+    scopes: Sequence[str] = (),
+    origins: Sequence[str] = (),
+    grant_types: Sequence[str] | None = None,
+    auth_method: str | None = None,
+    created_via: str = "admin",
+    first_party: bool = False,
+    with_registration_token: bool = False,
+    metadata: dict[str, object] | None = None,
+) -> NewClient:
+    name = name.strip()
+    if not name or len(name) > 200:
+        raise ClientMetadataError("invalid_client_metadata", "client_name must be 1-200 characters")
+    uris = [validate_redirect_uri(u) for u in redirect_uris]
+    grants = list(grant_types or ("authorization_code", "refresh_token"))
+    if any(g not in GRANT_TYPES for g in grants):
+        raise ClientMetadataError("invalid_client_metadata", "unsupported grant type")
+    method = auth_method or ("none" if public else "client_secret_basic")
+    if method not in AUTH_METHODS:
+        raise ClientMetadataError(
+            "invalid_client_metadata", "unsupported token_endpoint_auth_method"
+        )
+    if method == "none" and "client_credentials" in grants:
+        raise ClientMetadataError(
+            "invalid_client_metadata", "client_credentials needs a confidential client"
+        )
+    if "authorization_code" in grants and not uris:
+        raise ClientMetadataError("invalid_redirect_uri", "at least one redirect URI is required")
+    secret = None if method == "none" else credentials.new_secret(credentials.CLIENT_SECRET_PREFIX)
+    registration_token = (
+        credentials.new_secret(credentials.REGISTRATION_TOKEN_PREFIX)
+        if with_registration_token
+        else None
+    )
+    pepper = settings.secret_pepper
+    client = await store.insert_client(
+        pool,
+        client_id=credentials.new_client_id(),
+        school_id=school.id if school else None,
+        name=name,
+        token_endpoint_auth_method=method,
+        secret_hash=credentials.keyed_hash(pepper, secret) if secret else None,
+        redirect_uris=uris,
+        allowed_origins=[validate_origin(o) for o in origins],
+        scopes=validate_scopes(list(scopes), school),
+        grant_types=grants,
+        first_party=first_party,
+        created_via=created_via,
+        registration_token_hash=(
+            credentials.keyed_hash(pepper, registration_token) if registration_token else None
+        ),
+        metadata=dict(metadata or {}),
+    )
+    return NewClient(client, secret, registration_token)
+
+
+async def rotate_secret(
+    pool: asyncpg.Pool, settings: Settings, client: store.Client
+) -> tuple[store.Client, str]:
+    if client.is_public:
+        raise ClientMetadataError("invalid_client_metadata", "a public client has no secret")
+    secret = credentials.new_secret(credentials.CLIENT_SECRET_PREFIX)
+    updated = await store.update_client(
+        pool, client.id, secret_hash=credentials.keyed_hash(settings.secret_pepper, secret)
+    )
+    assert updated is not None
+    return updated, secret
+
+
+def belongs_to(client: store.Client, school_id: int | None) -> bool:
+    """A school's client works only at that school; a platform client only on the platform."""
+    return client.school_id == school_id

@@ -1,0 +1,75 @@
+"""Grants: one user's consent for one client at one school, the root of every token.
+
+Revoking a grant ends every token that descends from it. The revocation is written to
+PostgreSQL, marked in Redis and announced on `connect:revocations` before the caller answers,
+so no gateway accepts a token of the grant after the revoke has returned.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from uuid import UUID
+
+import redis.asyncio as redis
+
+from libs.common import streams
+from libs.common.config import Settings
+from libs.common.db import Executor
+from services.identity import audit, store
+
+# A gateway asks `EXISTS connect:revoked:<grant id>`; the mark outlives every access token.
+REVOKED_KEY = "connect:revoked:"
+
+
+async def create_grant(
+    db: Executor,
+    *,
+    school_id: int,
+    client_id: str,
+    user_id: UUID | None,
+    scopes: Sequence[str],
+) -> store.Grant:
+    return await store.insert_grant(
+        db, school_id=school_id, client_id=client_id, user_id=user_id, scopes=scopes
+    )
+
+
+async def revoke_grant(
+    pool: Executor,
+    redis_client: redis.Redis,
+    settings: Settings,
+    grant_id: UUID,
+    *,
+    reason: str,
+    ip: str | None = None,
+) -> bool:
+    """Revoke the grant everywhere; True if this call revoked it, False if it already was."""
+    grant = await store.mark_grant_revoked(pool, grant_id, reason)
+    # Mark and announce even when PostgreSQL says it was already revoked: a crash between
+    # the two writes on an earlier attempt must not leave gateways uninformed.
+    ttl = settings.tokens.access_token_ttl + 300
+    pipe = redis_client.pipeline(transaction=False)
+    pipe.set(settings.stream(REVOKED_KEY) + str(grant_id), reason, ex=ttl)
+    await pipe.execute()
+    await streams.append(
+        redis_client,
+        settings.stream(streams.REVOCATIONS),
+        {"grant_id": str(grant_id), "reason": reason, "at": time.time(), "ttl": ttl},
+        maxlen=50_000,
+    )
+    if grant is not None:
+        await audit.append(
+            redis_client,
+            settings,
+            audit.record(
+                "grant.revoked",
+                school_id=grant.school_id,
+                client_id=grant.client_id,
+                subject=str(grant.user_id) if grant.user_id else grant.client_id,
+                grant_id=str(grant.id),
+                ip=ip,
+                reason=reason,
+            ),
+        )
+    return grant is not None

@@ -1,0 +1,70 @@
+"""Users: one account per email across the platform, with a role in each school they belong to."""
+
+from __future__ import annotations
+
+import re
+
+import asyncpg
+
+from services.identity import credentials, store
+
+ROLES = ("admin", "lecturer", "member")
+_EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,255}\.[^@\s]{1,63}$")
+MIN_PASSWORD_LENGTH = 8
+
+
+class UserError(ValueError):
+    pass
+
+
+def validate_email(email: str) -> str:
+    email = email.strip()
+    if not _EMAIL.match(email):
+        raise UserError("email is not a valid address")
+    return email
+
+
+async def create_user(
+    pool: asyncpg.Pool,
+    *,
+    school_id: int,
+    email: str,
+    password: str,
+    name: str | None = None,
+    role: str = "member",
+    platform_admin: bool = False,
+) -> tuple[store.User, bool]:
+    """Create the account (or find it by email) and give it `role` at the school.
+
+    Returns the user and whether the account is new. An existing account keeps its password:
+    adding someone to a second school must not let the caller reset their credentials.
+    """
+    email = validate_email(email)
+    if role not in ROLES:
+        raise UserError(f"role must be one of {', '.join(ROLES)}")
+    if len(password) < MIN_PASSWORD_LENGTH:
+        raise UserError(f"password must have at least {MIN_PASSWORD_LENGTH} characters")
+    async with pool.acquire() as conn, conn.transaction():
+        user = await store.user_by_email(conn, email)
+        created = user is None
+        if user is None:
+            user = await store.insert_user(
+                conn,
+                email,
+                credentials.hash_password(password),
+                name,
+                platform_admin=platform_admin,
+            )
+        await store.upsert_membership(conn, school_id, user.id, role)
+    return user, created
+
+
+async def authenticate(pool: asyncpg.Pool, email: str, password: str) -> store.User | None:
+    """The user whose email and password these are, or None; a miss costs what a hit costs."""
+    user = await store.user_by_email(pool, email.strip())
+    if not credentials.verify_password(user.password_hash if user else None, password):
+        return None
+    assert user is not None
+    if credentials.password_needs_rehash(user.password_hash):
+        await store.update_password_hash(pool, user.id, credentials.hash_password(password))
+    return user

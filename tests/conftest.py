@@ -1,0 +1,186 @@
+"""Real PostgreSQL and Redis for every test run, isolated per run.
+
+Where the servers come from, in order: TEST_DATABASE_URL / TEST_REDIS_URL; PostgreSQL and
+Redis on their default local ports; testcontainers when a Docker engine answers. Each run gets
+its own database and its own Redis key prefix, so runs never see each other's data.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import secrets
+import socket
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import pytest
+import redis.asyncio as redis_asyncio
+
+from libs.common import db
+from libs.common.config import Settings, load_settings
+from libs.common.logging import configure_logging
+from tests.support import client_session, free_port, running
+
+DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def _answers(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _docker_answers() -> bool:
+    try:
+        import docker
+
+        docker.from_env(timeout=2).ping()
+        return True
+    except Exception:
+        return False
+
+
+@dataclass(frozen=True)
+class StoreUrls:
+    server_database_url: str  # a database on the server we may connect to
+    redis_url: str
+
+
+@pytest.fixture(scope="session")
+def store_urls() -> Iterator[StoreUrls]:
+    database_url = os.environ.get("TEST_DATABASE_URL")
+    redis_url = os.environ.get("TEST_REDIS_URL")
+    containers: list[Any] = []
+    if database_url is None and _answers("127.0.0.1", 5432):
+        database_url = DEFAULT_DATABASE_URL
+    if redis_url is None and _answers("127.0.0.1", 6379):
+        redis_url = DEFAULT_REDIS_URL
+    if (database_url is None or redis_url is None) and _docker_answers():
+        if database_url is None:
+            from testcontainers.postgres import PostgresContainer
+
+            pg = PostgresContainer("postgres:15-alpine", driver=None).start()
+            containers.append(pg)
+            database_url = pg.get_connection_url()
+        if redis_url is None:
+            from testcontainers.redis import RedisContainer
+
+            rc = RedisContainer("redis:7-alpine").start()
+            containers.append(rc)
+            redis_url = f"redis://{rc.get_container_host_ip()}:{rc.get_exposed_port(6379)}/0"
+    if database_url is None or redis_url is None:
+        missing = [
+            name
+            for name, url in (("PostgreSQL", database_url), ("Redis", redis_url))
+            if url is None
+        ]
+        pytest.exit(
+            f"No {' or '.join(missing)} for the tests: set TEST_DATABASE_URL / TEST_REDIS_URL, "
+            "start PostgreSQL on 127.0.0.1:5432 and Redis on 127.0.0.1:6379, or run a Docker "
+            "engine for testcontainers.",
+            returncode=3,
+        )
+    try:
+        yield StoreUrls(database_url, redis_url)
+    finally:
+        for container in containers:
+            container.stop()
+
+
+def _with_database(url: str, name: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
+
+
+@pytest.fixture(scope="session")
+def run_id() -> str:
+    return f"lc_test_{secrets.token_hex(4)}"
+
+
+@pytest.fixture(scope="session")
+def identity_port() -> int:
+    return free_port()
+
+
+def _key() -> str:
+    return base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()
+
+
+@pytest.fixture(scope="session")
+def base_env(store_urls: StoreUrls, run_id: str, identity_port: int) -> dict[str, str]:
+    """The environment a service of this test run gets: its own database and key prefix."""
+    return {
+        "CONNECT_ENV": "test",
+        "DATABASE_URL": _with_database(store_urls.server_database_url, run_id),
+        "REDIS_URL": store_urls.redis_url,
+        "REDIS_KEY_PREFIX": f"{run_id}:",
+        "KEY_ENCRYPTION_KEY": _key(),
+        "SECRET_PEPPER": _key(),
+        "PUBLIC_URL_TEMPLATE": f"http://{{school}}.localhost:{identity_port}",
+        "PLATFORM_URL": f"http://localhost:{identity_port}",
+        "IDENTITY_PORT": str(identity_port),
+        "LOG_LEVEL": "warning",
+        "DB_POOL_MIN": "1",
+        "DB_POOL_MAX": "5",
+    }
+
+
+@pytest.fixture(scope="session")
+def settings(base_env: dict[str, str]) -> Settings:
+    configure_logging("warning")
+    return load_settings(base_env)
+
+
+@pytest.fixture(scope="session")
+async def migrated(settings: Settings) -> AsyncIterator[None]:
+    await db.migrate(settings.database_url)
+    yield
+    await db.drop_database(settings.database_url)
+
+
+@pytest.fixture(scope="session")
+async def pool(settings: Settings, migrated: None) -> AsyncIterator[asyncpg.Pool]:
+    p = await db.create_pool(settings.database_url, min_size=1, max_size=5)
+    yield p
+    await p.close()
+
+
+@pytest.fixture(scope="session")
+async def redis(settings: Settings) -> AsyncIterator[redis_asyncio.Redis]:
+    client = redis_asyncio.Redis.from_url(settings.redis_url)
+    yield client
+    keys = [k async for k in client.scan_iter(match=f"{settings.redis_prefix}*", count=1000)]
+    if keys:
+        await client.delete(*keys)
+    await client.aclose()
+
+
+@pytest.fixture(scope="session")
+async def identity_url(
+    settings: Settings, migrated: None, identity_port: int
+) -> AsyncIterator[str]:
+    """The identity service of this run, on a real socket; yields its 127.0.0.1 base URL."""
+    from services.identity.app import create_app
+
+    async with running(create_app(settings), identity_port) as url:
+        yield url
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[Any]:
+    """An aiohttp client that resolves *.localhost to 127.0.0.1 and never follows redirects."""
+    async with client_session() as session:
+        yield session
+
+
+@pytest.fixture
+def unique() -> str:
+    """A short random label for names that must not collide across tests."""
+    return secrets.token_hex(4)
