@@ -24,6 +24,10 @@ OAUTH_STATUS: dict[str, int] = {
     "invalid_token": 401,  # RFC 6750 / RFC 7592
     "unsupported_token_type": 400,  # RFC 7009
     "slow_down": 429,
+    "invalid_target": 400,  # RFC 8707
+    "login_required": 400,  # OIDC Core 3.1.2.6
+    "consent_required": 400,
+    "interaction_required": 400,
     "not_found": 404,
 }
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal, cast
+from typing import Literal
 
 ScopeKind = Literal["identity", "data", "umbrella", "admin"]
 
@@ -68,15 +68,14 @@ _ADMIN = (
     ("admin:write", "Change platform administration data"),
 )
 
+_GROUPS: tuple[tuple[tuple[tuple[str, str], ...], ScopeKind], ...] = (
+    (_IDENTITY, "identity"),
+    (_DATA, "data"),
+    (_UMBRELLA, "umbrella"),
+    (_ADMIN, "admin"),
+)
 CATALOGUE: dict[str, Scope] = {
-    name: Scope(name, text, kind)
-    for group, kind in (
-        (_IDENTITY, cast(ScopeKind, "identity")),
-        (_DATA, cast(ScopeKind, "data")),
-        (_UMBRELLA, cast(ScopeKind, "umbrella")),
-        (_ADMIN, cast(ScopeKind, "admin")),
-    )
-    for name, text in group
+    name: Scope(name, text, kind) for group, kind in _GROUPS for name, text in group
 }
 
 DEFAULT_SCOPE = "openid"
