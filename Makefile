@@ -1,0 +1,48 @@
+# Loopwise Connect: `make dev` runs the whole system, `make test` runs every test.
+# Both work on a fresh machine with Python 3.11: they make a virtual environment in .venv
+# from the hashed lock file first.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: dev test lint format lock up down bench bench-quick clean install
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.lock
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --require-hashes --no-deps -r requirements.lock
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	@touch $(STAMP)
+
+dev: $(STAMP)
+	$(BIN)/loopwise-connect dev
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check libs services tests bench
+	$(BIN)/ruff format --check libs services tests bench
+	$(BIN)/mypy
+
+format: $(STAMP)
+	$(BIN)/ruff format libs services tests bench
+	$(BIN)/ruff check --fix libs services tests bench
+
+# Regenerate requirements.lock from pyproject.toml (needs uv: `pip install uv`).
+lock:
+	uv pip compile pyproject.toml --extra devstores --extra test --extra lint \
+		--python-version 3.11 --generate-hashes --quiet -o requirements.lock \
+		--no-emit-package loopwise-connect
+
+up:
+	docker compose -f deploy/docker-compose.yml up --build
+
+down:
+	docker compose -f deploy/docker-compose.yml down
+
+clean:
+	rm -rf $(VENV) .data .pytest_cache .mypy_cache .ruff_cache

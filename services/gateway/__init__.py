@@ -1,0 +1,1 @@
+"""The gateway service (see CONTRACT.md section 1); built in a later issue."""

@@ -1,0 +1,1 @@
+"""The webhooks service (see CONTRACT.md section 1); built in a later issue."""
