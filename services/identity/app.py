@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import asyncpg
 import structlog
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from libs.common import db, streams
 from libs.common.config import Settings
 from libs.common.errors import OAuthError
+from libs.common.logging import get_logger
 from libs.common.web import READINESS, Handler, base_application
 from services.identity import keys, routes
 from services.identity.context import CONTEXT, ISSUER, IdentityContext
 from services.identity.schools import SchoolDirectory, UnknownSchool
+
+log = get_logger(__name__)
 
 # Paths answered on any Host, school or not: probes and the service's own description.
 _HOSTLESS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json"})
@@ -54,6 +61,19 @@ def create_app(settings: Settings) -> web.Application:
     return app
 
 
+async def _rotate_on_schedule(pool: asyncpg.Pool, redis_client: Any, settings: Settings) -> None:
+    """Rotate signing keys that outlived KEY_ROTATION_INTERVAL; checked every few minutes."""
+    period = min(300.0, settings.tokens.key_rotation_interval / 4)
+    while True:
+        try:
+            rotated = await keys.rotate_due_issuers(pool, redis_client, settings)
+            if rotated:
+                log.info("keys_rotated_on_schedule", issuers=rotated)
+        except (OSError, asyncpg.PostgresError, RedisError):
+            log.warning("key_rotation_check_failed", exc_info=True)
+        await asyncio.sleep(period)
+
+
 def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         pool: asyncpg.Pool = await db.create_pool(
@@ -79,9 +99,13 @@ def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[
         app[READINESS]["redis"] = redis_ready
         # The platform issuer needs keys before its first token, like any school.
         await keys.ensure_issuer_keys(pool, settings, None)
+        schedule = asyncio.create_task(_rotate_on_schedule(pool, redis_client, settings))
         try:
             yield
         finally:
+            schedule.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await schedule
             await redis_client.aclose()
             await pool.close()
 

@@ -95,25 +95,59 @@ async def rotate(pool: asyncpg.Pool, settings: Settings, school_id: int | None) 
     """Promote next to current, retire the old current, publish a fresh next."""
     async with pool.acquire() as conn, conn.transaction():
         await store.lock_issuer_keys(conn, school_id)
-        existing = await store.keys_of_issuer(conn, school_id)
-        changes: dict[str, Any] = {}
-        for alg in ALGORITHMS:
-            current = next((k for k in existing if k.alg == alg and k.state == "current"), None)
-            upcoming = next((k for k in existing if k.alg == alg and k.state == "next"), None)
-            if current is not None:
-                await store.retire_key(conn, current.kid, settings.tokens.retired_key_ttl)
-            if upcoming is not None:
-                await store.promote_key(conn, upcoming.kid)
-                promoted = upcoming.kid
-            else:
-                promoted = (await _create(conn, settings, school_id, alg, "current")).kid
-            fresh = await _create(conn, settings, school_id, alg, "next")
-            changes[alg] = {
-                "retired": current.kid if current else None,
-                "current": promoted,
-                "next": fresh.kid,
-            }
+        return await _rotate_locked(conn, settings, school_id)
+
+
+async def _rotate_locked(
+    conn: Connection, settings: Settings, school_id: int | None
+) -> dict[str, Any]:
+    existing = await store.keys_of_issuer(conn, school_id)
+    changes: dict[str, Any] = {}
+    for alg in ALGORITHMS:
+        current = next((k for k in existing if k.alg == alg and k.state == "current"), None)
+        upcoming = next((k for k in existing if k.alg == alg and k.state == "next"), None)
+        if current is not None:
+            await store.retire_key(conn, current.kid, settings.tokens.retired_key_ttl)
+        if upcoming is not None:
+            await store.promote_key(conn, upcoming.kid)
+            promoted = upcoming.kid
+        else:
+            promoted = (await _create(conn, settings, school_id, alg, "current")).kid
+        fresh = await _create(conn, settings, school_id, alg, "next")
+        changes[alg] = {
+            "retired": current.kid if current else None,
+            "current": promoted,
+            "next": fresh.kid,
+        }
     return changes
+
+
+async def rotate_if_due(
+    pool: asyncpg.Pool, settings: Settings, school_id: int | None
+) -> dict[str, Any] | None:
+    """Rotate when the current keys are older than the rotation interval.
+
+    Due-ness is checked again under the issuer's lock, so two identity processes running the
+    schedule at once rotate an issuer once, not twice.
+    """
+    async with pool.acquire() as conn, conn.transaction():
+        await store.lock_issuer_keys(conn, school_id)
+        due = await store.issuers_due_for_rotation(conn, settings.tokens.key_rotation_interval)
+        if school_id not in due:
+            return None
+        return await _rotate_locked(conn, settings, school_id)
+
+
+async def rotate_due_issuers(pool: asyncpg.Pool, redis: Any, settings: Settings) -> int:
+    """One pass of the schedule: rotate every issuer whose keys are due; return how many."""
+    rotated = 0
+    for school_id in await store.issuers_due_for_rotation(
+        pool, settings.tokens.key_rotation_interval
+    ):
+        if await rotate_if_due(pool, settings, school_id) is not None:
+            await announce(redis, settings, school_id, "scheduled")
+            rotated += 1
+    return rotated
 
 
 async def announce(redis: Any, settings: Settings, school_id: int | None, reason: str) -> None:
