@@ -17,7 +17,7 @@ from libs.common.config import Settings
 from libs.common.errors import OAuthError
 from libs.common.logging import get_logger
 from libs.common.web import READINESS, Handler, base_application
-from services.identity import keys, routes
+from services.identity import audit_consumer, keys, routes
 from services.identity.context import CONTEXT, ISSUER, IdentityContext
 from services.identity.schools import SchoolDirectory, UnknownSchool
 
@@ -99,13 +99,18 @@ def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[
         app[READINESS]["redis"] = redis_ready
         # The platform issuer needs keys before its first token, like any school.
         await keys.ensure_issuer_keys(pool, settings, None)
-        schedule = asyncio.create_task(_rotate_on_schedule(pool, redis_client, settings))
+        background = [
+            asyncio.create_task(_rotate_on_schedule(pool, redis_client, settings)),
+            asyncio.create_task(audit_consumer.run(pool, redis_client, settings)),
+        ]
         try:
             yield
         finally:
-            schedule.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await schedule
+            for task in background:
+                task.cancel()
+            for task in background:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await redis_client.aclose()
             await pool.close()
 

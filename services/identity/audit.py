@@ -28,6 +28,9 @@ def record(
     grant_id: str | None = None,
     scope: str | None = None,
     ip: str | None = None,
+    method: str | None = None,
+    path: str | None = None,
+    status: int | None = None,
     **detail: Any,
 ) -> dict[str, Any]:
     return {
@@ -39,6 +42,9 @@ def record(
         "grant_id": grant_id,
         "scope": scope,
         "ip": ip,
+        "method": method,
+        "path": path,
+        "status": status,
         "detail": detail,
     }
 

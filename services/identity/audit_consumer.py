@@ -1,0 +1,119 @@
+"""Stores `connect:audit` in PostgreSQL: one consumer group, batched inserts, at least once.
+
+Entries are acknowledged only after their batch committed; the stream id is unique in
+audit_log, so an entry delivered twice (a consumer died after inserting, before acking) is
+stored once. Entries a dead consumer left pending are claimed after `claim_idle_ms`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+import redis.asyncio as redis
+from redis.exceptions import RedisError, ResponseError
+
+from libs.common import streams
+from libs.common.config import Settings
+from libs.common.logging import get_logger
+from services.identity.store import audit as audit_store
+
+log = get_logger(__name__)
+
+GROUP = "identity-audit"
+
+
+def consumer_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _uuid(value: Any) -> UUID | None:
+    try:
+        return UUID(str(value)) if value else None
+    except ValueError:
+        return None
+
+
+def _int(value: Any) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def to_row(entry: streams.Entry) -> audit_store.AuditRow:
+    d = entry.data
+    occurred = d.get("occurred_at")
+    when = (
+        datetime.fromtimestamp(float(occurred), UTC)
+        if isinstance(occurred, int | float)
+        else datetime.now(UTC)
+    )
+    detail = d.get("detail") if isinstance(d.get("detail"), dict) else {}
+    return audit_store.AuditRow(
+        stream_id=entry.id,
+        occurred_at=when,
+        school_id=_int(d.get("school_id")),
+        client_id=d.get("client_id"),
+        subject=d.get("subject"),
+        grant_id=_uuid(d.get("grant_id")),
+        action=str(d.get("action") or "unknown"),
+        method=d.get("method"),
+        path=d.get("path"),
+        status=_int(d.get("status")),
+        scope=d.get("scope"),
+        ip=d.get("ip") or None,
+        detail=detail or {},
+    )
+
+
+async def consume_once(
+    pool: asyncpg.Pool,
+    client: redis.Redis,
+    settings: Settings,
+    consumer: str,
+    *,
+    block_ms: int = 1000,
+    claim_idle_ms: int = 30_000,
+    batch: int = 500,
+) -> int:
+    """Store one batch (claimed entries first); return how many entries were handled."""
+    stream = settings.stream(streams.AUDIT)
+    entries = await streams.claim_stale(
+        client, stream, GROUP, consumer, min_idle_ms=claim_idle_ms, count=batch
+    )
+    if not entries:
+        entries = await streams.read_group(
+            client, stream, GROUP, consumer, count=batch, block_ms=block_ms
+        )
+    if not entries:
+        return 0
+    await audit_store.insert_many(pool, [to_row(e) for e in entries])
+    await streams.ack(client, stream, GROUP, [e.id for e in entries])
+    return len(entries)
+
+
+async def run(pool: asyncpg.Pool, client: redis.Redis, settings: Settings) -> None:
+    """Consume until cancelled; transient store failures back off and retry."""
+    consumer = consumer_name()
+    stream = settings.stream(streams.AUDIT)
+    await streams.ensure_group(client, stream, GROUP)
+    delay = 0.5
+    while True:
+        try:
+            await consume_once(pool, client, settings, consumer)
+            delay = 0.5
+        except ResponseError as exc:
+            # The stream was deleted under us (an operator, a test's cleanup): start afresh.
+            if "NOGROUP" not in str(exc) and "UNBLOCKED" not in str(exc):
+                raise
+            await streams.ensure_group(client, stream, GROUP)
+        except (OSError, RedisError, asyncpg.PostgresError):
+            log.warning("audit_consume_failed", exc_info=True)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10)

@@ -1,0 +1,67 @@
+"""SQL of the audit trail: batched, idempotent inserts and the filtered reads pages need."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import astuple, dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from libs.common.db import Executor
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRow:
+    stream_id: str
+    occurred_at: datetime
+    school_id: int | None
+    client_id: str | None
+    subject: str | None
+    grant_id: UUID | None
+    action: str
+    method: str | None
+    path: str | None
+    status: int | None
+    scope: str | None
+    ip: str | None
+    detail: dict[str, Any]
+
+
+async def insert_many(db: Executor, rows: Sequence[AuditRow]) -> None:
+    """One statement per batch; entries seen before (same stream id) are skipped."""
+    if not rows:
+        return
+    columns = list(zip(*(astuple(r) for r in rows), strict=True))
+    await db.execute(
+        "INSERT INTO audit_log (stream_id, occurred_at, school_id, client_id, subject, grant_id,"
+        " action, method, path, status, scope, ip, detail)"
+        " SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::bigint[], $4::text[],"
+        " $5::text[], $6::uuid[], $7::text[], $8::text[], $9::text[], $10::int[], $11::text[],"
+        " $12::inet[], $13::jsonb[])"
+        " ON CONFLICT (stream_id) DO NOTHING",
+        *[list(c) for c in columns],
+    )
+
+
+async def for_school(
+    db: Executor,
+    school_id: int,
+    *,
+    client_id: str | None = None,
+    subject: str | None = None,
+    action: str | None = None,
+    limit: int = 100,
+) -> list[dict[str, Any]]:
+    rows = await db.fetch(
+        "SELECT * FROM audit_log WHERE school_id = $1"
+        " AND ($2::text IS NULL OR client_id = $2) AND ($3::text IS NULL OR subject = $3)"
+        " AND ($4::text IS NULL OR action = $4)"
+        " ORDER BY occurred_at DESC, id DESC LIMIT $5",
+        school_id,
+        client_id,
+        subject,
+        action,
+        limit,
+    )
+    return [dict(r) for r in rows]

@@ -1,0 +1,83 @@
+"""connect:audit lands in PostgreSQL: batched, once per entry, even when a consumer dies."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import Any
+
+from libs.common import streams
+from libs.common.config import Settings
+from services.identity import audit, audit_consumer
+
+
+async def _stored(pool: Any, marker: str) -> list[Any]:
+    return list(
+        await pool.fetch(
+            "SELECT * FROM audit_log WHERE detail->>'marker' = $1 ORDER BY stream_id", marker
+        )
+    )
+
+
+async def test_running_identity_stores_audit_records(
+    identity_url: str, pool: Any, redis: Any, settings: Settings, unique: str
+) -> None:
+    records = [
+        audit.record(
+            "api.call",
+            school_id=42,
+            client_id="c1",
+            subject="u1",
+            method="GET",
+            path="/api/v1/courses",
+            status=200,
+            scope="courses:read",
+            ip="127.0.0.1",
+            marker=unique,
+            n=i,
+        )
+        for i in range(25)
+    ]
+    for r in records:
+        await audit.append(redis, settings, r)
+    for _ in range(100):
+        rows = await _stored(pool, unique)
+        if len(rows) == 25:
+            break
+        await asyncio.sleep(0.05)
+    assert len(rows) == 25
+    first = rows[0]
+    assert first["action"] == "api.call"
+    assert first["school_id"] == 42 and first["client_id"] == "c1"
+    assert str(first["ip"]) == "127.0.0.1" and first["status"] == 200
+
+
+async def test_entries_of_a_dead_consumer_are_claimed_and_stored_once(
+    pool: Any, redis: Any, settings: Settings, unique: str
+) -> None:
+    # A stream of its own, so the identity service other tests run does not consume it.
+    settings = dataclasses.replace(settings, redis_prefix=f"{settings.redis_prefix}{unique}:")
+    stream = settings.stream(streams.AUDIT)
+    await streams.ensure_group(redis, stream, audit_consumer.GROUP)
+    for i in range(5):
+        await audit.append(redis, settings, audit.record("token.issued", marker=unique, n=i))
+    # A consumer reads the entries and dies before storing or acknowledging them.
+    taken = await streams.read_group(redis, stream, audit_consumer.GROUP, "dead", count=100)
+    assert len(taken) == 5
+    assert await _stored(pool, unique) == []
+
+    await asyncio.sleep(0.06)
+    handled = await audit_consumer.consume_once(
+        pool, redis, settings, "alive", block_ms=10, claim_idle_ms=50
+    )
+    assert handled == 5
+    assert len(await _stored(pool, unique)) == 5
+
+    # Delivered again (the at-least-once case): still stored once.
+    rows = [audit_consumer.to_row(e) for e in taken]
+    from services.identity.store import audit as audit_store
+
+    await audit_store.insert_many(pool, rows)
+    assert len(await _stored(pool, unique)) == 5
+    pending = await redis.xpending(stream, audit_consumer.GROUP)
+    assert pending["pending"] == 0
