@@ -24,6 +24,15 @@ class CommandError(Exception):
     """A command that cannot do what was asked; printed without a traceback."""
 
 
+def _boolean(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("true", "yes", "on", "1"):
+        return True
+    if lowered in ("false", "no", "off", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="print the result as one JSON object")
@@ -46,6 +55,15 @@ def _parser() -> argparse.ArgumentParser:
     sc.add_argument("--name", required=True)
     sc.add_argument("--id", type=int, dest="school_id")
     schools.add_parser("list", parents=[common])
+    su = schools.add_parser("update", parents=[common], help="change a school's settings")
+    su.add_argument("--school", required=True, help="the school's subdomain or id")
+    su.add_argument(
+        "--open-registration",
+        type=_boolean,
+        dest="open_registration",
+        metavar="true|false",
+        help="whether apps may register themselves at the school (RFC 7591)",
+    )
 
     users = sub.add_parser("users", parents=[common]).add_subparsers(dest="action", required=True)
     uc = users.add_parser("create", parents=[common])
@@ -139,6 +157,17 @@ async def _admin(args: argparse.Namespace, settings: Settings) -> dict[str, Any]
                 "schools": [
                     {"school_id": s.id, "subdomain": s.subdomain, "name": s.name} for s in found
                 ]
+            }
+        if args.command == "schools" and args.action == "update":
+            school = await _school(pool, args.school)
+            if args.open_registration is None:
+                raise CommandError("nothing to update: give --open-registration true|false")
+            await store.set_open_registration(pool, school.id, args.open_registration)
+            return {
+                "school_id": school.id,
+                "subdomain": school.subdomain,
+                "name": school.name,
+                "open_registration": args.open_registration,
             }
         if args.command == "users":
             school = await _school(pool, args.school)

@@ -164,7 +164,9 @@ def _key(env: Mapping[str, str], name: str, dev_value: bytes | None) -> bytes:
             raise ConfigError(name, "is required in production (32 random bytes, base64)")
         return dev_value
     try:
-        value = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4))
+        # Either alphabet, padding optional; any other character is an error, not dropped.
+        padded = (raw + "=" * (-len(raw) % 4)).replace("-", "+").replace("_", "/")
+        value = base64.b64decode(padded, validate=True)
     except ValueError:
         raise ConfigError(name, "must be base64 (32 random bytes)") from None
     if len(value) != 32:

@@ -36,3 +36,7 @@ def setup(app: web.Application) -> None:
     r.add_get("/.well-known/oauth-authorization-server", openid_configuration)
     r.add_get("/v1/oauth/jwks", jwks)
     r.add_get("/openapi.json", openapi_document)
+    # Dynamic client registration (RFC 7591/7592), with the seed's /api/oauth/register alias.
+    from services.identity import registration
+
+    registration.setup(app)
