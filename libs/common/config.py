@@ -7,6 +7,8 @@ with a :class:`ConfigError` that names the variable and what is wrong with it.
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import os
 import secrets
 import stat
@@ -103,6 +105,9 @@ class Settings:
     urls: PublicUrls
     key_encryption_key: bytes = field(repr=False)
     secret_pepper: bytes = field(repr=False)
+    # Proves to resource services that identity headers came from a gateway (sent as
+    # X-Connect-Internal-Token); resource services refuse calls without it.
+    internal_token: str = field(repr=False, default="")
     log_level: str = "info"
     host: str = "127.0.0.1"
     ports: Ports = field(default_factory=Ports)
@@ -213,6 +218,17 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     if log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError("LOG_LEVEL", "must be debug, info, warning or error")
 
+    internal_token = _text(env, "INTERNAL_TOKEN", "")
+    if not internal_token:
+        if dev_keys is None and environment == "production":
+            raise ConfigError("INTERNAL_TOKEN", "is required in production (a long random string)")
+        # Outside production, derive it from the checkout's generated secrets so every local
+        # process agrees without another file.
+        seed_key = dev_keys[1] if dev_keys else _key(env, "SECRET_PEPPER", None)
+        internal_token = hmac.new(seed_key, b"internal-token", hashlib.sha256).hexdigest()
+    elif len(internal_token) < 32:
+        raise ConfigError("INTERNAL_TOKEN", "must be at least 32 characters")
+
     grace = _int(env, "REFRESH_REUSE_GRACE_SECONDS", 10)
     access_ttl = _int(env, "ACCESS_TOKEN_TTL", 7200, minimum=60)
     return Settings(
@@ -223,6 +239,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         urls=PublicUrls(school_template=template.rstrip("/"), platform_url=platform_url),
         key_encryption_key=_key(env, "KEY_ENCRYPTION_KEY", dev_keys[0] if dev_keys else None),
         secret_pepper=_key(env, "SECRET_PEPPER", dev_keys[1] if dev_keys else None),
+        internal_token=internal_token,
         log_level=log_level,
         host=_text(env, "BIND_HOST", "127.0.0.1"),
         ports=Ports(
