@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import ipaddress
 import os
 import secrets
 import stat
@@ -27,6 +28,8 @@ DEFAULT_PLATFORM_URL = "http://localhost:8080"
 # Where development keeps its generated key-encryption key and secret pepper, so the CLI and
 # the services of one checkout agree without any secret living in the repository.
 DEV_SECRETS_FILE = Path(".data") / "dev-secrets"
+# The gateway's default route table: the checkout's deploy/routes.toml (GATEWAY_ROUTES moves it).
+DEFAULT_GATEWAY_ROUTES = str(Path(__file__).resolve().parents[2] / "deploy" / "routes.toml")
 
 
 class ConfigError(ValueError):
@@ -95,6 +98,68 @@ class Ports:
 
 
 @dataclass(frozen=True, slots=True)
+class Upstreams:
+    """Where the gateway reaches each service it fronts (base URLs, no trailing slash)."""
+
+    identity: str = "http://127.0.0.1:8081"
+    school_api: str = "http://127.0.0.1:8082"
+    webhooks: str = "http://127.0.0.1:8083"
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayPolicy:
+    """The gateway's tunables; the routes themselves live in the route file."""
+
+    routes_file: str = DEFAULT_GATEWAY_ROUTES
+    upstream_connect_timeout: float = 2.0
+    upstream_timeout: float = 30.0
+    # Per client and school, unless the client row sets rate_limit_per_minute; the burst is
+    # how many calls may arrive at once before the per-minute pace applies.
+    rate_limit_per_minute: int = 600
+    rate_limit_burst: int = 100
+    # A verified token's signature is not checked again for this long (revocation still is).
+    token_cache_ttl: float = 60.0
+    # An unknown kid refetches the issuer's JWKS at most this often, so random kids cannot
+    # flood identity.
+    jwks_refresh_interval: float = 5.0
+    cors_max_age: int = 600
+    audit_buffer_size: int = 10_000
+
+
+DEFAULT_WEBHOOK_RETRY_SCHEDULE = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookPolicy:
+    """How the webhooks service delivers: egress, retries, limits (all times in seconds)."""
+
+    # Outbound sockets bind here, so every delivery leaves from the address partners allowlist.
+    egress_ip: str | None = None
+    # Deliveries leave through this HTTP proxy instead; it may carry credentials, so no repr.
+    egress_proxy: str | None = field(default=None, repr=False)
+    # What `GET /v1/webhooks/egress-ips` publishes: the public addresses behind NAT or the
+    # proxy; the bound address when not given.
+    published_egress_ips: tuple[str, ...] = ()
+    # The wait before each retry; after the last one a delivery is dead (dead-letter list).
+    retry_schedule: tuple[float, ...] = DEFAULT_WEBHOOK_RETRY_SCHEDULE
+    # Loopback targets are an SSRF hole in production and a necessity on a laptop.
+    allow_loopback: bool = False
+    timeout: float = 15.0
+    # A subscription failing without a single success for this long is disabled.
+    disable_after: float = 5 * 24 * 3600.0
+    # After a secret rotation, deliveries carry the old secret's signature too for this long.
+    secret_overlap: float = 24 * 3600.0
+    # A receiver's Retry-After is honoured up to this much.
+    retry_after_max: float = 3600.0
+    # In flight at once per subscription (so one slow receiver cannot starve the others) and
+    # per process.
+    endpoint_concurrency: int = 16
+    max_in_flight: int = 512
+    # Stream entries a dispatcher read but never acknowledged are claimed by another after this.
+    claim_idle: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     environment: Environment
     database_url: str
@@ -115,6 +180,9 @@ class Settings:
     trust_forwarded_host: bool = False
     db_pool_min: int = 2
     db_pool_max: int = 10
+    upstreams: Upstreams = field(default_factory=Upstreams)
+    gateway: GatewayPolicy = field(default_factory=GatewayPolicy)
+    webhooks: WebhookPolicy = field(default_factory=WebhookPolicy)
 
     @property
     def is_development(self) -> bool:
@@ -143,6 +211,19 @@ def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0) -
     return value
 
 
+def _float(env: Mapping[str, str], name: str, default: float, *, minimum: float = 0.0) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(name, f"must be a number, got {raw!r}") from None
+    if not value >= minimum or value == float("inf"):
+        raise ConfigError(name, f"must be a finite number of at least {minimum}, got {raw}")
+    return value
+
+
 def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raw = env.get(name, "").strip().lower()
     if not raw:
@@ -160,6 +241,72 @@ def _url(env: Mapping[str, str], name: str, default: str, schemes: tuple[str, ..
     if parts.scheme not in schemes or not parts.netloc:
         raise ConfigError(name, f"must be a URL with scheme {' or '.join(schemes)}")
     return value
+
+
+def _seconds_list(
+    env: Mapping[str, str], name: str, default: tuple[float, ...]
+) -> tuple[float, ...]:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    values = []
+    for item in raw.split(","):
+        try:
+            value = float(item.strip())
+        except ValueError:
+            raise ConfigError(
+                name, f"must be comma-separated seconds like 5,300,1800; got {raw!r}"
+            ) from None
+        if not 0 <= value < float("inf"):
+            raise ConfigError(name, f"each wait must be a finite number >= 0, got {item.strip()}")
+        values.append(value)
+    return tuple(values)
+
+
+def _ip(env: Mapping[str, str], name: str, raw: str) -> str:
+    try:
+        address = ipaddress.ip_address(raw.strip())
+    except ValueError:
+        raise ConfigError(name, f"must be an IP address, got {raw.strip()!r}") from None
+    if address.is_unspecified or address.is_multicast:
+        raise ConfigError(name, f"must be a unicast address, got {address}")
+    return str(address)
+
+
+def _webhook_policy(env: Mapping[str, str], environment: str) -> WebhookPolicy:
+    production = environment == "production"
+    egress_raw = env.get("WEBHOOK_EGRESS_IP", "").strip()
+    egress_ip = _ip(env, "WEBHOOK_EGRESS_IP", egress_raw) if egress_raw else None
+    proxy = env.get("WEBHOOK_EGRESS_PROXY", "").strip() or None
+    if proxy is not None:
+        parts = urlsplit(proxy)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError("WEBHOOK_EGRESS_PROXY", "must be an http:// or https:// proxy URL")
+    published_raw = env.get("WEBHOOK_PUBLISHED_EGRESS_IPS", "").strip()
+    published = tuple(
+        _ip(env, "WEBHOOK_PUBLISHED_EGRESS_IPS", item)
+        for item in published_raw.split(",")
+        if item.strip()
+    )
+    if not published and egress_ip:
+        published = (egress_ip,)
+    allow_loopback = _bool(env, "WEBHOOK_ALLOW_LOOPBACK", not production)
+    if allow_loopback and production:
+        raise ConfigError("WEBHOOK_ALLOW_LOOPBACK", "must not be true in production (SSRF)")
+    return WebhookPolicy(
+        egress_ip=egress_ip,
+        egress_proxy=proxy,
+        published_egress_ips=published,
+        retry_schedule=_seconds_list(env, "WEBHOOK_RETRY_SCHEDULE", DEFAULT_WEBHOOK_RETRY_SCHEDULE),
+        allow_loopback=allow_loopback,
+        timeout=_float(env, "WEBHOOK_TIMEOUT_SECONDS", 15.0, minimum=0.1),
+        disable_after=_float(env, "WEBHOOK_DISABLE_AFTER_SECONDS", 5 * 24 * 3600.0, minimum=1),
+        secret_overlap=_float(env, "WEBHOOK_SECRET_OVERLAP_SECONDS", 24 * 3600.0),
+        retry_after_max=_float(env, "WEBHOOK_RETRY_AFTER_MAX_SECONDS", 3600.0),
+        endpoint_concurrency=_int(env, "WEBHOOK_ENDPOINT_CONCURRENCY", 16, minimum=1),
+        max_in_flight=_int(env, "WEBHOOK_MAX_IN_FLIGHT", 512, minimum=1),
+        claim_idle=_float(env, "WEBHOOK_CLAIM_IDLE_SECONDS", 30.0, minimum=0.1),
+    )
 
 
 def _key(env: Mapping[str, str], name: str, dev_value: bytes | None) -> bytes:
@@ -192,6 +339,22 @@ def _dev_secrets(path: Path) -> tuple[bytes, bytes]:
     return data[:32], data[32:]
 
 
+def _internal_token(
+    env: Mapping[str, str], environment: str, dev_keys: tuple[bytes, bytes] | None
+) -> str:
+    token = _text(env, "INTERNAL_TOKEN", "")
+    if token:
+        if len(token) < 32:
+            raise ConfigError("INTERNAL_TOKEN", "must be at least 32 characters")
+        return token
+    if environment == "production":
+        raise ConfigError("INTERNAL_TOKEN", "is required in production (a long random string)")
+    # Outside production, derive it from the generated (or given) secrets so every local
+    # process agrees without another file.
+    seed_key = dev_keys[1] if dev_keys else _key(env, "SECRET_PEPPER", None)
+    return hmac.new(seed_key, b"internal-token", hashlib.sha256).hexdigest()
+
+
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Read and validate every variable; raise ConfigError naming the first bad one."""
     env = os.environ if env is None else env
@@ -218,19 +381,37 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     if log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError("LOG_LEVEL", "must be debug, info, warning or error")
 
-    internal_token = _text(env, "INTERNAL_TOKEN", "")
-    if not internal_token:
-        if dev_keys is None and environment == "production":
-            raise ConfigError("INTERNAL_TOKEN", "is required in production (a long random string)")
-        # Outside production, derive it from the checkout's generated secrets so every local
-        # process agrees without another file.
-        seed_key = dev_keys[1] if dev_keys else _key(env, "SECRET_PEPPER", None)
-        internal_token = hmac.new(seed_key, b"internal-token", hashlib.sha256).hexdigest()
-    elif len(internal_token) < 32:
-        raise ConfigError("INTERNAL_TOKEN", "must be at least 32 characters")
-
     grace = _int(env, "REFRESH_REUSE_GRACE_SECONDS", 10)
     access_ttl = _int(env, "ACCESS_TOKEN_TTL", 7200, minimum=60)
+    ports = Ports(
+        identity=_int(env, "IDENTITY_PORT", 8081, minimum=1),
+        gateway=_int(env, "GATEWAY_PORT", 8080, minimum=1),
+        webhooks=_int(env, "WEBHOOKS_PORT", 8083, minimum=1),
+        school_api=_int(env, "SCHOOL_API_PORT", 8082, minimum=1),
+    )
+    upstream_schemes = ("http", "https")
+    upstreams = Upstreams(
+        identity=_url(
+            env, "IDENTITY_URL", f"http://127.0.0.1:{ports.identity}", upstream_schemes
+        ).rstrip("/"),
+        school_api=_url(
+            env, "SCHOOL_API_URL", f"http://127.0.0.1:{ports.school_api}", upstream_schemes
+        ).rstrip("/"),
+        webhooks=_url(
+            env, "WEBHOOKS_URL", f"http://127.0.0.1:{ports.webhooks}", upstream_schemes
+        ).rstrip("/"),
+    )
+    gateway = GatewayPolicy(
+        routes_file=_text(env, "GATEWAY_ROUTES", DEFAULT_GATEWAY_ROUTES),
+        upstream_connect_timeout=_float(env, "GATEWAY_UPSTREAM_CONNECT_TIMEOUT", 2.0, minimum=0.01),
+        upstream_timeout=_float(env, "GATEWAY_UPSTREAM_TIMEOUT", 30.0, minimum=0.01),
+        rate_limit_per_minute=_int(env, "RATE_LIMIT_PER_MINUTE", 600, minimum=1),
+        rate_limit_burst=_int(env, "RATE_LIMIT_BURST", 100, minimum=1),
+        token_cache_ttl=_float(env, "GATEWAY_TOKEN_CACHE_TTL", 60.0),
+        jwks_refresh_interval=_float(env, "GATEWAY_JWKS_REFRESH_INTERVAL", 5.0),
+        cors_max_age=_int(env, "GATEWAY_CORS_MAX_AGE", 600),
+        audit_buffer_size=_int(env, "GATEWAY_AUDIT_BUFFER", 10_000, minimum=1),
+    )
     return Settings(
         environment=environment,  # type: ignore[arg-type]
         database_url=_url(env, "DATABASE_URL", DEFAULT_DATABASE_URL, ("postgresql", "postgres")),
@@ -239,15 +420,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         urls=PublicUrls(school_template=template.rstrip("/"), platform_url=platform_url),
         key_encryption_key=_key(env, "KEY_ENCRYPTION_KEY", dev_keys[0] if dev_keys else None),
         secret_pepper=_key(env, "SECRET_PEPPER", dev_keys[1] if dev_keys else None),
-        internal_token=internal_token,
         log_level=log_level,
         host=_text(env, "BIND_HOST", "127.0.0.1"),
-        ports=Ports(
-            identity=_int(env, "IDENTITY_PORT", 8081, minimum=1),
-            gateway=_int(env, "GATEWAY_PORT", 8080, minimum=1),
-            webhooks=_int(env, "WEBHOOKS_PORT", 8083, minimum=1),
-            school_api=_int(env, "SCHOOL_API_PORT", 8082, minimum=1),
-        ),
+        ports=ports,
         tokens=TokenPolicy(
             access_token_ttl=access_ttl,
             refresh_reuse_grace=grace,
@@ -257,4 +432,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         trust_forwarded_host=_bool(env, "TRUST_FORWARDED_HOST", False),
         db_pool_min=_int(env, "DB_POOL_MIN", 2, minimum=1),
         db_pool_max=_int(env, "DB_POOL_MAX", 10, minimum=1),
+        upstreams=upstreams,
+        gateway=gateway,
+        webhooks=_webhook_policy(env, environment),
+        # Last, so a wrong value of any other variable is the one reported first.
+        internal_token=_internal_token(env, environment, dev_keys),
     )

@@ -27,7 +27,14 @@ _SECRET_KEY = re.compile(
 _SECRET_VALUE = re.compile(
     r"(eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*"  # a JWS compact token
     r"|(?i:bearer|basic)\s+[A-Za-z0-9._~+/=-]{8,}"  # an Authorization header value
-    r"|\b(?:lc[a-z]{1,3}|whsec)_[A-Za-z0-9_-]{16,})"  # our own opaque tokens and secrets
+    r"|\blc[a-z]{1,3}_[A-Za-z0-9_-]{16,}"  # our own opaque tokens and secrets
+    r"|\bwhsec_[A-Za-z0-9+/=_-]{16,})"  # Standard Webhooks secrets are standard base64
+)
+# `password=...`, `"client_secret": "..."`: a credential-named key pasted into text with its
+# value (a logged form body, query string or JSON document). The key stays, the value goes.
+_SECRET_PAIR = re.compile(
+    r"""(?i)(\b[a-z_]*(?:password|passwd|secret|token|code_verifier|assertion|api_?key|cookie)"""
+    r"""["']?\s*[=:]\s*["']?)[^\s"'&,;]+"""
 )
 
 
@@ -35,7 +42,8 @@ def _scrub(value: Any, depth: int = 0) -> Any:
     if depth > 6:
         return value
     if isinstance(value, str):
-        return _SECRET_VALUE.sub(REDACTED, value)
+        value = _SECRET_VALUE.sub(REDACTED, value)
+        return _SECRET_PAIR.sub(lambda m: m.group(1) + REDACTED, value)
     if isinstance(value, Mapping):
         return {
             k: (REDACTED if isinstance(k, str) and _SECRET_KEY.search(k) else _scrub(v, depth + 1))

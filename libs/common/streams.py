@@ -124,8 +124,14 @@ async def claim_stale(
     claimed: list[Entry] = []
     cursor = "0-0"
     while True:
+        # Ask only for what is still missing: pages with trimmed entries come back short.
         answer = await client.xautoclaim(
-            stream, group, consumer, min_idle_time=min_idle_ms, start_id=cursor, count=count
+            stream,
+            group,
+            consumer,
+            min_idle_time=min_idle_ms,
+            start_id=cursor,
+            count=count - len(claimed),
         )
         next_cursor, raw = answer[0], answer[1]
         # Entries deleted by trimming come back as nil fields; they cannot be handled.
