@@ -244,6 +244,30 @@ def _serve(part: str, settings: Settings, port: int | None) -> None:
 
         app = create_app(settings)
         listen = port or settings.ports.identity
+    elif part == "gateway":
+        from services.gateway.app import create_app as create_gateway
+        from services.gateway.routetable import RouteTableError
+
+        try:
+            app = create_gateway(settings)
+        except RouteTableError as exc:
+            raise CommandError(f"bad route table: {exc}") from None
+        listen = port or settings.ports.gateway
+    elif part == "school-api":
+        from services.school_api.app import create_app as create_school_api
+
+        app = create_school_api(settings)
+        listen = port or settings.ports.school_api
+    elif part == "webhooks":
+        from services.webhooks.app import create_app as create_webhooks
+        from services.webhooks.delivery import check_egress
+
+        try:
+            check_egress(settings)
+        except ConfigError as exc:
+            raise CommandError(f"configuration error: {exc}") from None
+        app = create_webhooks(settings)
+        listen = port or settings.ports.webhooks
     else:
         raise CommandError(f"the {part} service is not built yet")
     try:

@@ -82,7 +82,18 @@ async def seed_demo(
         result.append(Login(subdomain, login["email"], login["password"]))
     await keys.ensure_issuer_keys(pool, settings, None)
     _save_logins(logins_file, saved)
+    await _seed_school_data(pool)
     return result
+
+
+async def _seed_school_data(pool: asyncpg.Pool) -> None:
+    """The school API's sample data (courses, members, orders, ...) for each demo school."""
+    from services.school_api.seed import seed_school
+
+    for _, subdomain, name in DEMO_SCHOOLS:
+        school = await store.school_by_subdomain(pool, subdomain)
+        if school is not None:
+            await seed_school(pool, school.id, name)
 
 
 def summary(logins: list[Login]) -> list[dict[str, Any]]:

@@ -173,6 +173,44 @@ async def identity_url(
         yield url
 
 
+@pytest.fixture(scope="session")
+def school_api_url(settings: Settings, migrated: None) -> Iterator[str]:
+    """The school API of this run (with its outbox relay), on a real socket; its base URL.
+
+    It runs on an event loop of its own in a thread, so any test may ask for it, including
+    through `request.getfixturevalue` inside a running loop, where an async fixture cannot
+    be set up."""
+    import asyncio
+    import threading
+    from concurrent.futures import Future
+
+    from services.school_api.app import create_app
+
+    loop = asyncio.new_event_loop()
+    started: Future[tuple[str, asyncio.Event]] = Future()
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        try:
+            async with running(create_app(settings), free_port()) as url:
+                started.set_result((url, stop))
+                await stop.wait()
+        except BaseException as exc:
+            if not started.done():
+                started.set_exception(exc)
+            raise
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
+    thread.start()
+    url, stop = started.result(timeout=60)
+    try:
+        yield url
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(timeout=30)
+        loop.close()
+
+
 @pytest.fixture
 async def http() -> AsyncIterator[Any]:
     """An aiohttp client that resolves *.localhost to 127.0.0.1 and never follows redirects."""
@@ -184,3 +222,112 @@ async def http() -> AsyncIterator[Any]:
 def unique() -> str:
     """A short random label for names that must not collide across tests."""
     return secrets.token_hex(4)
+
+
+# The gateway ---------------------------------------------------------------------------------
+# A system fronted by a gateway: the public origins (issuers included) are on the gateway's
+# port and identity runs behind it on a port of its own. Same database, Redis prefix and keys as
+# `settings`, so schools, clients and signing keys made through either are shared; only the
+# URLs differ (identity's own tests keep `settings`, whose issuers are on identity's port).
+
+
+@pytest.fixture(scope="session")
+def gateway_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def gateway_identity_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def gateway_upstream_port() -> int:
+    """Where the gateway's `school_api` upstream is expected in gateway tests: whatever a test
+    serves there (an echo server, the school API) is what protected calls reach."""
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def gateway_webhooks_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def gateway_env(
+    base_env: dict[str, str],
+    gateway_port: int,
+    gateway_identity_port: int,
+    gateway_upstream_port: int,
+    gateway_webhooks_port: int,
+) -> dict[str, str]:
+    return {
+        **base_env,
+        "PUBLIC_URL_TEMPLATE": f"http://{{school}}.localhost:{gateway_port}",
+        "PLATFORM_URL": f"http://localhost:{gateway_port}",
+        "GATEWAY_PORT": str(gateway_port),
+        "IDENTITY_PORT": str(gateway_identity_port),
+        "IDENTITY_URL": f"http://127.0.0.1:{gateway_identity_port}",
+        "SCHOOL_API_URL": f"http://127.0.0.1:{gateway_upstream_port}",
+        "WEBHOOKS_URL": f"http://127.0.0.1:{gateway_webhooks_port}",
+    }
+
+
+@pytest.fixture(scope="session")
+def gateway_settings(gateway_env: dict[str, str]) -> Settings:
+    configure_logging("warning")
+    return load_settings(gateway_env)
+
+
+@pytest.fixture(scope="session")
+async def gateway_identity_url(
+    gateway_settings: Settings, migrated: None, gateway_identity_port: int
+) -> AsyncIterator[str]:
+    """Identity behind the gateway: its issuers are the gateway's origins."""
+    from services.identity.app import create_app
+
+    async with running(create_app(gateway_settings), gateway_identity_port) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+async def gateway_url(
+    gateway_settings: Settings, gateway_identity_url: str, gateway_port: int
+) -> AsyncIterator[str]:
+    """The gateway of this run on a real socket; yields its 127.0.0.1 base URL. Schools answer
+    at http://{school}.localhost:{gateway_port} (use the `http` fixture, which resolves them)."""
+    from services.gateway.app import create_app
+
+    async with running(create_app(gateway_settings), gateway_port) as url:
+        yield url
+
+
+# -- webhooks ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def webhooks_env(base_env: dict[str, str]) -> dict[str, str]:
+    """The webhooks service of this run: deliveries leave from 127.0.0.2 (all of 127/8 is
+    local on Linux), retries come fast, and a dead dispatcher's entries are claimed soon."""
+    return {
+        **base_env,
+        "WEBHOOK_EGRESS_IP": "127.0.0.2",
+        "WEBHOOK_RETRY_SCHEDULE": "0.2,0.4,0.8",
+        "WEBHOOK_CLAIM_IDLE_SECONDS": "1",
+        "WEBHOOK_TIMEOUT_SECONDS": "3",
+        "WEBHOOK_ENDPOINT_CONCURRENCY": "4",
+    }
+
+
+@pytest.fixture(scope="session")
+def webhooks_settings(webhooks_env: dict[str, str]) -> Settings:
+    return load_settings(webhooks_env)
+
+
+@pytest.fixture(scope="session")
+async def webhooks_url(webhooks_settings: Settings, migrated: None) -> AsyncIterator[str]:
+    """The webhooks service (API and workers) on a real socket; yields its base URL."""
+    from services.webhooks.app import create_app
+
+    async with running(create_app(webhooks_settings), free_port()) as url:
+        yield url

@@ -72,3 +72,23 @@ async def test_health_ready_metrics_openapi(identity_url: str, http: Any) -> Non
         doc = await resp.json()
         assert doc["openapi"].startswith("3.")
         assert "/v1/oauth/jwks" in doc["paths"]
+
+
+async def test_openapi_lists_every_contract_endpoint(identity_url: str, http: Any) -> None:
+    async with http.get(identity_url + "/openapi.json") as resp:
+        paths = (await resp.json())["paths"]
+    for path in (
+        "/.well-known/openid-configuration",
+        "/v1/oauth/authorize",
+        "/v1/oauth/token",
+        "/v1/oauth/register",
+        "/v1/oauth/register/{client_id}",
+        "/v1/oauth/revoke",
+        "/v1/oauth/introspect",
+        "/v1/oauth/userinfo",
+        "/v1/oauth/jwks",
+        "/oauth/authorize",
+        "/api/oauth/token",
+        "/api/oauth/register",
+    ):
+        assert path in paths, path

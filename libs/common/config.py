@@ -124,6 +124,10 @@ class GatewayPolicy:
     jwks_refresh_interval: float = 5.0
     cors_max_age: int = 600
     audit_buffer_size: int = 10_000
+    # Whether a trusted proxy stands in front of the gateway (take the client address, Host
+    # and scheme from its X-Forwarded-* headers). Defaults to TRUST_FORWARDED_HOST; set it apart
+    # where services behind the gateway trust it while nothing stands in front of the gateway.
+    trust_forwarded: bool = False
 
 
 DEFAULT_WEBHOOK_RETRY_SCHEDULE = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
@@ -411,6 +415,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         jwks_refresh_interval=_float(env, "GATEWAY_JWKS_REFRESH_INTERVAL", 5.0),
         cors_max_age=_int(env, "GATEWAY_CORS_MAX_AGE", 600),
         audit_buffer_size=_int(env, "GATEWAY_AUDIT_BUFFER", 10_000, minimum=1),
+        trust_forwarded=_bool(
+            env, "GATEWAY_TRUST_FORWARDED", _bool(env, "TRUST_FORWARDED_HOST", False)
+        ),
     )
     return Settings(
         environment=environment,  # type: ignore[arg-type]

@@ -61,17 +61,20 @@ def create_app(settings: Settings) -> web.Application:
     return app
 
 
-async def _rotate_on_schedule(pool: asyncpg.Pool, redis_client: Any, settings: Settings) -> None:
+async def _rotate_on_schedule(
+    pool: asyncpg.Pool, redis_client: Any, settings: Settings, stop: asyncio.Event
+) -> None:
     """Rotate signing keys that outlived KEY_ROTATION_INTERVAL; checked every few minutes."""
     period = min(300.0, settings.tokens.key_rotation_interval / 4)
-    while True:
+    while not stop.is_set():
         try:
             rotated = await keys.rotate_due_issuers(pool, redis_client, settings)
             if rotated:
                 log.info("keys_rotated_on_schedule", issuers=rotated)
         except (OSError, asyncpg.PostgresError, RedisError):
             log.warning("key_rotation_check_failed", exc_info=True)
-        await asyncio.sleep(period)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), period)
 
 
 def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[None]]:
@@ -99,18 +102,20 @@ def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[
         app[READINESS]["redis"] = redis_ready
         # The platform issuer needs keys before its first token, like any school.
         await keys.ensure_issuer_keys(pool, settings, None)
+        stop = asyncio.Event()
         background = [
-            asyncio.create_task(_rotate_on_schedule(pool, redis_client, settings)),
-            asyncio.create_task(audit_consumer.run(pool, redis_client, settings)),
+            asyncio.create_task(_rotate_on_schedule(pool, redis_client, settings, stop)),
+            asyncio.create_task(audit_consumer.run(pool, redis_client, settings, stop)),
         ]
         try:
             yield
         finally:
-            for task in background:
+            stop.set()
+            # Bounded: a task stuck in a network call is cancelled rather than awaited forever.
+            _done, stuck = await asyncio.wait(background, timeout=5)
+            for task in stuck:
                 task.cancel()
-            for task in background:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await asyncio.gather(*background, return_exceptions=True)
             await redis_client.aclose()
             await pool.close()
 

@@ -8,6 +8,7 @@ stored once. Entries a dead consumer left pending are claimed after `claim_idle_
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 from datetime import UTC, datetime
@@ -98,13 +99,19 @@ async def consume_once(
     return len(entries)
 
 
-async def run(pool: asyncpg.Pool, client: redis.Redis, settings: Settings) -> None:
-    """Consume until cancelled; transient store failures back off and retry."""
+async def run(
+    pool: asyncpg.Pool, client: redis.Redis, settings: Settings, stop: asyncio.Event
+) -> None:
+    """Consume until `stop` is set; transient store failures back off and retry.
+
+    Shutdown is by event, not cancellation: a cancel can land inside redis-py's blocking
+    XREADGROUP and be lost, while a set event is seen within one block period.
+    """
     consumer = consumer_name()
     stream = settings.stream(streams.AUDIT)
     await streams.ensure_group(client, stream, GROUP)
     delay = 0.5
-    while True:
+    while not stop.is_set():
         try:
             await consume_once(pool, client, settings, consumer)
             delay = 0.5
@@ -115,5 +122,6 @@ async def run(pool: asyncpg.Pool, client: redis.Redis, settings: Settings) -> No
             await streams.ensure_group(client, stream, GROUP)
         except (OSError, RedisError, asyncpg.PostgresError):
             log.warning("audit_consume_failed", exc_info=True)
-            await asyncio.sleep(delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
             delay = min(delay * 2, 10)

@@ -15,10 +15,11 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
-def document() -> dict[str, Any]:
+def document(endpoint_paths: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The service's document: discovery and probes here, each endpoint module's own paths."""
     error = _json({"$ref": "#/components/schemas/OAuthError"}, "RFC 6749 error")
     obj = {"type": "object"}
-    return {
+    doc: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {
             "title": "Loopwise Connect identity",
@@ -61,3 +62,5 @@ def document() -> dict[str, Any]:
         },
         "components": {"schemas": {"OAuthError": _OAUTH_ERROR}},
     }
+    doc["paths"].update(endpoint_paths or {})
+    return doc

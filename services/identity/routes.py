@@ -5,10 +5,24 @@ Each OAuth endpoint is mounted under `/v1/oauth/`; the seed quickstart's paths a
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp import web
 
 from libs.common.errors import json_response
-from services.identity import discovery, keys, openapi
+from services.identity import (
+    authorize,
+    discovery,
+    introspection,
+    keys,
+    openapi,
+    pages,
+    registration,
+    revocation,
+    sessions,
+    token_endpoint,
+    userinfo,
+)
 from services.identity.context import context, issuer
 
 # Metadata changes only when a school's settings do; a short shared cache spares the origin.
@@ -27,7 +41,23 @@ async def jwks(request: web.Request) -> web.Response:
 
 
 async def openapi_document(_request: web.Request) -> web.Response:
-    return json_response(openapi.document())
+    paths: dict[str, Any] = {}
+    for module in ENDPOINT_MODULES:
+        paths.update(module.OPENAPI_PATHS)
+    return json_response(openapi.document(paths))
+
+
+# Each endpoint family: its own module with `setup(app)` and `OPENAPI_PATHS`.
+ENDPOINT_MODULES = (
+    registration,
+    token_endpoint,
+    revocation,
+    introspection,
+    userinfo,
+    pages,
+    sessions,
+    authorize,
+)
 
 
 def setup(app: web.Application) -> None:
@@ -36,7 +66,5 @@ def setup(app: web.Application) -> None:
     r.add_get("/.well-known/oauth-authorization-server", openid_configuration)
     r.add_get("/v1/oauth/jwks", jwks)
     r.add_get("/openapi.json", openapi_document)
-    # Dynamic client registration (RFC 7591/7592), with the seed's /api/oauth/register alias.
-    from services.identity import registration
-
-    registration.setup(app)
+    for module in ENDPOINT_MODULES:
+        module.setup(app)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 import asyncpg
@@ -44,6 +45,7 @@ async def create_user(
         raise UserError(f"role must be one of {', '.join(ROLES)}")
     if len(password) < MIN_PASSWORD_LENGTH:
         raise UserError(f"password must have at least {MIN_PASSWORD_LENGTH} characters")
+    password_hash = await asyncio.to_thread(credentials.hash_password, password)
     async with pool.acquire() as conn, conn.transaction():
         user = await store.user_by_email(conn, email)
         created = user is None
@@ -51,7 +53,7 @@ async def create_user(
             user = await store.insert_user(
                 conn,
                 email,
-                credentials.hash_password(password),
+                password_hash,
                 name,
                 platform_admin=platform_admin,
             )
@@ -62,9 +64,15 @@ async def create_user(
 async def authenticate(pool: asyncpg.Pool, email: str, password: str) -> store.User | None:
     """The user whose email and password these are, or None; a miss costs what a hit costs."""
     user = await store.user_by_email(pool, email.strip())
-    if not credentials.verify_password(user.password_hash if user else None, password):
+    # argon2id takes tens of milliseconds of CPU on purpose: off the event loop, so one
+    # sign-in does not stall every other request of the process.
+    ok = await asyncio.to_thread(
+        credentials.verify_password, user.password_hash if user else None, password
+    )
+    if not ok:
         return None
     assert user is not None
     if credentials.password_needs_rehash(user.password_hash):
-        await store.update_password_hash(pool, user.id, credentials.hash_password(password))
+        rehashed = await asyncio.to_thread(credentials.hash_password, password)
+        await store.update_password_hash(pool, user.id, rehashed)
     return user

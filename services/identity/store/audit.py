@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -32,7 +32,9 @@ async def insert_many(db: Executor, rows: Sequence[AuditRow]) -> None:
     """One statement per batch; entries seen before (same stream id) are skipped."""
     if not rows:
         return
-    columns = list(zip(*(astuple(r) for r in rows), strict=True))
+    # Plain attribute reads: dataclasses.astuple deep-copies every value, costly per record.
+    names = [f.name for f in fields(AuditRow)]
+    columns = [[getattr(r, n) for r in rows] for n in names]
     await db.execute(
         "INSERT INTO audit_log (stream_id, occurred_at, school_id, client_id, subject, grant_id,"
         " action, method, path, status, scope, ip, detail)"
@@ -40,7 +42,7 @@ async def insert_many(db: Executor, rows: Sequence[AuditRow]) -> None:
         " $5::text[], $6::uuid[], $7::text[], $8::text[], $9::text[], $10::int[], $11::text[],"
         " $12::inet[], $13::jsonb[])"
         " ON CONFLICT (stream_id) DO NOTHING",
-        *[list(c) for c in columns],
+        *columns,
     )
 
 

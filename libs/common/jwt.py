@@ -1,0 +1,269 @@
+"""Verifying Loopwise Connect access tokens (RFC 9068 JWTs): identity and the gateway share it.
+
+The checks run in an order that never trusts an unverified byte: the header's `alg` must be in
+a fixed allowlist of asymmetric algorithms (never `none`, never an HMAC a public key could be
+abused as the secret of), `typ` must be `at+jwt` so an ID token cannot pass as an access token,
+the key comes from the caller's lookup by `kid` and must be of the header's algorithm, and only
+after the signature holds are the claims read: `exp`/`nbf`/`iat` with a small leeway, then
+`iss` and `aud`.
+
+Every failure raises a subclass of :class:`TokenError`; `reason` is a short stable code for
+logs and metrics, never shown with the token.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+from collections.abc import Awaitable, Callable, Collection, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from joserfc import jws
+from joserfc.errors import JoseError
+from joserfc.jwk import ECKey, Key, RSAKey
+
+# Only what our issuers sign with. RS256 is allowed so an issuer may move access tokens to RSA
+# without the gateway changing; anything symmetric or unsigned is refused before key lookup.
+ALLOWED_ALGORITHMS: frozenset[str] = frozenset({"ES256", "RS256"})
+ACCESS_TOKEN_TYPES: frozenset[str] = frozenset({"at+jwt", "application/at+jwt"})  # RFC 9068 4
+DEFAULT_LEEWAY = 30
+# Far above any token we mint (about 1 KB); refuses absurd inputs before decoding them.
+MAX_TOKEN_LENGTH = 8192
+
+_KTY_OF_ALG = {"ES256": "EC", "RS256": "RSA"}
+
+
+class TokenError(Exception):
+    """The token is not acceptable; `reason` names the check that refused it."""
+
+    reason = "invalid_token"
+
+
+class MalformedToken(TokenError):
+    reason = "malformed"
+
+
+class DisallowedAlgorithm(TokenError):
+    reason = "algorithm"
+
+
+class WrongTokenType(TokenError):
+    reason = "typ"
+
+
+class UnknownKey(TokenError):
+    reason = "unknown_kid"
+
+
+class InvalidSignature(TokenError):
+    reason = "signature"
+
+
+class MissingClaim(TokenError):
+    reason = "missing_claim"
+
+
+class TokenExpired(TokenError):
+    reason = "expired"
+
+
+class TokenNotYetValid(TokenError):
+    reason = "not_yet_valid"
+
+
+class InvalidIssuer(TokenError):
+    reason = "issuer"
+
+
+class InvalidAudience(TokenError):
+    reason = "audience"
+
+
+@dataclass(frozen=True, slots=True)
+class VerificationKey:
+    """A public key and the one algorithm it may verify."""
+
+    kid: str
+    alg: str
+    key: Key
+
+    @classmethod
+    def from_jwk(cls, jwk: Mapping[str, Any]) -> VerificationKey:
+        """Import a public JWK as published in a JWKS; it must name its `kid` and `alg`."""
+        kid, alg, kty = jwk.get("kid"), jwk.get("alg"), jwk.get("kty")
+        if not isinstance(kid, str) or alg not in ALLOWED_ALGORITHMS or kty != _KTY_OF_ALG[alg]:
+            raise ValueError("a verification JWK needs a kid and an allowed alg matching its kty")
+        public = {k: v for k, v in jwk.items() if k not in ("d", "p", "q", "dp", "dq", "qi")}
+        key: Key = ECKey.import_key(public) if kty == "EC" else RSAKey.import_key(public)
+        return cls(kid, alg, key)
+
+
+# Finds the key a `kid` names, or None. Async so a caller may refresh its JWKS on a miss.
+KeyLookup = Callable[[str], Awaitable[VerificationKey | None]]
+
+
+class KeySet:
+    """Imported keys of one JWKS by kid: import once, look up on every token."""
+
+    def __init__(self, keys: Collection[VerificationKey] = ()) -> None:
+        self._by_kid = {k.kid: k for k in keys}
+
+    @classmethod
+    def from_jwks(cls, document: Mapping[str, Any]) -> KeySet:
+        keys = []
+        for jwk in document.get("keys", []):
+            try:
+                keys.append(VerificationKey.from_jwk(jwk))
+            except (ValueError, KeyError, JoseError):
+                # One key we cannot use must not make the issuer's others unusable.
+                continue
+        return cls(keys)
+
+    def get(self, kid: str) -> VerificationKey | None:
+        return self._by_kid.get(kid)
+
+    def __contains__(self, kid: object) -> bool:
+        return kid in self._by_kid
+
+    def __len__(self) -> int:
+        return len(self._by_kid)
+
+
+def _b64decode(segment: str) -> bytes:
+    try:
+        return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    except (binascii.Error, ValueError):
+        raise MalformedToken("a segment is not base64url") from None
+
+
+def unverified_header(token: str) -> dict[str, Any]:
+    """The protected header, for routing only (which issuer, which kid): not trusted."""
+    if not isinstance(token, str) or len(token) > MAX_TOKEN_LENGTH or token.count(".") != 2:
+        raise MalformedToken("not a JWS in compact serialization")
+    try:
+        header = orjson.loads(_b64decode(token.split(".", 1)[0]))
+    except orjson.JSONDecodeError:
+        raise MalformedToken("the header is not JSON") from None
+    if not isinstance(header, dict):
+        raise MalformedToken("the header is not a JSON object")
+    return header
+
+
+def unverified_claims(token: str) -> dict[str, Any]:
+    """The payload without any check: for choosing an issuer's keys, never for a decision."""
+    unverified_header(token)
+    try:
+        claims = orjson.loads(_b64decode(token.split(".")[1]))
+    except orjson.JSONDecodeError:
+        raise MalformedToken("the payload is not JSON") from None
+    if not isinstance(claims, dict):
+        raise MalformedToken("the payload is not a JSON object")
+    return claims
+
+
+def _numeric(claims: Mapping[str, Any], name: str, *, required: bool) -> int | float | None:
+    value = claims.get(name)
+    if value is None:
+        if required:
+            raise MissingClaim(f"{name} is required")
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise MalformedToken(f"{name} is not a number")
+    return value
+
+
+def check_signature(
+    token: str, key: VerificationKey, *, typ: Collection[str] | None
+) -> dict[str, Any]:
+    """Verify header rules and signature with a known key; return the (unchecked) claims."""
+    header = unverified_header(token)
+    alg = header.get("alg")
+    if alg not in ALLOWED_ALGORITHMS:
+        raise DisallowedAlgorithm(f"alg {alg!r} is not accepted")
+    if typ is not None and str(header.get("typ", "")).lower() not in typ:
+        raise WrongTokenType("typ is not an access token's")
+    if header.get("crit") is not None:
+        # No extension is understood here, so a critical one must refuse the token (RFC 7515).
+        raise MalformedToken("crit headers are not supported")
+    if key.alg != alg:
+        raise DisallowedAlgorithm("the key does not sign with the header's alg")
+    try:
+        obj = jws.deserialize_compact(token, key.key, algorithms=[alg])
+    except JoseError:
+        raise InvalidSignature("the signature does not verify") from None
+    try:
+        claims = orjson.loads(obj.payload or b"")
+    except orjson.JSONDecodeError:
+        raise MalformedToken("the payload is not JSON") from None
+    if not isinstance(claims, dict):
+        raise MalformedToken("the payload is not a JSON object")
+    return claims
+
+
+def check_claims(
+    claims: Mapping[str, Any],
+    *,
+    issuer: str | Collection[str] | None,
+    audience: str | Collection[str] | None,
+    leeway: int = DEFAULT_LEEWAY,
+    now: float | None = None,
+) -> None:
+    """Time, issuer and audience checks; `None` for issuer or audience skips that check."""
+    now = time.time() if now is None else now
+    exp = _numeric(claims, "exp", required=True)
+    iat = _numeric(claims, "iat", required=True)
+    nbf = _numeric(claims, "nbf", required=False)
+    assert exp is not None
+    assert iat is not None
+    if exp + leeway <= now:
+        raise TokenExpired("the token has expired")
+    if nbf is not None and nbf - leeway > now:
+        raise TokenNotYetValid("the token is not valid yet")
+    if iat - leeway > now:
+        raise TokenNotYetValid("the token was issued in the future")
+    if issuer is not None:
+        accepted = {issuer} if isinstance(issuer, str) else set(issuer)
+        if claims.get("iss") not in accepted:
+            raise InvalidIssuer("the token was not issued here")
+    if audience is not None:
+        wanted = {audience} if isinstance(audience, str) else set(audience)
+        aud = claims.get("aud")
+        held = {aud} if isinstance(aud, str) else set(aud) if isinstance(aud, list) else set()
+        if not held & wanted:
+            raise InvalidAudience("the token is not meant for this audience")
+
+
+async def verify_access_token(
+    token: str,
+    keys: KeyLookup,
+    *,
+    issuer: str | Collection[str] | None,
+    audience: str | Collection[str] | None,
+    leeway: int = DEFAULT_LEEWAY,
+    now: float | None = None,
+    typ: Collection[str] | None = ACCESS_TOKEN_TYPES,
+) -> dict[str, Any]:
+    """Verify an access token and return its claims, or raise a :class:`TokenError`.
+
+    `keys` finds the verification key of a `kid` (the issuer's JWKS, current and retired).
+    `issuer` and `audience` are what the caller accepts; pass None only where the caller
+    applies an equivalent check itself (identity's introspection checks `iss` through the
+    issuer's own keys and does not restrict `aud`).
+    """
+    header = unverified_header(token)
+    # Refuse on the header alone before any lookup: a forged `none` or HS256 token must not
+    # even make a verifier refresh its keys.
+    if header.get("alg") not in ALLOWED_ALGORITHMS:
+        raise DisallowedAlgorithm(f"alg {header.get('alg')!r} is not accepted")
+    kid = header.get("kid")
+    if not isinstance(kid, str) or not kid:
+        raise UnknownKey("the token names no kid")
+    key = await keys(kid)
+    if key is None:
+        raise UnknownKey("no key of this issuer has that kid")
+    claims = check_signature(token, key, typ=typ)
+    check_claims(claims, issuer=issuer, audience=audience, leeway=leeway, now=now)
+    return claims

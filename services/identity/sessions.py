@@ -1,0 +1,377 @@
+"""Browser sessions: the `lc_session` cookie, CSRF tokens, sign-in and its throttling.
+
+A session cookie holds a 256-bit random value; PostgreSQL keeps only its SHA-256, so a leaked
+sessions table signs nobody in. Each session has its own CSRF secret; forms of a signed-in
+user carry an HMAC of it over the form's purpose and the pending request it acts on. The
+login form has no session yet, so its token is an HMAC under SECRET_PEPPER of a pre-session
+cookie (double submit, but signed: an attacker who can plant a cookie still cannot mint the
+matching token).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import ipaddress
+import secrets
+from dataclasses import dataclass
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from libs.common.config import Settings
+from libs.common.logging import get_logger
+from services.identity import audit, credentials, pages, store, users
+from services.identity.context import IdentityContext, context, issuer
+from services.identity.schools import Issuer
+from services.identity.store import authorize as flow_store
+from services.identity.store.authorize import Session
+
+log = get_logger(__name__)
+
+SESSION_COOKIE = "lc_session"
+PRESESSION_COOKIE = "lc_presession"
+SESSION_LIFETIME = 12 * 60 * 60
+PRESESSION_LIFETIME = 60 * 60
+
+# Failed sign-ins tolerated per account and per client address within THROTTLE_WINDOW.
+# The address limit is higher: a whole school behind one NAT address shares it.
+ACCOUNT_FAILURE_LIMIT = 5
+ADDRESS_FAILURE_LIMIT = 20
+THROTTLE_WINDOW = 15 * 60
+_THROTTLE_KEY = "connect:throttle:login:"
+
+_USER_AGENT_MAX = 300
+MAX_PASSWORD_LENGTH = 1024
+MAX_EMAIL_LENGTH = 320
+
+
+# Cookies ---------------------------------------------------------------------------------
+
+
+def cookie_secure(settings: Settings, iss: Issuer) -> bool:
+    return not settings.is_development or urlsplit(iss.issuer).scheme == "https"
+
+
+def _set_cookie(
+    response: web.StreamResponse, name: str, value: str, *, secure: bool, max_age: int
+) -> None:
+    response.set_cookie(
+        name, value, max_age=max_age, path="/", secure=secure, httponly=True, samesite="Lax"
+    )
+
+
+def set_session_cookie(response: web.StreamResponse, request: web.Request, value: str) -> None:
+    secure = cookie_secure(context(request).settings, issuer(request))
+    _set_cookie(response, SESSION_COOKIE, value, secure=secure, max_age=SESSION_LIFETIME)
+
+
+def clear_session_cookie(response: web.StreamResponse) -> None:
+    response.del_cookie(SESSION_COOKIE, path="/")
+
+
+def session_hash(request: web.Request) -> bytes | None:
+    """The lookup key of the request's session cookie; None without a plausible cookie."""
+    value = request.cookies.get(SESSION_COOKIE, "")
+    if not value.startswith(credentials.SESSION_PREFIX) or len(value) > 100:
+        return None
+    return credentials.token_hash(value)
+
+
+async def current_session(request: web.Request) -> Session | None:
+    """The live session the request's cookie names, if any."""
+    id_hash = session_hash(request)
+    if id_hash is None:
+        return None
+    return await flow_store.session_by_hash(context(request).pool, id_hash)
+
+
+def presession(request: web.Request) -> tuple[str, bool]:
+    """The pre-session cookie value, and whether it has to be set on the response."""
+    value = request.cookies.get(PRESESSION_COOKIE, "")
+    if (
+        32 <= len(value) <= 64
+        and value.isascii()
+        and value.replace("-", "").replace("_", "").isalnum()
+    ):
+        return value, False
+    return secrets.token_urlsafe(32), True
+
+
+def set_presession_cookie(response: web.StreamResponse, request: web.Request, value: str) -> None:
+    secure = cookie_secure(context(request).settings, issuer(request))
+    _set_cookie(response, PRESESSION_COOKIE, value, secure=secure, max_age=PRESESSION_LIFETIME)
+
+
+# CSRF ------------------------------------------------------------------------------------
+
+
+def _mac(key: bytes, *parts: str) -> str:
+    digest = hmac.new(key, "\x00".join(parts).encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+def login_csrf_token(settings: Settings, presession_value: str, request_id: str) -> str:
+    return _mac(settings.secret_pepper, "login-csrf", presession_value, request_id)
+
+
+def check_login_csrf(request: web.Request, token: str, request_id: str) -> bool:
+    value = request.cookies.get(PRESESSION_COOKIE, "")
+    if not value or not token:
+        return False
+    expected = login_csrf_token(context(request).settings, value, request_id)
+    return hmac.compare_digest(expected, token)
+
+
+def session_csrf_token(session: Session, purpose: str, request_id: str) -> str:
+    return _mac(session.csrf_secret, purpose, request_id)
+
+
+def check_session_csrf(session: Session, purpose: str, request_id: str, token: str) -> bool:
+    if not token:
+        return False
+    return hmac.compare_digest(session_csrf_token(session, purpose, request_id), token)
+
+
+# Client address --------------------------------------------------------------------------
+
+
+def _ip(value: str | None) -> str | None:
+    try:
+        return str(ipaddress.ip_address((value or "").strip())) if value else None
+    except ValueError:
+        return None
+
+
+def client_address(request: web.Request) -> str | None:
+    """The caller's IP address, or None. Behind the gateway (a trusted proxy) it is the last
+    hop the gateway appended to X-Forwarded-For; anything further left the caller wrote."""
+    if context(request).settings.trust_forwarded_host:
+        hops = request.headers.get("X-Forwarded-For", "").split(",")
+        forwarded = _ip(hops[-1])
+        if forwarded:
+            return forwarded
+    return _ip(request.remote)
+
+
+# Throttling ------------------------------------------------------------------------------
+
+
+class LoginThrottle:
+    """Fixed-window failure counters in Redis, per account and per client address."""
+
+    def __init__(self, ctx: IdentityContext) -> None:
+        self._redis = ctx.redis
+        self._settings = ctx.settings
+
+    def _account_key(self, email: str) -> str:
+        # Keyed so Redis never holds readable email addresses.
+        digest = credentials.keyed_hash(self._settings.secret_pepper, email.strip().lower())
+        return self._settings.stream(f"{_THROTTLE_KEY}account:{digest.hex()[:40]}")
+
+    def _address_key(self, address: str | None) -> str:
+        return self._settings.stream(f"{_THROTTLE_KEY}address:{address or 'unknown'}")
+
+    async def retry_after(self, email: str, address: str | None) -> int | None:
+        """Seconds until another attempt is allowed, or None when one is allowed now."""
+        keys = (self._account_key(email), self._address_key(address))
+        limits = (ACCOUNT_FAILURE_LIMIT, ADDRESS_FAILURE_LIMIT)
+        try:
+            counts = await self._redis.mget(keys)
+            for key, limit, count in zip(keys, limits, counts, strict=True):
+                if count is not None and int(count) >= limit:
+                    ttl = int(await self._redis.ttl(key))
+                    return max(ttl, 1)
+        except RedisError:
+            # Failing open keeps sign-in working through a Redis outage; argon2 still makes
+            # each guess expensive.
+            log.warning("login_throttle_unavailable")
+        return None
+
+    async def failed(self, email: str, address: str | None) -> None:
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            for key in (self._account_key(email), self._address_key(address)):
+                pipe.set(key, 0, ex=THROTTLE_WINDOW, nx=True)
+                pipe.incr(key)
+            await pipe.execute()
+        except RedisError:
+            log.warning("login_throttle_unavailable")
+
+    async def succeeded(self, email: str) -> None:
+        try:
+            await self._redis.delete(self._account_key(email))
+        except RedisError:
+            log.warning("login_throttle_unavailable")
+
+
+# Signing in ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SignIn:
+    outcome: Literal["ok", "invalid", "throttled", "not_member"]
+    user: store.User | None = None
+    session: Session | None = None
+    # The new cookie value: set it on the response and forget it.
+    cookie_value: str | None = None
+    retry_after: int | None = None
+
+
+async def sign_in(
+    ctx: IdentityContext,
+    *,
+    email: str,
+    password: str,
+    school: store.School | None,
+    address: str | None,
+    user_agent: str | None,
+    previous_session: bytes | None,
+) -> SignIn:
+    """Check the credentials (unless throttled) and open a fresh session.
+
+    At a school origin only the school's members and platform admins may sign in; on the
+    platform origin anyone with an account may.
+    """
+    throttle = LoginThrottle(ctx)
+    school_id = school.id if school else None
+
+    def audit_record(action: str, subject: str | None = None, **detail: Any) -> dict[str, Any]:
+        return audit.record(action, school_id=school_id, subject=subject, ip=address, **detail)
+
+    retry = await throttle.retry_after(email, address)
+    if retry is not None:
+        await audit.append(
+            ctx.redis, ctx.settings, audit_record("login.failed", reason="throttled")
+        )
+        return SignIn("throttled", retry_after=retry)
+
+    # Absurd lengths are refused unhashed: no one's password is this long, and argon2 should
+    # not be made to chew on megabytes.
+    user = None
+    if len(password) <= MAX_PASSWORD_LENGTH and len(email) <= MAX_EMAIL_LENGTH:
+        user = await users.authenticate(ctx.pool, email, password)
+    if user is None:
+        await throttle.failed(email, address)
+        await audit.append(
+            ctx.redis, ctx.settings, audit_record("login.failed", reason="bad_credentials")
+        )
+        return SignIn("invalid")
+    await throttle.succeeded(email)
+
+    if school is not None and not await flow_store.may_use_school(ctx.pool, user.id, school.id):
+        entry = audit_record("login.failed", str(user.id), reason="not_member")
+        await audit.append(ctx.redis, ctx.settings, entry)
+        return SignIn("not_member", user=user)
+
+    # A new id on every sign-in: a session id planted before login (fixation) is worthless.
+    if previous_session is not None:
+        await flow_store.delete_session(ctx.pool, previous_session)
+    cookie_value = credentials.new_secret(credentials.SESSION_PREFIX)
+    session = await flow_store.insert_session(
+        ctx.pool,
+        id_hash=credentials.token_hash(cookie_value),
+        user_id=user.id,
+        csrf_secret=secrets.token_bytes(32),
+        lifetime_seconds=SESSION_LIFETIME,
+        user_agent=(user_agent or "")[:_USER_AGENT_MAX] or None,
+    )
+    await audit.append(ctx.redis, ctx.settings, audit_record("login.succeeded", str(user.id)))
+    return SignIn("ok", user=user, session=session, cookie_value=cookie_value)
+
+
+async def sign_out(ctx: IdentityContext, id_hash: bytes | None) -> None:
+    if id_hash is not None:
+        await flow_store.delete_session(ctx.pool, id_hash)
+
+
+# Sign-out route --------------------------------------------------------------------------
+
+LOGOUT_PURPOSE = "logout"
+
+
+def logout_csrf_token(session: Session) -> str:
+    return session_csrf_token(session, LOGOUT_PURPOSE, "")
+
+
+def safe_return_path(value: str) -> str:
+    """Only a path on this origin: never `//host` or a scheme, which would be an open redirect."""
+    if value.startswith("/") and not value.startswith("//") and "\\" not in value:
+        parts = urlsplit(value)
+        if not parts.scheme and not parts.netloc:
+            return value
+    return "/v1/oauth/signed-out"
+
+
+def see_other(location: str) -> web.Response:
+    """A 303: after a form post the browser follows with a GET, and never re-posts."""
+    return web.Response(
+        status=303,
+        headers={
+            "Location": location,
+            "Cache-Control": "no-store",
+            "Referrer-Policy": "no-referrer",
+        },
+    )
+
+
+async def logout(request: web.Request) -> web.StreamResponse:
+    form = await request.post()
+    session = await current_session(request)
+    token = str(form.get("csrf_token", ""))
+    if session is not None and not check_session_csrf(session, LOGOUT_PURPOSE, "", token):
+        return pages.render(
+            request,
+            "error.html",
+            status=403,
+            title="Request refused",
+            message="This form has expired. Go back, reload the page and try again.",
+        )
+    await sign_out(context(request), session.id_hash if session else None)
+    response = see_other(safe_return_path(str(form.get("return_to", ""))))
+    clear_session_cookie(response)
+    return response
+
+
+async def signed_out(request: web.Request) -> web.StreamResponse:
+    return pages.render(
+        request,
+        "error.html",
+        title="Signed out",
+        tone="info",
+        message="You have signed out of Loopwise Connect. You can close this window.",
+    )
+
+
+def setup(app: web.Application) -> None:
+    app.router.add_post("/v1/oauth/logout", logout)
+    app.router.add_get("/v1/oauth/signed-out", signed_out)
+
+
+OPENAPI_PATHS: dict[str, Any] = {
+    "/v1/oauth/logout": {
+        "post": {
+            "summary": "End the browser session (form post with the session's CSRF token)",
+            "requestBody": {
+                "content": {
+                    "application/x-www-form-urlencoded": {
+                        "schema": {
+                            "type": "object",
+                            "properties": {
+                                "csrf_token": {"type": "string"},
+                                "return_to": {"type": "string", "description": "a local path"},
+                            },
+                        }
+                    }
+                }
+            },
+            "responses": {"303": {"description": "Signed out"}, "403": {"description": "CSRF"}},
+        }
+    },
+    "/v1/oauth/signed-out": {
+        "get": {"summary": "Signed-out page", "responses": {"200": {"description": "HTML"}}}
+    },
+}

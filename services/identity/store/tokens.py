@@ -1,0 +1,224 @@
+"""Refresh tokens and the client_credentials standing grant.
+
+Refresh tokens are stored only as the SHA-256 of their value. Each one rotates once: the row
+records when, and the hash of the successor handed out, so a retry within the grace window
+can be answered with the same successor and anything later is recognised as reuse.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from uuid import UUID
+
+import asyncpg
+
+from libs.common.db import Connection, Executor
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshTokenState:
+    """A refresh token row joined with what deciding on it needs from its grant."""
+
+    token_hash: bytes
+    grant_id: UUID
+    client_id: str
+    scopes: tuple[str, ...]
+    resource: str | None
+    auth_time: datetime | None
+    created_at: datetime
+    expires_at: datetime
+    rotated_at: datetime | None
+    successor_hash: bytes | None
+    school_id: int
+    user_id: UUID | None
+    grant_revoked: bool
+    expired: bool
+    # Seconds since rotation by the database clock; None when not rotated.
+    seconds_since_rotation: float | None
+    successor_rotated: bool
+
+
+def _state(r: asyncpg.Record) -> RefreshTokenState:
+    return RefreshTokenState(
+        token_hash=r["token_hash"],
+        grant_id=r["grant_id"],
+        client_id=r["client_id"],
+        scopes=tuple(r["scopes"]),
+        resource=r["resource"],
+        auth_time=r["auth_time"],
+        created_at=r["created_at"],
+        expires_at=r["expires_at"],
+        rotated_at=r["rotated_at"],
+        successor_hash=r["successor_hash"],
+        school_id=r["school_id"],
+        user_id=r["user_id"],
+        grant_revoked=r["grant_revoked"],
+        expired=r["expired"],
+        seconds_since_rotation=r["seconds_since_rotation"],
+        successor_rotated=r["successor_rotated"],
+    )
+
+
+# clock_timestamp(), not now(): a transaction that waited on the row lock started before the
+# rotation it is now looking at, and now() would make the rotation seem to lie in the future.
+_STATE_COLUMNS = """
+    rt.token_hash, rt.grant_id, rt.client_id, rt.scopes, rt.resource, rt.auth_time,
+    rt.created_at, rt.expires_at, rt.rotated_at, rt.successor_hash,
+    g.school_id, g.user_id, g.revoked_at IS NOT NULL AS grant_revoked,
+    rt.expires_at <= clock_timestamp() AS expired,
+    extract(epoch FROM clock_timestamp() - rt.rotated_at)::float8 AS seconds_since_rotation,
+    coalesce(s.rotated_at IS NOT NULL, false) AS successor_rotated
+FROM refresh_tokens rt
+JOIN grants g ON g.id = rt.grant_id
+LEFT JOIN refresh_tokens s ON s.token_hash = rt.successor_hash
+WHERE rt.token_hash = $1
+"""
+
+_LOCK = "SELECT" + _STATE_COLUMNS + " FOR UPDATE OF rt"
+_PEEK = "SELECT" + _STATE_COLUMNS
+
+
+async def lock_refresh_token(conn: Connection, token_hash: bytes) -> RefreshTokenState | None:
+    """The presented token, locked until the transaction ends: rotations of one token queue."""
+    row = await conn.fetchrow(_LOCK, token_hash)
+    return _state(row) if row else None
+
+
+async def refresh_token_state(db: Executor, token_hash: bytes) -> RefreshTokenState | None:
+    """The token as it stands, unlocked: for introspection and revocation."""
+    row = await db.fetchrow(_PEEK, token_hash)
+    return _state(row) if row else None
+
+
+async def insert_refresh_token(
+    db: Executor,
+    *,
+    token_hash: bytes,
+    grant_id: UUID,
+    client_id: str,
+    scopes: Sequence[str],
+    resource: str | None,
+    auth_time: datetime | None,
+    ttl_seconds: int,
+) -> None:
+    await db.execute(
+        "INSERT INTO refresh_tokens (token_hash, grant_id, client_id, scopes, resource,"
+        " auth_time, expires_at) VALUES ($1, $2, $3, $4, $5, $6,"
+        " now() + make_interval(secs => $7))",
+        token_hash,
+        grant_id,
+        client_id,
+        list(scopes),
+        resource,
+        auth_time,
+        ttl_seconds,
+    )
+
+
+# Rotation and the grant's last use in one statement: one round trip on the hot path.
+_ROTATE = """
+WITH rotated AS (
+    UPDATE refresh_tokens SET rotated_at = clock_timestamp(), successor_hash = $2
+    WHERE token_hash = $1 AND rotated_at IS NULL
+    RETURNING grant_id, client_id, scopes, resource, auth_time
+), successor AS (
+    INSERT INTO refresh_tokens (token_hash, grant_id, client_id, scopes, resource, auth_time,
+                                expires_at)
+    SELECT $2, grant_id, client_id, scopes, resource, auth_time,
+           now() + make_interval(secs => $3)
+    FROM rotated
+    RETURNING grant_id
+), touched AS (
+    UPDATE grants SET last_used_at = now() WHERE id IN (SELECT grant_id FROM successor)
+)
+SELECT count(*) FROM successor
+"""
+
+
+async def rotate_refresh_token(
+    conn: Connection, token_hash: bytes, successor_hash: bytes, ttl_seconds: int
+) -> bool:
+    """Rotate the (locked) token to its successor; False if it had been rotated already."""
+    inserted: int = await conn.fetchval(_ROTATE, token_hash, successor_hash, ttl_seconds)
+    return inserted == 1
+
+
+async def issue_code_tokens(
+    conn: Connection,
+    *,
+    grant_id: UUID,
+    refresh_token_hash: bytes | None,
+    client_id: str,
+    scopes: Sequence[str],
+    resource: str | None,
+    auth_time: datetime | None,
+    ttl_seconds: int,
+) -> None:
+    """After a code redemption: the first refresh token (if any) and the grant's last use."""
+    if refresh_token_hash is None:
+        await conn.execute("UPDATE grants SET last_used_at = now() WHERE id = $1", grant_id)
+        return
+    await conn.execute(
+        "WITH touched AS (UPDATE grants SET last_used_at = now() WHERE id = $2)"
+        " INSERT INTO refresh_tokens (token_hash, grant_id, client_id, scopes, resource,"
+        " auth_time, expires_at) VALUES ($1, $2, $3, $4, $5, $6,"
+        " now() + make_interval(secs => $7))",
+        refresh_token_hash,
+        grant_id,
+        client_id,
+        list(scopes),
+        resource,
+        auth_time,
+        ttl_seconds,
+    )
+
+
+# The live standing grant, touched; or a new one. ON CONFLICT on the partial unique index
+# (003_tokens.sql) makes concurrent first requests agree: the loser inserts nothing and
+# finds the winner's row on its retry.
+_STANDING = """
+WITH existing AS (
+    UPDATE grants SET last_used_at = now()
+    WHERE client_id = $1 AND school_id = $2 AND user_id IS NULL AND revoked_at IS NULL
+    RETURNING id, false AS created
+), created AS (
+    INSERT INTO grants (school_id, client_id, user_id, scopes, last_used_at)
+    SELECT $2, $1, NULL, $3, now() WHERE NOT EXISTS (SELECT 1 FROM existing)
+    ON CONFLICT (client_id, school_id) WHERE user_id IS NULL AND revoked_at IS NULL
+    DO NOTHING
+    RETURNING id, true AS created
+)
+SELECT id, created FROM existing UNION ALL SELECT id, created FROM created
+"""
+
+
+async def standing_grant(
+    db: Executor, *, client_id: str, school_id: int, scopes: Sequence[str]
+) -> tuple[UUID, bool]:
+    """The client's live user-less grant at the school, made on first use; (id, created)."""
+    for _ in range(3):
+        row = await db.fetchrow(_STANDING, client_id, school_id, list(scopes))
+        if row is not None:
+            return row["id"], row["created"]
+    raise RuntimeError("could not find or create the standing grant")
+
+
+@dataclass(frozen=True, slots=True)
+class GrantStatus:
+    school_id: int
+    client_id: str
+    user_id: UUID | None
+    revoked: bool
+
+
+async def grant_status(db: Executor, grant_id: UUID) -> GrantStatus | None:
+    row = await db.fetchrow(
+        "SELECT school_id, client_id, user_id, revoked_at IS NOT NULL AS revoked"
+        " FROM grants WHERE id = $1",
+        grant_id,
+    )
+    if row is None:
+        return None
+    return GrantStatus(row["school_id"], row["client_id"], row["user_id"], row["revoked"])

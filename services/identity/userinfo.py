@@ -1,0 +1,161 @@
+"""The OIDC UserInfo endpoint (OIDC Core 5.3), a protected resource of the issuer itself.
+
+The access token comes in `Authorization: Bearer` or, for POST, as the `access_token` form
+parameter (RFC 6750 2.2). It must be this issuer's, live, of a grant not revoked, and hold
+`openid`; the claims released follow the scopes: `name` with `profile`, `email` and
+`email_verified` with `email`. Errors are RFC 6750 challenges.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from libs.common import jwt
+from libs.common.errors import bearer_error, json_response
+from libs.common.logging import get_logger
+from services.identity import client_auth, store, tokens
+from services.identity.context import IdentityContext, context, issuer
+from services.identity.schools import Issuer
+from services.identity.store import tokens as token_store
+
+log = get_logger(__name__)
+
+_NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+
+
+class UserinfoError(Exception):
+    def __init__(self, status: int, error: str | None, description: str | None = None) -> None:
+        super().__init__(description or error or "unauthorized")
+        self.status = status
+        self.error = error
+        self.description = description
+
+    def response(self) -> web.Response:
+        scope = "openid" if self.error == "insufficient_scope" else None
+        return bearer_error(self.status, self.error, self.description, scope=scope)
+
+
+def _invalid_token(description: str) -> UserinfoError:
+    return UserinfoError(401, "invalid_token", description)
+
+
+async def bearer_token(request: web.Request) -> str:
+    """The one access token the request carries (RFC 6750 2.1, 2.2)."""
+    header = request.headers.get("Authorization")
+    from_header: str | None = None
+    if header is not None:
+        scheme, _, value = header.strip().partition(" ")
+        if scheme.lower() != "bearer" or not value.strip():
+            raise UserinfoError(401, "invalid_request", "use the Bearer scheme")
+        from_header = value.strip()
+    from_body: str | None = None
+    if request.method == "POST" and request.content_type == client_auth.FORM_CONTENT_TYPE:
+        form = await request.post()
+        values = form.getall("access_token", [])
+        if len(values) > 1 or (values and not isinstance(values[0], str)):
+            raise UserinfoError(400, "invalid_request", "one access_token, please")
+        from_body = str(values[0]) if values else None
+    if from_header and from_body:
+        raise UserinfoError(400, "invalid_request", "send the token in one place only")
+    token = from_header or from_body
+    if not token:
+        # RFC 6750 3.1: no credentials at all gets a bare challenge, without an error code.
+        raise UserinfoError(401, None)
+    return token
+
+
+async def claims_for(
+    ctx: IdentityContext, state: tokens.TokenState, iss: Issuer, token: str
+) -> dict[str, Any]:
+    """The UserInfo claims the token's scopes release."""
+    try:
+        claims = await tokens.verify_own_access_token(state, ctx.pool, iss, token)
+    except jwt.TokenError as exc:
+        log.info("userinfo_refused", reason=exc.reason)
+        raise _invalid_token("the access token is invalid or expired") from None
+    grant = await token_store.grant_status(ctx.pool, tokens.grant_uuid(claims))
+    if grant is None or grant.revoked or grant.client_id != claims["client_id"]:
+        raise _invalid_token("the access token has been revoked")
+    granted = set(str(claims.get("scope", "")).split())
+    if "openid" not in granted:
+        raise UserinfoError(403, "insufficient_scope", "the openid scope is required")
+    user = await store.user_by_id(ctx.pool, grant.user_id) if grant.user_id else None
+    if user is None or str(user.id) != claims["sub"]:
+        raise _invalid_token("the token has no user")
+    answer: dict[str, Any] = {"sub": str(user.id)}
+    if "profile" in granted:
+        answer["name"] = user.name
+    if "email" in granted:
+        answer["email"] = user.email
+        answer["email_verified"] = user.email_verified
+    return answer
+
+
+async def userinfo_endpoint(request: web.Request) -> web.Response:
+    ctx = context(request)
+    try:
+        token = await bearer_token(request)
+        answer = await claims_for(ctx, tokens.state(request), issuer(request), token)
+    except UserinfoError as exc:
+        return exc.response()
+    return json_response(answer, headers=_NO_STORE)
+
+
+def setup(app: web.Application) -> None:
+    tokens.install(app)
+    app.router.add_get("/v1/oauth/userinfo", userinfo_endpoint)
+    app.router.add_post("/v1/oauth/userinfo", userinfo_endpoint)
+
+
+_BEARER_ERROR = {
+    "description": "RFC 6750 error, with a WWW-Authenticate: Bearer challenge",
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/OAuthError"}}},
+}
+_USERINFO = {
+    "type": "object",
+    "required": ["sub"],
+    "properties": {
+        "sub": {"type": "string"},
+        "name": {"type": ["string", "null"], "description": "with the profile scope"},
+        "email": {"type": "string", "description": "with the email scope"},
+        "email_verified": {"type": "boolean", "description": "with the email scope"},
+    },
+}
+
+
+def _operation(summary: str, *, form: bool) -> dict[str, Any]:
+    operation: dict[str, Any] = {
+        "summary": summary,
+        "responses": {
+            "200": {
+                "description": "Claims about the user",
+                "content": {"application/json": {"schema": _USERINFO}},
+            },
+            "400": _BEARER_ERROR,
+            "401": _BEARER_ERROR,
+            "403": _BEARER_ERROR,
+        },
+    }
+    if form:
+        operation["requestBody"] = {
+            "required": False,
+            "content": {
+                "application/x-www-form-urlencoded": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {"access_token": {"type": "string"}},
+                    }
+                }
+            },
+        }
+    return operation
+
+
+OPENAPI_PATHS: dict[str, Any] = {
+    "/v1/oauth/userinfo": {
+        "get": _operation("OIDC UserInfo (Bearer token with openid)", form=False),
+        "post": _operation("OIDC UserInfo; token in header or access_token field", form=True),
+    }
+}

@@ -1,0 +1,112 @@
+"""The school API's aiohttp application: wiring only; the endpoints live in routes.py."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+
+from aiohttp import web
+
+from libs.common import db, streams
+from libs.common.config import Settings
+from libs.common.logging import get_logger
+from libs.common.web import METRICS, READINESS, Handler, base_application
+from services.school_api import identity, routes, store
+from services.school_api.context import CONTEXT, SchoolApiContext
+from services.school_api.outbox import OutboxRelay, RelayMetrics
+from services.school_api.responses import ApiError, conflict, json, validation_failed
+
+log = get_logger(__name__)
+
+RELAY = web.AppKey("outbox_relay", OutboxRelay)
+# How long shutdown waits for the relay to finish its batch before cancelling it (a cancelled
+# batch rolls back; its events go out with the next relay to run).
+RELAY_STOP_TIMEOUT = 10.0
+
+
+@web.middleware
+async def api_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure as the JSON shapes of responses.py, including aiohttp's own 404/405."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return exc.response()
+    except store.ReferenceNotFound as exc:
+        return validation_failed({exc.field: "not_found"}).response()
+    except store.Duplicate as exc:
+        return conflict({exc.field: "already_exists"}).response()
+    except store.StillReferenced:
+        return conflict({"_": "still_referenced"}).response()
+    except web.HTTPNotFound:
+        return json({"error": "not_found"}, status=404)
+    except web.HTTPMethodNotAllowed as exc:
+        return json(
+            {"error": "method_not_allowed"},
+            status=405,
+            headers={"Allow": ", ".join(sorted(exc.allowed_methods))},
+        )
+    except web.HTTPRequestEntityTooLarge:
+        return json({"error": "payload_too_large"}, status=413)
+
+
+def create_app(settings: Settings, *, relay: bool = True) -> web.Application:
+    """The service; `relay=False` leaves publishing to other processes (and to tests)."""
+    app = base_application(
+        "school-api", middlewares=[api_errors, identity.authenticate(settings.internal_token)]
+    )
+    app.cleanup_ctx.append(_resources(settings, relay))
+    routes.setup(app)
+    return app
+
+
+def _resources(
+    settings: Settings, run_relay: bool
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        pool = await store.create_pool(
+            settings.database_url, min_size=settings.db_pool_min, max_size=settings.db_pool_max
+        )
+        redis_client = streams.connect(settings.redis_url)
+        app[CONTEXT] = SchoolApiContext(settings=settings, pool=pool, redis=redis_client)
+
+        async def postgres_ready() -> bool:
+            return await db.ping(pool)
+
+        async def redis_ready() -> bool:
+            try:
+                return bool(await redis_client.ping())
+            except Exception:  # any failure to answer is "not ready", not a 500
+                return False
+
+        app[READINESS]["postgresql"] = postgres_ready
+        app[READINESS]["redis"] = redis_ready
+
+        relay_task: asyncio.Task[None] | None = None
+        if run_relay:
+            relay = OutboxRelay(
+                pool,
+                redis_client,
+                settings.stream(streams.EVENTS),
+                dsn=settings.database_url,
+                metrics=RelayMetrics(app[METRICS].registry),
+            )
+            app[RELAY] = relay
+            relay_task = asyncio.create_task(relay.run(), name="outbox-relay")
+        try:
+            yield
+        finally:
+            # cleanup_ctx unwinds after the server stopped taking requests and finished the
+            # in-flight ones, so the relay's last batch sees every change they made.
+            if relay_task is not None:
+                app[RELAY].stop()
+                try:
+                    await asyncio.wait_for(asyncio.shield(relay_task), RELAY_STOP_TIMEOUT)
+                except TimeoutError:
+                    relay_task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await relay_task
+            await redis_client.aclose()
+            await pool.close()
+
+    return ctx

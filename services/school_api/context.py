@@ -1,0 +1,25 @@
+"""What the school API's handlers share for the life of the process."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import asyncpg
+import redis.asyncio as redis
+from aiohttp import web
+
+from libs.common.config import Settings
+
+
+@dataclass(frozen=True, slots=True)
+class SchoolApiContext:
+    settings: Settings
+    pool: asyncpg.Pool
+    redis: redis.Redis
+
+
+CONTEXT = web.AppKey("school_api", SchoolApiContext)
+
+
+def context(request: web.Request) -> SchoolApiContext:
+    return request.app[CONTEXT]

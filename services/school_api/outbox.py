@@ -1,0 +1,208 @@
+"""The outbox relay: moves committed events from PostgreSQL to the `connect:events` stream.
+
+Each batch is one transaction: lock the oldest unpublished rows (`FOR UPDATE SKIP LOCKED`, so
+any number of relays in any number of processes share the work and never publish a row
+twice), append them to the stream in id order in one round trip, mark them published, commit.
+If Redis fails the transaction rolls back and the rows wait for the next try, with backoff:
+an event is never lost. If the commit fails after the append, the rows are published again
+later: delivery is at least once, and the event id (the webhook-id) lets consumers drop the
+repeat.
+
+The relay wakes on the outbox trigger's NOTIFY (sent when a change commits) and polls every
+`poll_interval` seconds as well, for notifications lost while its listening connection was
+down. Published rows are deleted after `retention` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import redis.asyncio as redis
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from libs.common import streams
+from libs.common.logging import get_logger
+from services.school_api import store
+
+log = get_logger(__name__)
+
+
+def iso_utc(moment: datetime) -> str:
+    """ISO 8601 in UTC with a `Z`, as the API spells every timestamp."""
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def message(event: store.OutboxEvent) -> dict[str, Any]:
+    """The stream entry, and the webhook body it becomes (contract section 8)."""
+    return {
+        "id": str(event.event_id),
+        "type": event.type,
+        "school_id": event.school_id,
+        "occurred_at": iso_utc(event.occurred_at),
+        "data": event.data,
+    }
+
+
+class RelayMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.published = Counter(
+            "school_api_events_published_total",
+            "Events moved from the outbox to the event stream",
+            registry=registry,
+        )
+        self.failures = Counter(
+            "school_api_relay_failures_total",
+            "Relay batches that failed and will be retried",
+            registry=registry,
+        )
+        self.backlog = Gauge(
+            "school_api_outbox_backlog",
+            "Events committed but not yet on the event stream",
+            registry=registry,
+        )
+
+
+class OutboxRelay:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        redis_client: redis.Redis,
+        stream: str,
+        *,
+        dsn: str | None = None,
+        batch_size: int = 100,
+        poll_interval: float = 1.0,
+        retention: float = 24 * 3600,
+        purge_interval: float = 60.0,
+        max_backoff: float = 30.0,
+        batch_timeout: float = 15.0,
+        metrics: RelayMetrics | None = None,
+    ) -> None:
+        self._pool = pool
+        self._redis = redis_client
+        self._stream = stream
+        # Without a DSN the relay only polls (tests that drive it batch by batch).
+        self._dsn = dsn
+        self._batch_size = batch_size
+        self._poll_interval = poll_interval
+        self._retention = retention
+        self._purge_interval = purge_interval
+        self._max_backoff = max_backoff
+        # A Redis or PostgreSQL that hangs instead of failing must not hold the batch's row
+        # locks forever: past this, the batch is abandoned (rolled back) and retried.
+        self._batch_timeout = batch_timeout
+        self._metrics = metrics
+        self._wake = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self._listener: asyncpg.Connection | None = None
+        self._next_purge = 0.0
+        self.failures = 0  # consecutive failed batches; 0 when the last one went through
+
+    # -- one batch ------------------------------------------------------------------------
+
+    async def publish_batch(self) -> int:
+        """Publish the oldest unclaimed events, at most one batch; how many went out."""
+        async with store.transaction(self._pool) as conn:
+            events = await store.claim_outbox(conn, self._batch_size)
+            if not events:
+                return 0
+            await streams.append_many(self._redis, self._stream, [message(e) for e in events])
+            await store.mark_published(conn, [e.id for e in events])
+        if self._metrics is not None:
+            self._metrics.published.inc(len(events))
+        return len(events)
+
+    async def drain(self) -> int:
+        """Publish batches until the backlog is empty (or the relay is stopping)."""
+        total = 0
+        while True:
+            count = await asyncio.wait_for(self.publish_batch(), self._batch_timeout)
+            total += count
+            if count < self._batch_size or self._stopped.is_set():
+                return total
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask the loop to end once its current batch is done."""
+        self._stopped.set()
+        self._wake.set()
+
+    async def run(self) -> None:
+        log.info("outbox_relay_started", stream=self._stream)
+        try:
+            while not self._stopped.is_set():
+                await self._ensure_listener()
+                # Cleared before draining: a NOTIFY that lands mid-batch wakes the next round.
+                self._wake.clear()
+                try:
+                    await self.drain()
+                    self.failures = 0
+                except Exception:
+                    self.failures += 1
+                    if self._metrics is not None:
+                        self._metrics.failures.inc()
+                    delay = min(self._max_backoff, 0.25 * 2 ** min(self.failures, 10))
+                    log.warning(
+                        "outbox_relay_failed", failures=self.failures, retry_in=delay, exc_info=True
+                    )
+                    await self._sleep(delay, wake_on_notify=False)
+                    continue
+                await self._housekeeping()
+                await self._sleep(self._poll_interval, wake_on_notify=True)
+        finally:
+            await self._close_listener()
+            log.info("outbox_relay_stopped")
+
+    async def _sleep(self, seconds: float, *, wake_on_notify: bool) -> None:
+        waiter = self._wake if wake_on_notify else self._stopped
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(waiter.wait(), timeout=seconds)
+
+    async def _housekeeping(self) -> None:
+        try:
+            now = time.monotonic()
+            if now >= self._next_purge:
+                self._next_purge = now + self._purge_interval
+                purged = await store.purge_published(self._pool, self._retention)
+                if purged:
+                    log.info("outbox_purged", events=purged)
+            if self._metrics is not None:
+                self._metrics.backlog.set(await store.outbox_backlog(self._pool))
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            log.warning("outbox_housekeeping_failed", exc_info=True)
+
+    # -- LISTEN ---------------------------------------------------------------------------
+
+    def _notified(self, *_args: Any) -> None:
+        self._wake.set()
+
+    def _listener_lost(self, *_args: Any) -> None:
+        self._listener = None
+
+    async def _ensure_listener(self) -> None:
+        if self._dsn is None or (self._listener is not None and not self._listener.is_closed()):
+            return
+        try:
+            # A connection of its own: LISTEN holds it for the life of the relay, and a pool
+            # connection would carry the subscription to whoever borrowed it next.
+            conn = await asyncpg.connect(
+                self._dsn, server_settings={"application_name": "loopwise-connect-relay"}
+            )
+            await conn.add_listener(store.NOTIFY_CHANNEL, self._notified)
+            conn.add_termination_listener(self._listener_lost)
+            self._listener = conn
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            # Polling still runs; the next round tries to listen again.
+            log.warning("outbox_listen_failed", exc_info=True)
+
+    async def _close_listener(self) -> None:
+        conn, self._listener = self._listener, None
+        if conn is not None and not conn.is_closed():
+            with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                await conn.close(timeout=2)
