@@ -35,9 +35,13 @@ class Part:
 
 
 def parts(settings: Settings) -> list[Part]:
-    """The processes to run. The public origin (port 8080) is served by whichever part fronts
-    the system: identity itself until the gateway exists."""
-    return [Part("identity", settings.ports.gateway)]
+    """The processes to run; the gateway is the public origin (port 8080) in front of the rest."""
+    return [
+        Part("identity", settings.ports.identity),
+        Part("school-api", settings.ports.school_api),
+        Part("webhooks", settings.ports.webhooks),
+        Part("gateway", settings.ports.gateway),
+    ]
 
 
 def _spawn(part: Part, env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -85,9 +89,15 @@ def _banner(settings: Settings, logins: list[seed.Login], started: float) -> str
     for login in logins:
         origin = urls.school_origin(login.school)
         lines.append(f"  {login.school:<15} {origin}")
+    demo = urls.school_origin("demo")
     lines += [
         "",
-        "  discovery       " + urls.school_origin("demo") + "/.well-known/openid-configuration",
+        f"  discovery       {demo}/.well-known/openid-configuration",
+        f"  API             {demo}/api/v1/courses (with a Bearer token)",
+        f"  webhook egress  {urls.platform_url}/v1/webhooks/egress-ips",
+        "",
+        f"  behind the gateway: identity :{settings.ports.identity},"
+        f" school API :{settings.ports.school_api}, webhooks :{settings.ports.webhooks}",
         "",
         "Admin logins:",
     ]
@@ -121,7 +131,15 @@ async def _prepare(settings: Settings) -> list[seed.Login]:
 def run(settings: Settings) -> int:
     started = time.monotonic()
     stores, stop_stores = localstores.find_or_start(DATA_DIR)
-    env = {**os.environ, "DATABASE_URL": stores.database_url, "REDIS_URL": stores.redis_url}
+    env = {
+        **os.environ,
+        "DATABASE_URL": stores.database_url,
+        "REDIS_URL": stores.redis_url,
+        # Identity sits behind the gateway and takes the caller's address from it; nothing
+        # stands in front of the gateway, so it trusts no forwarded header itself.
+        "TRUST_FORWARDED_HOST": "true",
+        "GATEWAY_TRUST_FORWARDED": "false",
+    }
     children: dict[str, subprocess.Popen[bytes]] = {}
     stopping = False
 

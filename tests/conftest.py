@@ -141,6 +141,12 @@ def settings(base_env: dict[str, str]) -> Settings:
 @pytest.fixture(scope="session")
 async def migrated(settings: Settings) -> AsyncIterator[None]:
     await db.migrate(settings.database_url)
+    # Generated school ids start high, so ids chosen on purpose (the quickstart's 42) are free.
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        await conn.execute("SELECT setval('schools_id_seq', 1000)")
+    finally:
+        await conn.close()
     yield
     await db.drop_database(settings.database_url)
 

@@ -12,7 +12,7 @@ import structlog
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from libs.common import db, streams
+from libs.common import db, streams, tasks
 from libs.common.config import Settings
 from libs.common.errors import OAuthError
 from libs.common.logging import get_logger
@@ -110,12 +110,7 @@ def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[
         try:
             yield
         finally:
-            stop.set()
-            # Bounded: a task stuck in a network call is cancelled rather than awaited forever.
-            _done, stuck = await asyncio.wait(background, timeout=5)
-            for task in stuck:
-                task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
+            await tasks.stop_all(background, stop=stop)
             await redis_client.aclose()
             await pool.close()
 

@@ -165,10 +165,11 @@ async def insert_school(db: Executor, subdomain: str, name: str, school_id: int 
             subdomain,
             name,
         )
-        # Keep the identity sequence ahead of explicitly chosen ids.
+        # Keep the identity sequence ahead of explicitly chosen ids, never pulling it back.
         await db.execute(
-            "SELECT setval(pg_get_serial_sequence('schools', 'id'),"
-            " greatest((SELECT max(id) FROM schools), 1))"
+            "SELECT setval('schools_id_seq', (SELECT max(id) FROM schools))"
+            " WHERE (SELECT max(id) FROM schools) >"
+            " (SELECT last_value FROM schools_id_seq)"
         )
     assert row is not None
     return _school(row)

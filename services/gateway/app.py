@@ -1,0 +1,199 @@
+"""The gateway's aiohttp application: wiring only; the request path lives in routes.py.
+
+The route table is read in :func:`create_app`, before anything listens: a bad route file stops
+the process with an error naming its line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+import asyncpg
+import orjson
+import redis.asyncio as redis
+from aiohttp import web
+
+from libs.common import db, streams, tasks
+from libs.common.config import Settings
+from libs.common.logging import get_logger
+from libs.common.web import METRICS, READINESS, base_application
+from services.gateway import openapi, revocation, routes, routetable
+from services.gateway.audit import AuditBuffer
+from services.gateway.context import CONTEXT, ROUTES, GatewayContext
+from services.gateway.directory import Directory
+from services.gateway.jwks import JwksCache
+from services.gateway.metrics import GatewayMetrics
+from services.gateway.proxy import Upstreams
+from services.gateway.ratelimit import Guard, Pace
+from services.gateway.resp import PipelinedRedis
+from services.gateway.revocation import RevokedGrants
+from services.gateway.validation import TokenVerifier
+
+log = get_logger(__name__)
+
+# The per-call Redis round trip must fail fast when Redis hangs: the call is refused (503)
+# rather than held.
+REDIS_TIMEOUT = 1.0
+JWKS_TIMEOUT = aiohttp.ClientTimeout(total=5)
+
+
+def create_app(settings: Settings, *, routes_file: str | None = None) -> web.Application:
+    """The gateway; raises routetable.RouteTableError when the route file is wrong."""
+    table = routetable.load(routes_file or settings.gateway.routes_file, settings)
+    app = base_application("gateway")
+    app[ROUTES] = table
+    document = orjson.dumps(openapi.document(settings, table))
+
+    async def openapi_document(_request: web.Request) -> web.Response:
+        return web.Response(body=document, content_type="application/json")
+
+    app.router.add_get("/openapi.json", openapi_document)
+    app.router.add_route("*", "/{tail:.*}", routes.dispatch)
+    app.cleanup_ctx.append(_resources(settings, table))
+    return app
+
+
+def _jwks_fetcher(upstreams: Upstreams, identity_url: str) -> Callable[[str], Any]:
+    async def fetch(issuer: str) -> dict[str, Any]:
+        parts = urlsplit(issuer)
+        # Identity finds the issuer from the Host, exactly as for a caller of the public origin.
+        headers = {
+            "Host": parts.netloc,
+            "X-Forwarded-Host": parts.netloc,
+            "X-Forwarded-Proto": parts.scheme,
+            "Accept": "application/json",
+        }
+        async with upstreams.session("identity").get(
+            identity_url + "/v1/oauth/jwks", headers=headers, timeout=JWKS_TIMEOUT
+        ) as resp:
+            if resp.status != 200:
+                raise RuntimeError(f"identity answered {resp.status} for the JWKS")
+            document = orjson.loads(await resp.read())
+            if not isinstance(document, dict):
+                raise RuntimeError("the JWKS is not a JSON object")
+            return document
+
+    return fetch
+
+
+def _resources(
+    settings: Settings, table: routetable.RouteTable
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        metrics = GatewayMetrics(app[METRICS].registry)
+        pool: asyncpg.Pool = await db.create_pool(
+            settings.database_url, min_size=settings.db_pool_min, max_size=settings.db_pool_max
+        )
+        hot = redis.Redis.from_url(
+            settings.redis_url,
+            decode_responses=False,
+            socket_timeout=REDIS_TIMEOUT,
+            socket_connect_timeout=REDIS_TIMEOUT,
+            health_check_interval=30,
+        )
+        # The per-call round trip goes over a lean pipelined connection of its own (resp.py).
+        guard_connection = PipelinedRedis(settings.redis_url, timeout=REDIS_TIMEOUT)
+        # Audit batches on another, so a batch never queues ahead of a call's check.
+        audit_connection = PipelinedRedis(settings.redis_url, timeout=5.0)
+        # Blocking XREADs hold a connection for a second at a time: a client of their own.
+        followers = streams.connect(settings.redis_url)
+        upstreams = Upstreams(
+            table.upstreams,
+            connect_timeout=settings.gateway.upstream_connect_timeout,
+            total_timeout=settings.gateway.upstream_timeout,
+        )
+        directory = Directory(pool)
+        jwks = JwksCache(
+            _jwks_fetcher(upstreams, table.upstreams["identity"]),
+            refresh_interval=settings.gateway.jwks_refresh_interval,
+            on_fetch=lambda _issuer: metrics.jwks_fetches.inc(),
+        )
+        verifier = TokenVerifier(
+            settings, jwks, directory, cache_ttl=settings.gateway.token_cache_ttl
+        )
+        revoked = RevokedGrants()
+        audit_buffer = AuditBuffer(
+            audit_connection,
+            settings.stream(streams.AUDIT),
+            capacity=settings.gateway.audit_buffer_size,
+            on_drop=metrics.audit_dropped.inc,
+        )
+        app[CONTEXT] = GatewayContext(
+            settings=settings,
+            routes=table,
+            pool=pool,
+            redis=hot,
+            directory=directory,
+            jwks=jwks,
+            verifier=verifier,
+            revoked=revoked,
+            guard=Guard(guard_connection),
+            default_pace=Pace.of(
+                settings.gateway.rate_limit_per_minute, settings.gateway.rate_limit_burst
+            ),
+            upstreams=upstreams,
+            audit=audit_buffer,
+            metrics=metrics,
+        )
+
+        async def postgres_ready() -> bool:
+            return await db.ping(pool)
+
+        async def redis_ready() -> bool:
+            try:
+                return bool(await hot.ping())
+            except redis.RedisError:
+                return False
+
+        async def identity_ready() -> bool:
+            try:
+                async with upstreams.session("identity").get(
+                    table.upstreams["identity"] + "/healthz", timeout=JWKS_TIMEOUT
+                ) as resp:
+                    return resp.status == 200
+            except (aiohttp.ClientError, TimeoutError):
+                return False
+
+        app[READINESS]["postgresql"] = postgres_ready
+        app[READINESS]["redis"] = redis_ready
+        app[READINESS]["identity"] = identity_ready
+
+        def on_keys(entry: streams.Entry) -> None:
+            school_id = entry.data.get("school_id")
+            jwks.invalidate(school_id if isinstance(school_id, int) else None)
+            # A rotation may have withdrawn a key: tokens it signed are judged afresh.
+            verifier.forget()
+
+        audit_buffer.start()
+        background = [
+            asyncio.create_task(
+                revocation.follow(
+                    followers,
+                    settings.stream(streams.REVOCATIONS),
+                    revocation.revocation_handler(revoked),
+                )
+            ),
+            asyncio.create_task(
+                revocation.follow(followers, settings.stream(streams.KEYS), on_keys)
+            ),
+        ]
+        try:
+            yield
+        finally:
+            # In-flight calls have finished by now (aiohttp's shutdown runs before cleanup):
+            # write out their audit records, then let go of everything.
+            await audit_buffer.stop()
+            await tasks.stop_all(background, grace=0)
+            await jwks.close()
+            await upstreams.close()
+            await followers.aclose()
+            await guard_connection.close()
+            await audit_connection.close()
+            await hot.aclose()
+            await pool.close()
+
+    return ctx

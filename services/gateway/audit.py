@@ -1,0 +1,159 @@
+"""The gateway's side of the audit trail: every protected call becomes an `api.call` record on
+`connect:audit`, without the response ever waiting for Redis.
+
+Records go into a bounded in-memory buffer; a background task appends them in pipelined
+batches (one round trip per batch) every FLUSH_INTERVAL seconds, or at once when a batch is
+full. The XADDs are packed here, in the `data` shape of libs.common.streams, and go over the
+lean pipelined connection (resp.py): the audit must not cost the API more than the call does.
+A full buffer (Redis away for long) drops the new record, counts it and warns at most once
+per WARN_INTERVAL: the API keeps answering, and the loss is visible in the metrics.
+Identity's audit consumer stores the stream in PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+from libs.common import streams
+from libs.common.logging import get_logger
+from services.gateway.resp import PipelinedRedis, RedisReplyError, pack
+
+log = get_logger(__name__)
+
+FLUSH_INTERVAL = 0.05
+BATCH = 200
+WARN_INTERVAL = 10.0
+
+
+def api_call(
+    *,
+    school_id: int,
+    client_id: str,
+    subject: str,
+    grant_id: str,
+    method: str,
+    path: str,
+    status: int,
+    scope: str | None,
+    ip: str | None,
+    request_id: str,
+) -> dict[str, Any]:
+    """One record, in the shape identity's audit consumer stores (see identity's audit.py)."""
+    return {
+        "occurred_at": time.time(),
+        "action": "api.call",
+        "school_id": school_id,
+        "client_id": client_id,
+        "subject": subject,
+        "grant_id": grant_id,
+        "method": method,
+        "path": path,
+        "status": status,
+        "scope": scope,
+        "ip": ip,
+        "detail": {"request_id": request_id},
+    }
+
+
+class AuditBuffer:
+    def __init__(
+        self,
+        connection: PipelinedRedis,
+        stream: str,
+        *,
+        capacity: int,
+        on_drop: Callable[[], None] | None = None,
+    ) -> None:
+        self._redis = connection
+        # Everything of the XADD but the record: `XADD <stream> MAXLEN ~ N * data <json>`.
+        self._head = pack(
+            b"XADD", stream, b"MAXLEN", b"~", streams.DEFAULT_MAXLEN, b"*", b"data", b""
+        ).removesuffix(b"$0\r\n\r\n")
+        self._capacity = capacity
+        self._on_drop = on_drop
+        self._records: deque[dict[str, Any]] = deque()
+        self._batch_ready = asyncio.Event()
+        self._last_warning = float("-inf")
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.dropped = 0
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def append(self, record: dict[str, Any]) -> None:
+        """Queue a record; never blocks, never raises."""
+        if len(self._records) >= self._capacity:
+            self.dropped += 1
+            if self._on_drop is not None:
+                self._on_drop()
+            now = time.monotonic()
+            if now - self._last_warning >= WARN_INTERVAL:
+                self._last_warning = now
+                log.warning("audit_buffer_full", dropped=self.dropped, capacity=self._capacity)
+            return
+        self._records.append(record)
+        if len(self._records) >= BATCH:
+            self._batch_ready.set()
+
+    async def flush(self) -> int:
+        """Append everything buffered now; records stay buffered when Redis fails."""
+        written = 0
+        while self._records:
+            count = min(BATCH, len(self._records))
+            head = self._head
+            commands = []
+            for i in range(count):
+                payload = orjson.dumps(self._records[i])
+                commands.append(b"%s$%d\r\n%s\r\n" % (head, len(payload), payload))
+            answers = await self._redis.execute_many(commands)
+            failed = next((a for a in answers if isinstance(a, RedisReplyError)), None)
+            if failed is not None:
+                raise failed
+            for _ in range(count):
+                self._records.popleft()
+            written += count
+        return written
+
+    async def _run(self) -> None:
+        delay = FLUSH_INTERVAL
+        while True:
+            if not self._stopping:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._batch_ready.wait(), timeout=delay)
+            self._batch_ready.clear()
+            try:
+                await self.flush()
+                delay = FLUSH_INTERVAL
+            except (OSError, RedisReplyError):
+                if self._stopping:
+                    log.warning("audit_records_lost_at_shutdown", records=len(self._records))
+                    return
+                now = time.monotonic()
+                if now - self._last_warning >= WARN_INTERVAL:
+                    self._last_warning = now
+                    log.warning("audit_flush_failed", buffered=len(self._records))
+                delay = min(max(delay * 2, 0.1), 2.0)
+            if self._stopping:
+                return
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Write what is left and stop (graceful shutdown, after in-flight calls finished)."""
+        self._stopping = True
+        self._batch_ready.set()
+        if self._task is None:
+            return
+        try:
+            await asyncio.wait_for(self._task, timeout=timeout)
+        except TimeoutError:
+            log.warning("audit_records_lost_at_shutdown", records=len(self._records))

@@ -1,0 +1,56 @@
+"""The gateway's own Prometheus metrics, in the service's registry (served at /metrics)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+
+class GatewayMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        # `route` is the route table's prefix (bounded by the file), never the raw path.
+        self.calls = Counter(
+            "gateway_requests_total",
+            "Calls answered, by route table entry and status",
+            ["route", "status"],
+            registry=registry,
+        )
+        self.rejections = Counter(
+            "gateway_token_rejections_total",
+            "Protected calls refused, by the check that refused them",
+            ["reason"],
+            registry=registry,
+        )
+        self.upstream_latency = Histogram(
+            "gateway_upstream_duration_seconds",
+            "Time from sending a call upstream to its response headers",
+            ["upstream"],
+            registry=registry,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
+        )
+        self.upstream_errors = Counter(
+            "gateway_upstream_errors_total",
+            "Upstream calls that failed, by upstream and kind (timeout, connect, protocol)",
+            ["upstream", "kind"],
+            registry=registry,
+        )
+        self.audit_dropped = Counter(
+            "gateway_audit_dropped_total",
+            "Audit records dropped because the buffer was full",
+            registry=registry,
+        )
+        self.jwks_fetches = Counter(
+            "gateway_jwks_fetches_total",
+            "JWKS documents fetched from identity",
+            registry=registry,
+        )
+
+        self._call_children: dict[tuple[str, int], Any] = {}
+
+    def call(self, route: str, status: int) -> None:
+        """Count one answered call; the labelled child is looked up once per (route, status)."""
+        child = self._call_children.get((route, status))
+        if child is None:
+            child = self._call_children[(route, status)] = self.calls.labels(route, str(status))
+        child.inc()

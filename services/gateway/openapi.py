@@ -1,0 +1,118 @@
+"""The gateway's OpenAPI 3.1 document: its own endpoints and the protected route table, each
+operation with the scopes it needs (any one of them suffices)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from libs.common import scopes as catalogue
+from libs.common.config import Settings
+from services.gateway.routetable import RouteTable
+
+_ERROR = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {"type": "string"},
+        "error_description": {"type": "string"},
+        "scope": {"type": "string"},
+    },
+}
+
+
+def _json(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+    }
+
+
+_PROTECTED_ANSWERS = {
+    "401": _json("No bearer token, or one not valid here (WWW-Authenticate names the error)"),
+    "403": _json("The token lacks the scope (WWW-Authenticate names it)"),
+    "429": _json("Rate limited; Retry-After says when to try again"),
+    "502": _json("The upstream service did not answer"),
+    "503": _json("The gateway cannot check the call right now"),
+    "504": _json("The upstream service took too long"),
+}
+
+
+def document(settings: Settings, routes: RouteTable) -> dict[str, Any]:
+    school = settings.urls.school_template
+    paths: dict[str, Any] = {
+        "/healthz": {"get": {"summary": "Liveness", "responses": {"200": {"description": "ok"}}}},
+        "/readyz": {
+            "get": {
+                "summary": "Readiness: PostgreSQL, Redis and identity reachable",
+                "responses": {"200": {"description": "ready"}, "503": {"description": "not"}},
+            }
+        },
+        "/metrics": {
+            "get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "ok"}}}
+        },
+        "/openapi.json": {
+            "get": {"summary": "This document", "responses": {"200": {"description": "ok"}}}
+        },
+    }
+    for route in routes.protected:
+        operations: dict[str, Any] = {}
+        for method in route.allowed_methods:
+            if method == "HEAD":
+                continue
+            needed = list(route.scopes[method])
+            operations[method.lower()] = {
+                "summary": f"{method} {route.prefix}/... (forwarded to {route.upstream})",
+                "description": (
+                    "Needs one of: " + ", ".join(needed)
+                    if needed
+                    else "Any valid access token of the school."
+                ),
+                "security": [{"loopwise": needed}],
+                "responses": {
+                    "2XX": {"description": "The upstream's answer"},
+                    **_PROTECTED_ANSWERS,
+                },
+            }
+        item = {"x-upstream": route.upstream, **operations}
+        paths[route.prefix] = item
+        paths[route.prefix + "/{rest}"] = {
+            "parameters": [
+                {"name": "rest", "in": "path", "required": True, "schema": {"type": "string"}}
+            ],
+            **item,
+        }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Loopwise Connect gateway",
+            "version": "1",
+            "description": (
+                "The public edge. Protected routes need an access token of the school the Host "
+                f"names ({school}); public routes ("
+                + ", ".join(r.prefix for r in routes.public)
+                + ") pass through to their service."
+            ),
+        },
+        "servers": [{"url": school, "variables": {"school": {"default": "demo"}}}],
+        "paths": paths,
+        "components": {
+            "schemas": {"Error": _ERROR},
+            "securitySchemes": {
+                "loopwise": {
+                    "type": "oauth2",
+                    "flows": {
+                        "authorizationCode": {
+                            "authorizationUrl": f"{school}/v1/oauth/authorize",
+                            "tokenUrl": f"{school}/v1/oauth/token",
+                            "refreshUrl": f"{school}/v1/oauth/token",
+                            "scopes": {
+                                s.name: s.description
+                                for s in catalogue.CATALOGUE.values()
+                                if s.kind in ("data", "umbrella")
+                            },
+                        },
+                    },
+                }
+            },
+        },
+    }

@@ -1,0 +1,260 @@
+"""Forwarding a call upstream and its answer back, bodies streamed both ways.
+
+One pooled keep-alive ClientSession per upstream. Requests keep their method, path and query
+byte for byte, and their Host (identity resolves the school from it); hop-by-hop headers
+(RFC 9110 7.6.1) are dropped both ways, redirects are never followed, cookies are never kept
+by the gateway (Set-Cookie goes back to the caller untouched), and bodies are not decoded.
+
+Protected calls also lose the caller's Authorization, Cookie and every `X-Connect-*` header,
+and gain the verified identity (`X-Connect-*`) and the internal token that proves to the
+resource service the identity came from a gateway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from libs.common.errors import json_response
+from libs.common.logging import get_logger
+from services.gateway.metrics import GatewayMetrics
+
+log = get_logger(__name__)
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# Set by the gateway itself, never passed on from the caller.
+_FORWARDING = frozenset(
+    {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded", "x-real-ip"}
+)
+# A protected call's credentials are the gateway's business only: the token is verified here
+# and its identity sent in X-Connect-*; the browser's cookies of the public origin (identity's
+# session among them) must not reach a resource service.
+_PROTECTED_DROP = frozenset({"authorization", "cookie", "x-request-id"})
+IDENTITY_PREFIX = "x-connect-"
+# Answers up to this size are read whole and sent in one write; longer ones (or ones of
+# unknown length) are streamed chunk by chunk.
+SMALL_BODY = 256 * 1024
+CHUNK = 64 * 1024
+
+
+class Upstreams:
+    """The pooled sessions, one per upstream name."""
+
+    def __init__(
+        self, urls: Mapping[str, str], *, connect_timeout: float, total_timeout: float
+    ) -> None:
+        self.urls = dict(urls)
+        timeout = aiohttp.ClientTimeout(
+            total=total_timeout, sock_connect=connect_timeout, connect=connect_timeout
+        )
+        self._sessions = {
+            name: aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(
+                    limit=0, keepalive_timeout=30, ttl_dns_cache=60, enable_cleanup_closed=True
+                ),
+                timeout=timeout,
+                cookie_jar=aiohttp.DummyCookieJar(),
+                auto_decompress=False,
+                # Add nothing the caller did not send.
+                skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+            )
+            for name in self.urls
+        }
+
+    def session(self, name: str) -> aiohttp.ClientSession:
+        return self._sessions[name]
+
+    async def close(self) -> None:
+        for session in self._sessions.values():
+            await session.close()
+
+
+def _connection_named(headers: CIMultiDictProxy[str]) -> frozenset[str]:
+    values = headers.getall("Connection", ())
+    if not values:
+        return frozenset()
+    return frozenset(t.strip().lower() for v in values for t in v.split(",") if t.strip())
+
+
+@dataclass(frozen=True, slots=True)
+class Forwarding:
+    """How the caller reached the gateway, as told to upstreams."""
+
+    client_ip: str | None
+    proto: str
+    host: str
+
+
+def upstream_request_headers(
+    request: web.Request,
+    forwarding: Forwarding,
+    *,
+    identity: Mapping[str, str] | None,
+) -> CIMultiDict[str]:
+    """The caller's headers as an upstream gets them; `identity` marks a protected call."""
+    named = _connection_named(request.headers)
+    out: CIMultiDict[str] = CIMultiDict()
+    protected = identity is not None
+    for name, value in request.headers.items():
+        low = name.lower()
+        if low in HOP_BY_HOP or low in named or low in _FORWARDING:
+            continue
+        if low.startswith(IDENTITY_PREFIX):
+            # Never let a caller claim an identity, on any route.
+            continue
+        if protected and low in _PROTECTED_DROP:
+            continue
+        out.add(name, value)
+    out["Host"] = forwarding.host
+    if forwarding.client_ip:
+        out["X-Forwarded-For"] = forwarding.client_ip
+    out["X-Forwarded-Proto"] = forwarding.proto
+    out["X-Forwarded-Host"] = forwarding.host
+    if identity is not None:
+        out.update(identity)
+    return out
+
+
+def response_headers(upstream: aiohttp.ClientResponse, *, protected: bool) -> CIMultiDict[str]:
+    named = _connection_named(upstream.headers)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream.headers.items():
+        low = name.lower()
+        if low in HOP_BY_HOP or low in named:
+            continue
+        if protected and low.startswith("access-control-"):
+            # CORS on the protected API is the gateway's decision alone (cors.py).
+            continue
+        out.add(name, value)
+    return out
+
+
+def bad_gateway() -> web.Response:
+    return json_response(
+        {"error": "bad_gateway", "error_description": "The upstream service did not answer."},
+        status=502,
+    )
+
+
+def upstream_timeout() -> web.Response:
+    return json_response(
+        {"error": "upstream_timeout", "error_description": "The upstream service took too long."},
+        status=504,
+    )
+
+
+async def forward(
+    request: web.Request,
+    upstreams: Upstreams,
+    upstream: str,
+    headers: CIMultiDict[str],
+    metrics: GatewayMetrics,
+    *,
+    protected: bool,
+    extra: Mapping[str, str] | None = None,
+) -> web.StreamResponse:
+    """Send the call to `upstream` and relay its answer; 502/504 JSON when it fails."""
+    url = URL(upstreams.urls[upstream] + request.raw_path, encoded=True)
+    session = upstreams.session(upstream)
+    data = request.content if request.body_exists else None
+    started = time.perf_counter()
+    try:
+        upstream_response = await session.request(
+            request.method, url, headers=headers, data=data, allow_redirects=False
+        )
+    except TimeoutError:
+        metrics.upstream_errors.labels(upstream, "timeout").inc()
+        log.warning("upstream_timeout", upstream=upstream)
+        return upstream_timeout()
+    except aiohttp.ClientError as exc:
+        metrics.upstream_errors.labels(upstream, "connect").inc()
+        log.warning("upstream_failed", upstream=upstream, error=type(exc).__name__)
+        return bad_gateway()
+    metrics.upstream_latency.labels(upstream).observe(time.perf_counter() - started)
+    try:
+        out_headers = response_headers(upstream_response, protected=protected)
+        if extra:
+            for name, value in extra.items():
+                if name == "Vary" and "Vary" in out_headers:
+                    out_headers["Vary"] = f"{out_headers['Vary']}, {value}"
+                else:
+                    out_headers[name] = value
+        status = upstream_response.status
+        length = upstream_response.content_length
+        if (
+            request.method == "HEAD"
+            or status in (204, 304)
+            or (length is not None and length <= SMALL_BODY)
+        ):
+            try:
+                body = await upstream_response.read()
+            except TimeoutError:
+                metrics.upstream_errors.labels(upstream, "timeout").inc()
+                return upstream_timeout()
+            except aiohttp.ClientError:
+                metrics.upstream_errors.labels(upstream, "protocol").inc()
+                return bad_gateway()
+            response = web.Response(
+                status=status, reason=upstream_response.reason, headers=out_headers
+            )
+            if body:
+                response.body = body
+            return response
+        return await _stream(request, upstream_response, out_headers, upstream, metrics)
+    finally:
+        upstream_response.release()
+
+
+async def _stream(
+    request: web.Request,
+    upstream_response: aiohttp.ClientResponse,
+    headers: CIMultiDict[str],
+    upstream: str,
+    metrics: GatewayMetrics,
+) -> web.StreamResponse:
+    response = web.StreamResponse(
+        status=upstream_response.status, reason=upstream_response.reason, headers=headers
+    )
+    await response.prepare(request)
+    chunks = upstream_response.content.iter_chunked(CHUNK)
+    while True:
+        try:
+            chunk = await anext(chunks)
+        except StopAsyncIteration:
+            break
+        except (TimeoutError, aiohttp.ClientError, asyncio.IncompleteReadError) as exc:
+            # The status is already sent: the only honest signal left is to cut the
+            # connection, so the caller sees a truncated answer, not a complete-looking one.
+            metrics.upstream_errors.labels(upstream, "stream").inc()
+            log.warning("upstream_stream_failed", upstream=upstream, error=type(exc).__name__)
+            if request.transport is not None:
+                request.transport.abort()
+            return response
+        try:
+            await response.write(chunk)
+        except ConnectionError:
+            # The caller went away mid-answer: stop relaying; the upstream connection is
+            # closed on release because its body was not read to the end.
+            log.debug("caller_disconnected", upstream=upstream)
+            return response
+    await response.write_eof()
+    return response

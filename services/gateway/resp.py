@@ -1,0 +1,243 @@
+"""A lean Redis connection for the one command every protected call sends.
+
+redis-py costs more CPU per command than the rest of a protected call together (connection
+pool checkout, argument encoding, a parser built for every reply type). The per-call guard is
+always the same EVALSHA with the same shape of reply, and the audit's XADDs are all alike, so
+they go over this instead: one long-lived connection, commands pipelined (Redis answers in
+order, so each reply resolves the oldest waiter), the commands of one event-loop turn sent in
+one write, replies parsed by a small RESP2 reader. Streams followers and readiness keep using
+redis-py.
+
+Failure is explicit: a lost connection fails every waiting call at once, a reply later than
+`timeout` closes the connection (Redis answers in order, so the oldest waiter being late means
+the link is stuck), and the next call reconnects. Callers treat the ConnectionError as "cannot
+check", which the gateway answers 503 (fail closed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import time
+from collections import deque
+from typing import Any, cast
+
+from redis.asyncio.connection import SSLConnection, parse_url
+
+CRLF = b"\r\n"
+
+
+class RedisReplyError(Exception):
+    """Redis answered with an error (`-ERR ...`, `-NOSCRIPT ...`)."""
+
+
+def pack(*parts: bytes | str | int) -> bytes:
+    """A RESP2 command array."""
+    out = [b"*%d\r\n" % len(parts)]
+    for part in parts:
+        data = part if isinstance(part, bytes) else str(part).encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
+
+
+class _Incomplete(Exception):
+    pass
+
+
+def _parse(buffer: bytes | bytearray, pos: int) -> tuple[Any, int]:
+    """One RESP2 reply at `pos`: (value, next position); _Incomplete when more is needed."""
+    end = buffer.find(CRLF, pos)
+    if end < 0:
+        raise _Incomplete
+    kind = buffer[pos]
+    line = bytes(buffer[pos + 1 : end])
+    nxt = end + 2
+    if kind == 0x3A:  # ':' integer
+        return int(line), nxt
+    if kind == 0x2B:  # '+' simple string
+        return line, nxt
+    if kind == 0x2D:  # '-' error
+        return RedisReplyError(line.decode(errors="replace")), nxt
+    if kind == 0x24:  # '$' bulk string
+        size = int(line)
+        if size < 0:
+            return None, nxt
+        if len(buffer) < nxt + size + 2:
+            raise _Incomplete
+        return bytes(buffer[nxt : nxt + size]), nxt + size + 2
+    if kind == 0x2A:  # '*' array
+        count = int(line)
+        if count < 0:
+            return None, nxt
+        items = []
+        for _ in range(count):
+            item, nxt = _parse(buffer, nxt)
+            items.append(item)
+        return items, nxt
+    raise ConnectionError(f"unexpected reply type {chr(kind)!r}")
+
+
+class _Protocol(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.waiters: deque[tuple[float, asyncio.Future[Any]]] = deque()
+        self._buffer = bytearray()
+        self._outgoing: list[bytes] = []
+        self.lost = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but behave as one.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        pos = 0
+        waiters = self.waiters
+        try:
+            while pos < len(buffer):
+                try:
+                    value, pos = _parse(buffer, pos)
+                except _Incomplete:
+                    break
+                if not waiters:
+                    raise ConnectionError("a reply nobody asked for")
+                _, future = waiters.popleft()
+                if not future.done():
+                    future.set_result(value)
+        except (ConnectionError, ValueError) as exc:
+            self.fail(ConnectionError(str(exc)))
+            return
+        del buffer[:pos]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.fail(ConnectionError("the Redis connection was lost"))
+
+    def fail(self, exc: Exception) -> None:
+        while self.waiters:
+            _, future = self.waiters.popleft()
+            if not future.done():
+                future.set_exception(exc)
+        if self.transport is not None:
+            self.transport.abort()
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+    def send(self, command: bytes) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        if self.transport is None or self.transport.is_closing() or self.lost.done():
+            future.set_exception(ConnectionError("the Redis connection is closed"))
+            return future
+        self.waiters.append((time.monotonic(), future))
+        # Commands sent in the same turn of the event loop leave in one write (one syscall)
+        # at the end of the turn: under load, many calls share it.
+        if not self._outgoing:
+            loop.call_soon(self._flush)
+        self._outgoing.append(command)
+        return future
+
+    def _flush(self) -> None:
+        outgoing, self._outgoing = self._outgoing, []
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(b"".join(outgoing))
+
+
+class PipelinedRedis:
+    """One pipelined connection to the Redis of a `redis://`, `rediss://` or `unix://` URL."""
+
+    def __init__(self, url: str, *, timeout: float = 1.0) -> None:
+        self._options = parse_url(url)
+        self._timeout = timeout
+        self._protocol: _Protocol | None = None
+        self._connecting: asyncio.Lock | None = None
+        self._watchdog: asyncio.Task[None] | None = None
+
+    async def _connect(self) -> _Protocol:
+        loop = asyncio.get_running_loop()
+        options = self._options
+        if "path" in options:
+            _, protocol = await asyncio.wait_for(
+                loop.create_unix_connection(_Protocol, options["path"]), self._timeout
+            )
+        else:
+            tls = (
+                ssl.create_default_context()
+                if options.get("connection_class") is SSLConnection
+                else None
+            )
+            _, protocol = await asyncio.wait_for(
+                loop.create_connection(
+                    _Protocol, options.get("host", "127.0.0.1"), options.get("port", 6379), ssl=tls
+                ),
+                self._timeout,
+            )
+        setup = []
+        if options.get("password"):
+            credentials = [options["username"]] if options.get("username") else []
+            setup.append(pack("AUTH", *credentials, options["password"]))
+        if options.get("db"):
+            setup.append(pack("SELECT", int(options["db"])))
+        for command in setup:
+            answer = await asyncio.wait_for(protocol.send(command), self._timeout)
+            if isinstance(answer, RedisReplyError):
+                protocol.fail(ConnectionError(str(answer)))
+                raise ConnectionError(f"Redis refused the connection setup: {answer}")
+        return protocol
+
+    async def _connection(self) -> _Protocol:
+        protocol = self._protocol
+        if protocol is not None and not protocol.lost.done():
+            return protocol
+        if self._connecting is None:
+            self._connecting = asyncio.Lock()
+        async with self._connecting:
+            protocol = self._protocol
+            if protocol is None or protocol.lost.done():
+                try:
+                    protocol = await self._connect()
+                except (OSError, TimeoutError) as exc:
+                    raise ConnectionError(f"cannot reach Redis: {exc}") from None
+                self._protocol = protocol
+            if self._watchdog is None or self._watchdog.done():
+                self._watchdog = asyncio.create_task(self._watch())
+            return protocol
+
+    async def _watch(self) -> None:
+        """Close a connection whose oldest unanswered command is older than the timeout."""
+        while True:
+            await asyncio.sleep(min(0.25, self._timeout / 2))
+            protocol = self._protocol
+            if protocol is not None and protocol.waiters:
+                sent_at, _ = protocol.waiters[0]
+                if time.monotonic() - sent_at > self._timeout:
+                    protocol.fail(ConnectionError("Redis did not answer in time"))
+
+    async def execute(self, command: bytes) -> Any:
+        """Send a packed command and return its reply; RedisReplyError for an error reply,
+        ConnectionError when Redis cannot be reached or does not answer in time."""
+        protocol = self._protocol
+        if protocol is None or protocol.lost.done():
+            protocol = await self._connection()
+        answer = await protocol.send(command)
+        if isinstance(answer, RedisReplyError):
+            raise answer
+        return answer
+
+    async def execute_many(self, commands: list[bytes]) -> list[Any]:
+        """Send packed commands pipelined; their replies in order (errors as values)."""
+        protocol = self._protocol
+        if protocol is None or protocol.lost.done():
+            protocol = await self._connection()
+        futures = [protocol.send(command) for command in commands]
+        return list(await asyncio.gather(*futures))
+
+    async def close(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watchdog
+        if self._protocol is not None and self._protocol.transport is not None:
+            self._protocol.transport.close()
+        self._protocol = None

@@ -1,0 +1,311 @@
+"""The gateway's HTTP surface: every path not its own goes through :func:`dispatch`.
+
+Public routes pass through to their upstream as they are. Protected routes run the contract's
+checks (validation.py for the token, then revocation, scope and rate limit here) and only a
+call that passed them all is forwarded, carrying the verified identity instead of the token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import re
+
+import asyncpg
+import structlog
+from aiohttp import web
+
+from libs.common.errors import bearer_challenge, bearer_error, json_response
+from libs.common.logging import get_logger
+from libs.common.web import REQUEST_ID_KEY
+from services.gateway import audit, cors, proxy
+from services.gateway.context import GatewayContext, context
+from services.gateway.jwks import JwksUnavailable
+from services.gateway.ratelimit import BUCKET_KEY, Pace
+from services.gateway.resp import RedisReplyError
+from services.gateway.revocation import REVOKED_KEY
+from services.gateway.routetable import Route
+from services.gateway.validation import Rejection, TokenVerifier, VerifiedToken, bearer_token
+
+log = get_logger(__name__)
+
+# Paths must be in normal form: the route is chosen on the path the upstream will see, so no
+# dot segments, empty segments, backslashes or encoded separators that an upstream might
+# resolve differently (`/api/v1/courses/..%2Fmembers` must not reach members as courses).
+_ENCODED_SEPARATOR = re.compile(r"%(2f|5c|2e)", re.IGNORECASE)
+_DOT_SEGMENT = re.compile(r"/\.\.?(/|$)")
+
+
+def _normal_path(request: web.Request) -> bool:
+    path = request.path
+    if "//" in path or "\\" in path or ("/." in path and _DOT_SEGMENT.search(path)):
+        return False
+    raw = request.raw_path.split("?", 1)[0]
+    return "%" not in raw or not _ENCODED_SEPARATOR.search(raw)
+
+
+def _error(status: int, error: str, description: str, **headers: str) -> web.Response:
+    return json_response(
+        {"error": error, "error_description": description}, status=status, headers=headers or None
+    )
+
+
+def not_found() -> web.Response:
+    return _error(404, "not_found", "Nothing answers at this address.")
+
+
+def unavailable() -> web.Response:
+    return _error(
+        503,
+        "temporarily_unavailable",
+        "The gateway cannot check this call right now.",
+        **{"Retry-After": "1"},
+    )
+
+
+def _host(request: web.Request, ctx: GatewayContext) -> str:
+    if ctx.settings.gateway.trust_forwarded:
+        forwarded = request.headers.get("X-Forwarded-Host")
+        if forwarded:
+            return forwarded.split(",")[0].strip().lower()
+    return request.host.lower()
+
+
+def _ip(value: str | None) -> str | None:
+    if not value:
+        return None
+    try:
+        return str(ipaddress.ip_address(value.strip()))
+    except ValueError:
+        return None
+
+
+def forwarding(request: web.Request, ctx: GatewayContext, host: str) -> proxy.Forwarding:
+    """Who called, as the gateway will tell upstreams (and the audit trail).
+
+    The gateway is the edge: it SETS X-Forwarded-For to the one address it knows, never
+    appends to what a caller wrote. Behind a trusted load balancer (GATEWAY_TRUST_FORWARDED)
+    the client is the last hop that balancer appended.
+    """
+    client_ip = None
+    proto = request.scheme
+    if ctx.settings.gateway.trust_forwarded:
+        hops = request.headers.get("X-Forwarded-For")
+        if hops:
+            client_ip = _ip(hops.split(",")[-1])
+        forwarded_proto = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip()
+        if forwarded_proto in ("http", "https"):
+            proto = forwarded_proto
+    # The peer address comes from the socket: already an IP, no parsing needed.
+    return proxy.Forwarding(client_ip or request.remote, proto, host)
+
+
+async def dispatch(request: web.Request) -> web.StreamResponse:
+    ctx = context(request)
+    if not _normal_path(request):
+        response: web.StreamResponse = _error(
+            400, "invalid_request", "The path is not in normal form."
+        )
+        ctx.metrics.call("unmatched", 400)
+        return response
+    route = ctx.routes.match(request.path)
+    if route is None:
+        ctx.metrics.call("unmatched", 404)
+        return not_found()
+    if route.protected:
+        response = await protected(request, ctx, route)
+    else:
+        response = await public(request, ctx, route)
+    ctx.metrics.call(route.prefix, response.status)
+    return response
+
+
+async def public(request: web.Request, ctx: GatewayContext, route: Route) -> web.StreamResponse:
+    """Pass through untouched; the upstream (identity) decides, including unknown schools."""
+    host = _host(request, ctx)
+    if ctx.settings.urls.subdomain_of(host) is None:
+        return not_found()
+    headers = proxy.upstream_request_headers(request, forwarding(request, ctx, host), identity=None)
+    return await proxy.forward(
+        request, ctx.upstreams, route.upstream, headers, ctx.metrics, protected=False
+    )
+
+
+def _reject(ctx: GatewayContext, reason: str, description: str) -> web.Response:
+    ctx.metrics.rejections.labels(reason).inc()
+    log.debug("token_rejected", reason=reason)
+    return bearer_error(401, "invalid_token", description)
+
+
+def _no_token(ctx: GatewayContext) -> web.Response:
+    # RFC 6750 3.1: a request without credentials gets the bare challenge, no error code.
+    ctx.metrics.rejections.labels("no_token").inc()
+    return json_response(
+        {"error": "unauthorized", "error_description": "This API needs a bearer access token."},
+        status=401,
+        headers={"WWW-Authenticate": bearer_challenge()},
+    )
+
+
+async def protected(request: web.Request, ctx: GatewayContext, route: Route) -> web.StreamResponse:
+    host = _host(request, ctx)
+    subdomain = ctx.settings.urls.subdomain_of(host)
+    if not subdomain:
+        # A foreign Host, or the platform's own: the school API lives on school origins only.
+        return not_found()
+    try:
+        school_id = await ctx.directory.school_id(subdomain)
+    except (asyncpg.PostgresError, OSError):
+        return unavailable()
+    if school_id is None:
+        return not_found()
+    structlog.contextvars.bind_contextvars(school=subdomain)
+
+    if cors.is_preflight(request):
+        try:
+            registered = await ctx.directory.school_origins(school_id)
+        except (asyncpg.PostgresError, OSError):
+            return unavailable()
+        return cors.preflight(request, route, registered, ctx.settings.gateway.cors_max_age)
+
+    response = await checked_call(request, ctx, route, school_id, subdomain, host)
+    if response.status == 401 and "Origin" in request.headers:
+        # A partner's page must be able to read a 401 to know to refresh its token; the answer
+        # holds nothing of the school's, so any origin registered at the school may read it.
+        with contextlib.suppress(asyncpg.PostgresError, OSError):
+            registered = await ctx.directory.school_origins(school_id)
+            cors.grant(response.headers, cors.origin_of(request), registered)
+    return response
+
+
+async def checked_call(
+    request: web.Request,
+    ctx: GatewayContext,
+    route: Route,
+    school_id: int,
+    subdomain: str,
+    host: str,
+) -> web.StreamResponse:
+    """The contract's checks in order, then the call upstream."""
+    required = route.required(request.method)
+    if required is None:
+        return _error(
+            405,
+            "method_not_allowed",
+            f"{request.method} is not routed here.",
+            Allow=", ".join(route.allowed_methods),
+        )
+    authorizations = request.headers.getall("Authorization", ())
+    if len(authorizations) > 1:
+        return bearer_error(400, "invalid_request", "Send one Authorization header.")
+    token = bearer_token(authorizations[0] if authorizations else None)
+    if token is None:
+        return _no_token(ctx)
+
+    # 1-4: signature, times, issuer and audience, school.
+    try:
+        verified = await ctx.verifier.verify(token, school_id, subdomain)
+        client = await ctx.directory.client(verified.client_id)
+        TokenVerifier.check_client(client, verified.platform, school_id)
+    except Rejection as exc:
+        return _reject(ctx, exc.reason, exc.description)
+    except (JwksUnavailable, asyncpg.PostgresError, OSError):
+        return unavailable()
+    assert client is not None
+    structlog.contextvars.bind_contextvars(client_id=verified.client_id)
+
+    # 5: revoked? The local set answers "yes" without Redis; Redis answers every other call.
+    if verified.grant_id in ctx.revoked:
+        return _reject(ctx, "revoked", "The access token has been revoked")
+    allowed_by_scope, scope_used = verified.satisfying(required)
+    pace = (
+        Pace.of(client.rate_limit_per_minute, ctx.settings.gateway.rate_limit_burst)
+        if client.rate_limit_per_minute
+        else ctx.default_pace
+    )
+    settings = ctx.settings
+    try:
+        verdict = await ctx.guard.check(
+            settings.stream(REVOKED_KEY) + verified.grant_id,
+            f"{settings.stream(BUCKET_KEY)}{school_id}:{verified.client_id}",
+            consume=allowed_by_scope,
+            pace=pace,
+        )
+    except (OSError, RedisReplyError):
+        # Fail closed: without Redis a revoked token cannot be told from a live one.
+        log.warning("revocation_check_unavailable")
+        return unavailable()
+    if verdict.revoked:
+        ctx.revoked.add(verified.grant_id)
+        return _reject(ctx, "revoked", "The access token has been revoked")
+
+    origin = cors.origin_of(request)
+    fwd = forwarding(request, ctx, host)
+    # 6: scope.
+    if not allowed_by_scope:
+        ctx.metrics.rejections.labels("insufficient_scope").inc()
+        needed = " ".join(required)
+        response: web.StreamResponse = bearer_error(
+            403,
+            "insufficient_scope",
+            "The access token does not hold the scope this call needs",
+            scope=needed,
+        )
+        cors.grant(response.headers, origin, client.allowed_origins)
+        _audit(ctx, request, verified, fwd, response.status, None)
+        return response
+    # 7: rate limit.
+    if not verdict.allowed:
+        ctx.metrics.rejections.labels("rate_limited").inc()
+        response = _error(
+            429,
+            "rate_limited",
+            "Too many calls; retry after the number of seconds in Retry-After.",
+            **{"Retry-After": str(verdict.retry_after)},
+        )
+        response.headers.update(verdict.headers())
+        cors.grant(response.headers, origin, client.allowed_origins)
+        _audit(ctx, request, verified, fwd, 429, scope_used)
+        return response
+
+    identity = {
+        "X-Connect-School-Id": str(school_id),
+        "X-Connect-Subject": verified.subject,
+        "X-Connect-Client-Id": verified.client_id,
+        "X-Connect-Scopes": verified.scope,
+        "X-Connect-Grant-Id": verified.grant_id,
+        "X-Request-Id": request[REQUEST_ID_KEY],
+        "X-Connect-Internal-Token": settings.internal_token,
+    }
+    extra = verdict.headers()
+    cors.grant(extra, origin, client.allowed_origins)
+    headers = proxy.upstream_request_headers(request, fwd, identity=identity)
+    response = await proxy.forward(
+        request, ctx.upstreams, route.upstream, headers, ctx.metrics, protected=True, extra=extra
+    )
+    _audit(ctx, request, verified, fwd, response.status, scope_used)
+    return response
+
+
+def _audit(
+    ctx: GatewayContext,
+    request: web.Request,
+    verified: VerifiedToken,
+    fwd: proxy.Forwarding,
+    status: int,
+    scope: str | None,
+) -> None:
+    ctx.audit.append(
+        audit.api_call(
+            school_id=verified.school_id,
+            client_id=verified.client_id,
+            subject=verified.subject,
+            grant_id=verified.grant_id,
+            method=request.method,
+            path=request.path,
+            status=status,
+            scope=scope,
+            ip=fwd.client_ip,
+            request_id=request[REQUEST_ID_KEY],
+        )
+    )

@@ -1,0 +1,119 @@
+"""The webhooks service's aiohttp application: wiring only.
+
+One process serves the API and, unless told not to, runs the workers: the dispatcher
+(connect:events to deliveries), the revocation follower, the sender and the housekeeping.
+Any number of processes can run; they share the work through the stream's consumer group
+and PostgreSQL's row locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+import asyncpg
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from libs.common import db, streams, tasks
+from libs.common.config import Settings
+from libs.common.logging import get_logger
+from libs.common.web import METRICS, READINESS, base_application
+from services.webhooks import delivery, dispatcher, routes, store
+from services.webhooks.context import CONTEXT, WebhooksContext
+from services.webhooks.metrics import WebhookMetrics
+from services.webhooks.ssrf import AddressPolicy
+
+log = get_logger(__name__)
+
+# Delivery logs are kept this long (Svix keeps 90 days on paid plans, 30 by default).
+RETENTION_SECONDS = 30 * 24 * 3600.0
+
+
+def create_app(settings: Settings, *, workers: bool = True) -> web.Application:
+    """`workers=False` serves the API only (scale the two separately, or test the API
+    without a sender claiming deliveries)."""
+    app = base_application("webhooks", middlewares=[routes.api_errors, routes.require_gateway])
+    app.cleanup_ctx.append(_resources(settings, workers))
+    routes.setup(app)
+    return app
+
+
+async def _housekeeping(ctx: WebhooksContext) -> None:
+    """Queue-depth gauges, endpoint.disabled events a crash left unannounced, retention."""
+    tick = 0
+    while True:
+        try:
+            due, pending = await store.queue_depth(ctx.pool)
+            ctx.metrics.queue_due.set(due)
+            ctx.metrics.queue_pending.set(pending)
+            if tick % 6 == 0:
+                await dispatcher.announce(ctx, await store.unannounced_disabled(ctx.pool))
+            if tick % 720 == 0:
+                purged = await store.purge_events(ctx.pool, older_than_seconds=RETENTION_SECONDS)
+                if purged:
+                    log.info("events_purged", count=purged)
+        except (OSError, asyncpg.PostgresError, RedisError):
+            log.warning("housekeeping_failed", exc_info=True)
+        tick += 1
+        await asyncio.sleep(5)
+
+
+def _resources(
+    settings: Settings, workers: bool
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        if workers:
+            delivery.check_egress(settings)
+        pool: asyncpg.Pool = await db.create_pool(
+            settings.database_url, min_size=settings.db_pool_min, max_size=settings.db_pool_max
+        )
+        redis_client = streams.connect(settings.redis_url)
+        context = WebhooksContext(
+            settings=settings,
+            pool=pool,
+            redis=redis_client,
+            metrics=WebhookMetrics(app[METRICS].registry),
+            policy=AddressPolicy(allow_loopback=settings.webhooks.allow_loopback),
+        )
+        app[CONTEXT] = context
+
+        async def postgres_ready() -> bool:
+            return await db.ping(pool)
+
+        async def redis_ready() -> bool:
+            return bool(await redis_client.ping())
+
+        app[READINESS]["postgresql"] = postgres_ready
+        app[READINESS]["redis"] = redis_ready
+
+        sender: delivery.Sender | None = None
+        background: list[asyncio.Task[None]] = []
+        if workers:
+            if not (settings.webhooks.egress_ip or settings.webhooks.egress_proxy):
+                log.warning("no_egress_configured", hint="set WEBHOOK_EGRESS_IP or _PROXY")
+            consumer = dispatcher.consumer_name()
+            sender = delivery.Sender(context, consumer)
+            await sender.start()
+            background = [
+                asyncio.create_task(dispatcher.run(context, consumer), name="webhooks-dispatch"),
+                asyncio.create_task(
+                    dispatcher.follow_revocations(context, consumer), name="webhooks-revocations"
+                ),
+                asyncio.create_task(_housekeeping(context), name="webhooks-housekeeping"),
+            ]
+        try:
+            yield
+        finally:
+            # Stop taking new work first; entries read but not acknowledged are claimed by
+            # another dispatcher later.
+            # Bounded, and a worker that died does not keep the rest from shutting down.
+            await tasks.stop_all(background, grace=0)
+            try:
+                if sender is not None:
+                    await sender.stop()
+            finally:
+                await redis_client.aclose()
+                await pool.close()
+
+    return ctx

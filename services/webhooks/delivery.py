@@ -1,0 +1,682 @@
+"""Sends due deliveries: signed, from the egress address, bounded, and every attempt recorded.
+
+A sender claims due deliveries from PostgreSQL (FOR UPDATE SKIP LOCKED plus a lease, so any
+number of processes share the work and a delivery whose sender died is claimed again when
+its lease runs out), checks the grant's revocation mark right before sending, POSTs the
+stored body with Standard Webhooks headers, and hands the outcome to a recorder that writes
+outcomes in batches. Retries are rows with a later `next_attempt_at`, so a restart loses none.
+
+Bounds, so one slow receiver cannot starve the others: at most WEBHOOK_ENDPOINT_CONCURRENCY
+requests to one subscription in flight per process and WEBHOOK_MAX_IN_FLIGHT in all; of one
+subscription's deliveries at most LEASE_DEPTH times its concurrency leased at once over all
+processes (read-ahead that keeps a fast endpoint busy), and no more than its concurrency
+while it is slow (read-ahead would only wait). Receivers' connections are pooled
+(keep-alive) in one session per process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import functools
+import ipaddress
+import socket
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from urllib.parse import urlsplit, urlunsplit
+from uuid import UUID
+
+import aiohttp
+import asyncpg
+from cryptography.exceptions import InvalidTag
+from redis.exceptions import RedisError
+
+from libs.common.config import ConfigError, Settings
+from libs.common.logging import get_logger
+from services.webhooks import dispatcher, signing, ssrf, store
+from services.webhooks.context import WebhooksContext
+from services.webhooks.subscriptions import REVOKED_KEY
+
+log = get_logger(__name__)
+
+USER_AGENT = "Loopwise-Connect-Webhooks/1"
+# Read at most this much of an answer (enough for keep-alive on ordinary answers); only the
+# excerpt is stored.
+MAX_RESPONSE_BYTES = 64 * 1024
+EXCERPT_BYTES = 200
+CLAIM_BATCH = 256
+# A sender leases up to this many times WEBHOOK_ENDPOINT_CONCURRENCY of one subscription's
+# deliveries, so the next ones are at hand when a request finishes (the claim and the record
+# of outcomes stay off the path between two requests to one endpoint).
+LEASE_DEPTH = 8
+# Outcomes are written together: up to this many, or after this long, whichever comes first
+# (each write is a round trip and a commit; the wait costs a few ms of lease, no latency).
+RECORD_BATCH = 100
+RECORD_WAIT = 0.005
+# An endpoint answering this slowly (or timing out) gets no read-ahead for a while.
+SLOW_SECONDS = 1.0
+SLOW_FOR = 60.0
+# A delivery that waited longer than this for its endpoint's turn has its grant's revocation
+# mark checked again right before it is sent.
+RECHECK_AFTER = 0.2
+# With nothing due, look again this often: retries scheduled by other processes, and NOTIFY
+# lost with a dropped listener connection.
+POLL_INTERVAL = 1.0
+# Retries due within this are woken for by a timer rather than the poll.
+_TIMER_HORIZON = 60.0
+
+
+# ---------------------------------------------------------------------------------------------
+# One HTTP attempt
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptResult:
+    status: int | None
+    latency_ms: int
+    excerpt: str | None
+    error: str | None
+    retry_after: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status is not None and 200 <= self.status < 300
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header: delta-seconds or an HTTP-date (RFC 9110 10.2.3)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+async def _read_capped(response: aiohttp.ClientResponse, cap: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while size < cap:
+        chunk = await response.content.read(cap - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
+def _excerpt(raw: bytes) -> str | None:
+    if not raw:
+        return None
+    # PostgreSQL text cannot hold NUL.
+    return raw[:EXCERPT_BYTES].decode("utf-8", "replace").replace("\x00", "\ufffd")
+
+
+def _pinned(url: str, address: str) -> str:
+    """The URL with its host replaced by the checked address (for proxied requests)."""
+    parts = urlsplit(url)
+    host = f"[{address}]" if ":" in address else address
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+async def post(
+    session: aiohttp.ClientSession,
+    url: str,
+    body: bytes,
+    headers: dict[str, str],
+    *,
+    timeout: float,
+    policy: ssrf.AddressPolicy,
+    resolver: ssrf.GuardedResolver,
+    proxy: str | None = None,
+    family: socket.AddressFamily = socket.AF_UNSPEC,
+) -> AttemptResult:
+    """One POST: no redirects followed, the answer read up to a cap, every failure named."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    started = time.perf_counter()
+
+    def failed(error: str) -> AttemptResult:
+        return AttemptResult(None, int((time.perf_counter() - started) * 1000), None, error)
+
+    try:
+        # aiohttp connects to IP literals without asking the resolver: check them here.
+        ssrf.check_target(host, policy)
+        target = url
+        extra: dict[str, str] = {}
+        if proxy is not None:
+            # The proxy would resolve the name itself, after our check: hand it the address
+            # we checked, and keep the name for Host and TLS.
+            literal = host if _is_ip(host) else None
+            address = literal or await resolver.resolve_one(
+                host, parts.port or (443 if parts.scheme == "https" else 80), family
+            )
+            target = _pinned(url, address)
+            headers = {**headers, "Host": parts.netloc}
+            if parts.scheme == "https":
+                extra["server_hostname"] = host
+        async with session.post(
+            target,
+            data=body,
+            headers=headers,
+            allow_redirects=False,
+            timeout=aiohttp.ClientTimeout(total=timeout),
+            proxy=proxy,
+            **extra,  # type: ignore[arg-type]
+        ) as response:
+            raw = await _read_capped(response, MAX_RESPONSE_BYTES)
+            status = response.status
+            retry_after = (
+                parse_retry_after(response.headers.get("Retry-After"))
+                if status in (429, 503)
+                else None
+            )
+    except TimeoutError:
+        return failed(f"timed out after {timeout:g} s")
+    except ssrf.BlockedAddress as exc:
+        return failed(str(exc))
+    except aiohttp.ClientConnectorError as exc:
+        if isinstance(exc.os_error, ssrf.BlockedAddress):
+            return failed(str(exc.os_error))
+        return failed(f"connection failed: {exc.os_error.strerror or exc}")
+    except aiohttp.ClientError as exc:
+        return failed(f"{type(exc).__name__}: {exc}"[:300])
+    latency = int((time.perf_counter() - started) * 1000)
+    if 200 <= status < 300:
+        error = None
+    elif 300 <= status < 400:
+        error = "redirects are not followed"
+    else:
+        error = f"HTTP {status}"
+    return AttemptResult(status, latency, _excerpt(raw), error, retry_after)
+
+
+def _set_event(event: asyncio.Event, *_: object) -> None:
+    event.set()
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Egress
+
+
+def egress_family(settings: Settings) -> socket.AddressFamily:
+    ip = settings.webhooks.egress_ip
+    if ip is None:
+        return socket.AF_UNSPEC
+    return socket.AF_INET6 if ":" in ip else socket.AF_INET
+
+
+def check_egress(settings: Settings) -> None:
+    """Fail at start, not at every delivery, when the egress address is not ours to bind."""
+    ip = settings.webhooks.egress_ip
+    if ip is None:
+        return
+    with socket.socket(egress_family(settings), socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((ip, 0))
+        except OSError as exc:
+            raise ConfigError(
+                "WEBHOOK_EGRESS_IP", f"{ip} is not an address of this host ({exc.strerror})"
+            ) from None
+
+
+def make_resolver(settings: Settings, policy: ssrf.AddressPolicy) -> ssrf.GuardedResolver:
+    proxy = settings.webhooks.egress_proxy
+    exempt = [urlsplit(proxy).hostname or ""] if proxy else []
+    return ssrf.GuardedResolver(policy, exempt=exempt)
+
+
+def make_session(settings: Settings, resolver: ssrf.GuardedResolver) -> aiohttp.ClientSession:
+    """One pooled session per process: keep-alive per endpoint, every socket bound to the
+    egress address, names resolved only to allowed addresses."""
+    egress = settings.webhooks.egress_ip
+    connector = aiohttp.TCPConnector(
+        resolver=resolver,
+        family=egress_family(settings),
+        local_addr=(egress, 0) if egress else None,
+        limit=settings.webhooks.max_in_flight,
+        limit_per_host=0,
+        keepalive_timeout=30,
+        ttl_dns_cache=10,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        # Proxy variables of the environment must not redirect deliveries.
+        trust_env=False,
+        # Bodies are only excerpted: leave them as sent, and ask for no compression.
+        auto_decompress=False,
+        skip_auto_headers=("Accept-Encoding",),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The sender
+
+
+def classify(
+    result: AttemptResult,
+    *,
+    attempt_number: int,
+    manual: bool,
+    schedule: Sequence[float],
+    retry_after_max: float,
+) -> tuple[str, float | None]:
+    """The outcome of an attempt and, for a retry, the wait before the next one."""
+    if result.ok:
+        return "delivered", None
+    if result.status == 410:
+        return "gone", None
+    if manual or attempt_number > len(schedule):
+        return "dead", None
+    wait = schedule[attempt_number - 1]
+    if result.retry_after is not None:
+        # Never sooner than the receiver asked, never later than we are willing to wait.
+        wait = max(wait, min(result.retry_after, retry_after_max))
+    return "retry", wait
+
+
+class Sender:
+    """Claims and sends due deliveries until stopped; one per process."""
+
+    def __init__(self, ctx: WebhooksContext, worker: str) -> None:
+        self._ctx = ctx
+        self._worker = worker
+        policy = ctx.settings.webhooks
+        self._policy = policy
+        # Long enough for a leased delivery to wait its turn behind the others leased for
+        # its endpoint and then be sent.
+        self._lease = policy.timeout * (LEASE_DEPTH + 1) + 30
+        self._gates: dict[UUID, tuple[asyncio.Semaphore, int]] = {}
+        self._sending = asyncio.Semaphore(policy.max_in_flight)
+        # Leased here and held in memory: sending or waiting for the endpoint's turn.
+        self._max_leased = policy.max_in_flight * LEASE_DEPTH
+        # Tasks still waiting for their endpoint's turn, with their delivery: given back on
+        # stop rather than left to a lease that runs for minutes.
+        self._waiting: dict[asyncio.Task[None], UUID] = {}
+        self._slow: dict[UUID, float] = {}
+        self._revoked_here: set[UUID] = set()
+        # Single flight: one revocation check per grant answers every delivery waiting on
+        # it, and a "not revoked" answer stands for RECHECK_AFTER.
+        self._grant_checks: dict[UUID, asyncio.Future[bool]] = {}
+        self._grant_clear_at: dict[UUID, float] = {}
+        self._keys = signing.KeyCache(ctx.settings.key_encryption_key)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._outcomes: list[store.Outcome] = []
+        self._flush_wanted = asyncio.Event()
+        # One writer at a time: the final flush at shutdown may meet the loop's.
+        self._flush_lock = asyncio.Lock()
+        self._slot_freed = asyncio.Event()
+        self._stopping = False
+        self._background: list[asyncio.Task[None]] = []
+        self._session: aiohttp.ClientSession | None = None
+        self._resolver: ssrf.GuardedResolver | None = None
+        self._family = egress_family(ctx.settings)
+
+    async def start(self) -> None:
+        self._resolver = make_resolver(self._ctx.settings, self._ctx.policy)
+        self._session = make_session(self._ctx.settings, self._resolver)
+        self._background = [
+            asyncio.create_task(self._claim_loop(), name="webhooks-claim"),
+            asyncio.create_task(self._flush_loop(), name="webhooks-record"),
+            asyncio.create_task(self._listen(), name="webhooks-listen"),
+        ]
+
+    async def stop(self) -> None:
+        """Stop claiming, let in-flight deliveries finish (the timeout bounds them), record
+        their outcomes. Anything cut short keeps its lease and is sent again later."""
+        self._stopping = True
+        self._ctx.due.set()
+        self._slot_freed.set()
+        claim_loop = self._background[0]
+        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+            await asyncio.wait_for(claim_loop, timeout=5)
+        waiting = dict(self._waiting)
+        for task in waiting:
+            task.cancel()
+        with contextlib.suppress(OSError, asyncpg.PostgresError):
+            await store.release_leases(self._ctx.pool, list(waiting.values()))
+        if self._tasks:
+            _, unfinished = await asyncio.wait(self._tasks, timeout=self._policy.timeout + 2)
+            for task in unfinished:
+                task.cancel()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._flush(final=True), timeout=10)
+        for task in self._background:
+            task.cancel()
+        for task in self._background:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._session is not None:
+            await self._session.close()
+        if self._resolver is not None:
+            await self._resolver.close()
+
+    # -- claiming --------------------------------------------------------------------------
+
+    async def _claim_loop(self) -> None:
+        ctx = self._ctx
+        delay = 0.2
+        while not self._stopping:
+            free = self._max_leased - len(self._tasks)
+            if free <= 0:
+                self._slot_freed.clear()
+                await self._slot_freed.wait()
+                continue
+            # Cleared before the claim: a wake-up arriving during it is not lost.
+            ctx.due.clear()
+            try:
+                claimed = await store.claim_due(
+                    ctx.pool,
+                    per_endpoint=self._policy.endpoint_concurrency * LEASE_DEPTH,
+                    per_slow_endpoint=self._policy.endpoint_concurrency,
+                    slow=self._slow_endpoints(),
+                    limit=min(free, CLAIM_BATCH),
+                    lease_seconds=self._lease,
+                    worker=self._worker,
+                )
+                if claimed:
+                    await self._start_sends(claimed)
+                    delay = 0.2
+                    continue
+            except (OSError, asyncpg.PostgresError, RedisError):
+                log.warning("claim_failed", exc_info=True)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5)
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ctx.due.wait(), POLL_INTERVAL)
+
+    async def _revoked(self, grant_ids: Iterable[UUID]) -> set[UUID]:
+        """Grants whose revocation mark identity has set: checked right before sending."""
+        ids = list(set(grant_ids))
+        pipe = self._ctx.redis.pipeline(transaction=False)
+        for gid in ids:
+            pipe.exists(self._ctx.settings.stream(REVOKED_KEY) + str(gid))
+        answers = await pipe.execute()
+        return {gid for gid, found in zip(ids, answers, strict=True) if found}
+
+    async def _skip_revoked(self, grants: set[UUID], ids: Sequence[UUID]) -> None:
+        await store.cancel_deliveries(self._ctx.pool, ids)
+        self._ctx.metrics.attempts.labels("cancelled").inc(len(ids))
+        new = grants - self._revoked_here
+        if new:
+            self._revoked_here |= new
+            # The stream announcement may lag the mark (or be gone): apply it now.
+            await store.revoke_grants(self._ctx.pool, [(g, "revoked") for g in new])
+
+    async def _start_sends(self, claimed: Sequence[store.Claimed]) -> None:
+        revoked = await self._revoked(c.grant_id for c in claimed)
+        inactive = [c.id for c in claimed if not c.active and c.grant_id not in revoked]
+        if inactive:
+            await store.cancel_deliveries(self._ctx.pool, inactive)
+            self._ctx.metrics.attempts.labels("cancelled").inc(len(inactive))
+        if revoked:
+            await self._skip_revoked(revoked, [c.id for c in claimed if c.grant_id in revoked])
+        checked_at = time.monotonic()
+        for c in claimed:
+            if c.active and c.grant_id not in revoked:
+                task = asyncio.create_task(self._send(c, checked_at))
+                self._tasks.add(task)
+                self._waiting[task] = c.id
+                self._ctx.metrics.in_flight.inc()
+                task.add_done_callback(self._sent)
+
+    def _sent(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._waiting.pop(task, None)
+        self._ctx.metrics.in_flight.dec()
+        self._slot_freed.set()
+
+    def _slow_endpoints(self) -> list[UUID]:
+        now = time.monotonic()
+        if len(self._grant_clear_at) > 10_000:
+            self._grant_clear_at = {
+                g: t for g, t in self._grant_clear_at.items() if now - t <= RECHECK_AFTER
+            }
+        for sub in [s for s, until in self._slow.items() if until < now]:
+            del self._slow[sub]
+        return list(self._slow)
+
+    def _note_speed(self, subscription_id: UUID, result: AttemptResult) -> None:
+        if result.latency_ms >= SLOW_SECONDS * 1000:
+            self._slow[subscription_id] = time.monotonic() + SLOW_FOR
+        elif result.ok:
+            self._slow.pop(subscription_id, None)
+
+    # -- sending ---------------------------------------------------------------------------
+
+    def _headers(self, c: store.Claimed) -> dict[str, str]:
+        keys = [self._keys.key(c.subscription_id, c.secret_enc)]
+        if c.previous_secret_enc is not None:
+            keys.append(self._keys.key(c.subscription_id, c.previous_secret_enc))
+        timestamp = int(time.time())
+        return {
+            "webhook-id": c.event_id,
+            "webhook-timestamp": str(timestamp),
+            "webhook-signature": signing.signature_header(keys, c.event_id, timestamp, c.body),
+            "content-type": "application/json",
+            "user-agent": USER_AGENT,
+        }
+
+    @contextlib.asynccontextmanager
+    async def _turn(self, subscription_id: UUID) -> AsyncIterator[None]:
+        """Wait for one of the endpoint's WEBHOOK_ENDPOINT_CONCURRENCY request slots."""
+        gate, users = self._gates.get(subscription_id, (None, 0))
+        if gate is None:
+            gate = asyncio.Semaphore(self._policy.endpoint_concurrency)
+        self._gates[subscription_id] = (gate, users + 1)
+        try:
+            async with gate:
+                yield
+        finally:
+            gate, users = self._gates[subscription_id]
+            if users == 1:
+                del self._gates[subscription_id]
+            else:
+                self._gates[subscription_id] = (gate, users - 1)
+
+    async def _grant_revoked(self, grant_id: UUID, checked_at: float) -> bool:
+        """Whether the grant is revoked, asked again unless it was cleared just now."""
+        if grant_id in self._revoked_here:
+            return True
+        now = time.monotonic()
+        if now - max(checked_at, self._grant_clear_at.get(grant_id, 0.0)) <= RECHECK_AFTER:
+            return False
+        pending = self._grant_checks.get(grant_id)
+        if pending is None:
+            pending = asyncio.get_running_loop().create_future()
+            self._grant_checks[grant_id] = pending
+            try:
+                revoked = bool(await self._revoked([grant_id]))
+            except BaseException as exc:
+                pending.set_exception(exc)
+                pending.exception()  # retrieved here: the waiters may be none
+                raise
+            finally:
+                del self._grant_checks[grant_id]
+            if not revoked:
+                self._grant_clear_at[grant_id] = time.monotonic()
+            pending.set_result(revoked)
+            return revoked
+        return await asyncio.shield(pending)
+
+    async def _send(self, c: store.Claimed, checked_at: float) -> None:
+        async with self._turn(c.subscription_id), self._sending:
+            task = asyncio.current_task()
+            if task is not None:
+                self._waiting.pop(task, None)
+            try:
+                if await self._grant_revoked(c.grant_id, checked_at):
+                    await self._skip_revoked({c.grant_id}, [c.id])
+                    return
+            except (OSError, asyncpg.PostgresError, RedisError):
+                # Unsure whether it may go: hand it back to be claimed (and checked) again.
+                log.warning("revocation_check_failed", delivery_id=str(c.id), exc_info=True)
+                with contextlib.suppress(OSError, asyncpg.PostgresError):
+                    await store.release_leases(self._ctx.pool, [c.id])
+                return
+            await self._attempt(c)
+
+    async def _attempt(self, c: store.Claimed) -> None:
+        attempted_at = datetime.now(UTC)
+        try:
+            headers = self._headers(c)
+        except InvalidTag:
+            result = AttemptResult(None, 0, None, "signing secret cannot be unsealed")
+            log.error("secret_unseal_failed", subscription_id=str(c.subscription_id))
+        else:
+            assert self._session is not None
+            assert self._resolver is not None
+            try:
+                result = await post(
+                    self._session,
+                    c.url,
+                    c.body,
+                    headers,
+                    timeout=self._policy.timeout,
+                    policy=self._ctx.policy,
+                    resolver=self._resolver,
+                    proxy=self._policy.egress_proxy,
+                    family=self._family,
+                )
+            except Exception as exc:  # any surprise is a failed attempt, not a stuck lease
+                log.exception("delivery_crashed", delivery_id=str(c.id))
+                result = AttemptResult(None, 0, None, f"internal error: {type(exc).__name__}")
+        outcome, retry_in = classify(
+            result,
+            attempt_number=c.attempt_count + 1,
+            manual=c.manual,
+            schedule=self._policy.retry_schedule,
+            retry_after_max=self._policy.retry_after_max,
+        )
+        self._note_speed(c.subscription_id, result)
+        metrics = self._ctx.metrics
+        metrics.attempts.labels(outcome).inc()
+        metrics.latency.observe(result.latency_ms / 1000)
+        if outcome != "delivered":
+            log.info(
+                "delivery_failed",
+                delivery_id=str(c.id),
+                subscription_id=str(c.subscription_id),
+                school=c.school_id,
+                client_id=c.client_id,
+                status=result.status,
+                error=result.error,
+                outcome=outcome,
+                retry_in=retry_in,
+            )
+        self._outcomes.append(
+            store.Outcome(
+                delivery_id=c.id,
+                subscription_id=c.subscription_id,
+                attempted_at=attempted_at,
+                response_status=result.status,
+                latency_ms=result.latency_ms,
+                excerpt=result.excerpt,
+                error=result.error,
+                outcome=outcome,
+                retry_in=retry_in,
+            )
+        )
+        self._flush_wanted.set()
+
+    # -- recording -------------------------------------------------------------------------
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await self._flush_wanted.wait()
+            if len(self._outcomes) < RECORD_BATCH and not self._stopping:
+                await asyncio.sleep(RECORD_WAIT)
+            self._flush_wanted.clear()
+            await self._flush()
+
+    async def _flush(self, *, final: bool = False) -> None:
+        """Write the outcomes gathered so far; the batch grows while the previous one writes."""
+        async with self._flush_lock:
+            await self._flush_locked(final=final)
+
+    async def _flush_locked(self, *, final: bool) -> None:
+        failures = 0
+        while self._outcomes:
+            batch = self._outcomes[:1000]
+            try:
+                disabled = await store.record_outcomes(
+                    self._ctx.pool, batch, disable_after=self._policy.disable_after
+                )
+            except (OSError, asyncpg.PostgresError) as exc:
+                failures += 1
+                log.warning("record_failed", count=len(batch), exc_info=True)
+                # A refusal that repeats (it is not the connection) would block every later
+                # outcome: give up on the batch. Its leases run out and its deliveries are
+                # sent again (at least once). At shutdown, give up sooner.
+                if (failures >= 3 and isinstance(exc, store.PERMANENT_ERRORS)) or (
+                    final and failures >= 3
+                ):
+                    log.error("outcomes_dropped", count=len(batch))
+                    del self._outcomes[: len(batch)]
+                    if final:
+                        return
+                    failures = 0
+                    continue
+                await asyncio.sleep(min(0.2 * 2**failures, 5))
+                continue
+            del self._outcomes[: len(batch)]
+            failures = 0
+            # The endpoints' slots are free again, and short retries want a timer.
+            self._ctx.due.set()
+            loop = asyncio.get_running_loop()
+            for wait in {round(o.retry_in, 2) for o in batch if o.retry_in is not None}:
+                if wait <= _TIMER_HORIZON:
+                    loop.call_later(wait, self._ctx.due.set)
+            if disabled:
+                for d in disabled:
+                    self._ctx.metrics.disabled.labels(d.reason).inc()
+                try:
+                    await dispatcher.announce(self._ctx, disabled)
+                except (OSError, asyncpg.PostgresError, RedisError):
+                    # Left unannounced in PostgreSQL; the housekeeping sweep retries.
+                    log.warning("announce_failed", exc_info=True)
+
+    # -- cross-process wake-ups ------------------------------------------------------------
+
+    async def _listen(self) -> None:
+        """LISTEN for the dispatchers of other processes; polling covers any gap."""
+        ctx = self._ctx
+
+        def wake(*_: object) -> None:
+            ctx.due.set()
+
+        while True:
+            conn: asyncpg.Connection | None = None
+            try:
+                conn = await asyncpg.connect(ctx.settings.database_url)
+                lost = asyncio.Event()
+                conn.add_termination_listener(functools.partial(_set_event, lost))
+                await conn.add_listener(store.NOTIFY_CHANNEL, wake)
+                await lost.wait()
+            except (OSError, asyncpg.PostgresError):
+                log.warning("listen_failed", exc_info=True)
+            finally:
+                if conn is not None and not conn.is_closed():
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(conn.close(timeout=2))
+            await asyncio.sleep(2)

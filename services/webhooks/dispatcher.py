@@ -1,0 +1,262 @@
+"""From `connect:events` to pending deliveries, at least once.
+
+A consumer group (`webhooks`) reads the stream. For each batch, one INSERT records a pending
+delivery for every active subscription of the event's school whose types match and whose
+grant is not revoked; only then is the batch acknowledged. A dispatcher that dies between
+reading and acknowledging leaves its entries pending in the group, and another claims them
+(XAUTOCLAIM) after `WEBHOOK_CLAIM_IDLE_SECONDS`; recording a batch twice records nothing new
+(one delivery per subscription and event id), so the redelivery is harmless.
+
+The same module follows `connect:revocations` (its own consumer group, so a revocation
+published while every webhooks process was down is still applied) and announces disabled
+endpoints as `endpoint.disabled` events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import secrets
+import socket
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import orjson
+from redis.exceptions import RedisError, ResponseError
+
+from libs.common import streams
+from libs.common.logging import get_logger
+from services.webhooks import event_types, store
+from services.webhooks.context import WebhooksContext
+
+log = get_logger(__name__)
+
+GROUP = "webhooks"
+BATCH = 500
+_TYPE = re.compile(r"^[a-z][a-z0-9_]{0,63}(\.[a-z][a-z0-9_]{0,63}){1,3}$")
+_EVENT_ID = re.compile(r"^[\x21-\x7e]{1,200}$")
+_MAX_SCHOOL_ID = 2**63 - 1
+# Names the endpoint.disabled events, so announcing one disablement twice is one event.
+_ANNOUNCE_NAMESPACE = uuid.UUID("6d3c1b0e-51a4-4c55-9f0e-8f5b8c1c2a77")
+
+
+def consumer_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
+
+
+def to_event(entry: streams.Entry) -> store.EventRow | None:
+    """The delivery body of a stream entry, or None when the entry is malformed."""
+    d = entry.data
+    kind = d.get("type")
+    school_id = d.get("school_id")
+    if isinstance(school_id, str) and school_id.isdigit():
+        school_id = int(school_id)
+    if (
+        not isinstance(kind, str)
+        or not _TYPE.match(kind)
+        or not isinstance(school_id, int)
+        or isinstance(school_id, bool)
+        or not 0 < school_id <= _MAX_SCHOOL_ID
+    ):
+        return None
+    event_id = d.get("id")
+    if event_id is None:
+        # Stable for the entry, so a redelivered entry keeps its webhook-id.
+        event_id = f"evt_{entry.id}"
+    if not isinstance(event_id, str) or not _EVENT_ID.match(event_id):
+        return None
+    occurred_at = d.get("occurred_at")
+    if not isinstance(occurred_at, str):
+        occurred_at = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    audience = d.get("audience_client_id")
+    if audience is not None and not (isinstance(audience, str) and _EVENT_ID.match(audience)):
+        return None
+    # The bytes every attempt signs and sends: serialised once, stored, never rebuilt.
+    body = orjson.dumps(
+        {
+            "id": event_id,
+            "type": kind,
+            "school_id": school_id,
+            "occurred_at": occurred_at,
+            "data": d.get("data", {}),
+        }
+    )
+    return store.EventRow(
+        id=event_id,
+        school_id=school_id,
+        type=kind,
+        body=body,
+        stream_id=entry.id,
+        audience_client_id=audience,
+    )
+
+
+async def handle(ctx: WebhooksContext, entries: Sequence[streams.Entry]) -> int:
+    """Record the deliveries of a batch durably, then acknowledge it; returns how many
+    deliveries were made. Raises (leaving the batch unacknowledged) when PostgreSQL fails."""
+    rows: list[store.EventRow] = []
+    for entry in entries:
+        row = to_event(entry)
+        if row is None:
+            ctx.metrics.events.labels("rejected").inc()
+            log.warning("event_rejected", stream_id=entry.id, reason="malformed entry")
+        else:
+            rows.append(row)
+    try:
+        made = await store.record_deliveries(ctx.pool, rows)
+    except store.PERMANENT_ERRORS:
+        # One entry PostgreSQL refuses must not hold up the stream: record them one by one
+        # and set aside the ones refused.
+        made = 0
+        for row in rows:
+            try:
+                made += await store.record_deliveries(ctx.pool, [row])
+            except store.PERMANENT_ERRORS as exc:
+                ctx.metrics.events.labels("rejected").inc()
+                log.error("event_rejected", stream_id=row.stream_id, reason=str(exc))
+    await streams.ack(
+        ctx.redis, ctx.settings.stream(streams.EVENTS), GROUP, [e.id for e in entries]
+    )
+    ctx.metrics.events.labels("dispatched").inc(len(rows))
+    if made:
+        ctx.metrics.deliveries_created.inc(made)
+        # This process's sender; the others heard the insert's NOTIFY (a trigger).
+        ctx.due.set()
+    return made
+
+
+async def _group_loop(
+    ctx: WebhooksContext,
+    stream: str,
+    consumer: str,
+    work: Any,
+    *,
+    name: str,
+) -> None:
+    """Read a stream as group `webhooks` until cancelled: stale entries of dead consumers
+    first, then new ones; a batch that fails is retried until it is handled."""
+    claim_idle_ms = int(ctx.settings.webhooks.claim_idle * 1000)
+    claim_every = max(ctx.settings.webhooks.claim_idle / 2, 0.2)
+    loop = asyncio.get_running_loop()
+    next_claim = 0.0
+    delay = 0.2
+    await streams.ensure_group(ctx.redis, stream, GROUP)
+    while True:
+        try:
+            entries: list[streams.Entry] = []
+            if loop.time() >= next_claim:
+                next_claim = loop.time() + claim_every
+                entries = await streams.claim_stale(
+                    ctx.redis, stream, GROUP, consumer, min_idle_ms=claim_idle_ms, count=BATCH
+                )
+                if entries:
+                    log.info("entries_claimed", stream=name, count=len(entries))
+            if not entries:
+                block = max(1, min(1000, int((next_claim - loop.time()) * 1000)))
+                entries = await streams.read_group(
+                    ctx.redis, stream, GROUP, consumer, count=BATCH, block_ms=block
+                )
+            while entries:
+                try:
+                    await work(ctx, entries)
+                    entries = []
+                    delay = 0.2
+                except (OSError, asyncpg.PostgresError, RedisError):
+                    # Still ours and unacknowledged: retry here rather than wait to claim it.
+                    log.warning("batch_failed", stream=name, exc_info=True)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5)
+        except ResponseError as exc:
+            # The stream or group was deleted under us (an operator, a test's cleanup).
+            if "NOGROUP" not in str(exc) and "UNBLOCKED" not in str(exc):
+                raise
+            await streams.ensure_group(ctx.redis, stream, GROUP)
+        except (OSError, RedisError):
+            log.warning("stream_read_failed", stream=name, exc_info=True)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5)
+
+
+async def run(ctx: WebhooksContext, consumer: str | None = None) -> None:
+    """Dispatch `connect:events` until cancelled."""
+    await _group_loop(
+        ctx,
+        ctx.settings.stream(streams.EVENTS),
+        consumer or consumer_name(),
+        handle,
+        name="events",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Revocations
+
+
+async def handle_revocations(ctx: WebhooksContext, entries: Sequence[streams.Entry]) -> None:
+    grants: list[tuple[uuid.UUID, str]] = []
+    for entry in entries:
+        try:
+            grant_id = uuid.UUID(str(entry.data.get("grant_id")))
+        except ValueError:
+            log.warning("revocation_rejected", stream_id=entry.id)
+            continue
+        grants.append((grant_id, str(entry.data.get("reason") or "")))
+    disabled = await store.revoke_grants(ctx.pool, grants)
+    if disabled:
+        ctx.metrics.disabled.labels("grant_revoked").inc(len(disabled))
+        log.info("subscriptions_disabled", reason="grant_revoked", count=len(disabled))
+    await streams.ack(
+        ctx.redis, ctx.settings.stream(streams.REVOCATIONS), GROUP, [e.id for e in entries]
+    )
+
+
+async def follow_revocations(ctx: WebhooksContext, consumer: str | None = None) -> None:
+    """Disable the subscriptions of every revoked grant, until cancelled."""
+    await _group_loop(
+        ctx,
+        ctx.settings.stream(streams.REVOCATIONS),
+        consumer or consumer_name(),
+        handle_revocations,
+        name="revocations",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# endpoint.disabled
+
+
+def disabled_event(d: store.Disabled) -> dict[str, Any]:
+    when = d.disabled_at.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    return {
+        "id": str(uuid.uuid5(_ANNOUNCE_NAMESPACE, f"{d.subscription_id}:{when}")),
+        "type": event_types.ENDPOINT_DISABLED,
+        "school_id": d.school_id,
+        "occurred_at": when,
+        # Only the owner's other endpoints hear it: another client has no business knowing.
+        "audience_client_id": d.client_id,
+        "data": {"id": str(d.subscription_id), "url": d.url, "reason": d.reason,
+                 "disabled_at": when},
+    }  # fmt: skip
+
+
+async def announce(ctx: WebhooksContext, disabled: Sequence[store.Disabled]) -> None:
+    """Append endpoint.disabled for each, then remember they were announced. A crash in
+    between announces again later (same event id, so one delivery per endpoint)."""
+    if not disabled:
+        return
+    await streams.append_many(
+        ctx.redis, ctx.settings.stream(streams.EVENTS), [disabled_event(d) for d in disabled]
+    )
+    await store.mark_announced(ctx.pool, disabled)
+    for d in disabled:
+        log.warning(
+            "subscription_disabled",
+            subscription_id=str(d.subscription_id),
+            school_id=d.school_id,
+            client_id=d.client_id,
+            reason=d.reason,
+        )

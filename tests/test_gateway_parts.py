@@ -1,0 +1,145 @@
+"""The gateway's parts on their own, against real Redis and real sockets: the audit buffer, the
+pipelined Redis connection, the guard script's arithmetic, the revoked-grants set."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from libs.common import streams
+from libs.common.config import Settings
+from services.gateway.audit import AuditBuffer, api_call
+from services.gateway.ratelimit import Guard, Pace
+from services.gateway.resp import PipelinedRedis, RedisReplyError, pack
+from services.gateway.revocation import RevokedGrants
+from tests.support import free_port
+
+
+def _record(n: int) -> dict[str, Any]:
+    return api_call(
+        school_id=7,
+        client_id="client",
+        subject="subject",
+        grant_id="00000000-0000-0000-0000-000000000001",
+        method="GET",
+        path=f"/api/v1/courses/{n}",
+        status=200,
+        scope="courses:read",
+        ip="127.0.0.1",
+        request_id=f"r{n}",
+    )
+
+
+@pytest.fixture
+async def connection(settings: Settings) -> AsyncIterator[PipelinedRedis]:
+    conn = PipelinedRedis(settings.redis_url, timeout=2.0)
+    yield conn
+    await conn.close()
+
+
+async def test_audit_records_are_written_in_the_streams_shape(
+    connection: PipelinedRedis, settings: Settings, redis: Any
+) -> None:
+    stream = settings.stream(f"test:audit:{secrets.token_hex(4)}")
+    buffer = AuditBuffer(connection, stream, capacity=1000)
+    for n in range(450):  # more than two batches
+        buffer.append(_record(n))
+    assert await buffer.flush() == 450
+    assert len(buffer) == 0
+    entries = await streams.read_tail(redis, stream, "0-0", count=1000, block_ms=10)
+    assert [e.data["path"] for e in entries] == [f"/api/v1/courses/{n}" for n in range(450)]
+    assert entries[0].data == _record(0) | {"occurred_at": entries[0].data["occurred_at"]}
+    await redis.delete(stream)
+
+
+async def test_a_full_audit_buffer_drops_and_counts_and_never_raises(settings: Settings) -> None:
+    dead = PipelinedRedis(f"redis://127.0.0.1:{free_port()}/0", timeout=0.5)
+    drops: list[int] = []
+    buffer = AuditBuffer(dead, "nowhere", capacity=3, on_drop=lambda: drops.append(1))
+    buffer.start()
+    for n in range(10):
+        buffer.append(_record(n))
+    assert len(buffer) == 3
+    assert buffer.dropped == 7 and len(drops) == 7
+    with pytest.raises(ConnectionError):
+        await buffer.flush()
+    assert len(buffer) == 3  # kept for the next attempt
+    await asyncio.wait_for(buffer.stop(timeout=1), timeout=3)
+    await dead.close()
+
+
+async def test_the_pipelined_connection_orders_replies_and_recovers(
+    connection: PipelinedRedis, settings: Settings
+) -> None:
+    key = settings.stream(f"test:resp:{secrets.token_hex(4)}")
+    answers = await asyncio.gather(*(connection.execute(pack("INCR", key)) for _ in range(200)))
+    assert answers == list(range(1, 201))
+    with pytest.raises(RedisReplyError):
+        await connection.execute(pack("NOSUCHCOMMAND"))
+    # A dropped link fails what was waiting, and the next call reconnects.
+    assert connection._protocol is not None and connection._protocol.transport is not None
+    connection._protocol.transport.abort()
+    await asyncio.sleep(0)
+    assert await connection.execute(pack("INCR", key)) == 201
+    await connection.execute(pack("DEL", key))
+
+
+async def test_a_silent_redis_is_given_up_after_the_timeout() -> None:
+    """A server that accepts and never answers: the call fails, it does not hang."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def accept(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    silent = PipelinedRedis(f"redis://127.0.0.1:{port}/0", timeout=0.3)
+    with pytest.raises(ConnectionError):
+        await asyncio.wait_for(silent.execute(pack("PING")), timeout=3)
+    await silent.close()
+    for writer in held:
+        writer.close()
+    server.close()
+    await server.wait_closed()
+
+
+async def test_the_guard_checks_revocation_first_and_limits_with_a_burst(
+    connection: PipelinedRedis, settings: Settings, redis: Any
+) -> None:
+    guard = Guard(connection)
+    revoked_key = settings.stream(f"connect:revoked:{secrets.token_hex(8)}")
+    bucket = settings.stream(f"connect:ratelimit:test:{secrets.token_hex(4)}")
+    pace = Pace.of(per_minute=600, burst=5)  # one call per 100 ms after a burst of 5
+    assert (pace.burst, pace.interval_us, pace.window) == (5, 100_000, 1)
+    verdicts = [await guard.check(revoked_key, bucket, consume=True, pace=pace) for _ in range(6)]
+    assert [v.allowed for v in verdicts] == [True] * 5 + [False]
+    assert [v.remaining for v in verdicts[:5]] == [4, 3, 2, 1, 0]
+    assert verdicts[5].retry_after == 1
+    await asyncio.sleep(0.25)  # two calls' worth of refill
+    assert (await guard.check(revoked_key, bucket, consume=True, pace=pace)).allowed
+    # Not consuming (the scope failed) asks only about revocation.
+    untouched = await guard.check(revoked_key, bucket, consume=False, pace=pace)
+    assert untouched.allowed and not untouched.revoked
+    await redis.set(revoked_key, "test", ex=60)
+    revoked = await guard.check(revoked_key, bucket, consume=True, pace=pace)
+    assert revoked.revoked and not revoked.allowed
+    # A burst never exceeds the per-minute limit.
+    assert Pace.of(per_minute=6, burst=100).burst == 6
+    # A Redis that does not know the script (NOSCRIPT) gets it by EVAL. The shared Redis's
+    # script cache is left alone: a sha no Redis knows stands in for a flushed cache.
+    guard._sha = secrets.token_hex(20).encode()
+    assert (await guard.check(revoked_key + "x", bucket + "x", consume=True, pace=pace)).allowed
+    await redis.delete(revoked_key, bucket, bucket + "x")
+
+
+def test_revoked_grants_expire() -> None:
+    revoked = RevokedGrants()
+    revoked.add("a", ttl=60)
+    revoked.add("b", ttl=-1)
+    assert "a" in revoked
+    assert "b" not in revoked
+    assert "c" not in revoked
