@@ -74,7 +74,7 @@ async def events_of(
     """The school's events once `count` of them are on the stream (or the timeout passes)."""
     deadline = time.monotonic() + timeout
     while True:
-        found = [e for e in await stream_events(redis, stream) if e["school_id"] == school_id]
+        found = [e for e in await stream_events(redis, stream) if e.get("school_id") == school_id]
         if len(found) >= count or time.monotonic() > deadline:
             return found
         await asyncio.sleep(0.05)
