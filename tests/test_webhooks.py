@@ -281,6 +281,14 @@ async def test_an_event_type_needs_the_scope_that_gates_it(api: Api) -> None:
         "POST",
         "/api/v1/webhooks",
         courses_only,
+        {"url": "https://hooks.example.com/", "event_types": ["order.created"]},
+    )
+    assert (status, body["error"], body["scope"]) == (403, "insufficient_scope", "orders:read")
+
+    status, body = await api.call(
+        "POST",
+        "/api/v1/webhooks",
+        courses_only,
         {"url": "https://hooks.example.com/", "event_types": ["course.exploded"]},
     )
     assert (status, body["field"]) == (422, "event_types")
