@@ -15,13 +15,17 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from joserfc import jws
+from cryptography.exceptions import InvalidSignature as _CryptoInvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, Key, RSAKey
 
@@ -34,6 +38,17 @@ DEFAULT_LEEWAY = 30
 MAX_TOKEN_LENGTH = 8192
 
 _KTY_OF_ALG = {"ES256": "EC", "RS256": "RSA"}
+# RFC 7515 2: base64url without padding. The stdlib decoder silently skips stray characters,
+# so the alphabet is checked first: two spellings of one token must not both verify.
+_B64URL = re.compile(r"[A-Za-z0-9_-]*")
+# The members that make a public JWK what it is; anything else (use, key_ops, x5c) is ignored
+# for the import cache so an equal key republished with other metadata is still a hit.
+_PUBLIC_MEMBERS = ("kty", "kid", "alg", "crv", "x", "y", "n", "e")
+_IMPORTED_MAX = 4096
+# These objects are stateless and immutable; building them per verify is measurable.
+_ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
+_SHA256 = hashes.SHA256()
+_PKCS1V15 = padding.PKCS1v15()
 
 
 class TokenError(Exception):
@@ -89,6 +104,22 @@ class VerificationKey:
     kid: str
     alg: str
     key: Key
+    # The `cryptography` public key behind `key`, resolved once: every verify is then a single
+    # call into OpenSSL, without joserfc's per-call algorithm and key registry lookups.
+    public: ec.EllipticCurvePublicKey | rsa.RSAPublicKey = field(
+        init=False, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        public = self.key.public_key
+        if self.alg == "ES256":
+            if not isinstance(public, ec.EllipticCurvePublicKey) or not isinstance(
+                public.curve, ec.SECP256R1
+            ):
+                raise ValueError("an ES256 key must be a P-256 public key")
+        elif not isinstance(public, rsa.RSAPublicKey):
+            raise ValueError("an RS256 key must be an RSA public key")
+        object.__setattr__(self, "public", public)
 
     @classmethod
     def from_jwk(cls, jwk: Mapping[str, Any]) -> VerificationKey:
@@ -96,9 +127,22 @@ class VerificationKey:
         kid, alg, kty = jwk.get("kid"), jwk.get("alg"), jwk.get("kty")
         if not isinstance(kid, str) or alg not in ALLOWED_ALGORITHMS or kty != _KTY_OF_ALG[alg]:
             raise ValueError("a verification JWK needs a kid and an allowed alg matching its kty")
+        # A JWKS is reloaded every few seconds to minutes; re-importing (and for RSA,
+        # re-validating) the same key each time is wasted work, so imports are shared by value.
+        cache_key = tuple(str(jwk.get(name)) for name in _PUBLIC_MEMBERS)
+        hit = _IMPORTED.get(cache_key)
+        if hit is not None:
+            return hit
         public = {k: v for k, v in jwk.items() if k not in ("d", "p", "q", "dp", "dq", "qi")}
         key: Key = ECKey.import_key(public) if kty == "EC" else RSAKey.import_key(public)
-        return cls(kid, alg, key)
+        imported = cls(kid, alg, key)
+        if len(_IMPORTED) >= _IMPORTED_MAX:
+            _IMPORTED.clear()
+        _IMPORTED[cache_key] = imported
+        return imported
+
+
+_IMPORTED: dict[tuple[str, ...], VerificationKey] = {}
 
 
 # Finds the key a `kid` names, or None. Async so a caller may refresh its JWKS on a miss.
@@ -133,35 +177,43 @@ class KeySet:
 
 
 def _b64decode(segment: str) -> bytes:
+    if len(segment) % 4 == 1 or not segment.isascii() or _B64URL.fullmatch(segment) is None:
+        raise MalformedToken("a segment is not base64url")
     try:
         return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
     except (binascii.Error, ValueError):
         raise MalformedToken("a segment is not base64url") from None
 
 
+def _parts(token: str) -> list[str]:
+    if not isinstance(token, str) or len(token) > MAX_TOKEN_LENGTH:
+        raise MalformedToken("not a JWS in compact serialization")
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise MalformedToken("not a JWS in compact serialization")
+    return parts
+
+
+def _json_object(segment: str, what: str) -> dict[str, Any]:
+    try:
+        value = orjson.loads(_b64decode(segment))
+    except orjson.JSONDecodeError:
+        raise MalformedToken(f"the {what} is not JSON") from None
+    if not isinstance(value, dict):
+        raise MalformedToken(f"the {what} is not a JSON object")
+    return value
+
+
 def unverified_header(token: str) -> dict[str, Any]:
     """The protected header, for routing only (which issuer, which kid): not trusted."""
-    if not isinstance(token, str) or len(token) > MAX_TOKEN_LENGTH or token.count(".") != 2:
-        raise MalformedToken("not a JWS in compact serialization")
-    try:
-        header = orjson.loads(_b64decode(token.split(".", 1)[0]))
-    except orjson.JSONDecodeError:
-        raise MalformedToken("the header is not JSON") from None
-    if not isinstance(header, dict):
-        raise MalformedToken("the header is not a JSON object")
-    return header
+    return _json_object(_parts(token)[0], "header")
 
 
 def unverified_claims(token: str) -> dict[str, Any]:
     """The payload without any check: for choosing an issuer's keys, never for a decision."""
-    unverified_header(token)
-    try:
-        claims = orjson.loads(_b64decode(token.split(".")[1]))
-    except orjson.JSONDecodeError:
-        raise MalformedToken("the payload is not JSON") from None
-    if not isinstance(claims, dict):
-        raise MalformedToken("the payload is not a JSON object")
-    return claims
+    parts = _parts(token)
+    _json_object(parts[0], "header")
+    return _json_object(parts[1], "payload")
 
 
 def _numeric(claims: Mapping[str, Any], name: str, *, required: bool) -> int | float | None:
@@ -179,7 +231,18 @@ def check_signature(
     token: str, key: VerificationKey, *, typ: Collection[str] | None
 ) -> dict[str, Any]:
     """Verify header rules and signature with a known key; return the (unchecked) claims."""
-    header = unverified_header(token)
+    parts = _parts(token)
+    header = _json_object(parts[0], "header")
+    return _check_signature(parts, header, key, typ=typ)
+
+
+def _check_signature(
+    parts: list[str],
+    header: Mapping[str, Any],
+    key: VerificationKey,
+    *,
+    typ: Collection[str] | None,
+) -> dict[str, Any]:
     alg = header.get("alg")
     if alg not in ALLOWED_ALGORITHMS:
         raise DisallowedAlgorithm(f"alg {alg!r} is not accepted")
@@ -190,12 +253,30 @@ def check_signature(
         raise MalformedToken("crit headers are not supported")
     if key.alg != alg:
         raise DisallowedAlgorithm("the key does not sign with the header's alg")
+    # Decoding the payload first only catches malformed base64url early; nothing in it is
+    # looked at until the signature below holds.
+    payload = _b64decode(parts[1])
+    signature = _b64decode(parts[2])
+    signing_input = f"{parts[0]}.{parts[1]}".encode("ascii")
     try:
-        obj = jws.deserialize_compact(token, key.key, algorithms=[alg])
-    except JoseError:
+        if alg == "ES256":
+            public = key.public
+            # JWS carries ECDSA as raw r||s (RFC 7518 3.4); OpenSSL wants DER.
+            if len(signature) != 64 or not isinstance(public, ec.EllipticCurvePublicKey):
+                raise InvalidSignature("the signature does not verify")
+            der = encode_dss_signature(
+                int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
+            )
+            public.verify(der, signing_input, _ECDSA_SHA256)
+        else:
+            public = key.public
+            if not isinstance(public, rsa.RSAPublicKey):
+                raise InvalidSignature("the signature does not verify")
+            public.verify(signature, signing_input, _PKCS1V15, _SHA256)
+    except _CryptoInvalidSignature:
         raise InvalidSignature("the signature does not verify") from None
     try:
-        claims = orjson.loads(obj.payload or b"")
+        claims = orjson.loads(payload)
     except orjson.JSONDecodeError:
         raise MalformedToken("the payload is not JSON") from None
     if not isinstance(claims, dict):
@@ -253,7 +334,8 @@ async def verify_access_token(
     applies an equivalent check itself (identity's introspection checks `iss` through the
     issuer's own keys and does not restrict `aud`).
     """
-    header = unverified_header(token)
+    parts = _parts(token)
+    header = _json_object(parts[0], "header")
     # Refuse on the header alone before any lookup: a forged `none` or HS256 token must not
     # even make a verifier refresh its keys.
     if header.get("alg") not in ALLOWED_ALGORITHMS:
@@ -264,6 +346,6 @@ async def verify_access_token(
     key = await keys(kid)
     if key is None:
         raise UnknownKey("no key of this issuer has that kid")
-    claims = check_signature(token, key, typ=typ)
+    claims = _check_signature(parts, header, key, typ=typ)
     check_claims(claims, issuer=issuer, audience=audience, leeway=leeway, now=now)
     return claims

@@ -79,8 +79,13 @@ async def _rotate_on_schedule(
 
 def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
+        # Identity keeps no session state on pooled connections (its only advisory locks are
+        # transaction-scoped), so releasing one need not cost a reset round trip.
         pool: asyncpg.Pool = await db.create_pool(
-            settings.database_url, min_size=settings.db_pool_min, max_size=settings.db_pool_max
+            settings.database_url,
+            min_size=settings.db_pool_min,
+            max_size=settings.db_pool_max,
+            keep_session=True,
         )
         redis_client = streams.connect(settings.redis_url)
         context = IdentityContext(

@@ -120,7 +120,9 @@ async def authenticate(
     else:
         raise _invalid_client("client authentication is required")
 
-    client = await store.client_by_id(pool, client_id) if client_id else None
+    # The row may be a few seconds old (store.cached_client_by_id); the secret is still
+    # checked against it on every request.
+    client = await store.cached_client_by_id(pool, client_id) if client_id else None
     if client is None or client.disabled_at is not None:
         raise _invalid_client("unknown or disabled client")
     if not clients.belongs_to(client, issuer.school_id):

@@ -20,6 +20,7 @@ from typing import Any
 from aiohttp import web
 
 from libs.common import scopes as catalogue
+from libs.common.db import Connection
 from libs.common.errors import OAuthError, json_response
 from libs.common.logging import get_logger
 from services.identity import (
@@ -315,21 +316,20 @@ def successor_of(pepper: bytes, presented: str) -> str:
     )
 
 
-async def refresh_token_grant(req: GrantRequest) -> dict[str, Any]:
-    """RFC 6749 6 with rotation: each token works once; reuse outside the grace window is
-    taken as theft and ends the grant (OAuth 2.0 Security BCP 4.14.2)."""
-    ctx, client, form = req.ctx, req.client, req.form
-    settings = ctx.settings
-    if "refresh_token" not in client.grant_types:
-        raise OAuthError("unauthorized_client", "the client may not use refresh_token")
-    presented = require(form, "refresh_token")
-    access_signer = await ctx.keyring.signer(req.issuer.school_id, keys.ACCESS_TOKEN_ALG)
-    successor = successor_of(settings.secret_pepper, presented)
-    successor_hash = credentials.token_hash(successor)
-    grace = settings.tokens.refresh_reuse_grace
+# The token's state, its school, the scopes and audience of the new access token, and the
+# outcome: "rotated", "retried" (the same rotation within the grace window) or "reused".
+_Rotation = tuple[token_store.RefreshTokenState, store.School, list[str], str, str]
 
-    async with ctx.pool.acquire() as conn, conn.transaction():
-        st = await token_store.lock_refresh_token(conn, credentials.token_hash(presented))
+
+async def _rotate_locked(
+    req: GrantRequest, conn: Connection, presented_hash: bytes, successor_hash: bytes
+) -> _Rotation:
+    """The token locked for the rest of a transaction: rotate it, or recognise a retry within
+    the grace window ("retried") or reuse ("reused"); raises for anything not acceptable."""
+    settings, client, form = req.ctx.settings, req.client, req.form
+    grace = settings.tokens.refresh_reuse_grace
+    async with conn.transaction():
+        st = await token_store.lock_refresh_token(conn, presented_hash)
         if st is None or st.client_id != client.id:
             raise OAuthError("invalid_grant", "the refresh token is invalid")
         school = await token_school(req, st.school_id)
@@ -357,6 +357,45 @@ async def refresh_token_grant(req: GrantRequest) -> dict[str, Any]:
             outcome = "retried"
         else:
             outcome = "reused"
+    return st, school, scopes, audience, outcome
+
+
+async def refresh_token_grant(req: GrantRequest) -> dict[str, Any]:
+    """RFC 6749 6 with rotation: each token works once; reuse outside the grace window is
+    taken as theft and ends the grant (OAuth 2.0 Security BCP 4.14.2)."""
+    ctx, client, form = req.ctx, req.client, req.form
+    settings = ctx.settings
+    if "refresh_token" not in client.grant_types:
+        raise OAuthError("unauthorized_client", "the client may not use refresh_token")
+    presented = require(form, "refresh_token")
+    access_signer = await ctx.keyring.signer(req.issuer.school_id, keys.ACCESS_TOKEN_ALG)
+    successor = successor_of(settings.secret_pepper, presented)
+    successor_hash = credentials.token_hash(successor)
+    presented_hash = credentials.token_hash(presented)
+
+    async with ctx.pool.acquire() as conn:
+        # Fast path, two round trips: a token that looks live is rotated by one conditional
+        # statement; every check below runs on the same row before it, as on the locked path.
+        peek = await token_store.refresh_token_state(conn, presented_hash)
+        decided: _Rotation | None = None
+        if (
+            peek is not None
+            and peek.client_id == client.id
+            and peek.rotated_at is None
+            and not peek.grant_revoked
+            and not peek.expired
+            and peek.user_id is not None
+        ):
+            school = await token_school(req, peek.school_id)
+            scopes = narrowed_scopes(form.get("scope"), peek.scopes)
+            audience = audience_for(req, school, peek.resource)
+            if await token_store.rotate_live_refresh_token(
+                conn, presented_hash, successor_hash, settings.tokens.refresh_token_ttl
+            ):
+                decided = (peek, school, scopes, audience, "rotated")
+        if decided is None:
+            decided = await _rotate_locked(req, conn, presented_hash, successor_hash)
+    st, school, scopes, audience, outcome = decided
 
     subject = str(st.user_id)
     if outcome == "reused":

@@ -21,7 +21,9 @@ from uuid import UUID
 import asyncpg
 import orjson
 from aiohttp import web
-from joserfc import jws
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from libs.common import jwt
 from libs.common.config import Settings
@@ -106,9 +108,44 @@ def id_token_claims(
     return claims
 
 
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+# A signer's header is the same for every token it signs; encode it once per (kid, alg, typ).
+_HEADERS: dict[tuple[str, str, str], str] = {}
+_ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
+
+
+def _encoded_header(signer: keys.Signer, typ: str) -> str:
+    cache_key = (signer.kid, signer.alg, typ)
+    encoded = _HEADERS.get(cache_key)
+    if encoded is None:
+        if len(_HEADERS) > 1024:
+            _HEADERS.clear()
+        header = {"alg": signer.alg, "kid": signer.kid, "typ": typ}
+        encoded = _HEADERS[cache_key] = _b64url(orjson.dumps(header))
+    return encoded
+
+
 def sign(signer: keys.Signer, claims: dict[str, Any], *, typ: str) -> str:
-    header = {"alg": signer.alg, "kid": signer.kid, "typ": typ}
-    return jws.serialize_compact(header, orjson.dumps(claims), signer.key, algorithms=[signer.alg])
+    """A compact JWS, signed with `cryptography` directly: joserfc's registry and key
+    wrappers cost more than the ECDSA signature itself on the token endpoint's hot path."""
+    signing_input = f"{_encoded_header(signer, typ)}.{_b64url(orjson.dumps(claims))}"
+    private = signer.key.raw_value
+    if signer.alg == "ES256":
+        if not isinstance(private, ec.EllipticCurvePrivateKey):
+            raise ValueError("an ES256 signer needs a P-256 private key")
+        r, s = decode_dss_signature(private.sign(signing_input.encode("ascii"), _ECDSA_SHA256))
+        # RFC 7518 3.4: JWS carries ECDSA as fixed-width r||s, not DER.
+        signature = r.to_bytes(32, "big") + s.to_bytes(32, "big")
+    elif signer.alg == "RS256":
+        if not isinstance(private, rsa.RSAPrivateKey):
+            raise ValueError("an RS256 signer needs an RSA private key")
+        signature = private.sign(signing_input.encode("ascii"), padding.PKCS1v15(), hashes.SHA256())
+    else:
+        raise ValueError(f"unsupported algorithm {signer.alg}")
+    return f"{signing_input}.{_b64url(signature)}"
 
 
 def sign_access_token(signer: keys.Signer, claims: dict[str, Any]) -> str:

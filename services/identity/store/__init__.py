@@ -8,6 +8,7 @@ the rest of the service reads attributes, not string keys. This module holds the
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -317,6 +318,39 @@ async def client_by_id(db: Executor, client_id: str) -> Client | None:
     return _client(row) if row else None
 
 
+# Client authentication reads the client's row on every token, revocation and introspection
+# request; a few seconds of reuse removes that query from the hot path. Changes made through
+# this module drop the entry at once; a change by another process is seen within the TTL.
+CLIENT_CACHE_TTL = 5.0
+_CLIENT_CACHE_MAX = 10_000
+_client_cache: dict[str, tuple[float, Client]] = {}
+
+
+async def cached_client_by_id(db: Executor, client_id: str) -> Client | None:
+    """client_by_id, reused for CLIENT_CACHE_TTL seconds; unknown ids are never cached, so a
+    client is usable the moment it is registered."""
+    hit = _client_cache.get(client_id)
+    now = time.monotonic()
+    if hit is not None and hit[0] > now:
+        return hit[1]
+    client = await client_by_id(db, client_id)
+    if client is None:
+        _client_cache.pop(client_id, None)
+        return None
+    if len(_client_cache) >= _CLIENT_CACHE_MAX:
+        _client_cache.clear()
+    _client_cache[client_id] = (now + CLIENT_CACHE_TTL, client)
+    return client
+
+
+def forget_client(client_id: str | None = None) -> None:
+    """Drop one cached client (or all): its row is about to change or has changed."""
+    if client_id is None:
+        _client_cache.clear()
+    else:
+        _client_cache.pop(client_id, None)
+
+
 async def list_clients(db: Executor, school_id: int | None) -> list[Client]:
     rows = await db.fetch(
         "SELECT * FROM clients WHERE school_id IS NOT DISTINCT FROM $1 ORDER BY created_at",
@@ -344,6 +378,7 @@ async def update_client(db: Executor, client_id: str, **fields: Any) -> Client |
     }
     if not fields or not set(fields) <= allowed:
         raise ValueError(f"cannot update {sorted(set(fields) - allowed)}")
+    forget_client(client_id)
     names = list(fields)
     assignments = ", ".join(f"{n} = ${i + 2}" for i, n in enumerate(names))
     if "secret_hash" in fields:
@@ -353,11 +388,15 @@ async def update_client(db: Executor, client_id: str, **fields: Any) -> Client |
         client_id,
         *(list(v) if isinstance(v, tuple) else v for v in fields.values()),
     )
+    # Again after the write: a request in between may have cached the row as it was.
+    forget_client(client_id)
     return _client(row) if row else None
 
 
 async def delete_client(db: Executor, client_id: str) -> bool:
+    forget_client(client_id)
     result: str = await db.execute("DELETE FROM clients WHERE id = $1", client_id)
+    forget_client(client_id)
     return result.endswith(" 1")
 
 

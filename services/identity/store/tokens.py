@@ -145,6 +145,27 @@ async def rotate_refresh_token(
     return inserted == 1
 
 
+# The same rotation as one autocommitted statement, for a token a moment ago seen live: the
+# UPDATE's row lock and its re-checked WHERE (rotated_at IS NULL, unexpired, grant not revoked)
+# make it win for exactly one of any concurrent callers, without BEGIN, SELECT ... FOR UPDATE
+# and COMMIT round trips. A caller that loses takes the locked path to tell retry from reuse.
+_ROTATE_LIVE = _ROTATE.replace(
+    "WHERE token_hash = $1 AND rotated_at IS NULL",
+    "WHERE token_hash = $1 AND rotated_at IS NULL AND expires_at > clock_timestamp()"
+    " AND EXISTS (SELECT 1 FROM grants g WHERE g.id = refresh_tokens.grant_id"
+    " AND g.revoked_at IS NULL)",
+)
+assert _ROTATE_LIVE != _ROTATE
+
+
+async def rotate_live_refresh_token(
+    db: Executor, token_hash: bytes, successor_hash: bytes, ttl_seconds: int
+) -> bool:
+    """Rotate the token if it is still unrotated, unexpired and its grant live; else False."""
+    inserted: int = await db.fetchval(_ROTATE_LIVE, token_hash, successor_hash, ttl_seconds)
+    return inserted == 1
+
+
 async def issue_code_tokens(
     conn: Connection,
     *,
