@@ -23,6 +23,14 @@ dev: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# Benchmarks (bench/README.md): the full run (under 10 minutes, with the node-oidc peer) and the
+# quick one (under 90 seconds). Each starts its own processes on its own ports and database.
+bench: $(STAMP)
+	$(BIN)/python -m bench
+
+bench-quick: $(STAMP)
+	$(BIN)/python -m bench --quick
+
 lint: $(STAMP)
 	$(BIN)/ruff check libs services tests bench
 	$(BIN)/ruff format --check libs services tests bench

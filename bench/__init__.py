@@ -1,0 +1,1 @@
+"""The Loopwise Connect benchmark harness (issue 6): `make bench`, `make bench-quick`."""

@@ -1,0 +1,1 @@
+"""The scenarios of issue 6, each returning its summary rows."""

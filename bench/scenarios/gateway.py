@@ -1,0 +1,194 @@
+"""Gateway: an authenticated `GET /api/v1/courses` through the gateway, against the same
+request straight to the school API (identity headers and internal token sent by wrk) and
+through a bare aiohttp pass-through proxy (bench/bare_proxy.py).
+
+Runs alternate (gateway, direct, bare proxy, gateway) so machine noise falls on all of them,
+first at the throughput concurrency, then at a light one where queueing is small and the p99
+difference is the latency the gateway's checks add.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import aiohttp
+
+from bench.measure import Context, Measured
+from bench.report import Row, ratio
+
+PATH = "/api/v1/courses"
+
+
+def _identity_headers(ctx: Context) -> str:
+    """What the gateway sends upstream for this token (services/gateway/routes.py)."""
+    c = ctx.claims
+    host = ctx.system.host
+    return "\n".join(
+        [
+            f"X-Connect-School-Id: {c['school_id']}",
+            f"X-Connect-Subject: {c['sub']}",
+            f"X-Connect-Client-Id: {c['client_id']}",
+            f"X-Connect-Scopes: {c['scope']}",
+            f"X-Connect-Grant-Id: {c['grant_id']}",
+            f"X-Connect-Internal-Token: {ctx.system.env['INTERNAL_TOKEN']}",
+            "X-Forwarded-For: 127.0.0.1",
+            "X-Forwarded-Proto: http",
+            f"X-Forwarded-Host: {host}",
+        ]
+    )
+
+
+async def _same_answer(ctx: Context, targets: dict[str, tuple[str, dict[str, str]]]) -> None:
+    """Each variant answers 200 with the same courses before anything is measured."""
+    bodies = {}
+    async with aiohttp.ClientSession() as http:
+        for name, (url, headers) in targets.items():
+            async with http.get(url + PATH, headers=headers) as resp:
+                body = await resp.read()
+                if resp.status != 200:
+                    raise RuntimeError(f"{name} answered {resp.status}: {body[:200]!r}")
+                bodies[name] = len(body)
+    if len(set(bodies.values())) != 1:
+        raise RuntimeError(f"the variants answer differently: {bodies}")
+
+
+async def run(ctx: Context) -> list[Row]:
+    s = ctx.system
+    plan = ctx.plan
+    gw, sa, bare = s.pid("gateway"), s.pid("school-api"), s.pid("bare-proxy")
+    ident = s.pid("identity")
+    direct_headers = _identity_headers(ctx)
+    variants = {
+        "gateway": (
+            s.url(s.ports.gateway),
+            {"BENCH_HOST": s.host, "BENCH_HEADERS": f"Authorization: Bearer {ctx.bearer}"},
+            # identity consumes the gateway's audit records (stream → PostgreSQL).
+            {"front": [gw], "school_api": [sa], "identity": [ident]},
+        ),
+        "direct": (
+            s.url(s.ports.school_api),
+            {"BENCH_HOST": s.host, "BENCH_HEADERS": direct_headers},
+            {"school_api": [sa]},
+        ),
+        "bare proxy": (
+            s.url(s.ports.bare_proxy),
+            {"BENCH_HOST": s.host, "BENCH_HEADERS": direct_headers},
+            {"front": [bare], "school_api": [sa]},
+        ),
+    }
+
+    def as_headers(env: dict[str, str]) -> dict[str, str]:
+        out = {"Host": env["BENCH_HOST"]}
+        for line in env["BENCH_HEADERS"].splitlines():
+            name, _, value = line.partition(": ")
+            out[name] = value
+        return out
+
+    await _same_answer(ctx, {k: (v[0], as_headers(v[1])) for k, v in variants.items()})
+
+    for name, (url, env, groups) in variants.items() if plan.variant_warmup else ():
+        await ctx.wrk(
+            f"warm-up {name}",
+            url,
+            "static.lua",
+            duration=plan.warmup_s,
+            connections=plan.connections,
+            groups=groups,
+            env={**env, "BENCH_PATH": PATH},
+        )
+    runs: dict[str, dict[str, list[Measured]]] = {"load": {}, "light": {}}
+    # ABBA: each variant twice, symmetric in time, so a burst of other load or a drift of the
+    # machine's speed falls on all of them alike.
+    order = ["gateway", "bare proxy", "direct", "direct", "bare proxy", "gateway"]
+    for level, conns, seconds in (
+        ("load", plan.connections, plan.gateway_s),
+        ("light", plan.latency_connections, plan.gateway_latency_s),
+    ):
+        ctx.say(f"gateway scenario, c={conns}: {', '.join(order)} ({seconds:g}s each)")
+        for name in order:
+            url, env, groups = variants[name]
+            m = await ctx.wrk(
+                f"{name} c={conns}",
+                url,
+                "static.lua",
+                duration=seconds,
+                connections=conns,
+                groups=groups,
+                env={**env, "BENCH_PATH": PATH},
+                quiet_wait=5 if plan.peer else 0,
+            )
+            ctx.say("  " + m.line(*(["front"] if "front" in groups else ["school_api"])))
+            runs[level].setdefault(name, []).append(m)
+
+    def avg(level: str, name: str, attr: str) -> float:
+        return statistics.fmean(getattr(m.result, attr) for m in runs[level][name])
+
+    def cpu(level: str, name: str, *labels: str) -> float:
+        return statistics.fmean(m.cpu_ms_per_req(*labels) for m in runs[level][name])
+
+    every = ("front", "school_api", "identity", "postgres", "redis")
+    g_rps, b_rps, d_rps = (avg("load", n, "rps") for n in ("gateway", "bare proxy", "direct"))
+    g_p99_light = avg("light", "gateway", "p99_ms")
+    b_p99_light = avg("light", "bare proxy", "p99_ms")
+    d_p99_light = avg("light", "direct", "p99_ms")
+    added_vs_bare = g_p99_light - b_p99_light
+    added_vs_direct = g_p99_light - d_p99_light
+    errors = sum(m.result.errors for level in runs.values() for ms in level.values() for m in ms)
+    share = g_rps / b_rps if b_rps else 0.0
+    # On a machine where every process shares the same cores, req/s goes as 1 / (CPU per
+    # request of everything the call touched): a steadier view of the same ratio.
+    cpu_share = cpu("load", "bare proxy", *every) / cpu("load", "gateway", *every)
+    ctx.details["gateway"] = {
+        "path": PATH,
+        "runs": {
+            level: {name: [m.as_dict() for m in ms] for name, ms in by_name.items()}
+            for level, by_name in runs.items()
+        },
+        "gateway_rps": g_rps,
+        "bare_proxy_rps": b_rps,
+        "direct_rps": d_rps,
+        "share_of_bare_proxy": share,
+        "share_of_bare_proxy_by_cpu": cpu_share,
+        "p99_added_vs_bare_ms": added_vs_bare,
+        "p99_added_vs_direct_ms": added_vs_direct,
+        "gateway_front_cpu_ms_per_req": cpu("load", "gateway", "front"),
+        "bare_proxy_front_cpu_ms_per_req": cpu("load", "bare proxy", "front"),
+        "school_api_cpu_ms_per_req": cpu("load", "direct", "school_api"),
+        "errors": errors,
+    }
+    c = plan.connections
+    lc = plan.latency_connections
+    ours = (
+        f"{g_rps:,.0f} req/s (c={c}) p50 {avg('load', 'gateway', 'p50_ms'):.1f} / "
+        f"p99 {avg('load', 'gateway', 'p99_ms'):.1f} ms; cpu {cpu('load', 'gateway', 'front'):.2f}"
+        f" ms/req gateway, {cpu('load', 'gateway', *every):.2f} all"
+    )
+    baseline = (
+        f"bare proxy {b_rps:,.0f} req/s p99 {avg('load', 'bare proxy', 'p99_ms'):.1f} ms, cpu "
+        f"{cpu('load', 'bare proxy', 'front'):.2f} ms/req proxy; direct {d_rps:,.0f} req/s "
+        f"p99 {avg('load', 'direct', 'p99_ms'):.1f} ms, cpu {cpu('load', 'direct', *every):.2f}"
+        " all"
+    )
+    rows = [
+        Row(
+            "gateway: throughput",
+            ours,
+            baseline,
+            f"{ratio(g_rps, b_rps)} of bare proxy ({cpu_share:.2f}× by CPU per request), "
+            f"{ratio(g_rps, d_rps)} of direct",
+            "≥ 0.80× bare proxy",
+            ("met" if share >= 0.8 else "NOT MET") + (f" ({errors} errors)" if errors else ""),
+            {"gateway_rps": g_rps, "bare_proxy_rps": b_rps, "direct_rps": d_rps},
+        ),
+        Row(
+            "gateway: p99 added",
+            f"+{added_vs_bare:.2f} ms vs bare proxy, +{added_vs_direct:.2f} ms vs direct "
+            f"(p99 {g_p99_light:.2f} ms at c={lc})",
+            f"bare proxy p99 {b_p99_light:.2f} ms, direct p99 {d_p99_light:.2f} ms (c={lc})",
+            "—",
+            "≤ 1 ms added",
+            "met" if added_vs_bare <= 1.0 else "NOT MET",
+            {"added_vs_bare_ms": added_vs_bare, "added_vs_direct_ms": added_vs_direct},
+        ),
+    ]
+    return rows
