@@ -56,10 +56,10 @@ from tests.test_webhooks import (
 
 pytestmark = pytest.mark.timeout(120)
 
-# The delivery timeout of the processes started here. A sender leases a delivery for
-# timeout * (LEASE_DEPTH + 1) + 30 s (services/webhooks/delivery.py), not configurable
-# otherwise: a delivery cut short by SIGKILL is claimed again only when that lease runs out,
-# so the smaller the timeout, the faster the test (it must still outlast the kill).
+# The delivery timeout of the processes started here. A sender leases a delivery for twice
+# the timeout, at least LEASE_MIN (services/webhooks/delivery.py), and renews the lease while
+# it lives: a delivery cut short by SIGKILL is claimed again when the dead sender's last
+# lease runs out.
 DELIVERY_TIMEOUT = 1.0
 
 
@@ -254,6 +254,40 @@ async def test_a_delivery_cut_short_by_sigkill_is_sent_again_by_the_next_process
             for process in processes:
                 await process.kill()
             release.set()
+            await redis.delete(settings.stream(streams.EVENTS))
+
+
+async def test_a_live_sender_keeps_its_leases_however_long_deliveries_wait_their_turn(
+    webhooks_env: dict[str, str], crash_database: str, redis: redis_asyncio.Redis
+) -> None:
+    """One request at a time to a slow endpoint: the last of nine deliveries waits about
+    twice the lease for its turn. The sender renews what it holds, so no delivery is claimed
+    a second time while it waits (which would send it twice)."""
+    env = {**crash_env(webhooks_env, crash_database), "WEBHOOK_ENDPOINT_CONCURRENCY": "1"}
+    settings = load_settings(env)
+    processes: list[Process] = []
+
+    async def slow(_n: int, _request: web.Request) -> web.StreamResponse:
+        # Under the 1 s timeout: every attempt succeeds, only slowly.
+        await asyncio.sleep(DELIVERY_TIMEOUT * 0.9)
+        return web.Response(text="ok")
+
+    async with receiving(slow) as receiver, aiohttp.ClientSession() as http:
+        try:
+            await serve_webhooks(env, processes)
+            caller = Caller(new_school())
+            await Api(http, processes[0].url, settings).subscribe(caller, receiver.url)
+            events = [await publish(redis, settings, caller.school_id) for _ in range(9)]
+
+            await receiver.wait_for(9, timeout=30)
+            # Time for a duplicate to show up, had a lease run out under a waiting delivery.
+            await asyncio.sleep(DELIVERY_TIMEOUT * 2)
+            ids = [got.headers["webhook-id"] for got in receiver.received]
+            assert sorted(ids) == sorted(e["id"] for e in events)
+            assert receiver.max_in_flight == 1
+        finally:
+            for process in processes:
+                await process.kill()
             await redis.delete(settings.stream(streams.EVENTS))
 
 

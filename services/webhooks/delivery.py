@@ -1,10 +1,11 @@
 """Sends due deliveries: signed, from the egress address, bounded, and every attempt recorded.
 
 A sender claims due deliveries from PostgreSQL (FOR UPDATE SKIP LOCKED plus a lease, so any
-number of processes share the work and a delivery whose sender died is claimed again when
-its lease runs out), checks the grant's revocation mark right before sending, POSTs the
-stored body with Standard Webhooks headers, and hands the outcome to a recorder that writes
-outcomes in batches. Retries are rows with a later `next_attempt_at`, so a restart loses none.
+number of processes share the work; the sender renews its short lease while it holds the
+delivery, so one whose sender died is claimed again within seconds), checks the grant's
+revocation mark right before sending, POSTs the stored body with Standard Webhooks headers,
+and hands the outcome to a recorder that writes outcomes in batches. Retries are rows with a
+later `next_attempt_at`, so a restart loses none.
 
 Bounds, so one slow receiver cannot starve the others: at most WEBHOOK_ENDPOINT_CONCURRENCY
 requests to one subscription in flight per process and WEBHOOK_MAX_IN_FLIGHT in all; of one
@@ -65,6 +66,10 @@ RECHECK_AFTER = 0.2
 # With nothing due, look again this often: retries scheduled by other processes, and NOTIFY
 # lost with a dropped listener connection.
 POLL_INTERVAL = 1.0
+
+# Bounds of a sender's lease on a delivery, in seconds (renewed every third of it).
+LEASE_MIN = 5.0
+LEASE_MAX = 30.0
 # Retries due within this are woken for by a timer rather than the poll.
 _TIMER_HORIZON = 60.0
 
@@ -302,9 +307,13 @@ class Sender:
         self._worker = worker
         policy = ctx.settings.webhooks
         self._policy = policy
-        # Long enough for a leased delivery to wait its turn behind the others leased for
-        # its endpoint and then be sent.
-        self._lease = policy.timeout * (LEASE_DEPTH + 1) + 30
+        # Short, and renewed while held: a sender that dies (SIGKILL, lost host) gives its
+        # deliveries back within one lease, while a live one keeps them however long they
+        # wait for their endpoint's turn. Twice the request timeout, so a renewal that comes
+        # late by a whole request still finds its lease.
+        self._lease = min(max(policy.timeout * 2, LEASE_MIN), LEASE_MAX)
+        # Every delivery this sender holds a lease on, waiting or sending.
+        self._holding: dict[asyncio.Task[None], UUID] = {}
         self._gates: dict[UUID, tuple[asyncio.Semaphore, int]] = {}
         self._sending = asyncio.Semaphore(policy.max_in_flight)
         # Leased here and held in memory: sending or waiting for the endpoint's turn.
@@ -338,6 +347,7 @@ class Sender:
             asyncio.create_task(self._claim_loop(), name="webhooks-claim"),
             asyncio.create_task(self._flush_loop(), name="webhooks-record"),
             asyncio.create_task(self._listen(), name="webhooks-listen"),
+            asyncio.create_task(self._renew_loop(), name="webhooks-renew"),
         ]
 
     async def stop(self) -> None:
@@ -437,14 +447,30 @@ class Sender:
                 task = asyncio.create_task(self._send(c, checked_at))
                 self._tasks.add(task)
                 self._waiting[task] = c.id
+                self._holding[task] = c.id
                 self._ctx.metrics.in_flight.inc()
                 task.add_done_callback(self._sent)
 
     def _sent(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         self._waiting.pop(task, None)
+        self._holding.pop(task, None)
         self._ctx.metrics.in_flight.dec()
         self._slot_freed.set()
+
+    async def _renew_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._lease / 3)
+            # Outcomes not yet written still hold their delivery: a lease lost before the
+            # write would let another sender send it again.
+            held = set(self._holding.values()) | {o.delivery_id for o in self._outcomes}
+            if not held:
+                continue
+            try:
+                await store.renew_leases(self._ctx.pool, list(held), self._worker, self._lease)
+            except (OSError, asyncpg.PostgresError):
+                # The next renewal may still come in time; if not, others send them again.
+                log.warning("lease_renewal_failed", count=len(held), exc_info=True)
 
     def _slow_endpoints(self) -> list[UUID]:
         now = time.monotonic()

@@ -559,6 +559,23 @@ async def release_leases(db: Executor, ids: Sequence[UUID]) -> None:
         )
 
 
+async def renew_leases(
+    db: Executor, ids: Sequence[UUID], worker: str, lease_seconds: float
+) -> None:
+    """Extend the leases `worker` still holds; one it lost (it ran out and another sender
+    took the delivery) stays lost."""
+    await db.execute(
+        """
+        UPDATE webhooks.deliveries
+        SET locked_until = now() + $3::float8 * interval '1 second'
+        WHERE id = ANY ($1::uuid[]) AND locked_by = $2 AND status = 'pending'
+        """,
+        list(ids),
+        worker,
+        lease_seconds,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
     delivery_id: UUID
