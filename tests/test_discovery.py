@@ -6,7 +6,7 @@ from typing import Any
 
 from libs.common import scopes
 from libs.common.config import Settings
-from services.identity import schools
+from services.identity import schools, store
 
 
 async def test_school_discovery_names_its_own_issuer(
@@ -39,6 +39,36 @@ async def test_discovery_never_lists_admin_scopes(
         listed = set(meta["scopes_supported"])
         assert not listed & scopes.ADMIN_SCOPES
         assert {"openid", "profile", "email", "courses:read", "read", "write"} <= listed
+
+
+async def test_closed_registration_is_not_advertised(
+    identity_url: str, http: Any, pool: Any, settings: Settings, unique: str, identity_port: int
+) -> None:
+    still_open = await schools.create_school(pool, settings, f"dcro{unique}", "Open School")
+    closed = await schools.create_school(pool, settings, f"dcrc{unique}", "Closed School")
+    # Closed before its first request, so no Host cache holds it as open.
+    await store.set_open_registration(pool, closed.id, False)
+    open_base = f"http://{still_open.subdomain}.localhost:{identity_port}"
+    closed_base = f"http://{closed.subdomain}.localhost:{identity_port}"
+    platform = f"http://localhost:{identity_port}"
+    for path in ("/.well-known/openid-configuration", "/.well-known/oauth-authorization-server"):
+        async with http.get(closed_base + path) as resp:
+            assert resp.status == 200
+            meta = await resp.json()
+        assert "registration_endpoint" not in meta
+        # The rest of the document is unchanged.
+        assert meta["token_endpoint"] == f"{closed_base}/v1/oauth/token"
+        async with http.get(open_base + path) as resp:
+            assert (await resp.json())["registration_endpoint"] == f"{open_base}/v1/oauth/register"
+        async with http.get(platform + path) as resp:
+            assert (await resp.json())["registration_endpoint"] == f"{platform}/v1/oauth/register"
+    # And the endpoint itself still refuses.
+    async with http.post(
+        closed_base + "/v1/oauth/register",
+        json={"client_name": "App", "redirect_uris": ["https://app.example.com/cb"]},
+    ) as resp:
+        assert resp.status == 403
+        assert (await resp.json())["error"] == "access_denied"
 
 
 async def test_platform_host_is_the_platform_issuer(

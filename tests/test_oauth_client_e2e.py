@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
-import httpx
+import httpx2 as httpx  # the client Authlib drives (it prefers httpx2 when installed)
 import pytest
 from authlib.integrations.httpx_client import AsyncOAuth2Client
 from joserfc import jwt

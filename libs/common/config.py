@@ -130,6 +130,19 @@ class GatewayPolicy:
     trust_forwarded: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class IdentityPolicy:
+    """Identity's housekeeping and its bound on password hashing."""
+
+    # How often each identity process sweeps expired codes, sessions and refresh tokens.
+    sweep_interval: float = 300.0
+    # Rows one DELETE removes: small enough that no sweep statement holds locks for long.
+    sweep_batch_size: int = 1000
+    # argon2 verifications (and hashes) running at once per process; each holds its memory
+    # cost (64 MiB), so a login flood costs at most this many times that.
+    password_hash_concurrency: int = 4
+
+
 DEFAULT_WEBHOOK_RETRY_SCHEDULE = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
 
 
@@ -187,6 +200,7 @@ class Settings:
     upstreams: Upstreams = field(default_factory=Upstreams)
     gateway: GatewayPolicy = field(default_factory=GatewayPolicy)
     webhooks: WebhookPolicy = field(default_factory=WebhookPolicy)
+    identity: IdentityPolicy = field(default_factory=IdentityPolicy)
 
     @property
     def is_development(self) -> bool:
@@ -310,6 +324,26 @@ def _webhook_policy(env: Mapping[str, str], environment: str) -> WebhookPolicy:
         endpoint_concurrency=_int(env, "WEBHOOK_ENDPOINT_CONCURRENCY", 16, minimum=1),
         max_in_flight=_int(env, "WEBHOOK_MAX_IN_FLIGHT", 512, minimum=1),
         claim_idle=_float(env, "WEBHOOK_CLAIM_IDLE_SECONDS", 30.0, minimum=0.1),
+    )
+
+
+def _at_most(name: str, value: float, maximum: float) -> None:
+    if value > maximum:
+        raise ConfigError(name, f"must be at most {maximum:g}, got {value:g}")
+
+
+def _identity_policy(env: Mapping[str, str]) -> IdentityPolicy:
+    interval = _float(env, "IDENTITY_SWEEP_INTERVAL_SECONDS", 300.0, minimum=1.0)
+    # A day between sweeps already lets a busy issuer pile up a day of dead rows.
+    _at_most("IDENTITY_SWEEP_INTERVAL_SECONDS", interval, 86400)
+    batch = _int(env, "IDENTITY_SWEEP_BATCH_SIZE", 1000, minimum=1)
+    # Larger batches defeat the point of batching: one DELETE would lock that many rows.
+    _at_most("IDENTITY_SWEEP_BATCH_SIZE", batch, 50_000)
+    concurrency = _int(env, "PASSWORD_HASH_CONCURRENCY", 4, minimum=1)
+    # Each one holds argon2's 64 MiB: 64 of them is already 4 GiB.
+    _at_most("PASSWORD_HASH_CONCURRENCY", concurrency, 64)
+    return IdentityPolicy(
+        sweep_interval=interval, sweep_batch_size=batch, password_hash_concurrency=concurrency
     )
 
 
@@ -442,6 +476,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         upstreams=upstreams,
         gateway=gateway,
         webhooks=_webhook_policy(env, environment),
+        identity=_identity_policy(env),
         # Last, so a wrong value of any other variable is the one reported first.
         internal_token=_internal_token(env, environment, dev_keys),
     )

@@ -21,7 +21,7 @@ from libs.common import db, streams, tasks
 from libs.common.config import Settings
 from libs.common.logging import get_logger
 from libs.common.web import METRICS, READINESS, base_application
-from services.gateway import openapi, revocation, routes, routetable
+from services.gateway import mcp, openapi, revocation, routes, routetable
 from services.gateway.audit import AuditBuffer
 from services.gateway.context import CONTEXT, ROUTES, GatewayContext
 from services.gateway.directory import Directory
@@ -52,6 +52,7 @@ def create_app(settings: Settings, *, routes_file: str | None = None) -> web.App
         return web.Response(body=document, content_type="application/json")
 
     app.router.add_get("/openapi.json", openapi_document)
+    mcp.setup(app)
     app.router.add_route("*", "/{tail:.*}", routes.dispatch)
     app.cleanup_ctx.append(_resources(settings, table))
     return app

@@ -7,6 +7,7 @@ from typing import Any
 
 from libs.common import scopes as catalogue
 from libs.common.config import Settings
+from services.gateway.mcp import metadata as mcp_metadata
 from services.gateway.routetable import RouteTable
 
 _ERROR = {
@@ -54,6 +55,7 @@ def document(settings: Settings, routes: RouteTable) -> dict[str, Any]:
             "get": {"summary": "This document", "responses": {"200": {"description": "ok"}}}
         },
     }
+    paths.update(mcp_metadata.openapi_paths(settings))
     for route in routes.protected:
         operations: dict[str, Any] = {}
         for method in route.allowed_methods:

@@ -17,7 +17,7 @@ from libs.common.config import Settings
 from libs.common.errors import OAuthError
 from libs.common.logging import get_logger
 from libs.common.web import READINESS, Handler, base_application
-from services.identity import audit_consumer, keys, routes
+from services.identity import audit_consumer, cors, credentials, keys, routes, sweep
 from services.identity.context import CONTEXT, ISSUER, IdentityContext
 from services.identity.schools import SchoolDirectory, UnknownSchool
 
@@ -55,7 +55,7 @@ async def oauth_errors(request: web.Request, handler: Handler) -> web.StreamResp
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = base_application("identity", middlewares=[resolve_issuer, oauth_errors])
+    app = base_application("identity", middlewares=[resolve_issuer, cors.middleware, oauth_errors])
     app.cleanup_ctx.append(_resources(settings))
     routes.setup(app)
     return app
@@ -94,6 +94,7 @@ def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[
             redis=redis_client,
             schools=SchoolDirectory(pool, settings),
             keyring=keys.KeyRing(pool, settings),
+            passwords=credentials.PasswordGate(settings.identity.password_hash_concurrency),
         )
         app[CONTEXT] = context
 
@@ -111,6 +112,7 @@ def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[
         background = [
             asyncio.create_task(_rotate_on_schedule(pool, redis_client, settings, stop)),
             asyncio.create_task(audit_consumer.run(pool, redis_client, settings, stop)),
+            asyncio.create_task(sweep.run(pool, settings, stop), name="identity-sweep"),
         ]
         try:
             yield

@@ -9,6 +9,7 @@ import redis.asyncio as redis
 from aiohttp import web
 
 from libs.common.config import Settings
+from services.identity.credentials import PasswordGate
 from services.identity.keys import KeyRing
 from services.identity.schools import Issuer, SchoolDirectory
 
@@ -20,6 +21,7 @@ class IdentityContext:
     redis: redis.Redis
     schools: SchoolDirectory
     keyring: KeyRing
+    passwords: PasswordGate
 
 
 CONTEXT = web.AppKey("identity", IdentityContext)

@@ -7,6 +7,7 @@ useless, and it keeps the token endpoint fast.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import secrets
@@ -16,8 +17,15 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 
 # RFC 9106's second recommended option (64 MiB, 3 passes), argon2id.
 _hasher = PasswordHasher(time_cost=3, memory_cost=64 * 1024, parallelism=4)
-# Checked against when the account does not exist, so a miss costs what a hit costs.
-_DUMMY_HASH = _hasher.hash(secrets.token_urlsafe(16))
+# Checked against when the account does not exist, so a miss costs what a hit costs. A fixed
+# string, not hashed at import: importing this module would otherwise spend a full argon2 run
+# (and its 64 MiB) in every process and CLI call. Its parameters must stay those of _hasher
+# (a test holds them equal); the password behind it was random and is forgotten, and nothing
+# it protects exists, so it is no secret. Replace it whenever _hasher's parameters change.
+_DUMMY_HASH = (
+    "$argon2id$v=19$m=65536,t=3,p=4$f4P+tC+8EuEf5NvrVpgN+A"
+    "$ERwXuqnnYudny7JVKoasd981RuhX6CcRMVcc1lgLvnI"
+)
 
 CLIENT_SECRET_PREFIX = "lcs_"
 REFRESH_TOKEN_PREFIX = "lcr_"
@@ -39,6 +47,30 @@ def verify_password(stored_hash: str | None, password: str) -> bool:
 
 def password_needs_rehash(stored_hash: str) -> bool:
     return _hasher.check_needs_rehash(stored_hash)
+
+
+class PasswordGate:
+    """argon2 off the event loop, at most `limit` at once in the process.
+
+    Each run holds the hasher's memory cost for its duration; unbounded, a flood of sign-ins
+    would multiply it by however many arrive together. Bounding it here also keeps argon2
+    from occupying every thread of the default executor, which other work (DNS lookups among
+    it) shares. Callers beyond the limit wait their turn rather than fail.
+    """
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        self.limit = limit
+        self._slots = asyncio.Semaphore(limit)
+
+    async def verify(self, stored_hash: str | None, password: str) -> bool:
+        async with self._slots:
+            return await asyncio.to_thread(verify_password, stored_hash, password)
+
+    async def hash(self, password: str) -> str:
+        async with self._slots:
+            return await asyncio.to_thread(hash_password, password)
 
 
 def new_secret(prefix: str) -> str:

@@ -26,6 +26,9 @@ CLAIMS_SUPPORTED = (
 
 
 def metadata(issuer: Issuer) -> dict[str, Any]:
+    """The issuer's metadata. A school that closed open registration does not advertise
+    `registration_endpoint` (RFC 8414 2: present only where registration is offered); the
+    platform always offers it, for MCP clients."""
     base = issuer.issuer
     scopes = (
         list(issuer.school.allowed_scopes)
@@ -37,7 +40,7 @@ def metadata(issuer: Issuer) -> dict[str, Any]:
     for identity_scope in ("openid", "profile", "email"):
         if identity_scope not in scopes:
             scopes.insert(0, identity_scope)
-    return {
+    document: dict[str, Any] = {
         "issuer": base,
         "authorization_endpoint": f"{base}/v1/oauth/authorize",
         "token_endpoint": f"{base}/v1/oauth/token",
@@ -77,3 +80,6 @@ def metadata(issuer: Issuer) -> dict[str, Any]:
         "claims_parameter_supported": False,
         "ui_locales_supported": ["en"],
     }
+    if issuer.school is not None and not issuer.school.open_registration:
+        del document["registration_endpoint"]
+    return document

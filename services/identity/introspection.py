@@ -15,7 +15,7 @@ from aiohttp import web
 from libs.common import jwt
 from libs.common.errors import OAuthError, json_response
 from libs.common.logging import get_logger
-from services.identity import client_auth, credentials, resources, store, tokens
+from services.identity import client_auth, cors, credentials, resources, store, tokens
 from services.identity.context import IdentityContext, context, issuer
 from services.identity.revocation import token_kind
 from services.identity.schools import Issuer
@@ -118,6 +118,8 @@ async def introspection_endpoint(request: web.Request) -> web.Response:
         form=form,
         confidential_only=True,
     )
+    if not cors.admit(request, authenticated.client):
+        raise OAuthError("invalid_request", cors.REFUSED)
     token = form.get("token")
     if not token:
         raise OAuthError("invalid_request", "token is required")

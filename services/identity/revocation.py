@@ -16,7 +16,7 @@ from aiohttp import web
 from libs.common import jwt
 from libs.common.errors import OAuthError
 from libs.common.logging import get_logger
-from services.identity import audit, client_auth, credentials, grants, store, tokens
+from services.identity import audit, client_auth, cors, credentials, grants, store, tokens
 from services.identity.context import IdentityContext, context, issuer
 from services.identity.schools import Issuer
 from services.identity.store import tokens as token_store
@@ -116,6 +116,8 @@ async def revocation_endpoint(request: web.Request) -> web.Response:
         authorization=request.headers.get("Authorization"),
         form=form,
     )
+    if not cors.admit(request, authenticated.client):
+        raise OAuthError("invalid_request", cors.REFUSED)
     token = form.get("token")
     if not token:
         raise OAuthError("invalid_request", "token is required")

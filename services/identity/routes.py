@@ -12,6 +12,7 @@ from aiohttp import web
 from libs.common.errors import json_response
 from services.identity import (
     authorize,
+    cors,
     discovery,
     introspection,
     keys,
@@ -68,3 +69,4 @@ def setup(app: web.Application) -> None:
     r.add_get("/openapi.json", openapi_document)
     for module in ENDPOINT_MODULES:
         module.setup(app)
+    cors.setup(app)

@@ -253,7 +253,7 @@ async def sign_in(
     # not be made to chew on megabytes.
     user = None
     if len(password) <= MAX_PASSWORD_LENGTH and len(email) <= MAX_EMAIL_LENGTH:
-        user = await users.authenticate(ctx.pool, email, password)
+        user = await users.authenticate(ctx.pool, email, password, gate=ctx.passwords)
     if user is None:
         await throttle.failed(email, address)
         await audit.append(

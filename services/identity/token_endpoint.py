@@ -26,6 +26,7 @@ from libs.common.logging import get_logger
 from services.identity import (
     audit,
     client_auth,
+    cors,
     credentials,
     grants,
     keys,
@@ -526,6 +527,8 @@ async def token_endpoint(request: web.Request) -> web.Response:
         authorization=request.headers.get("Authorization"),
         form=form,
     )
+    if not cors.admit(request, authenticated.client):
+        raise OAuthError("invalid_request", cors.REFUSED)
     grant_type = form.get("grant_type")
     if not grant_type:
         raise OAuthError("invalid_request", "grant_type is required")

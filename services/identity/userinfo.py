@@ -8,6 +8,8 @@ parameter (RFC 6750 2.2). It must be this issuer's, live, of a grant not revoked
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -15,7 +17,7 @@ from aiohttp import web
 from libs.common import jwt
 from libs.common.errors import bearer_error, json_response
 from libs.common.logging import get_logger
-from services.identity import client_auth, store, tokens
+from services.identity import client_auth, cors, store, tokens
 from services.identity.context import IdentityContext, context, issuer
 from services.identity.schools import Issuer
 from services.identity.store import tokens as token_store
@@ -67,14 +69,26 @@ async def bearer_token(request: web.Request) -> str:
 
 
 async def claims_for(
-    ctx: IdentityContext, state: tokens.TokenState, iss: Issuer, token: str
+    ctx: IdentityContext,
+    state: tokens.TokenState,
+    iss: Issuer,
+    token: str,
+    *,
+    admit: Callable[[str], Awaitable[None]] | None = None,
 ) -> dict[str, Any]:
-    """The UserInfo claims the token's scopes release."""
+    """The UserInfo claims the token's scopes release.
+
+    `admit` is shown the token's client as soon as the signature proves it, before any other
+    check, so the client's origin rules apply to every answer that follows (a revoked
+    token's 401 included).
+    """
     try:
         claims = await tokens.verify_own_access_token(state, ctx.pool, iss, token)
     except jwt.TokenError as exc:
         log.info("userinfo_refused", reason=exc.reason)
         raise _invalid_token("the access token is invalid or expired") from None
+    if admit is not None:
+        await admit(str(claims["client_id"]))
     grant = await token_store.grant_status(ctx.pool, tokens.grant_uuid(claims))
     if grant is None or grant.revoked or grant.client_id != claims["client_id"]:
         raise _invalid_token("the access token has been revoked")
@@ -93,11 +107,22 @@ async def claims_for(
     return answer
 
 
+async def admit_origin(request: web.Request, ctx: IdentityContext, client_id: str) -> None:
+    """Refuse a cross-origin call from an origin the token's client did not register; note
+    the client's origins for the response's CORS grant either way."""
+    if not cors.cross_origin(request):
+        return
+    client = await store.cached_client_by_id(ctx.pool, client_id)
+    if client is None or not cors.admit(request, client):
+        raise UserinfoError(400, "invalid_request", cors.REFUSED)
+
+
 async def userinfo_endpoint(request: web.Request) -> web.Response:
     ctx = context(request)
     try:
         token = await bearer_token(request)
-        answer = await claims_for(ctx, tokens.state(request), issuer(request), token)
+        admit = functools.partial(admit_origin, request, ctx)
+        answer = await claims_for(ctx, tokens.state(request), issuer(request), token, admit=admit)
     except UserinfoError as exc:
         return exc.response()
     return json_response(answer, headers=_NO_STORE)

@@ -61,18 +61,33 @@ async def create_user(
     return user, created
 
 
-async def authenticate(pool: asyncpg.Pool, email: str, password: str) -> store.User | None:
-    """The user whose email and password these are, or None; a miss costs what a hit costs."""
+async def authenticate(
+    pool: asyncpg.Pool,
+    email: str,
+    password: str,
+    *,
+    gate: credentials.PasswordGate | None = None,
+) -> store.User | None:
+    """The user whose email and password these are, or None; a miss costs what a hit costs.
+
+    A serving process passes its `gate`, which bounds how many argon2 runs (and their memory)
+    it has going at once; a one-off caller (the CLI, a test) may do without.
+    """
     user = await store.user_by_email(pool, email.strip())
+    stored = user.password_hash if user else None
     # argon2id takes tens of milliseconds of CPU on purpose: off the event loop, so one
     # sign-in does not stall every other request of the process.
-    ok = await asyncio.to_thread(
-        credentials.verify_password, user.password_hash if user else None, password
-    )
+    if gate is not None:
+        ok = await gate.verify(stored, password)
+    else:
+        ok = await asyncio.to_thread(credentials.verify_password, stored, password)
     if not ok:
         return None
     assert user is not None
     if credentials.password_needs_rehash(user.password_hash):
-        rehashed = await asyncio.to_thread(credentials.hash_password, password)
+        if gate is not None:
+            rehashed = await gate.hash(password)
+        else:
+            rehashed = await asyncio.to_thread(credentials.hash_password, password)
         await store.update_password_hash(pool, user.id, rehashed)
     return user

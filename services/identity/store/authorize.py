@@ -88,11 +88,6 @@ async def delete_session(db: Executor, id_hash: bytes) -> None:
     await db.execute("DELETE FROM sessions WHERE id_hash = $1", id_hash)
 
 
-async def delete_expired_sessions(db: Executor) -> int:
-    result: str = await db.execute("DELETE FROM sessions WHERE expires_at <= now()")
-    return int(result.rsplit(" ", 1)[-1])
-
-
 async def may_use_school(db: Executor, user_id: UUID, school_id: int) -> bool:
     """A member of the school, or a platform administrator."""
     allowed: bool | None = await db.fetchval(

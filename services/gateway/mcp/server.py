@@ -1,0 +1,124 @@
+"""The MCP server: the SDK's low-level Server and streamable HTTP transport, served by aiohttp.
+
+Stateless and JSON-answering (the SDK's `stateless=True, json_response=True`): every POST is
+a whole exchange, so any gateway process can answer any call, as contract 1 has it for every
+service, and nothing about a client is held between calls. The SDK does the protocol
+(JSON-RPC, initialize, versions, headers); the gateway does who-may-call (auth.py) before a
+request reaches it and hands the verified Caller over in the ASGI scope (asgi.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import web
+from mcp import types
+from mcp.server.context import ServerRequestContext
+from mcp.server.lowlevel.server import Server
+from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+
+from libs.common.errors import json_response
+from services.gateway import routes
+from services.gateway.context import context
+from services.gateway.mcp import asgi, auth, metadata, tools
+
+CALLER_KEY = "loopwise.mcp.caller"
+
+INSTRUCTIONS = (
+    "Tools act on the one school the user chose when granting this app access; tools/list "
+    "shows the tools the granted scopes allow."
+)
+
+
+def _caller(ctx: ServerRequestContext[Any, Any]) -> auth.Caller:
+    request = ctx.request
+    caller = request.scope.get(CALLER_KEY) if request is not None else None
+    if not isinstance(caller, auth.Caller):
+        # Every request reaches the SDK through Endpoint.handle, which sets it.
+        raise RuntimeError("an MCP request without a verified caller")
+    return caller
+
+
+async def _list_tools(
+    ctx: ServerRequestContext[Any, Any], _params: types.PaginatedRequestParams | None
+) -> types.ListToolsResult:
+    return types.ListToolsResult(tools=tools.listed(_caller(ctx)))
+
+
+async def _call_tool(
+    ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams
+) -> types.CallToolResult:
+    return await tools.run(_caller(ctx), params.name, params.arguments or {})
+
+
+def build_server(version: str) -> Server[Any]:
+    return Server(
+        "loopwise-connect",
+        version=version,
+        title="Loopwise Connect",
+        instructions=INSTRUCTIONS,
+        on_list_tools=_list_tools,
+        on_call_tool=_call_tool,
+    )
+
+
+class Endpoint:
+    """`/mcp` and the SDK session manager behind it, for the life of the application."""
+
+    def __init__(self, version: str) -> None:
+        self.manager = StreamableHTTPSessionManager(
+            build_server(version), stateless=True, json_response=True
+        )
+        self._verifier: auth.McpTokenVerifier | None = None
+
+    async def lifespan(self, _app: web.Application) -> AsyncIterator[None]:
+        """aiohttp cleanup context: the manager runs in a task of its own, because its anyio
+        task group must be left by the task that entered it (aiohttp may start and clean up
+        from different tasks)."""
+        ready = asyncio.Event()
+        stop = asyncio.Event()
+
+        async def run() -> None:
+            async with self.manager.run():
+                ready.set()
+                await stop.wait()
+
+        task = asyncio.create_task(run())
+        waiting = asyncio.create_task(ready.wait())
+        await asyncio.wait({task, waiting}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            waiting.cancel()
+            task.result()  # raises why the manager could not start
+        try:
+            yield
+        finally:
+            stop.set()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        ctx = context(request)
+        host = routes._host(request, ctx)
+        if not metadata.on_platform(host, ctx.settings):
+            return metadata.not_here(ctx.settings)
+        if request.method != "POST":
+            # Stateless: no server-initiated stream for a GET to open (the transport spec's
+            # 405 for "no SSE stream here") and no session for a DELETE to end.
+            return json_response(
+                {"error": "method_not_allowed", "error_description": "The MCP server takes POST."},
+                status=405,
+                headers={"Allow": "POST"},
+            )
+        if self._verifier is None:
+            self._verifier = auth.McpTokenVerifier(ctx)
+        caller = await auth.authenticate(request, ctx, self._verifier, host)
+        response: web.StreamResponse
+        if isinstance(caller, web.StreamResponse):
+            response = caller
+        else:
+            response = await asgi.serve(self.manager.handle_request, request, {CALLER_KEY: caller})
+        ctx.metrics.call(metadata.PATH, response.status)
+        return response

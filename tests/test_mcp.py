@@ -1,0 +1,567 @@
+"""The MCP server (contract 9) on real sockets, met by the real MCP SDK client.
+
+Identity behind a gateway (issuers on the gateway's public port), the real school API (with its
+outbox relay) as the gateway's `school_api` upstream. The session's `gateway_url` fronts an echo
+server, so this module runs a gateway of its own (`extra_gateway`) and sends every request to it
+with the public origin's Host, as DNS and a port forward would. Tokens come from identity's
+token endpoint, for an MCP client registered on the platform, the school picked at consent and
+the MCP endpoint named as RFC 8707 `resource`.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+import aiohttp
+import asyncpg
+import httpx2
+import orjson
+import pytest
+import redis.asyncio as redis_asyncio
+from mcp import types
+from mcp.client.session import ClientSession
+from mcp.client.streamable_http import streamable_http_client
+
+from libs.common import streams
+from libs.common.config import Settings
+from services.identity import clients, schools, store, users
+from services.school_api import seed
+from tests.test_gateway_support import extra_gateway
+from tests.test_school_api_events import events_of, until
+from tests.token_helpers import insert_code, pkce_pair
+
+pytestmark = pytest.mark.timeout(60)
+
+LOOPBACK_REDIRECT = "http://127.0.0.1:33418/callback"
+SCOPES = ("openid", "courses:read", "courses:write")
+
+
+@dataclass(frozen=True)
+class System:
+    gateway: str  # where this module's gateway listens (http://127.0.0.1:port)
+    public_port: int  # the port of every public origin
+
+    @property
+    def platform_host(self) -> str:
+        return f"localhost:{self.public_port}"
+
+    @property
+    def platform(self) -> str:
+        return f"http://{self.platform_host}"
+
+    @property
+    def mcp_resource(self) -> str:
+        return f"{self.platform}/mcp"
+
+    def school_host(self, subdomain: str) -> str:
+        return f"{subdomain}.localhost:{self.public_port}"
+
+
+@pytest.fixture(scope="module")
+async def system(
+    gateway_env: dict[str, str], gateway_port: int, gateway_identity_url: str, school_api_url: str
+) -> AsyncIterator[System]:
+    async with extra_gateway(gateway_env, SCHOOL_API_URL=school_api_url) as base:
+        yield System(base, gateway_port)
+
+
+@dataclass(frozen=True)
+class Tenant:
+    school: store.School
+    user: store.User
+
+
+async def new_tenant(pool: asyncpg.Pool, settings: Settings, label: str) -> Tenant:
+    """A school with the sample data `make dev` gives `demo`, and a user of it."""
+    school = await schools.create_school(
+        pool,
+        settings,
+        f"mcp{label}{secrets.token_hex(3)}",
+        f"MCP {label}",
+        # Above make_world's ids (1_000_000 + up to 1e9), within int4.
+        1_100_000_000 + secrets.randbelow(900_000_000),
+    )
+    assert await seed.seed_school(pool, school.id, school.name)
+    user, _ = await users.create_user(
+        pool,
+        school_id=school.id,
+        email=f"mcp-{label}-{secrets.token_hex(4)}@example.com",
+        password="correct horse battery",
+        name="Ada Lovelace",
+    )
+    return Tenant(school, user)
+
+
+@pytest.fixture(scope="module")
+async def tenant(pool: asyncpg.Pool, gateway_settings: Settings) -> Tenant:
+    return await new_tenant(pool, gateway_settings, "a")
+
+
+@pytest.fixture(scope="module")
+async def other_tenant(pool: asyncpg.Pool, gateway_settings: Settings) -> Tenant:
+    return await new_tenant(pool, gateway_settings, "b")
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+async def _token_request(
+    http: aiohttp.ClientSession, system: System, host: str, form: dict[str, str]
+) -> dict[str, Any]:
+    async with http.post(
+        system.gateway + "/v1/oauth/token", data=form, headers={"Host": host}
+    ) as resp:
+        body: dict[str, Any] = await resp.json()
+        assert resp.status == 200, body
+        return body
+
+
+@dataclass(frozen=True)
+class Issued:
+    access_token: str
+    client_id: str
+    grant_id: UUID
+
+
+async def mcp_token(
+    http: aiohttp.ClientSession,
+    pool: asyncpg.Pool,
+    settings: Settings,
+    system: System,
+    tenant: Tenant,
+    *,
+    scopes: Sequence[str] = SCOPES,
+    resource: str | None = "mcp",
+) -> Issued:
+    """An MCP client registered on the platform, authorized for `tenant`'s school (the code as
+    the authorize flow stores it after consent), its code exchanged at the platform's token
+    endpoint through the gateway."""
+    made = await clients.create_client(
+        pool,
+        settings,
+        school=None,
+        name="Claude Code",
+        redirect_uris=[LOOPBACK_REDIRECT],
+        public=True,
+        scopes=scopes,
+        created_via="registration",
+    )
+    named = system.mcp_resource if resource == "mcp" else resource
+    verifier, challenge = pkce_pair()
+    code, grant_id = await insert_code(
+        pool,
+        settings,
+        school_id=tenant.school.id,
+        client_id=made.client.id,
+        user_id=tenant.user.id,
+        scopes=scopes,
+        challenge=challenge,
+        redirect_uri=LOOPBACK_REDIRECT,
+        resource=named,
+    )
+    form = {
+        "grant_type": "authorization_code",
+        "code": code,
+        "redirect_uri": LOOPBACK_REDIRECT,
+        "code_verifier": verifier,
+        "client_id": made.client.id,
+    }
+    if named:
+        form["resource"] = named
+    body = await _token_request(http, system, system.platform_host, form)
+    assert body["school_id"] == tenant.school.id
+    return Issued(body["access_token"], made.client.id, grant_id)
+
+
+@asynccontextmanager
+async def mcp_session(
+    system: System, access_token: str, *, era: str = "handshake"
+) -> AsyncIterator[ClientSession]:
+    """The SDK's client over streamable HTTP, Host the platform's, connected the way of `era`:
+    the `initialize` handshake (protocol 2025-11-25 and before) or `discover` (2026-07-28,
+    every request self-contained)."""
+    headers = {"Host": system.platform_host, "Authorization": f"Bearer {access_token}"}
+    async with (
+        httpx2.AsyncClient(headers=headers, timeout=30) as client,
+        streamable_http_client(system.gateway + "/mcp", http_client=client) as (read, write),
+        ClientSession(read, write) as session,
+    ):
+        if era == "handshake":
+            await session.initialize()
+        else:
+            discovered = await session.discover()
+            assert "2026-07-28" in discovered.supported_versions
+        yield session
+
+
+def _text(result: types.CallToolResult) -> str:
+    return "".join(c.text for c in result.content if isinstance(c, types.TextContent))
+
+
+async def _post_mcp(
+    http: aiohttp.ClientSession, system: System, token: str | None, host: str | None = None
+) -> tuple[int, dict[str, Any] | None, Any]:
+    """A bare JSON-RPC ping POST, to see the HTTP answer itself."""
+    headers = {
+        "Host": host or system.platform_host,
+        "Accept": "application/json, text/event-stream",
+        "Content-Type": "application/json",
+    }
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    payload = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
+    async with http.post(system.gateway + "/mcp", data=orjson.dumps(payload), headers=headers) as r:
+        raw = await r.read()
+        body = orjson.loads(raw) if raw and r.content_type == "application/json" else None
+        return r.status, body, r.headers
+
+
+# Metadata ------------------------------------------------------------------------------------
+
+
+async def test_protected_resource_metadata_names_the_platform_issuer(
+    system: System, http: aiohttp.ClientSession, tenant: Tenant
+) -> None:
+    async with http.get(
+        system.gateway + "/.well-known/openid-configuration",
+        headers={"Host": system.platform_host},
+    ) as resp:
+        issuer = (await resp.json())["issuer"]
+    for path in (
+        "/.well-known/oauth-protected-resource/mcp",
+        "/.well-known/oauth-protected-resource",
+    ):
+        async with http.get(system.gateway + path, headers={"Host": system.platform_host}) as resp:
+            assert resp.status == 200, path
+            document = await resp.json()
+        assert document["resource"] == system.mcp_resource
+        assert document["authorization_servers"] == [issuer]
+        assert document["bearer_methods_supported"] == ["header"]
+        assert "courses:read" in document["scopes_supported"]
+        assert "students:read" in document["scopes_supported"]
+        assert not [s for s in document["scopes_supported"] if s.startswith("admin:")]
+        # A school origin has no MCP endpoint, so no metadata for one.
+        async with http.get(
+            system.gateway + path, headers={"Host": system.school_host(tenant.school.subdomain)}
+        ) as resp:
+            assert resp.status == 404
+    async with http.get(system.gateway + "/openapi.json") as resp:
+        paths = (await resp.json())["paths"]
+    assert "post" in paths["/mcp"]
+    assert "/.well-known/oauth-protected-resource/mcp" in paths
+
+
+# Who may call ----------------------------------------------------------------------------------
+
+
+async def test_no_token_is_401_pointing_at_the_resource_metadata(
+    system: System, http: aiohttp.ClientSession
+) -> None:
+    status, _, headers = await _post_mcp(http, system, None)
+    assert status == 401
+    challenge = headers["WWW-Authenticate"]
+    assert challenge.startswith("Bearer ")
+    assert (
+        f'resource_metadata="{system.platform}/.well-known/oauth-protected-resource/mcp"'
+        in challenge
+    )
+    assert "error=" not in challenge
+    status, _, headers = await _post_mcp(http, system, "not-a-jwt")
+    assert status == 401
+    assert 'error="invalid_token"' in headers["WWW-Authenticate"]
+    assert "resource_metadata=" in headers["WWW-Authenticate"]
+
+
+async def test_token_of_another_audience_is_401(
+    system: System,
+    http: aiohttp.ClientSession,
+    pool: asyncpg.Pool,
+    gateway_settings: Settings,
+    tenant: Tenant,
+) -> None:
+    # No `resource` named: the token is for the school's API origin, not for /mcp.
+    issued = await mcp_token(http, pool, gateway_settings, system, tenant, resource=None)
+    status, body, headers = await _post_mcp(http, system, issued.access_token)
+    assert status == 401
+    assert body is not None and body["error"] == "invalid_token"
+    assert 'error="invalid_token"' in headers["WWW-Authenticate"]
+    assert "resource_metadata=" in headers["WWW-Authenticate"]
+
+
+async def test_token_of_a_school_issuer_is_401_even_for_this_resource(
+    system: System,
+    http: aiohttp.ClientSession,
+    pool: asyncpg.Pool,
+    gateway_settings: Settings,
+    tenant: Tenant,
+) -> None:
+    """The metadata names the platform as the resource's one authorization server."""
+    made = await clients.create_client(
+        pool,
+        gateway_settings,
+        school=tenant.school,
+        name="School App",
+        redirect_uris=[LOOPBACK_REDIRECT],
+        public=True,
+        scopes=SCOPES,
+    )
+    verifier, challenge = pkce_pair()
+    code, _ = await insert_code(
+        pool,
+        gateway_settings,
+        school_id=tenant.school.id,
+        client_id=made.client.id,
+        user_id=tenant.user.id,
+        scopes=SCOPES,
+        challenge=challenge,
+        redirect_uri=LOOPBACK_REDIRECT,
+        resource=system.mcp_resource,
+    )
+    body = await _token_request(
+        http,
+        system,
+        system.school_host(tenant.school.subdomain),
+        {
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": LOOPBACK_REDIRECT,
+            "code_verifier": verifier,
+            "client_id": made.client.id,
+        },
+    )
+    status, answer, _ = await _post_mcp(http, system, body["access_token"])
+    assert status == 401
+    assert answer is not None and answer["error"] == "invalid_token"
+
+
+async def test_mcp_answers_on_the_platform_origin_only(
+    system: System,
+    http: aiohttp.ClientSession,
+    pool: asyncpg.Pool,
+    gateway_settings: Settings,
+    tenant: Tenant,
+) -> None:
+    issued = await mcp_token(http, pool, gateway_settings, system, tenant)
+    status, _, _ = await _post_mcp(
+        http, system, issued.access_token, host=system.school_host(tenant.school.subdomain)
+    )
+    assert status == 404
+    status, body, _ = await _post_mcp(http, system, issued.access_token)
+    assert status == 200, body
+    assert body is not None and body["result"] == {}
+    # Stateless: no server-initiated stream to open, no session to end.
+    bearer = {"Host": system.platform_host, "Authorization": f"Bearer {issued.access_token}"}
+    for method in ("GET", "DELETE"):
+        async with http.request(method, system.gateway + "/mcp", headers=bearer) as resp:
+            assert resp.status == 405
+            assert resp.headers["Allow"] == "POST"
+
+
+async def test_revoked_grant_is_401(
+    system: System,
+    http: aiohttp.ClientSession,
+    pool: asyncpg.Pool,
+    gateway_settings: Settings,
+    tenant: Tenant,
+) -> None:
+    issued = await mcp_token(http, pool, gateway_settings, system, tenant)
+    async with mcp_session(system, issued.access_token) as session:
+        assert (await session.call_tool("list_courses", {"limit": 1})).is_error is False
+    async with http.post(
+        system.gateway + "/v1/oauth/revoke",
+        data={"token": issued.access_token, "client_id": issued.client_id},
+        headers={"Host": system.platform_host},
+    ) as resp:
+        assert resp.status == 200
+    status, _, headers = await _post_mcp(http, system, issued.access_token)
+    assert status == 401
+    assert 'error="invalid_token"' in headers["WWW-Authenticate"]
+    assert "resource_metadata=" in headers["WWW-Authenticate"]
+
+
+# Tools ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("era", ["handshake", "modern"])
+async def test_tools_act_on_the_tokens_school_through_the_school_api(
+    era: str,
+    system: System,
+    http: aiohttp.ClientSession,
+    pool: asyncpg.Pool,
+    redis: redis_asyncio.Redis,
+    gateway_settings: Settings,
+    tenant: Tenant,
+    other_tenant: Tenant,
+    school_api_url: str,
+) -> None:
+    issued = await mcp_token(http, pool, gateway_settings, system, tenant)
+    ours = {
+        r["id"]
+        for r in await pool.fetch(
+            "SELECT id FROM school_api.courses WHERE school_id = $1", tenant.school.id
+        )
+    }
+    theirs = {
+        r["id"]
+        for r in await pool.fetch(
+            "SELECT id FROM school_api.courses WHERE school_id = $1", other_tenant.school.id
+        )
+    }
+    assert ours and theirs
+
+    async with mcp_session(system, issued.access_token, era=era) as session:
+        # tools/list offers what the granted scopes allow, nothing else.
+        listed = {t.name: t for t in (await session.list_tools()).tools}
+        assert {"list_courses", "get_course", "list_reviews", "update_course"} <= set(listed)
+        assert "list_members" not in listed and "update_settings" not in listed
+        assert listed["update_course"].input_schema["required"] == ["id"]
+        assert listed["list_courses"].annotations is not None
+        assert listed["list_courses"].annotations.read_only_hint is True
+
+        result = await session.call_tool("list_courses", {"limit": 100})
+        assert result.is_error is False, _text(result)
+        assert result.structured_content is not None
+        rows = result.structured_content["data"]
+        seen = {row["id"] for row in rows}
+        assert seen == ours
+        assert {row["school_id"] for row in rows} == {tenant.school.id}
+        assert orjson.loads(_text(result))["data"] == rows
+
+        # Another school's course does not exist from here.
+        missing = await session.call_tool("get_course", {"id": min(theirs)})
+        assert missing.is_error is True
+        assert "not_found" in _text(missing)
+
+        course_id = min(ours)
+        title = f"Renamed over MCP {secrets.token_hex(3)}"
+        updated = await session.call_tool("update_course", {"id": course_id, "title": title})
+        assert updated.is_error is False, _text(updated)
+        assert updated.structured_content is not None
+        assert updated.structured_content["title"] == title
+
+        # Arguments the school API would refuse are refused with its reasons.
+        invalid = await session.call_tool("update_course", {"id": course_id, "status": "gone"})
+        assert invalid.is_error is True
+        assert "status" in _text(invalid)
+
+    # The change, read straight from the school API with a gateway-vouched identity.
+    headers = {
+        "X-Connect-Internal-Token": gateway_settings.internal_token,
+        "X-Connect-School-Id": str(tenant.school.id),
+        "X-Connect-Subject": str(tenant.user.id),
+        "X-Connect-Client-Id": issued.client_id,
+        "X-Connect-Scopes": "courses:read",
+    }
+    async with http.get(f"{school_api_url}/api/v1/courses/{course_id}", headers=headers) as resp:
+        assert resp.status == 200
+        assert (await resp.json())["title"] == title
+
+    # And the event every change publishes.
+    events = await events_of(
+        redis, gateway_settings.stream(streams.EVENTS), tenant.school.id, 1, timeout=10
+    )
+    changed = [
+        e
+        for e in events
+        if e["type"] == "course.updated"
+        and e["data"]["id"] == course_id
+        and e["data"]["title"] == title
+    ]
+    assert len(changed) == 1
+
+    # Each school API call a tool made is in the audit trail, under the grant (the gateway
+    # appends its records in batches, so they are waited for).
+    expected = {("GET", "/api/v1/courses", 200), ("PATCH", f"/api/v1/courses/{course_id}", 200)}
+
+    async def audited() -> bool:
+        entries = await redis.xrevrange(gateway_settings.stream(streams.AUDIT), count=5000)
+        records = [orjson.loads(fields[b"data"]) for _, fields in entries]
+        calls = {
+            (r.get("method"), r.get("path"), r.get("status"))
+            for r in records
+            if r.get("grant_id") == str(issued.grant_id) and r.get("action") == "api.call"
+        }
+        return expected <= calls
+
+    assert await until(audited)
+
+
+async def test_a_tool_without_its_scope_is_a_tool_error_naming_the_scope(
+    system: System,
+    http: aiohttp.ClientSession,
+    pool: asyncpg.Pool,
+    gateway_settings: Settings,
+    tenant: Tenant,
+) -> None:
+    issued = await mcp_token(
+        http, pool, gateway_settings, system, tenant, scopes=("openid", "courses:read")
+    )
+    async with mcp_session(system, issued.access_token) as session:
+        names = {t.name for t in (await session.list_tools()).tools}
+        assert "update_course" not in names and "list_members" not in names
+
+        denied = await session.call_tool("update_course", {"id": 1, "title": "x"})
+        assert denied.is_error is True
+        assert "courses:write" in _text(denied)
+        assert denied.structured_content == {
+            "error": "insufficient_scope",
+            "scope": "courses:write",
+        }
+
+        members = await session.call_tool("list_members", {})
+        assert members.is_error is True
+        assert "students:read" in _text(members)
+
+        # Any-of: either scope the table names would do, and the error says so.
+        settings = await session.call_tool("get_settings", {})
+        assert settings.is_error is True
+        assert "school:read or appearance:read" in _text(settings)
+
+        unknown = await session.call_tool("drop_database", {})
+        assert unknown.is_error is True
+
+
+async def test_any_of_scopes_and_argument_checks(
+    system: System,
+    http: aiohttp.ClientSession,
+    pool: asyncpg.Pool,
+    gateway_settings: Settings,
+    tenant: Tenant,
+) -> None:
+    issued = await mcp_token(
+        http,
+        pool,
+        gateway_settings,
+        system,
+        tenant,
+        scopes=("openid", "appearance:read", "posts:read", "posts:write"),
+    )
+    async with mcp_session(system, issued.access_token) as session:
+        found = await session.call_tool("get_settings", {})
+        assert found.is_error is False, _text(found)
+        assert found.structured_content is not None
+        assert found.structured_content["school_id"] == tenant.school.id
+
+        created = await session.call_tool("create_post", {"title": "Hello from MCP"})
+        assert created.is_error is False, _text(created)
+        assert created.structured_content is not None
+        post_id = created.structured_content["id"]
+        assert created.structured_content["school_id"] == tenant.school.id
+        deleted = await session.call_tool("delete_post", {"id": post_id})
+        assert deleted.is_error is False, _text(deleted)
+        gone = await session.call_tool("get_post", {"id": post_id})
+        assert gone.is_error is True
+
+        # Nothing a caller sends can reach another path than the tool's.
+        for bad in ({"id": "1/../../members"}, {"id": True}, {"id": 0}, {"id": 1, "x": 1}):
+            refused = await session.call_tool("get_post", bad)
+            assert refused.is_error is True
+            assert "invalid arguments" in _text(refused)
