@@ -535,13 +535,17 @@ async def test_valid_request_shows_the_login_page_with_strict_headers(
         assert world.school.name in body
 
 
-async def test_resource_of_the_school_or_mcp_is_accepted(
+async def test_resource_of_the_school_is_accepted_and_mcp_is_the_platforms_alone(
     world: World, http: Any, settings: Settings
 ) -> None:
-    for resource in (world.base, f"{settings.urls.platform_url}/mcp"):
-        url = authorize_url(world.base, world.client.id, resource=resource)
-        async with http.get(url, allow_redirects=False) as resp:
-            assert resp.status == 200, await resp.text()
+    url = authorize_url(world.base, world.client.id, resource=world.base)
+    async with http.get(url, allow_redirects=False) as resp:
+        assert resp.status == 200, await resp.text()
+    # The MCP resource names the platform as its one authorization server (RFC 9728).
+    url = authorize_url(world.base, world.client.id, resource=f"{settings.urls.platform_url}/mcp")
+    async with http.get(url, allow_redirects=False) as resp:
+        assert resp.status in (302, 303), await resp.text()
+        assert query_of(resp.headers["Location"])["error"] == "invalid_target"
 
 
 async def test_head_is_not_an_authorization_request(world: World, http: Any) -> None:

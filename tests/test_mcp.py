@@ -11,11 +11,12 @@ the MCP endpoint named as RFC 8707 `resource`.
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import aiohttp
 import asyncpg
@@ -29,9 +30,9 @@ from mcp.client.streamable_http import streamable_http_client
 
 from libs.common import streams
 from libs.common.config import Settings
-from services.identity import clients, schools, store, users
+from services.identity import clients, keys, schools, store, users
 from services.school_api import seed
-from tests.test_gateway_support import extra_gateway
+from tests.test_gateway_support import extra_gateway, mint
 from tests.test_school_api_events import events_of, until
 from tests.token_helpers import insert_code, pkce_pair
 
@@ -303,7 +304,8 @@ async def test_token_of_a_school_issuer_is_401_even_for_this_resource(
     gateway_settings: Settings,
     tenant: Tenant,
 ) -> None:
-    """The metadata names the platform as the resource's one authorization server."""
+    """The metadata names the platform as the resource's one authorization server: a
+    school's issuer refuses to mint for it, and the gateway refuses such a token anyway."""
     made = await clients.create_client(
         pool,
         gateway_settings,
@@ -325,19 +327,40 @@ async def test_token_of_a_school_issuer_is_401_even_for_this_resource(
         redirect_uri=LOOPBACK_REDIRECT,
         resource=system.mcp_resource,
     )
-    body = await _token_request(
-        http,
-        system,
-        system.school_host(tenant.school.subdomain),
+    form = {
+        "grant_type": "authorization_code",
+        "code": code,
+        "redirect_uri": LOOPBACK_REDIRECT,
+        "code_verifier": verifier,
+        "client_id": made.client.id,
+    }
+    school_host = system.school_host(tenant.school.subdomain)
+    async with http.post(
+        system.gateway + "/v1/oauth/token", data=form, headers={"Host": school_host}
+    ) as resp:
+        assert resp.status == 400
+        assert (await resp.json())["error"] == "invalid_target"
+
+    # As if a school's key had signed one all the same.
+    now = int(time.time())
+    forged = await mint(
+        keys.KeyRing(pool, gateway_settings),
+        tenant.school.id,
         {
-            "grant_type": "authorization_code",
-            "code": code,
-            "redirect_uri": LOOPBACK_REDIRECT,
-            "code_verifier": verifier,
+            "iss": gateway_settings.urls.school_origin(tenant.school.subdomain),
+            "sub": str(tenant.user.id),
+            "aud": system.mcp_resource,
             "client_id": made.client.id,
+            "scope": " ".join(SCOPES),
+            "school_id": tenant.school.id,
+            "school_subdomain": tenant.school.subdomain,
+            "jti": secrets.token_urlsafe(16),
+            "iat": now,
+            "exp": now + 600,
+            "grant_id": str(uuid4()),
         },
     )
-    status, answer, _ = await _post_mcp(http, system, body["access_token"])
+    status, answer, _ = await _post_mcp(http, system, forged)
     assert status == 401
     assert answer is not None and answer["error"] == "invalid_token"
 

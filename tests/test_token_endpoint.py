@@ -523,33 +523,41 @@ async def test_resource_indicator_sets_the_audience(
 ) -> None:
     world = await make_world(pool, settings, unique, identity_port)
     mcp = resources.mcp_resource(settings)
-    verifier, challenge = pkce_pair()
-    code, _ = await insert_code(
-        pool,
-        settings,
-        school_id=world.school.id,
-        client_id=world.confidential.id,
-        user_id=world.user.id,
-        scopes=["courses:read"],
-        challenge=challenge,
-        resource=mcp,
-    )
-    data = {
-        "grant_type": "authorization_code",
-        "code": code,
-        "redirect_uri": REDIRECT_URI,
-        "code_verifier": verifier,
-    }
     auth = basic(world.confidential.id, world.secret)
-    other = await token(http, world.origin, {**data, "resource": world.origin}, authorization=auth)
+
+    async def code_for(resource: str) -> dict[str, str]:
+        verifier, challenge = pkce_pair()
+        code, _ = await insert_code(
+            pool,
+            settings,
+            school_id=world.school.id,
+            client_id=world.confidential.id,
+            user_id=world.user.id,
+            scopes=["courses:read"],
+            challenge=challenge,
+            resource=resource,
+        )
+        return {
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": REDIRECT_URI,
+            "code_verifier": verifier,
+        }
+
+    data = await code_for(world.origin)
+    other = await token(http, world.origin, {**data, "resource": mcp}, authorization=auth)
     assert other.status == 400 and other.body["error"] == "invalid_target"
-    answer = await token(http, world.origin, {**data, "resource": mcp}, authorization=auth)
+    answer = await token(http, world.origin, {**data, "resource": world.origin}, authorization=auth)
     assert answer.status == 200, answer.body
     _, claims = await verify_with_jwks(http, world.origin, answer.body["access_token"])
-    assert claims["aud"] == mcp
+    assert claims["aud"] == world.origin
     refreshed = await refresh(http, world, answer.body["refresh_token"])
     _, claims = await verify_with_jwks(http, world.origin, refreshed.body["access_token"])
-    assert claims["aud"] == mcp
+    assert claims["aud"] == world.origin
+
+    # The MCP resource is the platform's alone: a school's code bound to it mints nothing.
+    refused = await token(http, world.origin, await code_for(mcp), authorization=auth)
+    assert refused.status == 400 and refused.body["error"] == "invalid_target"
 
 
 async def test_platform_client_gets_a_platform_token_for_the_picked_school(

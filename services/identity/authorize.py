@@ -253,7 +253,9 @@ def school_problem(
             return RedirectError(
                 "invalid_scope", f"The school does not allow the scope {refused[0]}."
             )
-    if authz.resource and resources.audience(settings, school, authz.resource) is None:
+    if authz.resource and (
+        resources.audience(settings, school, authz.resource, issuer=authz.issuer) is None
+    ):
         return RedirectError("invalid_target", "The school's tokens cannot name this resource.")
     return None
 

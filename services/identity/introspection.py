@@ -84,7 +84,7 @@ async def introspect_refresh_token(
         "scope": " ".join(st.scopes),
         "client_id": st.client_id,
         "sub": str(st.user_id) if st.user_id else st.client_id,
-        "aud": resources.audience(ctx.settings, school, st.resource),
+        "aud": resources.audience(ctx.settings, school, st.resource, issuer=iss.issuer),
         "iss": iss.issuer,
         "exp": int(st.expires_at.timestamp()),
         "iat": int(st.created_at.timestamp()),

@@ -11,6 +11,8 @@ from aiohttp import web
 
 from libs.common.errors import json_response
 from services.identity import (
+    account,
+    admin,
     authorize,
     cors,
     discovery,
@@ -58,6 +60,8 @@ ENDPOINT_MODULES = (
     pages,
     sessions,
     authorize,
+    account,
+    admin,
 )
 
 

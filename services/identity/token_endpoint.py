@@ -137,10 +137,12 @@ async def token_school(req: GrantRequest, school_id: int) -> store.School:
 def audience_for(req: GrantRequest, school: store.School, bound: str | None) -> str:
     """`aud`: the grant's RFC 8707 resource; a `resource` sent now must name the same."""
     asked = req.form.get("resource")
-    audience = resources.audience(req.ctx.settings, school, bound)
+    issuer = req.issuer.issuer
+    audience = resources.audience(req.ctx.settings, school, bound, issuer=issuer)
     if audience is None:
         raise OAuthError("invalid_target", "the resource is not one this school serves")
-    if asked is not None and resources.audience(req.ctx.settings, school, asked) != audience:
+    asked_audience = resources.audience(req.ctx.settings, school, asked, issuer=issuer)
+    if asked is not None and asked_audience != audience:
         raise OAuthError("invalid_target", "the resource differs from the one authorized")
     return audience
 
@@ -459,7 +461,9 @@ async def client_credentials_grant(req: GrantRequest) -> dict[str, Any]:
         # A token must be bound to one school; a platform client has none without a user.
         raise OAuthError("unauthorized_client", "client_credentials needs a school's client")
     scopes = client_credentials_scopes(req.form.get("scope"), client, school)
-    audience = resources.audience(settings, school, req.form.get("resource"))
+    audience = resources.audience(
+        settings, school, req.form.get("resource"), issuer=req.issuer.issuer
+    )
     if audience is None:
         raise OAuthError("invalid_target", "the resource is not one this school serves")
     access_signer = await ctx.keyring.signer(school.id, keys.ACCESS_TOKEN_ALG)
