@@ -95,6 +95,9 @@ def _banner(settings: Settings, logins: list[seed.Login], started: float) -> str
         f"  discovery       {demo}/.well-known/openid-configuration",
         f"  API             {demo}/api/v1/courses (with a Bearer token)",
         f"  webhook egress  {urls.platform_url}/v1/webhooks/egress-ips",
+        f"  MCP             {urls.platform_url}/mcp",
+        f"  your apps       {demo}/account/apps",
+        f"  school admin    {demo}/admin/apps",
         "",
         f"  behind the gateway: identity :{settings.ports.identity},"
         f" school API :{settings.ports.school_api}, webhooks :{settings.ports.webhooks}",
