@@ -441,10 +441,10 @@ async def test_tools_act_on_the_tokens_school_through_the_school_api(
     assert ours and theirs
 
     async with mcp_session(system, issued.access_token, era=era) as session:
-        # tools/list offers what the granted scopes allow, nothing else.
+        # tools/list offers every tool, each naming the scope it needs.
         listed = {t.name: t for t in (await session.list_tools()).tools}
-        assert {"list_courses", "get_course", "list_reviews", "update_course"} <= set(listed)
-        assert "list_members" not in listed and "update_settings" not in listed
+        assert {"list_courses", "update_course", "list_members", "update_settings"} <= set(listed)
+        assert "students:read" in (listed["list_members"].description or "")
         assert listed["update_course"].input_schema["required"] == ["id"]
         assert listed["list_courses"].annotations is not None
         assert listed["list_courses"].annotations.read_only_hint is True
@@ -517,39 +517,70 @@ async def test_tools_act_on_the_tokens_school_through_the_school_api(
     assert await until(audited)
 
 
-async def test_a_tool_without_its_scope_is_a_tool_error_naming_the_scope(
+async def _call_raw(
+    http: aiohttp.ClientSession, system: System, token: str, name: str, arguments: dict[str, Any]
+) -> tuple[int, dict[str, Any], Any]:
+    """A bare tools/call POST, to see the HTTP answer itself."""
+    payload = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "tools/call",
+        "params": {"name": name, "arguments": arguments},
+    }
+    headers = {
+        "Host": system.platform_host,
+        "Accept": "application/json, text/event-stream",
+        "Content-Type": "application/json",
+        "Authorization": f"Bearer {token}",
+    }
+    async with http.post(system.gateway + "/mcp", data=orjson.dumps(payload), headers=headers) as r:
+        return r.status, orjson.loads(await r.read()), r.headers
+
+
+async def test_a_tool_without_its_scope_is_a_403_naming_the_scope(
     system: System,
     http: aiohttp.ClientSession,
     pool: asyncpg.Pool,
     gateway_settings: Settings,
     tenant: Tenant,
 ) -> None:
+    """The MCP authorization spec's scope challenge: HTTP 403 insufficient_scope with the
+    scope to ask for, so the client steps up instead of the model meeting a dead end."""
     issued = await mcp_token(
         http, pool, gateway_settings, system, tenant, scopes=("openid", "courses:read")
     )
+    where = f"{system.platform}/.well-known/oauth-protected-resource/mcp"
+    for name, arguments, scope in (
+        ("update_course", {"id": 1, "title": "x"}, "courses:write"),
+        ("list_members", {}, "students:read"),
+        # Any-of: the first scope the table names is the one asked for.
+        ("get_settings", {}, "school:read"),
+    ):
+        status, body, headers = await _call_raw(http, system, issued.access_token, name, arguments)
+        assert status == 403, body
+        assert body["error"] == "insufficient_scope" and body["scope"] == scope
+        challenge = headers["WWW-Authenticate"]
+        assert 'error="insufficient_scope"' in challenge
+        assert f'scope="{scope}"' in challenge
+        assert f'resource_metadata="{where}"' in challenge
+
+    # What the grant holds still works; an unknown tool is a tool error, not a 403.
     async with mcp_session(system, issued.access_token) as session:
-        names = {t.name for t in (await session.list_tools()).tools}
-        assert "update_course" not in names and "list_members" not in names
-
-        denied = await session.call_tool("update_course", {"id": 1, "title": "x"})
-        assert denied.is_error is True
-        assert "courses:write" in _text(denied)
-        assert denied.structured_content == {
-            "error": "insufficient_scope",
-            "scope": "courses:write",
-        }
-
-        members = await session.call_tool("list_members", {})
-        assert members.is_error is True
-        assert "students:read" in _text(members)
-
-        # Any-of: either scope the table names would do, and the error says so.
-        settings = await session.call_tool("get_settings", {})
-        assert settings.is_error is True
-        assert "school:read or appearance:read" in _text(settings)
-
         unknown = await session.call_tool("drop_database", {})
         assert unknown.is_error is True
+        allowed = await session.call_tool("list_courses", {})
+        assert allowed.is_error is False
+
+
+async def test_the_first_401_asks_for_reading_only(
+    system: System, http: aiohttp.ClientSession
+) -> None:
+    status, _, headers = await _post_mcp(http, system, None)
+    assert status == 401
+    challenge = headers["WWW-Authenticate"]
+    scope = challenge.split('scope="', 1)[1].split('"', 1)[0].split()
+    assert "courses:read" in scope and "students:read" in scope
+    assert all(s.endswith(":read") for s in scope), scope
 
 
 async def test_any_of_scopes_and_argument_checks(

@@ -10,7 +10,9 @@ registration at `registration_client_uri`.
 Policies where the RFCs leave the server a choice:
 - Scopes: `scope` omitted gives seed 001's default list (less what the school does not allow);
   `admin:*` is removed silently, as RFC 7591 2 lets a server replace requested values; an
-  unknown scope, or one the school does not allow, is `invalid_client_metadata`.
+  unknown scope, or one the school does not allow, is `invalid_client_metadata`. On the
+  platform origin a client naming scopes is registered for every application scope (MCP
+  clients start with reading and step up; the user consents to each scope).
 - Grants: only `authorization_code` (required) and `refresh_token`. `client_credentials` is
   refused: anyone may register, and a self-registered client must never reach school data
   without a user's consent.
@@ -160,7 +162,15 @@ def _scopes(doc: Mapping[str, Any], school: store.School | None) -> list[str]:
     wanted = [s for s in asked if s not in catalogue.ADMIN_SCOPES]
     if not wanted:
         raise _bad("none of the requested scopes is available to applications")
-    return clients.validate_scopes(wanted, school)
+    wanted = clients.validate_scopes(wanted, school)
+    if school is None:
+        # A platform client (an MCP client) is registered for every application scope: the
+        # scope it names now is only where it starts (the MCP server's 401 asks for reading),
+        # and it must be able to ask for more later (the 403 step-up). A self-registered
+        # client's list bounds nothing anyway (anyone may register another); the user's
+        # consent, scope by scope, is the bound.
+        return [s for s in catalogue.PUBLIC_SCOPES if s not in catalogue.IDENTITY_SCOPES]
+    return wanted
 
 
 def parse_metadata(

@@ -116,18 +116,26 @@ class McpTokenVerifier:
         return verified
 
 
-def unauthorized(ctx: GatewayContext, reason: str | None, description: str) -> web.Response:
-    """401 pointing at the resource metadata (RFC 9728 5.1); bare when no token was sent."""
+def unauthorized(
+    ctx: GatewayContext, reason: str | None, description: str, *, scope: str | None = None
+) -> web.Response:
+    """401 pointing at the resource metadata (RFC 9728 5.1); bare when no token was sent.
+    `scope` is what a client should ask for first (the MCP spec's scope selection)."""
     ctx.metrics.rejections.labels(reason or "no_token").inc()
     where = metadata.metadata_url(ctx.settings)
     if reason is None:
-        return bearer_error(401, None, description, resource_metadata=where)
+        return bearer_error(401, None, description, scope=scope, resource_metadata=where)
     log.debug("token_rejected", reason=reason)
-    return bearer_error(401, "invalid_token", description, resource_metadata=where)
+    return bearer_error(401, "invalid_token", description, scope=scope, resource_metadata=where)
 
 
 async def authenticate(
-    request: web.Request, ctx: GatewayContext, verifier: McpTokenVerifier, host: str
+    request: web.Request,
+    ctx: GatewayContext,
+    verifier: McpTokenVerifier,
+    host: str,
+    *,
+    challenge_scope: str | None = None,
 ) -> Caller | web.Response:
     """The checks of a protected call; the Caller, or the answer refusing the call."""
     authorizations = request.headers.getall("Authorization", ())
@@ -135,13 +143,15 @@ async def authenticate(
         return bearer_error(400, "invalid_request", "Send one Authorization header.")
     token = bearer_token(authorizations[0] if authorizations else None)
     if token is None:
-        return unauthorized(ctx, None, "The MCP server needs a bearer access token.")
+        return unauthorized(
+            ctx, None, "The MCP server needs a bearer access token.", scope=challenge_scope
+        )
     try:
         verified = await verifier.verify(token)
         client = await ctx.directory.client(verified.client_id)
         TokenVerifier.check_client(client, verified.platform, verified.school_id)
     except Rejection as exc:
-        return unauthorized(ctx, exc.reason, exc.description)
+        return unauthorized(ctx, exc.reason, exc.description, scope=challenge_scope)
     except (JwksUnavailable, asyncpg.PostgresError, OSError):
         return routes.unavailable()
     assert client is not None

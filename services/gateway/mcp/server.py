@@ -14,13 +14,14 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
+import orjson
 from aiohttp import web
 from mcp import types
 from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel.server import Server
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 
-from libs.common.errors import json_response
+from libs.common.errors import bearer_error, json_response
 from services.gateway import routes
 from services.gateway.context import context
 from services.gateway.mcp import asgi, auth, metadata, tools
@@ -28,8 +29,9 @@ from services.gateway.mcp import asgi, auth, metadata, tools
 CALLER_KEY = "loopwise.mcp.caller"
 
 INSTRUCTIONS = (
-    "Tools act on the one school the user chose when granting this app access; tools/list "
-    "shows the tools the granted scopes allow."
+    "Tools act on the one school the user chose when granting this app access. Each tool's "
+    "description names the scope it needs; calling one the grant lacks answers HTTP 403 "
+    "insufficient_scope naming that scope, for the client to ask the user for it."
 )
 
 
@@ -45,7 +47,8 @@ def _caller(ctx: ServerRequestContext[Any, Any]) -> auth.Caller:
 async def _list_tools(
     ctx: ServerRequestContext[Any, Any], _params: types.PaginatedRequestParams | None
 ) -> types.ListToolsResult:
-    return types.ListToolsResult(tools=tools.listed(_caller(ctx)))
+    _caller(ctx)
+    return types.ListToolsResult(tools=tools.listed())
 
 
 async def _call_tool(
@@ -114,11 +117,41 @@ class Endpoint:
             )
         if self._verifier is None:
             self._verifier = auth.McpTokenVerifier(ctx)
-        caller = await auth.authenticate(request, ctx, self._verifier, host)
+        caller = await auth.authenticate(
+            request, ctx, self._verifier, host, challenge_scope=tools.STARTING_SCOPE
+        )
         response: web.StreamResponse
         if isinstance(caller, web.StreamResponse):
             response = caller
+        elif (refusal := await _step_up(request, caller)) is not None:
+            response = refusal
         else:
             response = await asgi.serve(self.manager.handle_request, request, {CALLER_KEY: caller})
         ctx.metrics.call(metadata.PATH, response.status)
         return response
+
+
+async def _step_up(request: web.Request, caller: auth.Caller) -> web.Response | None:
+    """A tools/call the grant has no scope for: HTTP 403 `insufficient_scope` naming the scope
+    (the MCP authorization spec's scope challenge), so the client can ask the user for it and
+    retry, rather than a tool error no client acts on."""
+    try:
+        message = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        return None  # the SDK answers malformed JSON-RPC itself
+    if not isinstance(message, dict) or message.get("method") != "tools/call":
+        return None
+    params = message.get("params")
+    name = params.get("name") if isinstance(params, dict) else None
+    tool = tools.refused(caller, name) if isinstance(name, str) else None
+    if tool is None:
+        return None
+    caller.ctx.metrics.rejections.labels("insufficient_scope").inc()
+    caller.audit("POST", f"/mcp/tools/{tool.name}", 403, None)
+    return bearer_error(
+        403,
+        "insufficient_scope",
+        f"{tool.name} needs the scope {' or '.join(tool.scopes)}.",
+        scope=tool.scopes[0],
+        resource_metadata=metadata.metadata_url(caller.ctx.settings),
+    )

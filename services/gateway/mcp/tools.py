@@ -469,9 +469,26 @@ def _error(text: str, detail: Any = None) -> types.CallToolResult:
     )
 
 
-def listed(caller: Caller) -> list[types.Tool]:
-    """The tools the caller's scopes allow: what a model should be offered."""
-    return [t.describe() for t in TOOLS if caller.holds(t.scopes)[0]]
+# What a client is told to ask for first (the 401's `scope`): reading, every tool's first
+# read scope. Writing comes later by step-up (a 403 naming the scope), so a user first
+# consents to an app that only reads, and to each kind of change when the app needs it.
+STARTING_SCOPE = " ".join(sorted({t.scopes[0] for t in TOOLS if t.read_only}))
+
+# Every tool is offered, with the scope it needs in its description: a tool the grant lacks
+# is how a client learns, by the 403 on calling it, which scope to authorize next.
+LISTED: tuple[types.Tool, ...] = tuple(t.describe() for t in TOOLS)
+
+
+def listed() -> list[types.Tool]:
+    return list(LISTED)
+
+
+def refused(caller: Caller, name: str) -> Tool | None:
+    """The tool `name` when the caller's grant lacks every scope it accepts."""
+    tool = BY_NAME.get(name)
+    if tool is None or caller.holds(tool.scopes)[0]:
+        return None
+    return tool
 
 
 async def run(caller: Caller, name: str, arguments: Mapping[str, Any]) -> types.CallToolResult:
