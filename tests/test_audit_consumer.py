@@ -81,3 +81,43 @@ async def test_entries_of_a_dead_consumer_are_claimed_and_stored_once(
     assert len(await _stored(pool, unique)) == 5
     pending = await redis.xpending(stream, audit_consumer.GROUP)
     assert pending["pending"] == 0
+
+
+async def test_a_record_postgresql_refuses_costs_itself_never_its_batch(
+    pool: Any, redis: Any, settings: Settings, unique: str
+) -> None:
+    """A caller controls a request's path: `%00` decodes to NUL, which text and jsonb refuse.
+    It is stored with NUL replaced; a value nothing can store is dropped alone, and the
+    records around it are stored and the batch acknowledged (not claimed again forever)."""
+    settings = dataclasses.replace(settings, redis_prefix=f"{settings.redis_prefix}{unique}:")
+    stream = settings.stream(streams.AUDIT)
+    await streams.ensure_group(redis, stream, audit_consumer.GROUP)
+    await audit.append(redis, settings, audit.record("api.call", marker=unique, n=0))
+    await audit.append(
+        redis,
+        settings,
+        audit.record(
+            "api.call",
+            marker=unique,
+            n=1,
+            path="/api/v1/courses/\x00",
+            ip="not an address",
+            note="a\x00b",
+        ),
+    )
+    # Out of the status column's range: no cleaning makes it storable.
+    await audit.append(redis, settings, audit.record("api.call", marker=unique, n=2, status=2**40))
+    await audit.append(redis, settings, audit.record("api.call", marker=unique, n=3))
+
+    handled = await audit_consumer.consume_once(
+        pool, redis, settings, "alive", block_ms=10, claim_idle_ms=60_000
+    )
+    assert handled == 4
+    rows = await _stored(pool, unique)
+    assert sorted(int(r["detail"]["n"]) for r in rows) == [0, 1, 3]
+    (cleaned,) = [r for r in rows if r["detail"]["n"] == 1]
+    assert cleaned["path"] == "/api/v1/courses/\ufffd"
+    assert cleaned["ip"] is None
+    assert cleaned["detail"]["note"] == "a\ufffdb"
+    pending = await redis.xpending(stream, audit_consumer.GROUP)
+    assert pending["pending"] == 0

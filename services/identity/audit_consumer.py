@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import os
 import socket
 from datetime import UTC, datetime
@@ -52,6 +53,31 @@ def _int(value: Any) -> int | None:
         return None
 
 
+def _text(value: Any) -> str | None:
+    """A value PostgreSQL's text and jsonb take: NUL is the one character both refuse, and a
+    caller controls some of these fields (a request path can carry `%00`)."""
+    if value is None:
+        return None
+    return str(value).replace("\x00", "\ufffd")
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, dict):
+        return {_clean(str(k)): _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
+
+
+def _ip(value: Any) -> str | None:
+    try:
+        return str(ipaddress.ip_address(str(value))) if value else None
+    except ValueError:
+        return None
+
+
 def to_row(entry: streams.Entry) -> audit_store.AuditRow:
     d = entry.data
     occurred = d.get("occurred_at")
@@ -65,17 +91,33 @@ def to_row(entry: streams.Entry) -> audit_store.AuditRow:
         stream_id=entry.id,
         occurred_at=when,
         school_id=_int(d.get("school_id")),
-        client_id=d.get("client_id"),
-        subject=d.get("subject"),
+        client_id=_text(d.get("client_id")),
+        subject=_text(d.get("subject")),
         grant_id=_uuid(d.get("grant_id")),
-        action=str(d.get("action") or "unknown"),
-        method=d.get("method"),
-        path=d.get("path"),
+        action=_text(d.get("action")) or "unknown",
+        method=_text(d.get("method")),
+        path=_text(d.get("path")),
         status=_int(d.get("status")),
-        scope=d.get("scope"),
-        ip=d.get("ip") or None,
-        detail=detail or {},
+        scope=_text(d.get("scope")),
+        ip=_ip(d.get("ip")),
+        detail=_clean(detail) if detail else {},
     )
+
+
+async def _store(pool: asyncpg.Pool, rows: list[audit_store.AuditRow]) -> None:
+    """The batch in one statement; if PostgreSQL refuses a value in it, row by row, so one
+    bad record costs itself (logged and counted) and never the batch around it, which would
+    otherwise be claimed and refused again until the stream trims it away."""
+    try:
+        await audit_store.insert_many(pool, rows)
+        return
+    except asyncpg.DataError:
+        pass
+    for row in rows:
+        try:
+            await audit_store.insert_many(pool, [row])
+        except asyncpg.DataError as exc:
+            log.error("audit_record_dropped", stream_id=row.stream_id, reason=type(exc).__name__)
 
 
 async def consume_once(
@@ -99,7 +141,7 @@ async def consume_once(
         )
     if not entries:
         return 0
-    await audit_store.insert_many(pool, [to_row(e) for e in entries])
+    await _store(pool, [to_row(e) for e in entries])
     await streams.ack(client, stream, GROUP, [e.id for e in entries])
     return len(entries)
 
