@@ -33,7 +33,7 @@ from libs.common.config import Settings
 from services.identity import clients, keys, schools, store, users
 from services.school_api import seed
 from tests.test_gateway_support import extra_gateway, mint
-from tests.test_school_api_events import events_of, until
+from tests.test_school_api_events import events_of, observe, until
 from tests.token_helpers import insert_code, pkce_pair
 
 pytestmark = pytest.mark.timeout(60)
@@ -94,6 +94,8 @@ async def new_tenant(pool: asyncpg.Pool, settings: Settings, label: str) -> Tena
         email=f"mcp-{label}-{secrets.token_hex(4)}@example.com",
         password="correct horse battery",
         name="Ada Lovelace",
+        # Only an admin may grant every tool's scope (roles.py).
+        role="admin",
     )
     return Tenant(school, user)
 
@@ -141,6 +143,7 @@ async def mcp_token(
     *,
     scopes: Sequence[str] = SCOPES,
     resource: str | None = "mcp",
+    created_via: str = "registration",
 ) -> Issued:
     """An MCP client registered on the platform, authorized for `tenant`'s school (the code as
     the authorize flow stores it after consent), its code exchanged at the platform's token
@@ -153,7 +156,7 @@ async def mcp_token(
         redirect_uris=[LOOPBACK_REDIRECT],
         public=True,
         scopes=scopes,
-        created_via="registration",
+        created_via=created_via,
     )
     named = system.mcp_resource if resource == "mcp" else resource
     verifier, challenge = pkce_pair()
@@ -288,13 +291,30 @@ async def test_token_of_another_audience_is_401(
     gateway_settings: Settings,
     tenant: Tenant,
 ) -> None:
-    # No `resource` named: the token is for the school's API origin, not for /mcp.
-    issued = await mcp_token(http, pool, gateway_settings, system, tenant, resource=None)
+    # No `resource` named by an operator-made platform app: the token is for the school's
+    # API origin, not for /mcp.
+    issued = await mcp_token(
+        http, pool, gateway_settings, system, tenant, resource=None, created_via="cli"
+    )
     status, body, headers = await _post_mcp(http, system, issued.access_token)
     assert status == 401
     assert body is not None and body["error"] == "invalid_token"
     assert 'error="invalid_token"' in headers["WWW-Authenticate"]
     assert "resource_metadata=" in headers["WWW-Authenticate"]
+
+
+async def test_a_self_registered_client_naming_no_resource_gets_an_mcp_token(
+    system: System,
+    http: aiohttp.ClientSession,
+    pool: asyncpg.Pool,
+    gateway_settings: Settings,
+    tenant: Tenant,
+) -> None:
+    # An MCP client that omits RFC 8707 `resource`: a self-registered platform client may
+    # only mint for the MCP server, so that is its audience, and the MCP server takes it.
+    issued = await mcp_token(http, pool, gateway_settings, system, tenant, resource=None)
+    status, body, _ = await _post_mcp(http, system, issued.access_token)
+    assert status == 200, body
 
 
 async def test_token_of_a_school_issuer_is_401_even_for_this_resource(
@@ -425,6 +445,7 @@ async def test_tools_act_on_the_tokens_school_through_the_school_api(
     other_tenant: Tenant,
     school_api_url: str,
 ) -> None:
+    await observe(redis, gateway_settings.stream(streams.EVENTS))
     issued = await mcp_token(http, pool, gateway_settings, system, tenant)
     ours = {
         r["id"]

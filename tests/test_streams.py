@@ -197,3 +197,36 @@ async def test_read_tail_and_last_id(redis: Any, name: Name) -> None:
     new_id = await streams.append(redis, stream, {"n": "new"})
     for received in await asyncio.wait_for(asyncio.gather(*followers), 5):
         assert [(e.id, e.data) for e in received] == [(new_id, {"n": "new"})]
+
+
+async def test_trim_consumed_keeps_what_any_group_still_needs(redis: Any, name: Name) -> None:
+    """Two groups at different places: only entries both read and acknowledged go. A lagging
+    group's unread and pending entries stay, however many were appended."""
+    stream = name("trim-consumed")
+    assert await streams.trim_consumed(redis, stream) is None  # no stream yet
+    await streams.append(redis, stream, {"n": -1})
+    assert await streams.trim_consumed(redis, stream) is None  # no group: nothing known done
+    await redis.delete(stream)
+
+    await streams.ensure_group(redis, stream, "fast")
+    await streams.ensure_group(redis, stream, "slow")
+    ids = [await streams.append(redis, stream, {"n": n}) for n in range(10)]
+    fast = await streams.read_group(redis, stream, "fast", "f", count=10, block_ms=50)
+    await streams.ack(redis, stream, "fast", [e.id for e in fast])
+    # The slow group read six, acknowledged the first four; two are pending, four unread.
+    slow = await streams.read_group(redis, stream, "slow", "s", count=6, block_ms=50)
+    await streams.ack(redis, stream, "slow", [e.id for e in slow[:4]])
+
+    await streams.trim_consumed(redis, stream)
+    left = [eid.decode() for eid, _ in await redis.xrange(stream)]
+    assert left == ids[4:]
+
+    # Once the slow group is done too, everything read by both goes.
+    rest = await streams.read_group(redis, stream, "slow", "s", count=10, block_ms=50)
+    await streams.ack(redis, stream, "slow", [e.id for e in slow[4:]] + [e.id for e in rest])
+    await streams.trim_consumed(redis, stream)
+    assert await redis.xlen(stream) == 0
+    # New entries after the trim are delivered as usual.
+    newer = await streams.append(redis, stream, {"n": 10})
+    got = await streams.read_group(redis, stream, "slow", "s", count=10, block_ms=50)
+    assert [e.id for e in got] == [newer]

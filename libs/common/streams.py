@@ -21,7 +21,11 @@ REVOCATIONS = "connect:revocations"
 AUDIT = "connect:audit"
 KEYS = "connect:keys"
 
-DEFAULT_MAXLEN = 100_000
+# A safety valve against a consumer that never comes back, not the way streams shrink: a
+# stream read by groups is trimmed by its consumers to what every group has acknowledged
+# (trim_consumed), so entries a lagging group has not handled yet are never trimmed away
+# before this many pile up behind it.
+DEFAULT_MAXLEN = 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,3 +162,40 @@ async def last_id(client: redis.Redis, stream: str) -> str:
         return "0-0"
     eid = entries[0][0]
     return eid.decode() if isinstance(eid, bytes) else str(eid)
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+async def trim_consumed(client: redis.Redis, stream: str) -> str | None:
+    """Trim the entries every consumer group has read and acknowledged (XTRIM MINID at the
+    oldest entry some group still needs: its first pending one, else the one after its last
+    delivered). Returns the MINID used, None when the stream has no group (nothing is known
+    to be done with, so nothing is trimmed)."""
+    try:
+        groups = await client.xinfo_groups(stream)
+    except ResponseError:
+        return None  # no such stream
+    floor: tuple[int, int] | None = None
+    for group in groups:
+        info = {_text(k): v for k, v in group.items()}
+        needed = _id_key(_text(info["last-delivered-id"]))
+        # Everything after the last delivered id is needed too: keep from the next one.
+        needed = (needed[0], needed[1] + 1)
+        if int(info.get("pending", 0)):
+            summary = await client.xpending(stream, _text(info["name"]))
+            oldest = summary.get("min")
+            if oldest is not None:
+                needed = min(needed, _id_key(_text(oldest)))
+        floor = needed if floor is None else min(floor, needed)
+    if floor is None:
+        return None
+    minid = f"{floor[0]}-{floor[1]}"
+    await client.xtrim(stream, minid=minid, approximate=False)
+    return minid

@@ -33,6 +33,8 @@ GROUP = "identity-audit"
 # (read, insert, ack) carry a handful of records for the fixed cost of three round trips.
 GATHER_DELAY = 0.1
 BATCH = 500
+# How often the stream is trimmed to what the group has stored and acknowledged.
+TRIM_EVERY = 10.0
 
 
 def consumer_name() -> str:
@@ -158,10 +160,15 @@ async def run(
     stream = settings.stream(streams.AUDIT)
     await streams.ensure_group(client, stream, GROUP)
     delay = 0.5
+    loop = asyncio.get_running_loop()
+    next_trim = loop.time()
     while not stop.is_set():
         try:
             handled = await consume_once(pool, client, settings, consumer)
             delay = 0.5
+            if loop.time() >= next_trim:
+                next_trim = loop.time() + TRIM_EVERY
+                await streams.trim_consumed(client, stream)
             if 0 < handled < BATCH:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), GATHER_DELAY)

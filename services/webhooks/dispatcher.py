@@ -136,6 +136,7 @@ async def _group_loop(
     work: Any,
     *,
     name: str,
+    trim: bool = False,
 ) -> None:
     """Read a stream as group `webhooks` until cancelled: stale entries of dead consumers
     first, then new ones; a batch that fails is retried until it is handled."""
@@ -155,6 +156,8 @@ async def _group_loop(
                 )
                 if entries:
                     log.info("entries_claimed", stream=name, count=len(entries))
+                if trim:
+                    await streams.trim_consumed(ctx.redis, stream)
             if not entries:
                 block = max(1, min(1000, int((next_claim - loop.time()) * 1000)))
                 entries = await streams.read_group(
@@ -189,6 +192,9 @@ async def run(ctx: WebhooksContext, consumer: str | None = None) -> None:
         consumer or consumer_name(),
         handle,
         name="events",
+        # Trimmed to what every group acknowledged. Not connect:revocations: gateways follow
+        # it without a group, and our progress says nothing of theirs.
+        trim=True,
     )
 
 
