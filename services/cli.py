@@ -62,7 +62,8 @@ def _parser() -> argparse.ArgumentParser:
         type=_boolean,
         dest="open_registration",
         metavar="true|false",
-        help="whether apps may register themselves at the school (RFC 7591)",
+        help="whether apps may register themselves at the school (RFC 7591), and whether"
+        " platform apps that registered themselves may reach it through the school picker",
     )
 
     users = sub.add_parser("users", parents=[common]).add_subparsers(dest="action", required=True)

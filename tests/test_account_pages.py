@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlencode, urlsplit
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import asyncpg
 import pytest
@@ -211,6 +211,25 @@ async def test_sign_in_without_csrf_token_is_refused(
         assert status == 403
         assert "Location" not in headers
     assert browser.cookie("lc_session") is None
+
+
+async def test_a_non_ascii_csrf_token_is_refused_not_a_server_error(
+    world: World, browser: Browser
+) -> None:
+    # Found by fuzzing: hmac.compare_digest raises TypeError on non-ASCII text, a 500.
+    await browser.get(world.origin + "/account/login")
+    status, _, _ = await browser.post(
+        world.origin + "/account/login",
+        {"csrf_token": "försök", "email": world.user.email, "password": PASSWORD},
+    )
+    assert status == 403
+    assert browser.cookie("lc_session") is None
+    await signed_in(browser, world.origin, world.user.email)
+    status, _, _ = await browser.post(
+        world.origin + "/account/apps/revoke",
+        {"csrf_token": "ünïcode", "grant_id": str(uuid4()), "client_id": "x\x00y"},
+    )
+    assert status == 403
 
 
 async def test_wrong_password_is_answered_on_the_page(world: World, browser: Browser) -> None:

@@ -62,7 +62,8 @@ class School:
 
 
 async def make_school(pool: asyncpg.Pool, settings: Settings, unique: str, port: int) -> School:
-    world = await make_world(pool, settings, unique, port, label="adm")
+    # The world's user is the school's plain member, whom the admin pages refuse.
+    world = await make_world(pool, settings, unique, port, label="adm", role="member")
     admin, _ = await users.create_user(
         pool,
         school_id=world.school.id,
@@ -491,6 +492,10 @@ async def test_disable_enable_and_delete(
             authorization=basic(w.confidential.id, w.secret),
         )
         assert refused.status == 401
+        # Disabling ended every grant at once: marked for the gateways, not only refused here.
+        for grant_id in granted:
+            assert await revocation_marked(redis, settings, grant_id) == (True, True)
+        assert await live_grants(pool, w.user.id, w.confidential.id) == []
 
         fields = await detail_form(admin, school.origin, w.confidential.id, "enable")
         status, _, _ = await admin.post(
@@ -498,6 +503,14 @@ async def test_disable_enable_and_delete(
         )
         assert status == 303
         assert (await store.client_by_id(pool, w.confidential.id)).disabled_at is None  # type: ignore[union-attr]
+        # Enabled again, the app gets none of its old tokens back.
+        stale = await token(
+            http,
+            school.origin,
+            {"grant_type": "refresh_token", "refresh_token": tokens["refresh_token"]},
+            authorization=basic(w.confidential.id, w.secret),
+        )
+        assert stale.status == 400 and stale.body["error"] == "invalid_grant"
 
         fields = await detail_form(admin, school.origin, w.confidential.id, "delete")
         url = f"{school.origin}/admin/apps/{w.confidential.id}/delete"

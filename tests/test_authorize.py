@@ -52,14 +52,22 @@ async def make_school(pool: asyncpg.Pool, settings: Settings, label: str) -> sto
 
 
 async def make_user(
-    pool: asyncpg.Pool, school: store.School, unique: str, *, name: str = "Ada Lovelace"
+    pool: asyncpg.Pool,
+    school: store.School,
+    unique: str,
+    *,
+    name: str = "Ada Lovelace",
+    role: str = "admin",
 ) -> store.User:
+    """A user of `school`; an admin unless told, since the user who connects an app to a
+    school is typically its admin (seed 000), and a member could not grant data scopes."""
     user, _ = await users.create_user(
         pool,
         school_id=school.id,
         email=f"ada-{unique}-{secrets.token_hex(3)}@example.com",
         password=PASSWORD,
         name=name,
+        role=role,
     )
     return user
 
@@ -281,6 +289,16 @@ async def test_unknown_or_missing_client_is_an_error_page(world: World, http: An
     ):
         async with http.get(url, allow_redirects=False) as resp:
             assert_error_page(resp.status, resp.headers, await resp.text())
+
+
+async def test_a_client_id_no_client_can_have_is_an_error_page(world: World, http: Any) -> None:
+    # Found by fuzzing: a NUL in client_id reached PostgreSQL, which refused it (a 500).
+    for client_id in ("x\x00y", "\x00", "ünï", "tab\there"):
+        for path in ("/v1/oauth/authorize", "/oauth/authorize"):
+            async with http.get(
+                authorize_url(world.base, client_id, path=path), allow_redirects=False
+            ) as resp:
+                assert_error_page(resp.status, resp.headers, await resp.text())
 
 
 @pytest.mark.parametrize(

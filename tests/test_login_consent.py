@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import secrets
 from collections.abc import AsyncIterator
@@ -128,6 +129,60 @@ async def test_address_throttle_covers_every_account(
     assert status == 429
     assert "try again later" in alert(body)
     assert await session_count(pool, world) == 0
+
+
+async def test_concurrent_wrong_passwords_reach_the_check_no_more_than_the_limit(
+    world: World, browser: Browser, pool: asyncpg.Pool
+) -> None:
+    """The throttle reserves an attempt before argon2 runs: a burst of guesses sent together
+    cannot all pass a check made before any of them was counted."""
+    _, _, page = await browser.get(authorize_url(world.base, world.client.id))
+    burst = sessions.ACCOUNT_FAILURE_LIMIT * 4
+    answers = await asyncio.gather(
+        *(browser.login(world.base, page, world.email, f"guess {i}") for i in range(burst))
+    )
+    statuses = sorted(status for status, _, _ in answers)
+    # 400: the password was checked and was wrong; 429: refused before any check.
+    assert statuses.count(400) == sessions.ACCOUNT_FAILURE_LIMIT, statuses
+    assert statuses.count(429) == burst - sessions.ACCOUNT_FAILURE_LIMIT, statuses
+    # The account stays closed, to the right password too.
+    status, _, _ = await browser.login(world.base, page, world.email, PASSWORD)
+    assert status == 429
+    assert await session_count(pool, world) == 0
+
+
+async def test_concurrent_guesses_across_accounts_stop_at_the_address_limit(
+    world: World, browser: Browser, pool: asyncpg.Pool, unique: str
+) -> None:
+    _, _, page = await browser.get(authorize_url(world.base, world.client.id))
+    burst = sessions.ADDRESS_FAILURE_LIMIT * 2
+    answers = await asyncio.gather(
+        *(
+            browser.login(world.base, page, f"burst{i}-{unique}@example.com", "x")
+            for i in range(burst)
+        )
+    )
+    statuses = [status for status, _, _ in answers]
+    assert statuses.count(400) == sessions.ADDRESS_FAILURE_LIMIT, sorted(statuses)
+    assert statuses.count(429) == burst - sessions.ADDRESS_FAILURE_LIMIT, sorted(statuses)
+    status, _, _ = await browser.login(world.base, page, world.email, PASSWORD)
+    assert status == 429
+    assert await session_count(pool, world) == 0
+
+
+async def test_a_successful_sign_in_gives_the_address_its_attempt_back(
+    world: World, browser: Browser, redis: redis_asyncio.Redis, settings: Settings
+) -> None:
+    _, _, page = await browser.get(authorize_url(world.base, world.client.id))
+    key = settings.stream("connect:throttle:login:address:127.0.0.1")
+    status, _, _ = await browser.login(world.base, page, world.email, "not the password")
+    assert status == 400
+    assert int(await redis.get(key) or 0) == 1
+    status, _, _ = await browser.login(world.base, page, world.email, PASSWORD)
+    assert status == 303
+    # Only failures count: a school behind one address signing in does not use it up.
+    assert int(await redis.get(key) or 0) == 1
+    assert 0 < await redis.ttl(key) <= sessions.THROTTLE_WINDOW
 
 
 async def test_login_without_or_with_a_wrong_csrf_token_changes_nothing(

@@ -737,6 +737,66 @@ async def test_update_revokes_grants_wider_than_the_new_registration(
     assert not any(e["grant_id"] == str(narrow.id) for e in announced)
 
 
+async def test_update_keeps_grants_of_identity_scopes_and_umbrella_covered_scopes(
+    identity_url: str,
+    http: Any,
+    pool: Any,
+    redis: Any,
+    settings: Settings,
+    unique: str,
+    identity_port: int,
+) -> None:
+    """Identity scopes are granted without being registered, and a registered umbrella covers
+    its data scopes: a PUT that only adds a redirect URI must not end such grants."""
+    school = await new_school(pool, settings, unique, "regumb")
+    _, made, _ = await register(
+        http, origin(identity_port, school.subdomain), body(scope="read courses:write")
+    )
+    grant_of = {}
+    for name, scopes in (
+        ("umbrella", ["openid", "read"]),
+        ("covered", ["openid", "profile", "email", "courses:read"]),
+        ("wider", ["openid", "students:write"]),
+    ):
+        user, _ = await users.create_user(
+            pool,
+            school_id=school.id,
+            email=f"{name}{unique}@example.com",
+            password="correct horse battery",
+        )
+        grant_of[name] = await grants.create_grant(
+            pool, school_id=school.id, client_id=made["client_id"], user_id=user.id, scopes=scopes
+        )
+    doc = {
+        "client_id": made["client_id"],
+        "redirect_uris": [*made["redirect_uris"], "https://app.example/other-callback"],
+        "scope": made["scope"],
+    }
+    async with http.put(
+        made["registration_client_uri"],
+        json=doc,
+        headers=bearer(made["registration_access_token"]),
+    ) as resp:
+        assert resp.status == 200, await resp.text()
+    for name in ("umbrella", "covered"):
+        row = await store.grant_by_id(pool, grant_of[name].id)
+        assert row is not None and row.revoked_at is None, name
+        assert not await redis.exists(settings.stream(grants.REVOKED_KEY) + str(row.id)), name
+    wider = await store.grant_by_id(pool, grant_of["wider"].id)
+    assert wider is not None and wider.revoked_at is not None
+    assert await redis.exists(settings.stream(grants.REVOKED_KEY) + str(wider.id)) == 1
+
+
+def test_within_registration_expands_umbrellas_and_admits_identity_scopes() -> None:
+    assert registration.within_registration(["openid", "profile", "email"], [])
+    assert registration.within_registration(["openid", "courses:read", "read"], ["read"])
+    assert registration.within_registration(["courses:write"], ["write"])
+    assert not registration.within_registration(["courses:write"], ["read"])
+    # An umbrella grant needs the umbrella registered, as authorize asks of a new request.
+    assert not registration.within_registration(["read"], ["courses:read"])
+    assert not registration.within_registration(["admin:read"], ["read"])
+
+
 def test_forwarded_address_is_trusted_only_when_configured(settings: Settings) -> None:
     import dataclasses
 

@@ -12,17 +12,20 @@ from joserfc.jwk import ECKey
 
 from libs.common import jwt
 from libs.common.config import Settings
-from services.identity import clients, grants, keys, schools, tokens
+from services.identity import clients, grants, keys, resources, schools, tokens
 from services.identity.schools import Issuer
 from tests.token_helpers import (
     World,
     basic,
     code_flow,
+    insert_code,
     introspect,
     make_world,
+    pkce_pair,
     post_form,
     refresh,
     revocation_marked,
+    token,
 )
 
 
@@ -336,6 +339,79 @@ async def test_userinfo_errors_are_bearer_challenges(
         headers={"Authorization": f"Bearer {theirs.body['access_token']}"},
     ) as resp:
         assert resp.status == 400
+
+
+async def test_userinfo_refuses_tokens_meant_for_another_resource(
+    identity_url: str, http: Any, pool: Any, settings: Settings, unique: str, identity_port: int
+) -> None:
+    """UserInfo is the issuer's own API: a token a client asked for another resource (RFC 8707,
+    the MCP endpoint) is restricted to it, openid or not; one that named none works."""
+    world = await make_world(pool, settings, unique, identity_port)
+    callback = "http://127.0.0.1:33419/callback"
+    platform = await clients.create_client(
+        pool,
+        settings,
+        school=None,
+        name="MCP Client",
+        redirect_uris=[callback],
+        public=True,
+        scopes=["openid", "profile", "courses:read"],
+        # Made by an operator: a self-registered one is MCP-only (resources.mcp_only).
+        created_via="admin",
+    )
+    platform_origin = f"http://localhost:{identity_port}"
+
+    async def platform_token(resource: str | None) -> str:
+        verifier, challenge = pkce_pair()
+        code, _ = await insert_code(
+            pool,
+            settings,
+            school_id=world.school.id,
+            client_id=platform.client.id,
+            user_id=world.user.id,
+            scopes=["openid", "profile", "courses:read"],
+            challenge=challenge,
+            redirect_uri=callback,
+            resource=resource,
+        )
+        answer = await token(
+            http,
+            platform_origin,
+            {
+                "grant_type": "authorization_code",
+                "code": code,
+                "redirect_uri": callback,
+                "code_verifier": verifier,
+                "client_id": platform.client.id,
+            },
+        )
+        assert answer.status == 200, answer.body
+        return str(answer.body["access_token"])
+
+    async def userinfo_at(origin: str, value: str) -> tuple[int, dict[str, Any], Any]:
+        headers = {"Authorization": f"Bearer {value}"}
+        async with http.get(origin + "/v1/oauth/userinfo", headers=headers) as resp:
+            return resp.status, await resp.json(), resp.headers
+
+    mcp_token = await platform_token(resources.mcp_resource(settings))
+    status, body, headers = await userinfo_at(platform_origin, mcp_token)
+    assert status == 401 and body["error"] == "invalid_token", body
+    assert 'error="invalid_token"' in headers["WWW-Authenticate"]
+
+    api_token = await platform_token(None)
+    status, body, _ = await userinfo_at(platform_origin, api_token)
+    assert status == 200 and body == {"sub": str(world.user.id), "name": "Ada Lovelace"}
+
+    # At a school issuer: its own token works; the same claims for another audience do not.
+    own, _ = await code_flow(http, pool, settings, world, scopes=["openid"])
+    status, _, _ = await _userinfo(http, world, own.body["access_token"])
+    assert status == 200
+    claims = orjson.loads(base64.urlsafe_b64decode(own.body["access_token"].split(".")[1] + "=="))
+    signer = await keys.KeyRing(pool, settings).signer(world.school.id, keys.ACCESS_TOKEN_ALG)
+    for aud in (resources.mcp_resource(settings), "https://elsewhere.example"):
+        foreign = tokens.sign_access_token(signer, {**claims, "aud": aud})
+        status, body, _ = await _userinfo(http, world, foreign)
+        assert status == 401 and body["error"] == "invalid_token", aud
 
 
 async def test_identity_verifies_tokens_of_a_key_rotated_in_elsewhere(

@@ -400,6 +400,34 @@ async def test_types_of_other_fields_are_checked(
     assert event["starts_at"] == "2030-01-01T08:00:00Z"
 
 
+async def test_a_timestamp_postgresql_would_store_as_infinity_is_refused(
+    school_api_url: str, http: aiohttp.ClientSession, settings: Settings
+) -> None:
+    # Found by fuzzing: asyncpg sends the first and last instants Python holds as -infinity
+    # and infinity, and reads them back without a zone; the row no longer said what was sent.
+    headers = who(settings, new_school())
+    base = f"{school_api_url}/api/v1/events"
+    starts = "2030-01-01T10:00:00Z"
+    event = await make(http, school_api_url, headers, "events", {"title": "M", "starts_at": starts})
+    for instant in ("0001-01-01T00:00:00Z", "9999-12-31T23:59:59.999999+00:00"):
+        body = {"title": "x", "starts_at": starts, "ends_at": instant}
+        status, answer = await call(http, "POST", base, headers, body)
+        assert (status, answer) == (
+            422,
+            {"error": "validation_failed", "fields": {"ends_at": "must_be_timestamp"}},
+        )
+        status, _ = await call(
+            http, "PATCH", f"{base}/{event['id']}", headers, {"ends_at": instant}
+        )
+        assert status == 422
+    # One microsecond inside, the instant is kept as sent.
+    status, kept = await call(
+        http, "PATCH", f"{base}/{event['id']}", headers, {"ends_at": "0001-01-01T00:00:00.000001Z"}
+    )
+    assert status == 200, kept
+    assert kept["ends_at"] == "0001-01-01T00:00:00.000001Z"
+
+
 async def test_bodies_that_are_not_json_objects(
     school_api_url: str, http: aiohttp.ClientSession, settings: Settings
 ) -> None:

@@ -165,6 +165,8 @@ async def new_tenant(pool: asyncpg.Pool, settings: Settings, system: System, nam
         email=f"owner-{label}@example.com",
         password=PASSWORD,
         name="Ada Lovelace",
+        # The school's owner: only an admin may grant the write scopes the issues use.
+        role="admin",
     )
     return Tenant(school, system.origin(school.subdomain), user.email)
 

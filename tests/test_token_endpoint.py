@@ -240,6 +240,74 @@ async def test_code_replay_fails_and_revokes_what_the_first_redemption_issued(
     assert "code.replayed" in await audit_actions(redis, settings, grant_id)
 
 
+async def test_a_used_code_presented_by_anyone_but_its_client_revokes_nothing(
+    identity_url: str,
+    http: Any,
+    pool: Any,
+    redis: Any,
+    settings: Settings,
+    unique: str,
+    identity_port: int,
+) -> None:
+    """Holding a leaked, already used code is no power over its grant: another client of the
+    school, a client of another school, or the code's public client without the PKCE
+    verifier get a plain invalid_grant and the grant lives on."""
+    world = await make_world(pool, settings, unique, identity_port)
+    elsewhere = await make_world(pool, settings, unique, identity_port, label="rpx")
+    verifier, challenge = pkce_pair()
+    code, grant_id = await insert_code(
+        pool,
+        settings,
+        school_id=world.school.id,
+        client_id=world.public.id,
+        user_id=world.user.id,
+        scopes=["openid", "read"],
+        challenge=challenge,
+    )
+    data = {
+        "grant_type": "authorization_code",
+        "code": code,
+        "redirect_uri": REDIRECT_URI,
+        "code_verifier": verifier,
+    }
+    first = await token(http, world.origin, {**data, "client_id": world.public.id})
+    assert first.status == 200, first.body
+
+    attempts = [
+        # Another client of the same school, authenticated, with the right verifier.
+        (world.origin, data, basic(world.confidential.id, world.secret)),
+        # A client of another school, at its own school.
+        (elsewhere.origin, data, basic(elsewhere.confidential.id, elsewhere.secret)),
+        (elsewhere.origin, {**data, "client_id": elsewhere.public.id}, None),
+        # The code's own public client, but without proof it is the one that asked.
+        (world.origin, {**data, "client_id": world.public.id, "code_verifier": "x" * 43}, None),
+        (
+            world.origin,
+            {k: v for k, v in data.items() if k != "code_verifier"}
+            | {"client_id": world.public.id},
+            None,
+        ),
+    ]
+    for origin, form, authorization in attempts:
+        answer = await token(http, origin, form, authorization=authorization)
+        assert answer.status == 400 and answer.body["error"] == "invalid_grant", answer.body
+        assert "already been used" not in answer.body.get("error_description", "")
+    assert await pool.fetchval("SELECT revoked_at FROM grants WHERE id = $1", grant_id) is None
+    assert (await revocation_marked(redis, settings, grant_id))[0] is False
+    userinfo = world.origin + "/v1/oauth/userinfo"
+    bearer = {"Authorization": f"Bearer {first.body['access_token']}"}
+    async with http.get(userinfo, headers=bearer) as resp:
+        assert resp.status == 200
+
+    # The code's own client, proving it with the verifier: the replay ends the grant.
+    again = await token(http, world.origin, {**data, "client_id": world.public.id})
+    assert again.status == 400 and again.body["error"] == "invalid_grant"
+    row = await pool.fetchrow("SELECT revoked_reason FROM grants WHERE id = $1", grant_id)
+    assert row["revoked_reason"] == "code_replay"
+    async with http.get(userinfo, headers=bearer) as resp:
+        assert resp.status == 401
+
+
 async def test_expired_code_is_invalid_grant(
     identity_url: str, http: Any, pool: Any, settings: Settings, unique: str, identity_port: int
 ) -> None:
@@ -397,6 +465,22 @@ async def test_client_of_school_a_at_school_b_is_invalid_client(
     # And at its own school the same code still works.
     ok = await token(http, a.origin, data, authorization=basic(a.confidential.id, a.secret))
     assert ok.status == 200, ok.body
+
+
+async def test_a_client_id_no_client_can_have_is_invalid_client(
+    identity_url: str, http: Any, pool: Any, settings: Settings, unique: str, identity_port: int
+) -> None:
+    # A NUL in client_id once reached PostgreSQL, which refused it: a 500, not RFC 6749 5.2.
+    world = await make_world(pool, settings, unique, identity_port, label="nul")
+    form = {"grant_type": "client_credentials"}
+    for client_id in ("x\x00y", "ünï"):
+        answers = [
+            await token(http, world.origin, {**form, "client_id": client_id}),
+            await token(http, world.origin, form, authorization=basic(client_id, "secret")),
+        ]
+        for answer in answers:
+            assert answer.status == 401, answer.body
+            assert answer.body["error"] == "invalid_client"
 
 
 async def test_client_authentication_methods(

@@ -1133,6 +1133,25 @@ async def test_probes_metrics_and_openapi(api: Api) -> None:
     assert "/v1/webhooks/egress-ips" in doc["paths"]
 
 
+async def test_no_such_route_or_method_is_a_json_error(api: Api) -> None:
+    # Found by fuzzing: aiohttp's own 404/405 went out as text/plain, not the JSON error shape.
+    caller = Caller(new_school())
+    for method, path, status, error in (
+        ("PUT", "/api/v1/webhooks", 405, "method_not_allowed"),
+        ("POST", f"/api/v1/webhooks/{uuid.uuid4()}", 405, "method_not_allowed"),
+        ("GET", "/api/v1/webhooks/a/b/c/d/e", 404, "not_found"),
+        ("GET", "/v1/webhooks/no-such-document", 404, "not_found"),
+    ):
+        async with api.http.request(
+            method, api.base + path, headers=caller.headers(api.settings)
+        ) as response:
+            assert response.status == status, (method, path)
+            assert response.content_type == "application/json", (method, path)
+            assert (await response.json())["error"] == error, (method, path)
+            if status == 405:
+                assert "GET" in response.headers["Allow"]
+
+
 def _production() -> dict[str, str]:
     key = base64.b64encode(secrets.token_bytes(32)).decode()
     return {

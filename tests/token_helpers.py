@@ -26,7 +26,8 @@ PASSWORD = "correct horse battery"
 
 @dataclass(frozen=True)
 class World:
-    """One school, one member, a confidential and a public client, and where they live."""
+    """One school, one user (an admin unless told), a confidential and a public client, and
+    where they live."""
 
     school: store.School
     user: store.User
@@ -50,6 +51,7 @@ async def make_world(
     scopes: Sequence[str] = ("openid", "profile", "email", "read", "courses:read", "students:read"),
     grant_types: Sequence[str] = ("authorization_code", "refresh_token"),
     user_name: str | None = "Ada Lovelace",
+    role: str = "admin",
 ) -> World:
     school = await schools.create_school(
         pool, settings, f"{label}{unique}{secrets.token_hex(2)}", "Token School"
@@ -60,6 +62,9 @@ async def make_world(
         email=f"{label}-{unique}-{secrets.token_hex(3)}@example.com",
         password=PASSWORD,
         name=user_name,
+        # An admin by default, the one who connects apps (seed 000): a member's grant of these
+        # data scopes would be revoked at its first refresh, being beyond a member's role.
+        role=role,
     )
     confidential = await clients.create_client(
         pool,

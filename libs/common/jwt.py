@@ -13,9 +13,7 @@ logs and metrics, never shown with the token.
 
 from __future__ import annotations
 
-import base64
 import binascii
-import re
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
@@ -38,9 +36,12 @@ DEFAULT_LEEWAY = 30
 MAX_TOKEN_LENGTH = 8192
 
 _KTY_OF_ALG = {"ES256": "EC", "RS256": "RSA"}
-# RFC 7515 2: base64url without padding. The stdlib decoder silently skips stray characters,
-# so the alphabet is checked first: two spellings of one token must not both verify.
-_B64URL = re.compile(r"[A-Za-z0-9_-]*")
+# RFC 7515 2: base64url without padding. The stdlib's lenient decoder silently skips stray
+# characters, and two spellings of one token must not both verify: so the standard alphabet's
+# own `+`, `/` and `=` are refused, the rest is mapped to it, and the strict decoder refuses
+# anything else (whitespace, non-alphabet characters, a lone trailing character).
+_TO_STANDARD = bytes.maketrans(b"-_", b"+/")
+_PADDING = ("", "", "==", "=")
 # The members that make a public JWK what it is; anything else (use, key_ops, x5c) is ignored
 # for the import cache so an equal key republished with other metadata is still a hit.
 _PUBLIC_MEMBERS = ("kty", "kid", "alg", "crv", "x", "y", "n", "e")
@@ -177,11 +178,12 @@ class KeySet:
 
 
 def _b64decode(segment: str) -> bytes:
-    if len(segment) % 4 == 1 or not segment.isascii() or _B64URL.fullmatch(segment) is None:
+    if "+" in segment or "/" in segment or "=" in segment or len(segment) % 4 == 1:
         raise MalformedToken("a segment is not base64url")
     try:
-        return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
-    except (binascii.Error, ValueError):
+        standard = (segment + _PADDING[len(segment) % 4]).encode("ascii").translate(_TO_STANDARD)
+        return binascii.a2b_base64(standard, strict_mode=True)
+    except (binascii.Error, ValueError):  # UnicodeEncodeError is a ValueError
         raise MalformedToken("a segment is not base64url") from None
 
 
@@ -243,6 +245,24 @@ def _check_signature(
     *,
     typ: Collection[str] | None,
 ) -> dict[str, Any]:
+    _check_header(header, key, typ=typ)
+    # Decoding the payload first only catches malformed base64url early; nothing in it is
+    # looked at until the signature below holds.
+    payload = _b64decode(parts[1])
+    signature = _b64decode(parts[2])
+    _verify_signature(key, f"{parts[0]}.{parts[1]}".encode("ascii"), signature)
+    try:
+        claims = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        raise MalformedToken("the payload is not JSON") from None
+    if not isinstance(claims, dict):
+        raise MalformedToken("the payload is not a JSON object")
+    return claims
+
+
+def _check_header(
+    header: Mapping[str, Any], key: VerificationKey, *, typ: Collection[str] | None
+) -> None:
     alg = header.get("alg")
     if alg not in ALLOWED_ALGORITHMS:
         raise DisallowedAlgorithm(f"alg {alg!r} is not accepted")
@@ -253,14 +273,13 @@ def _check_signature(
         raise MalformedToken("crit headers are not supported")
     if key.alg != alg:
         raise DisallowedAlgorithm("the key does not sign with the header's alg")
-    # Decoding the payload first only catches malformed base64url early; nothing in it is
-    # looked at until the signature below holds.
-    payload = _b64decode(parts[1])
-    signature = _b64decode(parts[2])
-    signing_input = f"{parts[0]}.{parts[1]}".encode("ascii")
+
+
+def _verify_signature(key: VerificationKey, signing_input: bytes, signature: bytes) -> None:
+    """The signature over `signing_input` with `key`, in the key's one algorithm."""
+    public = key.public
     try:
-        if alg == "ES256":
-            public = key.public
+        if key.alg == "ES256":
             # JWS carries ECDSA as raw r||s (RFC 7518 3.4); OpenSSL wants DER.
             if len(signature) != 64 or not isinstance(public, ec.EllipticCurvePublicKey):
                 raise InvalidSignature("the signature does not verify")
@@ -269,19 +288,54 @@ def _check_signature(
             )
             public.verify(der, signing_input, _ECDSA_SHA256)
         else:
-            public = key.public
             if not isinstance(public, rsa.RSAPublicKey):
                 raise InvalidSignature("the signature does not verify")
             public.verify(signature, signing_input, _PKCS1V15, _SHA256)
     except _CryptoInvalidSignature:
         raise InvalidSignature("the signature does not verify") from None
-    try:
-        claims = orjson.loads(payload)
-    except orjson.JSONDecodeError:
-        raise MalformedToken("the payload is not JSON") from None
-    if not isinstance(claims, dict):
-        raise MalformedToken("the payload is not a JSON object")
-    return claims
+
+
+class Compact:
+    """A compact JWS decoded once: its header, its claims, and what its signature covers.
+
+    For a verifier that must read the unverified `iss` to choose whose keys to use and then
+    verify the same token: each segment is decoded once. Nothing here is to be trusted until
+    :func:`verify_compact` has accepted it; `claims` are then exactly the signed bytes' JSON.
+    """
+
+    __slots__ = ("claims", "header", "signature", "signing_input")
+
+    def __init__(self, token: str) -> None:
+        parts = _parts(token)
+        self.header = _json_object(parts[0], "header")
+        self.claims = _json_object(parts[1], "payload")
+        self.signature = _b64decode(parts[2])
+        # ASCII: both segments passed the base64url alphabet check above.
+        self.signing_input = token[: len(parts[0]) + 1 + len(parts[1])].encode("ascii")
+
+    @property
+    def kid(self) -> str:
+        """The header's `kid` once its `alg` is allowed; refuses a forged `none` or HS256 token
+        before any key lookup (which could make a verifier refresh its keys)."""
+        header = self.header
+        if header.get("alg") not in ALLOWED_ALGORITHMS:
+            raise DisallowedAlgorithm(f"alg {header.get('alg')!r} is not accepted")
+        kid = header.get("kid")
+        if not isinstance(kid, str) or not kid:
+            raise UnknownKey("the token names no kid")
+        return kid
+
+
+def verify_compact(
+    compact: Compact, key: VerificationKey | None, *, typ: Collection[str] | None
+) -> dict[str, Any]:
+    """Header rules and signature of a decoded token with the key its `kid` named (None when
+    there was none); its claims once both hold, still to be checked by :func:`check_claims`."""
+    if key is None:
+        raise UnknownKey("no key of this issuer has that kid")
+    _check_header(compact.header, key, typ=typ)
+    _verify_signature(key, compact.signing_input, compact.signature)
+    return compact.claims
 
 
 def check_claims(
@@ -306,14 +360,22 @@ def check_claims(
     if iat - leeway > now:
         raise TokenNotYetValid("the token was issued in the future")
     if issuer is not None:
-        accepted = {issuer} if isinstance(issuer, str) else set(issuer)
-        if claims.get("iss") not in accepted:
+        iss = claims.get("iss")
+        if not isinstance(iss, str) or not (
+            iss == issuer if isinstance(issuer, str) else iss in set(issuer)
+        ):
             raise InvalidIssuer("the token was not issued here")
     if audience is not None:
-        wanted = {audience} if isinstance(audience, str) else set(audience)
         aud = claims.get("aud")
-        held = {aud} if isinstance(aud, str) else set(aud) if isinstance(aud, list) else set()
-        if not held & wanted:
+        if isinstance(aud, str) and isinstance(audience, str):
+            # The common case, without building sets.
+            meant = aud == audience
+        else:
+            wanted = {audience} if isinstance(audience, str) else set(audience)
+            listed = aud if isinstance(aud, list) else [aud]
+            held = {a for a in listed if isinstance(a, str)}
+            meant = bool(held & wanted)
+        if not meant:
             raise InvalidAudience("the token is not meant for this audience")
 
 

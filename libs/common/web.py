@@ -92,6 +92,24 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     return response
 
 
+# aiohttp's own client errors by the `error` code the API services answer them with.
+_HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+
+
+@web.middleware
+async def json_http_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """aiohttp's own 4xx answers (no such route, method not allowed, body too large) in the
+    JSON error shape of every other error an API service gives, instead of text/plain."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if not 400 <= exc.status < 500:
+            raise
+        headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
+        error = _HTTP_ERROR_CODES.get(exc.status, "invalid_request")
+        return json_response({"error": error}, status=exc.status, headers=headers)
+
+
 async def healthz(_request: web.Request) -> web.Response:
     return json_response({"status": "ok"})
 

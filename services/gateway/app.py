@@ -20,8 +20,8 @@ from aiohttp import web
 from libs.common import db, streams, tasks
 from libs.common.config import Settings
 from libs.common.logging import get_logger
-from libs.common.web import METRICS, READINESS, base_application
-from services.gateway import mcp, openapi, revocation, routes, routetable
+from libs.common.web import METRICS, READINESS
+from services.gateway import edge, mcp, openapi, revocation, routes, routetable
 from services.gateway.audit import AuditBuffer
 from services.gateway.context import CONTEXT, ROUTES, GatewayContext
 from services.gateway.directory import Directory
@@ -44,7 +44,7 @@ JWKS_TIMEOUT = aiohttp.ClientTimeout(total=5)
 def create_app(settings: Settings, *, routes_file: str | None = None) -> web.Application:
     """The gateway; raises routetable.RouteTableError when the route file is wrong."""
     table = routetable.load(routes_file or settings.gateway.routes_file, settings)
-    app = base_application("gateway")
+    app = edge.application("gateway")
     app[ROUTES] = table
     document = orjson.dumps(openapi.document(settings, table))
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
 from collections import deque
 from collections.abc import Callable
@@ -78,7 +79,9 @@ class AuditBuffer:
         ).removesuffix(b"$0\r\n\r\n")
         self._capacity = capacity
         self._on_drop = on_drop
-        self._records: deque[dict[str, Any]] = deque()
+        # Each record as its packed XADD: serialized when appended, so a flush is a join and a
+        # write rather than a burst of work delaying the calls in flight.
+        self._records: deque[bytes] = deque()
         self._batch_ready = asyncio.Event()
         self._last_warning = float("-inf")
         self._task: asyncio.Task[None] | None = None
@@ -99,7 +102,8 @@ class AuditBuffer:
                 self._last_warning = now
                 log.warning("audit_buffer_full", dropped=self.dropped, capacity=self._capacity)
             return
-        self._records.append(record)
+        payload = orjson.dumps(record)
+        self._records.append(b"%s$%d\r\n%s\r\n" % (self._head, len(payload), payload))
         if len(self._records) >= BATCH:
             self._batch_ready.set()
 
@@ -108,11 +112,7 @@ class AuditBuffer:
         written = 0
         while self._records:
             count = min(BATCH, len(self._records))
-            head = self._head
-            commands = []
-            for i in range(count):
-                payload = orjson.dumps(self._records[i])
-                commands.append(b"%s$%d\r\n%s\r\n" % (head, len(payload), payload))
+            commands = list(itertools.islice(self._records, count))
             answers = await self._redis.execute_many(commands)
             failed = next((a for a in answers if isinstance(a, RedisReplyError)), None)
             if failed is not None:

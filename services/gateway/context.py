@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import asyncpg
 import redis.asyncio as redis
@@ -14,10 +14,13 @@ from services.gateway.directory import Directory
 from services.gateway.jwks import JwksCache
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.proxy import Upstreams
-from services.gateway.ratelimit import Guard, Pace
-from services.gateway.revocation import RevokedGrants
+from services.gateway.ratelimit import BUCKET_KEY, Guard, Pace
+from services.gateway.revocation import REVOKED_KEY, RevokedGrants
 from services.gateway.routetable import RouteTable
 from services.gateway.validation import TokenVerifier
+
+# Hosts are the caller's to choose: the memo of their subdomains is bounded.
+_HOSTS_MAX = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +38,40 @@ class GatewayContext:
     upstreams: Upstreams
     audit: AuditBuffer
     metrics: GatewayMetrics
+    # Derived once rather than per call (each is a few string operations on every call).
+    revoked_prefix: str = field(init=False)
+    bucket_prefix: str = field(init=False)
+    _subdomains: dict[str, str | None] = field(init=False, default_factory=dict)
+    _paces: dict[int, Pace] = field(init=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "revoked_prefix", self.settings.stream(REVOKED_KEY))
+        object.__setattr__(self, "bucket_prefix", self.settings.stream(BUCKET_KEY))
+
+    def subdomain_of(self, host: str) -> str | None:
+        """settings.urls.subdomain_of, memoized per Host."""
+        memo = self._subdomains
+        try:
+            return memo[host]
+        except KeyError:
+            pass
+        found = self.settings.urls.subdomain_of(host)
+        if len(memo) >= _HOSTS_MAX:
+            memo.clear()
+        memo[host] = found
+        return found
+
+    def pace(self, per_minute: int | None) -> Pace:
+        """A client's pace: its own limit per minute, or the gateway's default."""
+        if not per_minute:
+            return self.default_pace
+        pace = self._paces.get(per_minute)
+        if pace is None:
+            if len(self._paces) >= _HOSTS_MAX:
+                self._paces.clear()
+            pace = Pace.of(per_minute, self.settings.gateway.rate_limit_burst)
+            self._paces[per_minute] = pace
+        return pace
 
 
 CONTEXT = web.AppKey("gateway", GatewayContext)

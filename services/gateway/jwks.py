@@ -64,6 +64,16 @@ class JwksCache:
 
         return find
 
+    def peek(self, issuer: str, kid: str) -> jwt.VerificationKey | None:
+        """The key at once when the issuer's set is loaded, current and holds `kid`; None means
+        "ask :meth:`find`", which fetches, refreshes and rate-limits refreshes as needed."""
+        entry = self._issuers.get(issuer)
+        if entry is None or not entry.loaded or entry.stale:
+            return None
+        if time.monotonic() - entry.fetched_at > self._ttl:
+            return None
+        return entry.keys.get(kid)
+
     async def find(
         self, issuer: str, school_id: int | None, kid: str
     ) -> jwt.VerificationKey | None:

@@ -47,6 +47,7 @@ class GatewayMetrics:
         )
 
         self._call_children: dict[tuple[str, int], Any] = {}
+        self._latency_children: dict[str, Any] = {}
 
     def call(self, route: str, status: int) -> None:
         """Count one answered call; the labelled child is looked up once per (route, status)."""
@@ -54,3 +55,10 @@ class GatewayMetrics:
         if child is None:
             child = self._call_children[(route, status)] = self.calls.labels(route, str(status))
         child.inc()
+
+    def upstream_answered(self, upstream: str, seconds: float) -> None:
+        """Observe one upstream latency; the labelled child is looked up once per upstream."""
+        child = self._latency_children.get(upstream)
+        if child is None:
+            child = self._latency_children[upstream] = self.upstream_latency.labels(upstream)
+        child.observe(seconds)

@@ -29,6 +29,9 @@ def _json(description: str) -> dict[str, Any]:
 
 
 _PROTECTED_ANSWERS = {
+    # Past the gateway's checks the upstream answers, and its errors (404, 405, 422, ...) pass
+    # through unchanged.
+    "4XX": _json("The upstream service's error; `error` names it"),
     "401": _json("No bearer token, or one not valid here (WWW-Authenticate names the error)"),
     "403": _json("The token lacks the scope (WWW-Authenticate names it)"),
     "429": _json("Rate limited; Retry-After says when to try again"),
@@ -40,6 +43,9 @@ _PROTECTED_ANSWERS = {
 
 def document(settings: Settings, routes: RouteTable) -> dict[str, Any]:
     school = settings.urls.school_template
+    # OpenAPI requires absolute URIs for the OAuth flow URLs and `{school}` makes none, so the
+    # flows name the demo school's endpoints (every school's are the same paths).
+    demo = settings.urls.school_origin("demo")
     paths: dict[str, Any] = {
         "/healthz": {"get": {"summary": "Liveness", "responses": {"200": {"description": "ok"}}}},
         "/readyz": {
@@ -102,11 +108,13 @@ def document(settings: Settings, routes: RouteTable) -> dict[str, Any]:
             "securitySchemes": {
                 "loopwise": {
                     "type": "oauth2",
+                    "description": f"Each school is its own authorization server ({school}); "
+                    "the flow URLs are the demo school's.",
                     "flows": {
                         "authorizationCode": {
-                            "authorizationUrl": f"{school}/v1/oauth/authorize",
-                            "tokenUrl": f"{school}/v1/oauth/token",
-                            "refreshUrl": f"{school}/v1/oauth/token",
+                            "authorizationUrl": f"{demo}/v1/oauth/authorize",
+                            "tokenUrl": f"{demo}/v1/oauth/token",
+                            "refreshUrl": f"{demo}/v1/oauth/token",
                             "scopes": {
                                 s.name: s.description
                                 for s in catalogue.CATALOGUE.values()

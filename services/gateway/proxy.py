@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
@@ -24,6 +25,7 @@ from yarl import URL
 
 from libs.common.errors import json_response
 from libs.common.logging import get_logger
+from services.gateway import upstream as upstream_client
 from services.gateway.metrics import GatewayMetrics
 
 log = get_logger(__name__)
@@ -50,6 +52,10 @@ _FORWARDING = frozenset(
 # session among them) must not reach a resource service.
 _PROTECTED_DROP = frozenset({"authorization", "cookie", "x-request-id"})
 IDENTITY_PREFIX = "x-connect-"
+# The caller's Host is replaced by the forwarding one, never sent twice.
+_PUBLIC_SKIP = HOP_BY_HOP | _FORWARDING | {"host"}
+_PROTECTED_SKIP = _PUBLIC_SKIP | _PROTECTED_DROP
+_NONE: frozenset[str] = frozenset()
 # Answers up to this size are read whole and sent in one write; longer ones (or ones of
 # unknown length) are streamed chunk by chunk.
 SMALL_BODY = 256 * 1024
@@ -79,11 +85,21 @@ class Upstreams:
             )
             for name in self.urls
         }
+        # The lean client (upstream.py) for protected calls without a body, where it can.
+        self.lean = {
+            name: upstream_client.Pool(
+                url, connect_timeout=connect_timeout, total_timeout=total_timeout
+            )
+            for name, url in self.urls.items()
+            if urlsplit(url).scheme == "http"
+        }
 
     def session(self, name: str) -> aiohttp.ClientSession:
         return self._sessions[name]
 
     async def close(self) -> None:
+        for pool in self.lean.values():
+            pool.close()
         for session in self._sessions.values():
             await session.close()
 
@@ -111,40 +127,62 @@ def upstream_request_headers(
     identity: Mapping[str, str] | None,
 ) -> CIMultiDict[str]:
     """The caller's headers as an upstream gets them; `identity` marks a protected call."""
-    named = _connection_named(request.headers)
-    out: CIMultiDict[str] = CIMultiDict()
-    protected = identity is not None
-    for name, value in request.headers.items():
-        low = name.lower()
-        if low in HOP_BY_HOP or low in named or low in _FORWARDING:
-            continue
-        if low.startswith(IDENTITY_PREFIX):
-            # Never let a caller claim an identity, on any route.
-            continue
-        if protected and low in _PROTECTED_DROP:
-            continue
-        out.add(name, value)
-    out["Host"] = forwarding.host
+    headers = request.headers
+    named = _connection_named(headers) if "Connection" in headers else _NONE
+    dropped = _PROTECTED_SKIP if identity is not None else _PUBLIC_SKIP
+    # Collected as pairs and made into a multidict at once: one C call, not one per header.
+    pairs = [
+        (name, value)
+        for name, value in headers.items()
+        if (low := name.lower()) not in dropped
+        and not low.startswith(IDENTITY_PREFIX)  # never let a caller claim an identity
+        and low not in named
+    ]
+    pairs.append(("Host", forwarding.host))
     if forwarding.client_ip:
-        out["X-Forwarded-For"] = forwarding.client_ip
-    out["X-Forwarded-Proto"] = forwarding.proto
-    out["X-Forwarded-Host"] = forwarding.host
+        pairs.append(("X-Forwarded-For", forwarding.client_ip))
+    pairs.append(("X-Forwarded-Proto", forwarding.proto))
+    pairs.append(("X-Forwarded-Host", forwarding.host))
     if identity is not None:
-        out.update(identity)
-    return out
+        pairs.extend(identity.items())
+    return CIMultiDict(pairs)
 
 
-def response_headers(upstream: aiohttp.ClientResponse, *, protected: bool) -> CIMultiDict[str]:
-    named = _connection_named(upstream.headers)
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in upstream.headers.items():
-        low = name.lower()
-        if low in HOP_BY_HOP or low in named:
-            continue
-        if protected and low.startswith("access-control-"):
-            # CORS on the protected API is the gateway's decision alone (cors.py).
-            continue
-        out.add(name, value)
+def response_headers(
+    upstream: aiohttp.ClientResponse,
+    *,
+    protected: bool,
+    extra: Mapping[str, str] | None = None,
+) -> CIMultiDict[str]:
+    """The upstream's answer headers as the caller gets them, plus the gateway's `extra`
+    (a `Vary` of the upstream's is extended, not replaced)."""
+    headers = upstream.headers
+    named = _connection_named(headers) if "Connection" in headers else _NONE
+    return _answer_headers(headers.items(), named, protected=protected, extra=extra)
+
+
+def _answer_headers(
+    fields: Iterable[tuple[str, str]],
+    named: frozenset[str],
+    *,
+    protected: bool,
+    extra: Mapping[str, str] | None,
+) -> CIMultiDict[str]:
+    pairs = [
+        (name, value)
+        for name, value in fields
+        if (low := name.lower()) not in HOP_BY_HOP
+        and low not in named
+        # CORS on the protected API is the gateway's decision alone (cors.py).
+        and not (protected and low.startswith("access-control-"))
+    ]
+    out: CIMultiDict[str] = CIMultiDict(pairs)
+    if extra:
+        for name, value in extra.items():
+            if name == "Vary" and "Vary" in out:
+                out["Vary"] = f"{out['Vary']}, {value}"
+            else:
+                out[name] = value
     return out
 
 
@@ -173,6 +211,10 @@ async def forward(
     extra: Mapping[str, str] | None = None,
 ) -> web.StreamResponse:
     """Send the call to `upstream` and relay its answer; 502/504 JSON when it fails."""
+    if protected and request.method in upstream_client.METHODS and not request.body_exists:
+        lean = upstreams.lean.get(upstream)
+        if lean is not None:
+            return await _forward_lean(request, lean, upstream, headers, metrics, extra)
     url = URL(upstreams.urls[upstream] + request.raw_path, encoded=True)
     session = upstreams.session(upstream)
     data = request.content if request.body_exists else None
@@ -189,15 +231,9 @@ async def forward(
         metrics.upstream_errors.labels(upstream, "connect").inc()
         log.warning("upstream_failed", upstream=upstream, error=type(exc).__name__)
         return bad_gateway()
-    metrics.upstream_latency.labels(upstream).observe(time.perf_counter() - started)
+    metrics.upstream_answered(upstream, time.perf_counter() - started)
     try:
-        out_headers = response_headers(upstream_response, protected=protected)
-        if extra:
-            for name, value in extra.items():
-                if name == "Vary" and "Vary" in out_headers:
-                    out_headers["Vary"] = f"{out_headers['Vary']}, {value}"
-                else:
-                    out_headers[name] = value
+        out_headers = response_headers(upstream_response, protected=protected, extra=extra)
         status = upstream_response.status
         length = upstream_response.content_length
         if (
@@ -213,12 +249,12 @@ async def forward(
             except aiohttp.ClientError:
                 metrics.upstream_errors.labels(upstream, "protocol").inc()
                 return bad_gateway()
-            response = web.Response(
-                status=status, reason=upstream_response.reason, headers=out_headers
+            return web.Response(
+                body=body or None,
+                status=status,
+                reason=upstream_response.reason,
+                headers=out_headers,
             )
-            if body:
-                response.body = body
-            return response
         return await _stream(request, upstream_response, out_headers, upstream, metrics)
     finally:
         upstream_response.release()
@@ -256,5 +292,108 @@ async def _stream(
             # closed on release because its body was not read to the end.
             log.debug("caller_disconnected", upstream=upstream)
             return response
+    await response.write_eof()
+    return response
+
+
+async def _forward_lean(
+    request: web.Request,
+    pool: upstream_client.Pool,
+    name: str,
+    headers: CIMultiDict[str],
+    metrics: GatewayMetrics,
+    extra: Mapping[str, str] | None,
+) -> web.StreamResponse:
+    """forward() over the lean client: the same answers, errors and metrics."""
+    started = time.perf_counter()
+    deadline = time.monotonic() + pool.total_timeout
+    answer: upstream_client.Answer | None = None
+    body = b""
+    try:
+        # One timeout for the head and a small body: the call's whole exchange.
+        async with asyncio.timeout(pool.total_timeout):
+            answer = await pool.exchange(request.method, request.raw_path, headers.items())
+            metrics.upstream_answered(name, time.perf_counter() - started)
+            length = answer.content_length
+            small = length is not None and length <= SMALL_BODY
+            if small:
+                body = await answer.read()
+    except TimeoutError:
+        if answer is not None:
+            answer.release()
+        metrics.upstream_errors.labels(name, "timeout").inc()
+        log.warning("upstream_timeout", upstream=name)
+        return upstream_timeout()
+    except (
+        OSError,
+        ValueError,
+        upstream_client.UpstreamProtocolError,
+        asyncio.IncompleteReadError,
+    ) as exc:
+        if answer is not None:
+            answer.release()
+        metrics.upstream_errors.labels(name, "connect" if answer is None else "protocol").inc()
+        log.warning("upstream_failed", upstream=name, error=type(exc).__name__)
+        return bad_gateway()
+    except BaseException:
+        # Cancelled (the caller went away): the connection is not left open unowned.
+        if answer is not None:
+            answer.release()
+        raise
+    try:
+        fields = answer.headers
+        named = _NONE
+        for field, value in fields:
+            if field.lower() == "connection":
+                named = named | {t.strip().lower() for t in value.split(",") if t.strip()}
+        out_headers = _answer_headers(fields, named, protected=True, extra=extra)
+        if small:
+            return web.Response(
+                body=body or None, status=answer.status, reason=answer.reason, headers=out_headers
+            )
+        return await _stream_lean(request, answer, out_headers, name, metrics, deadline)
+    finally:
+        answer.release()
+
+
+def _loop_time(deadline: float) -> float:
+    """A time.monotonic() deadline on the event loop's clock."""
+    return asyncio.get_running_loop().time() + (deadline - time.monotonic())
+
+
+async def _stream_lean(
+    request: web.Request,
+    answer: upstream_client.Answer,
+    headers: CIMultiDict[str],
+    name: str,
+    metrics: GatewayMetrics,
+    deadline: float,
+) -> web.StreamResponse:
+    response = web.StreamResponse(status=answer.status, reason=answer.reason, headers=headers)
+    await response.prepare(request)
+    try:
+        async with asyncio.timeout_at(_loop_time(deadline)):
+            async for chunk in answer.chunks(CHUNK):
+                try:
+                    await response.write(chunk)
+                except ConnectionError:
+                    # The caller went away mid-answer: stop relaying; the upstream
+                    # connection is closed on release, its answer not read to the end.
+                    log.debug("caller_disconnected", upstream=name)
+                    return response
+    except (
+        TimeoutError,
+        OSError,
+        upstream_client.UpstreamProtocolError,
+        asyncio.IncompleteReadError,
+        asyncio.LimitOverrunError,
+    ) as exc:
+        # The status is already sent: the only honest signal left is to cut the connection,
+        # so the caller sees a truncated answer, not a complete-looking one.
+        metrics.upstream_errors.labels(name, "stream").inc()
+        log.warning("upstream_stream_failed", upstream=name, error=type(exc).__name__)
+        if request.transport is not None:
+            request.transport.abort()
+        return response
     await response.write_eof()
     return response

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from services.gateway.resp import PipelinedRedis, RedisReplyError, pack
 
@@ -54,8 +55,9 @@ return {0, 1, math.floor((now - allow_at) / interval), 0, new_tat - now}
 """
 
 
-@dataclass(frozen=True, slots=True)
-class Verdict:
+class Verdict(NamedTuple):
+    """One call's answer (a tuple: one is made per call, and cheaply)."""
+
     revoked: bool
     allowed: bool
     limit: int
@@ -98,32 +100,61 @@ class Guard:
     def __init__(self, connection: PipelinedRedis) -> None:
         self._redis = connection
         self._sha = hashlib.sha1(_GUARD.encode(), usedforsecurity=False).hexdigest().encode()
+        # The command's unchanging start (`EVALSHA <sha> 2`), packed once per sha.
+        self._head = (self._sha, _evalsha_head(self._sha))
 
     async def check(
         self, revoked_key: str, bucket_key: str, *, consume: bool, pace: Pace
     ) -> Verdict:
         """One round trip; ConnectionError or RedisReplyError when Redis cannot answer."""
-        args = (
-            b"2",
-            revoked_key.encode(),
-            bucket_key.encode(),
+        sha, head = self._head
+        if sha is not self._sha:
+            self._head = (self._sha, head := _evalsha_head(self._sha))
+        revoked = revoked_key.encode()
+        bucket = bucket_key.encode()
+        interval = b"%d" % pace.interval_us
+        burst = b"%d" % pace.burst
+        command = b"%s$%d\r\n%s\r\n$%d\r\n%s\r\n$1\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (
+            head,
+            len(revoked),
+            revoked,
+            len(bucket),
+            bucket,
             b"1" if consume else b"0",
-            pace.interval_us,
-            pace.burst,
+            len(interval),
+            interval,
+            len(burst),
+            burst,
         )
         try:
-            answer = await self._redis.execute(pack(b"EVALSHA", self._sha, *args))
+            answer = await self._redis.execute(command)
         except RedisReplyError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
-            answer = await self._redis.execute(pack(b"EVAL", _GUARD.encode(), *args))
-        revoked, allowed, remaining, retry_us, reset_us = (int(v) for v in answer)
+            answer = await self._redis.execute(
+                pack(
+                    b"EVAL",
+                    _GUARD.encode(),
+                    b"2",
+                    revoked,
+                    bucket,
+                    b"1" if consume else b"0",
+                    interval,
+                    burst,
+                )
+            )
+        is_revoked, allowed, remaining, retry_us, reset_us = answer
         return Verdict(
-            revoked=bool(revoked),
-            allowed=bool(allowed),
-            limit=pace.burst,
-            remaining=max(0, remaining),
-            retry_after=max(1, math.ceil(retry_us / 1_000_000)) if not allowed else 0,
-            reset=max(0, math.ceil(reset_us / 1_000_000)),
-            window=pace.window,
+            is_revoked == 1,
+            allowed == 1,
+            pace.burst,
+            remaining if remaining > 0 else 0,
+            0 if allowed == 1 else max(1, math.ceil(retry_us / 1_000_000)),
+            max(0, math.ceil(reset_us / 1_000_000)),
+            pace.window,
         )
+
+
+def _evalsha_head(sha: bytes) -> bytes:
+    """`EVALSHA <sha> 2` of a seven-part command, the rest of which is added per call."""
+    return pack(b"EVALSHA", sha, b"2", b"", b"", b"", b"", b"").split(b"$0\r\n", 1)[0]

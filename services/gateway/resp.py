@@ -78,10 +78,21 @@ def _parse(buffer: bytes | bytearray, pos: int) -> tuple[Any, int]:
     raise ConnectionError(f"unexpected reply type {chr(kind)!r}")
 
 
+class _Batch:
+    """The replies of a batch of commands, resolved together: one future, not one per reply."""
+
+    __slots__ = ("replies", "size")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.replies: list[Any] = []
+
+
 class _Protocol(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
-        self.waiters: deque[tuple[float, asyncio.Future[Any]]] = deque()
+        # (sent at, future, None for one reply or the _Batch collecting several)
+        self.waiters: deque[tuple[float, asyncio.Future[Any], _Batch | None]] = deque()
         self._buffer = bytearray()
         self._outgoing: list[bytes] = []
         self.lost = asyncio.get_running_loop().create_future()
@@ -103,7 +114,13 @@ class _Protocol(asyncio.Protocol):
                     break
                 if not waiters:
                     raise ConnectionError("a reply nobody asked for")
-                _, future = waiters.popleft()
+                _, future, batch = waiters[0]
+                if batch is not None:
+                    batch.replies.append(value)
+                    if len(batch.replies) < batch.size:
+                        continue
+                    value = batch.replies
+                waiters.popleft()
                 if not future.done():
                     future.set_result(value)
         except (ConnectionError, ValueError) as exc:
@@ -116,7 +133,7 @@ class _Protocol(asyncio.Protocol):
 
     def fail(self, exc: Exception) -> None:
         while self.waiters:
-            _, future = self.waiters.popleft()
+            _, future, _ = self.waiters.popleft()
             if not future.done():
                 future.set_exception(exc)
         if self.transport is not None:
@@ -124,15 +141,22 @@ class _Protocol(asyncio.Protocol):
         if not self.lost.done():
             self.lost.set_result(None)
 
-    def send(self, command: bytes) -> asyncio.Future[Any]:
+    def send(self, command: bytes, batch: int | None = None) -> asyncio.Future[Any]:
+        """Queue a command, or `batch` commands packed together (answered as one list)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         if self.transport is None or self.transport.is_closing() or self.lost.done():
             future.set_exception(ConnectionError("the Redis connection is closed"))
             return future
-        self.waiters.append((time.monotonic(), future))
-        # Commands sent in the same turn of the event loop leave in one write (one syscall)
-        # at the end of the turn: under load, many calls share it.
+        idle = not self.waiters
+        self.waiters.append((time.monotonic(), future, None if batch is None else _Batch(batch)))
+        if idle:
+            # Nothing in flight: under light load, waiting for the end of the loop's turn
+            # would only add whatever else runs in it to this call's latency.
+            self.transport.write(command)
+            return future
+        # Under load, commands sent in the same turn of the event loop leave in one write (one
+        # syscall) at the end of the turn, and many calls share it.
         if not self._outgoing:
             loop.call_soon(self._flush)
         self._outgoing.append(command)
@@ -210,7 +234,7 @@ class PipelinedRedis:
             await asyncio.sleep(min(0.25, self._timeout / 2))
             protocol = self._protocol
             if protocol is not None and protocol.waiters:
-                sent_at, _ = protocol.waiters[0]
+                sent_at, _, _ = protocol.waiters[0]
                 if time.monotonic() - sent_at > self._timeout:
                     protocol.fail(ConnectionError("Redis did not answer in time"))
 
@@ -230,8 +254,10 @@ class PipelinedRedis:
         protocol = self._protocol
         if protocol is None or protocol.lost.done():
             protocol = await self._connection()
-        futures = [protocol.send(command) for command in commands]
-        return list(await asyncio.gather(*futures))
+        if not commands:
+            return []
+        replies: list[Any] = await protocol.send(b"".join(commands), len(commands))
+        return replies
 
     async def close(self) -> None:
         if self._watchdog is not None:

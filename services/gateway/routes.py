@@ -21,9 +21,7 @@ from libs.common.web import REQUEST_ID_KEY
 from services.gateway import audit, cors, proxy
 from services.gateway.context import GatewayContext, context
 from services.gateway.jwks import JwksUnavailable
-from services.gateway.ratelimit import BUCKET_KEY, Pace
 from services.gateway.resp import RedisReplyError
-from services.gateway.revocation import REVOKED_KEY
 from services.gateway.routetable import Route
 from services.gateway.validation import Rejection, TokenVerifier, VerifiedToken, bearer_token
 
@@ -123,7 +121,7 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
 async def public(request: web.Request, ctx: GatewayContext, route: Route) -> web.StreamResponse:
     """Pass through untouched; the upstream (identity) decides, including unknown schools."""
     host = _host(request, ctx)
-    if ctx.settings.urls.subdomain_of(host) is None:
+    if ctx.subdomain_of(host) is None:
         return not_found()
     headers = proxy.upstream_request_headers(request, forwarding(request, ctx, host), identity=None)
     return await proxy.forward(
@@ -149,7 +147,7 @@ def _no_token(ctx: GatewayContext) -> web.Response:
 
 async def protected(request: web.Request, ctx: GatewayContext, route: Route) -> web.StreamResponse:
     host = _host(request, ctx)
-    subdomain = ctx.settings.urls.subdomain_of(host)
+    subdomain = ctx.subdomain_of(host)
     if not subdomain:
         # A foreign Host, or the platform's own: the school API lives on school origins only.
         return not_found()
@@ -218,18 +216,12 @@ async def checked_call(
     if verified.grant_id in ctx.revoked:
         return _reject(ctx, "revoked", "The access token has been revoked")
     allowed_by_scope, scope_used = verified.satisfying(required)
-    pace = (
-        Pace.of(client.rate_limit_per_minute, ctx.settings.gateway.rate_limit_burst)
-        if client.rate_limit_per_minute
-        else ctx.default_pace
-    )
-    settings = ctx.settings
     try:
         verdict = await ctx.guard.check(
-            settings.stream(REVOKED_KEY) + verified.grant_id,
-            f"{settings.stream(BUCKET_KEY)}{school_id}:{verified.client_id}",
+            ctx.revoked_prefix + verified.grant_id,
+            f"{ctx.bucket_prefix}{school_id}:{verified.client_id}",
             consume=allowed_by_scope,
-            pace=pace,
+            pace=ctx.pace(client.rate_limit_per_minute),
         )
     except (OSError, RedisReplyError):
         # Fail closed: without Redis a revoked token cannot be told from a live one.
@@ -275,7 +267,7 @@ async def checked_call(
         "X-Connect-Scopes": verified.scope,
         "X-Connect-Grant-Id": verified.grant_id,
         "X-Request-Id": request[REQUEST_ID_KEY],
-        "X-Connect-Internal-Token": settings.internal_token,
+        "X-Connect-Internal-Token": ctx.settings.internal_token,
     }
     extra = verdict.headers()
     cors.grant(extra, origin, client.allowed_origins)

@@ -91,6 +91,9 @@ AUDIT_ACTIONS = (
     "client.disabled",
     "client.enabled",
     "client.deleted",
+    "webhook.disabled",
+    "webhook.enabled",
+    "webhook.delivery_retried",
     "code.replayed",
     "refresh.reuse_detected",
 )
@@ -541,13 +544,27 @@ async def _set_disabled(request: web.Request, disabled: bool) -> web.StreamRespo
         return posted
     viewer, client, _ = posted
     ctx = context(request)
-    updated = await store.update_client(
-        ctx.pool, client.id, disabled_at=datetime.now(UTC) if disabled else None
-    )
-    if updated is None:
-        return _no_such_app(request)
+    ip = _ip(request)
+    revoked = 0
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        if not await registration_store.lock_client(conn, client.id):
+            return _no_such_app(request)
+        updated = await store.update_client(
+            conn, client.id, disabled_at=datetime.now(UTC) if disabled else None
+        )
+        if updated is None:
+            return _no_such_app(request)
+        if disabled:
+            # Every grant ends now: gateways refuse its tokens at once (a disabled client is
+            # otherwise seen only when their client cache expires), its webhooks stop, and
+            # enabling the app again brings back no token; its users consent afresh.
+            for grant in await registration_store.active_grants_of_client(conn, client.id):
+                revoked += await grants.revoke_grant(
+                    conn, ctx.redis, ctx.settings, grant.id, reason="client_disabled", ip=ip
+                )
     action = "client.disabled" if disabled else "client.enabled"
-    await _audit_change(ctx, action, viewer, updated, _ip(request))
+    detail = {"revoked_grants": revoked} if disabled else {}
+    await _audit_change(ctx, action, viewer, updated, ip, **detail)
     return sessions.see_other(_app_path(client.id, **{action.split(".")[1]: "1"}))
 
 
@@ -827,7 +844,11 @@ OPENAPI_PATHS: dict[str, Any] = {
         "get": {
             "summary": "School admin: the audit log as CSV (same filters), as an attachment",
             "parameters": _FILTERS[:-1],
-            "responses": {"200": {"description": "text/csv"}, **_ADMIN_ONLY},
+            "responses": {
+                "200": {"description": "text/csv"},
+                "400": {**_HTML, "description": "A filter is not valid"},
+                **_ADMIN_ONLY,
+            },
         }
     },
 }

@@ -17,7 +17,15 @@ from libs.common.config import Settings
 from libs.common.errors import OAuthError
 from libs.common.logging import get_logger
 from libs.common.web import READINESS, Handler, base_application
-from services.identity import audit_consumer, cors, credentials, keys, routes, sweep
+from services.identity import (
+    audit_consumer,
+    cors,
+    credentials,
+    keys,
+    revocation_marks,
+    routes,
+    sweep,
+)
 from services.identity.context import CONTEXT, ISSUER, IdentityContext
 from services.identity.schools import SchoolDirectory, UnknownSchool
 
@@ -113,6 +121,10 @@ def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[
             asyncio.create_task(_rotate_on_schedule(pool, redis_client, settings, stop)),
             asyncio.create_task(audit_consumer.run(pool, redis_client, settings, stop)),
             asyncio.create_task(sweep.run(pool, settings, stop), name="identity-sweep"),
+            asyncio.create_task(
+                revocation_marks.run(pool, redis_client, settings, stop),
+                name="identity-revocation-marks",
+            ),
         ]
         try:
             yield

@@ -38,6 +38,7 @@ from services.identity import (
     grants,
     pages,
     resources,
+    roles,
     sessions,
     store,
 )
@@ -130,6 +131,9 @@ class AuthorizationRequest:
     # The school a platform client's user picked.
     school_id: int | None = None
     school_name: str | None = None
+    # The scopes the consent page offered: the Allow grants no more, even if the user's role
+    # was raised in between.
+    offered: list[str] | None = None
 
     def to_json(self) -> bytes:
         return orjson.dumps(dataclasses.asdict(self))
@@ -241,7 +245,10 @@ def _check_scopes(requested: Sequence[str], client: store.Client) -> list[str]:
 
 
 def school_problem(
-    settings: Settings, authz: AuthorizationRequest, school: store.School
+    settings: Settings,
+    authz: AuthorizationRequest,
+    school: store.School,
+    client: store.Client | None = None,
 ) -> RedirectError | None:
     """What keeps this request from being granted at `school`, if anything."""
     if school.allowed_scopes is not None:
@@ -254,16 +261,20 @@ def school_problem(
                 "invalid_scope", f"The school does not allow the scope {refused[0]}."
             )
     if authz.resource and (
-        resources.audience(settings, school, authz.resource, issuer=authz.issuer) is None
+        resources.audience(settings, school, authz.resource, issuer=authz.issuer, client=client)
+        is None
     ):
         return RedirectError("invalid_target", "The school's tokens cannot name this resource.")
     return None
 
 
-def _check_resource(params: MultiMapping[Any], settings: Settings, iss: Issuer) -> str | None:
+def _check_resource(
+    params: MultiMapping[Any], settings: Settings, iss: Issuer, client: store.Client
+) -> str | None:
     values = [str(v) for v in params.getall("resource", []) if v]
     if not values:
-        return None
+        # Bound now, so the code, the grant and every refresh carry the MCP audience.
+        return resources.default_resource(settings, client)
     if len(values) > 1:
         raise RedirectError("invalid_target", "Only one resource per request is supported.")
     resource = values[0]
@@ -278,6 +289,11 @@ def _check_resource(params: MultiMapping[Any], settings: Settings, iss: Issuer) 
         school_api = bool(subdomain) and normalised == settings.urls.school_origin(subdomain or "")
         if normalised != resources.mcp_resource(settings) and not school_api:
             raise RedirectError("invalid_target", "Tokens cannot be issued for this resource.")
+        if school_api and resources.mcp_only(client):
+            raise RedirectError(
+                "invalid_target",
+                "A self-registered application may only get tokens for the MCP server.",
+            )
     return resource
 
 
@@ -341,7 +357,7 @@ def build_request(
         raise RedirectError("invalid_request", "code_challenge must be 43 base64url characters.")
 
     scopes = _check_scopes(catalogue.parse(_single(params, "scope")), client)
-    resource = _check_resource(params, settings, iss)
+    resource = _check_resource(params, settings, iss, client)
     prompt = _check_prompt(_single(params, "prompt"))
     max_age = _check_max_age(_single(params, "max_age"))
     state = _single(params, "state")
@@ -368,7 +384,7 @@ def build_request(
         login_hint=login_hint[:_MAX_LOGIN_HINT] if login_hint else None,
     )
     if iss.school is not None:
-        problem = school_problem(settings, authz, iss.school)
+        problem = school_problem(settings, authz, iss.school, client)
         if problem is not None:
             raise problem
     return authz
@@ -523,6 +539,14 @@ async def issue_code(
 
 # The flow --------------------------------------------------------------------------------
 
+# When nothing of a request fits the user's role (roles.py). A request that keeps anything,
+# if only `openid`, is granted narrowed instead (RFC 6749 3.3), as Keycloak and node-oidc do:
+# the token response's `scope` tells the client what it got.
+_NEEDS_ADMIN = (
+    "The access this application asks for needs a school admin; the user's role at the "
+    "school does not allow any of it."
+)
+
 
 def _needs_login(authz: AuthorizationRequest, session: Session | None) -> bool:
     if session is None:
@@ -545,15 +569,25 @@ class SchoolChoice:
     subdomain: str
     role: str
     problem: str | None
+    # Closed to this client: the school closed registration and the client registered itself.
+    closed: bool = False
+
+
+def closed_to(client: store.Client, school: store.School) -> bool:
+    """A school that closed registration has said no app may enrol itself there; a platform
+    client that registered itself on the (always open) platform origin must not get in by
+    the school picker instead. Operator-made platform clients are system-default apps."""
+    return resources.mcp_only(client) and not school.open_registration
 
 
 async def _school_choices(
-    ctx: IdentityContext, authz: AuthorizationRequest, user_id: Any
+    ctx: IdentityContext, authz: AuthorizationRequest, user_id: Any, client: store.Client
 ) -> list[SchoolChoice]:
+    """Every school of the user, closed ones marked: the picker shows only those not closed."""
     choices = []
     for m in await store.memberships_of(ctx.pool, user_id):
         school = await ctx.schools.school(m.subdomain)
-        problem = school_problem(ctx.settings, authz, school) if school else None
+        problem = school_problem(ctx.settings, authz, school, client) if school else None
         choices.append(
             SchoolChoice(
                 m.school_id,
@@ -561,6 +595,7 @@ async def _school_choices(
                 m.subdomain,
                 m.role,
                 "This school does not allow the access this app asks for." if problem else None,
+                closed=school is not None and closed_to(client, school),
             )
         )
     return choices
@@ -615,11 +650,17 @@ async def advance(
     assert session is not None
 
     if school_id is None:
-        choices = await _school_choices(ctx, authz, session.user_id)
-        if not choices:
+        everything = await _school_choices(ctx, authz, session.user_id, client)
+        choices = [c for c in everything if not c.closed]
+        if not everything:
             return fail(
                 "access_denied",
                 "The user does not belong to any school, so there is no school to grant.",
+            )
+        if not choices:
+            return fail(
+                "access_denied",
+                "None of the user's schools accepts applications that registered themselves.",
             )
         usable = [c for c in choices if c.problem is None]
         if len(choices) == 1 and usable:
@@ -631,18 +672,27 @@ async def advance(
             return fail("interaction_required", "The user has to choose a school.")
         return await _show_picker(request, authz, session, choices)
 
-    need = consent.assess(authz.scopes, loaded.consented)
+    # Checked on every pass, remembered consent included: a role lowered since then lowers
+    # what the user can grant now.
+    narrowed = roles.narrow(
+        authz.scopes, roles.ceiling(loaded.role, platform_admin=loaded.platform_admin)
+    )
+    if not narrowed.granted:
+        return fail("access_denied", _NEEDS_ADMIN)
+    need = consent.assess(narrowed.granted, loaded.consented)
     if need.remembered and "consent" not in authz.prompt:
         if pending and not await consume_pending(ctx, authz.id):
             # Another tab finished this very request first: one code per request.
             return _expired(request)
+        granted = dataclasses.replace(authz, scopes=list(narrowed.granted))
         code = await issue_code(
-            request, authz, school_id=school_id, session=session, remember_consent=False
+            request, granted, school_id=school_id, session=session, remember_consent=False
         )
         return code_redirect(iss, authz, code)
     if "none" in authz.prompt:
         return fail("consent_required", "The user has not consented to these scopes.")
-    return await _show_consent(request, authz, session, need)
+    authz.offered = list(narrowed.granted)
+    return await _show_consent(request, authz, session, need, withheld=narrowed.withheld)
 
 
 async def _show_login(
@@ -718,6 +768,8 @@ async def _show_consent(
     authz: AuthorizationRequest,
     session: Session,
     need: consent.ConsentNeed,
+    *,
+    withheld: Sequence[str] = (),
 ) -> web.Response:
     ctx, iss = context(request), issuer(request)
     await save_pending(ctx, authz)
@@ -738,6 +790,7 @@ async def _show_consent(
         user_email=user.email if user else "",
         new_scopes=consent.lines(need.new),
         previous_scopes=consent.lines(need.previously),
+        withheld_scopes=consent.lines(withheld),
         request_id=authz.id,
         csrf_token=sessions.session_csrf_token(session, "consent", authz.id),
         logout_csrf_token=sessions.logout_csrf_token(session),
@@ -856,8 +909,21 @@ async def select_school_submit(request: web.Request) -> web.StreamResponse:
             return _expired(request)
         denied = RedirectError("access_denied", "The user cancelled the request.")
         return error_redirect(iss, authz.redirect_uri, authz.state, denied, status=303)
-    choices = await _school_choices(ctx, authz, session.user_id)
-    picked = next((c for c in choices if str(c.school_id) == form.get("school_id")), None)
+    client = await store.client_by_id(ctx.pool, authz.client_id)
+    if client is None or client.disabled_at is not None or not clients.belongs_to(client, None):
+        return error_page(request, "The application that sent you here is no longer available.")
+    everything = await _school_choices(ctx, authz, session.user_id, client)
+    picked = next((c for c in everything if str(c.school_id) == form.get("school_id")), None)
+    if picked is not None and picked.closed:
+        # Never offered, so posted by hand: refuse the request rather than the form.
+        if not await consume_pending(ctx, authz.id):
+            return _expired(request)
+        closed = RedirectError(
+            "access_denied",
+            f"{picked.name} does not accept applications that registered themselves.",
+        )
+        return error_redirect(iss, authz.redirect_uri, authz.state, closed, status=303)
+    choices = [c for c in everything if not c.closed]
     if picked is None or picked.problem is not None:
         return await _show_picker(
             request, authz, session, choices, status=400, error="Choose one of your schools."
@@ -912,8 +978,19 @@ async def consent_submit(request: web.Request) -> web.StreamResponse:
         )
         denied = RedirectError("access_denied", "The user denied the request.")
         return error_redirect(iss, authz.redirect_uri, authz.state, denied, status=303)
+    # The role now, not when the page was shown; and never more than the page offered.
+    top = roles.ceiling(loaded.role, platform_admin=loaded.platform_admin)
+    offered = authz.offered if authz.offered is not None else authz.scopes
+    granted = [s for s in roles.narrow(authz.scopes, top).granted if s in offered]
+    if not granted:
+        denied = RedirectError("access_denied", _NEEDS_ADMIN)
+        return error_redirect(iss, authz.redirect_uri, authz.state, denied, status=303)
     code = await issue_code(
-        request, authz, school_id=school_id, session=session, remember_consent=True
+        request,
+        dataclasses.replace(authz, scopes=granted),
+        school_id=school_id,
+        session=session,
+        remember_consent=True,
     )
     return code_redirect(iss, authz, code, status=303)
 

@@ -22,6 +22,12 @@ from services.identity import audit, store
 REVOKED_KEY = "connect:revoked:"
 
 
+def mark_ttl(settings: Settings) -> int:
+    """How long a revocation mark lives after the revoke: past the expiry of every access
+    token the grant could have (revocation_marks.py restores marks with what is left of it)."""
+    return settings.tokens.access_token_ttl + 300
+
+
 async def create_grant(
     db: Executor,
     *,
@@ -48,7 +54,7 @@ async def revoke_grant(
     grant = await store.mark_grant_revoked(pool, grant_id, reason)
     # Mark and announce even when PostgreSQL says it was already revoked: a crash between
     # the two writes on an earlier attempt must not leave gateways uninformed.
-    ttl = settings.tokens.access_token_ttl + 300
+    ttl = mark_ttl(settings)
     pipe = redis_client.pipeline(transaction=False)
     pipe.set(settings.stream(REVOKED_KEY) + str(grant_id), reason, ex=ttl)
     await pipe.execute()

@@ -35,7 +35,7 @@ Policies where the RFCs leave the server a choice:
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -409,6 +409,12 @@ async def _current_school(ctx: IdentityContext, client: store.Client) -> store.S
     return await store.school_by_id(ctx.pool, client.school_id)
 
 
+def within_registration(granted: Iterable[str], registered: Iterable[str]) -> bool:
+    """True when a client registered for `registered` may still hold every granted scope."""
+    effective = catalogue.expand(registered)
+    return all(s in catalogue.IDENTITY_SCOPES or s in effective for s in granted)
+
+
 async def update(
     ctx: IdentityContext, client: store.Client, document: Mapping[str, Any], address: str
 ) -> store.Client:
@@ -441,11 +447,12 @@ async def update(
     if updated is None:  # deleted by a concurrent DELETE
         raise _invalid_token()
     # A client holds no scope it is not registered for: grants wider than the new
-    # registration end now rather than live on.
-    kept = set(updated.scopes)
+    # registration end now rather than live on. "Wider" as authorize judges a request:
+    # identity scopes need no registration, and a registered umbrella covers what it stands
+    # for (a grant of `courses:read` is within a registration of `read`).
     revoked = 0
     for grant in await registration_store.active_grants_of_client(ctx.pool, client.id):
-        if not set(grant.scopes) <= kept:
+        if not within_registration(grant.scopes, updated.scopes):
             revoked += await grants.revoke_grant(
                 ctx.pool,
                 ctx.redis,

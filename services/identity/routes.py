@@ -13,6 +13,7 @@ from libs.common.errors import json_response
 from services.identity import (
     account,
     admin,
+    admin_webhooks,
     authorize,
     cors,
     discovery,
@@ -62,6 +63,7 @@ ENDPOINT_MODULES = (
     authorize,
     account,
     admin,
+    admin_webhooks,
 )
 
 

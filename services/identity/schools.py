@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import asyncpg
@@ -31,25 +32,59 @@ class UnknownSchool(LookupError):
     pass
 
 
-class SchoolDirectory:
-    """Host to issuer resolution, cached briefly: every request needs it, schools rarely change."""
+# Subdomains remembered per process: far more than any deployment's schools, so the schools in
+# use stay cached, while a flood of made-up Host labels only churns the least recently used.
+MAX_CACHED_SUBDOMAINS = 10_000
+# An unknown subdomain is remembered only briefly: a school created a moment ago must answer
+# soon, and a flood of made-up labels should not keep what it cost around.
+NEGATIVE_TTL = 2.0
+# RFC 1035 2.3.4: a DNS label is at most 63 octets.
+MAX_LABEL_LENGTH = 63
 
-    def __init__(self, pool: asyncpg.Pool, settings: Settings, ttl: float = 10.0) -> None:
+
+class SchoolDirectory:
+    """Host to issuer resolution, cached briefly: every request needs it, schools rarely change.
+
+    The cache is bounded (least recently used goes first): Host is the caller's to choose, so
+    every distinct label would otherwise cost a permanent entry.
+    """
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        settings: Settings,
+        ttl: float = 10.0,
+        *,
+        negative_ttl: float = NEGATIVE_TTL,
+        max_entries: int = MAX_CACHED_SUBDOMAINS,
+    ) -> None:
         self._pool = pool
         self._settings = settings
         self._ttl = ttl
-        self._by_subdomain: dict[str, tuple[float, store.School | None]] = {}
+        self._negative_ttl = min(negative_ttl, ttl)
+        self._max_entries = max_entries
+        self._by_subdomain: OrderedDict[str, tuple[float, store.School | None]] = OrderedDict()
 
     def forget(self) -> None:
         self._by_subdomain.clear()
 
+    def __len__(self) -> int:
+        return len(self._by_subdomain)
+
     async def school(self, subdomain: str) -> store.School | None:
         now = time.monotonic()
         hit = self._by_subdomain.get(subdomain)
-        if hit and hit[0] > now:
-            return hit[1]
+        if hit is not None:
+            if hit[0] > now:
+                self._by_subdomain.move_to_end(subdomain)
+                return hit[1]
+            del self._by_subdomain[subdomain]
         school = await store.school_by_subdomain(self._pool, subdomain)
-        self._by_subdomain[subdomain] = (now + self._ttl, school)
+        ttl = self._ttl if school is not None else self._negative_ttl
+        self._by_subdomain[subdomain] = (time.monotonic() + ttl, school)
+        self._by_subdomain.move_to_end(subdomain)
+        while len(self._by_subdomain) > self._max_entries:
+            self._by_subdomain.popitem(last=False)
         return school
 
     async def resolve(self, host: str) -> Issuer:
@@ -58,6 +93,9 @@ class SchoolDirectory:
             raise UnknownSchool(host)
         if subdomain == "":
             return Issuer(None, self._settings.urls.platform_url)
+        if len(subdomain) > MAX_LABEL_LENGTH:
+            # No DNS name reaches such a school, and it would cost a query and a large entry.
+            raise UnknownSchool(host)
         school = await self.school(subdomain)
         if school is None:
             raise UnknownSchool(host)

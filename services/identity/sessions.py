@@ -114,6 +114,12 @@ def _mac(key: bytes, *parts: str) -> str:
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
 
+def _same_token(expected: str, given: str) -> bool:
+    # compare_digest refuses str with non-ASCII characters (TypeError, so a 500), and a form
+    # field can hold anything; as bytes any text compares, and none but the MAC matches.
+    return hmac.compare_digest(expected.encode(), given.encode("utf-8", "surrogatepass"))
+
+
 def login_csrf_token(settings: Settings, presession_value: str, request_id: str) -> str:
     return _mac(settings.secret_pepper, "login-csrf", presession_value, request_id)
 
@@ -123,7 +129,7 @@ def check_login_csrf(request: web.Request, token: str, request_id: str) -> bool:
     if not value or not token:
         return False
     expected = login_csrf_token(context(request).settings, value, request_id)
-    return hmac.compare_digest(expected, token)
+    return _same_token(expected, token)
 
 
 def session_csrf_token(session: Session, purpose: str, request_id: str) -> str:
@@ -133,7 +139,7 @@ def session_csrf_token(session: Session, purpose: str, request_id: str) -> str:
 def check_session_csrf(session: Session, purpose: str, request_id: str, token: str) -> bool:
     if not token:
         return False
-    return hmac.compare_digest(session_csrf_token(session, purpose, request_id), token)
+    return _same_token(session_csrf_token(session, purpose, request_id), token)
 
 
 # Client address --------------------------------------------------------------------------
@@ -160,8 +166,51 @@ def client_address(request: web.Request) -> str | None:
 # Throttling ------------------------------------------------------------------------------
 
 
+# Reserve one attempt on both counters at once, or neither: a counter at its limit refuses
+# (with the longest wait of those at their limit) and nothing is counted. Checking and counting
+# in one script is what keeps concurrent attempts from all passing a check made before any of
+# them counted. A new counter gets the window as its expiry in the same step, so none lives on.
+_RESERVE = """
+local waits = 0
+for i = 1, #KEYS do
+  local count = tonumber(redis.call('GET', KEYS[i]) or '0')
+  if count >= tonumber(ARGV[i + 1]) then
+    local ttl = redis.call('PTTL', KEYS[i])
+    if ttl < 0 then
+      redis.call('PEXPIRE', KEYS[i], ARGV[1])
+      ttl = tonumber(ARGV[1])
+    end
+    if ttl > waits then waits = ttl end
+  end
+end
+if waits > 0 then return waits end
+for i = 1, #KEYS do
+  if redis.call('INCR', KEYS[i]) == 1 then
+    redis.call('PEXPIRE', KEYS[i], ARGV[1])
+  end
+end
+return 0
+"""
+
+# Give back a reservation: only a counter still there (an expired window has nothing to give
+# back) and never below zero; DECR keeps the key's expiry.
+_REFUND = """
+for i = 1, #KEYS do
+  local count = tonumber(redis.call('GET', KEYS[i]) or '0')
+  if count > 0 then redis.call('DECR', KEYS[i]) end
+end
+return 0
+"""
+
+
 class LoginThrottle:
-    """Fixed-window failure counters in Redis, per account and per client address."""
+    """Fixed-window attempt counters in Redis, per account and per client address.
+
+    Every attempt reserves a slot on both counters before its password is checked; a failure
+    keeps it (it is the failure's count), a success gives the address's back and clears the
+    account's. So however many attempts arrive together, at most the limit of them reach
+    argon2 within a window.
+    """
 
     def __init__(self, ctx: IdentityContext) -> None:
         self._redis = ctx.redis
@@ -175,35 +224,40 @@ class LoginThrottle:
     def _address_key(self, address: str | None) -> str:
         return self._settings.stream(f"{_THROTTLE_KEY}address:{address or 'unknown'}")
 
-    async def retry_after(self, email: str, address: str | None) -> int | None:
-        """Seconds until another attempt is allowed, or None when one is allowed now."""
-        keys = (self._account_key(email), self._address_key(address))
-        limits = (ACCOUNT_FAILURE_LIMIT, ADDRESS_FAILURE_LIMIT)
+    async def reserve(self, email: str, address: str | None) -> int | None:
+        """Take one attempt; None when taken, else the seconds until one may be."""
+        keys = [self._account_key(email), self._address_key(address)]
         try:
-            counts = await self._redis.mget(keys)
-            for key, limit, count in zip(keys, limits, counts, strict=True):
-                if count is not None and int(count) >= limit:
-                    ttl = int(await self._redis.ttl(key))
-                    return max(ttl, 1)
+            script = self._redis.register_script(_RESERVE)
+            wait_ms = int(
+                await script(
+                    keys=keys,
+                    args=[THROTTLE_WINDOW * 1000, ACCOUNT_FAILURE_LIMIT, ADDRESS_FAILURE_LIMIT],
+                )
+            )
         except RedisError:
             # Failing open keeps sign-in working through a Redis outage; argon2 still makes
             # each guess expensive.
             log.warning("login_throttle_unavailable")
-        return None
+            return None
+        return None if wait_ms <= 0 else max(1, -(-wait_ms // 1000))
 
-    async def failed(self, email: str, address: str | None) -> None:
+    async def succeeded(self, email: str, address: str | None) -> None:
+        """The right password: the account starts afresh, the address gets its slot back (a
+        school behind one NAT address signing in is no attack on it)."""
         try:
-            pipe = self._redis.pipeline(transaction=False)
-            for key in (self._account_key(email), self._address_key(address)):
-                pipe.set(key, 0, ex=THROTTLE_WINDOW, nx=True)
-                pipe.incr(key)
-            await pipe.execute()
+            script = self._redis.register_script(_REFUND)
+            await script(keys=[self._address_key(address)])
+            await self._redis.delete(self._account_key(email))
         except RedisError:
             log.warning("login_throttle_unavailable")
 
-    async def succeeded(self, email: str) -> None:
+    async def release(self, email: str, address: str | None) -> None:
+        """Give both slots back: the attempt ended before its password could be judged (a
+        database error), and an outage must not lock accounts out."""
         try:
-            await self._redis.delete(self._account_key(email))
+            script = self._redis.register_script(_REFUND)
+            await script(keys=[self._account_key(email), self._address_key(address)])
         except RedisError:
             log.warning("login_throttle_unavailable")
 
@@ -242,7 +296,7 @@ async def sign_in(
     def audit_record(action: str, subject: str | None = None, **detail: Any) -> dict[str, Any]:
         return audit.record(action, school_id=school_id, subject=subject, ip=address, **detail)
 
-    retry = await throttle.retry_after(email, address)
+    retry = await throttle.reserve(email, address)
     if retry is not None:
         await audit.append(
             ctx.redis, ctx.settings, audit_record("login.failed", reason="throttled")
@@ -253,14 +307,19 @@ async def sign_in(
     # not be made to chew on megabytes.
     user = None
     if len(password) <= MAX_PASSWORD_LENGTH and len(email) <= MAX_EMAIL_LENGTH:
-        user = await users.authenticate(ctx.pool, email, password, gate=ctx.passwords)
+        try:
+            user = await users.authenticate(ctx.pool, email, password, gate=ctx.passwords)
+        except Exception:
+            # Not on cancellation: a caller who hangs up mid-check keeps its count.
+            await throttle.release(email, address)
+            raise
     if user is None:
-        await throttle.failed(email, address)
+        # The reservation stays: it is this failure's count.
         await audit.append(
             ctx.redis, ctx.settings, audit_record("login.failed", reason="bad_credentials")
         )
         return SignIn("invalid")
-    await throttle.succeeded(email)
+    await throttle.succeeded(email, address)
 
     if school is not None and not await flow_store.may_use_school(ctx.pool, user.id, school.id):
         entry = audit_record("login.failed", str(user.id), reason="not_member")

@@ -31,6 +31,7 @@ from services.identity import (
     grants,
     keys,
     resources,
+    roles,
     store,
     tokens,
 )
@@ -138,10 +139,13 @@ def audience_for(req: GrantRequest, school: store.School, bound: str | None) -> 
     """`aud`: the grant's RFC 8707 resource; a `resource` sent now must name the same."""
     asked = req.form.get("resource")
     issuer = req.issuer.issuer
-    audience = resources.audience(req.ctx.settings, school, bound, issuer=issuer)
+    client = req.client
+    audience = resources.audience(req.ctx.settings, school, bound, issuer=issuer, client=client)
     if audience is None:
         raise OAuthError("invalid_target", "the resource is not one this school serves")
-    asked_audience = resources.audience(req.ctx.settings, school, asked, issuer=issuer)
+    asked_audience = resources.audience(
+        req.ctx.settings, school, asked, issuer=issuer, client=client
+    )
     if asked is not None and asked_audience != audience:
         raise OAuthError("invalid_target", "the resource differs from the one authorized")
     return audience
@@ -153,6 +157,20 @@ def pkce_matches(verifier: str | None, challenge: str) -> bool:
     digest = hashlib.sha256(verifier.encode("ascii")).digest()
     computed = urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
     return hmac.compare_digest(computed, challenge)
+
+
+def replay_by_owner(req: GrantRequest, found: code_store.Redemption) -> bool:
+    """Whether a second redemption comes from the code's own client at the code's school.
+
+    The client must be the one the code was issued to, and prove it with the PKCE verifier:
+    a public client authenticates with its client_id alone, which anyone can send, so only
+    the verifier (RFC 7636) tells its own retry from a stranger holding a leaked code.
+    """
+    if found.client_id != req.client.id:
+        return False
+    if req.issuer.school is not None and found.school_id != req.issuer.school.id:
+        return False
+    return pkce_matches(req.form.get("code_verifier"), found.code_challenge)
 
 
 def require(form: Mapping[str, str], name: str) -> str:
@@ -211,6 +229,11 @@ async def authorization_code_grant(req: GrantRequest) -> dict[str, Any]:
         if found is None:
             raise OAuthError("invalid_grant", "the code is invalid")
         if not found.fresh:
+            if not replay_by_owner(req, found):
+                # A used code is no key to someone else's grant: only the client the code was
+                # issued to may end the grant by presenting it again. Anyone else learns no more
+                # than from an unknown code.
+                raise OAuthError("invalid_grant", "the code is invalid")
             replayed = found
         else:
             # A failed check raises and rolls back: the code stays for its rightful client.
@@ -319,8 +342,14 @@ def successor_of(pepper: bytes, presented: str) -> str:
     )
 
 
+def beyond_role(st: token_store.RefreshTokenState) -> bool:
+    """The grant holds more than its user's role now allows (lowered, or membership gone)."""
+    return roles.exceeds(st.scopes, roles.ceiling(st.user_role, platform_admin=st.platform_admin))
+
+
 # The token's state, its school, the scopes and audience of the new access token, and the
-# outcome: "rotated", "retried" (the same rotation within the grace window) or "reused".
+# outcome: "rotated", "retried" (the same rotation within the grace window), "reused" or
+# "beyond_role" (the grant outgrew its user's role: nothing rotated, the grant is to end).
 _Rotation = tuple[token_store.RefreshTokenState, store.School, list[str], str, str]
 
 
@@ -342,6 +371,8 @@ async def _rotate_locked(
             raise OAuthError("invalid_grant", "the refresh token has expired")
         if st.user_id is None:
             raise OAuthError("invalid_grant", "the refresh token has no user")
+        if beyond_role(st):
+            return st, school, list(st.scopes), "", "beyond_role"
         scopes = narrowed_scopes(form.get("scope"), st.scopes)
         audience = audience_for(req, school, st.resource)
         if st.rotated_at is None:
@@ -388,6 +419,7 @@ async def refresh_token_grant(req: GrantRequest) -> dict[str, Any]:
             and not peek.grant_revoked
             and not peek.expired
             and peek.user_id is not None
+            and not beyond_role(peek)
         ):
             school = await token_school(req, peek.school_id)
             scopes = narrowed_scopes(form.get("scope"), peek.scopes)
@@ -401,6 +433,15 @@ async def refresh_token_grant(req: GrantRequest) -> dict[str, Any]:
     st, school, scopes, audience, outcome = decided
 
     subject = str(st.user_id)
+    if outcome == "beyond_role":
+        # Consent given under a role the user no longer has is not consent the school would
+        # give now; end the grant everywhere so its access tokens stop at the gateways too.
+        await grants.revoke_grant(
+            ctx.pool, ctx.redis, settings, st.grant_id, reason="role_lowered", ip=req.ip
+        )
+        raise OAuthError(
+            "invalid_grant", "the user's role at the school no longer allows this grant"
+        )
     if outcome == "reused":
         await grants.revoke_grant(
             ctx.pool, ctx.redis, settings, st.grant_id, reason="refresh_token_reuse", ip=req.ip
@@ -462,7 +503,7 @@ async def client_credentials_grant(req: GrantRequest) -> dict[str, Any]:
         raise OAuthError("unauthorized_client", "client_credentials needs a school's client")
     scopes = client_credentials_scopes(req.form.get("scope"), client, school)
     audience = resources.audience(
-        settings, school, req.form.get("resource"), issuer=req.issuer.issuer
+        settings, school, req.form.get("resource"), issuer=req.issuer.issuer, client=client
     )
     if audience is None:
         raise OAuthError("invalid_target", "the resource is not one this school serves")

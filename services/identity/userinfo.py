@@ -1,9 +1,10 @@
 """The OIDC UserInfo endpoint (OIDC Core 5.3), a protected resource of the issuer itself.
 
 The access token comes in `Authorization: Bearer` or, for POST, as the `access_token` form
-parameter (RFC 6750 2.2). It must be this issuer's, live, of a grant not revoked, and hold
-`openid`; the claims released follow the scopes: `name` with `profile`, `email` and
-`email_verified` with `email`. Errors are RFC 6750 challenges.
+parameter (RFC 6750 2.2). It must be this issuer's, live, minted for the school's API (not
+for another RFC 8707 resource), of a grant not revoked, and hold `openid`; the claims
+released follow the scopes: `name` with `profile`, `email` and `email_verified` with `email`.
+Errors are RFC 6750 challenges.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from aiohttp import web
 from libs.common import jwt
 from libs.common.errors import bearer_error, json_response
 from libs.common.logging import get_logger
-from services.identity import client_auth, cors, store, tokens
+from services.identity import client_auth, cors, resources, store, tokens
 from services.identity.context import IdentityContext, context, issuer
 from services.identity.schools import Issuer
 from services.identity.store import tokens as token_store
@@ -68,6 +69,25 @@ async def bearer_token(request: web.Request) -> str:
     return token
 
 
+async def _meant_for_userinfo(
+    ctx: IdentityContext, state: tokens.TokenState, iss: Issuer, claims: dict[str, Any]
+) -> bool:
+    """Whether `aud` is the audience identity mints for its own API: the school's API origin,
+    the audience of every token whose client named no other resource (resources.py).
+
+    An openid flow's token that named no resource is meant, among others, for UserInfo (OIDC
+    Core 5.3), and that is this audience. A token the client asked for another resource
+    (RFC 8707, the MCP endpoint) is restricted to that resource: accepting it here would let
+    whoever that resource hands it to read the user's profile and email with it.
+    """
+    school = iss.school or await state.school(ctx.pool, int(claims["school_id"]))
+    if school is None:
+        return False
+    aud = claims.get("aud")
+    held = aud if isinstance(aud, list) else [aud]
+    return resources.api_resource(ctx.settings, school) in held
+
+
 async def claims_for(
     ctx: IdentityContext,
     state: tokens.TokenState,
@@ -89,6 +109,9 @@ async def claims_for(
         raise _invalid_token("the access token is invalid or expired") from None
     if admit is not None:
         await admit(str(claims["client_id"]))
+    if not await _meant_for_userinfo(ctx, state, iss, claims):
+        log.info("userinfo_refused", reason="audience")
+        raise _invalid_token("the access token is not meant for this endpoint")
     grant = await token_store.grant_status(ctx.pool, tokens.grant_uuid(claims))
     if grant is None or grant.revoked or grant.client_id != claims["client_id"]:
         raise _invalid_token("the access token has been revoked")

@@ -125,6 +125,7 @@ def _errors(*codes: str) -> dict[str, Any]:
         "403": "insufficient_scope, naming the scopes that would do",
         "404": "No such row in this school",
         "409": "conflict: a unique field's value is taken",
+        "413": "payload_too_large: the body is over the service's limit",
         "422": "validation_failed, with a code per field",
     }
     return {code: _json(_ERROR, words[code]) for code in codes}
@@ -183,6 +184,9 @@ def _collection_paths(resource: Resource) -> dict[str, Any]:
     row = _ref(resource)
     collection: dict[str, Any] = {}
     nested_param = [_id_parameter(resource)] if resource.parent else []
+    parent_missing = (
+        {"404": _json(_ERROR, "No such parent row in this school")} if resource.parent else {}
+    )
     if "list" in ops:
         page = {
             "type": "object",
@@ -200,6 +204,7 @@ def _collection_paths(resource: Resource) -> dict[str, Any]:
             "responses": {
                 "200": _json(page, "A page, oldest first"),
                 **_errors("401", "403", "422"),
+                **parent_missing,
             },
         }
     if "create" in ops:
@@ -215,7 +220,8 @@ def _collection_paths(resource: Resource) -> dict[str, Any]:
             },
             "responses": {
                 "201": _json(row, "Created"),
-                **_errors("400", "401", "403", "409", "422"),
+                **_errors("400", "413", "401", "403", "409", "422"),
+                **parent_missing,
             },
         }
     if collection:
@@ -242,7 +248,7 @@ def _collection_paths(resource: Resource) -> dict[str, Any]:
             },
             "responses": {
                 "200": _json(row, "The row as changed"),
-                **_errors("400", "401", "403", "404", "409", "422"),
+                **_errors("400", "413", "401", "403", "404", "409", "422"),
             },
         }
     if resource.parent is None and "delete" in ops:
@@ -288,7 +294,7 @@ def _singleton_paths() -> dict[str, Any]:
                 },
                 "responses": {
                     "200": _json(_ref(settings), "The settings as changed"),
-                    **_errors("400", "401", "403", "422"),
+                    **_errors("400", "413", "401", "403", "422"),
                 },
             },
         },
@@ -322,7 +328,7 @@ def _singleton_paths() -> dict[str, Any]:
                 },
                 "responses": {
                     "201": _json(_ref(uploads), "The pending upload"),
-                    **_errors("400", "401", "403", "422"),
+                    **_errors("400", "413", "401", "403", "422"),
                 },
             }
         },
@@ -389,11 +395,15 @@ def document() -> dict[str, Any]:
                 "oauth2": {
                     "type": "oauth2",
                     "description": "The gateway's Bearer token; the umbrella scopes read and "
-                    "write stand for every :read and every :write scope.",
+                    "write stand for every :read and every :write scope. Each school is its own "
+                    "authorization server: the flow URLs below are the demo school's, and "
+                    "another school's are the same paths on https://{school}.loopwise.com.",
                     "flows": {
+                        # OpenAPI requires absolute URIs here, and a `{school}` template is not
+                        # one, so the document names a real school's endpoints.
                         "authorizationCode": {
-                            "authorizationUrl": "https://{school}.loopwise.com/v1/oauth/authorize",
-                            "tokenUrl": "https://{school}.loopwise.com/v1/oauth/token",
+                            "authorizationUrl": "https://demo.loopwise.com/v1/oauth/authorize",
+                            "tokenUrl": "https://demo.loopwise.com/v1/oauth/token",
                             "scopes": {
                                 s: SCOPES[s].description for s in [*scopes, "read", "write"]
                             },

@@ -102,6 +102,9 @@ def _integer(f: Field, value: Any, *, default_min: int, default_max: int) -> int
     return value
 
 
+_INFINITIES = (datetime.min.replace(tzinfo=UTC), datetime.max.replace(tzinfo=UTC))
+
+
 def _timestamp(value: Any) -> datetime:
     if not isinstance(value, str):
         raise Invalid("must_be_timestamp")
@@ -114,9 +117,14 @@ def _timestamp(value: Any) -> datetime:
         raise Invalid("must_be_timestamp")
     try:
         # Year 1 at +14:00 is in year 0 in UTC, which Python (and so asyncpg) cannot hold.
-        return parsed.astimezone(UTC)
+        instant = parsed.astimezone(UTC)
     except OverflowError:
         raise Invalid("must_be_timestamp") from None
+    # asyncpg writes the first and last instants Python holds as PostgreSQL's -infinity and
+    # infinity, and reads those back without a zone: the value would not survive the trip.
+    if instant in _INFINITIES:
+        raise Invalid("must_be_timestamp")
+    return instant
 
 
 def check_value(f: Field, value: Any) -> Any:

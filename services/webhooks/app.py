@@ -18,7 +18,7 @@ from redis.exceptions import RedisError
 from libs.common import db, streams, tasks
 from libs.common.config import Settings
 from libs.common.logging import get_logger
-from libs.common.web import METRICS, READINESS, base_application
+from libs.common.web import METRICS, READINESS, base_application, json_http_errors
 from services.webhooks import delivery, dispatcher, routes, store
 from services.webhooks.context import CONTEXT, WebhooksContext
 from services.webhooks.metrics import WebhookMetrics
@@ -33,7 +33,9 @@ RETENTION_SECONDS = 30 * 24 * 3600.0
 def create_app(settings: Settings, *, workers: bool = True) -> web.Application:
     """`workers=False` serves the API only (scale the two separately, or test the API
     without a sender claiming deliveries)."""
-    app = base_application("webhooks", middlewares=[routes.api_errors, routes.require_gateway])
+    app = base_application(
+        "webhooks", middlewares=[json_http_errors, routes.api_errors, routes.require_gateway]
+    )
     app.cleanup_ctx.append(_resources(settings, workers))
     routes.setup(app)
     return app

@@ -83,7 +83,9 @@ _SCHEMAS: dict[str, Any] = {
             "event_types": {"type": "array", "items": {"type": "string"}},
             "description": {"type": "string"},
             "status": {"enum": ["active", "disabled"]},
-            "disabled_reason": {"enum": ["gone", "failing", "grant_revoked", "client", None]},
+            "disabled_reason": {
+                "enum": ["gone", "failing", "grant_revoked", "client", "admin", None]
+            },
             "disabled_at": _TIME,
             "failing_since": _TIME,
             "previous_secret_expires_at": _TIME,
@@ -160,6 +162,8 @@ def document() -> dict[str, Any]:
         "401": _json(_ref("Error"), "Not called through the gateway"),
         "404": _json(_ref("Error"), "No such webhook for this client and school"),
     }
+    not_json = {"400": _json(_ref("Error"), "The body is not JSON")}
+    bad_query = {"422": _json(_ref("Error"), "A query parameter is out of range; `field` names it")}
     obj = {"type": "object"}
     return {
         "openapi": "3.1.0",
@@ -175,7 +179,15 @@ def document() -> dict[str, Any]:
                 "post": {
                     "summary": "Subscribe a URL to event types",
                     "requestBody": {
-                        "content": {"application/json": {"schema": _ref("WebhookInput")}}
+                        "content": {
+                            "application/json": {
+                                "schema": _ref("WebhookInput"),
+                                "example": {
+                                    "url": "https://hooks.partner.example/loopwise",
+                                    "event_types": ["course.updated", "member.*"],
+                                },
+                            }
+                        }
                     },
                     "responses": {
                         "201": _json(
@@ -184,13 +196,18 @@ def document() -> dict[str, Any]:
                         "403": _json(_ref("Error"), "insufficient_scope: the grant lacks `scope`"),
                         "409": error,
                         "422": error,
+                        **not_json,
                         **errors,
                     },
                 },
                 "get": {
                     "summary": "This client's webhooks at this school",
                     "parameters": _PAGING,
-                    "responses": {"200": _json(_page("Webhook"), "A page"), **errors},
+                    "responses": {
+                        "200": _json(_page("Webhook"), "A page"),
+                        **bad_query,
+                        **errors,
+                    },
                 },
             },
             "/api/v1/webhooks/{id}": {
@@ -203,7 +220,12 @@ def document() -> dict[str, Any]:
                     "responses": {
                         "200": _json(_ref("Webhook"), "Changed"),
                         "403": error,
+                        "409": _json(
+                            _ref("Error"),
+                            "disabled_by_admin: only the school's admin can enable it again",
+                        ),
                         "422": error,
+                        **not_json,
                         **errors,
                     },
                 },
@@ -233,7 +255,11 @@ def document() -> dict[str, Any]:
                             "schema": {"enum": ["pending", "delivered", "dead", "cancelled"]},
                         },
                     ],
-                    "responses": {"200": _json(_page("Delivery"), "A page"), **errors},
+                    "responses": {
+                        "200": _json(_page("Delivery"), "A page"),
+                        **bad_query,
+                        **errors,
+                    },
                 },
             },
             "/api/v1/webhooks/{id}/deliveries/{delivery_id}": {

@@ -18,7 +18,7 @@ from aiohttp import web
 from libs.common.errors import bearer_challenge, json_response
 from libs.common.scopes import parse as parse_scopes
 from libs.common.web import Handler
-from services.webhooks import event_types, openapi, subscriptions
+from services.webhooks import admin_api, event_types, openapi, subscriptions
 from services.webhooks.context import context
 from services.webhooks.subscriptions import ApiError, Caller
 
@@ -188,7 +188,9 @@ async def egress_ips(request: web.Request) -> web.Response:
 
 
 async def openapi_document(_request: web.Request) -> web.Response:
-    return json_response(openapi.document())
+    document = openapi.document()
+    document["paths"].update(admin_api.OPENAPI_PATHS)
+    return json_response(document)
 
 
 def setup(app: web.Application) -> None:
@@ -205,3 +207,4 @@ def setup(app: web.Application) -> None:
     r.add_get("/v1/webhooks/event-types", list_event_types)
     r.add_get("/v1/webhooks/egress-ips", egress_ips)
     r.add_get("/openapi.json", openapi_document)
+    admin_api.setup(app)

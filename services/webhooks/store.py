@@ -203,10 +203,13 @@ async def update_subscription(
             url = coalesce($6, url),
             event_types = coalesce($7, event_types),
             description = coalesce($8, description),
+            -- What the school's admin switched off, only the admin switches on again.
             disabled_at = CASE WHEN $9::boolean IS NULL THEN disabled_at
-                               WHEN $9 THEN coalesce(disabled_at, now()) END,
+                               WHEN $9 THEN coalesce(disabled_at, now())
+                               WHEN disabled_reason = 'admin' THEN disabled_at END,
             disabled_reason = CASE WHEN $9::boolean IS NULL THEN disabled_reason
-                                   WHEN $9 THEN coalesce(disabled_reason, 'client') END,
+                                   WHEN $9 THEN coalesce(disabled_reason, 'client')
+                                   WHEN disabled_reason = 'admin' THEN disabled_reason END,
             failing_since = CASE WHEN $9 IS FALSE THEN NULL ELSE failing_since END,
             disabled_announced_at = CASE WHEN $9 IS FALSE THEN NULL
                                          ELSE disabled_announced_at END,
@@ -867,9 +870,13 @@ async def get_delivery(db: Executor, subscription_id: UUID, delivery_id: UUID) -
     return _delivery(row, (await _attempts_of(db, [delivery_id])).get(delivery_id, []))
 
 
-async def retry_delivery(db: Executor, subscription_id: UUID, delivery_id: UUID) -> str | None:
+async def retry_delivery(
+    db: Executor, subscription_id: UUID, delivery_id: UUID, *, only_status: str | None = None
+) -> str | None:
     """Due now. A finished delivery (dead, cancelled, delivered) gets one manual attempt; a
-    pending one just stops waiting. Returns the status it had, None when there is none."""
+    pending one just stops waiting. Returns the status it had, None when there is none (or,
+    with `only_status`, when it is not in that status: checked under the row lock, so a
+    delivery that changed meanwhile is left alone)."""
     return await db.fetchval(  # type: ignore[no-any-return]
         """
         WITH old AS (
@@ -881,12 +888,136 @@ async def retry_delivery(db: Executor, subscription_id: UUID, delivery_id: UUID)
             next_attempt_at = now(),
             manual = d.manual OR old.status <> 'pending',
             updated_at = now()
-        FROM old WHERE d.id = old.id
+        FROM old WHERE d.id = old.id AND ($3::text IS NULL OR old.status = $3)
         RETURNING old.status
         """,
         delivery_id,
         subscription_id,
+        only_status,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# School admin: every app's subscriptions of one school (the admin pages, through identity)
+
+
+@dataclass(frozen=True, slots=True)
+class SchoolSubscription:
+    subscription: Subscription
+    # Deliveries made in the recent window, by status.
+    recent: dict[str, int]
+    grant_revoked: bool
+
+
+_RECENT_COUNTS = """
+    LEFT JOIN LATERAL (
+        SELECT count(*) FILTER (WHERE d.status = 'pending') AS pending,
+               count(*) FILTER (WHERE d.status = 'delivered') AS delivered,
+               count(*) FILTER (WHERE d.status = 'dead') AS dead,
+               count(*) FILTER (WHERE d.status = 'cancelled') AS cancelled
+        FROM webhooks.deliveries d
+        WHERE d.subscription_id = s.id
+          AND d.created_at > now() - $2::float8 * interval '1 second'
+    ) c ON true
+"""
+
+
+def _school_subscription(row: asyncpg.Record) -> SchoolSubscription:
+    return SchoolSubscription(
+        subscription=_subscription(row),
+        recent={k: int(row[k]) for k in ("pending", "delivered", "dead", "cancelled")},
+        grant_revoked=bool(row["grant_revoked"]),
+    )
+
+
+_SCHOOL_SELECT = f"""
+    SELECT s.*, c.*,
+           EXISTS (SELECT 1 FROM webhooks.revoked_grants r WHERE r.grant_id = s.grant_id)
+               AS grant_revoked
+    FROM (SELECT {_SUBSCRIPTION_COLUMNS} FROM webhooks.subscriptions
+          WHERE school_id = $1) s
+    {_RECENT_COUNTS}
+"""  # noqa: S608
+
+
+async def school_subscriptions(
+    db: Executor,
+    school_id: int,
+    *,
+    recent_seconds: float,
+    before: tuple[datetime, UUID] | None,
+    limit: int,
+) -> list[SchoolSubscription]:
+    """The school's subscriptions over all its apps, newest first, after the keyset `before`."""
+    rows = await db.fetch(
+        _SCHOOL_SELECT
+        + """
+        WHERE ($3::timestamptz IS NULL OR (s.created_at, s.id) < ($3, $4::uuid))
+        ORDER BY s.created_at DESC, s.id DESC
+        LIMIT $5
+        """,
+        school_id,
+        recent_seconds,
+        before[0] if before else None,
+        before[1] if before else None,
+        limit,
+    )
+    return [_school_subscription(r) for r in rows]
+
+
+async def school_subscription(
+    db: Executor, school_id: int, subscription_id: UUID, *, recent_seconds: float
+) -> SchoolSubscription | None:
+    """One subscription, only when it is this school's."""
+    row = await db.fetchrow(
+        _SCHOOL_SELECT + " WHERE s.id = $3", school_id, recent_seconds, subscription_id
+    )
+    return _school_subscription(row) if row else None
+
+
+async def admin_disable(db: Executor, school_id: int, subscription_id: UUID) -> Subscription | None:
+    """Off, by the school's admin; one already off keeps the reason it has (the earlier cause
+    stays the one to fix). Pending deliveries are cancelled as the sender claims them."""
+    row = await db.fetchrow(
+        f"""
+        UPDATE webhooks.subscriptions SET
+            disabled_at = coalesce(disabled_at, now()),
+            disabled_reason = coalesce(disabled_reason, 'admin'),
+            updated_at = now()
+        WHERE id = $1 AND school_id = $2
+        RETURNING {_SUBSCRIPTION_COLUMNS}
+        """,  # noqa: S608
+        subscription_id,
+        school_id,
+    )
+    return _subscription(row) if row else None
+
+
+async def admin_enable(
+    conn: Connection, school_id: int, subscription_id: UUID, *, refused_reasons: Sequence[str]
+) -> Subscription | None:
+    """On again with a clean failure streak, unless its reason is one of `refused_reasons`.
+    Call within a transaction holding `lock_grant` of its grant, so a revocation cannot land
+    in between."""
+    row = await conn.fetchrow(
+        f"""
+        UPDATE webhooks.subscriptions SET
+            disabled_at = NULL,
+            disabled_reason = NULL,
+            failing_since = NULL,
+            disabled_announced_at = NULL,
+            updated_at = now()
+        WHERE id = $1 AND school_id = $2
+          AND (disabled_reason IS NULL OR NOT disabled_reason = ANY ($3::text[]))
+          AND NOT EXISTS (SELECT 1 FROM webhooks.revoked_grants r
+                          WHERE r.grant_id = webhooks.subscriptions.grant_id)
+        RETURNING {_SUBSCRIPTION_COLUMNS}
+        """,  # noqa: S608
+        subscription_id,
+        school_id,
+        list(refused_reasons),
+    )
+    return _subscription(row) if row else None
 
 
 # ---------------------------------------------------------------------------------------------

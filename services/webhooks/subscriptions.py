@@ -290,6 +290,12 @@ async def update(
     disabled = body.get("disabled")
     if disabled is not None and not isinstance(disabled, bool):
         raise _invalid("disabled", "disabled must be true or false")
+    if disabled is False and current.disabled_reason == "admin":
+        raise ApiError(
+            409,
+            "disabled_by_admin",
+            "The school's admin disabled this webhook; only they can enable it again.",
+        )
     if await _grant_revoked_now(ctx, caller.grant_id):
         raise _revoked()
     async with ctx.pool.acquire() as conn, conn.transaction():

@@ -95,6 +95,7 @@ def openapi_paths(settings: Settings) -> dict[str, Any]:
                             "names the resource metadata"
                         )
                     },
+                    "404": {"description": "Not the platform origin"},
                     "429": {"description": "Rate limited; Retry-After says when to try again"},
                     "503": {"description": "The gateway cannot check the call right now"},
                 },

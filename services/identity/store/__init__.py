@@ -313,7 +313,15 @@ async def insert_client(
     return _client(row)
 
 
+def possible_client_id(value: str) -> bool:
+    """RFC 6749 A.1: a client_id is VSCHAR (%x20-7E). Anything else names no client, and
+    asking PostgreSQL for it could fail the request (text cannot hold NUL) instead."""
+    return value.isascii() and value.isprintable()
+
+
 async def client_by_id(db: Executor, client_id: str) -> Client | None:
+    if not possible_client_id(client_id):
+        return None
     row = await db.fetchrow("SELECT * FROM clients WHERE id = $1", client_id)
     return _client(row) if row else None
 

@@ -37,6 +37,10 @@ class AuthorizeState:
     session_may_use_school: bool
     # What the session's user already consented to for this client at this school.
     consented: tuple[str, ...] | None
+    # The session's user's role at the school (None without a membership), and whether they
+    # are a platform administrator: together they set the user's scope ceiling (roles.py).
+    role: str | None = None
+    platform_admin: bool = False
 
 
 def _session(r: asyncpg.Record, prefix: str = "") -> Session:
@@ -115,6 +119,7 @@ async def authorize_state(
         " s.csrf_secret AS s_csrf_secret, s.authenticated_at AS s_authenticated_at,"
         " s.expires_at AS s_expires_at,"
         " (u.is_platform_admin OR m.user_id IS NOT NULL) AS s_may_use_school,"
+        " m.role AS s_role, coalesce(u.is_platform_admin, false) AS s_platform_admin,"
         " co.scopes AS consented"
         " FROM (SELECT 1) AS one"
         " LEFT JOIN clients c ON c.id = $1"
@@ -123,7 +128,8 @@ async def authorize_state(
         " LEFT JOIN school_memberships m ON m.user_id = s.user_id AND m.school_id = $3"
         " LEFT JOIN consents co ON co.user_id = s.user_id AND co.client_id = c.id"
         " AND co.school_id = $3",
-        client_id,
+        # An id no client can have joins no client (rather than failing the query).
+        client_id if store.possible_client_id(client_id) else None,
         session_hash,
         school_id,
     )
@@ -135,6 +141,8 @@ async def authorize_state(
         session=session,
         session_may_use_school=bool(session and school_id is not None and row["s_may_use_school"]),
         consented=tuple(row["consented"]) if row["consented"] is not None else None,
+        role=row["s_role"] if session else None,
+        platform_admin=bool(session and row["s_platform_admin"]),
     )
 
 

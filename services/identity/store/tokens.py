@@ -38,6 +38,11 @@ class RefreshTokenState:
     # Seconds since rotation by the database clock; None when not rotated.
     seconds_since_rotation: float | None
     successor_rotated: bool
+    # The grant's user's role at the grant's school now (None: no longer a member), and
+    # whether they are a platform administrator: the refresh path checks the grant against
+    # the ceiling these set (roles.py) without another round trip.
+    user_role: str | None = None
+    platform_admin: bool = False
 
 
 def _state(r: asyncpg.Record) -> RefreshTokenState:
@@ -58,6 +63,8 @@ def _state(r: asyncpg.Record) -> RefreshTokenState:
         expired=r["expired"],
         seconds_since_rotation=r["seconds_since_rotation"],
         successor_rotated=r["successor_rotated"],
+        user_role=r["user_role"],
+        platform_admin=r["platform_admin"],
     )
 
 
@@ -69,10 +76,13 @@ _STATE_COLUMNS = """
     g.school_id, g.user_id, g.revoked_at IS NOT NULL AS grant_revoked,
     rt.expires_at <= clock_timestamp() AS expired,
     extract(epoch FROM clock_timestamp() - rt.rotated_at)::float8 AS seconds_since_rotation,
-    coalesce(s.rotated_at IS NOT NULL, false) AS successor_rotated
+    coalesce(s.rotated_at IS NOT NULL, false) AS successor_rotated,
+    m.role AS user_role, coalesce(u.is_platform_admin, false) AS platform_admin
 FROM refresh_tokens rt
 JOIN grants g ON g.id = rt.grant_id
 LEFT JOIN refresh_tokens s ON s.token_hash = rt.successor_hash
+LEFT JOIN school_memberships m ON m.user_id = g.user_id AND m.school_id = g.school_id
+LEFT JOIN users u ON u.id = g.user_id
 WHERE rt.token_hash = $1
 """
 

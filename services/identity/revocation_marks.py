@@ -1,0 +1,99 @@
+"""Revocation marks re-asserted from PostgreSQL, so a Redis that lost its data cannot bring
+revoked tokens back to life.
+
+Gateways refuse a grant when `connect:revoked:<grant>` exists in Redis (or their in-memory set
+heard of it on `connect:revocations`). PostgreSQL is the source of truth; Redis may not be
+durable: a restart without persistence, a failover to a replica that lagged, or eviction under
+memory pressure can drop marks while the grants' access tokens are still live. So identity
+writes the marks again, from the grants revoked within one mark lifetime (the access-token
+lifetime plus leeway, grants.mark_ttl): older revocations have no live access token left.
+
+When: at start, on a schedule, and at once when a sentinel key it leaves after every complete
+pass is gone (the cheap sign that Redis lost everything, checked every few seconds). The
+schedule covers losses that keep the sentinel: a lagging replica, a single evicted mark.
+
+Each restored mark gets what is left of its original lifetime (never a fresh one) and is
+written with NX, so a mark that is there is left alone. Every identity process may run this at
+once: the writes are idempotent, each page is one short query, and nothing is locked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+
+import asyncpg
+import redis.asyncio as redis
+from redis.exceptions import RedisError
+
+from libs.common.config import Settings
+from libs.common.logging import get_logger
+from services.identity import grants
+from services.identity.store import revocations as revocation_store
+
+log = get_logger(__name__)
+
+# Present after a complete pass; its absence means Redis was emptied since.
+SENTINEL_KEY = "connect:revocations:reasserted"
+# How often each process looks for the sentinel: the longest a lost mark stays lost after
+# Redis comes back empty.
+CHECK_INTERVAL = 5.0
+# How often a full pass runs regardless of the sentinel.
+REASSERT_INTERVAL = 120.0
+# Grants read and marks written per round trip.
+PAGE_SIZE = 1000
+
+
+async def reassert_once(pool: asyncpg.Pool, redis_client: redis.Redis, settings: Settings) -> int:
+    """One complete pass; how many marks were missing and have been written again."""
+    window = grants.mark_ttl(settings)
+    prefix = settings.stream(grants.REVOKED_KEY)
+    cursor = revocation_store.START
+    restored = 0
+    while True:
+        page = await revocation_store.revoked_since(
+            pool, window_seconds=window, after=cursor, limit=PAGE_SIZE
+        )
+        if page:
+            pipe = redis_client.pipeline(transaction=False)
+            for revoked in page:
+                pipe.set(
+                    prefix + str(revoked.grant_id), revoked.reason, ex=revoked.ttl_left, nx=True
+                )
+            restored += sum(1 for written in await pipe.execute() if written)
+            cursor = (page[-1].revoked_at, page[-1].grant_id)
+        if len(page) < PAGE_SIZE:
+            break
+        # Let requests in between pages: one pass can cover many thousands of grants.
+        await asyncio.sleep(0)
+    await redis_client.set(settings.stream(SENTINEL_KEY), "1")
+    return restored
+
+
+async def _sentinel_missing(redis_client: redis.Redis, settings: Settings) -> bool:
+    return not await redis_client.exists(settings.stream(SENTINEL_KEY))
+
+
+async def run(
+    pool: asyncpg.Pool, redis_client: redis.Redis, settings: Settings, stop: asyncio.Event
+) -> None:
+    """Re-assert at start, every REASSERT_INTERVAL (jittered, so processes started together
+    do not run in lockstep), and whenever the sentinel has gone, until `stop` is set."""
+    loop = asyncio.get_running_loop()
+    due = loop.time()
+    while not stop.is_set():
+        try:
+            if loop.time() >= due or await _sentinel_missing(redis_client, settings):
+                restored = await reassert_once(pool, redis_client, settings)
+                if restored:
+                    # Marks were missing: Redis lost data, which operators should know about.
+                    log.warning("revocation_marks_restored", restored=restored)
+                due = loop.time() + random.uniform(  # noqa: S311 - jitter, not a secret
+                    REASSERT_INTERVAL / 2, REASSERT_INTERVAL
+                )
+        except (OSError, asyncpg.PostgresError, RedisError):
+            # Retried at the next check: the sentinel is written only after a complete pass.
+            log.warning("revocation_reassert_failed", exc_info=True)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), CHECK_INTERVAL)
