@@ -885,6 +885,27 @@ async def test_without_redis_protected_calls_fail_closed(
             assert (await resp.json())["checks"]["redis"] is False
 
 
+async def test_probes_and_metrics_are_for_operators_not_the_public_origins(
+    gateway_url: str, http: Any, world: World, gateway_settings: Settings
+) -> None:
+    """/readyz costs a round trip to every store and /metrics shows every school's traffic:
+    on a school's or the platform's host they do not exist; by the process's own address
+    (probes, scrapers) they do."""
+    platform = gateway_settings.urls.platform_host
+    for path in ("/readyz", "/metrics"):
+        for host in (world.host, platform):
+            async with http.get(gateway_url + path, headers={"Host": host}) as resp:
+                assert resp.status == 404, (path, host)
+                assert (await resp.json())["error"] == "not_found"
+        forwarded = {"X-Forwarded-Host": world.host}
+        async with http.get(gateway_url + path, headers=forwarded) as resp:
+            assert resp.status == 404
+        async with http.get(gateway_url + path) as resp:
+            assert resp.status == 200
+    async with http.get(gateway_url + "/healthz", headers={"Host": world.host}) as resp:
+        assert resp.status == 200
+
+
 async def test_probes_metrics_and_openapi(gateway_url: str, http: Any, world: World) -> None:
     async with http.get(gateway_url + "/healthz") as resp:
         assert resp.status == 200

@@ -44,7 +44,9 @@ JWKS_TIMEOUT = aiohttp.ClientTimeout(total=5)
 def create_app(settings: Settings, *, routes_file: str | None = None) -> web.Application:
     """The gateway; raises routetable.RouteTableError when the route file is wrong."""
     table = routetable.load(routes_file or settings.gateway.routes_file, settings)
-    app = edge.application("gateway")
+    app = edge.application(
+        "gateway", public=lambda host: settings.urls.subdomain_of(host) is not None
+    )
     app[ROUTES] = table
     document = orjson.dumps(openapi.document(settings, table))
 
@@ -53,7 +55,8 @@ def create_app(settings: Settings, *, routes_file: str | None = None) -> web.App
 
     app.router.add_get("/openapi.json", openapi_document)
     mcp.setup(app)
-    app.router.add_route("*", "/{tail:.*}", routes.dispatch)
+    # [\s\S], not `.`: a path may hold a newline (%0A) and must still reach the checks.
+    app.router.add_route("*", "/{tail:[\\s\\S]*}", routes.dispatch)
     app.cleanup_ctx.append(_resources(settings, table))
     return app
 

@@ -17,6 +17,7 @@ import itertools
 import re
 import secrets
 import time
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -85,8 +86,17 @@ def _route_name(request: web.Request) -> str:
     return info.canonical if info is not None else "unmatched"
 
 
-def application(service: str, *, middlewares: list[Any] | None = None) -> web.Application:
-    """As libs.common.web.base_application, with the gateway's request middleware."""
+def application(
+    service: str,
+    *,
+    middlewares: list[Any] | None = None,
+    public: Callable[[str], bool] | None = None,
+) -> web.Application:
+    """As libs.common.web.base_application, with the gateway's request middleware.
+
+    `public(host)` names the hosts the internet reaches: there `/readyz` (a PostgreSQL, Redis
+    and identity round trip per call, unthrottled) and `/metrics` (the traffic of every school)
+    answer 404; probes and scrapers call the process by its own address."""
     metrics = ServiceMetrics(service)
     children = _Children(metrics)
     ids = _RequestIds()
@@ -127,11 +137,27 @@ def application(service: str, *, middlewares: list[Any] | None = None) -> web.Ap
     app[METRICS] = metrics
     app[READINESS] = {}
     app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics_endpoint)
+    app.router.add_get("/readyz", _operators_only(readyz, public))
+    app.router.add_get("/metrics", _operators_only(metrics_endpoint, public))
     app.on_startup.append(_settle_gc)
     app.on_cleanup.append(_restore_gc)
     return app
+
+
+def _operators_only(handler: Handler, public: Callable[[str], bool] | None) -> Handler:
+    if public is None:
+        return handler
+
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        # X-Forwarded-Host too: whatever the routes would take the school from.
+        hosts = (request.headers.get("Host", ""), request.headers.get("X-Forwarded-Host", ""))
+        if any(h and public(h.split(",", 1)[0].strip()) for h in hosts):
+            return json_response(
+                {"error": "not_found", "error_description": "No such route."}, status=404
+            )
+        return await handler(request)
+
+    return guarded
 
 
 async def _settle_gc(app: web.Application) -> None:

@@ -50,12 +50,23 @@ def document(settings: Settings, routes: RouteTable) -> dict[str, Any]:
         "/healthz": {"get": {"summary": "Liveness", "responses": {"200": {"description": "ok"}}}},
         "/readyz": {
             "get": {
-                "summary": "Readiness: PostgreSQL, Redis and identity reachable",
-                "responses": {"200": {"description": "ready"}, "503": {"description": "not"}},
+                "summary": "Readiness: PostgreSQL, Redis and identity reachable (by the "
+                "process's own address; 404 on public hosts)",
+                "responses": {
+                    "200": {"description": "ready"},
+                    "503": {"description": "not"},
+                    "404": _json("Asked on a school's or the platform's host"),
+                },
             }
         },
         "/metrics": {
-            "get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "ok"}}}
+            "get": {
+                "summary": "Prometheus metrics (by the process's own address; 404 on public hosts)",
+                "responses": {
+                    "200": {"description": "ok"},
+                    "404": _json("Asked on a school's or the platform's host"),
+                },
+            }
         },
         "/openapi.json": {
             "get": {"summary": "This document", "responses": {"200": {"description": "ok"}}}
