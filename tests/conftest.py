@@ -19,7 +19,7 @@ import asyncpg
 import pytest
 import redis.asyncio as redis_asyncio
 
-from libs.common import db
+from libs.common import db, streams
 from libs.common.config import Settings, load_settings
 from libs.common.logging import configure_logging
 from tests.support import client_session, free_port, running
@@ -166,6 +166,19 @@ async def redis(settings: Settings) -> AsyncIterator[redis_asyncio.Redis]:
     if keys:
         await client.delete(*keys)
     await client.aclose()
+
+
+# A consumer group that reads nothing. Consumers trim connect:events and connect:audit to what
+# every group acknowledged (streams.trim_consumed); with this group on them, the run's streams
+# keep every entry for tests that look at what was appended.
+OBSERVER_GROUP = "test-observer"
+
+
+@pytest.fixture(autouse=True)
+async def observed_streams(redis: redis_asyncio.Redis, settings: Settings) -> None:
+    """Per test, not per run: a test may delete a stream, and its group with it."""
+    for name in (streams.EVENTS, streams.AUDIT):
+        await streams.ensure_group(redis, settings.stream(name), OBSERVER_GROUP)
 
 
 @pytest.fixture(scope="session")

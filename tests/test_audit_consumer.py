@@ -8,7 +8,10 @@ from typing import Any
 
 from libs.common import streams
 from libs.common.config import Settings
+from services.gateway.audit import AuditBuffer
+from services.gateway.resp import PipelinedRedis
 from services.identity import audit, audit_consumer
+from services.identity.store import audit as audit_store
 
 
 async def _stored(pool: Any, marker: str) -> list[Any]:
@@ -74,9 +77,7 @@ async def test_entries_of_a_dead_consumer_are_claimed_and_stored_once(
     assert len(await _stored(pool, unique)) == 5
 
     # Delivered again (the at-least-once case): still stored once.
-    rows = [audit_consumer.to_row(e) for e in taken]
-    from services.identity.store import audit as audit_store
-
+    rows = [row for e in taken for row in audit_consumer.to_rows(e)]
     await audit_store.insert_many(pool, rows)
     assert len(await _stored(pool, unique)) == 5
     pending = await redis.xpending(stream, audit_consumer.GROUP)
@@ -121,3 +122,57 @@ async def test_a_record_postgresql_refuses_costs_itself_never_its_batch(
     assert cleaned["detail"]["note"] == "a\ufffdb"
     pending = await redis.xpending(stream, audit_consumer.GROUP)
     assert pending["pending"] == 0
+
+
+async def test_batch_entries_are_stored_a_row_per_record_once_beside_single_entries(
+    pool: Any, redis: Any, settings: Settings, unique: str
+) -> None:
+    """The gateway writes a flush's records as one entry; identity appends one entry each.
+    Both land a row per record, keyed by entry id and index, once however often delivered;
+    a refused record in a batch costs itself only."""
+    settings = dataclasses.replace(settings, redis_prefix=f"{settings.redis_prefix}{unique}:")
+    stream = settings.stream(streams.AUDIT)
+    await streams.ensure_group(redis, stream, audit_consumer.GROUP)
+    connection = PipelinedRedis(settings.redis_url, timeout=2.0)
+    try:
+        buffer = AuditBuffer(connection, stream, capacity=1000)
+        for n in range(250):  # two batch entries
+            buffer.append(audit.record("api.call", marker=unique, n=n, path=f"/p/{n}"))
+        buffer.append(audit.record("api.call", marker=unique, n=250, path="/p/\x00"))
+        buffer.append(audit.record("api.call", marker=unique, n=251, status=2**40))
+        assert await buffer.flush() == 252
+    finally:
+        await connection.close()
+    await audit.append(redis, settings, audit.record("token.issued", marker=unique, n=300))
+
+    # A consumer reads the three entries and dies; another claims and stores them.
+    taken = await streams.read_group(redis, stream, audit_consumer.GROUP, "dead", count=100)
+    assert [len(audit.records_of(e.data)) for e in taken] == [200, 52, 1]
+    await asyncio.sleep(0.06)
+    handled = await audit_consumer.consume_once(
+        pool, redis, settings, "alive", block_ms=10, claim_idle_ms=50
+    )
+    assert handled == 3
+    rows = await _stored(pool, unique)
+    by_n = {int(r["detail"]["n"]): r for r in rows}
+    assert sorted(by_n) == [*range(251), 300]  # n=251 cannot be stored, and only it
+    assert by_n[0]["stream_id"] == f"{taken[0].id}:0"
+    assert by_n[199]["stream_id"] == f"{taken[0].id}:199"
+    assert by_n[200]["stream_id"] == f"{taken[1].id}:0"
+    assert by_n[300]["stream_id"] == taken[2].id
+    assert by_n[250]["path"] == "/p/\ufffd"
+    assert by_n[7]["path"] == "/p/7" and by_n[7]["action"] == "api.call"
+
+    # Delivered again (the at-least-once case): still stored once.
+    again = [row for e in taken for row in audit_consumer.to_rows(e)]
+    assert len(again) == 253
+    await audit_store.insert_many(pool, [r for r in again if r.status is None])
+    assert len(await _stored(pool, unique)) == 252
+    pending = await redis.xpending(stream, audit_consumer.GROUP)
+    assert pending["pending"] == 0
+
+
+def test_malformed_batch_members_are_left_out_not_fatal() -> None:
+    entry = streams.Entry("1-0", {"records": [{"action": "api.call"}, "junk", 5]})
+    assert [r.stream_id for r in audit_consumer.to_rows(entry)] == ["1-0:0"]
+    assert audit_consumer.to_rows(streams.Entry("2-0", {"records": "junk"})) == []

@@ -24,7 +24,7 @@ from yarl import URL
 
 from libs.common import streams
 from libs.common.config import Settings
-from services.identity import clients, keys, store
+from services.identity import audit, clients, keys, store
 from tests.support import free_port
 from tests.test_gateway_support import (
     OTHER_ORIGIN,
@@ -829,10 +829,10 @@ async def test_each_protected_call_lands_in_the_audit_stream_and_log(
     found: dict[str, dict[str, Any]] = {}
     while time.monotonic() < deadline and len(found) < 2:
         for _, fields in await redis.xrevrange(stream, count=500):
-            data = orjson.loads(fields[b"data"])
-            rid = (data.get("detail") or {}).get("request_id")
-            if rid in (request_id, denied_id):
-                found[rid] = data
+            for data in audit.records_of(orjson.loads(fields[b"data"])):
+                rid = (data.get("detail") or {}).get("request_id")
+                if rid in (request_id, denied_id):
+                    found[rid] = data
         await asyncio.sleep(0.05)
     record = found[request_id]
     assert record["action"] == "api.call"

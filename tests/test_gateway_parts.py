@@ -12,10 +12,11 @@ import pytest
 
 from libs.common import streams
 from libs.common.config import Settings
-from services.gateway.audit import AuditBuffer, api_call
+from services.gateway.audit import BATCH, BATCH_BYTES, AuditBuffer, api_call
 from services.gateway.ratelimit import Guard, Pace
 from services.gateway.resp import PipelinedRedis, RedisReplyError, pack
 from services.gateway.revocation import RevokedGrants
+from services.identity import audit
 from tests.support import free_port
 
 
@@ -41,7 +42,7 @@ async def connection(settings: Settings) -> AsyncIterator[PipelinedRedis]:
     await conn.close()
 
 
-async def test_audit_records_are_written_in_the_streams_shape(
+async def test_audit_records_are_written_as_batch_entries_in_the_streams_shape(
     connection: PipelinedRedis, settings: Settings, redis: Any
 ) -> None:
     stream = settings.stream(f"test:audit:{secrets.token_hex(4)}")
@@ -51,8 +52,32 @@ async def test_audit_records_are_written_in_the_streams_shape(
     assert await buffer.flush() == 450
     assert len(buffer) == 0
     entries = await streams.read_tail(redis, stream, "0-0", count=1000, block_ms=10)
-    assert [e.data["path"] for e in entries] == [f"/api/v1/courses/{n}" for n in range(450)]
-    assert entries[0].data == _record(0) | {"occurred_at": entries[0].data["occurred_at"]}
+    assert [len(e.data["records"]) for e in entries] == [BATCH, BATCH, 50]
+    records = [r for e in entries for r in audit.records_of(e.data)]
+    assert [r["path"] for r in records] == [f"/api/v1/courses/{n}" for n in range(450)]
+    assert records[0] == _record(0) | {"occurred_at": records[0]["occurred_at"]}
+    await redis.delete(stream)
+
+
+async def test_a_batch_entry_is_bounded_in_bytes_and_a_huge_record_still_goes(
+    connection: PipelinedRedis, settings: Settings, redis: Any
+) -> None:
+    stream = settings.stream(f"test:audit:{secrets.token_hex(4)}")
+    buffer = AuditBuffer(connection, stream, capacity=1000)
+    long_path = "/api/v1/courses/" + "x" * (BATCH_BYTES // 3)
+    for n in range(7):
+        buffer.append(_record(n) | {"path": long_path} if n != 3 else _record(n))
+    huge = _record(99) | {"path": "/api/v1/" + "y" * (BATCH_BYTES + 10)}
+    buffer.append(huge)
+    assert await buffer.flush() == 8
+    raw = [fields[b"data"] for _, fields in await redis.xrange(stream)]
+    assert len(raw) > 3
+    assert all(len(r) <= BATCH_BYTES + 100 for r in raw[:-1])
+    entries = await streams.read_tail(redis, stream, "0-0", count=100, block_ms=10)
+    assert len(entries[-1].data["records"]) == 1  # the huge one, alone
+    records = [r for e in entries for r in audit.records_of(e.data)]
+    assert [r["detail"]["request_id"] for r in records] == [f"r{n}" for n in [*range(7), 99]]
+    assert records[-1]["path"] == huge["path"]
     await redis.delete(stream)
 
 

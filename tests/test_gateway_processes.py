@@ -20,7 +20,7 @@ import pytest
 
 from libs.common import streams
 from libs.common.config import Settings
-from services.identity import grants, keys
+from services.identity import audit, grants, keys
 from tests.support import free_port
 from tests.test_gateway_support import (
     World,
@@ -236,7 +236,7 @@ async def test_a_stopping_gateway_finishes_in_flight_calls_and_flushes_the_audit
         process.stop()
     found = False
     for _, fields in await redis.xrevrange(gateway_settings.stream(streams.AUDIT), count=1000):
-        data = orjson.loads(fields[b"data"])
-        if (data.get("detail") or {}).get("request_id") == request_id:
-            found = data["status"] == 200
+        for data in audit.records_of(orjson.loads(fields[b"data"])):
+            if (data.get("detail") or {}).get("request_id") == request_id:
+                found = data["status"] == 200
     assert found

@@ -30,10 +30,10 @@ from mcp.client.streamable_http import streamable_http_client
 
 from libs.common import streams
 from libs.common.config import Settings
-from services.identity import clients, keys, schools, store, users
+from services.identity import audit, clients, keys, schools, store, users
 from services.school_api import seed
 from tests.test_gateway_support import extra_gateway, mint
-from tests.test_school_api_events import events_of, observe, until
+from tests.test_school_api_events import events_of, until
 from tests.token_helpers import insert_code, pkce_pair
 
 pytestmark = pytest.mark.timeout(60)
@@ -445,7 +445,6 @@ async def test_tools_act_on_the_tokens_school_through_the_school_api(
     other_tenant: Tenant,
     school_api_url: str,
 ) -> None:
-    await observe(redis, gateway_settings.stream(streams.EVENTS))
     issued = await mcp_token(http, pool, gateway_settings, system, tenant)
     ours = {
         r["id"]
@@ -527,7 +526,9 @@ async def test_tools_act_on_the_tokens_school_through_the_school_api(
 
     async def audited() -> bool:
         entries = await redis.xrevrange(gateway_settings.stream(streams.AUDIT), count=5000)
-        records = [orjson.loads(fields[b"data"]) for _, fields in entries]
+        records = [
+            r for _, fields in entries for r in audit.records_of(orjson.loads(fields[b"data"]))
+        ]
         calls = {
             (r.get("method"), r.get("path"), r.get("status"))
             for r in records

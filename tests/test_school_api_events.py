@@ -58,20 +58,6 @@ async def call(
         return resp.status, (None if resp.status == 204 else await resp.json())
 
 
-OBSERVER = "test-observer"
-
-
-async def observe(redis: redis_asyncio.Redis, stream: str) -> None:
-    """A consumer group that reads nothing: the webhooks service trims the stream to what
-    every group acknowledged, so while this group exists every event stays to be looked at."""
-    await streams.ensure_group(redis, stream, OBSERVER)
-
-
-@pytest.fixture(autouse=True)
-async def observed(redis: redis_asyncio.Redis, settings: Settings) -> None:
-    await observe(redis, settings.stream(streams.EVENTS))
-
-
 async def stream_events(redis: redis_asyncio.Redis, stream: str) -> list[dict[str, Any]]:
     """Every event on the stream, decoded by hand rather than by the code under test."""
     return [orjson.loads(fields[b"data"]) for _, fields in await redis.xrange(stream)]

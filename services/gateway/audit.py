@@ -1,10 +1,15 @@
 """The gateway's side of the audit trail: every protected call becomes an `api.call` record on
 `connect:audit`, without the response ever waiting for Redis.
 
-Records go into a bounded in-memory buffer; a background task appends them in pipelined
-batches (one round trip per batch) every FLUSH_INTERVAL seconds, or at once when a batch is
-full. The XADDs are packed here, in the `data` shape of libs.common.streams, and go over the
-lean pipelined connection (resp.py): the audit must not cost the API more than the call does.
+Records go into a bounded in-memory buffer; a background task appends them every
+FLUSH_INTERVAL seconds, or at once when a batch is full, each batch as ONE stream entry:
+`data` = `{"records": [record, ...]}` (at most BATCH records, about BATCH_BYTES). One XADD, one
+stream entry for identity's consumer to read and acknowledge, and one row key prefix, instead
+of one of each per call: on a machine whose cores the gateway shares with Redis, identity and
+PostgreSQL, the per-record cost of those processes was most of what the audit trail cost a
+call. Identity still appends its own records one entry each; its consumer reads both shapes
+(services/identity/audit.py, `records_of`). The XADDs are packed here and go over the lean
+pipelined connection (resp.py): the audit must not cost the API more than the call does.
 A full buffer (Redis away for long) drops the new record, counts it and warns at most once
 per WARN_INTERVAL: the API keeps answering, and the loss is visible in the metrics.
 Identity's audit consumer stores the stream in PostgreSQL.
@@ -29,7 +34,12 @@ from services.gateway.resp import PipelinedRedis, RedisReplyError, pack
 log = get_logger(__name__)
 
 FLUSH_INTERVAL = 0.05
+# Bounds of one batch entry: the consumer holds a read of entries in memory at once, and a
+# huge entry would hold up Redis (and every call's guard check on it) while it is copied.
 BATCH = 200
+BATCH_BYTES = 256 * 1024
+# Batch entries sent in one pipelined write when a backlog (Redis was away) is written out.
+PIPELINE = 16
 WARN_INTERVAL = 10.0
 
 
@@ -73,14 +83,14 @@ class AuditBuffer:
         on_drop: Callable[[], None] | None = None,
     ) -> None:
         self._redis = connection
-        # Everything of the XADD but the record: `XADD <stream> MAXLEN ~ N * data <json>`.
+        # Everything of the XADD but the value: `XADD <stream> MAXLEN ~ N * data <json>`.
         self._head = pack(
             b"XADD", stream, b"MAXLEN", b"~", streams.DEFAULT_MAXLEN, b"*", b"data", b""
         ).removesuffix(b"$0\r\n\r\n")
         self._capacity = capacity
         self._on_drop = on_drop
-        # Each record as its packed XADD: serialized when appended, so a flush is a join and a
-        # write rather than a burst of work delaying the calls in flight.
+        # Each record as its JSON: serialized when appended, so a flush is a join and a write
+        # rather than a burst of work delaying the calls in flight.
         self._records: deque[bytes] = deque()
         self._batch_ready = asyncio.Event()
         self._last_warning = float("-inf")
@@ -102,24 +112,44 @@ class AuditBuffer:
                 self._last_warning = now
                 log.warning("audit_buffer_full", dropped=self.dropped, capacity=self._capacity)
             return
-        payload = orjson.dumps(record)
-        self._records.append(b"%s$%d\r\n%s\r\n" % (self._head, len(payload), payload))
+        self._records.append(orjson.dumps(record))
         if len(self._records) >= BATCH:
             self._batch_ready.set()
+
+    def _entry(self, start: int) -> tuple[bytes, int]:
+        """The XADD of one batch entry from the records at `start`: (command, records in it).
+        A record alone over BATCH_BYTES still goes, alone: bounded entries, no lost record."""
+        taken: list[bytes] = []
+        size = 0
+        for payload in itertools.islice(self._records, start, start + BATCH):
+            if taken and size + len(payload) > BATCH_BYTES:
+                break
+            taken.append(payload)
+            size += len(payload) + 1
+        value = b'{"records":[%s]}' % b",".join(taken)
+        return b"%s$%d\r\n%s\r\n" % (self._head, len(value), value), len(taken)
 
     async def flush(self) -> int:
         """Append everything buffered now; records stay buffered when Redis fails."""
         written = 0
         while self._records:
-            count = min(BATCH, len(self._records))
-            commands = list(itertools.islice(self._records, count))
+            commands: list[bytes] = []
+            counts: list[int] = []
+            start = 0
+            while start < len(self._records) and len(commands) < PIPELINE:
+                command, count = self._entry(start)
+                commands.append(command)
+                counts.append(count)
+                start += count
             answers = await self._redis.execute_many(commands)
-            failed = next((a for a in answers if isinstance(a, RedisReplyError)), None)
-            if failed is not None:
-                raise failed
-            for _ in range(count):
-                self._records.popleft()
-            written += count
+            # Redis answers in order: the entries before a refused one are in the stream, and
+            # re-sending them would store their records twice (under new entry ids).
+            for answer, count in zip(answers, counts, strict=True):
+                if isinstance(answer, RedisReplyError):
+                    raise answer
+                for _ in range(count):
+                    self._records.popleft()
+                written += count
         return written
 
     async def _run(self) -> None:

@@ -6,6 +6,10 @@ audit consumer's job, batched, off the request path.
 Appends made in the same event-loop turn share one pipelined round trip: a single XADD through
 redis-py costs about as much CPU as signing the token it records. Each caller still waits until
 its own record is in Redis, so a response is never sent before its audit record is stored.
+
+Two shapes of entry share the stream: a record itself (identity's appends, one entry each), and
+a batch, `{"records": [record, ...]}` (the gateway's, one entry per flush). `records_of` reads
+both; a record never has a `records` member, so the shapes cannot be confused.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from libs.common.config import Settings
 from libs.common.logging import get_logger
 
 log = get_logger(__name__)
+
+BATCH_MEMBER = "records"
 
 
 def record(
@@ -53,6 +59,15 @@ def record(
         "status": status,
         "detail": detail,
     }
+
+
+def records_of(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The records of one `connect:audit` entry's data, in order (one for a single record)."""
+    batch = data.get(BATCH_MEMBER)
+    if batch is None:
+        return [data]
+    # A malformed member must not stall the consumer: what is not a record is left out.
+    return [r for r in batch if isinstance(r, dict)] if isinstance(batch, list) else []
 
 
 class _Batch:

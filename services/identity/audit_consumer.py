@@ -1,14 +1,18 @@
 """Stores `connect:audit` in PostgreSQL: one consumer group, batched inserts, at least once.
 
-Entries are acknowledged only after their batch committed; the stream id is unique in
-audit_log, so an entry delivered twice (a consumer died after inserting, before acking) is
-stored once. Entries a dead consumer left pending are claimed after `claim_idle_ms`.
+An entry is one record (identity's own appends) or a batch of records (the gateway's, one
+entry per flush; see audit.records_of). Each row's key, unique in audit_log, is the entry id
+for a single record and `<entry id>:<index>` for the records of a batch: derived from the
+entry alone, so an entry delivered twice (a consumer died after inserting, before acking) is
+stored once. Entries are acknowledged only after their rows committed; entries a dead consumer
+left pending are claimed after `claim_idle_ms`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import os
 import socket
@@ -23,6 +27,7 @@ from redis.exceptions import RedisError, ResponseError
 from libs.common import streams
 from libs.common.config import Settings
 from libs.common.logging import get_logger
+from services.identity import audit
 from services.identity.store import audit as audit_store
 
 log = get_logger(__name__)
@@ -32,7 +37,14 @@ GROUP = "identity-audit"
 # entries trickle in one request at a time, and reading them as they come makes every batch
 # (read, insert, ack) carry a handful of records for the fixed cost of three round trips.
 GATHER_DELAY = 0.1
+# Entries per read at most (identity's single records), and rows per read aimed at: a read of
+# the gateway's batch entries asks for fewer entries, so that memory and one statement's size
+# stay bounded even when a backlog of full batches waits.
 BATCH = 500
+ROWS = 2000
+# The most records a batch entry holds (the gateway's audit.BATCH): the first read assumes a
+# backlog of full batches, until a read shows what the stream holds.
+ENTRY_RECORDS = 200
 # How often the stream is trimmed to what the group has stored and acknowledged.
 TRIM_EVERY = 10.0
 
@@ -41,11 +53,26 @@ def consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-def _uuid(value: Any) -> UUID | None:
+# Parsing an address or a UUID is a third of the Python work per record, and the records of a
+# busy client repeat the same few of each: parsed once, looked up after.
+@functools.lru_cache(maxsize=4096)
+def _parse_uuid(text: str) -> UUID | None:
     try:
-        return UUID(str(value)) if value else None
+        return UUID(text)
     except ValueError:
         return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_ip(text: str) -> str | None:
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return None
+
+
+def _uuid(value: Any) -> UUID | None:
+    return _parse_uuid(str(value)) if value else None
 
 
 def _int(value: Any) -> int | None:
@@ -74,14 +101,17 @@ def _clean(value: Any) -> Any:
 
 
 def _ip(value: Any) -> str | None:
-    try:
-        return str(ipaddress.ip_address(str(value))) if value else None
-    except ValueError:
-        return None
+    return _parse_ip(str(value)) if value else None
 
 
-def to_row(entry: streams.Entry) -> audit_store.AuditRow:
-    d = entry.data
+def to_rows(entry: streams.Entry) -> list[audit_store.AuditRow]:
+    """The rows of one entry: one for a single record, one per record of a batch."""
+    if audit.BATCH_MEMBER not in entry.data:
+        return [_row(entry.id, entry.data)]
+    return [_row(f"{entry.id}:{i}", d) for i, d in enumerate(audit.records_of(entry.data))]
+
+
+def _row(key: str, d: dict[str, Any]) -> audit_store.AuditRow:
     occurred = d.get("occurred_at")
     when = (
         datetime.fromtimestamp(float(occurred), UTC)
@@ -90,7 +120,7 @@ def to_row(entry: streams.Entry) -> audit_store.AuditRow:
     )
     detail = d.get("detail") if isinstance(d.get("detail"), dict) else {}
     return audit_store.AuditRow(
-        stream_id=entry.id,
+        stream_id=key,
         occurred_at=when,
         school_id=_int(d.get("school_id")),
         client_id=_text(d.get("client_id")),
@@ -133,6 +163,29 @@ async def consume_once(
     batch: int = BATCH,
 ) -> int:
     """Store one batch (claimed entries first); return how many entries were handled."""
+    entries, _ = await _consume(
+        pool,
+        client,
+        settings,
+        consumer,
+        block_ms=block_ms,
+        claim_idle_ms=claim_idle_ms,
+        batch=batch,
+    )
+    return entries
+
+
+async def _consume(
+    pool: asyncpg.Pool,
+    client: redis.Redis,
+    settings: Settings,
+    consumer: str,
+    *,
+    block_ms: int = 1000,
+    claim_idle_ms: int = 30_000,
+    batch: int = BATCH,
+) -> tuple[int, int]:
+    """One read stored and acknowledged: (entries, rows)."""
     stream = settings.stream(streams.AUDIT)
     entries = await streams.claim_stale(
         client, stream, GROUP, consumer, min_idle_ms=claim_idle_ms, count=batch
@@ -142,10 +195,18 @@ async def consume_once(
             client, stream, GROUP, consumer, count=batch, block_ms=block_ms
         )
     if not entries:
-        return 0
-    await _store(pool, [to_row(e) for e in entries])
+        return 0, 0
+    rows = [row for e in entries for row in to_rows(e)]
+    await _store(pool, rows)
     await streams.ack(client, stream, GROUP, [e.id for e in entries])
-    return len(entries)
+    return len(entries), len(rows)
+
+
+def _next_count(entries: int, rows: int, current: int) -> int:
+    """Entries to ask for next: about ROWS rows, judged by the rows per entry just read."""
+    if entries == 0:
+        return current
+    return max(1, min(BATCH, ROWS * entries // max(rows, 1)))
 
 
 async def run(
@@ -162,14 +223,17 @@ async def run(
     delay = 0.5
     loop = asyncio.get_running_loop()
     next_trim = loop.time()
+    count = max(1, ROWS // ENTRY_RECORDS)
     while not stop.is_set():
         try:
-            handled = await consume_once(pool, client, settings, consumer)
+            asked = count
+            handled, rows = await _consume(pool, client, settings, consumer, batch=asked)
+            count = _next_count(handled, rows, count)
             delay = 0.5
             if loop.time() >= next_trim:
                 next_trim = loop.time() + TRIM_EVERY
                 await streams.trim_consumed(client, stream)
-            if 0 < handled < BATCH:
+            if 0 < handled < asked:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), GATHER_DELAY)
         except ResponseError as exc:
