@@ -241,6 +241,9 @@ async def seed(system: System, users: int) -> World:
                     email=f"bench-user-{i}@example.com",
                     password=password,
                     name=f"Bench User {i}",
+                    # Staff who connect apps (seed 000): a member's role could not grant
+                    # students:read, and a refresh of such a grant revokes it.
+                    role="admin",
                 )
                 for i in range(users)
             )
