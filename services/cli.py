@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from libs.common import db
+from libs.common import db, streams
 from libs.common.config import ConfigError, Settings, load_settings
 from libs.common.logging import configure_logging
 
@@ -183,6 +183,17 @@ async def _admin(args: argparse.Namespace, settings: Settings) -> dict[str, Any]
                 )
             except users.UserError as exc:
                 raise CommandError(str(exc)) from None
+            ended = 0
+            if not created:
+                # A role given to an existing account may be lower than before: what it no
+                # longer allows ends now, at every gateway.
+                redis_client = streams.connect(settings.redis_url)
+                try:
+                    ended = await users.end_grants_beyond_role(
+                        pool, redis_client, settings, school_id=school.id, user_id=user.id
+                    )
+                finally:
+                    await redis_client.aclose()
             return {
                 "user_id": str(user.id),
                 "email": user.email,
@@ -190,6 +201,7 @@ async def _admin(args: argparse.Namespace, settings: Settings) -> dict[str, Any]
                 "school_id": school.id,
                 "role": args.role,
                 "created": created,
+                "revoked_grants": ended,
             }
         if args.command == "clients":
             school = await _school(pool, args.school)
@@ -224,8 +236,6 @@ async def _admin(args: argparse.Namespace, settings: Settings) -> dict[str, Any]
             school_id = (await _school(pool, args.school)).id if args.school else None
             await keys.ensure_issuer_keys(pool, settings, school_id)
             changes = await keys.rotate(pool, settings, school_id)
-            from libs.common import streams
-
             redis_client = streams.connect(settings.redis_url)
             try:
                 await keys.announce(redis_client, settings, school_id, "rotated")

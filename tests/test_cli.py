@@ -17,7 +17,7 @@ import pytest
 
 from libs.common import db
 from libs.common.config import Settings
-from services.identity import credentials, store, users
+from services.identity import clients, credentials, store, users
 
 CLI = str(Path(sys.executable).with_name("loopwise-connect"))
 
@@ -274,3 +274,64 @@ async def test_json_goes_to_stdout_and_logs_to_stderr(
     logs = [json.loads(line) for line in run.err.splitlines()]
     logged = [entry["migration"] for entry in logs if entry.get("event") == "migration_applied"]
     assert logged == applied
+
+
+async def test_lowering_a_role_ends_the_grants_it_no_longer_allows(
+    school: dict[str, Any],
+    base_env: dict[str, str],
+    pool: asyncpg.Pool,
+    redis: Any,
+    settings: Settings,
+    unique: str,
+) -> None:
+    """`users create` for an existing account with a lower role: the grants beyond the new
+    role are revoked at once (marked for the gateways), the ones within it stay."""
+    from tests.token_helpers import revocation_marked
+
+    email = f"demoted-{unique}@example.com"
+    made, _ = await users.create_user(
+        pool, school_id=school["school_id"], email=email, password="pw-" + unique, role="admin"
+    )
+    made_client = await clients.create_client(
+        pool,
+        settings,
+        school=await store.school_by_id(pool, school["school_id"]),
+        name="Roster",
+        redirect_uris=["https://roster.example/cb"],
+        public=True,
+        scopes=["courses:read", "students:read"],
+    )
+
+    async def grant(*scopes: str) -> UUID:
+        made_grant = await store.insert_grant(
+            pool,
+            school_id=school["school_id"],
+            client_id=made_client.client.id,
+            user_id=made.id,
+            scopes=scopes,
+        )
+        return made_grant.id
+
+    wide = await grant("students:read")
+    narrow = await grant("openid", "courses:read")
+
+    run = await _cli(
+        base_env,
+        "users",
+        "create",
+        "--school",
+        school["subdomain"],
+        "--email",
+        email,
+        "--password",
+        "whatever-" + unique,
+        "--role",
+        "member",
+        "--json",
+    )
+    assert run.code == 0, run.err
+    assert run.json()["revoked_grants"] == 1
+    assert await store.membership_role(pool, school["school_id"], made.id) == "member"
+    live = {g.id for g in await store.active_grants_of(pool, user_id=made.id)}
+    assert live == {narrow}
+    assert await revocation_marked(redis, settings, wide) == (True, True)

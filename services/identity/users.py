@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import re
+from uuid import UUID
 
 import asyncpg
+import redis.asyncio as redis
 
-from services.identity import credentials, store
+from libs.common.config import Settings
+from services.identity import credentials, grants, roles, store
 
 ROLES = ("admin", "lecturer", "member")
 _EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,255}\.[^@\s]{1,63}$")
@@ -91,3 +94,26 @@ async def authenticate(
             rehashed = await asyncio.to_thread(credentials.hash_password, password)
         await store.update_password_hash(pool, user.id, rehashed)
     return user
+
+
+async def end_grants_beyond_role(
+    pool: asyncpg.Pool,
+    redis_client: redis.Redis,
+    settings: Settings,
+    *,
+    school_id: int,
+    user_id: UUID,
+) -> int:
+    """After a role change: revoke the user's grants at the school that their role no longer
+    allows, everywhere at once. A refresh would find out too, but only at the next refresh,
+    while the access tokens already issued keep working for up to their lifetime."""
+    user = await store.user_by_id(pool, user_id)
+    role = await store.membership_role(pool, school_id, user_id)
+    top = roles.ceiling(role, platform_admin=bool(user and user.is_platform_admin))
+    ended = 0
+    for grant in await store.active_grants_of(pool, user_id=user_id, school_id=school_id):
+        if roles.exceeds(grant.scopes, top):
+            ended += await grants.revoke_grant(
+                pool, redis_client, settings, grant.id, reason="role_lowered"
+            )
+    return ended
