@@ -176,3 +176,22 @@ def test_malformed_batch_members_are_left_out_not_fatal() -> None:
     entry = streams.Entry("1-0", {"records": [{"action": "api.call"}, "junk", 5]})
     assert [r.stream_id for r in audit_consumer.to_rows(entry)] == ["1-0:0"]
     assert audit_consumer.to_rows(streams.Entry("2-0", {"records": "junk"})) == []
+
+
+async def test_a_time_out_of_range_is_stored_as_the_time_it_was_stored(
+    pool: Any, redis: Any, settings: Settings, unique: str
+) -> None:
+    """A timestamp datetime cannot hold must not stop the consumer (it would crash on the same
+    entry forever): the record is kept, stamped when it was stored."""
+    settings = dataclasses.replace(settings, redis_prefix=f"{settings.redis_prefix}{unique}:")
+    stream = settings.stream(streams.AUDIT)
+    await streams.ensure_group(redis, stream, audit_consumer.GROUP)
+    for n, occurred in enumerate((1e300, float("nan"))):
+        record = audit.record("api.call", marker=unique, n=n)
+        record["occurred_at"] = occurred
+        await streams.append(redis, stream, record)
+    handled = await audit_consumer.consume_once(
+        pool, redis, settings, "alive", block_ms=10, claim_idle_ms=60_000
+    )
+    assert handled == 2
+    assert len(await _stored(pool, unique)) == 2

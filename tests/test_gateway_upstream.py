@@ -164,3 +164,39 @@ async def test_a_header_that_would_split_the_request_is_refused_before_sending(
     with pytest.raises(ValueError):
         await pool.exchange("GET", "/a b", HEADERS)
     assert script.connections == 0
+
+
+async def test_bytes_no_answer_claimed_keep_the_connection_out_of_the_pool(serve: Start) -> None:
+    """An answer longer than its Content-Length: the rest must never be read as the next
+    call's answer (another caller's response), so the next call gets a new connection."""
+    long = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhelloHTTP/1.1 403 Forbidden\r\n\r\n"
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    script = Scripted([(long, False), (ok, False)])
+    pool = await serve(script)
+    first = await pool.exchange("GET", "/a", HEADERS)
+    assert await first.read() == b"hello"
+    first.release()
+    second = await pool.exchange("GET", "/b", HEADERS)
+    assert (second.status, await second.read()) == (200, b"ok")
+    second.release()
+    assert script.connections == 2
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\nhello",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5_0\r\n\r\nhello",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x5\r\nhello\r\n0\r\n\r\n",
+    ],
+    ids=["plus-length", "underscore-length", "0x-chunk"],
+)
+async def test_lengths_are_digits_only(serve: Start, answer: bytes) -> None:
+    pool = await serve(Scripted([(answer, True)]))
+
+    async def read_it() -> bytes:
+        got = await pool.exchange("GET", "/a", HEADERS)
+        return await got.read()
+
+    with pytest.raises(UpstreamProtocolError):
+        await read_it()

@@ -48,6 +48,13 @@ class _Stale(Exception):
     """A reused connection was closed before any byte of the answer came."""
 
 
+def _buffered(reader: asyncio.StreamReader) -> bool:
+    """Bytes the upstream sent that no answer claimed (an unsolicited 408 before an idle close,
+    a body longer than its Content-Length): read as the next call's answer, they would hand one
+    caller's response to another. StreamReader has no public way to ask."""
+    return bool(getattr(reader, "_buffer", b""))
+
+
 @dataclass(slots=True)
 class _Connection:
     reader: asyncio.StreamReader
@@ -59,6 +66,7 @@ class _Connection:
             now - self.idle_since < IDLE_FOR
             and not self.writer.is_closing()
             and not self.reader.at_eof()
+            and not _buffered(self.reader)
         )
 
     def close(self) -> None:
@@ -136,10 +144,11 @@ class Answer:
         elif self._mode == "chunked":
             while True:
                 line = await reader.readuntil(b"\r\n")
-                try:
-                    chunk = int(line.split(b";", 1)[0].strip(), 16)
-                except ValueError:
-                    raise UpstreamProtocolError("a bad chunk size") from None
+                size_field = line.split(b";", 1)[0].strip()
+                # Hex digits only: int(..., 16) would also take "0x1a", "+5" and "5_0".
+                if not size_field or size_field.strip(b"0123456789abcdefABCDEF"):
+                    raise UpstreamProtocolError("a bad chunk size")
+                chunk = int(size_field, 16)
                 if chunk < 0:
                     raise UpstreamProtocolError("a bad chunk size")
                 if chunk == 0:
@@ -165,7 +174,7 @@ class Answer:
         conn, self._conn = self._conn, None
         if conn is None:
             return
-        if self._body_done and self._keep:
+        if self._body_done and self._keep and not _buffered(conn.reader):
             self._pool.release(conn)
         else:
             conn.close()
@@ -187,11 +196,12 @@ def _framing(
     for name, value in fields:
         low = name.lower()
         if low == "content-length":
-            try:
-                value_length = int(value.strip())
-            except ValueError:
-                raise UpstreamProtocolError("a bad Content-Length") from None
-            if value_length < 0 or (length is not None and length != value_length):
+            # Digits only: int() would also take "+5", "5_0" and spaces inside.
+            digits = value.strip()
+            if not digits.isascii() or not digits.isdigit():
+                raise UpstreamProtocolError("a bad Content-Length")
+            value_length = int(digits)
+            if length is not None and length != value_length:
                 raise UpstreamProtocolError("a bad Content-Length")
             length = value_length
         elif low == "transfer-encoding":
@@ -202,6 +212,9 @@ def _framing(
     if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
         return "none", None, keep
     if encoded:
+        # Both framings named: the answer is read as chunked (RFC 9112 6.3), but whoever sent
+        # it may frame differently, so the connection is not used again.
+        keep = keep and length is None
         return ("chunked", None, keep) if chunked else ("close", None, False)
     if length is not None:
         return "length", length, keep

@@ -107,6 +107,11 @@ def _ip(value: Any) -> str | None:
     return _parse_ip(str(value)) if value else None
 
 
+# What a value PostgreSQL will not store raises: its own refusal (DataError) or asyncpg's
+# while encoding the arguments (a client-side DataError, a ValueError).
+_REFUSED = (asyncpg.DataError, ValueError)
+
+
 def to_rows(entry: streams.Entry) -> list[audit_store.AuditRow]:
     """The rows of one entry: one for a single record, one per record of a batch."""
     if audit.BATCH_MEMBER not in entry.data:
@@ -116,11 +121,11 @@ def to_rows(entry: streams.Entry) -> list[audit_store.AuditRow]:
 
 def _row(key: str, d: dict[str, Any]) -> audit_store.AuditRow:
     occurred = d.get("occurred_at")
-    when = (
-        datetime.fromtimestamp(float(occurred), UTC)
-        if isinstance(occurred, int | float)
-        else datetime.now(UTC)
-    )
+    when = datetime.now(UTC)
+    if isinstance(occurred, int | float):
+        # Out of datetime's range, or NaN: the record is kept, stamped when it was stored.
+        with contextlib.suppress(ValueError, OverflowError, OSError):
+            when = datetime.fromtimestamp(float(occurred), UTC)
     detail = d.get("detail") if isinstance(d.get("detail"), dict) else {}
     return audit_store.AuditRow(
         stream_id=key,
@@ -146,12 +151,12 @@ async def _store(pool: asyncpg.Pool, rows: list[audit_store.AuditRow]) -> None:
     try:
         await audit_store.insert_many(pool, rows)
         return
-    except asyncpg.DataError:
+    except _REFUSED:
         pass
     for row in rows:
         try:
             await audit_store.insert_many(pool, [row])
-        except asyncpg.DataError as exc:
+        except _REFUSED as exc:
             log.error("audit_record_dropped", stream_id=row.stream_id, reason=type(exc).__name__)
 
 

@@ -31,8 +31,9 @@ _MEMBER = _IDENTITY | {
     "lecturers:read",
     "membership_plans:read",
     "digital_products:read",
-    # The storefront is drawn in the theme; anyone visiting sees it.
-    "appearance:read",
+    # Not `appearance:read`: the theme is public, but the settings it is read from carry the
+    # school's contact address, locale and currency as well (GET /api/v1/settings takes
+    # either scope and answers them all).
 }
 
 # Staff who teach: everything a member sees, the school's configuration (time zone, locale
@@ -43,6 +44,7 @@ _MEMBER = _IDENTITY | {
 # Not `lecturers:write` either: it edits every lecturer's profile, not just one's own.
 _LECTURER = _MEMBER | {
     "school:read",
+    "appearance:read",
     "curriculum:read",
     "courses:write",
     "curriculum:write",

@@ -14,7 +14,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-import orjson
+import pydantic_core
 from aiohttp import web
 from mcp import types
 from mcp.server.context import ServerRequestContext
@@ -136,8 +136,10 @@ async def _step_up(request: web.Request, caller: auth.Caller) -> web.Response | 
     (the MCP authorization spec's scope challenge), so the client can ask the user for it and
     retry, rather than a tool error no client acts on."""
     try:
-        message = orjson.loads(await request.read())
-    except orjson.JSONDecodeError:
+        # The SDK's own parser: one that refused what the SDK accepts (NaN, integers past 64
+        # bits) would let such a call skip the step-up answer.
+        message = pydantic_core.from_json(await request.read())
+    except ValueError:
         return None  # the SDK answers malformed JSON-RPC itself
     if not isinstance(message, dict) or message.get("method") != "tools/call":
         return None
