@@ -35,11 +35,16 @@ from tests.test_authorize import (
     query_of,
 )
 from tests.token_helpers import (
+    REDIRECT_URI,
+    basic,
     code_flow,
+    insert_code,
     introspect,
+    pkce_pair,
     post_form,
     refresh,
     revocation_marked,
+    token,
 )
 from tests.token_helpers import make_world as token_world
 
@@ -302,6 +307,48 @@ async def test_a_lowered_role_ends_the_grant_at_its_next_refresh(
     assert await revocation_marked(redis, settings, grant_id) == (True, True)
     assert (await introspect(http, world, refreshed.body["access_token"]))["active"] is False
     assert (await introspect(http, world, refreshed.body["refresh_token"]))["active"] is False
+    reason = await pool.fetchval("SELECT revoked_reason FROM grants WHERE id = $1", grant_id)
+    assert reason == "role_lowered"
+
+
+async def test_a_role_lowered_between_consent_and_redemption_ends_the_grant(
+    identity_url: str,
+    http: Any,
+    pool: asyncpg.Pool,
+    redis: redis_asyncio.Redis,
+    settings: Settings,
+    unique: str,
+    identity_port: int,
+) -> None:
+    """The code was issued while the user was an admin; their role is lowered before the app
+    redeems it: no token, and the grant ends everywhere."""
+    world = await token_world(pool, settings, unique, identity_port, label="rc")
+    client = world.confidential
+    verifier, challenge = pkce_pair()
+    code, grant_id = await insert_code(
+        pool,
+        settings,
+        school_id=world.school.id,
+        client_id=client.id,
+        user_id=world.user.id,
+        scopes=("openid", "students:read"),
+        challenge=challenge,
+    )
+    await store.upsert_membership(pool, world.school.id, world.user.id, "member")
+    answer = await token(
+        http,
+        world.origin,
+        {
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": REDIRECT_URI,
+            "code_verifier": verifier,
+        },
+        authorization=basic(client.id, world.secret),
+    )
+    assert answer.status == 400 and answer.body["error"] == "invalid_grant", answer.body
+    assert "role" in answer.body["error_description"]
+    assert await revocation_marked(redis, settings, grant_id) == (True, True)
     reason = await pool.fetchval("SELECT revoked_reason FROM grants WHERE id = $1", grant_id)
     assert reason == "role_lowered"
 

@@ -223,6 +223,7 @@ async def authorization_code_grant(req: GrantRequest) -> dict[str, Any]:
     access_signer = await ctx.keyring.signer(req.issuer.school_id, keys.ACCESS_TOKEN_ALG)
 
     replayed: code_store.Redemption | None = None
+    outgrown: code_store.Redemption | None = None
     refresh_token: str | None = None
     async with ctx.pool.acquire() as conn, conn.transaction():
         found = await code_store.redeem(conn, credentials.token_hash(code))
@@ -253,19 +254,34 @@ async def authorization_code_grant(req: GrantRequest) -> dict[str, Any]:
                 raise OAuthError("invalid_grant", "code_verifier is missing or does not match")
             if found.grant_revoked:
                 raise OAuthError("invalid_grant", "the grant has been revoked")
-            audience = audience_for(req, school, found.resource)
-            if issue_refresh:
-                refresh_token = credentials.new_secret(credentials.REFRESH_TOKEN_PREFIX)
-            await token_store.issue_code_tokens(
-                conn,
-                grant_id=found.grant_id,
-                refresh_token_hash=credentials.token_hash(refresh_token) if refresh_token else None,
-                client_id=client.id,
-                scopes=found.scopes,
-                resource=found.resource,
-                auth_time=found.auth_time,
-                ttl_seconds=settings.tokens.refresh_token_ttl,
-            )
+            top = roles.ceiling(found.user_role, platform_admin=found.platform_admin)
+            if roles.exceeds(found.scopes, top):
+                # The role was lowered between consent and now (and the role change's sweep
+                # ran before this grant was committed): the grant ends, as at refresh.
+                outgrown = found
+            else:
+                audience = audience_for(req, school, found.resource)
+                if issue_refresh:
+                    refresh_token = credentials.new_secret(credentials.REFRESH_TOKEN_PREFIX)
+                await token_store.issue_code_tokens(
+                    conn,
+                    grant_id=found.grant_id,
+                    refresh_token_hash=(
+                        credentials.token_hash(refresh_token) if refresh_token else None
+                    ),
+                    client_id=client.id,
+                    scopes=found.scopes,
+                    resource=found.resource,
+                    auth_time=found.auth_time,
+                    ttl_seconds=settings.tokens.refresh_token_ttl,
+                )
+
+    if outgrown is not None:
+        await grants.revoke_grant(
+            ctx.pool, ctx.redis, settings, outgrown.grant_id, reason="role_lowered", ip=req.ip
+        )
+        req.state.forget_grant(outgrown.grant_id)
+        raise OAuthError("invalid_grant", "the user's role no longer allows this grant")
 
     if replayed is not None:
         # RFC 6749 4.1.2 / 10.5: a second redemption ends what the first one issued.

@@ -34,6 +34,10 @@ class Redemption:
     fresh: bool
     expired: bool
     grant_revoked: bool
+    # The user's role at the code's school now (None: no longer a member), read in the same
+    # statement: a role lowered between consent and redemption must still bound the grant.
+    user_role: str | None = None
+    platform_admin: bool = False
 
 
 def _redemption(r: asyncpg.Record) -> Redemption:
@@ -52,6 +56,8 @@ def _redemption(r: asyncpg.Record) -> Redemption:
         fresh=r["fresh"],
         expired=r["expired"],
         grant_revoked=r["grant_revoked"],
+        user_role=r["user_role"],
+        platform_admin=r["platform_admin"],
     )
 
 
@@ -72,8 +78,11 @@ WITH redeemed AS (
 )
 SELECT f.grant_id, f.client_id, f.school_id, f.user_id, f.redirect_uri, f.scopes,
        f.code_challenge, f.nonce, f.resource, f.auth_time, f.expires_at, f.fresh,
-       f.expires_at <= now() AS expired, g.revoked_at IS NOT NULL AS grant_revoked
+       f.expires_at <= now() AS expired, g.revoked_at IS NOT NULL AS grant_revoked,
+       m.role AS user_role, coalesce(u.is_platform_admin, false) AS platform_admin
 FROM found f JOIN grants g ON g.id = f.grant_id
+LEFT JOIN school_memberships m ON m.user_id = f.user_id AND m.school_id = f.school_id
+LEFT JOIN users u ON u.id = f.user_id
 """
 
 
