@@ -522,7 +522,12 @@ async def test_tools_act_on_the_tokens_school_through_the_school_api(
 
     # Each school API call a tool made is in the audit trail, under the grant (the gateway
     # appends its records in batches, so they are waited for).
-    expected = {("GET", "/api/v1/courses", 200), ("PATCH", f"/api/v1/courses/{course_id}", 200)}
+    expected = {
+        ("GET", "/api/v1/courses", 200),
+        ("PATCH", f"/api/v1/courses/{course_id}", 200),
+        # The MCP POSTs themselves (initialize and tools/list among them) are recorded too.
+        ("POST", "/mcp", 200),
+    }
 
     async def audited() -> bool:
         entries = await redis.xrevrange(gateway_settings.stream(streams.AUDIT), count=5000)

@@ -127,6 +127,10 @@ class Endpoint:
             response = refusal
         else:
             response = await asgi.serve(self.manager.handle_request, request, {CALLER_KEY: caller})
+            # The protected call itself, whatever it asked (initialize and tools/list reach no
+            # school API, so nothing else would record them); a tool's school API calls add
+            # their own records.
+            caller.audit("POST", metadata.PATH, response.status, None)
         ctx.metrics.call(metadata.PATH, response.status)
         return response
 
