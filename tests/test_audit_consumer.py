@@ -156,9 +156,9 @@ async def test_batch_entries_are_stored_a_row_per_record_once_beside_single_entr
     rows = await _stored(pool, unique)
     by_n = {int(r["detail"]["n"]): r for r in rows}
     assert sorted(by_n) == [*range(251), 300]  # n=251 cannot be stored, and only it
-    assert by_n[0]["stream_id"] == f"{taken[0].id}:0"
-    assert by_n[199]["stream_id"] == f"{taken[0].id}:199"
-    assert by_n[200]["stream_id"] == f"{taken[1].id}:0"
+    # The gateway's records by the id it gave each; identity's own by its entry id.
+    gateway_keys = [by_n[n]["stream_id"] for n in (0, 199, 200)]
+    assert all(k.startswith("r:") for k in gateway_keys) and len(set(gateway_keys)) == 3
     assert by_n[300]["stream_id"] == taken[2].id
     assert by_n[250]["path"] == "/p/\ufffd"
     assert by_n[7]["path"] == "/p/7" and by_n[7]["action"] == "api.call"
@@ -195,3 +195,24 @@ async def test_a_time_out_of_range_is_stored_as_the_time_it_was_stored(
     )
     assert handled == 2
     assert len(await _stored(pool, unique)) == 2
+
+
+async def test_records_a_gateway_sent_twice_in_different_entries_are_stored_once(
+    pool: Any, redis: Any, settings: Settings, unique: str
+) -> None:
+    """A flush whose replies were lost sends its records again, in new entries grouped
+    differently: each record's own id keeps it to one row."""
+    settings = dataclasses.replace(settings, redis_prefix=f"{settings.redis_prefix}{unique}:")
+    stream = settings.stream(streams.AUDIT)
+    await streams.ensure_group(redis, stream, audit_consumer.GROUP)
+    records = [
+        {**audit.record("api.call", marker=unique, n=n), "rid": f"{unique}-{n}"} for n in range(3)
+    ]
+    await streams.append(redis, stream, {"records": records[:2]})
+    await streams.append(redis, stream, {"records": records})  # the re-send, regrouped
+    handled = await audit_consumer.consume_once(
+        pool, redis, settings, "alive", block_ms=10, claim_idle_ms=60_000
+    )
+    assert handled == 2
+    rows = await _stored(pool, unique)
+    assert sorted(int(r["detail"]["n"]) for r in rows) == [0, 1, 2]

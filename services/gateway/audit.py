@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import secrets
 import time
 from collections import deque
 from collections.abc import Callable
@@ -97,6 +98,8 @@ class AuditBuffer:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self.dropped = 0
+        self._id_prefix = secrets.token_hex(8) + "-"
+        self._ids = itertools.count(1)
 
     def __len__(self) -> int:
         return len(self._records)
@@ -112,6 +115,10 @@ class AuditBuffer:
                 self._last_warning = now
                 log.warning("audit_buffer_full", dropped=self.dropped, capacity=self._capacity)
             return
+        # Its own id, unique across processes: a flush whose replies were lost (the connection
+        # dropped after Redis applied some of the XADDs) sends the records again in new
+        # entries, and identity keys each row by this id, so a record is stored once.
+        record["rid"] = f"{self._id_prefix}{next(self._ids):x}"
         self._records.append(orjson.dumps(record))
         if len(self._records) >= BATCH:
             self._batch_ready.set()

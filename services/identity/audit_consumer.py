@@ -116,7 +116,16 @@ def to_rows(entry: streams.Entry) -> list[audit_store.AuditRow]:
     """The rows of one entry: one for a single record, one per record of a batch."""
     if audit.BATCH_MEMBER not in entry.data:
         return [_row(entry.id, entry.data)]
-    return [_row(f"{entry.id}:{i}", d) for i, d in enumerate(audit.records_of(entry.data))]
+    return [_row(_key(entry.id, i, d), d) for i, d in enumerate(audit.records_of(entry.data))]
+
+
+def _key(entry_id: str, index: int, record: dict[str, Any]) -> str:
+    """A batched record's row key: the id the gateway gave it (the same when a lost reply made
+    it send the record again in another entry), else its place in this entry."""
+    rid = record.get("rid")
+    if isinstance(rid, str) and 0 < len(rid) <= 64:
+        return f"r:{rid}"
+    return f"{entry_id}:{index}"
 
 
 def _row(key: str, d: dict[str, Any]) -> audit_store.AuditRow:
