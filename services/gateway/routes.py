@@ -260,15 +260,7 @@ async def checked_call(
         _audit(ctx, request, verified, fwd, 429, scope_used)
         return response
 
-    identity = {
-        "X-Connect-School-Id": str(school_id),
-        "X-Connect-Subject": verified.subject,
-        "X-Connect-Client-Id": verified.client_id,
-        "X-Connect-Scopes": verified.scope,
-        "X-Connect-Grant-Id": verified.grant_id,
-        "X-Request-Id": request[REQUEST_ID_KEY],
-        "X-Connect-Internal-Token": ctx.settings.internal_token,
-    }
+    identity = identity_headers(ctx, request, verified, school_id)
     extra = verdict.headers()
     cors.grant(extra, origin, client.allowed_origins)
     headers = proxy.upstream_request_headers(request, fwd, identity=identity)
@@ -277,6 +269,22 @@ async def checked_call(
     )
     _audit(ctx, request, verified, fwd, response.status, scope_used)
     return response
+
+
+def identity_headers(
+    ctx: GatewayContext, request: web.Request, verified: VerifiedToken, school_id: int
+) -> dict[str, str]:
+    """Who is calling, as the resource services read it (they trust these only with the
+    internal token)."""
+    return {
+        "X-Connect-School-Id": str(school_id),
+        "X-Connect-Subject": verified.subject,
+        "X-Connect-Client-Id": verified.client_id,
+        "X-Connect-Scopes": verified.scope,
+        "X-Connect-Grant-Id": verified.grant_id,
+        "X-Request-Id": request[REQUEST_ID_KEY],
+        "X-Connect-Internal-Token": ctx.settings.internal_token,
+    }
 
 
 def _audit(

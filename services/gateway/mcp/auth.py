@@ -33,9 +33,7 @@ from services.gateway import audit, proxy, routes
 from services.gateway.context import GatewayContext
 from services.gateway.jwks import JwksUnavailable
 from services.gateway.mcp import metadata
-from services.gateway.ratelimit import BUCKET_KEY, Pace
 from services.gateway.resp import RedisReplyError
-from services.gateway.revocation import revoked_key
 from services.gateway.validation import (
     Rejection,
     TokenVerifier,
@@ -158,18 +156,12 @@ async def authenticate(
     structlog.contextvars.bind_contextvars(school=verified.school_id, client_id=verified.client_id)
     if verified.grant_id in ctx.revoked:
         return unauthorized(ctx, "revoked", "The access token has been revoked")
-    settings = ctx.settings
-    pace = (
-        Pace.of(client.rate_limit_per_minute, settings.gateway.rate_limit_burst)
-        if client.rate_limit_per_minute
-        else ctx.default_pace
-    )
     try:
         verdict = await ctx.guard.check(
-            revoked_key(settings, verified.grant_id),
-            f"{settings.stream(BUCKET_KEY)}{verified.school_id}:{verified.client_id}",
+            ctx.revoked_prefix + verified.grant_id,
+            f"{ctx.bucket_prefix}{verified.school_id}:{verified.client_id}",
             consume=True,
-            pace=pace,
+            pace=ctx.pace(client.rate_limit_per_minute),
         )
     except (OSError, RedisReplyError):
         # Fail closed, as every protected call does.
@@ -204,15 +196,7 @@ async def authenticate(
 def _upstream_headers(
     request: web.Request, ctx: GatewayContext, verified: VerifiedToken, fwd: proxy.Forwarding
 ) -> CIMultiDict[str]:
-    identity = {
-        "X-Connect-School-Id": str(verified.school_id),
-        "X-Connect-Subject": verified.subject,
-        "X-Connect-Client-Id": verified.client_id,
-        "X-Connect-Scopes": verified.scope,
-        "X-Connect-Grant-Id": verified.grant_id,
-        "X-Request-Id": request[REQUEST_ID_KEY],
-        "X-Connect-Internal-Token": ctx.settings.internal_token,
-    }
+    identity = routes.identity_headers(ctx, request, verified, verified.school_id)
     # The caller's own headers describe the JSON-RPC POST (its length, its session), not the
     # school API calls its tools make: the upstream request starts from Accept alone.
     bare = request.clone(headers=CIMultiDict({"Accept": "application/json"}))
