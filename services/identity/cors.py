@@ -78,10 +78,13 @@ def cross_origin(request: web.Request) -> bool:
 def admit(request: web.Request, client: store.Client) -> bool:
     """Note the client for the response's CORS grant; False when a cross-origin request comes
     from an origin the client has not registered (the caller refuses it then)."""
+    origin = _origin(request)
+    if origin is None:
+        # A server's call (no browser, no Origin): nothing to grant, nothing to note.
+        return True
     registered = frozenset(normalise(o) for o in client.allowed_origins)
     request[_CLIENT_ORIGINS] = registered
-    origin = _origin(request)
-    if origin is None or _is_same_origin(origin, issuer(request)):
+    if _is_same_origin(origin, issuer(request)):
         return True
     return origin in registered
 
