@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import random
+import uuid
+from datetime import timedelta
 from typing import Any
+
+import orjson
 
 from libs.common import streams
 from libs.common.config import Settings
@@ -216,3 +221,116 @@ async def test_records_a_gateway_sent_twice_in_different_entries_are_stored_once
     assert handled == 2
     rows = await _stored(pool, unique)
     assert sorted(int(r["detail"]["n"]) for r in rows) == [0, 1, 2]
+
+
+def _varied_records(marker: str, count: int) -> list[dict[str, Any]]:
+    """Records as a gateway writes them, with the values that differ between ways of storing:
+    any Unicode, JSON escapes, both address families, absent fields, ids of every shape."""
+    rng = random.Random(20261204)
+    texts = ["/api/v1/courses", "/p/ü/💥", '/q?"a"=\\u0000\\', "/\u202eevil", "/\t\n\r", ""]
+    out = []
+    for n in range(count):
+        record: dict[str, Any] = {
+            "occurred_at": rng.uniform(0, 4e9),
+            "action": rng.choice(["api.call", "token.issued", ""]),
+            "school_id": rng.choice([None, 42, 2**62]),
+            "client_id": rng.choice([None, "app_x", "ä" * 40]),
+            "subject": rng.choice([None, "usr_1", "x'; DROP TABLE audit_log; --"]),
+            "grant_id": rng.choice([None, str(uuid.UUID(int=rng.getrandbits(128)))]),
+            "method": rng.choice(["GET", "POST", None]),
+            "path": rng.choice(texts) + str(n),
+            "status": rng.choice([200, 401, 599, None]),
+            "scope": rng.choice([None, "courses:read", "a b c"]),
+            "ip": rng.choice([None, "127.0.0.1", "2001:db8::1", "::ffff:10.0.0.1"]),
+            "detail": {"marker": marker, "n": n, "deep": {"list": [1, "two", None, 3.5]}},
+        }
+        shape = n % 5
+        if shape == 1:
+            pass  # no id of its own
+        elif shape == 2:
+            record["rid"] = "x" * 65  # too long to be a key: the entry id and index are
+        elif shape == 3:
+            record["rid"] = n  # not a string: likewise
+        else:
+            record["rid"] = f"{marker}-{n}"
+        if n % 7 == 0:
+            record["detail"] = "not an object"
+        out.append(record)
+    return out
+
+
+async def test_postgresql_expands_a_batch_into_the_rows_the_consumer_would_build(
+    pool: Any, unique: str
+) -> None:
+    """The gateway's batch entries are expanded by PostgreSQL itself (insert_batches); the
+    same records built into rows by the consumer (to_rows, insert_many) store the same."""
+    records = _varied_records(unique, 300)
+    data = {"records": records}
+    entry = streams.Entry(f"{2**40}-7", data, orjson.dumps(data))
+    assert audit_consumer._passes_whole(entry)
+    columns = (
+        "stream_id, occurred_at, school_id, client_id, subject, grant_id, action, method, path,"
+        " status, scope, ip, detail"
+    )
+    mine = "stream_id LIKE $1 OR stream_id LIKE $2"
+    keys = (f"r:{unique}-%", f"{entry.id}:%")
+
+    assert await audit_store.insert_batches(pool, [entry.id], [entry.payload.decode()]) == 300
+    by_postgresql = await pool.fetch(f"SELECT {columns} FROM audit_log WHERE {mine}", *keys)
+    await pool.execute(f"DELETE FROM audit_log WHERE {mine}", *keys)
+    await audit_store.insert_many(pool, audit_consumer.to_rows(entry))
+    by_consumer = await pool.fetch(f"SELECT {columns} FROM audit_log WHERE {mine}", *keys)
+
+    assert len(by_postgresql) == len(by_consumer) == 300
+    a = sorted(map(tuple, by_postgresql))
+    b = sorted(map(tuple, by_consumer))
+    assert [r[:1] + r[2:] for r in a] == [r[:1] + r[2:] for r in b]
+    # A float of seconds may round to either neighbouring microsecond, depending on who reads it.
+    assert all(abs(x[1] - y[1]) <= timedelta(microseconds=1) for x, y in zip(a, b, strict=True))
+    # Stored again, whichever way: nothing more.
+    assert await audit_store.insert_batches(pool, [entry.id], [entry.payload.decode()]) == 0
+
+
+async def test_the_running_consumer_claims_stores_and_acknowledges_everything(
+    pool: Any, redis: Any, settings: Settings, unique: str, monkeypatch: Any
+) -> None:
+    """run(): a gateway's flushes and identity's own records stored once each; what a dead
+    consumer left pending claimed; every entry acknowledged, the last ones when it stops
+    (acknowledgements otherwise ride on the next read)."""
+    settings = dataclasses.replace(settings, redis_prefix=f"{settings.redis_prefix}{unique}:")
+    stream = settings.stream(streams.AUDIT)
+    await streams.ensure_group(redis, stream, audit_consumer.GROUP)
+    await audit.append(redis, settings, audit.record("token.issued", marker=unique, n=1000))
+    taken = await streams.read_group(redis, stream, audit_consumer.GROUP, "dead", count=10)
+    assert len(taken) == 1
+    monkeypatch.setattr(audit_consumer, "CLAIM_IDLE_MS", 50)
+    monkeypatch.setattr(audit_consumer, "CLAIM_EVERY", 0.05)
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(audit_consumer.run(pool, redis, settings, stop))
+    connection = PipelinedRedis(settings.redis_url, timeout=2.0)
+    try:
+        buffer = AuditBuffer(connection, stream, capacity=1000)
+        for flush in range(5):
+            for n in range(flush * 30, flush * 30 + 30):
+                buffer.append(audit.record("api.call", marker=unique, n=n, path=f"/p/{n}"))
+            assert await buffer.flush() == 30
+            await audit.append(
+                redis, settings, audit.record("grant.revoked", marker=unique, n=-flush)
+            )
+        for _ in range(100):
+            if len(await _stored(pool, unique)) == 156:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)
+        await connection.close()
+
+    rows = await _stored(pool, unique)
+    assert sorted(int(r["detail"]["n"]) for r in rows) == sorted(
+        [*range(150), *(-f for f in range(5)), 1000]
+    )
+    assert sum(r["stream_id"].startswith("r:") for r in rows) == 150
+    pending = await redis.xpending(stream, audit_consumer.GROUP)
+    assert pending["pending"] == 0

@@ -32,6 +32,9 @@ DEFAULT_MAXLEN = 1_000_000
 class Entry:
     id: str
     data: dict[str, Any]
+    # The `data` member as stored: a consumer that hands it on whole (identity's audit
+    # consumer, to PostgreSQL's JSON functions) need not serialize it again.
+    payload: bytes = b""
 
 
 def connect(url: str) -> redis.Redis:
@@ -48,7 +51,7 @@ def _decode(raw: Sequence[Any]) -> list[Entry]:
         payload = fields.get(b"data") if fields else None
         data = orjson.loads(payload) if payload else {}
         eid = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
-        entries.append(Entry(eid, data))
+        entries.append(Entry(eid, data, payload or b""))
     return entries
 
 
@@ -101,9 +104,19 @@ async def read_group(
     *,
     count: int = 100,
     block_ms: int | None = 1000,
+    ack: Sequence[str] = (),
 ) -> list[Entry]:
-    """New entries for this consumer; they stay pending until acknowledged."""
-    answer = await client.xreadgroup(group, consumer, {stream: ">"}, count=count, block=block_ms)
+    """New entries for this consumer; they stay pending until acknowledged. `ack`: entries
+    handled since the last read, acknowledged in the same round trip, before the read."""
+    if ack:
+        pipe = client.pipeline(transaction=False)
+        pipe.xack(stream, group, *ack)
+        pipe.xreadgroup(group, consumer, {stream: ">"}, count=count, block=block_ms)
+        answer = (await pipe.execute())[1]
+    else:
+        answer = await client.xreadgroup(
+            group, consumer, {stream: ">"}, count=count, block=block_ms
+        )
     if not answer:
         return []
     return _decode(_first_stream(answer))

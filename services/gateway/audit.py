@@ -34,7 +34,11 @@ from services.gateway.resp import PipelinedRedis, RedisReplyError, pack
 
 log = get_logger(__name__)
 
-FLUSH_INTERVAL = 0.05
+# Short, so that identity stores the records in small, frequent statements: on a machine whose
+# cores PostgreSQL shares with the API, each flush becomes one insert, and the p99 of light API
+# traffic (bench, two connections) rose with the insert's size: about +1.8 ms over a bare proxy
+# with 0.05 s, +0.9 ms with 0.01 s, no better with 0.005 s (and a flush's fixed cost doubled).
+FLUSH_INTERVAL = 0.01
 # Bounds of one batch entry: the consumer holds a read of entries in memory at once, and a
 # huge entry would hold up Redis (and every call's guard check on it) while it is copied.
 BATCH = 200

@@ -1,11 +1,14 @@
 """Stores `connect:audit` in PostgreSQL: one consumer group, batched inserts, at least once.
 
 An entry is one record (identity's own appends) or a batch of records (the gateway's, one
-entry per flush; see audit.records_of). Each row's key, unique in audit_log, is the entry id
-for a single record and `<entry id>:<index>` for the records of a batch: derived from the
-entry alone, so an entry delivered twice (a consumer died after inserting, before acking) is
-stored once. Entries are acknowledged only after their rows committed; entries a dead consumer
-left pending are claimed after `claim_idle_ms`.
+entry per flush; see audit.records_of). The gateway's batches go to PostgreSQL as the JSON
+they are, expanded there (store.audit.insert_batches); the rest, and any batch PostgreSQL will
+not take as it stands, become rows here, cleaned. Each row's key, unique in audit_log, is
+`r:<id>` for a record the gateway gave an id, else the entry id for a single record and
+`<entry id>:<index>` for the records of a batch: derived from the entry alone, so an entry
+delivered twice (a consumer died after inserting, before acking) is stored once. Entries are
+acknowledged only after their rows committed (with the next read, in its round trip); entries
+a dead consumer left pending are claimed after CLAIM_IDLE_MS.
 """
 
 from __future__ import annotations
@@ -48,6 +51,10 @@ ROWS = 2000
 # The most records a batch entry holds (the gateway's audit.BATCH): the first read assumes a
 # backlog of full batches, until a read shows what the stream holds.
 ENTRY_RECORDS = 200
+# Entries another consumer read and left unacknowledged this long are taken over (it died),
+# looked for every CLAIM_EVERY seconds.
+CLAIM_IDLE_MS = 30_000
+CLAIM_EVERY = 5.0
 # How often the stream is trimmed to what the group has stored and acknowledged.
 TRIM_EVERY = 10.0
 
@@ -169,6 +176,36 @@ async def _store(pool: asyncpg.Pool, rows: list[audit_store.AuditRow]) -> None:
             log.error("audit_record_dropped", stream_id=row.stream_id, reason=type(exc).__name__)
 
 
+def _passes_whole(entry: streams.Entry) -> bool:
+    """Whether PostgreSQL may expand the entry itself (store.audit.insert_batches): a batch
+    of records, each an object, as the gateway writes them."""
+    batch = entry.data.get(audit.BATCH_MEMBER)
+    return (
+        bool(entry.payload) and isinstance(batch, list) and all(isinstance(r, dict) for r in batch)
+    )
+
+
+async def _store_entries(pool: asyncpg.Pool, entries: list[streams.Entry]) -> int:
+    """Store the rows of `entries`; returns how many records they held. The gateway's
+    batches go to PostgreSQL as they are; identity's own records, and batches PostgreSQL
+    refuses as they stand, become rows here, where their values are cleaned."""
+    whole: list[streams.Entry] = []
+    by_row: list[streams.Entry] = []
+    for e in entries:
+        (whole if _passes_whole(e) else by_row).append(e)
+    if whole:
+        try:
+            # A payload that is not UTF-8 raises UnicodeDecodeError, a ValueError: refused.
+            await audit_store.insert_batches(
+                pool, [e.id for e in whole], [e.payload.decode() for e in whole]
+            )
+        except _REFUSED:
+            whole, by_row = [], entries
+    rows = [row for e in by_row for row in to_rows(e)]
+    await _store(pool, rows)
+    return len(rows) + sum(len(e.data[audit.BATCH_MEMBER]) for e in whole)
+
+
 async def consume_once(
     pool: asyncpg.Pool,
     client: redis.Redis,
@@ -176,33 +213,11 @@ async def consume_once(
     consumer: str,
     *,
     block_ms: int = 1000,
-    claim_idle_ms: int = 30_000,
+    claim_idle_ms: int = CLAIM_IDLE_MS,
     batch: int = BATCH,
 ) -> int:
-    """Store one batch (claimed entries first); return how many entries were handled."""
-    entries, _ = await _consume(
-        pool,
-        client,
-        settings,
-        consumer,
-        block_ms=block_ms,
-        claim_idle_ms=claim_idle_ms,
-        batch=batch,
-    )
-    return entries
-
-
-async def _consume(
-    pool: asyncpg.Pool,
-    client: redis.Redis,
-    settings: Settings,
-    consumer: str,
-    *,
-    block_ms: int = 1000,
-    claim_idle_ms: int = 30_000,
-    batch: int = BATCH,
-) -> tuple[int, int]:
-    """One read stored and acknowledged: (entries, rows)."""
+    """Store one batch (claimed entries first) and acknowledge it; return how many entries
+    were handled."""
     stream = settings.stream(streams.AUDIT)
     entries = await streams.claim_stale(
         client, stream, GROUP, consumer, min_idle_ms=claim_idle_ms, count=batch
@@ -211,12 +226,9 @@ async def _consume(
         entries = await streams.read_group(
             client, stream, GROUP, consumer, count=batch, block_ms=block_ms
         )
-    if not entries:
-        return 0, 0
-    rows = [row for e in entries for row in to_rows(e)]
-    await _store(pool, rows)
+    await _store_entries(pool, entries)
     await streams.ack(client, stream, GROUP, [e.id for e in entries])
-    return len(entries), len(rows)
+    return len(entries)
 
 
 def _next_count(entries: int, rows: int, current: int) -> int:
@@ -231,6 +243,11 @@ async def run(
 ) -> None:
     """Consume until `stop` is set; transient store failures back off and retry.
 
+    Under load the consumer makes a cycle per gateway flush, and a cycle's round trips are a
+    fixed cost paid each time: a read's entries are acknowledged with the next read, in its
+    round trip, and entries other consumers left pending are looked for every CLAIM_EVERY
+    seconds, not every cycle.
+
     Shutdown is by event, not cancellation: a cancel can land inside redis-py's blocking
     XREADGROUP and be lost, while a set event is seen within one block period.
     """
@@ -239,27 +256,49 @@ async def run(
     await streams.ensure_group(client, stream, GROUP)
     delay = 0.5
     loop = asyncio.get_running_loop()
-    next_trim = loop.time()
+    next_trim = next_claim = loop.time()
     count = max(1, ROWS // ENTRY_RECORDS)
-    while not stop.is_set():
-        try:
-            asked = count
-            handled, rows = await _consume(pool, client, settings, consumer, batch=asked)
-            count = _next_count(handled, rows, count)
-            delay = 0.5
-            if loop.time() >= next_trim:
-                next_trim = loop.time() + TRIM_EVERY
-                await streams.trim_consumed(client, stream)
-            if 0 < handled < asked:
+    stored: list[str] = []  # committed, not yet acknowledged
+    try:
+        while not stop.is_set():
+            try:
+                asked = count
+                entries: list[streams.Entry] = []
+                if loop.time() >= next_claim:
+                    entries = await streams.claim_stale(
+                        client, stream, GROUP, consumer, min_idle_ms=CLAIM_IDLE_MS, count=asked
+                    )
+                    if len(entries) < asked:
+                        next_claim = loop.time() + CLAIM_EVERY
+                if not entries:
+                    entries = await streams.read_group(
+                        client, stream, GROUP, consumer, count=asked, block_ms=1000, ack=stored
+                    )
+                    stored = []
+                rows = await _store_entries(pool, entries)
+                stored.extend(e.id for e in entries)
+                count = _next_count(len(entries), rows, count)
+                delay = 0.5
+                if loop.time() >= next_trim:
+                    next_trim = loop.time() + TRIM_EVERY
+                    await streams.trim_consumed(client, stream)
+                if 0 < len(entries) < asked:
+                    await asyncio.sleep(GATHER_DELAY)
+            except ResponseError as exc:
+                # The stream was deleted under us (an operator, a test's cleanup): start
+                # afresh; what was stored and not acknowledged went with it.
+                if "NOGROUP" not in str(exc) and "UNBLOCKED" not in str(exc):
+                    raise
+                stored = []
+                await streams.ensure_group(client, stream, GROUP)
+            except (OSError, RedisError, asyncpg.PostgresError):
+                log.warning("audit_consume_failed", exc_info=True)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), GATHER_DELAY)
-        except ResponseError as exc:
-            # The stream was deleted under us (an operator, a test's cleanup): start afresh.
-            if "NOGROUP" not in str(exc) and "UNBLOCKED" not in str(exc):
-                raise
-            await streams.ensure_group(client, stream, GROUP)
-        except (OSError, RedisError, asyncpg.PostgresError):
-            log.warning("audit_consume_failed", exc_info=True)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), delay)
-            delay = min(delay * 2, 10)
+                    await asyncio.wait_for(stop.wait(), delay)
+                delay = min(delay * 2, 10)
+    finally:
+        if stored:
+            # Left unacknowledged they would be claimed and stored again (harmlessly: rows are
+            # keyed) by the next consumer; acknowledging now spares it that.
+            with contextlib.suppress(OSError, RedisError):
+                await streams.ack(client, stream, GROUP, stored)

@@ -60,6 +60,42 @@ async def insert_many(db: Executor, rows: Sequence[AuditRow]) -> None:
     )
 
 
+# The gateway's batch entries, expanded by PostgreSQL itself: the entry's JSON goes over as it
+# sits in the stream, and no record becomes a Python object. Building the rows in the consumer
+# (convert each field, encode thirteen arrays) cost about 25 µs of identity's CPU per record;
+# this statement costs PostgreSQL about 4 µs more per record than insert_many. Every value is
+# cast strictly: a record PostgreSQL will not take as it stands (a NUL in a path, an address or
+# grant that does not parse, a time out of range) fails the statement with a DataError, and the
+# caller stores those entries through insert_many, whose rows the consumer has cleaned. The
+# keys are the ones the consumer's _key gives: `r:<rid>`, else `<entry id>:<index>`. The JSON
+# goes as text and is cast here: the pool's jsonb codec would encode a str as a JSON string.
+_INSERT_BATCHES = """
+INSERT INTO audit_log (stream_id, occurred_at, school_id, client_id, subject, grant_id,
+    action, method, path, status, scope, ip, detail)
+SELECT
+    CASE WHEN jsonb_typeof(r->'rid') = 'string' AND length(r->>'rid') BETWEEN 1 AND 64
+        THEN 'r:' || (r->>'rid') ELSE e.id || ':' || (x.n - 1) END,
+    coalesce(to_timestamp((r->>'occurred_at')::float8), now()),
+    (r->>'school_id')::bigint, r->>'client_id', r->>'subject', (r->>'grant_id')::uuid,
+    coalesce(nullif(r->>'action', ''), 'unknown'), r->>'method', r->>'path',
+    (r->>'status')::int, r->>'scope', (r->>'ip')::inet,
+    CASE WHEN jsonb_typeof(r->'detail') = 'object' THEN r->'detail' ELSE '{}' END
+FROM unnest($1::text[], $2::text[]) AS e(id, doc),
+    jsonb_array_elements(e.doc::jsonb->'records') WITH ORDINALITY AS x(r, n)
+ON CONFLICT (stream_id) DO NOTHING
+"""
+
+
+async def insert_batches(db: Executor, entry_ids: Sequence[str], payloads: Sequence[str]) -> int:
+    """Store batch entries (`{"records": [...]}` as JSON text) in one statement; returns the
+    rows inserted (records stored before are skipped). asyncpg.DataError when a value will
+    not cast, and then nothing of the statement is stored."""
+    if not entry_ids:
+        return 0
+    status = await db.execute(_INSERT_BATCHES, entry_ids, payloads)
+    return int(status.rsplit(" ", 1)[-1])
+
+
 async def for_school(
     db: Executor,
     school_id: int,
