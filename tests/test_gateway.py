@@ -795,6 +795,63 @@ async def test_cors_only_for_origins_registered_on_the_tokens_client(
         assert (headers.get("Access-Control-Allow-Origin") == origin) is granted
 
 
+async def test_an_origin_registered_with_its_default_port_matches_what_browsers_send(
+    gateway_url: str,
+    http: Any,
+    world: World,
+    keyring: keys.KeyRing,
+    gateway_settings: Settings,
+    pool: Any,
+) -> None:
+    """Browsers never send a scheme's default port, nor capitals: an origin registered that
+    way is stored in the browser form, and rows stored before that are read in it."""
+    made = await clients.create_client(
+        pool,
+        gateway_settings,
+        school=world.school,
+        name="Ported App",
+        redirect_uris=["https://ported.example/callback"],
+        scopes=["courses:read"],
+        origins=["HTTPS://Ported.Example:443"],
+        grant_types=["authorization_code"],
+    )
+    assert list(made.client.allowed_origins) == ["https://ported.example"]
+    legacy = await clients.create_client(
+        pool,
+        gateway_settings,
+        school=world.school,
+        name="Legacy App",
+        redirect_uris=["https://legacy.example/callback"],
+        scopes=["courses:read"],
+        origins=["https://legacy.example"],
+        grant_types=["authorization_code"],
+    )
+    # As an earlier version stored it: the port kept.
+    await pool.execute(
+        "UPDATE clients SET allowed_origins = ARRAY['https://Legacy.example:443'] WHERE id = $1",
+        legacy.client.id,
+    )
+    for client_id, origin in (
+        (made.client.id, "https://ported.example"),
+        (legacy.client.id, "https://legacy.example"),
+    ):
+        grant_id = await user_grant(pool, world, ["courses:read"], client_id)
+        claims = access_claims(
+            gateway_settings, world, grant_id, "courses:read", client_id=client_id
+        )
+        token = await mint(keyring, world.school.id, claims)
+        status, headers, _ = await _get(
+            http, gateway_url + "/api/v1/courses", world.host, token, Origin=origin
+        )
+        assert status == 200
+        assert headers["Access-Control-Allow-Origin"] == origin
+        # Sent with the default port by a non-browser client: the same origin.
+        status, headers, _ = await _get(
+            http, gateway_url + "/api/v1/courses", world.host, token, Origin=origin + ":443"
+        )
+        assert headers["Access-Control-Allow-Origin"] == origin
+
+
 # Audit ----------------------------------------------------------------------------------------
 
 

@@ -14,6 +14,7 @@ from collections.abc import MutableMapping
 from aiohttp import web
 from multidict import CIMultiDict
 
+from libs.common.origins import normalise
 from services.gateway.routetable import Route
 
 ALLOWED_HEADERS = ("Authorization", "Content-Type", "X-Request-Id")
@@ -32,7 +33,7 @@ _ALLOWED_HEADER_NAMES = frozenset(h.lower() for h in ALLOWED_HEADERS)
 
 def origin_of(request: web.Request) -> str | None:
     origin = request.headers.get("Origin")
-    return origin.strip().lower() if origin else None
+    return normalise(origin) if origin else None
 
 
 def is_preflight(request: web.Request) -> bool:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from libs.common.origins import normalise
 from services.gateway.cache import TtlCache
 
 
@@ -74,7 +75,7 @@ class Directory:
             return ClientPolicy(
                 client_id=row["id"],
                 school_id=row["school_id"],
-                allowed_origins=frozenset(o.lower() for o in row["allowed_origins"]),
+                allowed_origins=frozenset(normalise(o) for o in row["allowed_origins"]),
                 rate_limit_per_minute=row["rate_limit_per_minute"],
                 disabled=row["disabled"],
             )
@@ -90,10 +91,10 @@ class Directory:
 
         async def load() -> frozenset[str]:
             rows = await self._pool.fetch(
-                "SELECT DISTINCT lower(o) AS origin FROM clients, unnest(allowed_origins) AS o"
+                "SELECT DISTINCT o AS origin FROM clients, unnest(allowed_origins) AS o"
                 " WHERE (school_id = $1 OR school_id IS NULL) AND disabled_at IS NULL",
                 school_id,
             )
-            return frozenset(r["origin"] for r in rows)
+            return frozenset(normalise(r["origin"]) for r in rows)
 
         return await self.origins.get(school_id, load)

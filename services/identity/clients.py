@@ -16,6 +16,7 @@ import asyncpg
 from libs.common import scopes as catalogue
 from libs.common.config import Settings
 from libs.common.db import Executor
+from libs.common.origins import normalise
 from services.identity import credentials, store
 
 GRANT_TYPES = ("authorization_code", "refresh_token", "client_credentials")
@@ -70,7 +71,7 @@ def validate_origin(origin: str) -> str:
         raise ClientMetadataError("invalid_client_metadata", f"{origin!r} is not an origin")
     if parts.scheme == "http" and not is_loopback_host(parts.hostname):
         raise ClientMetadataError("invalid_client_metadata", "http origins only on loopback")
-    return f"{parts.scheme}://{parts.netloc}".lower()
+    return normalise(f"{parts.scheme}://{parts.netloc}")
 
 
 def validate_scopes(requested: Sequence[str], school: store.School | None) -> list[str]:

@@ -16,10 +16,9 @@
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
-
 from aiohttp import web
 
+from libs.common.origins import normalise
 from libs.common.web import Handler
 from services.identity import store
 from services.identity.context import issuer
@@ -48,16 +47,6 @@ _MAX_REQUEST_HEADERS = 1000
 
 # The origins registered on the request's client, once a handler has identified it.
 _CLIENT_ORIGINS = web.RequestKey("cors_client_origins", frozenset)
-
-
-def normalise(origin: str) -> str:
-    """An origin as browsers serialise it: lower case, without the scheme's default port."""
-    parts = urlsplit(origin.strip().lower())
-    netloc = parts.netloc
-    default = {"https": ":443", "http": ":80"}.get(parts.scheme)
-    if default and netloc.endswith(default):
-        netloc = netloc[: -len(default)]
-    return f"{parts.scheme}://{netloc}" if parts.scheme and netloc else origin.strip().lower()
 
 
 def _origin(request: web.Request) -> str | None:
