@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -45,10 +46,16 @@ async def _keep_session(_conn: asyncpg.Connection) -> None:
 
 
 async def create_pool(
-    dsn: str, *, min_size: int = 2, max_size: int = 10, keep_session: bool = False
+    dsn: str,
+    *,
+    min_size: int = 2,
+    max_size: int = 10,
+    keep_session: bool = False,
+    server_settings: Mapping[str, str] | None = None,
 ) -> asyncpg.Pool:
     """`keep_session=True` only for a service whose pooled connections never change session
-    state: no SET, no LISTEN, no session-level advisory locks (xact locks are fine)."""
+    state: no SET, no LISTEN, no session-level advisory locks (xact locks are fine).
+    `server_settings`: PostgreSQL settings for every connection of this pool."""
     pool = await asyncpg.create_pool(
         dsn,
         min_size=min_size,
@@ -56,7 +63,7 @@ async def create_pool(
         init=_init_connection,
         reset=_keep_session if keep_session else None,
         command_timeout=30,
-        server_settings={"application_name": "loopwise-connect"},
+        server_settings={"application_name": "loopwise-connect", **(server_settings or {})},
     )
     assert pool is not None
     return pool
