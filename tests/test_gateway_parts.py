@@ -65,6 +65,46 @@ async def test_audit_records_are_written_as_batch_entries_in_the_streams_shape(
     await redis.delete(stream)
 
 
+async def test_the_audit_buffer_sleeps_while_idle_and_writes_a_record_soon_after_it_comes(
+    connection: PipelinedRedis, settings: Settings, redis: Any
+) -> None:
+    """No wake-ups while nothing is buffered; a record is written within the flush interval
+    of its arrival; stop() writes what is left."""
+    stream = settings.stream(f"test:audit:{secrets.token_hex(4)}")
+    buffer = AuditBuffer(connection, stream, capacity=1000)
+    flushes = 0
+    flush = buffer.flush
+
+    async def counted() -> int:
+        nonlocal flushes
+        flushes += 1
+        return await flush()
+
+    buffer.flush = counted  # type: ignore[method-assign]
+    buffer.start()
+    try:
+        await asyncio.sleep(0.2)
+        assert flushes == 0
+        buffer.append(_record(1))
+        for _ in range(50):
+            if await redis.xlen(stream) == 1:
+                break
+            await asyncio.sleep(0.01)
+        assert await redis.xlen(stream) == 1
+        written = flushes
+        await asyncio.sleep(0.2)
+        assert flushes == written
+        buffer.append(_record(2))
+    finally:
+        await buffer.stop()
+    entries = await streams.read_tail(redis, stream, "0-0", count=10, block_ms=10)
+    assert [r["path"] for e in entries for r in audit.records_of(e.data)] == [
+        "/api/v1/courses/1",
+        "/api/v1/courses/2",
+    ]
+    await redis.delete(stream)
+
+
 async def test_a_batch_entry_is_bounded_in_bytes_and_a_huge_record_still_goes(
     connection: PipelinedRedis, settings: Settings, redis: Any
 ) -> None:

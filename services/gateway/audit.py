@@ -98,6 +98,7 @@ class AuditBuffer:
         # rather than a burst of work delaying the calls in flight.
         self._records: deque[bytes] = deque()
         self._batch_ready = asyncio.Event()
+        self._has_records = asyncio.Event()
         self._last_warning = float("-inf")
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -124,7 +125,9 @@ class AuditBuffer:
         # entries, and identity keys each row by this id, so a record is stored once.
         record["rid"] = f"{self._id_prefix}{next(self._ids):x}"
         self._records.append(orjson.dumps(record))
-        if len(self._records) >= BATCH:
+        if len(self._records) == 1:
+            self._has_records.set()
+        elif len(self._records) >= BATCH:
             self._batch_ready.set()
 
     def _entry(self, start: int) -> tuple[bytes, int]:
@@ -166,6 +169,11 @@ class AuditBuffer:
     async def _run(self) -> None:
         delay = FLUSH_INTERVAL
         while True:
+            if not self._records and not self._stopping:
+                # Nothing to write: sleep until a record comes rather than waking every
+                # interval (a hundred times a second) for nothing.
+                self._has_records.clear()
+                await self._has_records.wait()
             if not self._stopping:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._batch_ready.wait(), timeout=delay)
@@ -192,6 +200,7 @@ class AuditBuffer:
         """Write what is left and stop (graceful shutdown, after in-flight calls finished)."""
         self._stopping = True
         self._batch_ready.set()
+        self._has_records.set()
         if self._task is None:
             return
         try:
