@@ -9,14 +9,19 @@ difference is the latency the gateway's checks add.
 
 from __future__ import annotations
 
+import asyncio
 import statistics
+import time
 
 import aiohttp
+import redis.asyncio as redis_asyncio
 
 from bench.measure import Context, Measured
 from bench.report import Row, ratio
 
 PATH = "/api/v1/courses"
+# identity's consumer group on connect:audit (services/identity/audit_consumer.py GROUP).
+AUDIT_GROUP = "identity-audit"
 
 
 def _identity_headers(ctx: Context) -> str:
@@ -50,6 +55,26 @@ async def _same_answer(ctx: Context, targets: dict[str, tuple[str, dict[str, str
                 bodies[name] = len(body)
     if len(set(bodies.values())) != 1:
         raise RuntimeError(f"the variants answer differently: {bodies}")
+
+
+async def _audit_backlog(client: redis_asyncio.Redis, stream: str) -> tuple[int, float]:
+    """The audit entries identity had not stored when a run ended, and how long it took to
+    store them: a consumer falling behind would leave its work (and its CPU) outside the
+    measured window and flatter the gateway's figures."""
+    began = time.monotonic()
+    behind = -1
+    while time.monotonic() - began < 30:
+        groups = await client.xinfo_groups(stream)
+        group = next((g for g in groups if g["name"] == AUDIT_GROUP.encode()), None)
+        if group is None:
+            return 0, 0.0
+        lag = int(group.get("lag") or 0) + int(group["pending"])
+        if behind < 0:
+            behind = lag
+        if lag == 0:
+            break
+        await asyncio.sleep(0.005)
+    return behind, time.monotonic() - began
 
 
 async def run(ctx: Context) -> list[Row]:
@@ -97,28 +122,40 @@ async def run(ctx: Context) -> list[Row]:
             env={**env, "BENCH_PATH": PATH},
         )
     runs: dict[str, dict[str, list[Measured]]] = {"load": {}, "light": {}}
+    redis_client = redis_asyncio.Redis.from_url(s.redis_url)
+    audit_stream = s.prefix + "connect:audit"
+    backlog: list[tuple[int, float]] = []
     # ABBA: each variant twice, symmetric in time, so a burst of other load or a drift of the
     # machine's speed falls on all of them alike.
     order = ["gateway", "bare proxy", "direct", "direct", "bare proxy", "gateway"]
-    for level, conns, seconds in (
-        ("load", plan.connections, plan.gateway_s),
-        ("light", plan.latency_connections, plan.gateway_latency_s),
-    ):
-        ctx.say(f"gateway scenario, c={conns}: {', '.join(order)} ({seconds:g}s each)")
-        for name in order:
-            url, env, groups = variants[name]
-            m = await ctx.wrk(
-                f"{name} c={conns}",
-                url,
-                "static.lua",
-                duration=seconds,
-                connections=conns,
-                groups=groups,
-                env={**env, "BENCH_PATH": PATH},
-                quiet_wait=5 if plan.peer else 0,
-            )
-            ctx.say("  " + m.line(*(["front"] if "front" in groups else ["school_api"])))
-            runs[level].setdefault(name, []).append(m)
+    try:
+        for level, conns, seconds in (
+            ("load", plan.connections, plan.gateway_s),
+            ("light", plan.latency_connections, plan.gateway_latency_s),
+        ):
+            ctx.say(f"gateway scenario, c={conns}: {', '.join(order)} ({seconds:g}s each)")
+            for name in order:
+                url, env, groups = variants[name]
+                m = await ctx.wrk(
+                    f"{name} c={conns}",
+                    url,
+                    "static.lua",
+                    duration=seconds,
+                    connections=conns,
+                    groups=groups,
+                    env={**env, "BENCH_PATH": PATH},
+                    quiet_wait=5 if plan.peer else 0,
+                )
+                ctx.say("  " + m.line(*(["front"] if "front" in groups else ["school_api"])))
+                runs[level].setdefault(name, []).append(m)
+                if name == "gateway":
+                    backlog.append(await _audit_backlog(redis_client, audit_stream))
+                    ctx.say(
+                        f"  audit trail: {backlog[-1][0]} entries unstored when the run ended, "
+                        f"stored {backlog[-1][1] * 1000:.0f} ms later"
+                    )
+    finally:
+        await redis_client.aclose()
 
     def avg(level: str, name: str, attr: str) -> float:
         return statistics.fmean(getattr(m.result, attr) for m in runs[level][name])
@@ -155,13 +192,16 @@ async def run(ctx: Context) -> list[Row]:
         "bare_proxy_front_cpu_ms_per_req": cpu("load", "bare proxy", "front"),
         "school_api_cpu_ms_per_req": cpu("load", "direct", "school_api"),
         "errors": errors,
+        "audit_backlog_entries_max": max((b[0] for b in backlog), default=0),
+        "audit_drain_ms_max": max((b[1] for b in backlog), default=0.0) * 1000,
     }
     c = plan.connections
     lc = plan.latency_connections
     ours = (
         f"{g_rps:,.0f} req/s (c={c}) p50 {avg('load', 'gateway', 'p50_ms'):.1f} / "
         f"p99 {avg('load', 'gateway', 'p99_ms'):.1f} ms; cpu {cpu('load', 'gateway', 'front'):.2f}"
-        f" ms/req gateway, {cpu('load', 'gateway', *every):.2f} all"
+        f" ms/req gateway, {cpu('load', 'gateway', *every):.2f} all; audit trail stored"
+        f" within {ctx.details['gateway']['audit_drain_ms_max']:.0f} ms of each run's end"
     )
     baseline = (
         f"bare proxy {b_rps:,.0f} req/s p99 {avg('load', 'bare proxy', 'p99_ms'):.1f} ms, cpu "
