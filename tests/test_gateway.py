@@ -805,35 +805,32 @@ async def test_an_origin_registered_with_its_default_port_matches_what_browsers_
 ) -> None:
     """Browsers never send a scheme's default port, nor capitals: an origin registered that
     way is stored in the browser form, and rows stored before that are read in it."""
-    made = await clients.create_client(
-        pool,
-        gateway_settings,
-        school=world.school,
-        name="Ported App",
-        redirect_uris=["https://ported.example/callback"],
-        scopes=["courses:read"],
-        origins=["HTTPS://Ported.Example:443"],
-        grant_types=["authorization_code"],
-    )
-    assert list(made.client.allowed_origins) == ["https://ported.example"]
-    legacy = await clients.create_client(
-        pool,
-        gateway_settings,
-        school=world.school,
-        name="Legacy App",
-        redirect_uris=["https://legacy.example/callback"],
-        scopes=["courses:read"],
-        origins=["https://legacy.example"],
-        grant_types=["authorization_code"],
-    )
+
+    async def register(name: str, origin: str) -> store.Client:
+        host = name.lower()
+        made = await clients.create_client(
+            pool,
+            gateway_settings,
+            school=world.school,
+            name=f"{name} App",
+            redirect_uris=[f"https://{host}.example/callback"],
+            scopes=["courses:read"],
+            origins=[origin],
+            grant_types=["authorization_code"],
+        )
+        return made.client
+
+    ported = await register("Ported", "HTTPS://Ported.Example:443")
+    assert list(ported.allowed_origins) == ["https://ported.example"]
+    legacy = await register("Legacy", "https://legacy.example")
     # As an earlier version stored it: the port kept.
     await pool.execute(
         "UPDATE clients SET allowed_origins = ARRAY['https://Legacy.example:443'] WHERE id = $1",
-        legacy.client.id,
+        legacy.id,
     )
     for client_id, origin in (
-        (made.client.id, "https://ported.example"),
-        (legacy.client.id, "https://legacy.example"),
+        (ported.id, "https://ported.example"),
+        (legacy.id, "https://legacy.example"),
     ):
         grant_id = await user_grant(pool, world, ["courses:read"], client_id)
         claims = access_claims(
