@@ -170,6 +170,25 @@ async def dead_letter(
     return made, receiver, letter, heal
 
 
+async def as_the_app_sees_it(api: Api, caller: Caller, hook: dict[str, Any]) -> dict[str, Any]:
+    """The webhook read through the app's own API, where an admin's action must show, or a
+    refused one must not."""
+    status, sub = await api.call("GET", f"/api/v1/webhooks/{hook['id']}", caller)
+    assert status == 200, sub
+    shown: dict[str, Any] = sub
+    return shown
+
+
+async def webhook_page(
+    admin: Browser, school: School, hook: dict[str, Any]
+) -> tuple[str, dict[str, str]]:
+    """The URL of the admin's page of one webhook, and the fields (its CSRF token) of the
+    page's disable form, which the page's other forms share."""
+    page_url = f"{school.origin}/admin/webhooks/{hook['id']}"
+    _, _, body = await admin.get(page_url)
+    return page_url, form(body, f"/admin/webhooks/{hook['id']}/disable").fields
+
+
 async def internal(
     http: aiohttp.ClientSession,
     base: str,
@@ -264,8 +283,8 @@ async def test_another_schools_webhook_is_404_and_nothing_changes(
     sent_before = len(their_receiver.received)
 
     admin = await admin_of(browsers, a)
-    _, _, page = await admin.get(f"{a.origin}/admin/webhooks/{own['id']}")
-    csrf_token = form(page, f"/admin/webhooks/{own['id']}/disable").fields["csrf_token"]
+    _, fields = await webhook_page(admin, a, own)
+    csrf_token = fields["csrf_token"]
     for path in (
         f"/admin/webhooks/{theirs['id']}/disable",
         f"/admin/webhooks/{theirs['id']}/enable",
@@ -276,8 +295,7 @@ async def test_another_schools_webhook_is_404_and_nothing_changes(
         status, _, body = await admin.post(a.origin + path, {"csrf_token": csrf_token})
         assert status == 404, (path, body)
 
-    status, sub = await api.call("GET", f"/api/v1/webhooks/{theirs['id']}", caller_b)
-    assert (status, sub["status"]) == (200, "active")
+    assert (await as_the_app_sees_it(api, caller_b, theirs))["status"] == "active"
     (still,) = await api.deliveries(caller_b, theirs["id"])
     assert (still["status"], still["attempt_count"]) == ("dead", letter["attempt_count"])
     await asyncio.sleep(0.5)
@@ -297,8 +315,7 @@ async def test_another_schools_webhook_is_404_and_nothing_changes(
         status, listed = await internal(http, base, "GET", f"/{school_a}/webhooks", token)
         assert status == 200
         assert [h["id"] for h in listed["data"]] == [own["id"]]
-    status, sub = await api.call("GET", f"/api/v1/webhooks/{theirs['id']}", caller_b)
-    assert sub["status"] == "active"
+    assert (await as_the_app_sees_it(api, caller_b, theirs))["status"] == "active"
 
 
 async def test_only_the_schools_admins_may_open_the_webhook_pages(
@@ -339,8 +356,7 @@ async def test_only_the_schools_admins_may_open_the_webhook_pages(
     assert status == 303
     assert headers["Location"].startswith("/account/login?")
 
-    status, sub = await api.call("GET", f"/api/v1/webhooks/{hook['id']}", caller_a)
-    assert sub["status"] == "active"
+    assert (await as_the_app_sees_it(api, caller_a, hook))["status"] == "active"
 
 
 # Actions ---------------------------------------------------------------------------------------
@@ -425,14 +441,12 @@ async def test_an_admin_disables_and_enables_a_webhook(
     receiver = await receivers()
     made = await api.subscribe(caller, receiver.url)
     admin = await admin_of(browsers, a)
-    page_url = f"{a.origin}/admin/webhooks/{made['id']}"
-    _, _, body = await admin.get(page_url)
-    fields = form(body, f"/admin/webhooks/{made['id']}/disable").fields
+    page_url, fields = await webhook_page(admin, a, made)
 
     status, headers, body = await admin.post(page_url + "/disable", fields)
     assert status == 303, body
     assert headers["Location"] == f"/admin/webhooks/{made['id']}?disabled=1"
-    status, sub = await api.call("GET", f"/api/v1/webhooks/{made['id']}", caller)
+    sub = await as_the_app_sees_it(api, caller, made)
     assert (sub["status"], sub["disabled_reason"]) == ("disabled", "admin")
     # The app cannot undo the admin's choice.
     status, body = await api.call(
@@ -449,7 +463,7 @@ async def test_an_admin_disables_and_enables_a_webhook(
     status, headers, _ = await admin.post(page_url + "/enable", fields)
     assert status == 303
     assert headers["Location"] == f"/admin/webhooks/{made['id']}?enabled=1"
-    status, sub = await api.call("GET", f"/api/v1/webhooks/{made['id']}", caller)
+    sub = await as_the_app_sees_it(api, caller, made)
     assert (sub["status"], sub["disabled_reason"]) == ("active", None)
     event = await publish(redis, webhooks_settings, caller.school_id)
     (got,) = await receiver.wait_for(1)
@@ -465,7 +479,7 @@ async def test_an_admin_disables_and_enables_a_webhook(
     status, _, body = await admin.post(page_url + "/enable", fields)
     assert status == 409, body
     assert "only the app can turn it on again" in body
-    status, sub = await api.call("GET", f"/api/v1/webhooks/{made['id']}", caller)
+    sub = await as_the_app_sees_it(api, caller, made)
     assert (sub["status"], sub["disabled_reason"]) == ("disabled", "client")
 
     actions = [
@@ -488,9 +502,7 @@ async def test_a_webhook_whose_grant_was_revoked_cannot_be_enabled_by_the_admin(
     a, caller = await new_school(pool, identity, unique)
     made = await api.subscribe(caller, "https://hooks.example.com/in")
     admin = await admin_of(browsers, a)
-    page_url = f"{a.origin}/admin/webhooks/{made['id']}"
-    _, _, body = await admin.get(page_url)
-    fields = form(body, f"/admin/webhooks/{made['id']}/disable").fields
+    page_url, fields = await webhook_page(admin, a, made)
     status, _, _ = await admin.post(page_url + "/disable", fields)
     assert status == 303
     # Identity announces the revoke of the grant the webhook delivers under.
@@ -513,8 +525,7 @@ async def test_a_webhook_whose_grant_was_revoked_cannot_be_enabled_by_the_admin(
     assert f"/admin/webhooks/{made['id']}/enable" not in body
     status, _, body = await admin.post(page_url + "/enable", fields)
     assert status == 409, body
-    status, sub = await api.call("GET", f"/api/v1/webhooks/{made['id']}", caller)
-    assert sub["status"] == "disabled"
+    assert (await as_the_app_sees_it(api, caller, made))["status"] == "disabled"
 
 
 async def test_a_post_without_the_forms_csrf_token_is_refused(
@@ -538,8 +549,7 @@ async def test_a_post_without_the_forms_csrf_token_is_refused(
         )
         assert status == 403, body
         assert CSP_FRAME in headers["Content-Security-Policy"]
-    status, sub = await api.call("GET", f"/api/v1/webhooks/{made['id']}", caller)
-    assert sub["status"] == "active"
+    assert (await as_the_app_sees_it(api, caller, made))["status"] == "active"
 
 
 # The internal API and the edge -----------------------------------------------------------------
@@ -585,8 +595,7 @@ async def test_the_internal_api_needs_the_internal_token(
         for bad in ("0", "-1", "abc", "99999999999999999999"):
             status, _ = await internal(http, api.base, "GET", f"/{bad}/webhooks", token)
             assert status == 404, bad
-    status, sub = await api.call("GET", f"/api/v1/webhooks/{made['id']}", caller)
-    assert sub["status"] == "active"
+    assert (await as_the_app_sees_it(api, caller, made))["status"] == "active"
 
 
 async def test_the_gateway_does_not_expose_the_internal_api(
@@ -623,8 +632,7 @@ async def test_the_page_says_so_when_the_webhooks_service_is_down(
     a, caller = await new_school(pool, identity, unique)
     made = await api.subscribe(caller, "https://hooks.example.com/in")
     admin = await admin_of(browsers, a)
-    _, _, page = await admin.get(f"{a.origin}/admin/webhooks/{made['id']}")
-    fields = form(page, f"/admin/webhooks/{made['id']}/disable").fields
+    _, fields = await webhook_page(admin, a, made)
     # The same admin session at an identity whose webhooks service does not answer (sessions
     # live in the shared stores, so the cookie carries over).
     down_origin = a.origin.replace(f":{identity.port}", f":{identity_without_webhooks.port}")
@@ -652,8 +660,7 @@ async def test_the_page_says_so_when_the_webhooks_service_is_down(
     assert status == 200
     assert 'href="/admin/webhooks"' in page
 
-    status, sub = await api.call("GET", f"/api/v1/webhooks/{made['id']}", caller)
-    assert sub["status"] == "active"
+    assert (await as_the_app_sees_it(api, caller, made))["status"] == "active"
     assert [
         r
         for r in await stream_actions(redis, settings, a.world.confidential.id)

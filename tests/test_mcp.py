@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -128,6 +129,60 @@ async def _token_request(
 
 
 @dataclass(frozen=True)
+class Consented:
+    """A public loopback client's code as the authorize flow stores it after consent, and the
+    form that redeems it (no `resource` in it: the code's own is what counts unless named)."""
+
+    form: dict[str, str]
+    client_id: str
+    grant_id: UUID
+
+
+async def consented_code(
+    pool: asyncpg.Pool,
+    settings: Settings,
+    tenant: Tenant,
+    *,
+    school: store.School | None,
+    name: str,
+    scopes: Sequence[str],
+    resource: str | None,
+    created_via: str = "admin",
+) -> Consented:
+    """A new public client of `school` (None: the platform's) with a code for `tenant`'s user."""
+    made = await clients.create_client(
+        pool,
+        settings,
+        school=school,
+        name=name,
+        redirect_uris=[LOOPBACK_REDIRECT],
+        public=True,
+        scopes=scopes,
+        created_via=created_via,
+    )
+    verifier, challenge = pkce_pair()
+    code, grant_id = await insert_code(
+        pool,
+        settings,
+        school_id=tenant.school.id,
+        client_id=made.client.id,
+        user_id=tenant.user.id,
+        scopes=scopes,
+        challenge=challenge,
+        redirect_uri=LOOPBACK_REDIRECT,
+        resource=resource,
+    )
+    form = {
+        "grant_type": "authorization_code",
+        "code": code,
+        "redirect_uri": LOOPBACK_REDIRECT,
+        "code_verifier": verifier,
+        "client_id": made.client.id,
+    }
+    return Consented(form, made.client.id, grant_id)
+
+
+@dataclass(frozen=True)
 class Issued:
     access_token: str
     client_id: str
@@ -148,41 +203,36 @@ async def mcp_token(
     """An MCP client registered on the platform, authorized for `tenant`'s school (the code as
     the authorize flow stores it after consent), its code exchanged at the platform's token
     endpoint through the gateway."""
-    made = await clients.create_client(
+    named = system.mcp_resource if resource == "mcp" else resource
+    code = await consented_code(
         pool,
         settings,
+        tenant,
         school=None,
         name="Claude Code",
-        redirect_uris=[LOOPBACK_REDIRECT],
-        public=True,
         scopes=scopes,
+        resource=named,
         created_via=created_via,
     )
-    named = system.mcp_resource if resource == "mcp" else resource
-    verifier, challenge = pkce_pair()
-    code, grant_id = await insert_code(
-        pool,
-        settings,
-        school_id=tenant.school.id,
-        client_id=made.client.id,
-        user_id=tenant.user.id,
-        scopes=scopes,
-        challenge=challenge,
-        redirect_uri=LOOPBACK_REDIRECT,
-        resource=named,
-    )
-    form = {
-        "grant_type": "authorization_code",
-        "code": code,
-        "redirect_uri": LOOPBACK_REDIRECT,
-        "code_verifier": verifier,
-        "client_id": made.client.id,
-    }
-    if named:
-        form["resource"] = named
+    form = {**code.form, "resource": named} if named else code.form
     body = await _token_request(http, system, system.platform_host, form)
     assert body["school_id"] == tenant.school.id
-    return Issued(body["access_token"], made.client.id, grant_id)
+    return Issued(body["access_token"], code.client_id, code.grant_id)
+
+
+TenantToken = Callable[..., Awaitable[Issued]]
+
+
+@pytest.fixture
+def tenant_token(
+    http: aiohttp.ClientSession,
+    pool: asyncpg.Pool,
+    gateway_settings: Settings,
+    system: System,
+    tenant: Tenant,
+) -> TenantToken:
+    """`mcp_token` for the module's tenant, so a test names only the options it varies."""
+    return partial(mcp_token, http, pool, gateway_settings, system, tenant)
 
 
 @asynccontextmanager
@@ -226,6 +276,18 @@ async def _post_mcp(
         raw = await r.read()
         body = orjson.loads(raw) if raw and r.content_type == "application/json" else None
         return r.status, body, r.headers
+
+
+async def _refused_as_invalid_token(
+    http: aiohttp.ClientSession, system: System, token: str
+) -> dict[str, Any] | None:
+    """A ping with `token`: a 401 whose challenge says invalid_token and still points at the
+    resource metadata, so a client knows where to get a better one; the body, for a look."""
+    status, body, headers = await _post_mcp(http, system, token)
+    assert status == 401
+    assert 'error="invalid_token"' in headers["WWW-Authenticate"]
+    assert "resource_metadata=" in headers["WWW-Authenticate"]
+    return body
 
 
 # Metadata ------------------------------------------------------------------------------------
@@ -278,41 +340,25 @@ async def test_no_token_is_401_pointing_at_the_resource_metadata(
         in challenge
     )
     assert "error=" not in challenge
-    status, _, headers = await _post_mcp(http, system, "not-a-jwt")
-    assert status == 401
-    assert 'error="invalid_token"' in headers["WWW-Authenticate"]
-    assert "resource_metadata=" in headers["WWW-Authenticate"]
+    await _refused_as_invalid_token(http, system, "not-a-jwt")
 
 
 async def test_token_of_another_audience_is_401(
-    system: System,
-    http: aiohttp.ClientSession,
-    pool: asyncpg.Pool,
-    gateway_settings: Settings,
-    tenant: Tenant,
+    system: System, http: aiohttp.ClientSession, tenant_token: TenantToken
 ) -> None:
     # No `resource` named by an operator-made platform app: the token is for the school's
     # API origin, not for /mcp.
-    issued = await mcp_token(
-        http, pool, gateway_settings, system, tenant, resource=None, created_via="cli"
-    )
-    status, body, headers = await _post_mcp(http, system, issued.access_token)
-    assert status == 401
+    issued = await tenant_token(resource=None, created_via="cli")
+    body = await _refused_as_invalid_token(http, system, issued.access_token)
     assert body is not None and body["error"] == "invalid_token"
-    assert 'error="invalid_token"' in headers["WWW-Authenticate"]
-    assert "resource_metadata=" in headers["WWW-Authenticate"]
 
 
 async def test_a_self_registered_client_naming_no_resource_gets_an_mcp_token(
-    system: System,
-    http: aiohttp.ClientSession,
-    pool: asyncpg.Pool,
-    gateway_settings: Settings,
-    tenant: Tenant,
+    system: System, http: aiohttp.ClientSession, tenant_token: TenantToken
 ) -> None:
     # An MCP client that omits RFC 8707 `resource`: a self-registered platform client may
     # only mint for the MCP server, so that is its audience, and the MCP server takes it.
-    issued = await mcp_token(http, pool, gateway_settings, system, tenant, resource=None)
+    issued = await tenant_token(resource=None)
     status, body, _ = await _post_mcp(http, system, issued.access_token)
     assert status == 200, body
 
@@ -326,37 +372,18 @@ async def test_token_of_a_school_issuer_is_401_even_for_this_resource(
 ) -> None:
     """The metadata names the platform as the resource's one authorization server: a
     school's issuer refuses to mint for it, and the gateway refuses such a token anyway."""
-    made = await clients.create_client(
+    code = await consented_code(
         pool,
         gateway_settings,
+        tenant,
         school=tenant.school,
         name="School App",
-        redirect_uris=[LOOPBACK_REDIRECT],
-        public=True,
         scopes=SCOPES,
-    )
-    verifier, challenge = pkce_pair()
-    code, _ = await insert_code(
-        pool,
-        gateway_settings,
-        school_id=tenant.school.id,
-        client_id=made.client.id,
-        user_id=tenant.user.id,
-        scopes=SCOPES,
-        challenge=challenge,
-        redirect_uri=LOOPBACK_REDIRECT,
         resource=system.mcp_resource,
     )
-    form = {
-        "grant_type": "authorization_code",
-        "code": code,
-        "redirect_uri": LOOPBACK_REDIRECT,
-        "code_verifier": verifier,
-        "client_id": made.client.id,
-    }
     school_host = system.school_host(tenant.school.subdomain)
     async with http.post(
-        system.gateway + "/v1/oauth/token", data=form, headers={"Host": school_host}
+        system.gateway + "/v1/oauth/token", data=code.form, headers={"Host": school_host}
     ) as resp:
         assert resp.status == 400
         assert (await resp.json())["error"] == "invalid_target"
@@ -370,7 +397,7 @@ async def test_token_of_a_school_issuer_is_401_even_for_this_resource(
             "iss": gateway_settings.urls.school_origin(tenant.school.subdomain),
             "sub": str(tenant.user.id),
             "aud": system.mcp_resource,
-            "client_id": made.client.id,
+            "client_id": code.client_id,
             "scope": " ".join(SCOPES),
             "school_id": tenant.school.id,
             "school_subdomain": tenant.school.subdomain,
@@ -388,11 +415,10 @@ async def test_token_of_a_school_issuer_is_401_even_for_this_resource(
 async def test_mcp_answers_on_the_platform_origin_only(
     system: System,
     http: aiohttp.ClientSession,
-    pool: asyncpg.Pool,
-    gateway_settings: Settings,
     tenant: Tenant,
+    tenant_token: TenantToken,
 ) -> None:
-    issued = await mcp_token(http, pool, gateway_settings, system, tenant)
+    issued = await tenant_token()
     status, _, _ = await _post_mcp(
         http, system, issued.access_token, host=system.school_host(tenant.school.subdomain)
     )
@@ -409,13 +435,9 @@ async def test_mcp_answers_on_the_platform_origin_only(
 
 
 async def test_revoked_grant_is_401(
-    system: System,
-    http: aiohttp.ClientSession,
-    pool: asyncpg.Pool,
-    gateway_settings: Settings,
-    tenant: Tenant,
+    system: System, http: aiohttp.ClientSession, tenant_token: TenantToken
 ) -> None:
-    issued = await mcp_token(http, pool, gateway_settings, system, tenant)
+    issued = await tenant_token()
     async with mcp_session(system, issued.access_token) as session:
         assert (await session.call_tool("list_courses", {"limit": 1})).is_error is False
     async with http.post(
@@ -424,10 +446,7 @@ async def test_revoked_grant_is_401(
         headers={"Host": system.platform_host},
     ) as resp:
         assert resp.status == 200
-    status, _, headers = await _post_mcp(http, system, issued.access_token)
-    assert status == 401
-    assert 'error="invalid_token"' in headers["WWW-Authenticate"]
-    assert "resource_metadata=" in headers["WWW-Authenticate"]
+    await _refused_as_invalid_token(http, system, issued.access_token)
 
 
 # Tools ---------------------------------------------------------------------------------------
@@ -444,8 +463,9 @@ async def test_tools_act_on_the_tokens_school_through_the_school_api(
     tenant: Tenant,
     other_tenant: Tenant,
     school_api_url: str,
+    tenant_token: TenantToken,
 ) -> None:
-    issued = await mcp_token(http, pool, gateway_settings, system, tenant)
+    issued = await tenant_token()
     ours = {
         r["id"]
         for r in await pool.fetch(
@@ -565,17 +585,11 @@ async def _call_raw(
 
 
 async def test_a_tool_without_its_scope_is_a_403_naming_the_scope(
-    system: System,
-    http: aiohttp.ClientSession,
-    pool: asyncpg.Pool,
-    gateway_settings: Settings,
-    tenant: Tenant,
+    system: System, http: aiohttp.ClientSession, tenant_token: TenantToken
 ) -> None:
     """The MCP authorization spec's scope challenge: HTTP 403 insufficient_scope with the
     scope to ask for, so the client steps up instead of the model meeting a dead end."""
-    issued = await mcp_token(
-        http, pool, gateway_settings, system, tenant, scopes=("openid", "courses:read")
-    )
+    issued = await tenant_token(scopes=("openid", "courses:read"))
     where = f"{system.platform}/.well-known/oauth-protected-resource/mcp"
     for name, arguments, scope in (
         ("update_course", {"id": 1, "title": "x"}, "courses:write"),
@@ -611,20 +625,9 @@ async def test_the_first_401_asks_for_reading_only(
 
 
 async def test_any_of_scopes_and_argument_checks(
-    system: System,
-    http: aiohttp.ClientSession,
-    pool: asyncpg.Pool,
-    gateway_settings: Settings,
-    tenant: Tenant,
+    system: System, tenant: Tenant, tenant_token: TenantToken
 ) -> None:
-    issued = await mcp_token(
-        http,
-        pool,
-        gateway_settings,
-        system,
-        tenant,
-        scopes=("openid", "appearance:read", "posts:read", "posts:write"),
-    )
+    issued = await tenant_token(scopes=("openid", "appearance:read", "posts:read", "posts:write"))
     async with mcp_session(system, issued.access_token) as session:
         found = await session.call_tool("get_settings", {})
         assert found.is_error is False, _text(found)

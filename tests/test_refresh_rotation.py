@@ -27,6 +27,14 @@ from tests.token_helpers import (
 )
 
 
+@pytest.fixture
+async def world(
+    identity_url: str, pool: Any, settings: Any, unique: str, identity_port: int
+) -> World:
+    """The school, user and clients of one test, served by this run's identity."""
+    return await make_world(pool, settings, unique, identity_port)
+
+
 async def _age_rotation(pool: Any, refresh_token: str, seconds: int) -> None:
     """Move a rotation into the past, as if the token were presented `seconds` later."""
     await pool.execute(
@@ -38,15 +46,8 @@ async def _age_rotation(pool: Any, refresh_token: str, seconds: int) -> None:
 
 
 async def test_refresh_rotates_and_reuse_after_the_window_ends_the_grant(
-    identity_url: str,
-    http: Any,
-    pool: Any,
-    redis: Any,
-    settings: Any,
-    unique: str,
-    identity_port: int,
+    world: World, http: Any, pool: Any, redis: Any, settings: Any
 ) -> None:
-    world = await make_world(pool, settings, unique, identity_port)
     first, grant_id = await code_flow(http, pool, settings, world)
     old = first.body["refresh_token"]
 
@@ -81,9 +82,8 @@ async def test_refresh_rotates_and_reuse_after_the_window_ends_the_grant(
 
 
 async def test_concurrent_refreshes_within_the_window_get_the_same_successor(
-    identity_url: str, http: Any, pool: Any, settings: Any, unique: str, identity_port: int
+    world: World, http: Any, pool: Any, settings: Any
 ) -> None:
-    world = await make_world(pool, settings, unique, identity_port)
     first, grant_id = await code_flow(http, pool, settings, world)
     old = first.body["refresh_token"]
     answers = await asyncio.gather(*(refresh(http, world, old) for _ in range(4)))
@@ -100,9 +100,8 @@ async def test_concurrent_refreshes_within_the_window_get_the_same_successor(
 
 
 async def test_sequential_retry_within_the_window_gets_the_same_successor(
-    identity_url: str, http: Any, pool: Any, settings: Any, unique: str, identity_port: int
+    world: World, http: Any, pool: Any, settings: Any
 ) -> None:
-    world = await make_world(pool, settings, unique, identity_port)
     first, _ = await code_flow(http, pool, settings, world)
     old = first.body["refresh_token"]
     one = await refresh(http, world, old)
@@ -112,15 +111,8 @@ async def test_sequential_retry_within_the_window_gets_the_same_successor(
 
 
 async def test_retry_after_the_successor_was_used_is_reuse(
-    identity_url: str,
-    http: Any,
-    pool: Any,
-    redis: Any,
-    settings: Any,
-    unique: str,
-    identity_port: int,
+    world: World, http: Any, pool: Any, redis: Any, settings: Any
 ) -> None:
-    world = await make_world(pool, settings, unique, identity_port)
     first, grant_id = await code_flow(http, pool, settings, world)
     old = first.body["refresh_token"]
     successor = (await refresh(http, world, old)).body["refresh_token"]
@@ -163,16 +155,9 @@ def _at(world: World, port: int) -> World:
 
 
 async def test_without_grace_racing_refreshes_leave_no_live_chain(
-    identity_url: str,
-    no_grace: int,
-    http: Any,
-    pool: Any,
-    redis: Any,
-    settings: Any,
-    unique: str,
-    identity_port: int,
+    world: World, no_grace: int, http: Any, pool: Any, redis: Any, settings: Any
 ) -> None:
-    world = _at(await make_world(pool, settings, unique, identity_port), no_grace)
+    world = _at(world, no_grace)
     first, grant_id = await code_flow(http, pool, settings, world)
     assert first.status == 200, first.body
     old = first.body["refresh_token"]
@@ -189,16 +174,9 @@ async def test_without_grace_racing_refreshes_leave_no_live_chain(
 
 
 async def test_without_grace_a_sequential_retry_is_reuse(
-    identity_url: str,
-    no_grace: int,
-    http: Any,
-    pool: Any,
-    redis: Any,
-    settings: Any,
-    unique: str,
-    identity_port: int,
+    world: World, no_grace: int, http: Any, pool: Any, redis: Any, settings: Any
 ) -> None:
-    world = _at(await make_world(pool, settings, unique, identity_port), no_grace)
+    world = _at(world, no_grace)
     first, grant_id = await code_flow(http, pool, settings, world)
     old = first.body["refresh_token"]
     assert (await refresh(http, world, old)).status == 200
@@ -208,9 +186,8 @@ async def test_without_grace_a_sequential_retry_is_reuse(
 
 
 async def test_refresh_after_revocation_fails(
-    identity_url: str, http: Any, pool: Any, settings: Any, unique: str, identity_port: int
+    world: World, http: Any, pool: Any, settings: Any
 ) -> None:
-    world = await make_world(pool, settings, unique, identity_port)
     first, _ = await code_flow(http, pool, settings, world)
     revoked = await post_form(
         http,
@@ -224,9 +201,8 @@ async def test_refresh_after_revocation_fails(
 
 
 async def test_scope_may_narrow_but_never_widen(
-    identity_url: str, http: Any, pool: Any, settings: Any, unique: str, identity_port: int
+    world: World, http: Any, pool: Any, settings: Any
 ) -> None:
-    world = await make_world(pool, settings, unique, identity_port)
     first, _ = await code_flow(http, pool, settings, world, scopes=["openid", "read"])
     token = first.body["refresh_token"]
     for wider in ("write", "read students:write", "admin:read", "profile", "nonsense"):
@@ -244,7 +220,7 @@ async def test_scope_may_narrow_but_never_widen(
 
 
 async def test_refresh_token_of_another_client_or_expired_is_invalid_grant(
-    identity_url: str,
+    world: World,
     http: Any,
     pool: Any,
     redis: Any,
@@ -252,7 +228,6 @@ async def test_refresh_token_of_another_client_or_expired_is_invalid_grant(
     unique: str,
     identity_port: int,
 ) -> None:
-    world = await make_world(pool, settings, unique, identity_port)
     first, grant_id = await code_flow(http, pool, settings, world)
     token = first.body["refresh_token"]
     stolen = await post_form(
@@ -285,9 +260,8 @@ async def test_refresh_token_of_another_client_or_expired_is_invalid_grant(
 
 
 async def test_refresh_needs_the_grant_type_and_touches_the_grant(
-    identity_url: str, http: Any, pool: Any, settings: Any, unique: str, identity_port: int
+    world: World, http: Any, pool: Any, settings: Any, unique: str, identity_port: int
 ) -> None:
-    world = await make_world(pool, settings, unique, identity_port)
     first, grant_id = await code_flow(http, pool, settings, world)
     await pool.execute(
         "UPDATE grants SET last_used_at = now() - interval '1 day' WHERE id = $1", grant_id

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import base64
 import secrets
+from collections.abc import Awaitable, Callable
 from typing import Any
+from uuid import UUID
 
 import asyncpg
 import orjson
@@ -74,6 +76,21 @@ async def school_world(
     return World(school, base, client, user, user.email, PASSWORD, REDIRECT)
 
 
+WorldOf = Callable[[str], Awaitable[World]]
+
+
+@pytest.fixture
+def world_of(
+    identity_url: str, pool: asyncpg.Pool, settings: Settings, unique: str, identity_port: int
+) -> WorldOf:
+    """A school of this run's identity whose user holds the given role, with an app asking wide."""
+
+    async def make(role: str) -> World:
+        return await school_world(pool, settings, unique, identity_port, role)
+
+    return make
+
+
 def claims_of(access_token: str) -> dict[str, Any]:
     payload = access_token.split(".")[1]
     decoded: dict[str, Any] = orjson.loads(base64.urlsafe_b64decode(payload + "=="))
@@ -117,6 +134,26 @@ async def allow(browser: Browser, world: World, page: str, verifier: str) -> dic
     return body
 
 
+async def reauthorize(browser: Browser, world: World, scope: str) -> Any:
+    """Ask again under a remembered consent: no page, straight to a code, which is redeemed."""
+    verifier, challenge = pkce()
+    status, headers, _ = await browser.get(
+        authorize_url(world.base, world.client.id, challenge=challenge, scope=scope)
+    )
+    assert status == 302
+    return await redeem(
+        world.base, world.client.id, query_of(headers["Location"])["code"], verifier
+    )
+
+
+def platform_actor(
+    school: store.School, client: store.Client, user: store.User, port: int
+) -> World:
+    """`user` of `school` authorizing `client` at the platform origin, where the picker is."""
+    platform = f"http://localhost:{port}"
+    return World(school, platform, client, user, user.email, PASSWORD, REDIRECT)
+
+
 # The ceilings themselves ------------------------------------------------------------------
 
 
@@ -138,14 +175,9 @@ def test_ceilings_are_nested_and_never_hold_admin_scopes() -> None:
 
 
 async def test_a_member_gets_only_what_a_member_may_grant(
-    identity_url: str,
-    browser: Browser,
-    pool: asyncpg.Pool,
-    settings: Settings,
-    unique: str,
-    identity_port: int,
+    browser: Browser, pool: asyncpg.Pool, world_of: WorldOf
 ) -> None:
-    world = await school_world(pool, settings, unique, identity_port, "member")
+    world = await world_of("member")
     page, verifier = await consent_page(browser, world, " ".join(DATA_ASKED))
     # The page lists what will be granted, and says in words what needs a school admin.
     granted_part, _, withheld_part = page.partition("only a school admin can give")
@@ -165,26 +197,12 @@ async def test_a_member_gets_only_what_a_member_may_grant(
     assert consented == ["openid", "courses:read"]
 
     # Asking again: the remembered consent covers what a member may grant; still no more.
-    verifier, challenge = pkce()
-    status, headers, _ = await browser.get(
-        authorize_url(world.base, world.client.id, challenge=challenge, scope=" ".join(DATA_ASKED))
-    )
-    assert status == 302
-    answer = await redeem(
-        world.base, world.client.id, query_of(headers["Location"])["code"], verifier
-    )
+    answer = await reauthorize(browser, world, " ".join(DATA_ASKED))
     assert answer.body["scope"] == "openid courses:read"
 
 
-async def test_an_admin_gets_everything_asked(
-    identity_url: str,
-    browser: Browser,
-    pool: asyncpg.Pool,
-    settings: Settings,
-    unique: str,
-    identity_port: int,
-) -> None:
-    world = await school_world(pool, settings, unique, identity_port, "admin")
+async def test_an_admin_gets_everything_asked(browser: Browser, world_of: WorldOf) -> None:
+    world = await world_of("admin")
     asked = "openid read students:read orders:read school:write"
     page, verifier = await consent_page(browser, world, asked)
     assert "only a school admin can give" not in page
@@ -193,18 +211,14 @@ async def test_an_admin_gets_everything_asked(
 
 
 async def test_the_read_umbrella_is_dropped_for_a_member_and_a_lecturer(
-    identity_url: str,
-    pool: asyncpg.Pool,
-    settings: Settings,
-    unique: str,
-    identity_port: int,
+    world_of: WorldOf,
 ) -> None:
     expected = {
         "member": "openid courses:read",
         "lecturer": "openid courses:read curriculum:write",
     }
     for role, scope in expected.items():
-        world = await school_world(pool, settings, unique, identity_port, role)
+        world = await world_of(role)
         b = Browser()
         try:
             page, verifier = await consent_page(
@@ -221,14 +235,9 @@ async def test_the_read_umbrella_is_dropped_for_a_member_and_a_lecturer(
 
 
 async def test_nothing_within_the_role_is_access_denied(
-    identity_url: str,
-    browser: Browser,
-    pool: asyncpg.Pool,
-    settings: Settings,
-    unique: str,
-    identity_port: int,
+    browser: Browser, world_of: WorldOf
 ) -> None:
-    world = await school_world(pool, settings, unique, identity_port, "member")
+    world = await world_of("member")
     url = authorize_url(world.base, world.client.id, scope="students:read orders:read", state="s1")
     status, headers, _ = await browser.sign_in_to_consent(world, url)
     assert status == 302
@@ -239,42 +248,35 @@ async def test_nothing_within_the_role_is_access_denied(
 
 
 async def test_remembered_consent_does_not_outlive_a_lowered_role(
-    identity_url: str,
-    browser: Browser,
-    pool: asyncpg.Pool,
-    settings: Settings,
-    unique: str,
-    identity_port: int,
+    browser: Browser, pool: asyncpg.Pool, world_of: WorldOf
 ) -> None:
-    world = await school_world(pool, settings, unique, identity_port, "admin")
+    world = await world_of("admin")
     page, verifier = await consent_page(browser, world, " ".join(DATA_ASKED))
     assert (await allow(browser, world, page, verifier))["scope"] == " ".join(DATA_ASKED)
 
     await store.upsert_membership(pool, world.school.id, world.user.id, "member")
-    verifier, challenge = pkce()
-    status, headers, _ = await browser.get(
-        authorize_url(world.base, world.client.id, challenge=challenge, scope=" ".join(DATA_ASKED))
-    )
     # Consent is still remembered (no page), but it grants only what a member may.
-    assert status == 302
-    answer = await redeem(
-        world.base, world.client.id, query_of(headers["Location"])["code"], verifier
-    )
+    answer = await reauthorize(browser, world, " ".join(DATA_ASKED))
     assert answer.body["scope"] == "openid courses:read"
 
 
 async def test_a_role_raised_after_the_consent_page_grants_no_more_than_it_showed(
-    identity_url: str,
-    browser: Browser,
-    pool: asyncpg.Pool,
-    settings: Settings,
-    unique: str,
-    identity_port: int,
+    browser: Browser, pool: asyncpg.Pool, world_of: WorldOf
 ) -> None:
-    world = await school_world(pool, settings, unique, identity_port, "member")
+    world = await world_of("member")
     page, verifier = await consent_page(browser, world, " ".join(DATA_ASKED))
     await store.upsert_membership(pool, world.school.id, world.user.id, "admin")
     assert (await allow(browser, world, page, verifier))["scope"] == "openid courses:read"
+
+
+async def assert_ended_for_the_role(
+    pool: asyncpg.Pool, redis: redis_asyncio.Redis, settings: Settings, grant_id: UUID
+) -> None:
+    """The grant ended everywhere gateways look (Redis mark, revocations stream), and for the
+    role, not for some other reason."""
+    assert await revocation_marked(redis, settings, grant_id) == (True, True)
+    reason = await pool.fetchval("SELECT revoked_reason FROM grants WHERE id = $1", grant_id)
+    assert reason == "role_lowered"
 
 
 # Refresh: the ceiling is checked against the role now -----------------------------------------
@@ -304,11 +306,9 @@ async def test_a_lowered_role_ends_the_grant_at_its_next_refresh(
     assert refused.status == 400
     assert refused.body["error"] == "invalid_grant"
     assert "role" in refused.body["error_description"]
-    assert await revocation_marked(redis, settings, grant_id) == (True, True)
+    await assert_ended_for_the_role(pool, redis, settings, grant_id)
     assert (await introspect(http, world, refreshed.body["access_token"]))["active"] is False
     assert (await introspect(http, world, refreshed.body["refresh_token"]))["active"] is False
-    reason = await pool.fetchval("SELECT revoked_reason FROM grants WHERE id = $1", grant_id)
-    assert reason == "role_lowered"
 
 
 async def test_a_role_lowered_between_consent_and_redemption_ends_the_grant(
@@ -348,9 +348,7 @@ async def test_a_role_lowered_between_consent_and_redemption_ends_the_grant(
     )
     assert answer.status == 400 and answer.body["error"] == "invalid_grant", answer.body
     assert "role" in answer.body["error_description"]
-    assert await revocation_marked(redis, settings, grant_id) == (True, True)
-    reason = await pool.fetchval("SELECT revoked_reason FROM grants WHERE id = $1", grant_id)
-    assert reason == "role_lowered"
+    await assert_ended_for_the_role(pool, redis, settings, grant_id)
 
 
 async def test_a_grant_within_the_role_refreshes_and_a_removed_membership_ends_it(
@@ -400,8 +398,8 @@ async def test_a_platform_clients_user_gets_the_ceiling_of_the_school_picked(
     client = await make_client(
         pool, settings, None, name="Loopwise Desktop", scopes=WIDE, created_via="cli"
     )
-    platform = f"http://localhost:{identity_port}"
-    actor = World(led, platform, client, user, user.email, PASSWORD, REDIRECT)
+    actor = platform_actor(led, client, user, identity_port)
+    platform = actor.base
     verifier, challenge = pkce()
     url = authorize_url(
         platform, client.id, challenge=challenge, scope=" ".join(DATA_ASKED), state="pk"
@@ -436,8 +434,8 @@ async def test_a_self_registered_platform_client_cannot_reach_a_closed_school(
     client = await make_client(
         pool, settings, None, name="Claude Code", scopes=WIDE, created_via="registration"
     )
-    platform = f"http://localhost:{identity_port}"
-    actor = World(open_school, platform, client, user, user.email, PASSWORD, REDIRECT)
+    actor = platform_actor(open_school, client, user, identity_port)
+    platform = actor.base
     url = authorize_url(platform, client.id, scope="openid courses:read", state="cl")
     status, _, page = await browser.sign_in_to_consent(actor, url)
     assert status == 200
@@ -458,7 +456,7 @@ async def test_a_self_registered_platform_client_cannot_reach_a_closed_school(
     lonely = await make_user(pool, closed, unique + "l")
     other = Browser()
     try:
-        alone = World(closed, platform, client, lonely, lonely.email, PASSWORD, REDIRECT)
+        alone = platform_actor(closed, client, lonely, identity_port)
         status, headers, _ = await other.sign_in_to_consent(
             alone, authorize_url(platform, client.id, scope="openid", state="al")
         )
@@ -482,10 +480,10 @@ async def test_a_self_registered_platform_client_mints_for_the_mcp_resource_only
     client = await make_client(
         pool, settings, None, name="Cursor", scopes=WIDE, created_via="registration"
     )
-    platform = f"http://localhost:{identity_port}"
+    actor = platform_actor(school, client, user, identity_port)
+    platform = actor.base
     mcp = resources.mcp_resource(settings)
     api = settings.urls.school_origin(school.subdomain)
-    actor = World(school, platform, client, user, user.email, PASSWORD, REDIRECT)
 
     # Naming the school's API is refused before anyone signs in.
     status, headers, _ = await browser.get(

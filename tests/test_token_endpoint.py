@@ -7,8 +7,11 @@ import base64
 import hashlib
 import hmac
 import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+from uuid import UUID
 
 import orjson
 import pytest
@@ -21,6 +24,7 @@ from services.identity import clients, credentials, grants, keys, resources, sch
 from services.identity.client_auth import basic_credentials
 from tests.token_helpers import (
     REDIRECT_URI,
+    World,
     audit_actions,
     basic,
     code_flow,
@@ -36,10 +40,82 @@ from tests.token_helpers import (
 )
 
 
+@pytest.fixture
+async def world(
+    identity_url: str, pool: Any, settings: Settings, unique: str, identity_port: int
+) -> World:
+    """The school, user and clients of one test, served by this run's identity."""
+    return await make_world(pool, settings, unique, identity_port)
+
+
+@dataclass(frozen=True)
+class StoredCode:
+    """A code as the authorize flow stores it, and the form its rightful client redeems it with."""
+
+    form: dict[str, str]
+    challenge: str
+    grant_id: UUID
+
+
+async def new_code(
+    pool: Any,
+    settings: Settings,
+    world: World,
+    client_id: str,
+    *,
+    scopes: Sequence[str] = ("read",),
+    school_id: int | None = None,
+    redirect_uri: str = REDIRECT_URI,
+    resource: str | None = None,
+) -> StoredCode:
+    """A code for `world`'s user and `client_id`, of `world`'s school unless told."""
+    verifier, challenge = pkce_pair()
+    code, grant_id = await insert_code(
+        pool,
+        settings,
+        school_id=world.school.id if school_id is None else school_id,
+        client_id=client_id,
+        user_id=world.user.id,
+        scopes=scopes,
+        challenge=challenge,
+        redirect_uri=redirect_uri,
+        resource=resource,
+    )
+    form = {
+        "grant_type": "authorization_code",
+        "code": code,
+        "redirect_uri": redirect_uri,
+        "code_verifier": verifier,
+    }
+    return StoredCode(form, challenge, grant_id)
+
+
+def without(form: dict[str, str], field: str) -> dict[str, str]:
+    """The form as a client that omits `field` sends it."""
+    return {k: v for k, v in form.items() if k != field}
+
+
+def confidential_basic(world: World) -> str:
+    """HTTP Basic credentials of `world`'s confidential client, the usual authenticated caller."""
+    return basic(world.confidential.id, world.secret)
+
+
+async def served_lookup(
+    http: Any, origin: str
+) -> Callable[[str], Awaitable[jwt.VerificationKey | None]]:
+    """The shared verifier's key lookup over the JWKS `origin` serves, as a gateway builds it."""
+    async with http.get(origin + "/v1/oauth/jwks") as resp:
+        key_set = jwt.KeySet.from_jwks(await resp.json())
+
+    async def lookup(kid: str) -> jwt.VerificationKey | None:
+        return key_set.get(kid)
+
+    return lookup
+
+
 async def test_code_exchange_answers_the_seed_shape(
-    identity_url: str, http: Any, pool: Any, settings: Settings, unique: str, identity_port: int
+    world: World, http: Any, pool: Any, settings: Settings
 ) -> None:
-    world = await make_world(pool, settings, unique, identity_port)
     answer, _ = await code_flow(http, pool, settings, world)
     assert answer.status == 200, answer.body
     body = answer.body
@@ -64,29 +140,12 @@ async def test_code_exchange_answers_the_seed_shape(
 
 
 async def test_quickstart_alias_with_a_public_client(
-    identity_url: str, http: Any, pool: Any, settings: Settings, unique: str, identity_port: int
+    world: World, http: Any, pool: Any, settings: Settings
 ) -> None:
     """Seed 001 step 3, verbatim: /api/oauth/token, client_id in the body, no secret."""
-    world = await make_world(pool, settings, unique, identity_port)
-    verifier, challenge = pkce_pair()
-    code, _ = await insert_code(
-        pool,
-        settings,
-        school_id=world.school.id,
-        client_id=world.public.id,
-        user_id=world.user.id,
-        scopes=["read"],
-        challenge=challenge,
-    )
+    code = await new_code(pool, settings, world, world.public.id)
     async with http.post(
-        world.origin + "/api/oauth/token",
-        data={
-            "grant_type": "authorization_code",
-            "code": code,
-            "redirect_uri": REDIRECT_URI,
-            "client_id": world.public.id,
-            "code_verifier": verifier,
-        },
+        world.origin + "/api/oauth/token", data={**code.form, "client_id": world.public.id}
     ) as resp:
         body = await resp.json()
         assert resp.status == 200, body
@@ -94,9 +153,8 @@ async def test_quickstart_alias_with_a_public_client(
 
 
 async def test_access_token_verifies_against_the_served_jwks_with_every_claim(
-    identity_url: str, http: Any, pool: Any, settings: Settings, unique: str, identity_port: int
+    world: World, http: Any, pool: Any, settings: Settings
 ) -> None:
-    world = await make_world(pool, settings, unique, identity_port)
     answer, grant_id = await code_flow(http, pool, settings, world)
     header, claims = await verify_with_jwks(http, world.origin, answer.body["access_token"])
     assert header["typ"] == "at+jwt" and header["alg"] == "ES256" and header["kid"]
@@ -114,12 +172,7 @@ async def test_access_token_verifies_against_the_served_jwks_with_every_claim(
     assert claims["auth_time"] <= claims["iat"]
 
     # The shared verifier (the gateway's) accepts it with the served keys.
-    async with http.get(world.origin + "/v1/oauth/jwks") as resp:
-        key_set = jwt.KeySet.from_jwks(await resp.json())
-
-    async def lookup(kid: str) -> jwt.VerificationKey | None:
-        return key_set.get(kid)
-
+    lookup = await served_lookup(http, world.origin)
     verified = await jwt.verify_access_token(
         answer.body["access_token"], lookup, issuer=world.origin, audience=world.origin
     )
@@ -127,9 +180,8 @@ async def test_access_token_verifies_against_the_served_jwks_with_every_claim(
 
 
 async def test_id_token_is_rs256_with_nonce_and_at_hash(
-    identity_url: str, http: Any, pool: Any, settings: Settings, unique: str, identity_port: int
+    world: World, http: Any, pool: Any, settings: Settings
 ) -> None:
-    world = await make_world(pool, settings, unique, identity_port)
     answer, _ = await code_flow(
         http,
         pool,
@@ -152,82 +204,44 @@ async def test_id_token_is_rs256_with_nonce_and_at_hash(
     expected = base64.urlsafe_b64encode(digest[:16]).rstrip(b"=").decode()
     assert claims["at_hash"] == expected
     # An ID token is not an access token: the shared verifier refuses it on typ.
-    async with http.get(world.origin + "/v1/oauth/jwks") as resp:
-        key_set = jwt.KeySet.from_jwks(await resp.json())
-
-    async def lookup(kid: str) -> jwt.VerificationKey | None:
-        return key_set.get(kid)
-
+    lookup = await served_lookup(http, world.origin)
     with pytest.raises(jwt.WrongTokenType):
         await jwt.verify_access_token(id_token, lookup, issuer=world.origin, audience=None)
 
 
 async def test_pkce_missing_or_wrong_verifier_is_invalid_grant(
-    identity_url: str, http: Any, pool: Any, settings: Settings, unique: str, identity_port: int
+    world: World, http: Any, pool: Any, settings: Settings
 ) -> None:
-    world = await make_world(pool, settings, unique, identity_port)
-    verifier, challenge = pkce_pair()
-    code, _ = await insert_code(
-        pool,
-        settings,
-        school_id=world.school.id,
-        client_id=world.confidential.id,
-        user_id=world.user.id,
-        scopes=["read"],
-        challenge=challenge,
-    )
-    auth = basic(world.confidential.id, world.secret)
-    base = {"grant_type": "authorization_code", "code": code, "redirect_uri": REDIRECT_URI}
+    code = await new_code(pool, settings, world, world.confidential.id)
+    auth = confidential_basic(world)
+    base = without(code.form, "code_verifier")
     for extra in (
         {},
         {"code_verifier": pkce_pair()[0]},
         {"code_verifier": "short"},
-        {"code_verifier": verifier + "!"},
+        {"code_verifier": code.form["code_verifier"] + "!"},
         # `plain` would compare the challenge itself; never accepted.
-        {"code_verifier": challenge},
+        {"code_verifier": code.challenge},
     ):
         answer = await token(http, world.origin, {**base, **extra}, authorization=auth)
         assert answer.status == 400, extra
         assert answer.body["error"] == "invalid_grant"
     # Failed attempts did not consume the code: its rightful holder still redeems it.
-    answer = await token(
-        http, world.origin, {**base, "code_verifier": verifier}, authorization=auth
-    )
+    answer = await token(http, world.origin, code.form, authorization=auth)
     assert answer.status == 200, answer.body
 
 
 async def test_code_replay_fails_and_revokes_what_the_first_redemption_issued(
-    identity_url: str,
-    http: Any,
-    pool: Any,
-    redis: Any,
-    settings: Settings,
-    unique: str,
-    identity_port: int,
+    world: World, http: Any, pool: Any, redis: Any, settings: Settings
 ) -> None:
-    world = await make_world(pool, settings, unique, identity_port)
-    verifier, challenge = pkce_pair()
-    code, grant_id = await insert_code(
-        pool,
-        settings,
-        school_id=world.school.id,
-        client_id=world.confidential.id,
-        user_id=world.user.id,
-        scopes=["read"],
-        challenge=challenge,
-    )
-    data = {
-        "grant_type": "authorization_code",
-        "code": code,
-        "redirect_uri": REDIRECT_URI,
-        "code_verifier": verifier,
-    }
-    auth = basic(world.confidential.id, world.secret)
-    first = await token(http, world.origin, data, authorization=auth)
+    code = await new_code(pool, settings, world, world.confidential.id)
+    grant_id = code.grant_id
+    auth = confidential_basic(world)
+    first = await token(http, world.origin, code.form, authorization=auth)
     assert first.status == 200
     assert (await introspect(http, world, first.body["access_token"]))["active"] is True
 
-    second = await token(http, world.origin, data, authorization=auth)
+    second = await token(http, world.origin, code.form, authorization=auth)
     assert second.status == 400 and second.body["error"] == "invalid_grant"
     # The revocation was complete before the answer: PostgreSQL, Redis mark, stream.
     assert await revocation_marked(redis, settings, grant_id) == (True, True)
@@ -241,7 +255,7 @@ async def test_code_replay_fails_and_revokes_what_the_first_redemption_issued(
 
 
 async def test_a_used_code_presented_by_anyone_but_its_client_revokes_nothing(
-    identity_url: str,
+    world: World,
     http: Any,
     pool: Any,
     redis: Any,
@@ -252,41 +266,21 @@ async def test_a_used_code_presented_by_anyone_but_its_client_revokes_nothing(
     """Holding a leaked, already used code is no power over its grant: another client of the
     school, a client of another school, or the code's public client without the PKCE
     verifier get a plain invalid_grant and the grant lives on."""
-    world = await make_world(pool, settings, unique, identity_port)
     elsewhere = await make_world(pool, settings, unique, identity_port, label="rpx")
-    verifier, challenge = pkce_pair()
-    code, grant_id = await insert_code(
-        pool,
-        settings,
-        school_id=world.school.id,
-        client_id=world.public.id,
-        user_id=world.user.id,
-        scopes=["openid", "read"],
-        challenge=challenge,
-    )
-    data = {
-        "grant_type": "authorization_code",
-        "code": code,
-        "redirect_uri": REDIRECT_URI,
-        "code_verifier": verifier,
-    }
+    code = await new_code(pool, settings, world, world.public.id, scopes=["openid", "read"])
+    data, grant_id = code.form, code.grant_id
     first = await token(http, world.origin, {**data, "client_id": world.public.id})
     assert first.status == 200, first.body
 
     attempts = [
         # Another client of the same school, authenticated, with the right verifier.
-        (world.origin, data, basic(world.confidential.id, world.secret)),
+        (world.origin, data, confidential_basic(world)),
         # A client of another school, at its own school.
-        (elsewhere.origin, data, basic(elsewhere.confidential.id, elsewhere.secret)),
+        (elsewhere.origin, data, confidential_basic(elsewhere)),
         (elsewhere.origin, {**data, "client_id": elsewhere.public.id}, None),
         # The code's own public client, but without proof it is the one that asked.
         (world.origin, {**data, "client_id": world.public.id, "code_verifier": "x" * 43}, None),
-        (
-            world.origin,
-            {k: v for k, v in data.items() if k != "code_verifier"}
-            | {"client_id": world.public.id},
-            None,
-        ),
+        (world.origin, without(data, "code_verifier") | {"client_id": world.public.id}, None),
     ]
     for origin, form, authorization in attempts:
         answer = await token(http, origin, form, authorization=authorization)
@@ -309,54 +303,24 @@ async def test_a_used_code_presented_by_anyone_but_its_client_revokes_nothing(
 
 
 async def test_expired_code_is_invalid_grant(
-    identity_url: str, http: Any, pool: Any, settings: Settings, unique: str, identity_port: int
+    world: World, http: Any, pool: Any, settings: Settings
 ) -> None:
-    world = await make_world(pool, settings, unique, identity_port)
-    verifier, challenge = pkce_pair()
-    code, _ = await insert_code(
-        pool,
-        settings,
-        school_id=world.school.id,
-        client_id=world.confidential.id,
-        user_id=world.user.id,
-        scopes=["read"],
-        challenge=challenge,
-    )
+    code = await new_code(pool, settings, world, world.confidential.id)
     await pool.execute(
         "UPDATE authorization_codes SET expires_at = now() - interval '1 second'"
         " WHERE code_hash = $1",
-        credentials.token_hash(code),
+        credentials.token_hash(code.form["code"]),
     )
-    answer = await token(
-        http,
-        world.origin,
-        {
-            "grant_type": "authorization_code",
-            "code": code,
-            "redirect_uri": REDIRECT_URI,
-            "code_verifier": verifier,
-        },
-        authorization=basic(world.confidential.id, world.secret),
-    )
+    answer = await token(http, world.origin, code.form, authorization=confidential_basic(world))
     assert answer.status == 400 and answer.body["error"] == "invalid_grant"
 
 
 async def test_redirect_uri_must_be_identical(
-    identity_url: str, http: Any, pool: Any, settings: Settings, unique: str, identity_port: int
+    world: World, http: Any, pool: Any, settings: Settings
 ) -> None:
-    world = await make_world(pool, settings, unique, identity_port)
-    verifier, challenge = pkce_pair()
-    code, _ = await insert_code(
-        pool,
-        settings,
-        school_id=world.school.id,
-        client_id=world.confidential.id,
-        user_id=world.user.id,
-        scopes=["read"],
-        challenge=challenge,
-    )
-    auth = basic(world.confidential.id, world.secret)
-    base = {"grant_type": "authorization_code", "code": code, "code_verifier": verifier}
+    code = await new_code(pool, settings, world, world.confidential.id)
+    auth = confidential_basic(world)
+    base = without(code.form, "redirect_uri")
     for uri in (REDIRECT_URI + "/", REDIRECT_URI.upper(), REDIRECT_URI + "?x=1"):
         answer = await token(http, world.origin, {**base, "redirect_uri": uri}, authorization=auth)
         assert answer.status == 400 and answer.body["error"] == "invalid_grant", uri
@@ -374,66 +338,26 @@ async def test_redirect_uri_must_be_identical(
         scopes=["read"],
     )
     assert two_uris.client_secret is not None
-    code2, _ = await insert_code(
-        pool,
-        settings,
-        school_id=world.school.id,
-        client_id=two_uris.client.id,
-        user_id=world.user.id,
-        scopes=["read"],
-        challenge=challenge,
-    )
+    code2 = await new_code(pool, settings, world, two_uris.client.id)
     missing = await token(
         http,
         world.origin,
-        {**base, "code": code2},
+        without(code2.form, "redirect_uri"),
         authorization=basic(two_uris.client.id, two_uris.client_secret),
     )
     assert missing.status == 400 and missing.body["error"] == "invalid_request"
 
 
 async def test_code_of_another_client_and_of_a_revoked_grant_are_invalid_grant(
-    identity_url: str,
-    http: Any,
-    pool: Any,
-    redis: Any,
-    settings: Settings,
-    unique: str,
-    identity_port: int,
+    world: World, http: Any, pool: Any, redis: Any, settings: Settings
 ) -> None:
-    world = await make_world(pool, settings, unique, identity_port)
-    verifier, challenge = pkce_pair()
-    code, _ = await insert_code(
-        pool,
-        settings,
-        school_id=world.school.id,
-        client_id=world.public.id,
-        user_id=world.user.id,
-        scopes=["read"],
-        challenge=challenge,
-    )
-    data = {
-        "grant_type": "authorization_code",
-        "code": code,
-        "redirect_uri": REDIRECT_URI,
-        "code_verifier": verifier,
-    }
-    stolen = await token(
-        http, world.origin, data, authorization=basic(world.confidential.id, world.secret)
-    )
+    code = await new_code(pool, settings, world, world.public.id)
+    stolen = await token(http, world.origin, code.form, authorization=confidential_basic(world))
     assert stolen.status == 400 and stolen.body["error"] == "invalid_grant"
 
-    code2, grant_id = await insert_code(
-        pool,
-        settings,
-        school_id=world.school.id,
-        client_id=world.public.id,
-        user_id=world.user.id,
-        scopes=["read"],
-        challenge=challenge,
-    )
-    await grants.revoke_grant(pool, redis, settings, grant_id, reason="user")
-    revoked = await token(http, world.origin, {**data, "code": code2, "client_id": world.public.id})
+    code2 = await new_code(pool, settings, world, world.public.id)
+    await grants.revoke_grant(pool, redis, settings, code2.grant_id, reason="user")
+    revoked = await token(http, world.origin, {**code2.form, "client_id": world.public.id})
     assert revoked.status == 400 and revoked.body["error"] == "invalid_grant"
 
 
@@ -442,28 +366,13 @@ async def test_client_of_school_a_at_school_b_is_invalid_client(
 ) -> None:
     a = await make_world(pool, settings, unique, identity_port, label="sa")
     b = await make_world(pool, settings, unique, identity_port, label="sb")
-    verifier, challenge = pkce_pair()
-    code, _ = await insert_code(
-        pool,
-        settings,
-        school_id=a.school.id,
-        client_id=a.confidential.id,
-        user_id=a.user.id,
-        scopes=["read"],
-        challenge=challenge,
-    )
-    data = {
-        "grant_type": "authorization_code",
-        "code": code,
-        "redirect_uri": REDIRECT_URI,
-        "code_verifier": verifier,
-    }
-    answer = await token(http, b.origin, data, authorization=basic(a.confidential.id, a.secret))
+    data = (await new_code(pool, settings, a, a.confidential.id)).form
+    answer = await token(http, b.origin, data, authorization=confidential_basic(a))
     assert answer.status == 401 and answer.body["error"] == "invalid_client"
     public = await token(http, b.origin, {**data, "client_id": a.public.id})
     assert public.status == 401 and public.body["error"] == "invalid_client"
     # And at its own school the same code still works.
-    ok = await token(http, a.origin, data, authorization=basic(a.confidential.id, a.secret))
+    ok = await token(http, a.origin, data, authorization=confidential_basic(a))
     assert ok.status == 200, ok.body
 
 
@@ -484,30 +393,13 @@ async def test_a_client_id_no_client_can_have_is_invalid_client(
 
 
 async def test_client_authentication_methods(
-    identity_url: str, http: Any, pool: Any, settings: Settings, unique: str, identity_port: int
+    world: World, http: Any, pool: Any, settings: Settings
 ) -> None:
-    world = await make_world(pool, settings, unique, identity_port)
     cid, secret = world.confidential.id, world.secret
 
     async def exchange(extra: dict[str, str], authorization: str | None = None) -> Any:
-        verifier, challenge = pkce_pair()
-        code, _ = await insert_code(
-            pool,
-            settings,
-            school_id=world.school.id,
-            client_id=cid,
-            user_id=world.user.id,
-            scopes=["read"],
-            challenge=challenge,
-        )
-        data = {
-            "grant_type": "authorization_code",
-            "code": code,
-            "redirect_uri": REDIRECT_URI,
-            "code_verifier": verifier,
-            **extra,
-        }
-        return await token(http, world.origin, data, authorization=authorization)
+        code = await new_code(pool, settings, world, cid)
+        return await token(http, world.origin, {**code.form, **extra}, authorization=authorization)
 
     # client_secret_basic and client_secret_post both work.
     assert (await exchange({}, basic(cid, secret))).status == 200
@@ -557,11 +449,8 @@ def test_basic_credentials_are_form_urldecoded() -> None:
     assert basic_credentials("Bearer abc") is None
 
 
-async def test_request_errors(
-    identity_url: str, http: Any, pool: Any, settings: Settings, unique: str, identity_port: int
-) -> None:
-    world = await make_world(pool, settings, unique, identity_port)
-    auth = basic(world.confidential.id, world.secret)
+async def test_request_errors(world: World, http: Any) -> None:
+    auth = confidential_basic(world)
     missing = await token(http, world.origin, {}, authorization=auth)
     assert missing.status == 400 and missing.body["error"] == "invalid_request"
     unknown = await token(http, world.origin, {"grant_type": "password"}, authorization=auth)
@@ -603,30 +492,16 @@ async def test_request_errors(
 
 
 async def test_resource_indicator_sets_the_audience(
-    identity_url: str, http: Any, pool: Any, settings: Settings, unique: str, identity_port: int
+    world: World, http: Any, pool: Any, settings: Settings
 ) -> None:
-    world = await make_world(pool, settings, unique, identity_port)
     mcp = resources.mcp_resource(settings)
-    auth = basic(world.confidential.id, world.secret)
+    auth = confidential_basic(world)
 
     async def code_for(resource: str) -> dict[str, str]:
-        verifier, challenge = pkce_pair()
-        code, _ = await insert_code(
-            pool,
-            settings,
-            school_id=world.school.id,
-            client_id=world.confidential.id,
-            user_id=world.user.id,
-            scopes=["courses:read"],
-            challenge=challenge,
-            resource=resource,
+        code = await new_code(
+            pool, settings, world, world.confidential.id, scopes=["courses:read"], resource=resource
         )
-        return {
-            "grant_type": "authorization_code",
-            "code": code,
-            "redirect_uri": REDIRECT_URI,
-            "code_verifier": verifier,
-        }
+        return code.form
 
     data = await code_for(world.origin)
     other = await token(http, world.origin, {**data, "resource": mcp}, authorization=auth)
@@ -645,9 +520,8 @@ async def test_resource_indicator_sets_the_audience(
 
 
 async def test_platform_client_gets_a_platform_token_for_the_picked_school(
-    identity_url: str, http: Any, pool: Any, settings: Settings, unique: str, identity_port: int
+    world: World, http: Any, pool: Any, settings: Settings, identity_port: int
 ) -> None:
-    world = await make_world(pool, settings, unique, identity_port)
     platform = await clients.create_client(
         pool,
         settings,
@@ -658,25 +532,16 @@ async def test_platform_client_gets_a_platform_token_for_the_picked_school(
         scopes=["openid", "courses:read"],
         created_via="registration",
     )
-    verifier, challenge = pkce_pair()
-    code, grant_id = await insert_code(
+    code = await new_code(
         pool,
         settings,
-        school_id=world.school.id,
-        client_id=platform.client.id,
-        user_id=world.user.id,
+        world,
+        platform.client.id,
         scopes=["openid", "courses:read"],
-        challenge=challenge,
         redirect_uri="http://127.0.0.1:33418/callback",
         resource=resources.mcp_resource(settings),
     )
-    data = {
-        "grant_type": "authorization_code",
-        "code": code,
-        "redirect_uri": "http://127.0.0.1:33418/callback",
-        "code_verifier": verifier,
-        "client_id": platform.client.id,
-    }
+    data = {**code.form, "client_id": platform.client.id}
     # Not at a school's origin: a platform client belongs to the platform issuer.
     at_school = await token(http, world.origin, data)
     assert at_school.status == 401 and at_school.body["error"] == "invalid_client"
@@ -688,7 +553,7 @@ async def test_platform_client_gets_a_platform_token_for_the_picked_school(
     _, claims = await verify_with_jwks(http, platform_origin, answer.body["access_token"])
     assert claims["iss"] == platform_origin
     assert claims["aud"] == resources.mcp_resource(settings)
-    assert claims["school_id"] == world.school.id and claims["grant_id"] == str(grant_id)
+    assert claims["school_id"] == world.school.id and claims["grant_id"] == str(code.grant_id)
     _, id_claims = await verify_with_jwks(http, platform_origin, answer.body["id_token"])
     assert id_claims["iss"] == platform_origin
     # Its refresh works on the platform too, and stays bound to the picked school.
@@ -795,27 +660,8 @@ async def test_user_with_two_schools_gets_tokens_bound_to_the_code_school(
     await users.create_user(
         pool, school_id=b.school.id, email=a.user.email, password="irrelevant-here"
     )
-    verifier, challenge = pkce_pair()
     # A code claiming school B for A's client cannot be redeemed at A.
-    code, _ = await insert_code(
-        pool,
-        settings,
-        school_id=b.school.id,
-        client_id=a.confidential.id,
-        user_id=a.user.id,
-        scopes=["read"],
-        challenge=challenge,
-    )
-    answer = await token(
-        http,
-        a.origin,
-        {
-            "grant_type": "authorization_code",
-            "code": code,
-            "redirect_uri": REDIRECT_URI,
-            "code_verifier": verifier,
-        },
-        authorization=basic(a.confidential.id, a.secret),
-    )
+    code = await new_code(pool, settings, a, a.confidential.id, school_id=b.school.id)
+    answer = await token(http, a.origin, code.form, authorization=confidential_basic(a))
     assert answer.status == 400 and answer.body["error"] == "invalid_grant"
     assert origin_of(a.school.subdomain, identity_port) == a.origin

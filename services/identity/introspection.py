@@ -13,11 +13,11 @@ from typing import Any
 from aiohttp import web
 
 from libs.common import jwt
-from libs.common.errors import OAuthError, json_response
+from libs.common.errors import json_response
 from libs.common.logging import get_logger
-from services.identity import client_auth, cors, credentials, resources, store, tokens
+from services.identity import credentials, resources, store, tokens
 from services.identity.context import IdentityContext, context, issuer
-from services.identity.revocation import token_kind
+from services.identity.revocation import token_kind, token_request
 from services.identity.schools import Issuer
 from services.identity.store import tokens as token_store
 
@@ -113,23 +113,10 @@ async def introspect(
 
 
 async def introspection_endpoint(request: web.Request) -> web.Response:
-    ctx = context(request)
-    iss = issuer(request)
-    form = await client_auth.read_form(request)
-    authenticated = await client_auth.authenticate(
-        ctx.pool,
-        ctx.settings,
-        iss,
-        authorization=request.headers.get("Authorization"),
-        form=form,
-        confidential_only=True,
+    client, token = await token_request(request, confidential_only=True)
+    answer = await introspect(
+        context(request), tokens.state(request), issuer(request), client, token
     )
-    if not cors.admit(request, authenticated.client):
-        raise OAuthError("invalid_request", cors.REFUSED)
-    token = form.get("token")
-    if not token:
-        raise OAuthError("invalid_request", "token is required")
-    answer = await introspect(ctx, tokens.state(request), iss, authenticated.client, token)
     return json_response(answer, headers=_NO_STORE)
 
 

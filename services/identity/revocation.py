@@ -105,27 +105,38 @@ async def revoke(
     return revoked
 
 
-async def revocation_endpoint(request: web.Request) -> web.Response:
+async def token_request(
+    request: web.Request, *, confidential_only: bool = False
+) -> tuple[store.Client, str]:
+    """The authenticated client and the `token` of a revocation (RFC 7009) or introspection
+    (RFC 7662) request; a cross-origin call from an origin the client has not registered is
+    refused before anything is looked up."""
     ctx = context(request)
-    iss = issuer(request)
     form = await client_auth.read_form(request)
     authenticated = await client_auth.authenticate(
         ctx.pool,
         ctx.settings,
-        iss,
+        issuer(request),
         authorization=request.headers.get("Authorization"),
         form=form,
+        confidential_only=confidential_only,
     )
     if not cors.admit(request, authenticated.client):
         raise OAuthError("invalid_request", cors.REFUSED)
     token = form.get("token")
     if not token:
         raise OAuthError("invalid_request", "token is required")
+    return authenticated.client, token
+
+
+async def revocation_endpoint(request: web.Request) -> web.Response:
+    ctx = context(request)
+    client, token = await token_request(request)
     await revoke(
         ctx,
         tokens.state(request),
-        iss,
-        authenticated.client,
+        issuer(request),
+        client,
         token,
         ip=client_auth.client_ip(request, ctx.settings),
     )
