@@ -7,12 +7,12 @@ one gateway process proxies, that is a measurable share of a call's CPU. Here th
 children are resolved once per (method, route, status) and request ids are a random
 per-process prefix and a counter: unique, not secret (they travel in headers anyway).
 
-The process also settles its garbage collector once started (see :func:`_settle_gc`).
+The process also settles its garbage collector once started (libs.common.web.settle_gc, as
+every service does).
 """
 
 from __future__ import annotations
 
-import gc
 import itertools
 import re
 import secrets
@@ -34,6 +34,8 @@ from libs.common.web import (
     healthz,
     metrics_endpoint,
     readyz,
+    restore_gc,
+    settle_gc,
 )
 
 log = get_logger(__name__)
@@ -42,12 +44,6 @@ _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # Cleared by the middleware after each request: a connection's requests share one task, and
 # so one context.
 _CONTEXT_KEYS = ("request_id", "school", "client_id")
-# Gen0 collections are cheap, but at the default threshold (700 net new container objects) a
-# proxy under load runs one every few dozen calls, and every tenth promotes in-flight calls'
-# objects to older generations that a full collection then has to walk again.
-GEN0_THRESHOLD = 7000
-
-_GC_STATE: web.AppKey[tuple[int, int, int]] = web.AppKey("gateway_gc_thresholds")
 
 
 class _RequestIds:
@@ -139,8 +135,8 @@ def application(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", _operators_only(readyz, public))
     app.router.add_get("/metrics", _operators_only(metrics_endpoint, public))
-    app.on_startup.append(_settle_gc)
-    app.on_cleanup.append(_restore_gc)
+    app.on_startup.append(settle_gc)
+    app.on_cleanup.append(restore_gc)
     return app
 
 
@@ -158,25 +154,3 @@ def _operators_only(handler: Handler, public: Callable[[str], bool] | None) -> H
         return await handler(request)
 
     return guarded
-
-
-async def _settle_gc(app: web.Application) -> None:
-    """Once everything is started (on_startup runs after the cleanup contexts): what exists now
-    lives as long as the process. A full collection walks every tracked object, and a process
-    with the gateway's imports holds well over 100,000 of them: tens of milliseconds, paid by
-    whichever call is running, every few seconds under load (short-lived call objects promoted
-    to the oldest generation count towards the next one). Frozen, they are never walked again.
-    """
-    gc.collect()
-    gc.freeze()
-    app[_GC_STATE] = gc.get_threshold()
-    _, gen1, gen2 = gc.get_threshold()
-    gc.set_threshold(GEN0_THRESHOLD, gen1, gen2)
-
-
-async def _restore_gc(app: web.Application) -> None:
-    # Tests run many applications in one process: leave the collector as it was found.
-    previous = app.get(_GC_STATE)
-    if previous is not None:
-        gc.set_threshold(*previous)
-    gc.unfreeze()
