@@ -75,6 +75,9 @@ _STANDARD_B64_KEY = base64.b64encode(b"\xfb\xff" * 16).decode()
         ("LOG_LEVEL", "verbose"),
         ("TRUST_FORWARDED_HOST", "maybe"),
         ("CONNECT_ENV", "staging"),
+        pytest.param("GATEWAY_REVOCATION_LEASE", "0.05", id="lease-shorter-than-a-read"),
+        pytest.param("GATEWAY_REVOCATION_LEASE", "60", id="lease-holding-revokes-too-long"),
+        pytest.param("GATEWAY_REVOCATION_LEASE", "-1", id="lease-negative"),
     ],
 )
 def test_bad_value_names_its_variable(variable: str, value: str) -> None:
@@ -84,6 +87,12 @@ def test_bad_value_names_its_variable(variable: str, value: str) -> None:
         load_settings(env)
     assert caught.value.variable == variable
     assert str(caught.value).startswith(f"{variable}:")
+
+
+def test_revocation_lease_may_be_turned_off() -> None:
+    env = _production_env()
+    assert load_settings(env).gateway.revocation_lease == 2.0
+    assert load_settings({**env, "GATEWAY_REVOCATION_LEASE": "0"}).gateway.revocation_lease == 0
 
 
 def test_standard_base64_alphabet_is_accepted() -> None:

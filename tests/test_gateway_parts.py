@@ -186,24 +186,24 @@ async def test_the_guard_checks_revocation_first_and_limits_with_a_burst(
     bucket = settings.stream(f"connect:ratelimit:test:{secrets.token_hex(4)}")
     pace = Pace.of(per_minute=600, burst=5)  # one call per 100 ms after a burst of 5
     assert (pace.burst, pace.interval_us, pace.window) == (5, 100_000, 1)
-    verdicts = [await guard.check(revoked_key, bucket, consume=True, pace=pace) for _ in range(6)]
+    verdicts = [await guard.check(revoked_key, bucket, want=1, pace=pace) for _ in range(6)]
     assert [v.allowed for v in verdicts] == [True] * 5 + [False]
     assert [v.remaining for v in verdicts[:5]] == [4, 3, 2, 1, 0]
     assert verdicts[5].retry_after == 1
     await asyncio.sleep(0.25)  # two calls' worth of refill
-    assert (await guard.check(revoked_key, bucket, consume=True, pace=pace)).allowed
+    assert (await guard.check(revoked_key, bucket, want=1, pace=pace)).allowed
     # Not consuming (the scope failed) asks only about revocation.
-    untouched = await guard.check(revoked_key, bucket, consume=False, pace=pace)
+    untouched = await guard.check(revoked_key, bucket, want=0, pace=pace)
     assert untouched.allowed and not untouched.revoked
     await redis.set(revoked_key, "test", ex=60)
-    revoked = await guard.check(revoked_key, bucket, consume=True, pace=pace)
+    revoked = await guard.check(revoked_key, bucket, want=1, pace=pace)
     assert revoked.revoked and not revoked.allowed
     # A burst never exceeds the per-minute limit.
     assert Pace.of(per_minute=6, burst=100).burst == 6
     # A Redis that does not know the script (NOSCRIPT) gets it by EVAL. The shared Redis's
     # script cache is left alone: a sha no Redis knows stands in for a flushed cache.
     guard._sha = secrets.token_hex(20).encode()
-    assert (await guard.check(revoked_key + "x", bucket + "x", consume=True, pace=pace)).allowed
+    assert (await guard.check(revoked_key + "x", bucket + "x", want=1, pace=pace)).allowed
     await redis.delete(revoked_key, bucket, bucket + "x")
 
 

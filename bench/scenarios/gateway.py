@@ -222,7 +222,7 @@ async def run(ctx: Context) -> list[Row]:
         ),
         Row(
             "gateway: p99 added",
-            f"+{added_vs_bare:.2f} ms vs bare proxy, +{added_vs_direct:.2f} ms vs direct "
+            f"{added_vs_bare:+.2f} ms vs bare proxy, {added_vs_direct:+.2f} ms vs direct "
             f"(p99 {g_p99_light:.2f} ms at c={lc})",
             f"bare proxy p99 {b_p99_light:.2f} ms, direct p99 {d_p99_light:.2f} ms (c={lc})",
             "—",

@@ -128,6 +128,10 @@ class GatewayPolicy:
     # and scheme from its X-Forwarded-* headers). Defaults to TRUST_FORWARDED_HOST; set it apart
     # where services behind the gateway trust it while nothing stands in front of the gateway.
     trust_forwarded: bool = False
+    # How long a gateway may answer "not revoked" from its own set after Redis last confirmed
+    # it was following connect:revocations (libs/common/leases.py); identity's revoke waits
+    # at most about this long for a gateway that stopped confirming. 0: ask Redis every call.
+    revocation_lease: float = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -377,6 +381,15 @@ def _dev_secrets(path: Path) -> tuple[bytes, bytes]:
     return data[:32], data[32:]
 
 
+def _lease(env: Mapping[str, str]) -> float:
+    lease = _float(env, "GATEWAY_REVOCATION_LEASE", 2.0)
+    if 0 < lease < 0.2 or lease > 30:
+        # Shorter leases would be renewed more often than a follower's read returns; longer
+        # ones would hold a revoke's answer too long when a gateway stops.
+        raise ConfigError("GATEWAY_REVOCATION_LEASE", "must be 0 or between 0.2 and 30 seconds")
+    return lease
+
+
 def _internal_token(
     env: Mapping[str, str], environment: str, dev_keys: tuple[bytes, bytes] | None
 ) -> str:
@@ -452,6 +465,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         trust_forwarded=_bool(
             env, "GATEWAY_TRUST_FORWARDED", _bool(env, "TRUST_FORWARDED_HOST", False)
         ),
+        revocation_lease=_lease(env),
     )
     return Settings(
         environment=environment,  # type: ignore[arg-type]

@@ -120,6 +120,7 @@ def _resources(
             settings, jwks, directory, cache_ttl=settings.gateway.token_cache_ttl
         )
         revoked = RevokedGrants()
+        lease = revocation.Lease(settings.gateway.revocation_lease)
         audit_buffer = AuditBuffer(
             audit_connection,
             settings.stream(streams.AUDIT),
@@ -135,7 +136,7 @@ def _resources(
             jwks=jwks,
             verifier=verifier,
             revoked=revoked,
-            guard=Guard(guard_connection),
+            guard=Guard(guard_connection, lease),
             default_pace=Pace.of(
                 settings.gateway.rate_limit_per_minute, settings.gateway.rate_limit_burst
             ),
@@ -174,13 +175,7 @@ def _resources(
 
         audit_buffer.start()
         background = [
-            asyncio.create_task(
-                revocation.follow(
-                    followers,
-                    settings.stream(streams.REVOCATIONS),
-                    revocation.revocation_handler(revoked),
-                )
-            ),
+            asyncio.create_task(revocation.follow_revocations(followers, settings, revoked, lease)),
             asyncio.create_task(
                 revocation.follow(followers, settings.stream(streams.KEYS), on_keys)
             ),

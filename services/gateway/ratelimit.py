@@ -1,9 +1,16 @@
-"""The per-call Redis round trip: the revocation mark and the client's rate limit, together.
+"""The revocation mark and the client's rate limit: one Redis round trip, or none.
 
-One Lua script, so a protected call costs exactly one Redis round trip (sent over the lean
-pipelined connection of resp.py). It answers, in the
-contract's order, whether the grant is revoked and, when the route's scope held, whether the
-client may make one more call now.
+One Lua script answers, in the contract's order, whether the grant is revoked and, when the
+route's scope held, whether the client may make calls now (sent over the lean pipelined
+connection of resp.py). Without a revocation lease (revocation.py) every call runs it.
+
+Under a live lease the gateway's own set answers for revocation, and the script is needed only
+for the rate limit: a call then takes a block of calls from the client's bucket at once and
+leaves the rest for the calls after it (:class:`Guard`), so a busy client costs one round trip
+per block. The bucket is still the one shared by every gateway: a block is taken from it, never
+added to it, so no client exceeds its limit; a block unused within BLOCK_LIFE is dropped (the
+client loses those calls, it never gains any). A single calls-at-a-time client (a burst under
+2 * BLOCK_DIVISOR) always takes one call at a time.
 
 The limiter is GCRA (the generic cell rate algorithm, a token bucket kept as one timestamp):
 a client may make `burst` calls at once and then one every 60/`per_minute` seconds. The time is
@@ -17,23 +24,28 @@ full again, and `RateLimit-Policy` states the pace as `<burst>;w=<seconds to ref
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import math
+import time
 from dataclasses import dataclass
 from typing import NamedTuple
 
 from services.gateway.resp import PipelinedRedis, RedisReplyError, pack
+from services.gateway.revocation import Lease
 
 BUCKET_KEY = "connect:ratelimit:"
 
 # KEYS[1] the grant's revocation mark, KEYS[2] the client's bucket.
-# ARGV[1] "1" to take a call from the bucket, ARGV[2] microseconds per call, ARGV[3] burst.
-# Answer: {revoked, allowed, remaining, retry_after_us, reset_us}.
+# ARGV[1] how many calls to take from the bucket (0: only the mark), ARGV[2] microseconds per
+# call, ARGV[3] burst. Answer: {revoked, granted, remaining, retry_after_us, reset_us}; granted is
+# as many of the calls asked for as the bucket holds now, 0 when it holds none.
 _GUARD = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return {1, 0, 0, 0, 0}
 end
-if ARGV[1] ~= '1' then
+local want = tonumber(ARGV[1])
+if want < 1 then
   return {0, 1, 0, 0, 0}
 end
 local interval = tonumber(ARGV[2])
@@ -44,14 +56,15 @@ local tat = tonumber(redis.call('GET', KEYS[2])) or now
 if tat < now then
   tat = now
 end
-local new_tat = tat + interval
-local allow_at = new_tat - interval * burst
-if allow_at > now then
-  return {0, 0, 0, allow_at - now, tat - now}
+local available = math.floor((now - tat) / interval) + burst
+if available < 1 then
+  return {0, 0, 0, tat + interval - interval * burst - now, tat - now}
 end
+local granted = math.min(want, available)
+local new_tat = tat + interval * granted
 local ttl_ms = math.floor((new_tat - now) / 1000) + 1
 redis.call('SET', KEYS[2], string.format('%.0f', new_tat), 'PX', ttl_ms)
-return {0, 1, math.floor((now - allow_at) / interval), 0, new_tat - now}
+return {0, granted, available - granted, 0, new_tat - now}
 """
 
 
@@ -65,6 +78,8 @@ class Verdict(NamedTuple):
     retry_after: int  # seconds, 0 when allowed
     reset: int  # seconds until the bucket is full again
     window: int  # seconds a full bucket takes to refill
+    granted: int = 1  # calls taken from the bucket by this answer
+    retry_after_us: int = 0  # Redis's own figure behind retry_after
 
     def headers(self) -> dict[str, str]:
         return {
@@ -89,38 +104,151 @@ class Pace:
         return cls(max(1, min(burst, per_minute)), max(1, round(60_000_000 / per_minute)))
 
     @property
+    def block(self) -> int:
+        """Calls taken at once under a lease."""
+        return max(1, min(BLOCK_MAX, self.burst // BLOCK_DIVISOR))
+
+    @property
     def window(self) -> int:
         return max(1, math.ceil(self.burst * self.interval_us / 1_000_000))
 
 
+# A block is at most this many calls, and at most burst / BLOCK_DIVISOR: a client near its limit
+# must not find its calls held by a gateway it is not calling.
+BLOCK_MAX = 16
+BLOCK_DIVISOR = 8
+# How long the calls of a block (and a refusal) stay good. A refusal is kept until the next
+# call is due at the latest.
+BLOCK_LIFE = 1.0
+
+
+class _Block:
+    """The calls this gateway holds for one bucket, or the bucket's refusal."""
+
+    __slots__ = ("calls", "refusal", "remaining", "reset_at", "until")
+
+    def __init__(
+        self, calls: int, remaining: int, reset_at: float, until: float, refusal: Verdict | None
+    ) -> None:
+        self.calls = calls
+        self.remaining = remaining  # what the bucket held besides this block
+        self.reset_at = reset_at
+        self.until = until
+        self.refusal = refusal
+
+
 class Guard:
     """Runs the script over the pipelined connection (resp.py): EVALSHA, loading it by EVAL
-    the first time a Redis has not seen it."""
+    the first time a Redis has not seen it; and, under a lease, spends blocks of calls."""
 
-    def __init__(self, connection: PipelinedRedis) -> None:
+    def __init__(self, connection: PipelinedRedis, lease: Lease | None = None) -> None:
         self._redis = connection
+        self._lease = lease
         self._sha = hashlib.sha1(_GUARD.encode(), usedforsecurity=False).hexdigest().encode()
         # The command's unchanging start (`EVALSHA <sha> 2`), packed once per sha.
         self._head = (self._sha, _evalsha_head(self._sha))
+        self._blocks: dict[str, _Block] = {}
+        # One block request in flight per bucket; the calls behind it wait for its answer.
+        self._asking: dict[str, asyncio.Future[None]] = {}
 
-    async def check(
+    async def admit(
         self, revoked_key: str, bucket_key: str, *, consume: bool, pace: Pace
     ) -> Verdict:
-        """One round trip; ConnectionError or RedisReplyError when Redis cannot answer."""
+        """The call's verdict; ConnectionError or RedisReplyError when Redis cannot answer."""
+        lease = self._lease
+        if lease is None or not lease.live():
+            return await self.check(revoked_key, bucket_key, want=1 if consume else 0, pace=pace)
+        if not consume:
+            return Verdict(False, True, pace.burst, 0, 0, 0, pace.window)
+        while True:
+            verdict = self._from_block(bucket_key, pace)
+            if verdict is not None:
+                return verdict
+            asking = self._asking.get(bucket_key)
+            if asking is None:
+                break
+            await asyncio.shield(asking)
+        if len(self._blocks) >= _BLOCKS_MAX:
+            self._sweep()
+        asking = asyncio.get_running_loop().create_future()
+        self._asking[bucket_key] = asking
+        try:
+            asked_at = time.monotonic()
+            verdict = await self.check(revoked_key, bucket_key, want=pace.block, pace=pace)
+            self._keep(bucket_key, verdict, asked_at, pace)
+            return verdict
+        finally:
+            del self._asking[bucket_key]
+            asking.set_result(None)
+
+    def _from_block(self, bucket_key: str, pace: Pace) -> Verdict | None:
+        block = self._blocks.get(bucket_key)
+        if block is None:
+            return None
+        now = time.monotonic()
+        if now >= block.until:
+            del self._blocks[bucket_key]
+            return None
+        if block.refusal is not None:
+            return block.refusal
+        if block.calls <= 0:
+            del self._blocks[bucket_key]
+            return None
+        block.calls -= 1
+        return Verdict(
+            False,
+            True,
+            pace.burst,
+            block.remaining + block.calls,
+            0,
+            max(0, math.ceil(block.reset_at - now)),
+            pace.window,
+        )
+
+    def _keep(self, bucket_key: str, verdict: Verdict, asked_at: float, pace: Pace) -> None:
+        if verdict.revoked:
+            return
+        granted = verdict.granted
+        if granted > 1:
+            self._blocks[bucket_key] = _Block(
+                granted - 1,
+                verdict.remaining - (granted - 1),
+                asked_at + verdict.reset,
+                asked_at + BLOCK_LIFE,
+                None,
+            )
+        elif not verdict.allowed:
+            # Redis's clock says when the next call is due; this one's, counted from before the
+            # request, says it a little early, never late.
+            due = asked_at + min(BLOCK_LIFE, verdict.retry_after_us / 1_000_000)
+            self._blocks[bucket_key] = _Block(0, 0, 0.0, due, verdict)
+
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        for key in [k for k, b in self._blocks.items() if b.until <= now]:
+            del self._blocks[key]
+        if len(self._blocks) >= _BLOCKS_MAX:
+            self._blocks.clear()
+
+    async def check(self, revoked_key: str, bucket_key: str, *, want: int, pace: Pace) -> Verdict:
+        """One round trip, taking up to `want` calls; ConnectionError or RedisReplyError when
+        Redis cannot answer."""
         sha, head = self._head
         if sha is not self._sha:
             self._head = (self._sha, head := _evalsha_head(self._sha))
         revoked = revoked_key.encode()
         bucket = bucket_key.encode()
+        wanted = b"%d" % want
         interval = b"%d" % pace.interval_us
         burst = b"%d" % pace.burst
-        command = b"%s$%d\r\n%s\r\n$%d\r\n%s\r\n$1\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (
+        command = b"%s$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (
             head,
             len(revoked),
             revoked,
             len(bucket),
             bucket,
-            b"1" if consume else b"0",
+            len(wanted),
+            wanted,
             len(interval),
             interval,
             len(burst),
@@ -132,27 +260,25 @@ class Guard:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
             answer = await self._redis.execute(
-                pack(
-                    b"EVAL",
-                    _GUARD.encode(),
-                    b"2",
-                    revoked,
-                    bucket,
-                    b"1" if consume else b"0",
-                    interval,
-                    burst,
-                )
+                pack(b"EVAL", _GUARD.encode(), b"2", revoked, bucket, wanted, interval, burst)
             )
-        is_revoked, allowed, remaining, retry_us, reset_us = answer
+        is_revoked, granted, remaining, retry_us, reset_us = answer
+        allowed = granted >= 1
         return Verdict(
             is_revoked == 1,
-            allowed == 1,
+            allowed,
             pace.burst,
             remaining if remaining > 0 else 0,
-            0 if allowed == 1 else max(1, math.ceil(retry_us / 1_000_000)),
+            0 if allowed else max(1, math.ceil(retry_us / 1_000_000)),
             max(0, math.ceil(reset_us / 1_000_000)),
             pace.window,
+            granted if allowed else 0,
+            retry_us if not allowed else 0,
         )
+
+
+# Buckets with a block or a refusal held at once; beyond it the stale ones are dropped.
+_BLOCKS_MAX = 10_000
 
 
 def _evalsha_head(sha: bytes) -> bytes:

@@ -8,19 +8,27 @@ at any gateway sees the mark. Nothing cached can skip it.
 
 The stream feeds :class:`RevokedGrants`, a local set of recently revoked grants: a call with a
 grant found there is refused without asking Redis at all (a revoked client retrying in a loop
-costs nothing). It is only ever a faster "no", never a "yes".
+costs nothing).
+
+While the gateway holds a revocation lease (:class:`Lease`, libs/common/leases.py) the set is
+also a "yes": identity's revoke does not answer before this gateway has applied the
+announcement, so a grant absent from the set is not revoked, and the call needs no round trip
+for it. The follower below renews the lease after every read of the stream. Without a live
+lease every call asks Redis.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import secrets
 import time
 from collections.abc import Callable
 
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
-from libs.common import streams
+from libs.common import leases, streams
 from libs.common.config import Settings
 from libs.common.logging import get_logger
 
@@ -93,6 +101,157 @@ async def follow(
             log.warning("stream_follow_failed", stream=stream)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+
+def _boot_clock() -> float:
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+# The lease's clock keeps counting while the host sleeps (CLOCK_MONOTONIC stops): a gateway
+# waking from a suspend must find its lease over, as Redis does.
+lease_clock: Callable[[], float] = (
+    _boot_clock if hasattr(time, "CLOCK_BOOTTIME") else time.monotonic
+)
+
+
+class Lease:
+    """Until when this gateway may answer "not revoked" from its own set (`lease_clock`)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.gateway = secrets.token_hex(8)
+        self._until = 0.0
+
+    def live(self) -> bool:
+        return lease_clock() < self._until
+
+    def extend(self, asked_at: float) -> None:
+        """Redis granted the lease for `seconds` from when it ran the request, sent at
+        `asked_at`: count a share of that from the sending."""
+        self._until = asked_at + self.seconds * leases.OWN_SHARE
+
+    def drop(self) -> None:
+        self._until = 0.0
+
+
+async def load_marks(client: redis.Redis, settings: Settings, revoked: RevokedGrants) -> int:
+    """Every revocation mark in Redis into the local set; how many there were."""
+    prefix = revoked_key(settings, "")
+    pattern = "".join("\\" + c if c in "*?[]\\" else c for c in prefix) + "*"
+    found = 0
+    async for key in client.scan_iter(match=pattern, count=1000):
+        grant_id = (key.decode() if isinstance(key, bytes) else str(key))[len(prefix) :]
+        if grant_id:
+            revoked.add(grant_id)
+            found += 1
+    return found
+
+
+async def follow_revocations(
+    client: redis.Redis,
+    settings: Settings,
+    revoked: RevokedGrants,
+    lease: Lease,
+    *,
+    ready: asyncio.Event | None = None,
+) -> None:
+    """Follow connect:revocations into `revoked`, holding `lease` while doing so.
+
+    The lease is renewed after each read (entries or the read's timeout, a quarter of a
+    lease), reporting the newest entry applied. A fresh registration moves the read position
+    to the stream's newest entry and loads every mark before the lease counts, since the
+    entries before it are not read. Any Redis failure leaves the lease to run out.
+    """
+    stream = settings.stream(streams.REVOCATIONS)
+    use_lease = lease.seconds > 0
+    try:
+        await _follow(client, settings, stream, revoked, lease, ready)
+    finally:
+        if use_lease:
+            lease.drop()
+            with contextlib.suppress(RedisError, OSError, TimeoutError):
+                await asyncio.wait_for(leases.release(client, settings, lease.gateway), 0.5)
+
+
+async def _follow(
+    client: redis.Redis,
+    settings: Settings,
+    stream: str,
+    revoked: RevokedGrants,
+    lease: Lease,
+    ready: asyncio.Event | None,
+) -> None:
+    handle = revocation_handler(revoked)
+    use_lease = lease.seconds > 0
+    block_ms = max(50, int(lease.seconds * 250)) if use_lease else 1000
+    delay = 0.2
+    position: str | None = None
+    epoch = ""
+    registered = False
+    while True:
+        try:
+            if position is None:
+                position = await streams.last_id(client, stream)
+                if ready is not None:
+                    ready.set()
+            if use_lease and not registered:
+                # Registering reports the stream's newest entry as applied before the marks
+                # are loaded: nothing may be answered from memory in between.
+                lease.drop()
+                asked_at = lease_clock()
+                answer = await leases.take(
+                    client, settings, stream, lease.gateway, applied="", epoch=""
+                )
+                if answer.state == leases.REGISTERED:
+                    position, epoch = await _registered(client, settings, revoked, lease, answer)
+                    registered = True
+                    lease.extend(asked_at)
+            for entry in await streams.read_tail(client, stream, position, block_ms=block_ms):
+                position = entry.id
+                try:
+                    handle(entry)
+                except Exception:
+                    log.exception("stream_entry_failed", stream=stream, entry=entry.id)
+                    # Not applied, so not to be reported applied: start again from the marks.
+                    lease.drop()
+                    registered = False
+            if registered:
+                asked_at = lease_clock()
+                answer = await leases.take(
+                    client, settings, stream, lease.gateway, applied=position, epoch=epoch
+                )
+                if answer.state == leases.RENEWED:
+                    lease.extend(asked_at)
+                elif answer.state == leases.REGISTERED:
+                    # The lease had run out in Redis, or Redis has a new epoch (it lost data):
+                    # nothing from memory until the marks are loaded again.
+                    lease.drop()
+                    position, epoch = await _registered(client, settings, revoked, lease, answer)
+                    lease.extend(asked_at)
+                else:
+                    # No epoch (Redis lost the leases: identity writes a new one later), or
+                    # refused for lagging: register afresh, from the marks.
+                    lease.drop()
+                    registered = False
+            delay = 0.2
+        except (RedisError, OSError):
+            log.warning("stream_follow_failed", stream=stream)
+            registered = False
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+async def _registered(
+    client: redis.Redis,
+    settings: Settings,
+    revoked: RevokedGrants,
+    lease: Lease,
+    answer: leases.LeaseAnswer,
+) -> tuple[str, str]:
+    """After a (re)registration: the marks cover everything up to the newest entry."""
+    marks = await load_marks(client, settings, revoked)
+    log.info("revocation_lease_registered", gateway=lease.gateway, marks=marks)
+    return answer.newest, answer.epoch
 
 
 def revocation_handler(revoked: RevokedGrants) -> Callable[[streams.Entry], None]:

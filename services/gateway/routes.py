@@ -212,12 +212,13 @@ async def checked_call(
     assert client is not None
     structlog.contextvars.bind_contextvars(client_id=verified.client_id)
 
-    # 5: revoked? The local set answers "yes" without Redis; Redis answers every other call.
+    # 5: revoked? The local set answers "yes" without Redis, and "no" under a revocation
+    # lease (revocation.py); otherwise Redis answers, in the rate limiter's round trip.
     if verified.grant_id in ctx.revoked:
         return _reject(ctx, "revoked", "The access token has been revoked")
     allowed_by_scope, scope_used = verified.satisfying(required)
     try:
-        verdict = await ctx.guard.check(
+        verdict = await ctx.guard.admit(
             ctx.revoked_prefix + verified.grant_id,
             f"{ctx.bucket_prefix}{school_id}:{verified.client_id}",
             consume=allowed_by_scope,

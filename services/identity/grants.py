@@ -1,8 +1,9 @@
 """Grants: one user's consent for one client at one school, the root of every token.
 
 Revoking a grant ends every token that descends from it. The revocation is written to
-PostgreSQL, marked in Redis and announced on `connect:revocations` before the caller answers,
-so no gateway accepts a token of the grant after the revoke has returned.
+PostgreSQL, marked in Redis and announced on `connect:revocations`, and every gateway that
+answers from memory has applied the announcement (libs/common/leases.py), before the caller
+answers: no gateway accepts a token of the grant after the revoke has returned.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from uuid import UUID
 
 import redis.asyncio as redis
 
-from libs.common import streams
+from libs.common import leases, streams
 from libs.common.config import Settings
 from libs.common.db import Executor
 from services.identity import audit, store
@@ -58,12 +59,14 @@ async def revoke_grant(
     pipe = redis_client.pipeline(transaction=False)
     pipe.set(settings.stream(REVOKED_KEY) + str(grant_id), reason, ex=ttl)
     await pipe.execute()
-    await streams.append(
+    announced = await streams.append(
         redis_client,
         settings.stream(streams.REVOCATIONS),
         {"grant_id": str(grant_id), "reason": reason, "at": time.time(), "ttl": ttl},
         maxlen=50_000,
     )
+    # Gateways answering from their own set under a lease must have heard it first.
+    await leases.wait_for_gateways(redis_client, settings, announced)
     if grant is not None:
         await audit.append(
             redis_client,

@@ -27,6 +27,7 @@ import asyncpg
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
+from libs.common import leases
 from libs.common.config import Settings
 from libs.common.logging import get_logger
 from services.identity import grants
@@ -92,8 +93,27 @@ async def run(
                 due = loop.time() + random.uniform(  # noqa: S311 - jitter, not a secret
                     REASSERT_INTERVAL / 2, REASSERT_INTERVAL
                 )
+            if settings.gateway.revocation_lease > 0 and await leases.epoch_missing(
+                redis_client, settings
+            ):
+                await _renew_epoch(pool, redis_client, settings, stop)
         except (OSError, asyncpg.PostgresError, RedisError):
             # Retried at the next check: the sentinel is written only after a complete pass.
             log.warning("revocation_reassert_failed", exc_info=True)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), CHECK_INTERVAL)
+
+
+async def _renew_epoch(
+    pool: asyncpg.Pool, redis_client: redis.Redis, settings: Settings, stop: asyncio.Event
+) -> None:
+    """Let gateways take revocation leases again (libs/common/leases.py): a whole lease after
+    the epoch was found gone, so no gateway still counts on a lease it held before, and after
+    a complete pass, so the marks a registering gateway loads are all there."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), settings.gateway.revocation_lease)
+    if stop.is_set():
+        return
+    await reassert_once(pool, redis_client, settings)
+    if await leases.establish_epoch(redis_client, settings):
+        log.info("revocation_leases_epoch_written")

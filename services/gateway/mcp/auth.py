@@ -157,7 +157,7 @@ async def authenticate(
     if verified.grant_id in ctx.revoked:
         return unauthorized(ctx, "revoked", "The access token has been revoked")
     try:
-        verdict = await ctx.guard.check(
+        verdict = await ctx.guard.admit(
             ctx.revoked_prefix + verified.grant_id,
             f"{ctx.bucket_prefix}{verified.school_id}:{verified.client_id}",
             consume=True,

@@ -1,0 +1,482 @@
+"""Revocation leases (libs/common/leases.py): gateways answer "not revoked" from memory only
+while identity's revoke is bound to wait for them, and every way of breaking that (a paused
+gateway, a lost lease hash, a gateway started after the revoke, a lagging follower) still
+leaves no call succeeding after the revoke has answered.
+
+The protocol is tested against the real Redis with a Settings of its own (its own key prefix,
+a one-second lease); the break tests run real gateway processes beside the session's identity.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import orjson
+import pytest
+import redis.asyncio as redis_asyncio
+
+from libs.common import leases, streams
+from libs.common.config import Settings, load_settings
+from services.gateway.ratelimit import Guard, Pace
+from services.gateway.resp import PipelinedRedis
+from services.gateway.revocation import Lease, RevokedGrants, follow_revocations, lease_clock
+from services.identity import grants, keys, revocation_marks
+from tests.test_gateway_processes import GatewayProcess
+from tests.test_gateway_support import (
+    access_claims,
+    echo_upstream,
+    make_world,
+    mint,
+    user_grant,
+)
+
+__all__ = ["echo_upstream"]
+
+pytestmark = pytest.mark.usefixtures("echo_upstream")
+
+LEASE = 1.0
+
+
+@pytest.fixture
+def lease_settings(base_env: dict[str, str], unique: str) -> Settings:
+    return load_settings(
+        {
+            **base_env,
+            "REDIS_KEY_PREFIX": f"{base_env.get('REDIS_KEY_PREFIX', '')}lease-{unique}:",
+            "GATEWAY_REVOCATION_LEASE": str(LEASE),
+        }
+    )
+
+
+@pytest.fixture
+async def lease_redis(lease_settings: Settings) -> AsyncIterator[redis_asyncio.Redis]:
+    client = redis_asyncio.Redis.from_url(lease_settings.redis_url)
+    yield client
+    found = [k async for k in client.scan_iter(match=lease_settings.redis_prefix + "*")]
+    if found:
+        await client.delete(*found)
+    await client.aclose()
+
+
+async def _announce(client: redis_asyncio.Redis, settings: Settings, grant_id: str) -> str:
+    return await streams.append(
+        client, settings.stream(streams.REVOCATIONS), {"grant_id": grant_id, "ttl": 60}
+    )
+
+
+def _stream(settings: Settings) -> str:
+    return settings.stream(streams.REVOCATIONS)
+
+
+# The protocol --------------------------------------------------------------------------------
+
+
+async def test_without_an_epoch_no_gateway_gets_a_lease_and_a_revoke_waits_one_out(
+    lease_redis: redis_asyncio.Redis, lease_settings: Settings
+) -> None:
+    answer = await leases.take(
+        lease_redis, lease_settings, _stream(lease_settings), "gw", applied="", epoch=""
+    )
+    assert answer.state == 0
+    announced = await _announce(lease_redis, lease_settings, "g1")
+    began = time.monotonic()
+    await leases.wait_for_gateways(lease_redis, lease_settings, announced)
+    # A gateway may still count on a lease from before the epoch was lost: a whole lease.
+    assert time.monotonic() - began >= LEASE
+
+
+async def test_a_revoke_waits_for_every_live_lease_to_apply_it(
+    lease_redis: redis_asyncio.Redis, lease_settings: Settings
+) -> None:
+    stream = _stream(lease_settings)
+    assert await leases.establish_epoch(lease_redis, lease_settings)
+    assert not await leases.establish_epoch(lease_redis, lease_settings)  # one epoch
+    before = await _announce(lease_redis, lease_settings, "old")
+    first = await leases.take(lease_redis, lease_settings, stream, "a", applied="", epoch="")
+    second = await leases.take(lease_redis, lease_settings, stream, "b", applied="", epoch="")
+    # Registration reports the newest entry applied: the marks cover what came before it.
+    assert first.state == second.state == leases.REGISTERED
+    assert first.newest == before
+
+    announced = await _announce(lease_redis, lease_settings, "new")
+    waiting = asyncio.create_task(leases.wait_for_gateways(lease_redis, lease_settings, announced))
+    await asyncio.sleep(0.1)
+    assert not waiting.done()
+    renewed = await leases.take(
+        lease_redis, lease_settings, stream, "a", applied=announced, epoch=first.epoch
+    )
+    assert renewed.state == leases.RENEWED
+    await asyncio.sleep(0.1)
+    assert not waiting.done()  # "b" has not applied it yet
+    await leases.take(
+        lease_redis, lease_settings, stream, "b", applied=announced, epoch=second.epoch
+    )
+    await asyncio.wait_for(waiting, 1)
+
+
+async def test_a_lease_that_runs_out_stops_holding_the_revoke_and_must_register_again(
+    lease_redis: redis_asyncio.Redis, lease_settings: Settings
+) -> None:
+    stream = _stream(lease_settings)
+    await leases.establish_epoch(lease_redis, lease_settings)
+    held = await leases.take(lease_redis, lease_settings, stream, "gw", applied="", epoch="")
+    announced = await _announce(lease_redis, lease_settings, "g")
+    began = time.monotonic()
+    await leases.wait_for_gateways(lease_redis, lease_settings, announced)
+    assert time.monotonic() - began >= LEASE * 0.5
+    # Coming back after the lapse is a registration: the gateway reloads the marks.
+    late = await leases.take(
+        lease_redis, lease_settings, stream, "gw", applied=held.newest, epoch=held.epoch
+    )
+    assert late.state == leases.REGISTERED
+    assert late.newest == announced
+
+
+async def test_a_gateway_lagging_behind_the_stream_is_refused_renewal(
+    lease_redis: redis_asyncio.Redis, lease_settings: Settings
+) -> None:
+    stream = _stream(lease_settings)
+    await leases.establish_epoch(lease_redis, lease_settings)
+    held = await leases.take(lease_redis, lease_settings, stream, "gw", applied="", epoch="")
+    await _announce(lease_redis, lease_settings, "g")
+    # Just announced: a follower may not have read it yet, the renewal stands.
+    fresh = await leases.take(
+        lease_redis, lease_settings, stream, "gw", applied=held.newest, epoch=held.epoch
+    )
+    assert fresh.state == leases.RENEWED
+    await asyncio.sleep(LEASE / 2 + 0.1)
+    stale = await leases.take(
+        lease_redis, lease_settings, stream, "gw", applied=held.newest, epoch=held.epoch
+    )
+    assert stale.state == 3
+
+
+async def test_a_new_epoch_makes_every_gateway_register_afresh(
+    lease_redis: redis_asyncio.Redis, lease_settings: Settings
+) -> None:
+    stream = _stream(lease_settings)
+    await leases.establish_epoch(lease_redis, lease_settings)
+    held = await leases.take(lease_redis, lease_settings, stream, "gw", applied="", epoch="")
+    # Redis lost the hash; identity wrote a new epoch later.
+    await lease_redis.delete(leases.leases_key(lease_settings))
+    lost = await leases.take(
+        lease_redis, lease_settings, stream, "gw", applied=held.newest, epoch=held.epoch
+    )
+    assert lost.state == 0
+    await leases.establish_epoch(lease_redis, lease_settings)
+    again = await leases.take(
+        lease_redis, lease_settings, stream, "gw", applied=held.newest, epoch=held.epoch
+    )
+    assert again.state == leases.REGISTERED and again.epoch != held.epoch
+
+
+async def test_a_released_lease_holds_no_revoke(
+    lease_redis: redis_asyncio.Redis, lease_settings: Settings
+) -> None:
+    stream = _stream(lease_settings)
+    await leases.establish_epoch(lease_redis, lease_settings)
+    await leases.take(lease_redis, lease_settings, stream, "gw", applied="", epoch="")
+    await leases.release(lease_redis, lease_settings, "gw")
+    announced = await _announce(lease_redis, lease_settings, "g")
+    await asyncio.wait_for(leases.wait_for_gateways(lease_redis, lease_settings, announced), 0.5)
+
+
+async def test_identity_writes_the_epoch_a_lease_after_finding_it_gone(
+    lease_redis: redis_asyncio.Redis, lease_settings: Settings, pool: Any
+) -> None:
+    stop = asyncio.Event()
+    began = time.monotonic()
+    task = asyncio.create_task(revocation_marks.run(pool, lease_redis, lease_settings, stop))
+    try:
+        while await leases.epoch_missing(lease_redis, lease_settings):
+            assert time.monotonic() - began < 10
+            await asyncio.sleep(0.05)
+        assert time.monotonic() - began >= LEASE
+    finally:
+        stop.set()
+        await task
+
+
+# The gateway's follower ------------------------------------------------------------------------
+
+
+async def test_the_follower_holds_a_lease_only_once_the_marks_are_loaded(
+    lease_redis: redis_asyncio.Redis, lease_settings: Settings
+) -> None:
+    """A gateway registering after revocations knows them from their marks, and answers from
+    memory only then; a revocation after that reaches it through the stream before the
+    revoke returns."""
+    mark = lease_settings.stream(grants.REVOKED_KEY)
+    await lease_redis.set(mark + "before", "x", ex=60)
+    await _announce(lease_redis, lease_settings, "before")
+    await leases.establish_epoch(lease_redis, lease_settings)
+    revoked = RevokedGrants()
+    lease = Lease(LEASE)
+    follower = asyncio.create_task(follow_revocations(lease_redis, lease_settings, revoked, lease))
+    try:
+        deadline = lease_clock() + 5
+        while not lease.live():
+            assert lease_clock() < deadline
+            await asyncio.sleep(0.01)
+        assert "before" in revoked
+        await lease_redis.set(mark + "after", "x", ex=60)
+        announced = await _announce(lease_redis, lease_settings, "after")
+        await asyncio.wait_for(
+            leases.wait_for_gateways(lease_redis, lease_settings, announced), LEASE
+        )
+        assert "after" in revoked
+        # The hash loses its epoch: the gateway stops answering from memory at its next read.
+        await lease_redis.delete(leases.leases_key(lease_settings))
+        deadline = lease_clock() + LEASE
+        while lease.live():
+            assert lease_clock() < deadline
+            await asyncio.sleep(0.01)
+    finally:
+        follower.cancel()
+        await asyncio.gather(follower, return_exceptions=True)
+    # Stopping gave the lease back.
+    fields = await lease_redis.hkeys(leases.leases_key(lease_settings))
+    assert not [f for f in fields if f.decode().endswith(lease.gateway)]
+
+
+# Rate limits under a lease -------------------------------------------------------------------
+
+
+async def _evalshas(client: redis_asyncio.Redis) -> int:
+    stats = await client.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+async def test_under_a_lease_calls_come_in_blocks_from_the_one_shared_bucket(
+    lease_redis: redis_asyncio.Redis, lease_settings: Settings, unique: str
+) -> None:
+    """Two gateways share a client's bucket: blocks are taken from it, so together they allow
+    no more than the burst; each asks Redis about once per block."""
+    pace = Pace.of(60, 32)  # one call a second after a burst of 32; blocks of 4
+    assert pace.block == 4
+    connections = [PipelinedRedis(lease_settings.redis_url) for _ in range(2)]
+    gateways = []
+    for connection in connections:
+        lease = Lease(30)
+        lease.extend(lease_clock())
+        gateways.append(Guard(connection, lease))
+    bucket = lease_settings.stream("connect:ratelimit:") + unique
+    mark = lease_settings.stream(grants.REVOKED_KEY) + unique
+    try:
+        before = await _evalshas(lease_redis)
+        allowed = 0
+        verdicts = []
+        for n in range(40):
+            verdict = await gateways[n % 2].admit(mark, bucket, consume=True, pace=pace)
+            verdicts.append(verdict)
+            allowed += verdict.allowed
+        asked = await _evalshas(lease_redis) - before
+        assert allowed == 32
+        refused = [v for v in verdicts if not v.allowed]
+        assert all(v.retry_after >= 1 for v in refused)
+        # 32 calls in blocks of 4, and one refusal per gateway remembered until the next call
+        # is due: far fewer round trips than calls.
+        assert asked <= 32 // 4 + 2 + 2
+        # Concurrent calls on one gateway wait for the block in flight rather than each
+        # asking Redis.
+        fresh = bucket + ":fresh"
+        before = await _evalshas(lease_redis)
+        together = await asyncio.gather(
+            *(gateways[0].admit(mark, fresh, consume=True, pace=pace) for _ in range(8))
+        )
+        assert all(v.allowed for v in together)
+        assert await _evalshas(lease_redis) - before == 2
+    finally:
+        for connection in connections:
+            await connection.close()
+
+
+async def test_without_a_live_lease_every_call_asks_redis(
+    lease_redis: redis_asyncio.Redis, lease_settings: Settings, unique: str
+) -> None:
+    connection = PipelinedRedis(lease_settings.redis_url)
+    guard = Guard(connection, Lease(LEASE))  # never extended
+    bucket = lease_settings.stream("connect:ratelimit:") + unique
+    mark = lease_settings.stream(grants.REVOKED_KEY) + unique
+    try:
+        before = await _evalshas(lease_redis)
+        for _ in range(5):
+            assert (await guard.admit(mark, bucket, consume=True, pace=Pace.of(600, 100))).allowed
+        assert await _evalshas(lease_redis) - before == 5
+        await lease_redis.set(mark, "revoked", ex=60)
+        assert (await guard.admit(mark, bucket, consume=True, pace=Pace.of(600, 100))).revoked
+    finally:
+        await connection.close()
+
+
+# Breaking it with real gateway processes ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lease_gateways(
+    gateway_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[list[GatewayProcess]]:
+    logs = tmp_path_factory.mktemp("lease-gateways")
+    env = {**gateway_env, "LOG_LEVEL": "info"}
+    started = [GatewayProcess(env, logs / f"gateway-{n}.log") for n in range(2)]
+    try:
+        yield started
+    finally:
+        for process in started:
+            if process.process.poll() is None:
+                os.kill(process.process.pid, signal.SIGCONT)
+            process.stop()
+
+
+def _gateway_id(process: GatewayProcess) -> str | None:
+    """The lease id the gateway process registered last (it logs each registration)."""
+    found = None
+    for line in process.log.read_text().splitlines():
+        if "revocation_lease_registered" in line:
+            found = orjson.loads(line)["gateway"]
+    return found
+
+
+async def _redis_now_us(client: redis_asyncio.Redis) -> int:
+    seconds, micros = await client.time()
+    return int(seconds) * 1_000_000 + int(micros)
+
+
+async def _lease_expiry(client: redis_asyncio.Redis, settings: Settings, gateway: str) -> int:
+    raw = await client.hget(leases.leases_key(settings), "e:" + gateway)
+    return int(raw) if raw else 0
+
+
+async def _leased(
+    process: GatewayProcess, client: redis_asyncio.Redis, settings: Settings, timeout: float = 20
+) -> str:
+    """Until the gateway process holds a live lease; its id."""
+    deadline = time.monotonic() + timeout
+    while True:
+        gateway = _gateway_id(process)
+        if gateway and await _lease_expiry(client, settings, gateway) > await _redis_now_us(client):
+            return gateway
+        assert time.monotonic() < deadline, process.log.read_text()[-2000:]
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def leased_gateways(
+    lease_gateways: list[GatewayProcess],
+    gateway_identity_url: str,
+    http: Any,
+    redis: Any,
+    gateway_settings: Settings,
+) -> list[GatewayProcess]:
+    for process in lease_gateways:
+        await process.ready(http)
+        await _leased(process, redis, gateway_settings)
+    return lease_gateways
+
+
+async def _status(http: Any, base: str, host: str, token: str) -> int:
+    async with http.get(
+        base + "/api/v1/courses", headers={"Host": host, "Authorization": f"Bearer {token}"}
+    ) as resp:
+        await resp.read()
+        return int(resp.status)
+
+
+async def _granted_token(pool: Any, settings: Settings, world: Any) -> tuple[Any, str]:
+    grant_id = await user_grant(pool, world, ["read"])
+    token = await mint(
+        keys.KeyRing(pool, settings),
+        world.school.id,
+        access_claims(settings, world, grant_id, "read"),
+    )
+    return grant_id, token
+
+
+async def test_a_paused_gateway_holds_the_revoke_until_its_lease_is_over(
+    leased_gateways: list[GatewayProcess],
+    http: Any,
+    pool: Any,
+    redis: Any,
+    gateway_settings: Settings,
+    gateway_port: int,
+) -> None:
+    """SIGSTOP one gateway while it holds a lease; revoke. The revoke answers only after that
+    lease is over by Redis's clock (so after the gateway's own view of it), and the gateway,
+    resumed, refuses the token."""
+    world = await make_world(pool, gateway_settings, "lease-stop", gateway_port)
+    paused, running = leased_gateways
+    for trial in range(3):
+        gateway = await _leased(paused, redis, gateway_settings)
+        grant_id, token = await _granted_token(pool, gateway_settings, world)
+        assert await _status(http, paused.url, world.host, token) == 200
+        assert await _status(http, running.url, world.host, token) == 200
+        os.kill(paused.process.pid, signal.SIGSTOP)
+        try:
+            await asyncio.sleep(0.05)  # any renewal in flight has landed
+            held_until = await _lease_expiry(redis, gateway_settings, gateway)
+            assert held_until > await _redis_now_us(redis), trial
+            await grants.revoke_grant(
+                pool, redis, gateway_settings, grant_id, reason="user_revoked"
+            )
+            assert await _redis_now_us(redis) >= held_until, trial
+        finally:
+            os.kill(paused.process.pid, signal.SIGCONT)
+        assert await _status(http, paused.url, world.host, token) == 401, trial
+        assert await _status(http, running.url, world.host, token) == 401, trial
+
+
+async def test_a_lost_lease_hash_makes_the_revoke_wait_out_every_lease(
+    leased_gateways: list[GatewayProcess],
+    http: Any,
+    pool: Any,
+    redis: Any,
+    gateway_settings: Settings,
+    gateway_port: int,
+) -> None:
+    """Redis loses the lease hash (eviction, a restart without persistence) while gateways
+    hold leases: a revoke then waits a whole lease, past any gateway's own view of its lease,
+    and the gateways take leases again only under the epoch identity writes later."""
+    world = await make_world(pool, gateway_settings, "lease-lost", gateway_port)
+    grant_id, token = await _granted_token(pool, gateway_settings, world)
+    for process in leased_gateways:
+        assert await _status(http, process.url, world.host, token) == 200
+    await redis.delete(leases.leases_key(gateway_settings))
+    began = time.monotonic()
+    await grants.revoke_grant(pool, redis, gateway_settings, grant_id, reason="user_revoked")
+    assert time.monotonic() - began >= gateway_settings.gateway.revocation_lease
+    for process in leased_gateways:
+        assert await _status(http, process.url, world.host, token) == 401
+    for process in leased_gateways:
+        await _leased(process, redis, gateway_settings)
+        assert await _status(http, process.url, world.host, token) == 401
+
+
+async def test_a_gateway_started_after_the_revoke_refuses_from_the_marks(
+    leased_gateways: list[GatewayProcess],
+    gateway_env: dict[str, str],
+    http: Any,
+    pool: Any,
+    redis: Any,
+    gateway_settings: Settings,
+    gateway_port: int,
+    tmp_path: Any,
+) -> None:
+    world = await make_world(pool, gateway_settings, "lease-late", gateway_port)
+    grant_id, token = await _granted_token(pool, gateway_settings, world)
+    await grants.revoke_grant(pool, redis, gateway_settings, grant_id, reason="user_revoked")
+    late = GatewayProcess({**gateway_env, "LOG_LEVEL": "info"}, tmp_path / "late.log")
+    try:
+        await late.ready(http)
+        await _leased(late, redis, gateway_settings)
+        # A live grant of the same client takes a block of calls from the client's bucket, so
+        # the revoked token's call is answered from memory alone, not by Redis's mark.
+        _, live = await _granted_token(pool, gateway_settings, world)
+        assert await _status(http, late.url, world.host, live) == 200
+        assert await _status(http, late.url, world.host, token) == 401
+    finally:
+        late.stop()
