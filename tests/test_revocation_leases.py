@@ -22,6 +22,7 @@ import redis.asyncio as redis_asyncio
 
 from libs.common import leases, streams
 from libs.common.config import Settings, load_settings
+from services.gateway import ratelimit
 from services.gateway.ratelimit import Guard, Pace
 from services.gateway.resp import PipelinedRedis
 from services.gateway.revocation import Lease, RevokedGrants, follow_revocations, lease_clock
@@ -73,6 +74,29 @@ def _stream(settings: Settings) -> str:
     return settings.stream(streams.REVOCATIONS)
 
 
+async def _run_id(client: redis_asyncio.Redis) -> str:
+    return str((await client.info("server"))["run_id"])
+
+
+async def _given_an_epoch(
+    client: redis_asyncio.Redis, settings: Settings, *, run_id: str | None = None
+) -> None:
+    """The state identity leaves once it has written an epoch (the way it gets there, a whole
+    lease after noting the loss, has a test of its own below)."""
+    await client.hset(
+        leases.leases_key(settings),
+        mapping={
+            "epoch": unique_epoch(),
+            "run_id": run_id or await _run_id(client),
+            "lease_us": int(LEASE * 1_000_000),
+        },
+    )
+
+
+def unique_epoch() -> str:
+    return os.urandom(8).hex()
+
+
 # The protocol --------------------------------------------------------------------------------
 
 
@@ -94,8 +118,7 @@ async def test_a_revoke_waits_for_every_live_lease_to_apply_it(
     lease_redis: redis_asyncio.Redis, lease_settings: Settings
 ) -> None:
     stream = _stream(lease_settings)
-    assert await leases.establish_epoch(lease_redis, lease_settings)
-    assert not await leases.establish_epoch(lease_redis, lease_settings)  # one epoch
+    await _given_an_epoch(lease_redis, lease_settings)
     before = await _announce(lease_redis, lease_settings, "old")
     first = await leases.take(lease_redis, lease_settings, stream, "a", applied="", epoch="")
     second = await leases.take(lease_redis, lease_settings, stream, "b", applied="", epoch="")
@@ -123,7 +146,7 @@ async def test_a_lease_that_runs_out_stops_holding_the_revoke_and_must_register_
     lease_redis: redis_asyncio.Redis, lease_settings: Settings
 ) -> None:
     stream = _stream(lease_settings)
-    await leases.establish_epoch(lease_redis, lease_settings)
+    await _given_an_epoch(lease_redis, lease_settings)
     held = await leases.take(lease_redis, lease_settings, stream, "gw", applied="", epoch="")
     announced = await _announce(lease_redis, lease_settings, "g")
     began = time.monotonic()
@@ -141,7 +164,7 @@ async def test_a_gateway_lagging_behind_the_stream_is_refused_renewal(
     lease_redis: redis_asyncio.Redis, lease_settings: Settings
 ) -> None:
     stream = _stream(lease_settings)
-    await leases.establish_epoch(lease_redis, lease_settings)
+    await _given_an_epoch(lease_redis, lease_settings)
     held = await leases.take(lease_redis, lease_settings, stream, "gw", applied="", epoch="")
     await _announce(lease_redis, lease_settings, "g")
     # Just announced: a follower may not have read it yet, the renewal stands.
@@ -150,17 +173,67 @@ async def test_a_gateway_lagging_behind_the_stream_is_refused_renewal(
     )
     assert fresh.state == leases.RENEWED
     await asyncio.sleep(LEASE / 2 + 0.1)
+    # A newer entry does not hide the old one the gateway has not applied.
+    await _announce(lease_redis, lease_settings, "h")
     stale = await leases.take(
         lease_redis, lease_settings, stream, "gw", applied=held.newest, epoch=held.epoch
     )
-    assert stale.state == 3
+    assert stale.state == leases.REFUSED
+
+
+async def test_a_gateway_whose_unread_entries_were_trimmed_is_refused_renewal(
+    lease_redis: redis_asyncio.Redis, lease_settings: Settings
+) -> None:
+    stream = _stream(lease_settings)
+    await _given_an_epoch(lease_redis, lease_settings)
+    held = await leases.take(lease_redis, lease_settings, stream, "gw", applied="", epoch="")
+    for n in range(3):
+        await _announce(lease_redis, lease_settings, f"g{n}")
+    await lease_redis.xtrim(stream, maxlen=1, approximate=False)
+    answer = await leases.take(
+        lease_redis, lease_settings, stream, "gw", applied=held.newest, epoch=held.epoch
+    )
+    assert answer.state == leases.REFUSED
+
+
+async def test_an_epoch_holds_only_on_the_redis_instance_that_wrote_it(
+    lease_redis: redis_asyncio.Redis, lease_settings: Settings
+) -> None:
+    """A hash that came back from a snapshot or a replica (another run_id) is no lease at
+    all: gateways get none, and a revoke waits a whole lease out."""
+    stream = _stream(lease_settings)
+    await _given_an_epoch(lease_redis, lease_settings, run_id="0" * 40)
+    answer = await leases.take(lease_redis, lease_settings, stream, "gw", applied="", epoch="")
+    assert answer.state == 0
+    assert not await lease_redis.exists(leases.leases_key(lease_settings))
+    await _given_an_epoch(lease_redis, lease_settings, run_id="1" * 40)
+    announced = await _announce(lease_redis, lease_settings, "g")
+    began = time.monotonic()
+    await leases.wait_for_gateways(lease_redis, lease_settings, announced)
+    assert time.monotonic() - began >= LEASE
+
+
+async def test_no_gateway_is_granted_a_longer_lease_than_the_epoch_says(
+    lease_redis: redis_asyncio.Redis, lease_settings: Settings, base_env: dict[str, str]
+) -> None:
+    await _given_an_epoch(lease_redis, lease_settings)
+    longer = load_settings(
+        {
+            **base_env,
+            "REDIS_KEY_PREFIX": lease_settings.redis_prefix,
+            "GATEWAY_REVOCATION_LEASE": "5",
+        }
+    )
+    answer = await leases.take(lease_redis, longer, _stream(longer), "gw", applied="", epoch="")
+    assert answer.state == leases.REGISTERED
+    assert answer.seconds == LEASE
 
 
 async def test_a_new_epoch_makes_every_gateway_register_afresh(
     lease_redis: redis_asyncio.Redis, lease_settings: Settings
 ) -> None:
     stream = _stream(lease_settings)
-    await leases.establish_epoch(lease_redis, lease_settings)
+    await _given_an_epoch(lease_redis, lease_settings)
     held = await leases.take(lease_redis, lease_settings, stream, "gw", applied="", epoch="")
     # Redis lost the hash; identity wrote a new epoch later.
     await lease_redis.delete(leases.leases_key(lease_settings))
@@ -168,18 +241,39 @@ async def test_a_new_epoch_makes_every_gateway_register_afresh(
         lease_redis, lease_settings, stream, "gw", applied=held.newest, epoch=held.epoch
     )
     assert lost.state == 0
-    await leases.establish_epoch(lease_redis, lease_settings)
+    await _given_an_epoch(lease_redis, lease_settings)
     again = await leases.take(
         lease_redis, lease_settings, stream, "gw", applied=held.newest, epoch=held.epoch
     )
     assert again.state == leases.REGISTERED and again.epoch != held.epoch
 
 
+async def test_an_epoch_is_written_a_whole_lease_after_the_loss_and_after_a_pass_since(
+    lease_redis: redis_asyncio.Redis, lease_settings: Settings
+) -> None:
+    assert await leases.epoch_state(lease_redis, lease_settings) == 0  # the loss, noted
+    early = await leases.redis_now_us(lease_redis)
+    assert await leases.epoch_state(lease_redis, lease_settings, pass_began_us=early) == 0
+    await asyncio.sleep(LEASE + 0.05)
+    # A pass that began before the loss was noted does not count.
+    assert await leases.epoch_state(lease_redis, lease_settings, pass_began_us=1) == 0
+    # Redis loses data again: the note goes with it, and the wait starts over.
+    await lease_redis.delete(leases.leases_key(lease_settings))
+    assert await leases.epoch_state(lease_redis, lease_settings, pass_began_us=early) == 0
+    noted = await leases.redis_now_us(lease_redis)
+    await asyncio.sleep(LEASE + 0.05)
+    assert (
+        await leases.epoch_state(lease_redis, lease_settings, pass_began_us=noted)
+        == leases.EPOCH_WRITTEN
+    )
+    assert await leases.epoch_state(lease_redis, lease_settings) == leases.EPOCH_THERE
+
+
 async def test_a_released_lease_holds_no_revoke(
     lease_redis: redis_asyncio.Redis, lease_settings: Settings
 ) -> None:
     stream = _stream(lease_settings)
-    await leases.establish_epoch(lease_redis, lease_settings)
+    await _given_an_epoch(lease_redis, lease_settings)
     await leases.take(lease_redis, lease_settings, stream, "gw", applied="", epoch="")
     await leases.release(lease_redis, lease_settings, "gw")
     announced = await _announce(lease_redis, lease_settings, "g")
@@ -193,7 +287,7 @@ async def test_identity_writes_the_epoch_a_lease_after_finding_it_gone(
     began = time.monotonic()
     task = asyncio.create_task(revocation_marks.run(pool, lease_redis, lease_settings, stop))
     try:
-        while await leases.epoch_missing(lease_redis, lease_settings):
+        while await leases.epoch_state(lease_redis, lease_settings) != leases.EPOCH_THERE:
             assert time.monotonic() - began < 10
             await asyncio.sleep(0.05)
         assert time.monotonic() - began >= LEASE
@@ -214,7 +308,7 @@ async def test_the_follower_holds_a_lease_only_once_the_marks_are_loaded(
     mark = lease_settings.stream(grants.REVOKED_KEY)
     await lease_redis.set(mark + "before", "x", ex=60)
     await _announce(lease_redis, lease_settings, "before")
-    await leases.establish_epoch(lease_redis, lease_settings)
+    await _given_an_epoch(lease_redis, lease_settings)
     revoked = RevokedGrants()
     lease = Lease(LEASE)
     follower = asyncio.create_task(follow_revocations(lease_redis, lease_settings, revoked, lease))
@@ -252,36 +346,33 @@ async def _evalshas(client: redis_asyncio.Redis) -> int:
     return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
 
 
+def _leased_guard(connection: PipelinedRedis) -> Guard:
+    lease = Lease(30)
+    lease.extend(lease_clock(), 30)
+    return Guard(connection, lease)
+
+
 async def test_under_a_lease_calls_come_in_blocks_from_the_one_shared_bucket(
     lease_redis: redis_asyncio.Redis, lease_settings: Settings, unique: str
 ) -> None:
     """Two gateways share a client's bucket: blocks are taken from it, so together they allow
-    no more than the burst; each asks Redis about once per block."""
-    pace = Pace.of(60, 32)  # one call a second after a burst of 32; blocks of 4
+    no more than the burst, and each asks Redis far less often than it is called."""
+    pace = Pace.of(60, 32)  # one call a second after a burst of 32; blocks of up to 4
     assert pace.block == 4
     connections = [PipelinedRedis(lease_settings.redis_url) for _ in range(2)]
-    gateways = []
-    for connection in connections:
-        lease = Lease(30)
-        lease.extend(lease_clock())
-        gateways.append(Guard(connection, lease))
+    gateways = [_leased_guard(c) for c in connections]
     bucket = lease_settings.stream("connect:ratelimit:") + unique
     mark = lease_settings.stream(grants.REVOKED_KEY) + unique
     try:
         before = await _evalshas(lease_redis)
-        allowed = 0
-        verdicts = []
-        for n in range(40):
-            verdict = await gateways[n % 2].admit(mark, bucket, consume=True, pace=pace)
-            verdicts.append(verdict)
-            allowed += verdict.allowed
+        verdicts = [
+            await gateways[n % 2].admit(mark, bucket, consume=True, pace=pace) for n in range(40)
+        ]
         asked = await _evalshas(lease_redis) - before
-        assert allowed == 32
-        refused = [v for v in verdicts if not v.allowed]
-        assert all(v.retry_after >= 1 for v in refused)
-        # 32 calls in blocks of 4, and one refusal per gateway remembered until the next call
-        # is due: far fewer round trips than calls.
-        assert asked <= 32 // 4 + 2 + 2
+        assert sum(v.allowed for v in verdicts) == 32
+        assert all(v.retry_after >= 1 for v in verdicts if not v.allowed)
+        assert all(v.remaining >= 0 for v in verdicts)
+        assert asked < 40 // 2
         # Concurrent calls on one gateway wait for the block in flight rather than each
         # asking Redis.
         fresh = bucket + ":fresh"
@@ -290,10 +381,53 @@ async def test_under_a_lease_calls_come_in_blocks_from_the_one_shared_bucket(
             *(gateways[0].admit(mark, fresh, consume=True, pace=pace) for _ in range(8))
         )
         assert all(v.allowed for v in together)
-        assert await _evalshas(lease_redis) - before == 2
+        assert await _evalshas(lease_redis) - before <= 4
     finally:
         for connection in connections:
             await connection.close()
+
+
+async def test_remaining_counts_down_by_one_through_blocks(
+    lease_redis: redis_asyncio.Redis, lease_settings: Settings, unique: str
+) -> None:
+    connection = PipelinedRedis(lease_settings.redis_url)
+    guard = _leased_guard(connection)
+    bucket = lease_settings.stream("connect:ratelimit:") + unique
+    pace = Pace(32, 60_000_000)  # a burst of 32, then one call a minute
+    try:
+        verdicts = [
+            await guard.admit(bucket + ":mark", bucket, consume=True, pace=pace) for _ in range(33)
+        ]
+        assert [v.remaining for v in verdicts[:32]] == list(range(31, -1, -1))
+        assert not verdicts[32].allowed
+    finally:
+        await connection.close()
+
+
+async def test_calls_of_a_block_left_unspent_are_given_back(
+    lease_redis: redis_asyncio.Redis,
+    lease_settings: Settings,
+    unique: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A gateway holding calls it does not spend must not cost the client its burst."""
+    monkeypatch.setattr(ratelimit, "BLOCK_LIFE", 0.05)
+    connection = PipelinedRedis(lease_settings.redis_url)
+    guard = _leased_guard(connection)
+    bucket = lease_settings.stream("connect:ratelimit:") + unique
+    pace = Pace(32, 600_000_000)  # a burst of 32, then one call every ten minutes
+    try:
+        used = 0
+        for _ in range(8):  # blocks of 1, 2, 4, then 4 held with calls to spare
+            assert (await guard.admit(bucket + ":m", bucket, consume=True, pace=pace)).allowed
+            used += 1
+        await asyncio.sleep(0.1)  # the block runs out with calls unspent
+        verdict = await guard.admit(bucket + ":m", bucket, consume=True, pace=pace)
+        used += 1
+        # Every call not spent is the client's again: nothing refills in the meantime.
+        assert verdict.remaining == 32 - used
+    finally:
+        await connection.close()
 
 
 async def test_without_a_live_lease_every_call_asks_redis(

@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import orjson
 import pytest
 
+from libs.common import streams
 from libs.common.config import Settings
 from services.identity import grants, keys, revocation_marks
 from tests.test_gateway_support import (
@@ -53,6 +55,12 @@ async def test_a_lost_mark_comes_back_and_the_gateway_refuses_the_token_again(
 
     await revocation_marks.reassert_once(pool, redis, settings)
     assert await redis.get(_mark(settings, grant_id)) == b"user_revocation"
+    # Announced again: a gateway answering from memory learns of it only from the stream.
+    newest = await redis.xrevrange(settings.stream(streams.REVOCATIONS), count=20)
+    restored = [orjson.loads(fields[b"data"]) for _, fields in newest]
+    assert {"grant_id": str(grant_id), "restored": True}.items() <= next(
+        r for r in restored if r["grant_id"] == str(grant_id)
+    ).items()
     assert 0 < await redis.ttl(_mark(settings, grant_id)) <= grants.mark_ttl(settings)
     assert await redis.exists(settings.stream(revocation_marks.SENTINEL_KEY))
 

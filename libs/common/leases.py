@@ -20,16 +20,21 @@ newest entry T at that moment; the gateway then loads every revocation mark (ide
 mark before it announces) before it answers from memory. Revocations up to T are in the marks;
 identity waits for the gateway to apply any later one.
 
-A renewal is refused to a gateway that has not applied an entry older than half a lease, so a
-follower that reads but never catches up cannot hold a revoke's answer for longer than that.
+A renewal is refused to a gateway that has not applied an entry older than half a lease, or
+whose unread entries the stream may have trimmed: it registers again, from the marks. So a
+follower that reads but does not keep up holds a revoke for half a lease at most.
 
-Everything is ONE hash, epoch included: Redis losing it (restart without persistence, eviction,
-a failover that lagged) loses every lease at once. A revoke that finds no epoch waits a whole
-lease, long enough for any gateway's own view of a lost lease to end, and gateways get no new
-lease until identity writes a new epoch (`establish_epoch`), which it does only after a
-complete pass restoring the revocation marks and a whole lease after it found the epoch gone.
+What the leases stand on is fenced. Everything is ONE hash, and its epoch holds only on the
+Redis instance that wrote it (its `run_id`): a restart, even from a snapshot that kept the
+hash, a failover or a lost key loses every lease at once. A revoke that finds no epoch waits a
+whole lease, longer than any gateway's own view of a lease it held, and gateways get no new
+lease until identity writes a new epoch: a whole lease after the loss was noted in the hash
+(`lost_at`, itself lost if Redis loses data again) and after a complete pass restoring the
+revocation marks that began after it (`renew_epoch`). The lease length is written with the
+epoch, and no gateway is granted a longer one.
 
-Every service must run with the same lease length.
+Assumed of Redis, as of any lease: its clock is slewed, not stepped; it does not evict keys
+(`maxmemory-policy noeviction`); and a primary cut off by a failover stops serving.
 """
 
 from __future__ import annotations
@@ -37,9 +42,10 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import redis.asyncio as redis
+from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from libs.common.config import Settings
@@ -51,8 +57,8 @@ OWN_SHARE = 0.9
 # Lease fields of a gateway that stopped renewing are deleted this long after they ran out.
 FORGET_AFTER_US = 600_000_000
 
-# Stream ids compare as (milliseconds, sequence), not as text.
-_ID_GE = """
+_PRELUDE = """
+-- Stream ids compare as (milliseconds, sequence), not as text.
 local function id_ge(a, b)
   local am, as = string.match(a, '^(%d+)-(%d+)$')
   local bm, bs = string.match(b, '^(%d+)-(%d+)$')
@@ -63,32 +69,59 @@ local function id_ge(a, b)
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)')
+-- The epoch and lease length, if the hash has an epoch this Redis instance wrote; a hash that
+-- came back from elsewhere (a snapshot, a replica) is dropped whole.
+local function current_epoch(key)
+  local held = redis.call('HMGET', key, 'epoch', 'run_id', 'lease_us')
+  if held[1] and held[2] == run_id then return held[1], tonumber(held[3]) end
+  if held[1] then redis.call('DEL', key) end
+  return nil, nil
+end
 """
 
-# KEYS[1] the lease hash, KEYS[2] connect:revocations. ARGV[1] the gateway, ARGV[2] the lease in
-# microseconds, ARGV[3] the newest entry it applied ('' to register), ARGV[4] the epoch it holds.
-# Answer {state, epoch, newest entry}: 0 no epoch (no lease), 1 registered afresh (load the
-# marks before serving), 2 renewed, 3 refused (lagging; the lease runs out).
+# KEYS[1] the lease hash, KEYS[2] connect:revocations. ARGV[1] the gateway, ARGV[2] the lease it
+# wants in microseconds, ARGV[3] the newest entry it applied ('' to register), ARGV[4] the epoch
+# it holds. Answer {state, epoch, newest entry, lease granted in microseconds}: state 0 no
+# epoch, 1 registered afresh (load the marks before serving), 2 renewed, 3 refused (register
+# again).
 _TAKE = (
-    _ID_GE
+    _PRELUDE
     + """
-local epoch = redis.call('HGET', KEYS[1], 'epoch')
-if not epoch then return {0, '', ''} end
+local epoch, lease_us = current_epoch(KEYS[1])
+if not epoch then return {0, '', '', 0} end
+lease_us = math.min(lease_us, tonumber(ARGV[2]))
 local newest = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
 local top = '0-0'
 if #newest > 0 then top = newest[1][1] end
-local until_us = string.format('%.0f', now + tonumber(ARGV[2]))
+local until_us = string.format('%.0f', now + lease_us)
 local expiry = tonumber(redis.call('HGET', KEYS[1], 'e:' .. ARGV[1]) or '0')
 if ARGV[3] == '' or ARGV[4] ~= epoch or expiry <= now then
   redis.call('HSET', KEYS[1], 'e:' .. ARGV[1], until_us, 'a:' .. ARGV[1], top)
-  return {1, epoch, top}
+  return {1, epoch, top, lease_us}
 end
-if not id_ge(ARGV[3], top) then
-  local ms = tonumber(string.match(top, '^(%d+)'))
-  if ms * 1000 < now - tonumber(ARGV[2]) / 2 then return {3, epoch, top} end
+-- The oldest entry it has not applied: older than half a lease, the gateway lags.
+local behind = redis.call('XRANGE', KEYS[2], '(' .. ARGV[3], '+', 'COUNT', 1)
+if #behind > 0 then
+  local ms = tonumber(string.match(behind[1][1], '^(%d+)'))
+  if ms * 1000 < now - lease_us / 2 then return {3, epoch, top, lease_us} end
+end
+-- Entries it never read may have been trimmed (or deleted) away: refused when entries are gone
+-- from the stream and the first one left, or the last one deleted, is past what it applied.
+local info = redis.pcall('XINFO', 'STREAM', KEYS[2])
+if type(info) == 'table' and not info.err then
+  local about = {}
+  for i = 1, #info, 2 do about[info[i]] = info[i + 1] end
+  local first = about['first-entry']
+  local removed = (tonumber(about['entries-added']) or 0) > (tonumber(about['length']) or 0)
+  local past = function(id) return id and id ~= ARGV[3] and id_ge(id, ARGV[3]) end
+  if (removed and type(first) == 'table' and past(first[1]))
+      or past(about['max-deleted-entry-id']) then
+    return {3, epoch, top, lease_us}
+  end
 end
 redis.call('HSET', KEYS[1], 'e:' .. ARGV[1], until_us, 'a:' .. ARGV[1], ARGV[3])
-return {2, epoch, top}
+return {2, epoch, top, lease_us}
 """
 )
 
@@ -96,9 +129,9 @@ return {2, epoch, top}
 # a lease's fields are deleted (microseconds). Answer: -1 when there is no epoch, else how many
 # live leases have not applied the entry.
 _WAITING = (
-    _ID_GE
+    _PRELUDE
     + """
-if redis.call('HEXISTS', KEYS[1], 'epoch') == 0 then return -1 end
+if not current_epoch(KEYS[1]) then return -1 end
 local fields = redis.call('HGETALL', KEYS[1])
 local waiting = 0
 for i = 1, #fields, 2 do
@@ -118,7 +151,44 @@ return waiting
 """
 )
 
-REGISTERED, RENEWED = 1, 2
+# KEYS[1] the lease hash. ARGV[1] the lease in microseconds, ARGV[2] when (Redis time) the
+# caller's complete pass restoring the marks began ('' when it has not made one), ARGV[3] a new
+# epoch. Answer: 1 an epoch is there, 0 not yet (the loss is noted and not a lease old, or no
+# pass began after it), 2 written now.
+_EPOCH = (
+    _PRELUDE
+    + """
+if current_epoch(KEYS[1]) then return 1 end
+local lost = tonumber(redis.call('HGET', KEYS[1], 'lost_at') or '')
+if not lost then
+  redis.call('HSET', KEYS[1], 'lost_at', string.format('%.0f', now))
+  return 0
+end
+if ARGV[2] == '' or now - lost < tonumber(ARGV[1]) or tonumber(ARGV[2]) < lost then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'epoch', ARGV[3], 'run_id', run_id, 'lease_us', ARGV[1])
+redis.call('HDEL', KEYS[1], 'lost_at')
+return 2
+"""
+)
+
+REGISTERED, RENEWED, REFUSED = 1, 2, 3
+EPOCH_THERE, EPOCH_WRITTEN = 1, 2
+
+_scripts: dict[str, AsyncScript] = {}
+
+
+def _script(client: redis.Redis, source: str) -> AsyncScript:
+    """One Script object per source (its SHA computed once), run on the given client."""
+    script = _scripts.get(source)
+    if script is None:
+        script = _scripts[source] = client.register_script(source)
+    return script
+
+
+async def _run(client: redis.Redis, source: str, keys: list[str], args: list[Any]) -> Any:
+    return await _script(client, source)(keys=keys, args=args, client=client)
 
 
 class GatewaysUnconfirmed(RedisError):
@@ -130,10 +200,15 @@ class LeaseAnswer(NamedTuple):
     state: int  # 0 no epoch, 1 registered, 2 renewed, 3 refused
     epoch: str
     newest: str
+    seconds: float  # the lease granted
 
 
 def leases_key(settings: Settings) -> str:
     return settings.stream(LEASES_KEY)
+
+
+def _lease_us(settings: Settings) -> int:
+    return round(settings.gateway.revocation_lease * 1_000_000)
 
 
 def _text(value: object) -> str:
@@ -150,12 +225,13 @@ async def take(
     epoch: str,
 ) -> LeaseAnswer:
     """Register (`applied` empty) or renew a gateway's lease."""
-    lease_us = round(settings.gateway.revocation_lease * 1_000_000)
-    answer = await client.register_script(_TAKE)(
-        keys=[leases_key(settings), stream], args=[gateway, lease_us, applied, epoch]
+    state, held, newest, granted = await _run(
+        client,
+        _TAKE,
+        [leases_key(settings), stream],
+        [gateway, _lease_us(settings), applied, epoch],
     )
-    state, held, newest = answer
-    return LeaseAnswer(int(state), _text(held), _text(newest))
+    return LeaseAnswer(int(state), _text(held), _text(newest), int(granted) / 1_000_000)
 
 
 async def release(client: redis.Redis, settings: Settings, gateway: str) -> None:
@@ -168,13 +244,12 @@ async def wait_for_gateways(client: redis.Redis, settings: Settings, entry_id: s
     """Return once every gateway with a live lease has applied `entry_id` or let its lease
     run out; GatewaysUnconfirmed if that takes far longer than a lease."""
     lease = settings.gateway.revocation_lease
-    waiting = client.register_script(_WAITING)
     deadline = time.monotonic() + 3 * lease + 1.0
     key = leases_key(settings)
     pause = 0.001
     waited_out_epoch = False
     while True:
-        left = int(await waiting(keys=[key], args=[entry_id, FORGET_AFTER_US]))
+        left = int(await _run(client, _WAITING, [key], [entry_id, FORGET_AFTER_US]))
         if left == 0:
             return
         if left < 0:
@@ -190,10 +265,25 @@ async def wait_for_gateways(client: redis.Redis, settings: Settings, entry_id: s
         pause = min(pause * 2, 0.02)
 
 
-async def epoch_missing(client: redis.Redis, settings: Settings) -> bool:
-    return not await client.hexists(leases_key(settings), "epoch")
+async def epoch_state(
+    client: redis.Redis, settings: Settings, *, pass_began_us: int | None = None
+) -> int:
+    """EPOCH_THERE; 0 (the loss noted, if it was not yet); or EPOCH_WRITTEN when the loss was
+    noted a whole lease ago and `pass_began_us` (Redis time) is of a complete pass restoring
+    the marks that began after it."""
+    answer = await _run(
+        client,
+        _EPOCH,
+        [leases_key(settings)],
+        [
+            _lease_us(settings),
+            "" if pass_began_us is None else pass_began_us,
+            secrets.token_hex(8),
+        ],
+    )
+    return int(answer)
 
 
-async def establish_epoch(client: redis.Redis, settings: Settings) -> bool:
-    """Write a new epoch unless one is there (see the module's last paragraph for when)."""
-    return bool(await client.hsetnx(leases_key(settings), "epoch", secrets.token_hex(8)))
+async def redis_now_us(client: redis.Redis) -> int:
+    seconds, micros = await client.time()
+    return int(seconds) * 1_000_000 + int(micros)

@@ -7,10 +7,10 @@ connection of resp.py). Without a revocation lease (revocation.py) every call ru
 Under a live lease the gateway's own set answers for revocation, and the script is needed only
 for the rate limit: a call then takes a block of calls from the client's bucket at once and
 leaves the rest for the calls after it (:class:`Guard`), so a busy client costs one round trip
-per block. The bucket is still the one shared by every gateway: a block is taken from it, never
-added to it, so no client exceeds its limit; a block unused within BLOCK_LIFE is dropped (the
-client loses those calls, it never gains any). A single calls-at-a-time client (a burst under
-2 * BLOCK_DIVISOR) always takes one call at a time.
+per block. The bucket is still the one every gateway shares, and blocks are taken from it: a
+client can be ahead of its limit by the calls of the blocks gateways hold for it (at most
+burst / BLOCK_DIVISOR, and BLOCK_MAX, each), for at most BLOCK_LIFE. Calls of a block left
+unspent when it runs out of time are given back with the next request.
 
 The limiter is GCRA (the generic cell rate algorithm, a token bucket kept as one timestamp):
 a client may make `burst` calls at once and then one every 60/`per_minute` seconds. The time is
@@ -38,7 +38,8 @@ BUCKET_KEY = "connect:ratelimit:"
 
 # KEYS[1] the grant's revocation mark, KEYS[2] the client's bucket.
 # ARGV[1] how many calls to take from the bucket (0: only the mark), ARGV[2] microseconds per
-# call, ARGV[3] burst. Answer: {revoked, granted, remaining, retry_after_us, reset_us}; granted is
+# call, ARGV[3] burst, ARGV[4] calls taken before and unspent, given back first.
+# Answer: {revoked, granted, remaining, retry_after_us, reset_us}; granted is
 # as many of the calls asked for as the bucket holds now, 0 when it holds none.
 _GUARD = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
@@ -52,7 +53,11 @@ local interval = tonumber(ARGV[2])
 local burst = tonumber(ARGV[3])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local tat = tonumber(redis.call('GET', KEYS[2])) or now
+local stored = tonumber(redis.call('GET', KEYS[2]))
+local tat = stored or now
+if stored and tonumber(ARGV[4]) > 0 then
+  tat = tat - interval * tonumber(ARGV[4])
+end
 if tat < now then
   tat = now
 end
@@ -125,12 +130,18 @@ BLOCK_LIFE = 1.0
 class _Block:
     """The calls this gateway holds for one bucket, or the bucket's refusal."""
 
-    __slots__ = ("calls", "refusal", "remaining", "reset_at", "until")
+    __slots__ = ("calls", "refusal", "remaining", "reset_at", "taken", "until")
 
     def __init__(
-        self, calls: int, remaining: int, reset_at: float, until: float, refusal: Verdict | None
+        self,
+        taken: int,
+        remaining: int,
+        reset_at: float,
+        until: float,
+        refusal: Verdict | None = None,
     ) -> None:
-        self.calls = calls
+        self.taken = taken  # calls taken from the bucket for this block
+        self.calls = taken  # of those, not yet spent
         self.remaining = remaining  # what the bucket held besides this block
         self.reset_at = reset_at
         self.until = until
@@ -139,7 +150,13 @@ class _Block:
 
 class Guard:
     """Runs the script over the pipelined connection (resp.py): EVALSHA, loading it by EVAL
-    the first time a Redis has not seen it; and, under a lease, spends blocks of calls."""
+    the first time a Redis has not seen it; and, under a lease, spends blocks of calls.
+
+    A block's size follows the bucket's use at this gateway: twice what the previous block
+    served, from one up to `Pace.block`, so a client calling a gateway now and then takes one
+    call at a time and a busy one takes blocks. Calls of a block left when it runs out of time
+    are given back to the bucket with the next request, so a client is charged what it used.
+    """
 
     def __init__(self, connection: PipelinedRedis, lease: Lease | None = None) -> None:
         self._redis = connection
@@ -154,7 +171,8 @@ class Guard:
     async def admit(
         self, revoked_key: str, bucket_key: str, *, consume: bool, pace: Pace
     ) -> Verdict:
-        """The call's verdict; ConnectionError or RedisReplyError when Redis cannot answer."""
+        """The call's verdict; ConnectionError or RedisReplyError when Redis cannot answer.
+        Under a live lease the revocation mark is not asked: the caller's own set answers."""
         lease = self._lease
         if lease is None or not lease.live():
             return await self.check(revoked_key, bucket_key, want=1 if consume else 0, pace=pace)
@@ -168,15 +186,21 @@ class Guard:
             if asking is None:
                 break
             await asyncio.shield(asking)
+            if not lease.live():
+                return await self.check(revoked_key, bucket_key, want=1, pace=pace)
         if len(self._blocks) >= _BLOCKS_MAX:
             self._sweep()
         asking = asyncio.get_running_loop().create_future()
         self._asking[bucket_key] = asking
         try:
+            spent = self._blocks.pop(bucket_key, None)
+            want, refund = 1, 0
+            if spent is not None and spent.refusal is None:
+                want = max(1, min(pace.block, 2 * (spent.taken - spent.calls)))
+                refund = spent.calls
             asked_at = time.monotonic()
-            verdict = await self.check(revoked_key, bucket_key, want=pace.block, pace=pace)
-            self._keep(bucket_key, verdict, asked_at, pace)
-            return verdict
+            verdict = await self.check(revoked_key, bucket_key, want=want, pace=pace, refund=refund)
+            return self._keep(bucket_key, verdict, asked_at)
         finally:
             del self._asking[bucket_key]
             asking.set_result(None)
@@ -187,12 +211,11 @@ class Guard:
             return None
         now = time.monotonic()
         if now >= block.until:
-            del self._blocks[bucket_key]
+            # Left for the next request to size its block by, and give back what is unspent.
             return None
         if block.refusal is not None:
             return block.refusal
         if block.calls <= 0:
-            del self._blocks[bucket_key]
             return None
         block.calls -= 1
         return Verdict(
@@ -205,23 +228,23 @@ class Guard:
             pace.window,
         )
 
-    def _keep(self, bucket_key: str, verdict: Verdict, asked_at: float, pace: Pace) -> None:
+    def _keep(self, bucket_key: str, verdict: Verdict, asked_at: float) -> Verdict:
+        """Hold what the answer took for the calls after this one; this call's verdict."""
         if verdict.revoked:
-            return
+            return verdict
         granted = verdict.granted
-        if granted > 1:
-            self._blocks[bucket_key] = _Block(
-                granted - 1,
-                verdict.remaining - (granted - 1),
-                asked_at + verdict.reset,
-                asked_at + BLOCK_LIFE,
-                None,
-            )
-        elif not verdict.allowed:
-            # Redis's clock says when the next call is due; this one's, counted from before the
-            # request, says it a little early, never late.
-            due = asked_at + min(BLOCK_LIFE, verdict.retry_after_us / 1_000_000)
-            self._blocks[bucket_key] = _Block(0, 0, 0.0, due, verdict)
+        if verdict.allowed:
+            block = _Block(granted, verdict.remaining, asked_at + verdict.reset, asked_at)
+            block.until += BLOCK_LIFE
+            block.calls -= 1  # this call's
+            self._blocks[bucket_key] = block
+            # What the client may still call now counts the calls this gateway holds for it.
+            return verdict._replace(remaining=verdict.remaining + block.calls)
+        # Redis's clock says when the next call is due; this one's, counted from before the
+        # request, says it a little early, never late.
+        due = asked_at + min(BLOCK_LIFE, verdict.retry_after_us / 1_000_000)
+        self._blocks[bucket_key] = _Block(0, 0, 0.0, due, verdict)
+        return verdict
 
     def _sweep(self) -> None:
         now = time.monotonic()
@@ -230,9 +253,11 @@ class Guard:
         if len(self._blocks) >= _BLOCKS_MAX:
             self._blocks.clear()
 
-    async def check(self, revoked_key: str, bucket_key: str, *, want: int, pace: Pace) -> Verdict:
-        """One round trip, taking up to `want` calls; ConnectionError or RedisReplyError when
-        Redis cannot answer."""
+    async def check(
+        self, revoked_key: str, bucket_key: str, *, want: int, pace: Pace, refund: int = 0
+    ) -> Verdict:
+        """One round trip, giving back `refund` calls taken before and unspent, then taking up
+        to `want`; ConnectionError or RedisReplyError when Redis cannot answer."""
         sha, head = self._head
         if sha is not self._sha:
             self._head = (self._sha, head := _evalsha_head(self._sha))
@@ -241,18 +266,25 @@ class Guard:
         wanted = b"%d" % want
         interval = b"%d" % pace.interval_us
         burst = b"%d" % pace.burst
-        command = b"%s$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (
-            head,
-            len(revoked),
-            revoked,
-            len(bucket),
-            bucket,
-            len(wanted),
-            wanted,
-            len(interval),
-            interval,
-            len(burst),
-            burst,
+        returned = b"%d" % refund
+        command = (
+            b"%s$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n"
+            b"$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n"
+            % (
+                head,
+                len(revoked),
+                revoked,
+                len(bucket),
+                bucket,
+                len(wanted),
+                wanted,
+                len(interval),
+                interval,
+                len(burst),
+                burst,
+                len(returned),
+                returned,
+            )
         )
         try:
             answer = await self._redis.execute(command)
@@ -260,7 +292,17 @@ class Guard:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
             answer = await self._redis.execute(
-                pack(b"EVAL", _GUARD.encode(), b"2", revoked, bucket, wanted, interval, burst)
+                pack(
+                    b"EVAL",
+                    _GUARD.encode(),
+                    b"2",
+                    revoked,
+                    bucket,
+                    wanted,
+                    interval,
+                    burst,
+                    returned,
+                )
             )
         is_revoked, granted, remaining, retry_us, reset_us = answer
         allowed = granted >= 1
@@ -282,5 +324,5 @@ _BLOCKS_MAX = 10_000
 
 
 def _evalsha_head(sha: bytes) -> bytes:
-    """`EVALSHA <sha> 2` of a seven-part command, the rest of which is added per call."""
-    return pack(b"EVALSHA", sha, b"2", b"", b"", b"", b"", b"").split(b"$0\r\n", 1)[0]
+    """`EVALSHA <sha> 2` of an eight-part command, the rest of which is added per call."""
+    return pack(b"EVALSHA", sha, b"2", b"", b"", b"", b"", b"", b"").split(b"$0\r\n", 1)[0]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import secrets
 import time
 from collections.abc import Callable
@@ -125,10 +126,10 @@ class Lease:
     def live(self) -> bool:
         return lease_clock() < self._until
 
-    def extend(self, asked_at: float) -> None:
-        """Redis granted the lease for `seconds` from when it ran the request, sent at
+    def extend(self, asked_at: float, granted: float) -> None:
+        """Redis granted the lease for `granted` seconds from when it ran the request, sent at
         `asked_at`: count a share of that from the sending."""
-        self._until = asked_at + self.seconds * leases.OWN_SHARE
+        self._until = asked_at + min(self.seconds, granted) * leases.OWN_SHARE
 
     def drop(self) -> None:
         self._until = 0.0
@@ -139,12 +140,21 @@ async def load_marks(client: redis.Redis, settings: Settings, revoked: RevokedGr
     prefix = revoked_key(settings, "")
     pattern = "".join("\\" + c if c in "*?[]\\" else c for c in prefix) + "*"
     found = 0
-    async for key in client.scan_iter(match=pattern, count=1000):
-        grant_id = (key.decode() if isinstance(key, bytes) else str(key))[len(prefix) :]
-        if grant_id:
-            revoked.add(grant_id)
-            found += 1
-    return found
+    cursor = 0
+    while True:
+        cursor, keys = await client.scan(cursor, match=pattern, count=1000)
+        if keys:
+            # Each remembered for as long as its mark lives (its tokens' lifetime).
+            pipe = client.pipeline(transaction=False)
+            for key in keys:
+                pipe.pttl(key)
+            for key, ttl_ms in zip(keys, await pipe.execute(), strict=True):
+                grant_id = (key.decode() if isinstance(key, bytes) else str(key))[len(prefix) :]
+                if grant_id and ttl_ms != -2:
+                    revoked.add(grant_id, ttl_ms / 1000 if ttl_ms > 0 else math.inf)
+                    found += 1
+        if cursor == 0:
+            return found
 
 
 async def follow_revocations(
@@ -205,7 +215,7 @@ async def _follow(
                 if answer.state == leases.REGISTERED:
                     position, epoch = await _registered(client, settings, revoked, lease, answer)
                     registered = True
-                    lease.extend(asked_at)
+                    lease.extend(asked_at, answer.seconds)
             for entry in await streams.read_tail(client, stream, position, block_ms=block_ms):
                 position = entry.id
                 try:
@@ -221,21 +231,24 @@ async def _follow(
                     client, settings, stream, lease.gateway, applied=position, epoch=epoch
                 )
                 if answer.state == leases.RENEWED:
-                    lease.extend(asked_at)
+                    lease.extend(asked_at, answer.seconds)
                 elif answer.state == leases.REGISTERED:
                     # The lease had run out in Redis, or Redis has a new epoch (it lost data):
                     # nothing from memory until the marks are loaded again.
                     lease.drop()
                     position, epoch = await _registered(client, settings, revoked, lease, answer)
-                    lease.extend(asked_at)
+                    lease.extend(asked_at, answer.seconds)
                 else:
                     # No epoch (Redis lost the leases: identity writes a new one later), or
-                    # refused for lagging: register afresh, from the marks.
+                    # refused (lagging, or entries trimmed unread): register afresh, from the
+                    # marks.
                     lease.drop()
                     registered = False
             delay = 0.2
         except (RedisError, OSError):
             log.warning("stream_follow_failed", stream=stream)
+            # Whatever was not confirmed cannot be counted on.
+            lease.drop()
             registered = False
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)

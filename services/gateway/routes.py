@@ -228,7 +228,8 @@ async def checked_call(
         # Fail closed: without Redis a revoked token cannot be told from a live one.
         log.warning("revocation_check_unavailable")
         return unavailable()
-    if verdict.revoked:
+    if verdict.revoked or verified.grant_id in ctx.revoked:
+        # Asked again: the set may have heard of the revocation while the call waited.
         ctx.revoked.add(verified.grant_id)
         return _reject(ctx, "revoked", "The access token has been revoked")
 

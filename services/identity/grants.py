@@ -21,6 +21,9 @@ from services.identity import audit, store
 
 # A gateway asks `EXISTS connect:revoked:<grant id>`; the mark outlives every access token.
 REVOKED_KEY = "connect:revoked:"
+# Announcements kept on connect:revocations; a gateway whose unread entries were trimmed away
+# registers again from the marks (libs/common/leases.py).
+REVOCATIONS_MAXLEN = 50_000
 
 
 def mark_ttl(settings: Settings) -> int:
@@ -63,7 +66,7 @@ async def revoke_grant(
         redis_client,
         settings.stream(streams.REVOCATIONS),
         {"grant_id": str(grant_id), "reason": reason, "at": time.time(), "ttl": ttl},
-        maxlen=50_000,
+        maxlen=REVOCATIONS_MAXLEN,
     )
     # Gateways answering from their own set under a lease must have heard it first.
     await leases.wait_for_gateways(redis_client, settings, announced)

@@ -13,7 +13,10 @@ pass is gone (the cheap sign that Redis lost everything, checked every few secon
 schedule covers losses that keep the sentinel: a lagging replica, a single evicted mark.
 
 Each restored mark gets what is left of its original lifetime (never a fresh one) and is
-written with NX, so a mark that is there is left alone. Every identity process may run this at
+written with NX, so a mark that is there is left alone; each one restored is announced again on
+`connect:revocations`, since a gateway that registered its revocation lease while the mark was
+missing answers from memory and hears of revocations only there. After a pass, the lease epoch
+is written again if Redis lost it (libs/common/leases.py). Every identity process may run this at
 once: the writes are idempotent, each page is one short query, and nothing is locked.
 """
 
@@ -22,12 +25,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import time
 
 import asyncpg
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
-from libs.common import leases
+from libs.common import leases, streams
 from libs.common.config import Settings
 from libs.common.logging import get_logger
 from services.identity import grants
@@ -62,7 +66,26 @@ async def reassert_once(pool: asyncpg.Pool, redis_client: redis.Redis, settings:
                 pipe.set(
                     prefix + str(revoked.grant_id), revoked.reason, ex=revoked.ttl_left, nx=True
                 )
-            restored += sum(1 for written in await pipe.execute() if written)
+            written = [r for r, w in zip(page, await pipe.execute(), strict=True) if w]
+            if written:
+                # Announced again too: a gateway that registered while the mark was missing
+                # answers from memory and learns of revocations only from the stream.
+                await streams.append_many(
+                    redis_client,
+                    settings.stream(streams.REVOCATIONS),
+                    [
+                        {
+                            "grant_id": str(r.grant_id),
+                            "reason": r.reason,
+                            "at": time.time(),
+                            "ttl": r.ttl_left,
+                            "restored": True,
+                        }
+                        for r in written
+                    ],
+                    maxlen=grants.REVOCATIONS_MAXLEN,
+                )
+            restored += len(written)
             cursor = (page[-1].revoked_at, page[-1].grant_id)
         if len(page) < PAGE_SIZE:
             break
@@ -93,8 +116,9 @@ async def run(
                 due = loop.time() + random.uniform(  # noqa: S311 - jitter, not a secret
                     REASSERT_INTERVAL / 2, REASSERT_INTERVAL
                 )
-            if settings.gateway.revocation_lease > 0 and await leases.epoch_missing(
-                redis_client, settings
+            if (
+                settings.gateway.revocation_lease > 0
+                and await leases.epoch_state(redis_client, settings) != leases.EPOCH_THERE
             ):
                 await _renew_epoch(pool, redis_client, settings, stop)
         except (OSError, asyncpg.PostgresError, RedisError):
@@ -107,13 +131,16 @@ async def run(
 async def _renew_epoch(
     pool: asyncpg.Pool, redis_client: redis.Redis, settings: Settings, stop: asyncio.Event
 ) -> None:
-    """Let gateways take revocation leases again (libs/common/leases.py): a whole lease after
-    the epoch was found gone, so no gateway still counts on a lease it held before, and after
-    a complete pass, so the marks a registering gateway loads are all there."""
+    """Let gateways take revocation leases again (libs/common/leases.py), the loss having
+    been noted in the lease hash: a whole lease later, so no gateway still counts on a lease
+    it held before, and after a complete pass begun since, so the marks a registering gateway
+    loads are all there."""
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), settings.gateway.revocation_lease)
     if stop.is_set():
         return
+    began = await leases.redis_now_us(redis_client)
     await reassert_once(pool, redis_client, settings)
-    if await leases.establish_epoch(redis_client, settings):
+    state = await leases.epoch_state(redis_client, settings, pass_began_us=began)
+    if state == leases.EPOCH_WRITTEN:
         log.info("revocation_leases_epoch_written")

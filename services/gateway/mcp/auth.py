@@ -167,7 +167,8 @@ async def authenticate(
         # Fail closed, as every protected call does.
         log.warning("revocation_check_unavailable")
         return routes.unavailable()
-    if verdict.revoked:
+    if verdict.revoked or verified.grant_id in ctx.revoked:
+        # Asked again: the set may have heard of the revocation while the call waited.
         ctx.revoked.add(verified.grant_id)
         return unauthorized(ctx, "revoked", "The access token has been revoked")
 
