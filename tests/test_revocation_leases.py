@@ -187,11 +187,11 @@ async def test_a_gateway_whose_unread_entries_were_trimmed_is_refused_renewal(
     stream = _stream(lease_settings)
     await _given_an_epoch(lease_redis, lease_settings)
     held = await leases.take(lease_redis, lease_settings, stream, "gw", applied="", epoch="")
-    for n in range(3):
-        await _announce(lease_redis, lease_settings, f"g{n}")
+    announced = [await _announce(lease_redis, lease_settings, f"g{n}") for n in range(3)]
     await lease_redis.xtrim(stream, maxlen=1, approximate=False)
+    # The follower reads what is left and reports it: past the two it never saw.
     answer = await leases.take(
-        lease_redis, lease_settings, stream, "gw", applied=held.newest, epoch=held.epoch
+        lease_redis, lease_settings, stream, "gw", applied=announced[-1], epoch=held.epoch
     )
     assert answer.state == leases.REFUSED
 
@@ -267,6 +267,47 @@ async def test_an_epoch_is_written_a_whole_lease_after_the_loss_and_after_a_pass
         == leases.EPOCH_WRITTEN
     )
     assert await leases.epoch_state(lease_redis, lease_settings) == leases.EPOCH_THERE
+
+
+async def test_a_loss_noted_on_another_redis_instance_is_noted_again(
+    lease_redis: redis_asyncio.Redis, lease_settings: Settings
+) -> None:
+    """A snapshot or a replica can bring back an old note: the wait starts over on this one."""
+    await lease_redis.hset(
+        leases.leases_key(lease_settings), mapping={"lost_at": 1, "lost_run_id": "0" * 40}
+    )
+    now = await leases.redis_now_us(lease_redis)
+    assert await leases.epoch_state(lease_redis, lease_settings, pass_began_us=now) == 0
+    noted = await lease_redis.hget(leases.leases_key(lease_settings), "lost_at")
+    assert int(noted) >= now
+
+
+async def test_a_revoke_that_finds_the_leases_lost_writes_its_mark_and_announcement_again(
+    lease_redis: redis_asyncio.Redis,
+    lease_settings: Settings,
+    pool: Any,
+    gateway_settings: Settings,
+    gateway_port: int,
+) -> None:
+    """Redis lost the leases, and may lose what the revoke wrote before it waited: the revoke
+    writes them again after the wait."""
+    world = await make_world(pool, gateway_settings, "lease-rewrite", gateway_port)
+    grant_id = await user_grant(pool, world, ["read"])
+    mark = lease_settings.stream(grants.REVOKED_KEY) + str(grant_id)
+    stream = _stream(lease_settings)
+    revoking = asyncio.create_task(
+        grants.revoke_grant(pool, lease_redis, lease_settings, grant_id, reason="user_revoked")
+    )
+    deadline = time.monotonic() + 5
+    while not await lease_redis.exists(mark):
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)  # the revoke is waiting out a lease
+    await lease_redis.delete(mark, stream)  # lost with the rest
+    await revoking
+    assert await lease_redis.exists(mark)
+    entries = await lease_redis.xrange(stream)
+    assert [orjson.loads(f[b"data"])["grant_id"] for _, f in entries] == [str(grant_id)]
 
 
 async def test_a_released_lease_holds_no_revoke(
@@ -428,6 +469,34 @@ async def test_calls_of_a_block_left_unspent_are_given_back(
         assert verdict.remaining == 32 - used
     finally:
         await connection.close()
+
+
+async def test_calls_given_back_after_the_bucket_refilled_are_not_extra_calls(
+    lease_redis: redis_asyncio.Redis,
+    lease_settings: Settings,
+    unique: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(ratelimit, "BLOCK_LIFE", 0.05)
+    connections = [PipelinedRedis(lease_settings.redis_url) for _ in range(2)]
+    first, second = (_leased_guard(c) for c in connections)
+    bucket = lease_settings.stream("connect:ratelimit:") + unique
+    pace = Pace(32, 10_000)  # a burst of 32, refilled in a third of a second
+    try:
+        for _ in range(4):  # blocks of 1, 2, then 4 with three to spare
+            assert (await first.admit(bucket + ":m", bucket, consume=True, pace=pace)).allowed
+        await asyncio.sleep(0.5)  # the bucket is full again: the spare calls are owed nothing
+        spent = [await second.admit(bucket + ":m", bucket, consume=True, pace=Pace(32, 10**9))]
+        spent += [
+            await second.admit(bucket + ":m", bucket, consume=True, pace=Pace(32, 10**9))
+            for _ in range(40)
+        ]
+        assert sum(v.allowed for v in spent) == 32
+        late = await first.admit(bucket + ":m", bucket, consume=True, pace=Pace(32, 10**9))
+        assert not late.allowed
+    finally:
+        for connection in connections:
+            await connection.close()
 
 
 async def test_without_a_live_lease_every_call_asks_redis(
@@ -610,7 +679,9 @@ async def test_a_gateway_started_after_the_revoke_refuses_from_the_marks(
         # A live grant of the same client takes a block of calls from the client's bucket, so
         # the revoked token's call is answered from memory alone, not by Redis's mark.
         _, live = await _granted_token(pool, gateway_settings, world)
-        assert await _status(http, late.url, world.host, live) == 200
+        # Blocks grow with use (1, 2, then 4): after four calls three are held.
+        for _ in range(4):
+            assert await _status(http, late.url, world.host, live) == 200
         assert await _status(http, late.url, world.host, token) == 401
     finally:
         late.stop()

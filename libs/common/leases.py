@@ -29,12 +29,14 @@ Redis instance that wrote it (its `run_id`): a restart, even from a snapshot tha
 hash, a failover or a lost key loses every lease at once. A revoke that finds no epoch waits a
 whole lease, longer than any gateway's own view of a lease it held, and gateways get no new
 lease until identity writes a new epoch: a whole lease after the loss was noted in the hash
-(`lost_at`, itself lost if Redis loses data again) and after a complete pass restoring the
-revocation marks that began after it (`renew_epoch`). The lease length is written with the
-epoch, and no gateway is granted a longer one.
+(`lost_at`, which holds on the instance that noted it only, and is lost if Redis loses data
+again) and after a complete pass restoring the revocation marks that began after it. The lease
+length is written with the epoch and no gateway is granted a longer one; identity's waits are
+as long as its own setting, so every identity process must run with the same one.
 
 Assumed of Redis, as of any lease: its clock is slewed, not stepped; it does not evict keys
-(`maxmemory-policy noeviction`); and a primary cut off by a failover stops serving.
+(`maxmemory-policy noeviction`); a primary cut off by a failover stops serving; and it is 7.0
+or later (the stream counters that tell a trimmed entry; before that no lease is renewed).
 """
 
 from __future__ import annotations
@@ -106,16 +108,22 @@ if #behind > 0 then
   local ms = tonumber(string.match(behind[1][1], '^(%d+)'))
   if ms * 1000 < now - lease_us / 2 then return {3, epoch, top, lease_us} end
 end
--- Entries it never read may have been trimmed (or deleted) away: refused when entries are gone
--- from the stream and the first one left, or the last one deleted, is past what it applied.
+-- Entries it never read may have been trimmed (or deleted) away since the position it last
+-- reported, where its reads since began: refused when entries are gone from the stream and the
+-- first one left, or the last one deleted, is past that position. Without the stream's
+-- counters (no stream, a Redis before 7.0) nothing can be told: refused, unless it never read.
+local from = redis.call('HGET', KEYS[1], 'a:' .. ARGV[1]) or '0-0'
 local info = redis.pcall('XINFO', 'STREAM', KEYS[2])
-if type(info) == 'table' and not info.err then
+if type(info) ~= 'table' or info.err then
+  if from ~= '0-0' then return {3, epoch, top, lease_us} end
+else
   local about = {}
   for i = 1, #info, 2 do about[info[i]] = info[i + 1] end
+  local added, length = tonumber(about['entries-added']), tonumber(about['length'])
+  if not added or not length then return {3, epoch, top, lease_us} end
   local first = about['first-entry']
-  local removed = (tonumber(about['entries-added']) or 0) > (tonumber(about['length']) or 0)
-  local past = function(id) return id and id ~= ARGV[3] and id_ge(id, ARGV[3]) end
-  if (removed and type(first) == 'table' and past(first[1]))
+  local past = function(id) return id and id ~= from and id_ge(id, from) end
+  if (added > length and type(first) == 'table' and past(first[1]))
       or past(about['max-deleted-entry-id']) then
     return {3, epoch, top, lease_us}
   end
@@ -159,16 +167,18 @@ _EPOCH = (
     _PRELUDE
     + """
 if current_epoch(KEYS[1]) then return 1 end
-local lost = tonumber(redis.call('HGET', KEYS[1], 'lost_at') or '')
+-- A note left by another Redis instance (a snapshot, a replica) is no note.
+local noted = redis.call('HMGET', KEYS[1], 'lost_at', 'lost_run_id')
+local lost = noted[2] == run_id and tonumber(noted[1]) or nil
 if not lost then
-  redis.call('HSET', KEYS[1], 'lost_at', string.format('%.0f', now))
+  redis.call('HSET', KEYS[1], 'lost_at', string.format('%.0f', now), 'lost_run_id', run_id)
   return 0
 end
 if ARGV[2] == '' or now - lost < tonumber(ARGV[1]) or tonumber(ARGV[2]) < lost then
   return 0
 end
 redis.call('HSET', KEYS[1], 'epoch', ARGV[3], 'run_id', run_id, 'lease_us', ARGV[1])
-redis.call('HDEL', KEYS[1], 'lost_at')
+redis.call('HDEL', KEYS[1], 'lost_at', 'lost_run_id')
 return 2
 """
 )
@@ -240,9 +250,10 @@ async def release(client: redis.Redis, settings: Settings, gateway: str) -> None
     await client.hdel(leases_key(settings), "e:" + gateway, "a:" + gateway)
 
 
-async def wait_for_gateways(client: redis.Redis, settings: Settings, entry_id: str) -> None:
+async def wait_for_gateways(client: redis.Redis, settings: Settings, entry_id: str) -> bool:
     """Return once every gateway with a live lease has applied `entry_id` or let its lease
-    run out; GatewaysUnconfirmed if that takes far longer than a lease."""
+    run out; GatewaysUnconfirmed if that takes far longer than a lease. True when the epoch
+    was found lost (the entry, and what went before it, may have been lost with it)."""
     lease = settings.gateway.revocation_lease
     deadline = time.monotonic() + 3 * lease + 1.0
     key = leases_key(settings)
@@ -251,10 +262,10 @@ async def wait_for_gateways(client: redis.Redis, settings: Settings, entry_id: s
     while True:
         left = int(await _run(client, _WAITING, [key], [entry_id, FORGET_AFTER_US]))
         if left == 0:
-            return
+            return waited_out_epoch
         if left < 0:
             if waited_out_epoch:
-                return
+                return True
             # The leases were lost with the epoch: a gateway may still count on one it held.
             await asyncio.sleep(lease)
             waited_out_epoch = True

@@ -38,16 +38,17 @@ BUCKET_KEY = "connect:ratelimit:"
 
 # KEYS[1] the grant's revocation mark, KEYS[2] the client's bucket.
 # ARGV[1] how many calls to take from the bucket (0: only the mark), ARGV[2] microseconds per
-# call, ARGV[3] burst, ARGV[4] calls taken before and unspent, given back first.
-# Answer: {revoked, granted, remaining, retry_after_us, reset_us}; granted is
+# call, ARGV[3] burst, ARGV[4] calls taken before and unspent, given back first, ARGV[5] the
+# bucket's time (microseconds, Redis's clock) after they were taken.
+# Answer: {revoked, granted, remaining, retry_after_us, reset_us, bucket time}; granted is
 # as many of the calls asked for as the bucket holds now, 0 when it holds none.
 _GUARD = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
-  return {1, 0, 0, 0, 0}
+  return {1, 0, 0, 0, 0, 0}
 end
 local want = tonumber(ARGV[1])
 if want < 1 then
-  return {0, 1, 0, 0, 0}
+  return {0, 1, 0, 0, 0, 0}
 end
 local interval = tonumber(ARGV[2])
 local burst = tonumber(ARGV[3])
@@ -55,21 +56,27 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local stored = tonumber(redis.call('GET', KEYS[2]))
 local tat = stored or now
-if stored and tonumber(ARGV[4]) > 0 then
-  tat = tat - interval * tonumber(ARGV[4])
+-- Of the unspent calls, only those whose charge is still ahead of now are given back: a bucket
+-- that has refilled since owes nothing.
+local unspent = tonumber(ARGV[4])
+if stored and unspent > 0 then
+  local owed = math.min(unspent, math.floor((tonumber(ARGV[5]) - now) / interval))
+  if owed > 0 then
+    tat = tat - interval * owed
+  end
 end
 if tat < now then
   tat = now
 end
 local available = math.floor((now - tat) / interval) + burst
 if available < 1 then
-  return {0, 0, 0, tat + interval - interval * burst - now, tat - now}
+  return {0, 0, 0, tat + interval - interval * burst - now, tat - now, 0}
 end
 local granted = math.min(want, available)
 local new_tat = tat + interval * granted
 local ttl_ms = math.floor((new_tat - now) / 1000) + 1
 redis.call('SET', KEYS[2], string.format('%.0f', new_tat), 'PX', ttl_ms)
-return {0, granted, available - granted, 0, new_tat - now}
+return {0, granted, available - granted, 0, new_tat - now, new_tat}
 """
 
 
@@ -85,6 +92,7 @@ class Verdict(NamedTuple):
     window: int  # seconds a full bucket takes to refill
     granted: int = 1  # calls taken from the bucket by this answer
     retry_after_us: int = 0  # Redis's own figure behind retry_after
+    paid_through_us: int = 0  # the bucket's time after this answer took its calls
 
     def headers(self) -> dict[str, str]:
         return {
@@ -130,7 +138,7 @@ BLOCK_LIFE = 1.0
 class _Block:
     """The calls this gateway holds for one bucket, or the bucket's refusal."""
 
-    __slots__ = ("calls", "refusal", "remaining", "reset_at", "taken", "until")
+    __slots__ = ("calls", "paid_through_us", "refusal", "remaining", "reset_at", "taken", "until")
 
     def __init__(
         self,
@@ -139,9 +147,11 @@ class _Block:
         reset_at: float,
         until: float,
         refusal: Verdict | None = None,
+        paid_through_us: int = 0,
     ) -> None:
         self.taken = taken  # calls taken from the bucket for this block
         self.calls = taken  # of those, not yet spent
+        self.paid_through_us = paid_through_us  # the bucket's time once they were taken
         self.remaining = remaining  # what the bucket held besides this block
         self.reset_at = reset_at
         self.until = until
@@ -194,12 +204,19 @@ class Guard:
         self._asking[bucket_key] = asking
         try:
             spent = self._blocks.pop(bucket_key, None)
-            want, refund = 1, 0
+            want, refund, paid_through = 1, 0, 0
             if spent is not None and spent.refusal is None:
                 want = max(1, min(pace.block, 2 * (spent.taken - spent.calls)))
-                refund = spent.calls
+                refund, paid_through = spent.calls, spent.paid_through_us
             asked_at = time.monotonic()
-            verdict = await self.check(revoked_key, bucket_key, want=want, pace=pace, refund=refund)
+            verdict = await self.check(
+                revoked_key,
+                bucket_key,
+                want=want,
+                pace=pace,
+                refund=refund,
+                paid_through_us=paid_through,
+            )
             return self._keep(bucket_key, verdict, asked_at)
         finally:
             del self._asking[bucket_key]
@@ -234,8 +251,13 @@ class Guard:
             return verdict
         granted = verdict.granted
         if verdict.allowed:
-            block = _Block(granted, verdict.remaining, asked_at + verdict.reset, asked_at)
-            block.until += BLOCK_LIFE
+            block = _Block(
+                granted,
+                verdict.remaining,
+                asked_at + verdict.reset,
+                asked_at + BLOCK_LIFE,
+                paid_through_us=verdict.paid_through_us,
+            )
             block.calls -= 1  # this call's
             self._blocks[bucket_key] = block
             # What the client may still call now counts the calls this gateway holds for it.
@@ -254,10 +276,18 @@ class Guard:
             self._blocks.clear()
 
     async def check(
-        self, revoked_key: str, bucket_key: str, *, want: int, pace: Pace, refund: int = 0
+        self,
+        revoked_key: str,
+        bucket_key: str,
+        *,
+        want: int,
+        pace: Pace,
+        refund: int = 0,
+        paid_through_us: int = 0,
     ) -> Verdict:
-        """One round trip, giving back `refund` calls taken before and unspent, then taking up
-        to `want`; ConnectionError or RedisReplyError when Redis cannot answer."""
+        """One round trip, giving back `refund` calls taken before (the bucket's time then
+        `paid_through_us`) and unspent, then taking up to `want`; ConnectionError or
+        RedisReplyError when Redis cannot answer."""
         sha, head = self._head
         if sha is not self._sha:
             self._head = (self._sha, head := _evalsha_head(self._sha))
@@ -267,9 +297,10 @@ class Guard:
         interval = b"%d" % pace.interval_us
         burst = b"%d" % pace.burst
         returned = b"%d" % refund
+        through = b"%d" % paid_through_us
         command = (
             b"%s$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n"
-            b"$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n"
+            b"$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n"
             % (
                 head,
                 len(revoked),
@@ -284,6 +315,8 @@ class Guard:
                 burst,
                 len(returned),
                 returned,
+                len(through),
+                through,
             )
         )
         try:
@@ -302,9 +335,10 @@ class Guard:
                     interval,
                     burst,
                     returned,
+                    through,
                 )
             )
-        is_revoked, granted, remaining, retry_us, reset_us = answer
+        is_revoked, granted, remaining, retry_us, reset_us, paid_through = answer
         allowed = granted >= 1
         return Verdict(
             is_revoked == 1,
@@ -316,6 +350,7 @@ class Guard:
             pace.window,
             granted if allowed else 0,
             retry_us if not allowed else 0,
+            paid_through,
         )
 
 
@@ -324,5 +359,5 @@ _BLOCKS_MAX = 10_000
 
 
 def _evalsha_head(sha: bytes) -> bytes:
-    """`EVALSHA <sha> 2` of an eight-part command, the rest of which is added per call."""
-    return pack(b"EVALSHA", sha, b"2", b"", b"", b"", b"", b"", b"").split(b"$0\r\n", 1)[0]
+    """`EVALSHA <sha> 2` of a ten-part command, the rest of which is added per call."""
+    return pack(b"EVALSHA", sha, b"2", *[b""] * 7).split(b"$0\r\n", 1)[0]

@@ -59,17 +59,19 @@ async def revoke_grant(
     # Mark and announce even when PostgreSQL says it was already revoked: a crash between
     # the two writes on an earlier attempt must not leave gateways uninformed.
     ttl = mark_ttl(settings)
-    pipe = redis_client.pipeline(transaction=False)
-    pipe.set(settings.stream(REVOKED_KEY) + str(grant_id), reason, ex=ttl)
-    await pipe.execute()
-    announced = await streams.append(
-        redis_client,
-        settings.stream(streams.REVOCATIONS),
-        {"grant_id": str(grant_id), "reason": reason, "at": time.time(), "ttl": ttl},
-        maxlen=REVOCATIONS_MAXLEN,
-    )
-    # Gateways answering from their own set under a lease must have heard it first.
-    await leases.wait_for_gateways(redis_client, settings, announced)
+    for _ in range(2):
+        await redis_client.set(settings.stream(REVOKED_KEY) + str(grant_id), reason, ex=ttl)
+        announced = await streams.append(
+            redis_client,
+            settings.stream(streams.REVOCATIONS),
+            {"grant_id": str(grant_id), "reason": reason, "at": time.time(), "ttl": ttl},
+            maxlen=REVOCATIONS_MAXLEN,
+        )
+        # Gateways answering from their own set under a lease must have heard it first.
+        if not await leases.wait_for_gateways(redis_client, settings, announced):
+            break
+        # Redis lost the leases, and may have lost this mark and announcement with them:
+        # written again, and waited for again, before the answer.
     if grant is not None:
         await audit.append(
             redis_client,
