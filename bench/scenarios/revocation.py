@@ -18,10 +18,12 @@ import time
 from dataclasses import dataclass
 
 import aiohttp
+import redis.asyncio as redis_asyncio
 
 from bench.measure import Context
 from bench.report import Row
 from bench.world import mint_codes, token_request
+from libs.common import leases
 
 LOOPS_PER_GATEWAY = 4
 PATH = "/api/v1/courses"
@@ -56,6 +58,19 @@ async def _hammer(
         calls.append(Call(index, started, time.monotonic(), status))
 
 
+async def _live_leases(redis_url: str, prefix: str) -> int:
+    """Gateways holding a revocation lease now (libs/common/leases.py): the trials test the
+    path where a gateway answers "not revoked" from memory only when this is 2."""
+    client = redis_asyncio.Redis.from_url(redis_url)
+    try:
+        fields = await client.hgetall(prefix + leases.LEASES_KEY)
+        seconds, micros = await client.time()
+    finally:
+        await client.aclose()
+    now = int(seconds) * 1_000_000 + int(micros)
+    return sum(1 for k, v in fields.items() if k.startswith(b"e:") and int(v) > now)
+
+
 async def run(ctx: Context) -> list[Row]:
     from libs.common import db
 
@@ -63,6 +78,7 @@ async def run(ctx: Context) -> list[Row]:
     bases = [s.url(s.ports.gateway), s.url(s.ports.gateway2)]
     trials = plan.revocation_trials
     ctx.say(f"revocation: {trials} trials, 2 gateway processes, {LOOPS_PER_GATEWAY} loops each")
+    leased_before = await _live_leases(s.redis_url, s.prefix)
     late_successes = 0
     calls_after = 0
     odd = 0
@@ -126,6 +142,8 @@ async def run(ctx: Context) -> list[Row]:
         finally:
             await pool.close()
 
+    leased_after = await _live_leases(s.redis_url, s.prefix)
+
     def pct(values: list[float], q: float) -> float:
         ordered = sorted(values)
         return ordered[min(len(ordered) - 1, int(len(ordered) * q))] if ordered else float("nan")
@@ -134,6 +152,7 @@ async def run(ctx: Context) -> list[Row]:
         "trials": trials,
         "gateways": len(bases),
         "loops_per_gateway": LOOPS_PER_GATEWAY,
+        "gateways_with_a_lease": {"before": leased_before, "after": leased_after},
         "calls_started_after_answer": calls_after,
         "successes_after_answer": late_successes,
         "other_statuses_after_answer": odd,
@@ -163,7 +182,8 @@ async def run(ctx: Context) -> list[Row]:
             f"{late_successes} of {calls_after} calls after the answer succeeded "
             f"({trials} trials); first 401 {statistics.median(to_first_401):.1f} ms after the "
             f"revoke was sent (median, max {max(to_first_401):.1f}), revoke answers in "
-            f"{statistics.median(answered_in):.1f} ms",
+            f"{statistics.median(answered_in):.1f} ms; gateways holding revocation leases "
+            f"{leased_before} before, {leased_after} after",
             "—",
             "—",
             "0, always",
