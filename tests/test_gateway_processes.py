@@ -5,6 +5,7 @@ records."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -77,18 +78,26 @@ class GatewayProcess:
         return code
 
 
-@pytest.fixture(scope="module")
-def gateway_processes(
-    gateway_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[list[GatewayProcess]]:
-    logs = tmp_path_factory.mktemp("gateways")
-    env = {**gateway_env, "LOG_LEVEL": "warning"}
-    started = [GatewayProcess(env, logs / f"gateway-{n}.log") for n in range(2)]
+@contextlib.contextmanager
+def started_gateways(env: dict[str, str], logs: Path, count: int) -> Iterator[list[GatewayProcess]]:
+    """`count` gateway processes, stopped at the end (resumed first if a test paused one)."""
+    started = [GatewayProcess(env, logs / f"gateway-{n}.log") for n in range(count)]
     try:
         yield started
     finally:
         for process in started:
+            if process.process.poll() is None:
+                os.kill(process.process.pid, signal.SIGCONT)
             process.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway_processes(
+    gateway_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[list[GatewayProcess]]:
+    env = {**gateway_env, "LOG_LEVEL": "warning"}
+    with started_gateways(env, tmp_path_factory.mktemp("gateways"), 2) as started:
+        yield started
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import orjson
@@ -27,7 +27,7 @@ from services.gateway.ratelimit import Guard, Pace
 from services.gateway.resp import PipelinedRedis
 from services.gateway.revocation import Lease, RevokedGrants, follow_revocations, lease_clock
 from services.identity import grants, keys, revocation_marks
-from tests.test_gateway_processes import GatewayProcess
+from tests.test_gateway_processes import GatewayProcess, started_gateways
 from tests.test_gateway_support import (
     access_claims,
     echo_upstream,
@@ -97,16 +97,47 @@ def unique_epoch() -> str:
     return os.urandom(8).hex()
 
 
+class _Gateway:
+    """One gateway as the lease protocol sees it: it registers, then renews with what it
+    applied (by default, where it registered)."""
+
+    def __init__(self, client: redis_asyncio.Redis, settings: Settings, name: str = "gw") -> None:
+        self.client, self.settings, self.name = client, settings, name
+        self.held = leases.LeaseAnswer(0, "", "", 0.0)
+
+    async def register(self) -> leases.LeaseAnswer:
+        self.held = await leases.take(
+            self.client, self.settings, _stream(self.settings), self.name, applied="", epoch=""
+        )
+        return self.held
+
+    async def renew(self, applied: str | None = None) -> leases.LeaseAnswer:
+        return await leases.take(
+            self.client,
+            self.settings,
+            _stream(self.settings),
+            self.name,
+            applied=self.held.newest if applied is None else applied,
+            epoch=self.held.epoch,
+        )
+
+
 # The protocol --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def registered(lease_redis: redis_asyncio.Redis, lease_settings: Settings) -> _Gateway:
+    """A gateway that has registered a lease under an epoch."""
+    await _given_an_epoch(lease_redis, lease_settings)
+    gateway = _Gateway(lease_redis, lease_settings)
+    await gateway.register()
+    return gateway
 
 
 async def test_without_an_epoch_no_gateway_gets_a_lease_and_a_revoke_waits_one_out(
     lease_redis: redis_asyncio.Redis, lease_settings: Settings
 ) -> None:
-    answer = await leases.take(
-        lease_redis, lease_settings, _stream(lease_settings), "gw", applied="", epoch=""
-    )
-    assert answer.state == 0
+    assert (await _Gateway(lease_redis, lease_settings).register()).state == 0
     announced = await _announce(lease_redis, lease_settings, "g1")
     began = time.monotonic()
     await leases.wait_for_gateways(lease_redis, lease_settings, announced)
@@ -117,82 +148,64 @@ async def test_without_an_epoch_no_gateway_gets_a_lease_and_a_revoke_waits_one_o
 async def test_a_revoke_waits_for_every_live_lease_to_apply_it(
     lease_redis: redis_asyncio.Redis, lease_settings: Settings
 ) -> None:
-    stream = _stream(lease_settings)
     await _given_an_epoch(lease_redis, lease_settings)
     before = await _announce(lease_redis, lease_settings, "old")
-    first = await leases.take(lease_redis, lease_settings, stream, "a", applied="", epoch="")
-    second = await leases.take(lease_redis, lease_settings, stream, "b", applied="", epoch="")
+    first, second = (
+        _Gateway(lease_redis, lease_settings, "a"),
+        _Gateway(lease_redis, lease_settings, "b"),
+    )
     # Registration reports the newest entry applied: the marks cover what came before it.
-    assert first.state == second.state == leases.REGISTERED
-    assert first.newest == before
+    assert (await first.register()).state == (await second.register()).state == leases.REGISTERED
+    assert first.held.newest == before
 
     announced = await _announce(lease_redis, lease_settings, "new")
     waiting = asyncio.create_task(leases.wait_for_gateways(lease_redis, lease_settings, announced))
     await asyncio.sleep(0.1)
     assert not waiting.done()
-    renewed = await leases.take(
-        lease_redis, lease_settings, stream, "a", applied=announced, epoch=first.epoch
-    )
-    assert renewed.state == leases.RENEWED
+    assert (await first.renew(announced)).state == leases.RENEWED
     await asyncio.sleep(0.1)
     assert not waiting.done()  # "b" has not applied it yet
-    await leases.take(
-        lease_redis, lease_settings, stream, "b", applied=announced, epoch=second.epoch
-    )
-    await asyncio.wait_for(waiting, 1)
+    await second.renew(announced)
+    await asyncio.wait_for(waiting, 2)
 
 
 async def test_a_lease_that_runs_out_stops_holding_the_revoke_and_must_register_again(
-    lease_redis: redis_asyncio.Redis, lease_settings: Settings
+    lease_redis: redis_asyncio.Redis, lease_settings: Settings, registered: _Gateway
 ) -> None:
-    stream = _stream(lease_settings)
-    await _given_an_epoch(lease_redis, lease_settings)
-    held = await leases.take(lease_redis, lease_settings, stream, "gw", applied="", epoch="")
+    gateway = registered
     announced = await _announce(lease_redis, lease_settings, "g")
     began = time.monotonic()
     await leases.wait_for_gateways(lease_redis, lease_settings, announced)
     assert time.monotonic() - began >= LEASE * 0.5
     # Coming back after the lapse is a registration: the gateway reloads the marks.
-    late = await leases.take(
-        lease_redis, lease_settings, stream, "gw", applied=held.newest, epoch=held.epoch
-    )
+    late = await gateway.renew()
     assert late.state == leases.REGISTERED
     assert late.newest == announced
 
 
 async def test_a_gateway_lagging_behind_the_stream_is_refused_renewal(
-    lease_redis: redis_asyncio.Redis, lease_settings: Settings
+    lease_redis: redis_asyncio.Redis, lease_settings: Settings, registered: _Gateway
 ) -> None:
-    stream = _stream(lease_settings)
-    await _given_an_epoch(lease_redis, lease_settings)
-    held = await leases.take(lease_redis, lease_settings, stream, "gw", applied="", epoch="")
+    gateway = registered
     await _announce(lease_redis, lease_settings, "g")
     # Just announced: a follower may not have read it yet, the renewal stands.
-    fresh = await leases.take(
-        lease_redis, lease_settings, stream, "gw", applied=held.newest, epoch=held.epoch
-    )
+    fresh = await gateway.renew()
     assert fresh.state == leases.RENEWED
     await asyncio.sleep(LEASE / 2 + 0.1)
     # A newer entry does not hide the old one the gateway has not applied.
     await _announce(lease_redis, lease_settings, "h")
-    stale = await leases.take(
-        lease_redis, lease_settings, stream, "gw", applied=held.newest, epoch=held.epoch
-    )
+    stale = await gateway.renew()
     assert stale.state == leases.REFUSED
 
 
 async def test_a_gateway_whose_unread_entries_were_trimmed_is_refused_renewal(
-    lease_redis: redis_asyncio.Redis, lease_settings: Settings
+    lease_redis: redis_asyncio.Redis, lease_settings: Settings, registered: _Gateway
 ) -> None:
-    stream = _stream(lease_settings)
-    await _given_an_epoch(lease_redis, lease_settings)
-    held = await leases.take(lease_redis, lease_settings, stream, "gw", applied="", epoch="")
+    gateway = registered
     announced = [await _announce(lease_redis, lease_settings, f"g{n}") for n in range(3)]
-    await lease_redis.xtrim(stream, maxlen=1, approximate=False)
+    await lease_redis.xtrim(_stream(lease_settings), maxlen=1, approximate=False)
     # The follower reads what is left and reports it: past the two it never saw.
-    answer = await leases.take(
-        lease_redis, lease_settings, stream, "gw", applied=announced[-1], epoch=held.epoch
-    )
+    answer = await gateway.renew(announced[-1])
     assert answer.state == leases.REFUSED
 
 
@@ -201,10 +214,8 @@ async def test_an_epoch_holds_only_on_the_redis_instance_that_wrote_it(
 ) -> None:
     """A hash that came back from a snapshot or a replica (another run_id) is no lease at
     all: gateways get none, and a revoke waits a whole lease out."""
-    stream = _stream(lease_settings)
     await _given_an_epoch(lease_redis, lease_settings, run_id="0" * 40)
-    answer = await leases.take(lease_redis, lease_settings, stream, "gw", applied="", epoch="")
-    assert answer.state == 0
+    assert (await _Gateway(lease_redis, lease_settings).register()).state == 0
     assert not await lease_redis.exists(leases.leases_key(lease_settings))
     await _given_an_epoch(lease_redis, lease_settings, run_id="1" * 40)
     announced = await _announce(lease_redis, lease_settings, "g")
@@ -224,27 +235,22 @@ async def test_no_gateway_is_granted_a_longer_lease_than_the_epoch_says(
             "GATEWAY_REVOCATION_LEASE": "5",
         }
     )
-    answer = await leases.take(lease_redis, longer, _stream(longer), "gw", applied="", epoch="")
+    answer = await _Gateway(lease_redis, longer).register()
     assert answer.state == leases.REGISTERED
     assert answer.seconds == LEASE
 
 
 async def test_a_new_epoch_makes_every_gateway_register_afresh(
-    lease_redis: redis_asyncio.Redis, lease_settings: Settings
+    lease_redis: redis_asyncio.Redis, lease_settings: Settings, registered: _Gateway
 ) -> None:
-    stream = _stream(lease_settings)
-    await _given_an_epoch(lease_redis, lease_settings)
-    held = await leases.take(lease_redis, lease_settings, stream, "gw", applied="", epoch="")
+    gateway = registered
+    held = gateway.held
     # Redis lost the hash; identity wrote a new epoch later.
     await lease_redis.delete(leases.leases_key(lease_settings))
-    lost = await leases.take(
-        lease_redis, lease_settings, stream, "gw", applied=held.newest, epoch=held.epoch
-    )
+    lost = await gateway.renew()
     assert lost.state == 0
     await _given_an_epoch(lease_redis, lease_settings)
-    again = await leases.take(
-        lease_redis, lease_settings, stream, "gw", applied=held.newest, epoch=held.epoch
-    )
+    again = await gateway.renew()
     assert again.state == leases.REGISTERED and again.epoch != held.epoch
 
 
@@ -313,12 +319,13 @@ async def test_a_revoke_that_finds_the_leases_lost_writes_its_mark_and_announcem
 async def test_a_released_lease_holds_no_revoke(
     lease_redis: redis_asyncio.Redis, lease_settings: Settings
 ) -> None:
-    stream = _stream(lease_settings)
     await _given_an_epoch(lease_redis, lease_settings)
-    await leases.take(lease_redis, lease_settings, stream, "gw", applied="", epoch="")
+    await _Gateway(lease_redis, lease_settings).register()
     await leases.release(lease_redis, lease_settings, "gw")
     announced = await _announce(lease_redis, lease_settings, "g")
-    await asyncio.wait_for(leases.wait_for_gateways(lease_redis, lease_settings, announced), 0.5)
+    await asyncio.wait_for(
+        leases.wait_for_gateways(lease_redis, lease_settings, announced), LEASE * 0.9
+    )
 
 
 async def test_identity_writes_the_epoch_a_lease_after_finding_it_gone(
@@ -361,13 +368,11 @@ async def test_the_follower_holds_a_lease_only_once_the_marks_are_loaded(
         assert "before" in revoked
         await lease_redis.set(mark + "after", "x", ex=60)
         announced = await _announce(lease_redis, lease_settings, "after")
-        await asyncio.wait_for(
-            leases.wait_for_gateways(lease_redis, lease_settings, announced), LEASE
-        )
+        await asyncio.wait_for(leases.wait_for_gateways(lease_redis, lease_settings, announced), 5)
         assert "after" in revoked
         # The hash loses its epoch: the gateway stops answering from memory at its next read.
         await lease_redis.delete(leases.leases_key(lease_settings))
-        deadline = lease_clock() + LEASE
+        deadline = lease_clock() + LEASE + 2
         while lease.live():
             assert lease_clock() < deadline
             await asyncio.sleep(0.01)
@@ -387,134 +392,115 @@ async def _evalshas(client: redis_asyncio.Redis) -> int:
     return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
 
 
-def _leased_guard(connection: PipelinedRedis) -> Guard:
-    lease = Lease(30)
-    lease.extend(lease_clock(), 30)
-    return Guard(connection, lease)
+Guards = Callable[..., Guard]
+
+
+@pytest.fixture
+async def guards(lease_settings: Settings) -> AsyncIterator[Guards]:
+    """Guards as gateways hold them, each on a connection of its own: under a live lease
+    unless `leased=False` (a lease never extended)."""
+    connections: list[PipelinedRedis] = []
+
+    def guard(*, leased: bool = True) -> Guard:
+        connections.append(PipelinedRedis(lease_settings.redis_url))
+        lease = Lease(30)
+        if leased:
+            lease.extend(lease_clock(), 30)
+        return Guard(connections[-1], lease)
+
+    yield guard
+    for connection in connections:
+        await connection.close()
+
+
+@pytest.fixture
+def bucket(lease_settings: Settings, unique: str) -> str:
+    return lease_settings.stream("connect:ratelimit:") + unique
+
+
+@pytest.fixture
+def mark(lease_settings: Settings, unique: str) -> str:
+    return lease_settings.stream(grants.REVOKED_KEY) + unique
 
 
 async def test_under_a_lease_calls_come_in_blocks_from_the_one_shared_bucket(
-    lease_redis: redis_asyncio.Redis, lease_settings: Settings, unique: str
+    lease_redis: redis_asyncio.Redis, guards: Guards, bucket: str, mark: str
 ) -> None:
     """Two gateways share a client's bucket: blocks are taken from it, so together they allow
     no more than the burst, and each asks Redis far less often than it is called."""
     pace = Pace.of(60, 32)  # one call a second after a burst of 32; blocks of up to 4
     assert pace.block == 4
-    connections = [PipelinedRedis(lease_settings.redis_url) for _ in range(2)]
-    gateways = [_leased_guard(c) for c in connections]
-    bucket = lease_settings.stream("connect:ratelimit:") + unique
-    mark = lease_settings.stream(grants.REVOKED_KEY) + unique
-    try:
-        before = await _evalshas(lease_redis)
-        verdicts = [
-            await gateways[n % 2].admit(mark, bucket, consume=True, pace=pace) for n in range(40)
-        ]
-        asked = await _evalshas(lease_redis) - before
-        assert sum(v.allowed for v in verdicts) == 32
-        assert all(v.retry_after >= 1 for v in verdicts if not v.allowed)
-        assert all(v.remaining >= 0 for v in verdicts)
-        assert asked < 40 // 2
-        # Concurrent calls on one gateway wait for the block in flight rather than each
-        # asking Redis.
-        fresh = bucket + ":fresh"
-        before = await _evalshas(lease_redis)
-        together = await asyncio.gather(
-            *(gateways[0].admit(mark, fresh, consume=True, pace=pace) for _ in range(8))
-        )
-        assert all(v.allowed for v in together)
-        assert await _evalshas(lease_redis) - before <= 4
-    finally:
-        for connection in connections:
-            await connection.close()
+    gateways = [guards(), guards()]
+    before = await _evalshas(lease_redis)
+    verdicts = [
+        await gateways[n % 2].admit(mark, bucket, consume=True, pace=pace) for n in range(40)
+    ]
+    asked = await _evalshas(lease_redis) - before
+    assert sum(v.allowed for v in verdicts) == 32
+    assert all(v.retry_after >= 1 for v in verdicts if not v.allowed)
+    assert all(v.remaining >= 0 for v in verdicts)
+    assert asked < 40 // 2
+    # Concurrent calls on one gateway wait for the block in flight rather than each asking.
+    fresh = bucket + ":fresh"
+    before = await _evalshas(lease_redis)
+    together = await asyncio.gather(
+        *(gateways[0].admit(mark, fresh, consume=True, pace=pace) for _ in range(8))
+    )
+    assert all(v.allowed for v in together)
+    assert await _evalshas(lease_redis) - before <= 4
 
 
 async def test_remaining_counts_down_by_one_through_blocks(
-    lease_redis: redis_asyncio.Redis, lease_settings: Settings, unique: str
+    guards: Guards, bucket: str, mark: str
 ) -> None:
-    connection = PipelinedRedis(lease_settings.redis_url)
-    guard = _leased_guard(connection)
-    bucket = lease_settings.stream("connect:ratelimit:") + unique
+    guard = guards()
     pace = Pace(32, 60_000_000)  # a burst of 32, then one call a minute
-    try:
-        verdicts = [
-            await guard.admit(bucket + ":mark", bucket, consume=True, pace=pace) for _ in range(33)
-        ]
-        assert [v.remaining for v in verdicts[:32]] == list(range(31, -1, -1))
-        assert not verdicts[32].allowed
-    finally:
-        await connection.close()
+    verdicts = [await guard.admit(mark, bucket, consume=True, pace=pace) for _ in range(33)]
+    assert [v.remaining for v in verdicts[:32]] == list(range(31, -1, -1))
+    assert not verdicts[32].allowed
 
 
 async def test_calls_of_a_block_left_unspent_are_given_back(
-    lease_redis: redis_asyncio.Redis,
-    lease_settings: Settings,
-    unique: str,
-    monkeypatch: pytest.MonkeyPatch,
+    guards: Guards, bucket: str, mark: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A gateway holding calls it does not spend must not cost the client its burst."""
     monkeypatch.setattr(ratelimit, "BLOCK_LIFE", 0.05)
-    connection = PipelinedRedis(lease_settings.redis_url)
-    guard = _leased_guard(connection)
-    bucket = lease_settings.stream("connect:ratelimit:") + unique
+    guard = guards()
     pace = Pace(32, 600_000_000)  # a burst of 32, then one call every ten minutes
-    try:
-        used = 0
-        for _ in range(8):  # blocks of 1, 2, 4, then 4 held with calls to spare
-            assert (await guard.admit(bucket + ":m", bucket, consume=True, pace=pace)).allowed
-            used += 1
-        await asyncio.sleep(0.1)  # the block runs out with calls unspent
-        verdict = await guard.admit(bucket + ":m", bucket, consume=True, pace=pace)
-        used += 1
-        # Every call not spent is the client's again: nothing refills in the meantime.
-        assert verdict.remaining == 32 - used
-    finally:
-        await connection.close()
+    for _ in range(8):  # blocks of 1, 2, 4, then 4 held with calls to spare
+        assert (await guard.admit(mark, bucket, consume=True, pace=pace)).allowed
+    await asyncio.sleep(0.1)  # the block runs out with calls unspent
+    verdict = await guard.admit(mark, bucket, consume=True, pace=pace)
+    # Every call not spent is the client's again: nothing refills in the meantime.
+    assert verdict.remaining == 32 - 9
 
 
 async def test_calls_given_back_after_the_bucket_refilled_are_not_extra_calls(
-    lease_redis: redis_asyncio.Redis,
-    lease_settings: Settings,
-    unique: str,
-    monkeypatch: pytest.MonkeyPatch,
+    guards: Guards, bucket: str, mark: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(ratelimit, "BLOCK_LIFE", 0.05)
-    connections = [PipelinedRedis(lease_settings.redis_url) for _ in range(2)]
-    first, second = (_leased_guard(c) for c in connections)
-    bucket = lease_settings.stream("connect:ratelimit:") + unique
-    pace = Pace(32, 10_000)  # a burst of 32, refilled in a third of a second
-    try:
-        for _ in range(4):  # blocks of 1, 2, then 4 with three to spare
-            assert (await first.admit(bucket + ":m", bucket, consume=True, pace=pace)).allowed
-        await asyncio.sleep(0.5)  # the bucket is full again: the spare calls are owed nothing
-        spent = [await second.admit(bucket + ":m", bucket, consume=True, pace=Pace(32, 10**9))]
-        spent += [
-            await second.admit(bucket + ":m", bucket, consume=True, pace=Pace(32, 10**9))
-            for _ in range(40)
-        ]
-        assert sum(v.allowed for v in spent) == 32
-        late = await first.admit(bucket + ":m", bucket, consume=True, pace=Pace(32, 10**9))
-        assert not late.allowed
-    finally:
-        for connection in connections:
-            await connection.close()
+    first, second = guards(), guards()
+    quick = Pace(32, 10_000)  # a burst of 32, refilled in a third of a second
+    for _ in range(4):  # blocks of 1, 2, then 4 with three to spare
+        assert (await first.admit(mark, bucket, consume=True, pace=quick)).allowed
+    await asyncio.sleep(0.5)  # the bucket is full again: the spare calls are owed nothing
+    slow = Pace(32, 10**9)  # from now on, nothing refills within the test
+    spent = [await second.admit(mark, bucket, consume=True, pace=slow) for _ in range(40)]
+    assert sum(v.allowed for v in spent) == 32
+    assert not (await first.admit(mark, bucket, consume=True, pace=slow)).allowed
 
 
 async def test_without_a_live_lease_every_call_asks_redis(
-    lease_redis: redis_asyncio.Redis, lease_settings: Settings, unique: str
+    lease_redis: redis_asyncio.Redis, guards: Guards, bucket: str, mark: str
 ) -> None:
-    connection = PipelinedRedis(lease_settings.redis_url)
-    guard = Guard(connection, Lease(LEASE))  # never extended
-    bucket = lease_settings.stream("connect:ratelimit:") + unique
-    mark = lease_settings.stream(grants.REVOKED_KEY) + unique
-    try:
-        before = await _evalshas(lease_redis)
-        for _ in range(5):
-            assert (await guard.admit(mark, bucket, consume=True, pace=Pace.of(600, 100))).allowed
-        assert await _evalshas(lease_redis) - before == 5
-        await lease_redis.set(mark, "revoked", ex=60)
-        assert (await guard.admit(mark, bucket, consume=True, pace=Pace.of(600, 100))).revoked
-    finally:
-        await connection.close()
+    guard = guards(leased=False)
+    pace = Pace.of(600, 100)
+    before = await _evalshas(lease_redis)
+    for _ in range(5):
+        assert (await guard.admit(mark, bucket, consume=True, pace=pace)).allowed
+    assert await _evalshas(lease_redis) - before == 5
+    await lease_redis.set(mark, "revoked", ex=60)
+    assert (await guard.admit(mark, bucket, consume=True, pace=pace)).revoked
 
 
 # Breaking it with real gateway processes ----------------------------------------------------
@@ -524,16 +510,10 @@ async def test_without_a_live_lease_every_call_asks_redis(
 def lease_gateways(
     gateway_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[list[GatewayProcess]]:
-    logs = tmp_path_factory.mktemp("lease-gateways")
+    # At info, each process logs its lease registrations (with its lease id).
     env = {**gateway_env, "LOG_LEVEL": "info"}
-    started = [GatewayProcess(env, logs / f"gateway-{n}.log") for n in range(2)]
-    try:
+    with started_gateways(env, tmp_path_factory.mktemp("lease-gateways"), 2) as started:
         yield started
-    finally:
-        for process in started:
-            if process.process.poll() is None:
-                os.kill(process.process.pid, signal.SIGCONT)
-            process.stop()
 
 
 def _gateway_id(process: GatewayProcess) -> str | None:
