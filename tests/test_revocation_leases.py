@@ -316,6 +316,21 @@ async def test_a_revoke_that_finds_the_leases_lost_writes_its_mark_and_announcem
     assert [orjson.loads(f[b"data"])["grant_id"] for _, f in entries] == [str(grant_id)]
 
 
+async def test_a_lease_that_neither_applies_nor_runs_out_fails_the_revoke_in_the_end(
+    lease_redis: redis_asyncio.Redis, lease_settings: Settings
+) -> None:
+    """No follower renews without applying for long (renewal is refused), but if a lease
+    says so anyway the revoke does not answer as if it were immediate."""
+    await _given_an_epoch(lease_redis, lease_settings)
+    far = await leases.redis_now_us(lease_redis) + 60_000_000
+    await lease_redis.hset(
+        leases.leases_key(lease_settings), mapping={"e:stuck": far, "a:stuck": "0-0"}
+    )
+    announced = await _announce(lease_redis, lease_settings, "g")
+    with pytest.raises(leases.GatewaysUnconfirmed):
+        await leases.wait_for_gateways(lease_redis, lease_settings, announced)
+
+
 async def test_a_released_lease_holds_no_revoke(
     lease_redis: redis_asyncio.Redis, lease_settings: Settings
 ) -> None:

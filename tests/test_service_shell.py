@@ -5,8 +5,11 @@ from __future__ import annotations
 import gc
 
 import aiohttp
+from aiohttp import web
 from aiohttp.test_utils import TestServer
+from redis.exceptions import ConnectionError as RedisConnectionError
 
+from libs.common.leases import GatewaysUnconfirmed
 from libs.common.web import GEN0_THRESHOLD, base_application
 
 
@@ -26,3 +29,31 @@ async def test_a_started_service_freezes_what_it_started_with_and_restores_the_c
         await server.close()
     assert gc.get_threshold() == before
     assert gc.get_freeze_count() == 0
+
+
+async def test_a_store_that_did_not_answer_is_a_503_to_retry() -> None:
+    """Redis away, or a revocation no gateway lease confirmed in time: RFC 6749's
+    temporarily_unavailable with Retry-After, not an unexpected server error."""
+    app = base_application("shell-test")
+
+    async def redis_away(request: web.Request) -> web.Response:
+        raise RedisConnectionError("Connection refused")
+
+    async def unconfirmed(request: web.Request) -> web.Response:
+        raise GatewaysUnconfirmed("1 gateway(s) did not confirm the revocation")
+
+    app.router.add_get("/away", redis_away)
+    app.router.add_get("/unconfirmed", unconfirmed)
+    server = TestServer(app)
+    await server.start_server()
+    try:
+        async with aiohttp.ClientSession() as http:
+            for path in ("/away", "/unconfirmed"):
+                async with http.get(server.make_url(path)) as resp:
+                    assert resp.status == 503
+                    assert resp.headers["Retry-After"] == "1"
+                    body = await resp.json()
+                    assert body["error"] == "temporarily_unavailable"
+                    assert "gateway" not in body["error_description"]
+    finally:
+        await server.close()

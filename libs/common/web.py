@@ -16,6 +16,7 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
 from prometheus_client import generate_latest as prometheus_latest
+from redis.exceptions import RedisError
 
 from libs.common.errors import json_response
 from libs.common.logging import get_logger
@@ -77,6 +78,19 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         status = exc.status
         exc.headers["X-Request-Id"] = request_id
         raise
+    except RedisError:
+        # Redis away, or a revocation no gateway lease confirmed in time (leases.py): what
+        # was written stays written, and the same request may be sent again.
+        log.warning("request_unavailable", method=request.method, path=request.path, exc_info=True)
+        status = 503
+        response = json_response(
+            {
+                "error": "temporarily_unavailable",
+                "error_description": "A service this request needs did not answer; retry.",
+            },
+            status=503,
+        )
+        response.headers["Retry-After"] = "1"
     except Exception:
         log.exception("request_failed", method=request.method, path=request.path)
         response = json_response(

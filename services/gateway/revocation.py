@@ -170,7 +170,7 @@ async def follow_revocations(
     The lease is renewed after each read (entries or the read's timeout, a quarter of a
     lease), reporting the newest entry applied. A fresh registration moves the read position
     to the stream's newest entry and loads every mark before the lease counts, since the
-    entries before it are not read. Any Redis failure leaves the lease to run out.
+    entries before it are not read. Any failure drops the lease until the next registration.
     """
     stream = settings.stream(streams.REVOCATIONS)
     use_lease = lease.seconds > 0
