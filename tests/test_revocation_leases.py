@@ -443,8 +443,8 @@ async def test_under_a_lease_calls_come_in_blocks_from_the_one_shared_bucket(
 ) -> None:
     """Two gateways share a client's bucket: blocks are taken from it, so together they allow
     no more than the burst, and each asks Redis far less often than it is called."""
-    pace = Pace.of(60, 32)  # one call a second after a burst of 32; blocks of up to 4
-    assert pace.block == 4
+    pace = Pace.of(60, 32)  # one call a second after a burst of 32; blocks of up to 16
+    assert pace.block == 16
     gateways = [guards(), guards()]
     before = await _evalshas(lease_redis)
     verdicts = [

@@ -126,10 +126,12 @@ class Pace:
         return max(1, math.ceil(self.burst * self.interval_us / 1_000_000))
 
 
-# A block is at most this many calls, and at most burst / BLOCK_DIVISOR: a client near its limit
-# must not find its calls held by a gateway it is not calling.
-BLOCK_MAX = 16
-BLOCK_DIVISOR = 8
+# A block is at most this many calls, and at most burst / BLOCK_DIVISOR, so another gateway can
+# always take the rest of a full bucket. Blocks are that large only for a client calling this
+# gateway that often (each is twice what the last one served) while its bucket holds that
+# many: near its limit, a client's blocks are as small as what its bucket holds.
+BLOCK_MAX = 64
+BLOCK_DIVISOR = 2
 # How long the calls of a block (and a refusal) stay good. A refusal is kept until the next
 # call is due at the latest.
 BLOCK_LIFE = 1.0
