@@ -540,11 +540,6 @@ def _gateway_id(process: GatewayProcess) -> str | None:
     return found
 
 
-async def _redis_now_us(client: redis_asyncio.Redis) -> int:
-    seconds, micros = await client.time()
-    return int(seconds) * 1_000_000 + int(micros)
-
-
 async def _lease_expiry(client: redis_asyncio.Redis, settings: Settings, gateway: str) -> int:
     raw = await client.hget(leases.leases_key(settings), "e:" + gateway)
     return int(raw) if raw else 0
@@ -557,7 +552,8 @@ async def _leased(
     deadline = time.monotonic() + timeout
     while True:
         gateway = _gateway_id(process)
-        if gateway and await _lease_expiry(client, settings, gateway) > await _redis_now_us(client):
+        now = await leases.redis_now_us(client)
+        if gateway and await _lease_expiry(client, settings, gateway) > now:
             return gateway
         assert time.monotonic() < deadline, process.log.read_text()[-2000:]
         await asyncio.sleep(0.05)
@@ -617,11 +613,11 @@ async def test_a_paused_gateway_holds_the_revoke_until_its_lease_is_over(
         try:
             await asyncio.sleep(0.05)  # any renewal in flight has landed
             held_until = await _lease_expiry(redis, gateway_settings, gateway)
-            assert held_until > await _redis_now_us(redis), trial
+            assert held_until > await leases.redis_now_us(redis), trial
             await grants.revoke_grant(
                 pool, redis, gateway_settings, grant_id, reason="user_revoked"
             )
-            assert await _redis_now_us(redis) >= held_until, trial
+            assert await leases.redis_now_us(redis) >= held_until, trial
         finally:
             os.kill(paused.process.pid, signal.SIGCONT)
         assert await _status(http, paused.url, world.host, token) == 401, trial

@@ -64,10 +64,9 @@ async def _live_leases(redis_url: str, prefix: str) -> int:
     client = redis_asyncio.Redis.from_url(redis_url)
     try:
         fields = await client.hgetall(prefix + leases.LEASES_KEY)
-        seconds, micros = await client.time()
+        now = await leases.redis_now_us(client)
     finally:
         await client.aclose()
-    now = int(seconds) * 1_000_000 + int(micros)
     return sum(1 for k, v in fields.items() if k.startswith(b"e:") and int(v) > now)
 
 

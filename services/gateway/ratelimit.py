@@ -293,53 +293,23 @@ class Guard:
         sha, head = self._head
         if sha is not self._sha:
             self._head = (self._sha, head := _evalsha_head(self._sha))
-        revoked = revoked_key.encode()
-        bucket = bucket_key.encode()
-        wanted = b"%d" % want
-        interval = b"%d" % pace.interval_us
-        burst = b"%d" % pace.burst
-        returned = b"%d" % refund
-        through = b"%d" % paid_through_us
-        command = (
-            b"%s$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n"
-            b"$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n"
-            % (
-                head,
-                len(revoked),
-                revoked,
-                len(bucket),
-                bucket,
-                len(wanted),
-                wanted,
-                len(interval),
-                interval,
-                len(burst),
-                burst,
-                len(returned),
-                returned,
-                len(through),
-                through,
-            )
+        # KEYS then ARGV, as the script reads them.
+        parts = (
+            revoked_key.encode(),
+            bucket_key.encode(),
+            b"%d" % want,
+            b"%d" % pace.interval_us,
+            b"%d" % pace.burst,
+            b"%d" % refund,
+            b"%d" % paid_through_us,
         )
+        command = head + b"".join([b"$%d\r\n%s\r\n" % (len(p), p) for p in parts])
         try:
             answer = await self._redis.execute(command)
         except RedisReplyError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
-            answer = await self._redis.execute(
-                pack(
-                    b"EVAL",
-                    _GUARD.encode(),
-                    b"2",
-                    revoked,
-                    bucket,
-                    wanted,
-                    interval,
-                    burst,
-                    returned,
-                    through,
-                )
-            )
+            answer = await self._redis.execute(pack(b"EVAL", _GUARD.encode(), b"2", *parts))
         is_revoked, granted, remaining, retry_us, reset_us, paid_through = answer
         allowed = granted >= 1
         return Verdict(
