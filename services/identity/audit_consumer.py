@@ -39,10 +39,10 @@ GROUP = "identity-audit"
 # After a batch smaller than the batch size, wait this long before reading again: under load
 # entries trickle in one request at a time, and reading them as they come makes every batch
 # (read, insert, ack) carry a handful of records for the fixed cost of three round trips.
-# Short all the same: the gateway's records arrive in batches already, and one long wait
-# makes one long insert, a burst of CPU that the API calls of the moment wait behind (the
-# bench's p99 at two connections: 4.35 ms with 0.1 s, 3.6 to 3.9 ms with 0.01 s).
-GATHER_DELAY = 0.01
+# As long as the gateway's flush interval (services/gateway/audit.py FLUSH_INTERVAL, where the
+# measurements are): a cycle's fixed cost, paid a hundred times a second at 0.01 s, was most of
+# what the audit trail cost light API traffic.
+GATHER_DELAY = 0.05
 # Entries per read at most (identity's single records), and rows per read aimed at: a read of
 # the gateway's batch entries asks for fewer entries, so that memory and one statement's size
 # stay bounded even when a backlog of full batches waits.
@@ -265,6 +265,12 @@ async def run(
                 asked = count
                 entries: list[streams.Entry] = []
                 if loop.time() >= next_claim:
+                    if stored:
+                        # Acknowledged first: left pending, our own stored entries would be
+                        # claimed back once idle as long as CLAIM_IDLE_MS, stored again, and
+                        # their acknowledgement (riding on a read) put off for another cycle.
+                        await streams.ack(client, stream, GROUP, stored)
+                        stored = []
                     entries = await streams.claim_stale(
                         client, stream, GROUP, consumer, min_idle_ms=CLAIM_IDLE_MS, count=asked
                     )
