@@ -15,6 +15,11 @@ class Plan:
     connections: int
     # Concurrency of the light-load runs that measure the latency the gateway adds.
     latency_connections: int
+    # Rounds of the light-load runs (each round: every variant twice, ABBA). A 4-second run's
+    # p99 on a 2-core machine shared with everything else moves by half a millisecond from one
+    # run to the next, the bare proxy's as much as the gateway's: each variant's figure is the
+    # median of its runs.
+    latency_rounds: int
     warmup_s: float
     # A warm-up run of each gateway variant before the measured ones.
     variant_warmup: bool
@@ -45,6 +50,7 @@ FULL = Plan(
     name="full",
     connections=32,
     latency_connections=2,
+    latency_rounds=2,
     warmup_s=2,
     variant_warmup=True,
     gateway_s=8,
@@ -72,6 +78,7 @@ QUICK = Plan(
     name="quick",
     connections=32,
     latency_connections=2,
+    latency_rounds=1,
     warmup_s=1,
     variant_warmup=False,
     gateway_s=2,

@@ -2,9 +2,10 @@
 request straight to the school API (identity headers and internal token sent by wrk) and
 through a bare aiohttp pass-through proxy (bench/bare_proxy.py).
 
-Runs alternate (gateway, direct, bare proxy, gateway) so machine noise falls on all of them,
-first at the throughput concurrency, then at a light one where queueing is small and the p99
-difference is the latency the gateway's checks add.
+Runs alternate (gateway, bare proxy, direct, direct, bare proxy, gateway) so machine noise
+falls on all of them, first at the throughput concurrency, then, for plan.latency_rounds
+rounds, at a light one where queueing is small and the p99 difference is the latency the
+gateway's checks add.
 """
 
 from __future__ import annotations
@@ -129,12 +130,15 @@ async def run(ctx: Context) -> list[Row]:
     # machine's speed falls on all of them alike.
     order = ["gateway", "bare proxy", "direct", "direct", "bare proxy", "gateway"]
     try:
-        for level, conns, seconds in (
-            ("load", plan.connections, plan.gateway_s),
-            ("light", plan.latency_connections, plan.gateway_latency_s),
+        for level, conns, seconds, rounds in (
+            ("load", plan.connections, plan.gateway_s, 1),
+            ("light", plan.latency_connections, plan.gateway_latency_s, plan.latency_rounds),
         ):
-            ctx.say(f"gateway scenario, c={conns}: {', '.join(order)} ({seconds:g}s each)")
-            for name in order:
+            ctx.say(
+                f"gateway scenario, c={conns}: {', '.join(order)} ({seconds:g}s each)"
+                + (f", {rounds} rounds" if rounds > 1 else "")
+            )
+            for name in order * rounds:
                 url, env, groups = variants[name]
                 m = await ctx.wrk(
                     f"{name} c={conns}",
@@ -160,14 +164,17 @@ async def run(ctx: Context) -> list[Row]:
     def avg(level: str, name: str, attr: str) -> float:
         return statistics.fmean(getattr(m.result, attr) for m in runs[level][name])
 
+    def median(level: str, name: str, attr: str) -> float:
+        return statistics.median(getattr(m.result, attr) for m in runs[level][name])
+
     def cpu(level: str, name: str, *labels: str) -> float:
         return statistics.fmean(m.cpu_ms_per_req(*labels) for m in runs[level][name])
 
     every = ("front", "school_api", "identity", "postgres", "redis")
     g_rps, b_rps, d_rps = (avg("load", n, "rps") for n in ("gateway", "bare proxy", "direct"))
-    g_p99_light = avg("light", "gateway", "p99_ms")
-    b_p99_light = avg("light", "bare proxy", "p99_ms")
-    d_p99_light = avg("light", "direct", "p99_ms")
+    g_p99_light = median("light", "gateway", "p99_ms")
+    b_p99_light = median("light", "bare proxy", "p99_ms")
+    d_p99_light = median("light", "direct", "p99_ms")
     added_vs_bare = g_p99_light - b_p99_light
     added_vs_direct = g_p99_light - d_p99_light
     errors = sum(m.result.errors for level in runs.values() for ms in level.values() for m in ms)
@@ -197,6 +204,7 @@ async def run(ctx: Context) -> list[Row]:
     }
     c = plan.connections
     lc = plan.latency_connections
+    n_light = len(runs["light"]["gateway"])
     ours = (
         f"{g_rps:,.0f} req/s (c={c}) p50 {avg('load', 'gateway', 'p50_ms'):.1f} / "
         f"p99 {avg('load', 'gateway', 'p99_ms'):.1f} ms; cpu {cpu('load', 'gateway', 'front'):.2f}"
@@ -223,7 +231,7 @@ async def run(ctx: Context) -> list[Row]:
         Row(
             "gateway: p99 added",
             f"{added_vs_bare:+.2f} ms vs bare proxy, {added_vs_direct:+.2f} ms vs direct "
-            f"(p99 {g_p99_light:.2f} ms at c={lc})",
+            f"(p99 {g_p99_light:.2f} ms at c={lc}, median of {n_light} runs)",
             f"bare proxy p99 {b_p99_light:.2f} ms, direct p99 {d_p99_light:.2f} ms (c={lc})",
             "—",
             "≤ 1 ms added",

@@ -34,16 +34,16 @@ from services.gateway.resp import PipelinedRedis, RedisReplyError, pack
 
 log = get_logger(__name__)
 
-# A flush costs about the same whatever it holds: an XADD here, a read, an insert and an
-# acknowledgement in identity's consumer, a statement and a commit in PostgreSQL. Under light
-# traffic that fixed cost was the audit trail's whole cost. Measured on the bench's 2-core
-# machine at two connections (ten alternating runs each, consumer gathering as long): 0.01 s
-# cost 0.10 ms of the machine's CPU per call over the bare proxy, 15% of the gateway's rate,
-# and +0.5 ms of p99; 0.05 s cost 0.01 ms and left the p99 within the runs' noise of the bare
-# proxy's. Once PostgreSQL expanded the batches itself (store.audit.insert_batches), the larger
-# inserts no longer showed in the p99, as they had (+1.8 ms at 0.05 s) when identity built
-# every row. A busy gateway fills a batch well before the interval ends.
-FLUSH_INTERVAL = 0.05
+# A trade between the two figures the bench holds the gateway to. Each flush has a fixed cost
+# (an XADD here; a read, an insert, a commit and an acknowledgement in identity and PostgreSQL),
+# so rare flushes serve more calls per second; but each becomes one insert, about 13 µs of
+# PostgreSQL's CPU per record, and at light load the calls that meet that burst on a core
+# make the p99. Quick bench on the 2-core machine, identity's consumer gathering as long, share
+# of the bare proxy's throughput at c=32 / p99 added at c=2, runs of 2026-12-05:
+#   0.01 s: 0.77-0.85× / +0.24 to +0.34 ms; 0.02 s: 0.85-0.87× / +0.37 to +0.53 ms;
+#   0.05 s: 0.85-0.90× / +0.55 to +0.92 ms.
+# A busy gateway fills a batch (BATCH) before the interval ends.
+FLUSH_INTERVAL = 0.02
 # Bounds of one batch entry: the consumer holds a read of entries in memory at once, and a
 # huge entry would hold up Redis (and every call's guard check on it) while it is copied.
 BATCH = 200

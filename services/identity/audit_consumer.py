@@ -40,9 +40,9 @@ GROUP = "identity-audit"
 # entries trickle in one request at a time, and reading them as they come makes every batch
 # (read, insert, ack) carry a handful of records for the fixed cost of three round trips.
 # As long as the gateway's flush interval (services/gateway/audit.py FLUSH_INTERVAL, where the
-# measurements are): a cycle's fixed cost, paid a hundred times a second at 0.01 s, was most of
-# what the audit trail cost light API traffic.
-GATHER_DELAY = 0.05
+# measurements are): shorter, and a cycle's fixed cost is paid for a gateway flush each; longer,
+# and the insert grows into a burst of PostgreSQL's CPU that light API traffic waits behind.
+GATHER_DELAY = 0.02
 # Entries per read at most (identity's single records), and rows per read aimed at: a read of
 # the gateway's batch entries asks for fewer entries, so that memory and one statement's size
 # stay bounded even when a backlog of full batches waits.
