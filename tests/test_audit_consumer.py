@@ -334,3 +334,40 @@ async def test_the_running_consumer_claims_stores_and_acknowledges_everything(
     assert sum(r["stream_id"].startswith("r:") for r in rows) == 150
     pending = await redis.xpending(stream, audit_consumer.GROUP)
     assert pending["pending"] == 0
+
+
+async def test_the_consumer_does_not_claim_back_what_it_stored(
+    pool: Any, redis: Any, settings: Settings, unique: str, monkeypatch: Any
+) -> None:
+    """Entries it stored wait for their acknowledgement until its next read; when a look for
+    stale entries comes first and they have been idle longer than CLAIM_IDLE_MS, they are its
+    own, not a dead consumer's: taking them back each cycle would keep it from ever reading
+    (and acknowledging) again. Here every cycle looks, and waits longer than the idle time."""
+    settings = dataclasses.replace(settings, redis_prefix=f"{settings.redis_prefix}{unique}:")
+    stream = settings.stream(streams.AUDIT)
+    await streams.ensure_group(redis, stream, audit_consumer.GROUP)
+    monkeypatch.setattr(audit_consumer, "CLAIM_IDLE_MS", 10)
+    monkeypatch.setattr(audit_consumer, "CLAIM_EVERY", 0.0)
+    monkeypatch.setattr(audit_consumer, "GATHER_DELAY", 0.05)
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(audit_consumer.run(pool, redis, settings, stop))
+    try:
+        for n in range(8):
+            await audit.append(redis, settings, audit.record("grant.revoked", marker=unique, n=n))
+            await asyncio.sleep(0.03)
+        for _ in range(100):
+            if len(await _stored(pool, unique)) == 8:
+                break
+            await asyncio.sleep(0.05)
+        stored = await _stored(pool, unique)
+        assert sorted(int(r["detail"]["n"]) for r in stored) == list(range(8))
+        # Acknowledged while it runs, not only when it stops.
+        for _ in range(40):
+            if (await redis.xpending(stream, audit_consumer.GROUP))["pending"] <= 1:
+                break
+            await asyncio.sleep(0.05)
+        assert (await redis.xpending(stream, audit_consumer.GROUP))["pending"] <= 1
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)
