@@ -208,7 +208,18 @@ async def test_default_scopes_follow_the_schools_allowed_scopes(
 
 
 @pytest.mark.parametrize(
-    "uri", ["http://evil.example/cb", "https://a.example/cb#frag", "https://*.example/cb"]
+    "uri",
+    [
+        "http://evil.example/cb",
+        "https://a.example/cb#frag",
+        "https://*.example/cb",
+        # 127.0.0.1 to Python's urlsplit, evil.example to a browser.
+        "http://evil.example\\@127.0.0.1/cb",
+        "http://evil.example\\@localhost/cb",
+        "http://evil.example@127.0.0.1/cb",
+        "http://127.0.0.1\\evil.example/cb",
+        "https://a.example/cb\x00",
+    ],
 )
 async def test_bad_redirect_uris_are_refused(
     uri: str,

@@ -41,12 +41,22 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
+def _refuse_ambiguous_authority(uri: str, netloc: str, error: str) -> None:
+    """Browsers parse http(s) URLs by the WHATWG rules, where a backslash is a slash, and
+    userinfo moves the host: `http://evil.example\\@127.0.0.1/cb` is 127.0.0.1 to urlsplit
+    but evil.example to a browser. A URI they could read two ways is refused, whatever the
+    scheme, so the host checked here is the host the browser goes to."""
+    if "\\" in uri or "@" in netloc:
+        raise ClientMetadataError(error, f"{uri!r} has a backslash or userinfo")
+
+
 def validate_redirect_uri(uri: str) -> str:
     """https, or http on a loopback address for native apps (RFC 8252 7.3); no fragments or
     wildcards; a private-use scheme (RFC 8252 7.1) in reverse-domain form is allowed too."""
     parts = urlsplit(uri)
-    if not parts.scheme or "*" in uri or any(c.isspace() for c in uri):
+    if not parts.scheme or "*" in uri or any(c.isspace() or ord(c) < 0x20 for c in uri):
         raise ClientMetadataError("invalid_redirect_uri", f"{uri!r} is not an absolute URI")
+    _refuse_ambiguous_authority(uri, parts.netloc, "invalid_redirect_uri")
     if parts.fragment or "#" in uri:
         raise ClientMetadataError("invalid_redirect_uri", "redirect URIs may not have a fragment")
     if parts.scheme == "https":
@@ -67,6 +77,7 @@ def validate_redirect_uri(uri: str) -> str:
 
 def validate_origin(origin: str) -> str:
     parts = urlsplit(origin)
+    _refuse_ambiguous_authority(origin, parts.netloc, "invalid_client_metadata")
     if parts.scheme not in ("https", "http") or not parts.hostname or parts.path not in ("", "/"):
         raise ClientMetadataError("invalid_client_metadata", f"{origin!r} is not an origin")
     if parts.scheme == "http" and not is_loopback_host(parts.hostname):
