@@ -564,6 +564,51 @@ async def test_pending_request_is_bound_to_its_origin(
     assert status == 400
 
 
+async def test_pending_request_is_bound_to_the_browser_that_started_it(
+    world: World, browser: Browser, pool: asyncpg.Pool, unique: str
+) -> None:
+    """The request id travels in URLs (the resume link): a stranger who learned it must not go
+    on with the request as themselves. A code for the stranger's account, issued to the
+    victim's state, nonce and PKCE challenge, would sign the victim in to the app as the
+    stranger once the stranger slips it to the victim's callback (code injection)."""
+    url = authorize_url(world.base, world.client.id, scope="openid courses:read")
+    _, _, login_page = await browser.get(url)
+    request_id = form(login_page, "/v1/oauth/login").fields["request_id"]
+    resume = f"{world.base}/v1/oauth/authorize/resume?request_id={request_id}"
+    codes_before = await code_count(pool, world)
+
+    stranger = Browser()
+    try:
+        # Signed out: no sign-in page for the victim's request.
+        status, headers, body = await stranger.get(resume)
+        assert status == 400
+        assert "Location" not in headers
+        assert "/v1/oauth/login" not in body
+        # Signed in as another member of the school, through a request of its own: no consent
+        # page for the victim's request either, and no code.
+        other = await make_user(pool, world.school, f"s{unique}")
+        _, _, own = await stranger.get(url)
+        status, headers, body = await stranger.login(world.base, own, other.email, PASSWORD)
+        status, _, consent_page = await stranger.follow(world.base, status, headers, body)
+        assert status == 200
+        assert form(consent_page, "/v1/oauth/consent").fields["request_id"] != request_id
+        status, headers, body = await stranger.get(resume)
+        assert status == 400
+        assert "Location" not in headers
+        assert "/v1/oauth/consent" not in body
+    finally:
+        await stranger.close()
+    assert await code_count(pool, world) == codes_before
+
+    # The browser that started it goes on as before.
+    status, headers, body = await browser.login(world.base, login_page, world.email, PASSWORD)
+    status, _, consent_page = await browser.follow(world.base, status, headers, body)
+    assert form(consent_page, "/v1/oauth/consent").fields["request_id"] == request_id
+    status, headers, _ = await browser.decide(world.base, consent_page, "allow")
+    assert status == 303
+    assert "code" in query_of(headers["Location"])
+
+
 # Platform clients: the school picker ----------------------------------------------------------
 
 

@@ -134,6 +134,11 @@ class AuthorizationRequest:
     # The scopes the consent page offered: the Allow grants no more, even if the user's role
     # was raised in between.
     offered: list[str] | None = None
+    # The browser the request was first shown in (sessions.browser_mark of its pre-session
+    # cookie). Only that browser may go on with it: the request id travels in URLs, and a
+    # stranger who learned it could otherwise sign in as themselves and have a code for their
+    # own account issued to the client's state, nonce and PKCE challenge (code injection).
+    browser: str | None = None
 
     def to_json(self) -> bytes:
         return orjson.dumps(dataclasses.asdict(self))
@@ -153,19 +158,33 @@ async def save_pending(ctx: IdentityContext, authz: AuthorizationRequest) -> Non
     await ctx.redis.set(_pending_key(ctx.settings, authz.id), authz.to_json(), ex=PENDING_TTL)
 
 
-async def load_pending(
-    ctx: IdentityContext, request_id: str, iss: Issuer
-) -> AuthorizationRequest | None:
-    """The pending request, if it exists, is young enough, and belongs to this issuer."""
+async def load_pending(request: web.Request, request_id: str) -> AuthorizationRequest | None:
+    """The pending request, if it exists, is young enough, belongs to this issuer, and was
+    started in this browser."""
     if not _REQUEST_ID.match(request_id):
         return None
+    ctx, iss = context(request), issuer(request)
     raw = await ctx.redis.get(_pending_key(ctx.settings, request_id))
     if raw is None:
         return None
     authz = AuthorizationRequest.from_json(raw)
     if authz.issuer != iss.issuer or time.time() - authz.created_at > PENDING_MAX_AGE:
         return None
+    if authz.browser is None or not sessions.is_browser(request, authz.browser):
+        return None
     return authz
+
+
+async def _save_shown(request: web.Request, authz: AuthorizationRequest) -> str:
+    """Store the request a page is about to show, bound to this browser on its first showing.
+    Returns the browser's pre-session value: the page sets its cookie anew, so that it
+    outlives the request."""
+    ctx = context(request)
+    value, _ = sessions.presession(request)
+    if authz.browser is None:
+        authz.browser = sessions.browser_mark(ctx.settings, value)
+    await save_pending(ctx, authz)
+    return value
 
 
 async def consume_pending(ctx: IdentityContext, request_id: str) -> bool:
@@ -705,8 +724,7 @@ async def _show_login(
     headers: dict[str, str] | None = None,
 ) -> web.Response:
     ctx, iss = context(request), issuer(request)
-    await save_pending(ctx, authz)
-    value, is_new = sessions.presession(request)
+    value = await _save_shown(request, authz)
     response = pages.render(
         request,
         "login.html",
@@ -722,8 +740,7 @@ async def _show_login(
         error=error,
         action=LOGIN_PATH,
     )
-    if is_new:
-        sessions.set_presession_cookie(response, request, value)
+    sessions.set_presession_cookie(response, request, value)
     return response
 
 
@@ -737,9 +754,9 @@ async def _show_picker(
     error: str | None = None,
 ) -> web.Response:
     ctx = context(request)
-    await save_pending(ctx, authz)
+    value = await _save_shown(request, authz)
     user = await store.user_by_id(ctx.pool, session.user_id)
-    return pages.render(
+    response = pages.render(
         request,
         "school_picker.html",
         status=status,
@@ -756,6 +773,8 @@ async def _show_picker(
         error=error,
         action=SELECT_SCHOOL_PATH,
     )
+    sessions.set_presession_cookie(response, request, value)
+    return response
 
 
 def _redirect_host(uri: str) -> str:
@@ -772,11 +791,11 @@ async def _show_consent(
     withheld: Sequence[str] = (),
 ) -> web.Response:
     ctx, iss = context(request), issuer(request)
-    await save_pending(ctx, authz)
+    value = await _save_shown(request, authz)
     user = await store.user_by_id(ctx.pool, session.user_id)
     client = await store.client_by_id(ctx.pool, authz.client_id)
     school_name = iss.school.name if iss.school else (authz.school_name or "")
-    return pages.render(
+    response = pages.render(
         request,
         "consent.html",
         form_action=[authz.redirect_uri],
@@ -797,6 +816,8 @@ async def _show_consent(
         resume_url=_resume_url(authz),
         action=CONSENT_PATH,
     )
+    sessions.set_presession_cookie(response, request, value)
+    return response
 
 
 # Handlers --------------------------------------------------------------------------------
@@ -833,8 +854,7 @@ async def authorize(request: web.Request) -> web.StreamResponse:
 
 
 async def resume(request: web.Request) -> web.StreamResponse:
-    ctx, iss = context(request), issuer(request)
-    authz = await load_pending(ctx, request.query.get("request_id", ""), iss)
+    authz = await load_pending(request, request.query.get("request_id", ""))
     if authz is None:
         return _expired(request)
     return await advance(request, authz, pending=True)
@@ -846,7 +866,7 @@ async def login_submit(request: web.Request) -> web.StreamResponse:
     request_id = str(form.get("request_id", ""))
     if not sessions.check_login_csrf(request, str(form.get("csrf_token", "")), request_id):
         return _csrf_refused(request)
-    authz = await load_pending(ctx, request_id, iss)
+    authz = await load_pending(request, request_id)
     if authz is None:
         return _expired(request)
     email = str(form.get("email", ""))[:_MAX_LOGIN_HINT]
@@ -901,7 +921,7 @@ async def select_school_submit(request: web.Request) -> web.StreamResponse:
         session, "select-school", request_id, token
     ):
         return _csrf_refused(request)
-    authz = await load_pending(ctx, request_id, iss)
+    authz = await load_pending(request, request_id)
     if authz is None or iss.school is not None:
         return _expired(request)
     if form.get("decision") == "cancel":
@@ -942,7 +962,7 @@ async def consent_submit(request: web.Request) -> web.StreamResponse:
     token = str(form.get("csrf_token", ""))
     if session is None or not sessions.check_session_csrf(session, "consent", request_id, token):
         return _csrf_refused(request)
-    authz = await load_pending(ctx, request_id, iss)
+    authz = await load_pending(request, request_id)
     if authz is None:
         return _expired(request)
     school_id = iss.school_id if iss.school is not None else authz.school_id

@@ -106,6 +106,16 @@ def set_presession_cookie(response: web.StreamResponse, request: web.Request, va
     _set_cookie(response, PRESESSION_COOKIE, value, secure=secure, max_age=PRESESSION_LIFETIME)
 
 
+def browser_mark(settings: Settings, presession_value: str) -> str:
+    """What a pending authorization request keeps of the browser that started it."""
+    return _mac(settings.secret_pepper, "authorize-browser", presession_value)
+
+
+def is_browser(request: web.Request, mark: str) -> bool:
+    value = request.cookies.get(PRESESSION_COOKIE, "")
+    return bool(value) and _same_token(browser_mark(context(request).settings, value), mark)
+
+
 # CSRF ------------------------------------------------------------------------------------
 
 
