@@ -187,6 +187,12 @@ _PROD = PublicUrls("https://{school}.loopwise.com", "https://loopwise.com")
         (_PROD, "evilloopwise.com", None),
         (_PROD, "demo.loopwise.com.evil.com", None),
         (_PROD, "x.demo.loopwise.com", None),
+        (_PROD, "-demo.loopwise.com", None),
+        (_PROD, "de_mo.loopwise.com", None),
+        (_PROD, "d\udcffmo.loopwise.com", None),
+        (_PROD, "dèmo.loopwise.com", None),
+        (_PROD, "a" * 64 + ".loopwise.com", None),
+        (_PROD, "a" * 63 + ".loopwise.com", "a" * 63),
     ],
 )
 def test_subdomain_of(urls: PublicUrls, host: str, expected: str | None) -> None:

@@ -368,6 +368,29 @@ async def test_bad_tokens_are_401_and_never_echoed(
     assert status == 200, body
 
 
+async def test_a_token_of_bytes_that_are_not_text_is_401(gateway_url: str, world: World) -> None:
+    """Sent over a raw socket: no client library lets a header carry such bytes, an attacker's
+    socket does."""
+    port = URL(gateway_url).port
+    for token in (b"a\xffb", b"eyJhbGciOiJFUzI1NiJ9.\xc3\x28.x"):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(
+                b"GET /api/v1/courses HTTP/1.1\r\nHost: "
+                + world.host.encode()
+                + b"\r\nAuthorization: Bearer "
+                + token
+                + b"\r\nConnection: close\r\n\r\n"
+            )
+            await writer.drain()
+            answer = await asyncio.wait_for(reader.read(), 10)
+        finally:
+            writer.close()
+        head = answer.split(b"\r\n\r\n", 1)[0].decode("latin-1")
+        assert head.startswith("HTTP/1.1 401"), (token, head)
+        assert 'error="invalid_token"' in head
+
+
 async def test_platform_tokens_are_accepted_for_the_school_they_were_granted_for(
     gateway_url: str,
     http: Any,
@@ -954,6 +977,15 @@ async def test_probes_and_metrics_are_for_operators_not_the_public_origins(
         forwarded = {"X-Forwarded-Host": world.host}
         async with http.get(gateway_url + path, headers=forwarded) as resp:
             assert resp.status == 404
+        # Names the routes do not serve, which a load balancer's host rule may still pass on.
+        port = URL(gateway_url).port
+        for host in (f"{world.host}.", f"{platform}:443", "evil.example", f"{platform}."):
+            async with http.get(gateway_url + path, headers={"Host": host}) as resp:
+                assert resp.status == 404, (path, host)
+        # By address, as probes and scrapers call it.
+        for host in (f"127.0.0.1:{port}", "localhost", f"[::1]:{port}", "10.0.0.7"):
+            async with http.get(gateway_url + path, headers={"Host": host}) as resp:
+                assert resp.status == 200, (path, host)
         async with http.get(gateway_url + path) as resp:
             assert resp.status == 200
     async with http.get(gateway_url + "/healthz", headers={"Host": world.host}) as resp:

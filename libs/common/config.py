@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import ipaddress
 import os
+import re
 import secrets
 import stat
 from collections.abc import Mapping
@@ -69,9 +70,15 @@ class PublicUrls:
         suffix = self.school_host_suffix.lower()
         if host.endswith(suffix):
             label = host[: -len(suffix)]
-            if label and "." not in label:
+            # A school's subdomain is a DNS label (the schools table's CHECK): anything else
+            # names no school, and costs no lookup (nor an encoding error on a byte that is not
+            # text, which aiohttp hands on as a surrogate).
+            if _SUBDOMAIN.fullmatch(label):
                 return label
         return None
+
+
+_SUBDOMAIN = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", re.ASCII)
 
 
 @dataclass(frozen=True, slots=True)

@@ -129,6 +129,10 @@ class TokenVerifier:
 
     async def verify(self, token: str, school_id: int, subdomain: str) -> VerifiedToken:
         """Steps 1-4 for this Host's school, from cache when this token passed them before."""
+        if not token.isascii():
+            # A compact JWT is ASCII; aiohttp hands a header's other bytes on as surrogates,
+            # which no encoding takes (a 500, and a stack trace in the log, per call).
+            raise Rejection("malformed", describe("malformed"))
         digest = hashlib.sha256(token.encode()).digest()
         hit = self._cache.get(digest)
         if hit is not None:
