@@ -1116,6 +1116,26 @@ async def test_behind_a_trusted_proxy_its_forwarded_headers_are_used(
         assert seen["x-forwarded-for"] == ["203.0.113.9"]
         assert seen["x-forwarded-proto"] == ["https"]
         assert seen["x-forwarded-host"] == [world.host]
+    # A balancer that appends to X-Forwarded-For but passes a caller's X-Forwarded-Host on
+    # (AWS ALB): trusted for the address, never for the school.
+    async with extra_gateway(gateway_env, GATEWAY_TRUSTED_PROXIES="127.0.0.0/8") as base:
+        status, _, body = await _get(
+            http,
+            base + "/api/v1/courses",
+            world.host,
+            token,
+            **{
+                "X-Forwarded-Host": "evil.localhost",
+                **spoofed,
+                # A second proxy of ours, appended after the client.
+                "X-Forwarded-For": "6.6.6.6, 203.0.113.9, 127.0.0.5",
+            },
+        )
+        assert status == 200, body
+        seen = received_headers(body)
+        assert seen["x-forwarded-for"] == ["203.0.113.9"]
+        assert seen["x-forwarded-proto"] == ["https"]
+        assert seen["x-forwarded-host"] == [world.host]
     # Without the trust, the same headers are the caller's word and count for nothing.
     status, _, body = await _get(
         http,
@@ -1126,6 +1146,7 @@ async def test_behind_a_trusted_proxy_its_forwarded_headers_are_used(
     )
     assert status == 200
     assert received_headers(body)["x-forwarded-for"] == ["127.0.0.1"]
+    assert received_headers(body)["x-forwarded-proto"] == ["http"]
 
 
 async def test_without_identity_unknown_keys_fail_closed_and_fast(

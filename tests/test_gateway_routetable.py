@@ -223,11 +223,17 @@ def test_gateway_settings_are_validated() -> None:
     assert settings.gateway.rate_limit_per_minute == 60
     assert settings.gateway.upstream_timeout == 2.5
     assert settings.gateway.trust_forwarded is False
-    # The gateway trusts a proxy in front of it as the other services do, unless told apart.
-    assert load_settings({**base, "TRUST_FORWARDED_HOST": "true"}).gateway.trust_forwarded
-    assert not load_settings(
-        {**base, "TRUST_FORWARDED_HOST": "true", "GATEWAY_TRUST_FORWARDED": "false"}
-    ).gateway.trust_forwarded
+    assert settings.gateway.trusted_proxies == ()
+    # The services behind the gateway trust it; that says nothing of what stands in front of
+    # the gateway, where a balancer may pass a caller's own X-Forwarded-Host on.
+    assert not load_settings({**base, "TRUST_FORWARDED_HOST": "true"}).gateway.trust_forwarded
+    assert load_settings({**base, "GATEWAY_TRUST_FORWARDED": "true"}).gateway.trust_forwarded
+    proxies = load_settings({**base, "GATEWAY_TRUSTED_PROXIES": "10.0.0.0/8, 192.0.2.7,::1"})
+    assert [str(n) for n in proxies.gateway.trusted_proxies] == [
+        "10.0.0.0/8",
+        "192.0.2.7/32",
+        "::1/128",
+    ]
     for variable, value in (
         ("GATEWAY_UPSTREAM_TIMEOUT", "soon"),
         ("GATEWAY_UPSTREAM_TIMEOUT", "0"),
@@ -237,6 +243,8 @@ def test_gateway_settings_are_validated() -> None:
         ("SCHOOL_API_URL", "ftp://school-api"),
         ("IDENTITY_URL", "not a url"),
         ("GATEWAY_TRUST_FORWARDED", "maybe"),
+        ("GATEWAY_TRUSTED_PROXIES", "10.0.0.0/8, balancer"),
+        ("GATEWAY_TRUSTED_PROXIES", "10.0.0.0/33"),
     ):
         with pytest.raises(ConfigError) as caught:
             load_settings({**base, variable: value})

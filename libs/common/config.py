@@ -131,10 +131,16 @@ class GatewayPolicy:
     jwks_refresh_interval: float = 5.0
     cors_max_age: int = 600
     audit_buffer_size: int = 10_000
-    # Whether a trusted proxy stands in front of the gateway (take the client address, Host
-    # and scheme from its X-Forwarded-* headers). Defaults to TRUST_FORWARDED_HOST; set it apart
-    # where services behind the gateway trust it while nothing stands in front of the gateway.
+    # Whether the proxy in front of the gateway overwrites X-Forwarded-Host and -Proto (take
+    # the Host, scheme and client address from them). Never implied by TRUST_FORWARDED_HOST,
+    # which the services behind the gateway need: a balancer that passes a caller's own
+    # X-Forwarded-Host on (AWS ALB does) would let the caller choose the school.
     trust_forwarded: bool = False
+    # The networks of proxies in front of the gateway that append to X-Forwarded-For (a load
+    # balancer): from a peer in one of them, the client is the right-most address of the
+    # header outside them. Without them, every caller behind the balancer has its address, and
+    # shares its sign-in and registration throttles.
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     # How long a gateway may answer "not revoked" from its own set after Redis last confirmed
     # it was following connect:revocations (libs/common/leases.py); identity's revoke waits
     # at most about this long for a gateway that stopped confirming. 0: ask Redis every call.
@@ -290,6 +296,21 @@ def _seconds_list(
             raise ConfigError(name, f"each wait must be a finite number >= 0, got {item.strip()}")
         values.append(value)
     return tuple(values)
+
+
+def _networks(
+    env: Mapping[str, str], name: str
+) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """Comma-separated addresses or CIDR networks (`10.0.0.0/8, 192.0.2.7`)."""
+    networks = []
+    for item in env.get(name, "").split(","):
+        if not item.strip():
+            continue
+        try:
+            networks.append(ipaddress.ip_network(item.strip(), strict=False))
+        except ValueError:
+            raise ConfigError(name, f"must list networks, got {item.strip()!r}") from None
+    return tuple(networks)
 
 
 def _ip(env: Mapping[str, str], name: str, raw: str) -> str:
@@ -469,9 +490,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         jwks_refresh_interval=_float(env, "GATEWAY_JWKS_REFRESH_INTERVAL", 5.0),
         cors_max_age=_int(env, "GATEWAY_CORS_MAX_AGE", 600),
         audit_buffer_size=_int(env, "GATEWAY_AUDIT_BUFFER", 10_000, minimum=1),
-        trust_forwarded=_bool(
-            env, "GATEWAY_TRUST_FORWARDED", _bool(env, "TRUST_FORWARDED_HOST", False)
-        ),
+        trust_forwarded=_bool(env, "GATEWAY_TRUST_FORWARDED", False),
+        trusted_proxies=_networks(env, "GATEWAY_TRUSTED_PROXIES"),
         revocation_lease=_lease(env),
     )
     return Settings(

@@ -10,11 +10,13 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import re
+from collections.abc import Sequence
 
 import asyncpg
 import structlog
 from aiohttp import web
 
+from libs.common.config import GatewayPolicy
 from libs.common.errors import bearer_challenge, bearer_error, json_response
 from libs.common.logging import get_logger
 from libs.common.web import REQUEST_ID_KEY
@@ -26,6 +28,8 @@ from services.gateway.routetable import Route
 from services.gateway.validation import Rejection, TokenVerifier, VerifiedToken, bearer_token
 
 log = get_logger(__name__)
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # Paths must be in normal form: the route is chosen on the path the upstream will see, so no
 # dot segments, empty segments, backslashes or encoded separators that an upstream might
@@ -78,24 +82,47 @@ def _ip(value: str | None) -> str | None:
         return None
 
 
+def _trusted(address: str | None, networks: Sequence[IPNetwork]) -> bool:
+    if not address or not networks:
+        return False
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)
+
+
+def client_address(request: web.Request, policy: GatewayPolicy) -> str | None:
+    """The caller's address. From a trusted proxy (GATEWAY_TRUST_FORWARDED, or a peer in
+    GATEWAY_TRUSTED_PROXIES) it is the right-most X-Forwarded-For hop outside the trusted
+    networks: proxies append, so everything left of what they added is the caller's word."""
+    peer = request.remote
+    if not (policy.trust_forwarded or _trusted(peer, policy.trusted_proxies)):
+        return peer
+    hops = ",".join(request.headers.getall("X-Forwarded-For", ())).split(",")
+    for hop in reversed(hops):
+        ip = _ip(hop)
+        if ip is None:
+            break
+        if not _trusted(ip, policy.trusted_proxies):
+            return ip
+    return peer
+
+
 def forwarding(request: web.Request, ctx: GatewayContext, host: str) -> proxy.Forwarding:
     """Who called, as the gateway will tell upstreams (and the audit trail).
 
     The gateway is the edge: it SETS X-Forwarded-For to the one address it knows, never
-    appends to what a caller wrote. Behind a trusted load balancer (GATEWAY_TRUST_FORWARDED)
-    the client is the last hop that balancer appended.
+    appends to what a caller wrote.
     """
-    client_ip = None
+    policy = ctx.settings.gateway
     proto = request.scheme
-    if ctx.settings.gateway.trust_forwarded:
-        hops = request.headers.get("X-Forwarded-For")
-        if hops:
-            client_ip = _ip(hops.split(",")[-1])
-        forwarded_proto = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip()
+    if policy.trust_forwarded or _trusted(request.remote, policy.trusted_proxies):
+        # A proxy sets the scheme it was reached by (or appends it: the last is its own).
+        forwarded_proto = request.headers.get("X-Forwarded-Proto", "").split(",")[-1].strip()
         if forwarded_proto in ("http", "https"):
             proto = forwarded_proto
-    # The peer address comes from the socket: already an IP, no parsing needed.
-    return proxy.Forwarding(client_ip or request.remote, proto, host)
+    return proxy.Forwarding(client_address(request, policy), proto, host)
 
 
 async def dispatch(request: web.Request) -> web.StreamResponse:
