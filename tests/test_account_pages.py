@@ -285,6 +285,51 @@ async def test_connected_apps_lists_each_app_with_its_scopes_in_words(
     assert fields["csrf_token"]
 
 
+async def test_a_revoke_during_a_silent_reauthorization_ends_the_grant_it_made(
+    world: World, browser: Browser, http: Any, pool: asyncpg.Pool, monkeypatch: Any
+) -> None:
+    """An app keeps the browser coming back through authorize (the consent is remembered, so
+    no page) while the user clicks Revoke: the grant being made at that moment must end with
+    the others, not outlive the click. The code's insert is held open to make the race
+    happen every time."""
+    from services.identity.store import authorize as flow_store
+
+    await signed_in(browser, world.origin, world.user.email)
+    await authorize_in_browser(browser, http, world, "openid courses:read")
+    _, _, apps_page = await browser.get(world.origin + "/account/apps")
+
+    entered, release = asyncio.Event(), asyncio.Event()
+    insert = flow_store.insert_authorization_code
+
+    async def held_open(*args: Any, **kwargs: Any) -> None:
+        entered.set()
+        await release.wait()
+        await insert(*args, **kwargs)
+
+    monkeypatch.setattr(flow_store, "insert_authorization_code", held_open)
+    _, challenge = pkce_pair()
+    url = authorize_url(
+        world.origin, world.confidential.id, redirect_uri=REDIRECT_URI, challenge=challenge
+    )
+    silent = asyncio.create_task(browser.get(url))
+    revoking: asyncio.Task[Any] | None = None
+    try:
+        await asyncio.wait_for(entered.wait(), 10)
+        revoking = asyncio.create_task(
+            browser.post(world.origin + "/account/apps/revoke", revoke_form(apps_page))
+        )
+        await asyncio.sleep(0.3)  # the Revoke reaches the consent row the authorize holds
+    finally:
+        release.set()
+    status, headers, _ = await silent
+    assert status == 302 and "code" in query_of(headers["Location"])
+    assert revoking is not None
+    status, _, _ = await revoking
+    assert status == 303
+    assert await live_grants(pool, world.user.id, world.confidential.id) == []
+    assert await consent_row(pool, world.user.id, world.confidential.id) is None
+
+
 async def test_revoke_ends_every_grant_of_the_app_and_forgets_consent(
     world: World,
     browser: Browser,

@@ -278,12 +278,15 @@ async def revoke_app(
         named.append(grant.id)
     elif not client_id:
         return None
-    forgot = await flow_store.delete_consent(
-        ctx.pool, user_id=user_id, client_id=client_id, school_id=school_id
-    )
-    live = await account_store.live_grant_ids_of_app(
-        ctx.pool, user_id=user_id, school_id=school_id, client_id=client_id
-    )
+    # One transaction: the delete waits for a code being issued on the consent's strength
+    # (authorize.issue_code holds the row), and the list that follows sees its grant.
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        forgot = await flow_store.delete_consent(
+            conn, user_id=user_id, client_id=client_id, school_id=school_id
+        )
+        live = await account_store.live_grant_ids_of_app(
+            conn, user_id=user_id, school_id=school_id, client_id=client_id
+        )
     if not named and not live and not forgot:
         return None
     ended = 0

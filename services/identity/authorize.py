@@ -501,8 +501,9 @@ async def issue_code(
     school_id: int,
     session: Session,
     remember_consent: bool,
-) -> str:
-    """Record consent (when the user just gave it), create the grant and the code."""
+) -> str | None:
+    """Record consent (when the user just gave it), create the grant and the code; None when
+    the remembered consent a code was to be issued on has been withdrawn meanwhile."""
     ctx = context(request)
     code = credentials.new_secret(credentials.AUTHORIZATION_CODE_PREFIX)
     async with ctx.pool.acquire() as conn, conn.transaction():
@@ -514,6 +515,14 @@ async def issue_code(
                 school_id=school_id,
                 scopes=authz.scopes,
             )
+        else:
+            # Read again, and held: the user may have disconnected the app (account page)
+            # since the flow read it, and that Revoke must see this grant to end it.
+            held = await flow_store.held_consent(
+                conn, user_id=session.user_id, client_id=authz.client_id, school_id=school_id
+            )
+            if held is None or not set(authz.scopes) <= set(held):
+                return None
         grant = await grants.create_grant(
             conn,
             school_id=school_id,
@@ -707,6 +716,9 @@ async def advance(
         code = await issue_code(
             request, granted, school_id=school_id, session=session, remember_consent=False
         )
+        if code is None:
+            # Withdrawn since it was read: ask again (or, with prompt=none, say so).
+            return await advance(request, authz, pending=False)
         return code_redirect(iss, authz, code)
     if "none" in authz.prompt:
         return fail("consent_required", "The user has not consented to these scopes.")
@@ -1012,6 +1024,7 @@ async def consent_submit(request: web.Request) -> web.StreamResponse:
         session=session,
         remember_consent=True,
     )
+    assert code is not None  # only a remembered consent can have been withdrawn
     return code_redirect(iss, authz, code, status=303)
 
 

@@ -181,6 +181,21 @@ async def upsert_consent(
     return tuple(row)
 
 
+async def held_consent(
+    db: Executor, *, user_id: UUID, client_id: str, school_id: int
+) -> tuple[str, ...] | None:
+    """The remembered consent's scopes, its row held (FOR SHARE) until the transaction ends:
+    a Revoke deleting it waits for the grant made on its strength, and then sees that grant."""
+    row = await db.fetchval(
+        "SELECT scopes FROM consents WHERE user_id = $1 AND client_id = $2 AND school_id = $3"
+        " FOR SHARE",
+        user_id,
+        client_id,
+        school_id,
+    )
+    return tuple(row) if row is not None else None
+
+
 async def delete_consent(db: Executor, *, user_id: UUID, client_id: str, school_id: int) -> bool:
     """Forget a remembered consent (the account page's Revoke should call this too)."""
     result: str = await db.execute(
