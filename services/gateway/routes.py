@@ -16,7 +16,6 @@ import asyncpg
 import structlog
 from aiohttp import web
 
-from libs.common.config import GatewayPolicy
 from libs.common.errors import bearer_challenge, bearer_error, json_response
 from libs.common.logging import get_logger
 from libs.common.web import REQUEST_ID_KEY
@@ -73,16 +72,7 @@ def _host(request: web.Request, ctx: GatewayContext) -> str:
     return request.host.lower()
 
 
-def _ip(value: str | None) -> str | None:
-    if not value:
-        return None
-    try:
-        return str(ipaddress.ip_address(value.strip()))
-    except ValueError:
-        return None
-
-
-def _trusted(address: str | None, networks: Sequence[IPNetwork]) -> bool:
+def _within(address: str | None, networks: Sequence[IPNetwork]) -> bool:
     if not address or not networks:
         return False
     try:
@@ -92,37 +82,37 @@ def _trusted(address: str | None, networks: Sequence[IPNetwork]) -> bool:
     return any(ip in network for network in networks)
 
 
-def client_address(request: web.Request, policy: GatewayPolicy) -> str | None:
-    """The caller's address. From a trusted proxy (GATEWAY_TRUST_FORWARDED, or a peer in
-    GATEWAY_TRUSTED_PROXIES) it is the right-most X-Forwarded-For hop outside the trusted
-    networks: proxies append, so everything left of what they added is the caller's word."""
-    peer = request.remote
-    if not (policy.trust_forwarded or _trusted(peer, policy.trusted_proxies)):
-        return peer
+def _caller(request: web.Request, trusted: Sequence[IPNetwork]) -> str | None:
+    """The right-most X-Forwarded-For hop outside the trusted networks: proxies append, so
+    everything left of what they added is the caller's word. The peer when there is none."""
     hops = ",".join(request.headers.getall("X-Forwarded-For", ())).split(",")
     for hop in reversed(hops):
-        ip = _ip(hop)
-        if ip is None:
+        try:
+            ip = ipaddress.ip_address(hop.strip())
+        except ValueError:
             break
-        if not _trusted(ip, policy.trusted_proxies):
-            return ip
-    return peer
+        if not any(ip in network for network in trusted):
+            return str(ip)
+    return request.remote
 
 
 def forwarding(request: web.Request, ctx: GatewayContext, host: str) -> proxy.Forwarding:
     """Who called, as the gateway will tell upstreams (and the audit trail).
 
     The gateway is the edge: it SETS X-Forwarded-For to the one address it knows, never
-    appends to what a caller wrote.
+    appends to what a caller wrote. Only from a trusted proxy (GATEWAY_TRUST_FORWARDED, or a
+    peer in GATEWAY_TRUSTED_PROXIES) does it take the caller and scheme from X-Forwarded-*.
     """
     policy = ctx.settings.gateway
+    if not (policy.trust_forwarded or _within(request.remote, policy.trusted_proxies)):
+        # The peer address comes from the socket: already an IP, no parsing needed.
+        return proxy.Forwarding(request.remote, request.scheme, host)
     proto = request.scheme
-    if policy.trust_forwarded or _trusted(request.remote, policy.trusted_proxies):
-        # A proxy sets the scheme it was reached by (or appends it: the last is its own).
-        forwarded_proto = request.headers.get("X-Forwarded-Proto", "").split(",")[-1].strip()
-        if forwarded_proto in ("http", "https"):
-            proto = forwarded_proto
-    return proxy.Forwarding(client_address(request, policy), proto, host)
+    # A proxy sets the scheme it was reached by (or appends it: the last is its own).
+    forwarded_proto = request.headers.get("X-Forwarded-Proto", "").split(",")[-1].strip()
+    if forwarded_proto in ("http", "https"):
+        proto = forwarded_proto
+    return proxy.Forwarding(_caller(request, policy.trusted_proxies), proto, host)
 
 
 async def dispatch(request: web.Request) -> web.StreamResponse:
