@@ -50,6 +50,7 @@ import redis.asyncio as redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
+from libs.common import streams
 from libs.common.config import Settings
 
 LEASES_KEY = "connect:revocation-leases"
@@ -221,10 +222,6 @@ def _lease_us(settings: Settings) -> int:
     return round(settings.gateway.revocation_lease * 1_000_000)
 
 
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 async def take(
     client: redis.Redis,
     settings: Settings,
@@ -241,7 +238,9 @@ async def take(
         [leases_key(settings), stream],
         [gateway, _lease_us(settings), applied, epoch],
     )
-    return LeaseAnswer(int(state), _text(held), _text(newest), int(granted) / 1_000_000)
+    return LeaseAnswer(
+        int(state), streams.text(held), streams.text(newest), int(granted) / 1_000_000
+    )
 
 
 async def release(client: redis.Redis, settings: Settings, gateway: str) -> None:

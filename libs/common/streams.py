@@ -50,7 +50,7 @@ def _decode(raw: Sequence[Any]) -> list[Entry]:
     for entry_id, fields in raw:
         payload = fields.get(b"data") if fields else None
         data = orjson.loads(payload) if payload else {}
-        eid = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+        eid = text(entry_id)
         entries.append(Entry(eid, data, payload or b""))
     return entries
 
@@ -68,7 +68,7 @@ async def append(
 ) -> str:
     """XADD with `MAXLEN ~`: trimming whole macro-nodes keeps appends O(1)."""
     entry_id = await client.xadd(stream, _encode(data), maxlen=maxlen, approximate=True)
-    return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+    return text(entry_id)
 
 
 async def append_many(
@@ -153,7 +153,7 @@ async def claim_stale(
         next_cursor, raw = answer[0], answer[1]
         # Entries deleted by trimming come back as nil fields; they cannot be handled.
         claimed.extend(_decode([r for r in raw if r and r[1] is not None]))
-        cursor = next_cursor.decode() if isinstance(next_cursor, bytes) else str(next_cursor)
+        cursor = text(next_cursor)
         if cursor == "0-0" or len(claimed) >= count:
             return claimed
 
@@ -174,7 +174,7 @@ async def last_id(client: redis.Redis, stream: str) -> str:
     if not entries:
         return "0-0"
     eid = entries[0][0]
-    return eid.decode() if isinstance(eid, bytes) else str(eid)
+    return text(eid)
 
 
 def _id_key(entry_id: str) -> tuple[int, int]:
@@ -182,7 +182,8 @@ def _id_key(entry_id: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-def _text(value: Any) -> str:
+def text(value: Any) -> str:
+    """A reply item as text: redis-py gives bytes without decode_responses, str with it."""
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
@@ -197,15 +198,15 @@ async def trim_consumed(client: redis.Redis, stream: str) -> str | None:
         return None  # no such stream
     floor: tuple[int, int] | None = None
     for group in groups:
-        info = {_text(k): v for k, v in group.items()}
-        needed = _id_key(_text(info["last-delivered-id"]))
+        info = {text(k): v for k, v in group.items()}
+        needed = _id_key(text(info["last-delivered-id"]))
         # Everything after the last delivered id is needed too: keep from the next one.
         needed = (needed[0], needed[1] + 1)
         if int(info.get("pending", 0)):
-            summary = await client.xpending(stream, _text(info["name"]))
+            summary = await client.xpending(stream, text(info["name"]))
             oldest = summary.get("min")
             if oldest is not None:
-                needed = min(needed, _id_key(_text(oldest)))
+                needed = min(needed, _id_key(text(oldest)))
         floor = needed if floor is None else min(floor, needed)
     if floor is None:
         return None
