@@ -969,6 +969,8 @@ def test_https_is_required_outside_development() -> None:
         ("fd00:ec2::254", False),
         ("fc00::1", False),
         ("fe80::1", False),
+        ("fec0::1", False),  # site-local, deprecated
+        ("feff:ffff::1", False),
         ("ff02::1", False),
         ("224.0.0.1", False),
         ("0.0.0.0", False),

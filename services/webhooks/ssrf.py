@@ -87,6 +87,10 @@ class AddressPolicy:
             return "a multicast address"
         if ip.is_link_local:
             return "a link-local address"
+        if isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local:
+            # fec0::/10: deprecated (RFC 3879) but still routed inside some networks, and
+            # not in the ipaddress module's private ranges.
+            return "a site-local address"
         if isinstance(ip, ipaddress.IPv4Address) and ip in _CGNAT:
             return "a shared (CGNAT) address"
         if ip.is_private:
