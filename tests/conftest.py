@@ -22,7 +22,7 @@ import redis.asyncio as redis_asyncio
 from libs.common import db, streams
 from libs.common.config import Settings, load_settings
 from libs.common.logging import configure_logging
-from tests.support import client_session, free_port, running
+from tests.support import ExampleResolver, client_session, free_port, running
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -348,5 +348,6 @@ async def webhooks_url(webhooks_settings: Settings, migrated: None) -> AsyncIter
     """The webhooks service (API and workers) on a real socket; yields its base URL."""
     from services.webhooks.app import create_app
 
-    async with running(create_app(webhooks_settings), free_port()) as url:
+    app = create_app(webhooks_settings, resolver=ExampleResolver())
+    async with running(app, free_port()) as url:
         yield url

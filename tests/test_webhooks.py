@@ -35,7 +35,7 @@ from libs.common.config import ConfigError, Settings, load_settings
 from services.webhooks import delivery, dispatcher, signing, ssrf
 from services.webhooks.context import WebhooksContext
 from services.webhooks.metrics import WebhookMetrics
-from tests.support import free_port, running, wait_for_port
+from tests.support import ExampleResolver, free_port, running, wait_for_port
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -897,8 +897,9 @@ async def strict_api(webhooks_env: dict[str, str], migrated: None) -> AsyncItera
     from services.webhooks.app import create_app
 
     settings = load_settings({**webhooks_env, "WEBHOOK_ALLOW_LOOPBACK": "false"})
+    app = create_app(settings, workers=False, resolver=ExampleResolver())
     async with (
-        running(create_app(settings, workers=False), free_port()) as url,
+        running(app, free_port()) as url,
         aiohttp.ClientSession() as http,
     ):
         yield Api(http, url, settings)
@@ -969,6 +970,8 @@ def test_https_is_required_outside_development() -> None:
         ("fd00:ec2::254", False),
         ("fc00::1", False),
         ("fe80::1", False),
+        ("fec0::1", False),  # site-local, deprecated
+        ("feff:ffff::1", False),
         ("ff02::1", False),
         ("224.0.0.1", False),
         ("0.0.0.0", False),

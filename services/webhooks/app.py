@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 
 import asyncpg
 from aiohttp import web
+from aiohttp.abc import AbstractResolver
 from redis.exceptions import RedisError
 
 from libs.common import db, streams, tasks
@@ -30,13 +31,16 @@ log = get_logger(__name__)
 RETENTION_SECONDS = 30 * 24 * 3600.0
 
 
-def create_app(settings: Settings, *, workers: bool = True) -> web.Application:
+def create_app(
+    settings: Settings, *, workers: bool = True, resolver: AbstractResolver | None = None
+) -> web.Application:
     """`workers=False` serves the API only (scale the two separately, or test the API
-    without a sender claiming deliveries)."""
+    without a sender claiming deliveries). `resolver` answers webhook host names (the
+    system's by default)."""
     app = base_application(
         "webhooks", middlewares=[json_http_errors, routes.api_errors, routes.require_gateway]
     )
-    app.cleanup_ctx.append(_resources(settings, workers))
+    app.cleanup_ctx.append(_resources(settings, workers, resolver))
     routes.setup(app)
     return app
 
@@ -62,7 +66,7 @@ async def _housekeeping(ctx: WebhooksContext) -> None:
 
 
 def _resources(
-    settings: Settings, workers: bool
+    settings: Settings, workers: bool, resolver: AbstractResolver | None
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         if workers:
@@ -77,6 +81,7 @@ def _resources(
             redis=redis_client,
             metrics=WebhookMetrics(app[METRICS].registry),
             policy=AddressPolicy(allow_loopback=settings.webhooks.allow_loopback),
+            resolver=resolver,
         )
         app[CONTEXT] = context
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import asyncpg
 import redis.asyncio as redis
 from aiohttp import web
+from aiohttp.abc import AbstractResolver
 
 from libs.common.config import Settings
 from services.webhooks.metrics import WebhookMetrics
@@ -24,6 +25,9 @@ class WebhooksContext:
     # Set whenever deliveries may have become due in this process (new ones recorded, a
     # retry asked for, an outcome recorded); the sender waits on it between claims.
     due: asyncio.Event = field(default_factory=asyncio.Event)
+    # Answers webhook host names, for the subscription checks and the sender alike; None is
+    # the system resolver.
+    resolver: AbstractResolver | None = None
 
 
 CONTEXT = web.AppKey("webhooks", WebhooksContext)

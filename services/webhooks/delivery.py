@@ -21,19 +21,20 @@ import asyncio
 import contextlib
 import email.utils
 import functools
-import ipaddress
 import socket
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 from uuid import UUID
 
 import aiohttp
 import asyncpg
+from aiohttp.abc import AbstractResolver
 from cryptography.exceptions import InvalidTag
 from redis.exceptions import RedisError
+from yarl import URL
 
 from libs.common.config import ConfigError, Settings
 from libs.common.logging import get_logger
@@ -126,12 +127,9 @@ def _excerpt(raw: bytes) -> str | None:
     return raw[:EXCERPT_BYTES].decode("utf-8", "replace").replace("\x00", "\ufffd")
 
 
-def _pinned(url: str, address: str) -> str:
+def _pinned(url: URL, address: str) -> URL:
     """The URL with its host replaced by the checked address (for proxied requests)."""
-    parts = urlsplit(url)
-    host = f"[{address}]" if ":" in address else address
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit(parts._replace(netloc=netloc))
+    return url.with_host(address)
 
 
 async def post(
@@ -147,29 +145,27 @@ async def post(
     family: socket.AddressFamily = socket.AF_UNSPEC,
 ) -> AttemptResult:
     """One POST: no redirects followed, the answer read up to a cap, every failure named."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
     started = time.perf_counter()
 
     def failed(error: str) -> AttemptResult:
         return AttemptResult(None, int((time.perf_counter() - started) * 1000), None, error)
 
     try:
-        # aiohttp connects to IP literals without asking the resolver: check them here.
-        ssrf.check_target(host, policy)
-        target = url
+        # The URL as aiohttp reads it, host folded as its connector dials it.
+        found = ssrf.target(url)
+        # aiohttp connects to address literals without asking the resolver: check them here.
+        ssrf.check_target(found, policy)
+        target = found.url
         extra: dict[str, str] = {}
         if proxy is not None:
             # The proxy would resolve the name itself, after our check: hand it the address
             # we checked, and keep the name for Host and TLS.
-            literal = host if _is_ip(host) else None
-            address = literal or await resolver.resolve_one(
-                host, parts.port or (443 if parts.scheme == "https" else 80), family
-            )
-            target = _pinned(url, address)
-            headers = {**headers, "Host": parts.netloc}
-            if parts.scheme == "https":
-                extra["server_hostname"] = host
+            address = found.host if found.address is not None else None
+            address = address or await resolver.resolve_one(found.host, found.port, family)
+            target = _pinned(found.url, address)
+            headers = {**headers, "Host": found.url.host_port_subcomponent or found.host}
+            if found.url.scheme == "https":
+                extra["server_hostname"] = found.host.rstrip(".")
         async with session.post(
             target,
             data=body,
@@ -186,6 +182,9 @@ async def post(
                 if status in (429, 503)
                 else None
             )
+    except ssrf.UnsafeUrl as exc:
+        # Stored before the checks it now fails (they only grow stricter): refused, never sent.
+        return failed(f"refused: {exc}")
     except TimeoutError:
         return failed(f"timed out after {timeout:g} s")
     except ssrf.BlockedAddress as exc:
@@ -196,6 +195,9 @@ async def post(
         return failed(f"connection failed: {exc.os_error.strerror or exc}")
     except aiohttp.ClientError as exc:
         return failed(f"{type(exc).__name__}: {exc}"[:300])
+    except OSError as exc:
+        # Resolving the name to pin for the proxy failed.
+        return failed(f"connection failed: {exc.strerror or exc}")
     latency = int((time.perf_counter() - started) * 1000)
     if 200 <= status < 300:
         error = None
@@ -208,14 +210,6 @@ async def post(
 
 def _set_event(event: asyncio.Event, *_: object) -> None:
     event.set()
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,17 +237,23 @@ def check_egress(settings: Settings) -> None:
             ) from None
 
 
-def make_resolver(settings: Settings, policy: ssrf.AddressPolicy) -> ssrf.GuardedResolver:
+def make_resolver(
+    settings: Settings, policy: ssrf.AddressPolicy, inner: AbstractResolver | None = None
+) -> ssrf.GuardedResolver:
+    """`inner` answers the names (the subscription checks ask the same one)."""
     proxy = settings.webhooks.egress_proxy
     exempt = [urlsplit(proxy).hostname or ""] if proxy else []
-    return ssrf.GuardedResolver(policy, exempt=exempt)
+    return ssrf.GuardedResolver(policy, exempt=exempt, inner=inner)
 
 
 def make_session(settings: Settings, resolver: ssrf.GuardedResolver) -> aiohttp.ClientSession:
     """One pooled session per process: keep-alive per endpoint, every socket bound to the
-    egress address, names resolved only to allowed addresses."""
+    egress address, names resolved only to allowed addresses, and every connection's peer
+    judged by the resolver's policy before a request goes out on it."""
     egress = settings.webhooks.egress_ip
-    connector = aiohttp.TCPConnector(
+    connector = ssrf.GuardedConnector(
+        resolver.policy,
+        proxy=settings.webhooks.egress_proxy,
         resolver=resolver,
         family=egress_family(settings),
         local_addr=(egress, 0) if egress else None,
@@ -341,7 +341,7 @@ class Sender:
         self._family = egress_family(ctx.settings)
 
     async def start(self) -> None:
-        self._resolver = make_resolver(self._ctx.settings, self._ctx.policy)
+        self._resolver = make_resolver(self._ctx.settings, self._ctx.policy, self._ctx.resolver)
         self._session = make_session(self._ctx.settings, self._resolver)
         self._background = [
             asyncio.create_task(self._claim_loop(), name="webhooks-claim"),

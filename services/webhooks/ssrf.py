@@ -1,11 +1,17 @@
 """Server-side request forgery guards: a webhook URL must never reach inside our network.
 
-Checked twice. When a subscription is made or changed, the URL's form and (if it resolves)
-every address its host names. At delivery, on the address actually connected to: the
-connector's resolver resolves, drops every forbidden address and hands aiohttp only what
-is left, so a name that resolved to a public address at subscribe time and to 10.0.0.1 now
-(DNS rebinding) connects nowhere. IP literals never reach a resolver; the sender checks them
-before connecting.
+Every check judges the host exactly as the HTTP client will dial it: yarl (which aiohttp
+parses every URL with) folds the typed host with IDNA/UTS 46 and NFKC, so `127。0。0。1`,
+`①②⑦.0.0.1` and `ｌｏｃａｌｈｏｓｔ` are dialled as `127.0.0.1` and `localhost`. `target` takes
+that folded host once, and aiohttp's own test of whether it is an address literal.
+
+Checked three times. When a subscription is made or changed: the URL's form, the address
+literal, or every address its name resolves to now (a name that does not resolve is refused).
+At delivery, before connecting: a literal is judged, and the connector's resolver drops
+every forbidden address a name resolves to, so a name that resolved to a public address at
+subscribe time and to 10.0.0.1 now (DNS rebinding) connects nowhere. After connecting: the
+socket's peer, whatever path led to it, before a byte of the request is sent (the egress
+proxy's own address aside; that path pins the address it hands the proxy).
 """
 
 from __future__ import annotations
@@ -13,17 +19,28 @@ from __future__ import annotations
 import asyncio
 import functools
 import ipaddress
+import re
 import socket
 from collections.abc import Collection
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from typing import Any
 
+import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.client_reqrep import ClientRequest
+from aiohttp.connector import Connection
+from aiohttp.helpers import is_canonical_ipv4_address, is_ip_address
 from aiohttp.resolver import ThreadedResolver
+from aiohttp.tracing import Trace
+from yarl import URL
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 MAX_URL_LENGTH = 2048
+# A host name as DNS carries it (RFC 1123 labels; underscores occur in real names), after
+# yarl's IDNA encoding: anything else (percent-encoding, brackets, stray punctuation) is no
+# name a resolver should be asked about.
+_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
 
 # Instance metadata services answer credentials to whoever asks from inside the VM.
 _METADATA = frozenset(
@@ -87,6 +104,10 @@ class AddressPolicy:
             return "a multicast address"
         if ip.is_link_local:
             return "a link-local address"
+        if isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local:
+            # fec0::/10: deprecated (RFC 3879) but still routed inside some networks, and
+            # not in the ipaddress module's private ranges.
+            return "a site-local address"
         if isinstance(ip, ipaddress.IPv4Address) and ip in _CGNAT:
             return "a shared (CGNAT) address"
         if ip.is_private:
@@ -96,11 +117,61 @@ class AddressPolicy:
         return None
 
 
-def _literal(host: str) -> IPAddress | None:
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A URL as the HTTP client will use it."""
+
+    url: URL
+    # The host it dials: the folded, lower-case ASCII name, or the address literal.
+    host: str
+    port: int
+    # Set when `host` is an address literal, which aiohttp connects to without a resolver.
+    address: IPAddress | None
+
+
+@functools.lru_cache(maxsize=4096)
+def target(raw: str) -> Target:
+    """Parse `raw` as aiohttp will (`yarl.URL`), and take the host its connector dials.
+    Refuses (UnsafeUrl) what the connector would refuse, and what cannot be judged."""
     try:
-        return ipaddress.ip_address(host)
+        url = URL(raw)
+        port = url.port
     except ValueError:
-        return None
+        raise UnsafeUrl("url is not a valid URL") from None
+    host = url.raw_host or ""
+    # The connector makes a run of trailing dots one before it dials.
+    if host.endswith(".."):
+        host = host.rstrip(".") + "."
+    if not url.absolute or not host:
+        raise UnsafeUrl("url must name a host")
+    if port is None or not 0 < port < 65536:
+        raise UnsafeUrl("url has an invalid port")
+    if not is_ip_address(host):  # the connector's own test: a name goes to the resolver
+        return Target(url, host, port, None)
+    if "%" in host:
+        raise UnsafeUrl("url points at a scoped IPv6 address")
+    # The connector refuses legacy IPv4 forms (2130706433, 0177.0.0.1, 127.1, 127.0.0.1.),
+    # which socket calls would map onto an address.
+    if ":" not in host and not is_canonical_ipv4_address(host):
+        raise UnsafeUrl("url host must be a DNS name or a standard IP address")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise UnsafeUrl("url host is not a valid IP address") from None
+    return Target(url, host, port, address)
+
+
+def _check_name(name: str, policy: AddressPolicy) -> None:
+    bare = name[:-1] if name.endswith(".") else name
+    labels = bare.split(".")
+    if len(bare) > 253 or not all(_LABEL.fullmatch(label) for label in labels):
+        raise UnsafeUrl("url host is not a valid DNS name")
+    # Hex and octal forms (0x7f.1, 0x7f000001) are names to the connector, but the system
+    # resolver reads them as addresses; no real host name is all numbers.
+    if all(label.isdigit() or label.startswith("0x") for label in labels):
+        raise UnsafeUrl("url host must be a DNS name or a standard IP address")
+    if (bare == "localhost" or bare.endswith(".localhost")) and not policy.allow_loopback:
+        raise UnsafeUrl("url points at a loopback address")
 
 
 def check_url(url: str, policy: AddressPolicy, *, require_https: bool) -> str:
@@ -111,70 +182,65 @@ def check_url(url: str, policy: AddressPolicy, *, require_https: bool) -> str:
         raise UnsafeUrl(f"url must be at most {MAX_URL_LENGTH} characters")
     if any(ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in url):
         raise UnsafeUrl("url must not contain spaces or control characters")
-    parts = urlsplit(url)
     allowed = ("https",) if require_https else ("http", "https")
-    if parts.scheme not in allowed:
-        raise UnsafeUrl(f"url must use {' or '.join(allowed)}")
-    if "@" in parts.netloc:
-        raise UnsafeUrl("url must not carry credentials")
-    host = parts.hostname
-    if not host:
-        raise UnsafeUrl("url must name a host")
     try:
-        _ = parts.port
+        scheme = URL(url).scheme
     except ValueError:
-        raise UnsafeUrl("url has an invalid port") from None
-    literal = _literal(host)
-    if literal is not None:
-        reason = policy.problem(literal)
-        if reason:
-            raise UnsafeUrl(f"url points at {reason}")
+        raise UnsafeUrl("url is not a valid URL") from None
+    if scheme not in allowed:
+        raise UnsafeUrl(f"url must use {' or '.join(allowed)}")
+    found = target(url)
+    if "@" in (found.url.raw_authority or "") or found.url.raw_user is not None:
+        raise UnsafeUrl("url must not carry credentials")
+    if found.address is None:
+        _check_name(found.host, policy)
         return url
-    # Legacy numeric forms (2130706433, 0x7f.1, 127.1) resolve to addresses while looking
-    # like names; no real host name is all digits and dots.
-    if all(label.isdigit() or label.lower().startswith("0x") for label in host.split(".")):
-        raise UnsafeUrl("url host must be a DNS name or a standard IP address")
-    if (host == "localhost" or host.endswith(".localhost")) and not policy.allow_loopback:
-        raise UnsafeUrl("url points at a loopback address")
-    try:
-        host.encode("idna")
-    except UnicodeError:
-        raise UnsafeUrl("url host is not a valid DNS name") from None
+    reason = policy.problem(found.address)
+    if reason:
+        raise UnsafeUrl(f"url points at {reason}")
     return url
 
 
-async def check_resolved(url: str, policy: AddressPolicy, *, timeout: float = 3.0) -> None:
-    """Every address the URL's host resolves to now is allowed. A name that does not resolve
-    yet passes: the delivery-time check still guards the connection."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if _literal(host) is not None:
+async def check_resolved(
+    url: str,
+    policy: AddressPolicy,
+    *,
+    resolver: AbstractResolver | None = None,
+    timeout: float = 3.0,
+) -> None:
+    """Every address the URL's host resolves to now is allowed, asked of the resolver
+    deliveries use. A name that does not resolve is refused: nothing it might later point
+    at can be judged now."""
+    found = target(url)
+    if found.address is not None:
         return
-    loop = asyncio.get_running_loop()
+    resolver = resolver or ThreadedResolver()
     try:
-        infos = await asyncio.wait_for(
-            loop.getaddrinfo(host, parts.port or 443, type=socket.SOCK_STREAM), timeout
+        results = await asyncio.wait_for(
+            resolver.resolve(found.host, found.port, socket.AF_UNSPEC), timeout
         )
     except (OSError, TimeoutError, UnicodeError):
-        return
-    for info in infos:
-        reason = policy.problem(str(info[4][0]))
+        results = []
+    if not results:
+        raise UnsafeUrl("url host does not resolve")
+    for result in results:
+        reason = policy.problem(result["host"])
         if reason:
             raise UnsafeUrl(f"url host resolves to {reason}")
 
 
 @functools.lru_cache(maxsize=4096)
-def _literal_problem(host: str, policy: AddressPolicy) -> str | None:
-    literal = _literal(host.strip("[]"))
-    return policy.problem(literal) if literal is not None else None
+def _problem(address: str | IPAddress, policy: AddressPolicy) -> str | None:
+    return policy.problem(address)
 
 
-def check_target(host: str, policy: AddressPolicy) -> None:
-    """At delivery: an IP-literal host, which aiohttp connects to without any resolver.
-    The verdict for a given text never changes, so it is computed once."""
-    reason = _literal_problem(host, policy)
-    if reason:
-        raise BlockedAddress(host, reason)
+def check_target(found: Target, policy: AddressPolicy) -> None:
+    """At delivery: an address literal, which aiohttp connects to without any resolver.
+    The verdict for a given address never changes, so it is computed once."""
+    if found.address is not None:
+        reason = _problem(found.address, policy)
+        if reason:
+            raise BlockedAddress(found.host, reason)
 
 
 class GuardedResolver(AbstractResolver):
@@ -192,6 +258,7 @@ class GuardedResolver(AbstractResolver):
     ) -> None:
         self._policy = policy
         self._exempt = frozenset(h.lower() for h in exempt)
+        self._owns_inner = inner is None
         self._inner = inner or ThreadedResolver()
 
     async def resolve(
@@ -212,9 +279,50 @@ class GuardedResolver(AbstractResolver):
             raise BlockedAddress(host, f"resolves to {reason}")
         return allowed
 
+    @property
+    def policy(self) -> AddressPolicy:
+        return self._policy
+
     async def resolve_one(self, host: str, port: int, family: socket.AddressFamily) -> str:
-        """The first allowed address, for pinning a connection made through a proxy."""
-        return (await self.resolve(host, port, family))[0]["host"]
+        """The first allowed address, for pinning a request sent through the proxy. Never
+        exempt: a webhook naming the proxy's own host is judged like any other."""
+        for result in await self._inner.resolve(host, port, family):
+            if self._policy.problem(result["host"]) is None:
+                return result["host"]
+        raise BlockedAddress(host, "resolves to no allowed address")
 
     async def close(self) -> None:
-        await self._inner.close()
+        # A resolver handed in is shared (with the subscription checks) and closed by its owner.
+        if self._owns_inner:
+            await self._inner.close()
+
+
+class GuardedConnector(aiohttp.TCPConnector):
+    """Judges the address each request's connection is actually made to, before the request
+    is written: literals, resolved names, cached answers, pooled connections alike, so a host
+    the checks above read differently from the connector still reaches nothing forbidden.
+
+    Requests through `proxy` (the configured egress proxy) are connected to the proxy, an
+    operator-chosen address that may be private; they are pinned to a checked address.
+    """
+
+    def __init__(self, policy: AddressPolicy, *, proxy: str | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._policy = policy
+        self._proxy = URL(proxy) if proxy else None
+
+    async def connect(
+        self, req: ClientRequest, traces: list[Trace], timeout: aiohttp.ClientTimeout
+    ) -> Connection:
+        connection = await super().connect(req, traces, timeout)
+        if self._proxy is not None and req.proxy == self._proxy:
+            return connection
+        transport = connection.transport
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        # Unknown is refused: the request goes nowhere its address was not judged.
+        reason = _problem(str(peer[0]), self._policy) if peer else "an unknown address"
+        if reason:
+            connection.close()
+            blocked = BlockedAddress(req.url.raw_host or "", f"connected to {reason}")
+            raise aiohttp.ClientConnectorError(req.connection_key, blocked)
+        return connection

@@ -3,7 +3,8 @@
 A subscription belongs to a school, a client and the grant it was made (or last changed)
 under. Only the owning client at the owning school sees or changes it; everyone else gets
 404, as if it did not exist. Every event type it names must be allowed by that grant's scopes
-(seed 003: no events outside the granted scopes), and its URL must pass the SSRF checks.
+(seed 003: no events outside the granted scopes), and its URL must pass the SSRF checks,
+its host resolved by the resolver the sender uses.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def _url(ctx: WebhooksContext, raw: Any) -> str:
 
 async def _url_resolves_safely(ctx: WebhooksContext, url: str) -> None:
     try:
-        await ssrf.check_resolved(url, ctx.policy)
+        await ssrf.check_resolved(url, ctx.policy, resolver=ctx.resolver)
     except ssrf.UnsafeUrl as exc:
         raise _invalid("url", str(exc)) from None
 
