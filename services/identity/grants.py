@@ -18,6 +18,7 @@ from libs.common import leases, streams
 from libs.common.config import Settings
 from libs.common.db import Executor
 from services.identity import audit, store
+from services.identity.schools import Issuer
 
 # A gateway asks `EXISTS connect:revoked:<grant id>`; the mark outlives every access token.
 REVOKED_KEY = "connect:revoked:"
@@ -30,6 +31,16 @@ def mark_ttl(settings: Settings) -> int:
     """How long a revocation mark lives after the revoke: past the expiry of every access
     token the grant could have (revocation_marks.py restores marks with what is left of it)."""
     return settings.tokens.access_token_ttl + 300
+
+
+def issued_by(iss: Issuer, client: store.Client, grant_school_id: int) -> bool:
+    """Whether `iss` issued the tokens of a grant of `client` at school `grant_school_id`: a
+    platform client's grants are the platform's, whichever school the user picked; a school
+    client's are its school's. Introspection and revocation at one issuer answer for its own
+    tokens only."""
+    if iss.school is None:
+        return client.is_platform
+    return client.school_id == iss.school.id == grant_school_id
 
 
 async def create_grant(
