@@ -63,7 +63,8 @@ def _parser() -> argparse.ArgumentParser:
         dest="open_registration",
         metavar="true|false",
         help="whether apps may register themselves at the school (RFC 7591), and whether"
-        " platform apps that registered themselves may reach it through the school picker",
+        " apps that registered themselves (the school's and platform apps) may reach it;"
+        " false also ends every grant they hold there, at once",
     )
 
     users = sub.add_parser("users", parents=[common]).add_subparsers(dest="action", required=True)
@@ -163,13 +164,25 @@ async def _admin(args: argparse.Namespace, settings: Settings) -> dict[str, Any]
             school = await _school(pool, args.school)
             if args.open_registration is None:
                 raise CommandError("nothing to update: give --open-registration true|false")
-            await store.set_open_registration(pool, school.id, args.open_registration)
-            return {
+            redis_client = streams.connect(settings.redis_url)
+            try:
+                # Closing ends the grants of apps that registered themselves, at every
+                # gateway, before this returns.
+                ended = await schools.set_open_registration(
+                    pool, redis_client, settings, school.id, args.open_registration
+                )
+            finally:
+                await redis_client.aclose()
+            updated: dict[str, Any] = {
                 "school_id": school.id,
                 "subdomain": school.subdomain,
                 "name": school.name,
                 "open_registration": args.open_registration,
             }
+            if ended:
+                # Only when closing ended any: the answer keeps its shape for everything else.
+                updated["revoked_grants"] = ended
+            return updated
         if args.command == "users":
             school = await _school(pool, args.school)
             try:

@@ -593,6 +593,9 @@ async def test_audit_log_filters_and_csv_export(
     identity_port: int,
 ) -> None:
     w = school.world
+    # Client ids never begin with a formula character (credentials.new_id), so the CSV below
+    # carries them as they are; an id from before that rule is the next test's.
+    assert not w.public.id.startswith(("-", "_")) and not w.confidential.id.startswith(("-", "_"))
     other = await make_school(pool, settings, unique + "c", identity_port)
     label = f"{unique}{secrets.token_hex(2)}"
     start = datetime(2023, 6, 1, 12, 0, tzinfo=UTC)
@@ -709,6 +712,40 @@ async def test_audit_log_filters_and_csv_export(
     ) as resp:
         filtered = list(csv.DictReader(io.StringIO(await resp.text())))
     assert [(r["action"], r["client_id"]) for r in filtered] == [("token.issued", w.public.id)]
+
+
+async def test_audit_csv_quotes_a_client_id_that_begins_with_a_dash(
+    school: School, admin: Browser, pool: asyncpg.Pool, unique: str
+) -> None:
+    """A client made before ids stopped beginning with '-': the page finds it by its id, and
+    the CSV quotes it like any cell a spreadsheet would take for a formula."""
+    legacy = await store.insert_client(
+        pool,
+        client_id=f"-{unique}Legacy{secrets.token_hex(4)}",
+        school_id=school.world.school.id,
+        name="Legacy App",
+        token_endpoint_auth_method="none",
+        secret_hash=None,
+        redirect_uris=["https://legacy.example/cb"],
+        allowed_origins=[],
+        scopes=["openid"],
+        grant_types=["authorization_code"],
+    )
+    label = f"{unique}{secrets.token_hex(2)}"
+    at = datetime(2023, 8, 1, 12, 0, tzinfo=UTC)
+    await audit_store.insert_many(
+        pool, [_row(label, 0, school.world.school.id, at, client_id=legacy.id)]
+    )
+    window = {"from": "2023-08-01T00:00", "to": "2023-08-02T00:00", "client": legacy.id}
+    status, _, body = await admin.get(f"{school.origin}/admin/audit?{urlencode(window)}")
+    assert status == 200, body
+    assert f"/api/v1/row/{label}/0" in body
+    async with admin.session.get(
+        f"{school.origin}/admin/audit.csv?{urlencode(window)}", allow_redirects=False
+    ) as resp:
+        assert resp.status == 200
+        table = list(csv.DictReader(io.StringIO(await resp.text())))
+    assert [(r["client_id"], r["client_name"]) for r in table] == [("'" + legacy.id, "Legacy App")]
 
 
 async def test_admin_changes_reach_the_audit_page(

@@ -15,6 +15,7 @@ from libs.common.config import Settings
 from services.identity import clients, grants, keys, resources, schools, tokens
 from services.identity.schools import Issuer
 from tests.token_helpers import (
+    REDIRECT_URI,
     World,
     basic,
     code_flow,
@@ -168,6 +169,109 @@ async def test_introspection_is_for_confidential_clients_and_the_tokens_own(
     seen = await post_form(http, url, {"token": access}, authorization=basic(*resource_server))
     assert seen.body["active"] is True and seen.body["client_id"] == world.confidential.id
     assert seen.headers["Cache-Control"] == "no-store"
+
+
+async def test_introspection_answers_only_for_tokens_of_its_own_issuer(
+    identity_url: str, http: Any, pool: Any, settings: Settings, unique: str, identity_port: int
+) -> None:
+    """School A's tokens at school B or at the platform, the platform's tokens (a platform
+    client's grant at school A) at school A: inactive, access and refresh tokens alike,
+    whatever the hint; each issuer answers active for its own, with itself as `iss`. The
+    callers are first-party resource servers, which may introspect any client's tokens of
+    their issuer."""
+    a = await make_world(pool, settings, unique, identity_port, label="isa")
+    b = await make_world(pool, settings, unique, identity_port, label="isb")
+    platform_origin = settings.urls.platform_url
+    await keys.ensure_issuer_keys(pool, settings, None)
+
+    async def resource_server(school: Any) -> tuple[str, str]:
+        made = await clients.create_client(
+            pool,
+            settings,
+            school=school,
+            name="Resource Server",
+            redirect_uris=["https://rs.example.com/cb"],
+            first_party=True,
+        )
+        assert made.client_secret is not None
+        return made.client.id, made.client_secret
+
+    callers = {
+        a.origin: await resource_server(a.school),
+        b.origin: await resource_server(b.school),
+        platform_origin: await resource_server(None),
+    }
+
+    # A platform client's grant at school A, its code redeemed at the platform's endpoint.
+    platform_app = await clients.create_client(
+        pool,
+        settings,
+        school=None,
+        name="Platform App",
+        redirect_uris=[REDIRECT_URI],
+        scopes=["read", "courses:read"],
+    )
+    assert platform_app.client_secret is not None
+    verifier, challenge = pkce_pair()
+    code, platform_grant = await insert_code(
+        pool,
+        settings,
+        school_id=a.school.id,
+        client_id=platform_app.client.id,
+        user_id=a.user.id,
+        scopes=["courses:read"],
+        challenge=challenge,
+    )
+    issued = await token(
+        http,
+        platform_origin,
+        {
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": REDIRECT_URI,
+            "code_verifier": verifier,
+        },
+        authorization=basic(platform_app.client.id, platform_app.client_secret),
+    )
+    assert issued.status == 200, issued.body
+    assert issued.body["school_id"] == a.school.id
+
+    of_a, a_grant = await code_flow(http, pool, settings, a)
+    of_b, b_grant = await code_flow(http, pool, settings, b)
+    tokens_of = {
+        a.origin: (of_a.body, a_grant),
+        b.origin: (of_b.body, b_grant),
+        platform_origin: (issued.body, platform_grant),
+    }
+
+    for where, caller in callers.items():
+        for issuer, (body, grant_id) in tokens_of.items():
+            for kind in ("access_token", "refresh_token"):
+                for hint in (None, "access_token", "refresh_token"):
+                    form = {"token": body[kind]}
+                    if hint is not None:
+                        form["token_type_hint"] = hint
+                    answer = await post_form(
+                        http, where + "/v1/oauth/introspect", form, authorization=basic(*caller)
+                    )
+                    assert answer.status == 200, answer.body
+                    case = (where, issuer, kind, hint)
+                    if where != issuer:
+                        assert answer.body == {"active": False}, case
+                        continue
+                    assert answer.body["active"] is True, case
+                    assert answer.body["iss"] == issuer, case
+                    assert answer.body["grant_id"] == str(grant_id), case
+                    assert answer.body["school_id"] == (b if issuer == b.origin else a).school.id
+
+    # The platform client itself, at the platform: its own refresh token is active there.
+    own = await post_form(
+        http,
+        platform_origin + "/v1/oauth/introspect",
+        {"token": issued.body["refresh_token"]},
+        authorization=basic(platform_app.client.id, platform_app.client_secret),
+    )
+    assert own.body["active"] is True and own.body["iss"] == platform_origin
 
 
 # Revocation ----------------------------------------------------------------------------------

@@ -77,14 +77,14 @@ async def append_many(
     items: Sequence[Mapping[str, Any]],
     *,
     maxlen: int = DEFAULT_MAXLEN,
-) -> None:
-    """Append a batch in one round trip."""
+) -> list[str]:
+    """Append a batch in one round trip; the entries' ids, in order."""
     if not items:
-        return
+        return []
     pipe = client.pipeline(transaction=False)
     for data in items:
         pipe.xadd(stream, _encode(data), maxlen=maxlen, approximate=True)
-    await pipe.execute()
+    return [text(entry_id) for entry_id in await pipe.execute()]
 
 
 async def ensure_group(client: redis.Redis, stream: str, group: str, *, start: str = "0") -> None:

@@ -602,10 +602,11 @@ class SchoolChoice:
 
 
 def closed_to(client: store.Client, school: store.School) -> bool:
-    """A school that closed registration has said no app may enrol itself there; a platform
-    client that registered itself on the (always open) platform origin must not get in by
-    the school picker instead. Operator-made platform clients are system-default apps."""
-    return resources.mcp_only(client) and not school.open_registration
+    """A school that closed registration has said no app may enrol itself there: neither one
+    that registered at the school before it closed, nor a platform client that registered
+    itself on the (always open) platform origin and would get in by the school picker.
+    Operator-made platform clients are system-default apps."""
+    return client.created_via == "registration" and not school.open_registration
 
 
 async def _school_choices(
@@ -657,6 +658,14 @@ async def advance(
         or not clients.belongs_to(client, iss.school_id)
     ):
         return error_page(request, "The application that sent you here is no longer available.")
+    if client.created_via == "registration" and school_id is not None:
+        # Read afresh, not from the Host cache: the school may have closed a moment ago. Shown
+        # here, not redirected: the app is unreviewed (RFC 9700 4.11.2).
+        school = await store.school_by_id(ctx.pool, school_id)
+        if school is not None and closed_to(client, school):
+            return error_page(
+                request, f"{school.name} does not accept applications that registered themselves."
+            )
 
     def fail(error: str, description: str) -> web.Response:
         return error_redirect(

@@ -78,8 +78,24 @@ def new_secret(prefix: str) -> str:
     return prefix + secrets.token_urlsafe(32)
 
 
+# What an id a person handles must not begin with: a leading '-' makes it an option to a
+# command line (`--client -abc`) and a formula to a spreadsheet (the audit CSV export quotes
+# it, so it no longer reads as the id), and a leading '_' is as easily lost or taken for markup.
+_NOT_FIRST = ("-", "_")
+
+
+def new_id(nbytes: int = 18) -> str:
+    """A random id of `nbytes` bytes, base64url, for what people type, paste or pass on a command
+    line (client ids): never beginning with '-' or '_'. A draw that would is drawn again, so
+    the ids that remain are still uniform and lose only a sliver of one character's entropy."""
+    while True:
+        value = secrets.token_urlsafe(nbytes)
+        if not value.startswith(_NOT_FIRST):
+            return value
+
+
 def new_client_id() -> str:
-    return secrets.token_urlsafe(18)
+    return new_id(18)
 
 
 def keyed_hash(pepper: bytes, value: str) -> bytes:

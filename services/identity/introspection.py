@@ -3,7 +3,10 @@
 Who may learn about a token: the client it was issued to, and first-party confidential
 clients of the same issuer (our resource servers). Anyone else, and any token that is
 expired, revoked, malformed, tampered with, unsigned, signed by a key not of this issuer or
-bound to another school, gets `{"active": false}` and nothing more (RFC 7662 2.2).
+bound to another school, gets `{"active": false}` and nothing more (RFC 7662 2.2). An issuer
+answers for its own tokens only: access tokens by their signature and `iss`, refresh tokens by
+their grant's issuer (a platform client's grants are the platform's, a school client's its
+school's), whatever `token_type_hint` says.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from aiohttp import web
 from libs.common import jwt
 from libs.common.errors import json_response
 from libs.common.logging import get_logger
-from services.identity import credentials, resources, store, tokens
+from services.identity import credentials, grants, resources, store, tokens
 from services.identity.context import IdentityContext, context, issuer
 from services.identity.revocation import token_kind, token_request
 from services.identity.schools import Issuer
@@ -72,9 +75,16 @@ async def introspect_refresh_token(
     # answers with its successor: it is not active.
     if st is None or st.expired or st.grant_revoked or st.rotated_at is not None:
         return INACTIVE
-    if iss.school is not None and st.school_id != iss.school.id:
-        return INACTIVE
     if not may_introspect(caller, st.client_id):
+        return INACTIVE
+    # Only this issuer's: a first-party caller must not learn from the platform about a
+    # school's refresh token (answered with the platform as `iss`), nor the reverse.
+    owner = (
+        caller
+        if caller.id == st.client_id
+        else await store.cached_client_by_id(ctx.pool, st.client_id)
+    )
+    if owner is None or not grants.issued_by(iss, owner, st.school_id):
         return INACTIVE
     school = await state.school(ctx.pool, st.school_id)
     if school is None:
@@ -89,7 +99,7 @@ async def introspect_refresh_token(
             school,
             st.resource,
             issuer=iss.issuer,
-            client=caller if caller.id == st.client_id else None,
+            client=owner,
         ),
         "iss": iss.issuer,
         "exp": int(st.expires_at.timestamp()),

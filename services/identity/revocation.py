@@ -62,7 +62,7 @@ async def grant_of_token(
         if st.client_id != client.id:
             log.info("revocation_ignored", reason="other_client")
             return None
-        if iss.school is not None and st.school_id != iss.school.id:
+        if not grants.issued_by(iss, client, st.school_id):
             return None
         return st.grant_id, kind
     return None

@@ -7,9 +7,10 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import asyncpg
+import redis.asyncio as redis
 
 from libs.common.config import Settings
-from services.identity import keys, store
+from services.identity import grants, keys, store
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,3 +111,48 @@ async def create_school(
     school = await store.insert_school(pool, subdomain, name.strip(), school_id)
     await keys.ensure_issuer_keys(pool, settings, school.id)
     return school
+
+
+# Grants ended per round of a school's closing: one statement, a round trip of marks and one of
+# announcements, and one wait for the gateways each.
+CLOSING_PAGE = 500
+
+
+async def set_open_registration(
+    pool: asyncpg.Pool,
+    redis_client: redis.Redis,
+    settings: Settings,
+    school_id: int,
+    open_registration: bool,
+) -> int:
+    """Open or close the school to apps that register themselves (RFC 7591); how many grants
+    closing ended.
+
+    Closing ends, at once and at every gateway, every grant such apps hold at the school (its
+    own apps and platform apps alike), and forgets the consents users gave them there, so
+    opening again brings nothing back without the user. Their registrations stay: closed, they
+    cannot authorize at the school (authorize.closed_to), and no code of theirs is redeemed
+    there (store.codes), so a grant made after the list below was read yields no token.
+    Closing a closed school again ends whatever an interrupted run left.
+    """
+    # Committed before anything is listed: the token endpoint sees the school closed from
+    # here on.
+    await store.set_open_registration(pool, school_id, open_registration)
+    if open_registration:
+        return 0
+    ended = 0
+    async with pool.acquire() as conn, conn.transaction():
+        # Before the grants are listed: a flow making a grant on the strength of a remembered
+        # consent holds it (authorize.issue_code), so it finishes first and its grant is listed.
+        await store.forget_self_registered_consents(conn, school_id)
+        live = await store.live_self_registered_grants(conn, school_id)
+        for start in range(0, len(live), CLOSING_PAGE):
+            revoked = await grants.revoke_grants(
+                conn,
+                redis_client,
+                settings,
+                live[start : start + CLOSING_PAGE],
+                reason="registration_closed",
+            )
+            ended += len(revoked)
+    return ended

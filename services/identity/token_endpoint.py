@@ -224,6 +224,7 @@ async def authorization_code_grant(req: GrantRequest) -> dict[str, Any]:
 
     replayed: code_store.Redemption | None = None
     outgrown: code_store.Redemption | None = None
+    shut_out: code_store.Redemption | None = None
     refresh_token: str | None = None
     async with ctx.pool.acquire() as conn, conn.transaction():
         found = await code_store.redeem(conn, credentials.token_hash(code))
@@ -255,7 +256,11 @@ async def authorization_code_grant(req: GrantRequest) -> dict[str, Any]:
             if found.grant_revoked:
                 raise OAuthError("invalid_grant", "the grant has been revoked")
             top = roles.ceiling(found.user_role, platform_admin=found.platform_admin)
-            if roles.exceeds(found.scopes, top):
+            if found.shut_out:
+                # The school closed registration after this grant was made, perhaps after
+                # its closing listed the grants to end: it ends here instead.
+                shut_out = found
+            elif roles.exceeds(found.scopes, top):
                 # The role was lowered between consent and now (and the role change's sweep
                 # ran before this grant was committed): the grant ends, as at refresh.
                 outgrown = found
@@ -275,6 +280,20 @@ async def authorization_code_grant(req: GrantRequest) -> dict[str, Any]:
                     auth_time=found.auth_time,
                     ttl_seconds=settings.tokens.refresh_token_ttl,
                 )
+
+    if shut_out is not None:
+        await grants.revoke_grant(
+            ctx.pool,
+            ctx.redis,
+            settings,
+            shut_out.grant_id,
+            reason="registration_closed",
+            ip=req.ip,
+        )
+        req.state.forget_grant(shut_out.grant_id)
+        raise OAuthError(
+            "invalid_grant", "the school no longer accepts applications that registered themselves"
+        )
 
     if outgrown is not None:
         await grants.revoke_grant(

@@ -531,15 +531,15 @@ async def grant_by_id(db: Executor, grant_id: UUID) -> Grant | None:
     return _grant(row) if row else None
 
 
-async def mark_grant_revoked(db: Executor, grant_id: UUID, reason: str) -> Grant | None:
-    """Revoke once; None when it was already revoked (or never existed)."""
-    row = await db.fetchrow(
+async def mark_grants_revoked(db: Executor, grant_ids: Sequence[UUID], reason: str) -> list[Grant]:
+    """Revoke each once; the grants revoked now (not those already revoked or never there)."""
+    rows = await db.fetch(
         "UPDATE grants SET revoked_at = now(), revoked_reason = $2"
-        " WHERE id = $1 AND revoked_at IS NULL RETURNING *",
-        grant_id,
+        " WHERE id = ANY($1::uuid[]) AND revoked_at IS NULL RETURNING *",
+        list(grant_ids),
         reason,
     )
-    return _grant(row) if row else None
+    return [_grant(r) for r in rows]
 
 
 async def active_grants_of(
@@ -554,6 +554,29 @@ async def active_grants_of(
         school_id,
     )
     return [_grant(r) for r in rows]
+
+
+async def live_self_registered_grants(db: Executor, school_id: int) -> list[UUID]:
+    """The unrevoked grants at the school of clients that registered themselves (RFC 7591):
+    the school's own and platform clients alike."""
+    rows = await db.fetch(
+        "SELECT g.id FROM grants g JOIN clients c ON c.id = g.client_id"
+        " WHERE g.school_id = $1 AND g.revoked_at IS NULL AND c.created_via = 'registration'"
+        " ORDER BY g.created_at",
+        school_id,
+    )
+    return [r["id"] for r in rows]
+
+
+async def forget_self_registered_consents(db: Executor, school_id: int) -> int:
+    """Forget what users at the school consented to for clients that registered themselves;
+    how many consents were forgotten."""
+    result: str = await db.execute(
+        "DELETE FROM consents co USING clients c"
+        " WHERE co.client_id = c.id AND co.school_id = $1 AND c.created_via = 'registration'",
+        school_id,
+    )
+    return int(result.rsplit(" ", 1)[1])
 
 
 async def touch_grant(db: Executor, grant_id: UUID) -> None:

@@ -38,6 +38,9 @@ class Redemption:
     # statement: a role lowered between consent and redemption must still bound the grant.
     user_role: str | None = None
     platform_admin: bool = False
+    # The client registered itself (RFC 7591) and the code's school has closed registration
+    # since: such a grant yields no token (schools.set_open_registration).
+    shut_out: bool = False
 
 
 def _redemption(r: asyncpg.Record) -> Redemption:
@@ -58,6 +61,7 @@ def _redemption(r: asyncpg.Record) -> Redemption:
         grant_revoked=r["grant_revoked"],
         user_role=r["user_role"],
         platform_admin=r["platform_admin"],
+        shut_out=r["shut_out"],
     )
 
 
@@ -79,10 +83,13 @@ WITH redeemed AS (
 SELECT f.grant_id, f.client_id, f.school_id, f.user_id, f.redirect_uri, f.scopes,
        f.code_challenge, f.nonce, f.resource, f.auth_time, f.expires_at, f.fresh,
        f.expires_at <= now() AS expired, g.revoked_at IS NOT NULL AS grant_revoked,
-       m.role AS user_role, coalesce(u.is_platform_admin, false) AS platform_admin
+       m.role AS user_role, coalesce(u.is_platform_admin, false) AS platform_admin,
+       coalesce(c.created_via = 'registration' AND NOT s.open_registration, false) AS shut_out
 FROM found f JOIN grants g ON g.id = f.grant_id
 LEFT JOIN school_memberships m ON m.user_id = f.user_id AND m.school_id = f.school_id
 LEFT JOIN users u ON u.id = f.user_id
+LEFT JOIN clients c ON c.id = f.client_id
+LEFT JOIN schools s ON s.id = f.school_id
 """
 
 
