@@ -24,7 +24,7 @@ from redis.exceptions import RedisError
 
 from libs.common.config import Settings
 from libs.common.logging import get_logger
-from services.identity import audit, credentials, pages, store, users
+from services.identity import audit, credentials, pages, ratelimit, store, users
 from services.identity.context import IdentityContext, context, issuer
 from services.identity.schools import Issuer
 from services.identity.store import authorize as flow_store
@@ -232,7 +232,9 @@ class LoginThrottle:
         return self._settings.stream(f"{_THROTTLE_KEY}account:{digest.hex()[:40]}")
 
     def _address_key(self, address: str | None) -> str:
-        return self._settings.stream(f"{_THROTTLE_KEY}address:{address or 'unknown'}")
+        # Per IPv6 /64, as registration counts: one subscriber rotates through a whole /64.
+        bucket = ratelimit.address_bucket(address) if address else "unknown"
+        return self._settings.stream(f"{_THROTTLE_KEY}address:{bucket}")
 
     async def reserve(self, email: str, address: str | None) -> int | None:
         """Take one attempt; None when taken, else the seconds until one may be."""
