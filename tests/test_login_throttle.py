@@ -1,12 +1,14 @@
-"""Who the sign-in throttle counts: callers by IPv4 address or IPv6 /64, through the real
-form."""
+"""Who the sign-in throttle counts: callers by IPv4 address or IPv6 /64, accounts, and the
+browsers that have signed in to an account before (device cookies), through the real forms."""
 
 from __future__ import annotations
 
 import dataclasses
 import ipaddress
 import secrets
+import time
 from collections.abc import AsyncIterator
+from http.cookies import SimpleCookie
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -14,13 +16,18 @@ import aiohttp
 import asyncpg
 import pytest
 import redis.asyncio as redis_asyncio
+from yarl import URL
 
 from libs.common.config import Settings
 from services.identity import sessions, store
 from tests.support import client_session, free_port, running
+from tests.test_account_pages import sign_in as account_sign_in
 from tests.test_authorize import (
     PASSWORD,
+    Browser,
+    authorize_url,
     form,
+    make_client,
     make_school,
     make_user,
 )
@@ -149,3 +156,203 @@ async def test_ipv4_mapped_ipv6_counts_as_its_ipv4_and_ipv4_stays_per_address(
     # Its IPv4 neighbour is someone else.
     neighbour = f"203.0.113.{last % 254 + 1}"
     assert await caller.login(neighbour, place.user.email, PASSWORD) == 303
+
+
+# Device cookies --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def browsers() -> AsyncIterator[Any]:
+    opened: list[Browser] = []
+
+    def new() -> Browser:
+        opened.append(Browser())
+        return opened[-1]
+
+    yield new
+    for b in opened:
+        await b.close()
+
+
+async def lock_out(origin: str, email: str) -> None:
+    """A stranger's browser spends the account's allowance on wrong passwords; then even the
+    right password is refused to it."""
+    stranger = Browser()
+    try:
+        for _ in range(sessions.ACCOUNT_FAILURE_LIMIT):
+            status, _, _ = await sign_in(stranger, origin, email, "not the password")
+            assert status == 400
+        status, _, _ = await sign_in(stranger, origin, email, PASSWORD)
+        assert status == 429
+    finally:
+        await stranger.close()
+
+
+async def sign_in(
+    browser: Browser, origin: str, email: str, password: str = PASSWORD
+) -> tuple[int, Any, str]:
+    """The account sign-in form, as after signing out: the session goes, the device cookie
+    stays."""
+    browser.session.cookie_jar.clear(lambda c: c.key == sessions.SESSION_COOKIE)
+    return await account_sign_in(browser, origin, email, password)
+
+
+def set_device(browser: Browser, origin: str, value: str) -> None:
+    browser.session.cookie_jar.update_cookies({sessions.DEVICE_COOKIE: value}, URL(origin))
+
+
+async def test_a_successful_sign_in_sets_a_long_lived_httponly_lax_device_cookie(
+    place: Place, settings: Settings
+) -> None:
+    b = Browser()
+    try:
+        status, _, body = await b.get(f"{place.origin}/account/login")
+        assert status == 200
+        f = form(body, "/account/login")
+        data = {**f.fields, "email": place.user.email, "password": "not the password"}
+        async with b.session.post(place.origin + f.action, data=data) as resp:
+            assert resp.status == 400
+            assert sessions.DEVICE_COOKIE not in resp.cookies
+        data["password"] = PASSWORD
+        async with b.session.post(place.origin + f.action, data=data, allow_redirects=False) as r:
+            assert r.status == 303
+            raw = [v for v in r.headers.getall("Set-Cookie") if v.startswith("lc_device=")]
+        assert len(raw) == 1
+        morsel = SimpleCookie(raw[0])[sessions.DEVICE_COOKIE]
+        assert morsel["httponly"] and morsel["samesite"] == "Lax" and morsel["path"] == "/"
+        assert bool(morsel["secure"]) == (not settings.is_development)
+        assert int(morsel["max-age"]) == sessions.DEVICE_LIFETIME >= 90 * 24 * 3600
+        # Naming the account without saying whose it is.
+        assert place.user.email not in morsel.value and str(place.user.id) not in morsel.value
+        [device] = sessions.devices(settings, morsel.value)
+        assert device.tag == sessions.device_tag(settings, place.user.id)
+    finally:
+        await b.close()
+
+
+async def test_the_owners_browser_signs_in_while_strangers_have_locked_the_account(
+    place: Place, pool: asyncpg.Pool, settings: Settings, browsers: Any
+) -> None:
+    owner = browsers()
+    status, _, _ = await sign_in(owner, place.origin, place.user.email)
+    assert status == 303
+    assert owner.cookie(sessions.DEVICE_COOKIE)
+
+    await lock_out(place.origin, place.user.email)
+    # The owner's browser, through the authorization flow's sign-in form this time.
+    client = await make_client(pool, settings, place.school)
+    status, _, page = await owner.get(authorize_url(place.origin, client.id, prompt="login"))
+    assert status == 200, page
+    status, _, body = await owner.login(place.origin, page, place.user.email, PASSWORD)
+    assert status == 303, body
+    # And through the account form, again.
+    status, _, _ = await sign_in(owner, place.origin, place.user.email)
+    assert status == 303
+    # The owner signing in gives strangers no fresh allowance.
+    stranger = browsers()
+    status, _, _ = await sign_in(stranger, place.origin, place.user.email, PASSWORD)
+    assert status == 429
+
+
+async def test_wrong_passwords_with_a_device_cookie_are_throttled_per_cookie(
+    place: Place, browsers: Any
+) -> None:
+    owner, laptop = browsers(), browsers()
+    for b in (owner, laptop):
+        status, _, _ = await sign_in(b, place.origin, place.user.email)
+        assert status == 303
+    await lock_out(place.origin, place.user.email)
+    stolen = owner.cookie(sessions.DEVICE_COOKIE)
+    assert stolen
+
+    # Someone holding the owner's cookie guesses: the cookie's own allowance, then nothing.
+    thief = browsers()
+    set_device(thief, place.origin, stolen)
+    for _ in range(sessions.DEVICE_FAILURE_LIMIT):
+        status, _, _ = await sign_in(thief, place.origin, place.user.email, "a guess")
+        assert status == 400
+    status, _, _ = await sign_in(thief, place.origin, place.user.email, PASSWORD)
+    assert status == 429
+    # The browser the cookie came from shares its counter; another of the owner's does not.
+    status, _, _ = await sign_in(owner, place.origin, place.user.email, PASSWORD)
+    assert status == 429
+    status, _, _ = await sign_in(laptop, place.origin, place.user.email, PASSWORD)
+    assert status == 303
+
+
+async def test_forged_expired_or_foreign_device_cookies_do_not_help(
+    place: Place, pool: asyncpg.Pool, settings: Settings, unique: str, browsers: Any
+) -> None:
+    other_user = await make_user(pool, place.school, unique + "b")
+    owner = browsers()
+    status, _, _ = await sign_in(owner, place.origin, place.user.email)
+    assert status == 303
+    genuine = owner.cookie(sessions.DEVICE_COOKIE)
+    assert genuine
+    tag, nonce, issued, mac = genuine.split(".")
+    own_tag = sessions.device_tag(settings, place.user.id)
+    assert tag == own_tag
+
+    def flip(text: str) -> str:
+        return text[:-1] + ("A" if text[-1] != "A" else "B")
+
+    old = int(time.time()) - sessions.DEVICE_LIFETIME - 60
+    other_pepper = dataclasses.replace(settings, secret_pepper=secrets.token_bytes(32))
+    forged = {
+        "mac changed": f"{tag}.{nonce}.{issued}.{flip(mac)}",
+        "issued moved": f"{tag}.{nonce}.{int(issued) + 1}.{mac}",
+        "nonce changed": f"{tag}.{flip(nonce)}.{issued}.{mac}",
+        "expired": sessions.encode_devices(settings, [sessions.Device(own_tag, nonce, old)]),
+        "another server's": sessions.encode_devices(
+            other_pepper, [sessions.Device(own_tag, nonce, int(issued))]
+        ),
+        "no mac": f"{tag}.{nonce}.{issued}",
+        "garbage": "~".join(["x.y.z.w"] * 50),
+    }
+    await lock_out(place.origin, place.user.email)
+    for label, value in forged.items():
+        b = browsers()
+        set_device(b, place.origin, value)
+        status, _, _ = await sign_in(b, place.origin, place.user.email, PASSWORD)
+        assert status == 429, label
+
+    # A cookie of one account is no help to another: the owner's browser, at the other account.
+    await lock_out(place.origin, other_user.email)
+    status, _, _ = await sign_in(owner, place.origin, other_user.email, PASSWORD)
+    assert status == 429
+    # Its own account still opens.
+    status, _, _ = await sign_in(owner, place.origin, place.user.email, PASSWORD)
+    assert status == 303
+
+
+async def test_one_browser_is_remembered_for_each_account_it_signed_in_to(
+    place: Place, pool: asyncpg.Pool, settings: Settings, unique: str, browsers: Any
+) -> None:
+    second = await make_user(pool, place.school, unique + "s")
+    shared = browsers()
+    for user in (place.user, second):
+        status, _, _ = await sign_in(shared, place.origin, user.email)
+        assert status == 303
+    value = shared.cookie(sessions.DEVICE_COOKIE)
+    assert [d.tag for d in sessions.devices(settings, value)] == [
+        sessions.device_tag(settings, second.id),
+        sessions.device_tag(settings, place.user.id),
+    ]
+    for user in (place.user, second):
+        await lock_out(place.origin, user.email)
+    for user in (place.user, second):
+        status, _, _ = await sign_in(shared, place.origin, user.email)
+        assert status == 303, user.email
+
+
+def test_a_device_cookie_keeps_the_latest_accounts_only(settings: Settings) -> None:
+    import uuid
+
+    ids = [uuid.uuid4() for _ in range(sessions.DEVICE_ACCOUNTS + 3)]
+    value = ""
+    for user_id in ids:
+        value = sessions.remember_device(settings, user_id, sessions.devices(settings, value))
+    assert len(value) <= 1024
+    kept = [d.tag for d in sessions.devices(settings, value)]
+    latest = list(reversed(ids))[: sessions.DEVICE_ACCOUNTS]
+    assert kept == [sessions.device_tag(settings, u) for u in latest]
