@@ -400,6 +400,7 @@ async def login_submit(request: web.Request) -> web.StreamResponse:
         address=sessions.client_address(request),
         user_agent=request.headers.get("User-Agent"),
         previous_session=sessions.session_hash(request),
+        device_cookie=sessions.device_cookie(request),
     )
     if result.outcome == "throttled":
         return _login_form(
@@ -426,6 +427,7 @@ async def login_submit(request: web.Request) -> web.StreamResponse:
         )
     response = sessions.see_other(back)
     sessions.set_session_cookie(response, request, result.cookie_value)
+    sessions.set_device_cookie(response, request, result.device_cookie)
     return response
 
 

@@ -309,6 +309,7 @@ async def edit_app(
     )
     if updated is None:
         raise LookupError(client.id)
+    await clients.announce_change(ctx.redis, ctx.settings, client.id)
     await _audit_change(
         ctx,
         "client.updated",
@@ -338,6 +339,7 @@ async def delete_app(
                 conn, ctx.redis, ctx.settings, grant.id, reason="client_deleted", ip=ip
             )
         await store.delete_client(conn, client.id)
+    await clients.announce_change(ctx.redis, ctx.settings, client.id)
     await _audit_change(ctx, "client.deleted", viewer, client, ip, revoked_grants=revoked)
     return revoked
 
@@ -527,7 +529,7 @@ async def rotate_submit(request: web.Request) -> web.StreamResponse:
     viewer, client, _ = posted
     ctx = context(request)
     try:
-        updated, secret = await clients.rotate_secret(ctx.pool, ctx.settings, client)
+        updated, secret = await clients.rotate_secret(ctx.pool, ctx.redis, ctx.settings, client)
     except clients.ClientMetadataError as exc:
         return _render_app(request, viewer, client, status=400, error=exc.description)
     await _audit_change(ctx, "client.secret_rotated", viewer, updated, _ip(request))
@@ -562,6 +564,7 @@ async def _set_disabled(request: web.Request, disabled: bool) -> web.StreamRespo
                 revoked += await grants.revoke_grant(
                     conn, ctx.redis, ctx.settings, grant.id, reason="client_disabled", ip=ip
                 )
+    await clients.announce_change(ctx.redis, ctx.settings, client.id)
     action = "client.disabled" if disabled else "client.enabled"
     detail = {"revoked_grants": revoked} if disabled else {}
     await _audit_change(ctx, action, viewer, updated, ip, **detail)

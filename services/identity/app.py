@@ -19,6 +19,7 @@ from libs.common.logging import get_logger
 from libs.common.web import READINESS, Handler, base_application
 from services.identity import (
     audit_consumer,
+    clients,
     cors,
     credentials,
     keys,
@@ -134,6 +135,10 @@ def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[
             asyncio.create_task(
                 revocation_marks.run(pool, redis_client, settings, stop),
                 name="identity-revocation-marks",
+            ),
+            asyncio.create_task(
+                clients.follow_changes(redis_client, settings, stop),
+                name="identity-client-changes",
             ),
         ]
         try:

@@ -899,6 +899,7 @@ async def login_submit(request: web.Request) -> web.StreamResponse:
         address=sessions.client_address(request),
         user_agent=request.headers.get("User-Agent"),
         previous_session=sessions.session_hash(request),
+        device_cookie=sessions.device_cookie(request),
     )
     if result.outcome == "throttled":
         return await _show_login(
@@ -929,6 +930,7 @@ async def login_submit(request: web.Request) -> web.StreamResponse:
     await save_pending(ctx, authz)
     response = sessions.see_other(_resume_url(authz))
     sessions.set_session_cookie(response, request, result.cookie_value)
+    sessions.set_device_cookie(response, request, result.device_cookie)
     return response
 
 

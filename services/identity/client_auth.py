@@ -120,8 +120,8 @@ async def authenticate(
     else:
         raise _invalid_client("client authentication is required")
 
-    # The row may be a few seconds old (store.cached_client_by_id); the secret is still
-    # checked against it on every request.
+    # The row may be reused for a few seconds (store.cached_client_by_id), never past the
+    # announcement of a change to it; the secret is still checked on every request.
     client = await store.cached_client_by_id(pool, client_id) if client_id else None
     if client is None or client.disabled_at is not None:
         raise _invalid_client("unknown or disabled client")

@@ -6,18 +6,27 @@ a client is valid or not whichever way it was made.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ipaddress
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import asyncpg
+import redis.asyncio as redis
+from redis.exceptions import RedisError
 
 from libs.common import scopes as catalogue
+from libs.common import streams
 from libs.common.config import Settings
 from libs.common.db import Executor
+from libs.common.logging import get_logger
 from libs.common.origins import normalise
 from services.identity import credentials, store
+
+log = get_logger(__name__)
 
 GRANT_TYPES = ("authorization_code", "refresh_token", "client_credentials")
 AUTH_METHODS = ("none", "client_secret_basic", "client_secret_post")
@@ -173,8 +182,9 @@ async def create_client(
 
 
 async def rotate_secret(
-    pool: asyncpg.Pool, settings: Settings, client: store.Client
+    pool: asyncpg.Pool, redis_client: redis.Redis, settings: Settings, client: store.Client
 ) -> tuple[store.Client, str]:
+    """A new secret; the old one stops working at every identity process on return."""
     if client.is_public:
         raise ClientMetadataError("invalid_client_metadata", "a public client has no secret")
     secret = credentials.new_secret(credentials.CLIENT_SECRET_PREFIX)
@@ -182,9 +192,77 @@ async def rotate_secret(
         pool, client.id, secret_hash=credentials.keyed_hash(settings.secret_pepper, secret)
     )
     assert updated is not None
+    await announce_change(redis_client, settings, client.id)
     return updated, secret
 
 
 def belongs_to(client: store.Client, school_id: int | None) -> bool:
     """A school's client works only at that school; a platform client only on the platform."""
     return client.school_id == school_id
+
+
+# Announcing changes ------------------------------------------------------------------------
+# Every identity process reuses client rows for a few seconds (store.cached_client_by_id). A
+# disable, a new secret or a deletion must hold at every process the moment its call answers,
+# so each change is announced on `connect:clients` and every process drops the row on reading
+# it; a process that cannot follow the stream reuses nothing.
+
+# Announcements are read within a second of being made; this many is minutes of them.
+CHANGES_MAXLEN = 10_000
+# How long a follower's read blocks, and how much longer than that its answer may take before
+# the process stops reusing rows.
+FOLLOW_BLOCK_SECONDS = 1.0
+FOLLOW_GRACE_SECONDS = 1.0
+
+
+async def announce_change(redis_client: redis.Redis, settings: Settings, client_id: str) -> None:
+    """Tell every identity process that the client changed. Call it once the change is
+    committed (a row read before then is caught by the generation check, one read after is
+    the new row) and before answering the call that made it."""
+    store.forget_client(client_id)
+    try:
+        await streams.append(
+            redis_client,
+            settings.stream(streams.CLIENTS),
+            {"client_id": client_id},
+            maxlen=CHANGES_MAXLEN,
+        )
+    except RedisError:
+        # The change stands; other processes see it when their entry expires, as before.
+        log.warning("client_change_not_announced", client_id=client_id)
+
+
+async def follow_changes(
+    redis_client: redis.Redis, settings: Settings, stop: asyncio.Event
+) -> None:
+    """Drop cached clients as changes are announced, until `stop` is set. After any failure
+    the follower starts again from the stream's newest entry with an empty cache, since what
+    it missed meanwhile cannot be told."""
+    stream = settings.stream(streams.CLIENTS)
+    last: str | None = None
+    delay = 0.2
+    while not stop.is_set():
+        try:
+            if last is None:
+                last = await streams.last_id(redis_client, stream)
+                store.forget_client()
+            else:
+                entries = await streams.read_tail(
+                    redis_client, stream, last, block_ms=round(FOLLOW_BLOCK_SECONDS * 1000)
+                )
+                for entry in entries:
+                    client_id = entry.data.get("client_id")
+                    store.forget_client(client_id if isinstance(client_id, str) else None)
+                    last = entry.id
+            store.client_changes_followed(
+                time.monotonic() + FOLLOW_BLOCK_SECONDS + FOLLOW_GRACE_SECONDS
+            )
+            delay = 0.2
+        except (RedisError, OSError, ValueError):  # ValueError: an entry that is not JSON
+            store.client_changes_unfollowed()
+            last = None
+            log.warning("client_changes_follow_failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            delay = min(delay * 2, 5.0)
+    store.client_changes_unfollowed()

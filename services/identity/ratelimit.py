@@ -69,7 +69,9 @@ def address_bucket(address: str) -> str:
     """The part of an address one caller controls: the IPv4 address, or the IPv6 /64.
 
     One IPv6 subscriber usually holds a whole /64 and can rotate addresses inside it at will,
-    so per-address IPv6 limits would limit nothing.
+    so per-address IPv6 limits would limit nothing. An IPv4-mapped address is its IPv4
+    address, and a zone (`%eth0`) or another spelling of the same address changes nothing.
+    Every per-address limit of identity (registration, sign-in) counts by this.
     """
     try:
         ip = ipaddress.ip_address(address)

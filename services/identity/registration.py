@@ -446,6 +446,7 @@ async def update(
     )
     if updated is None:  # deleted by a concurrent DELETE
         raise _invalid_token()
+    await clients.announce_change(ctx.redis, ctx.settings, client.id)
     # A client holds no scope it is not registered for: grants wider than the new
     # registration end now rather than live on. "Wider" as authorize judges a request:
     # identity scopes need no registration, and a registered umbrella covers what it stands
@@ -499,6 +500,7 @@ async def delete(ctx: IdentityContext, client: store.Client, address: str) -> No
                 ip=_audit_ip(address),
             )
         await store.delete_client(conn, client.id)
+    await clients.announce_change(ctx.redis, ctx.settings, client.id)
     await audit.append(
         ctx.redis,
         ctx.settings,

@@ -6,6 +6,12 @@ user carry an HMAC of it over the form's purpose and the pending request it acts
 login form has no session yet, so its token is an HMAC under SECRET_PEPPER of a pre-session
 cookie (double submit, but signed: an attacker who can plant a cookie still cannot mint the
 matching token).
+
+Failed sign-ins are counted per account and per caller. A per-account limit alone would let
+anyone keep any account locked with a few wrong passwords, so a browser that has signed in to
+an account before carries a device cookie for it (OWASP's "device cookies"): its attempts at
+that account are counted against the cookie instead of the account, and strangers (no cookie,
+another account's, a forged or expired one) stay throttled.
 """
 
 from __future__ import annotations
@@ -14,17 +20,21 @@ import base64
 import hashlib
 import hmac
 import ipaddress
+import re
 import secrets
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import urlsplit
+from uuid import UUID
 
 from aiohttp import web
 from redis.exceptions import RedisError
 
 from libs.common.config import Settings
 from libs.common.logging import get_logger
-from services.identity import audit, credentials, pages, store, users
+from services.identity import audit, credentials, pages, ratelimit, store, users
 from services.identity.context import IdentityContext, context, issuer
 from services.identity.schools import Issuer
 from services.identity.store import authorize as flow_store
@@ -41,8 +51,18 @@ PRESESSION_LIFETIME = 60 * 60
 # The address limit is higher: a whole school behind one NAT address shares it.
 ACCOUNT_FAILURE_LIMIT = 5
 ADDRESS_FAILURE_LIMIT = 20
+# Per device cookie, in place of the account's: a stolen cookie guesses no faster than a
+# stranger does.
+DEVICE_FAILURE_LIMIT = ACCOUNT_FAILURE_LIMIT
 THROTTLE_WINDOW = 15 * 60
 _THROTTLE_KEY = "connect:throttle:login:"
+
+DEVICE_COOKIE = "lc_device"
+DEVICE_LIFETIME = 180 * 24 * 60 * 60
+# Accounts one browser is remembered for, the latest first: a classroom computer signs in
+# many, and the cookie must stay small.
+DEVICE_ACCOUNTS = 5
+_DEVICE_COOKIE_MAX = 1024
 
 _USER_AGENT_MAX = 300
 MAX_PASSWORD_LENGTH = 1024
@@ -114,6 +134,86 @@ def browser_mark(settings: Settings, presession_value: str) -> str:
 def is_browser(request: web.Request, mark: str) -> bool:
     value = request.cookies.get(PRESESSION_COOKIE, "")
     return bool(value) and _same_token(browser_mark(context(request).settings, value), mark)
+
+
+# Device cookies ---------------------------------------------------------------------------
+# `lc_device` holds up to DEVICE_ACCOUNTS entries `tag.nonce.issued.mac`, joined by `~`: the
+# tag names the account (a MAC of its id, so the cookie does not say whose it is), the nonce
+# tells one browser's cookie from another's, and the MAC under SECRET_PEPPER covers the three.
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    """One valid entry of a device cookie."""
+
+    tag: str
+    nonce: str
+    issued: int
+
+    @property
+    def entry(self) -> str:
+        return f"{self.tag}.{self.nonce}.{self.issued}"
+
+
+_DEVICE_ENTRY = re.compile(
+    r"(?P<tag>[A-Za-z0-9_-]{22})\.(?P<nonce>[A-Za-z0-9_-]{22})"
+    r"\.(?P<issued>[0-9]{1,12})\.(?P<mac>[A-Za-z0-9_-]{43})"
+)
+
+
+def device_tag(settings: Settings, user_id: UUID) -> str:
+    return _mac(settings.secret_pepper, "device-account", str(user_id))[:22]
+
+
+def _device_mac(settings: Settings, tag: str, nonce: str, issued: int) -> str:
+    return _mac(settings.secret_pepper, "device-cookie", tag, nonce, str(issued))
+
+
+def devices(settings: Settings, value: str | None, now: float | None = None) -> list[Device]:
+    """The entries of a device cookie whose MAC holds and that have not expired."""
+    if not value or len(value) > _DEVICE_COOKIE_MAX:
+        return []
+    now = time.time() if now is None else now
+    found: list[Device] = []
+    for entry in value.split("~")[:DEVICE_ACCOUNTS]:
+        match = _DEVICE_ENTRY.fullmatch(entry)
+        if match is None:
+            continue
+        tag, nonce, mac, issued = match["tag"], match["nonce"], match["mac"], int(match["issued"])
+        # A minute ahead for clocks of other identity processes.
+        if not now - DEVICE_LIFETIME < issued <= now + 60:
+            continue
+        if _same_token(_device_mac(settings, tag, nonce, issued), mac):
+            found.append(Device(tag, nonce, issued))
+    return found
+
+
+def remember_device(settings: Settings, user_id: UUID, known: Sequence[Device]) -> str:
+    """The device cookie after `user_id` signed in: a fresh entry for that account first,
+    then the browser's other accounts."""
+    fresh = Device(device_tag(settings, user_id), secrets.token_urlsafe(16), int(time.time()))
+    return encode_devices(settings, [fresh, *(d for d in known if d.tag != fresh.tag)])
+
+
+def encode_devices(settings: Settings, entries: Sequence[Device]) -> str:
+    """The cookie value of up to DEVICE_ACCOUNTS entries, each with its MAC."""
+    return "~".join(
+        f"{d.entry}.{_device_mac(settings, d.tag, d.nonce, d.issued)}"
+        for d in entries[:DEVICE_ACCOUNTS]
+    )
+
+
+def device_cookie(request: web.Request) -> str | None:
+    return request.cookies.get(DEVICE_COOKIE)
+
+
+def set_device_cookie(
+    response: web.StreamResponse, request: web.Request, value: str | None
+) -> None:
+    """Set the cookie a successful sign-in returned (nothing when it returned none)."""
+    if value:
+        secure = cookie_secure(context(request).settings, issuer(request))
+        _set_cookie(response, DEVICE_COOKIE, value, secure=secure, max_age=DEVICE_LIFETIME)
 
 
 # CSRF ------------------------------------------------------------------------------------
@@ -220,6 +320,11 @@ class LoginThrottle:
     keeps it (it is the failure's count), a success gives the address's back and clears the
     account's. So however many attempts arrive together, at most the limit of them reach
     argon2 within a window.
+
+    An attempt with a device cookie for the account counts on the cookie's counter in place of
+    the account's: the account's owner signs in while strangers are locked out. Its success
+    clears the cookie's counter only, so the owner signing in does not hand strangers a fresh
+    allowance.
     """
 
     def __init__(self, ctx: IdentityContext) -> None:
@@ -231,19 +336,28 @@ class LoginThrottle:
         digest = credentials.keyed_hash(self._settings.secret_pepper, email.strip().lower())
         return self._settings.stream(f"{_THROTTLE_KEY}account:{digest.hex()[:40]}")
 
-    def _address_key(self, address: str | None) -> str:
-        return self._settings.stream(f"{_THROTTLE_KEY}address:{address or 'unknown'}")
+    def _first_key(self, email: str, device: Device | None) -> tuple[str, int]:
+        """The counter an attempt at this account counts on, and its limit."""
+        if device is None:
+            return self._account_key(email), ACCOUNT_FAILURE_LIMIT
+        digest = hashlib.sha256(device.nonce.encode()).hexdigest()[:40]
+        return self._settings.stream(f"{_THROTTLE_KEY}device:{digest}"), DEVICE_FAILURE_LIMIT
 
-    async def reserve(self, email: str, address: str | None) -> int | None:
+    def _address_key(self, address: str | None) -> str:
+        # Per IPv6 /64, as registration counts: one subscriber rotates through a whole /64.
+        bucket = ratelimit.address_bucket(address) if address else "unknown"
+        return self._settings.stream(f"{_THROTTLE_KEY}address:{bucket}")
+
+    async def reserve(
+        self, email: str, address: str | None, device: Device | None = None
+    ) -> int | None:
         """Take one attempt; None when taken, else the seconds until one may be."""
-        keys = [self._account_key(email), self._address_key(address)]
+        first, limit = self._first_key(email, device)
+        keys = [first, self._address_key(address)]
         try:
             script = self._redis.register_script(_RESERVE)
             wait_ms = int(
-                await script(
-                    keys=keys,
-                    args=[THROTTLE_WINDOW * 1000, ACCOUNT_FAILURE_LIMIT, ADDRESS_FAILURE_LIMIT],
-                )
+                await script(keys=keys, args=[THROTTLE_WINDOW * 1000, limit, ADDRESS_FAILURE_LIMIT])
             )
         except RedisError:
             # Failing open keeps sign-in working through a Redis outage; argon2 still makes
@@ -252,22 +366,25 @@ class LoginThrottle:
             return None
         return None if wait_ms <= 0 else max(1, -(-wait_ms // 1000))
 
-    async def succeeded(self, email: str, address: str | None) -> None:
-        """The right password: the account starts afresh, the address gets its slot back (a
-        school behind one NAT address signing in is no attack on it)."""
+    async def succeeded(
+        self, email: str, address: str | None, device: Device | None = None
+    ) -> None:
+        """The right password: the account (or the device cookie it came with) starts afresh,
+        the address gets its slot back (a school behind one NAT address signing in is no
+        attack on it)."""
         try:
             script = self._redis.register_script(_REFUND)
             await script(keys=[self._address_key(address)])
-            await self._redis.delete(self._account_key(email))
+            await self._redis.delete(self._first_key(email, device)[0])
         except RedisError:
             log.warning("login_throttle_unavailable")
 
-    async def release(self, email: str, address: str | None) -> None:
+    async def release(self, email: str, address: str | None, device: Device | None = None) -> None:
         """Give both slots back: the attempt ended before its password could be judged (a
         database error), and an outage must not lock accounts out."""
         try:
             script = self._redis.register_script(_REFUND)
-            await script(keys=[self._account_key(email), self._address_key(address)])
+            await script(keys=[self._first_key(email, device)[0], self._address_key(address)])
         except RedisError:
             log.warning("login_throttle_unavailable")
 
@@ -283,6 +400,8 @@ class SignIn:
     # The new cookie value: set it on the response and forget it.
     cookie_value: str | None = None
     retry_after: int | None = None
+    # The device cookie to set with the session's (set_device_cookie).
+    device_cookie: str | None = None
 
 
 async def sign_in(
@@ -294,11 +413,14 @@ async def sign_in(
     address: str | None,
     user_agent: str | None,
     previous_session: bytes | None,
+    device_cookie: str | None = None,
 ) -> SignIn:
     """Check the credentials (unless throttled) and open a fresh session.
 
     At a school origin only the school's members and platform admins may sign in; on the
-    platform origin anyone with an account may.
+    platform origin anyone with an account may. `device_cookie` is the request's
+    `lc_device`: with an entry for this account, the attempt counts against it rather than
+    the account.
     """
     throttle = LoginThrottle(ctx)
     school_id = school.id if school else None
@@ -306,7 +428,9 @@ async def sign_in(
     def audit_record(action: str, subject: str | None = None, **detail: Any) -> dict[str, Any]:
         return audit.record(action, school_id=school_id, subject=subject, ip=address, **detail)
 
-    retry = await throttle.reserve(email, address)
+    known = devices(ctx.settings, device_cookie)
+    device = await _device_for(ctx, known, email) if known else None
+    retry = await throttle.reserve(email, address, device)
     if retry is not None:
         await audit.append(
             ctx.redis, ctx.settings, audit_record("login.failed", reason="throttled")
@@ -321,7 +445,7 @@ async def sign_in(
             user = await users.authenticate(ctx.pool, email, password, gate=ctx.passwords)
         except Exception:
             # Not on cancellation: a caller who hangs up mid-check keeps its count.
-            await throttle.release(email, address)
+            await throttle.release(email, address, device)
             raise
     if user is None:
         # The reservation stays: it is this failure's count.
@@ -329,7 +453,7 @@ async def sign_in(
             ctx.redis, ctx.settings, audit_record("login.failed", reason="bad_credentials")
         )
         return SignIn("invalid")
-    await throttle.succeeded(email, address)
+    await throttle.succeeded(email, address, device)
 
     if school is not None and not await flow_store.may_use_school(ctx.pool, user.id, school.id):
         entry = audit_record("login.failed", str(user.id), reason="not_member")
@@ -349,7 +473,25 @@ async def sign_in(
         user_agent=(user_agent or "")[:_USER_AGENT_MAX] or None,
     )
     await audit.append(ctx.redis, ctx.settings, audit_record("login.succeeded", str(user.id)))
-    return SignIn("ok", user=user, session=session, cookie_value=cookie_value)
+    return SignIn(
+        "ok",
+        user=user,
+        session=session,
+        cookie_value=cookie_value,
+        device_cookie=remember_device(ctx.settings, user.id, known),
+    )
+
+
+async def _device_for(ctx: IdentityContext, known: Sequence[Device], email: str) -> Device | None:
+    """The entry of the device cookie for the account `email` names, if it has one. Read only
+    when the cookie holds a valid entry, so strangers' attempts cost no extra query."""
+    if len(email) > MAX_EMAIL_LENGTH:
+        return None
+    user = await store.user_by_email(ctx.pool, email.strip())
+    if user is None:
+        return None
+    tag = device_tag(ctx.settings, user.id)
+    return next((d for d in known if _same_token(tag, d.tag)), None)
 
 
 async def sign_out(ctx: IdentityContext, id_hash: bytes | None) -> None:

@@ -327,24 +327,36 @@ async def client_by_id(db: Executor, client_id: str) -> Client | None:
 
 
 # Client authentication reads the client's row on every token, revocation and introspection
-# request; a few seconds of reuse removes that query from the hot path. Changes made through
-# this module drop the entry at once; a change by another process is seen within the TTL.
+# request; a few seconds of reuse removes that query from the hot path. A change is announced
+# on `connect:clients` once committed (clients.announce_change), and every identity process's
+# follower drops the entry when it reads the announcement (clients.follow_changes). Rows are
+# reused only while that follower is known to be reading (`_followed_until`), and a read that
+# an announcement overtook is not kept (`_generation`): otherwise a row read just before a
+# change committed could be cached just after its announcement was applied, and live on for
+# the whole TTL.
 CLIENT_CACHE_TTL = 5.0
 _CLIENT_CACHE_MAX = 10_000
 _client_cache: dict[str, tuple[float, Client]] = {}
+_generation = 0
+_followed_until = 0.0
 
 
 async def cached_client_by_id(db: Executor, client_id: str) -> Client | None:
     """client_by_id, reused for CLIENT_CACHE_TTL seconds; unknown ids are never cached, so a
     client is usable the moment it is registered."""
-    hit = _client_cache.get(client_id)
     now = time.monotonic()
+    if now >= _followed_until:
+        return await client_by_id(db, client_id)
+    hit = _client_cache.get(client_id)
     if hit is not None and hit[0] > now:
         return hit[1]
+    generation = _generation
     client = await client_by_id(db, client_id)
     if client is None:
         _client_cache.pop(client_id, None)
         return None
+    if generation != _generation or time.monotonic() >= _followed_until:
+        return client
     if len(_client_cache) >= _CLIENT_CACHE_MAX:
         _client_cache.clear()
     _client_cache[client_id] = (now + CLIENT_CACHE_TTL, client)
@@ -352,11 +364,29 @@ async def cached_client_by_id(db: Executor, client_id: str) -> Client | None:
 
 
 def forget_client(client_id: str | None = None) -> None:
-    """Drop one cached client (or all): its row is about to change or has changed."""
+    """Drop one cached client (or all): its row is about to change or has changed. Reads in
+    flight are not kept either: they may have read the row as it was."""
+    global _generation
+    _generation += 1
     if client_id is None:
         _client_cache.clear()
     else:
         _client_cache.pop(client_id, None)
+
+
+def client_changes_followed(until: float) -> None:
+    """The change follower has read every announcement made before now: cached rows may be
+    used until `until` (time.monotonic), when it should have answered again."""
+    global _followed_until
+    _followed_until = max(_followed_until, until)
+
+
+def client_changes_unfollowed() -> None:
+    """The follower lost its place: nothing cached can be trusted, and nothing is cached until
+    it follows again."""
+    global _followed_until
+    _followed_until = 0.0
+    forget_client()
 
 
 async def list_clients(db: Executor, school_id: int | None) -> list[Client]:
