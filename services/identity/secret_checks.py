@@ -40,14 +40,16 @@ def check_value(variable: str, secret: bytes) -> bytes:
 
 
 def _remedy(settings: Settings, variable: str) -> str:
-    if settings.dev_secrets is not None:
+    path = settings.dev_secrets
+    if path is not None:
         # Development: the secrets were generated into a file that `make clean` removes, while
         # the database outlived it (or another checkout's `make dev` made it).
         return (
-            f"{settings.dev_secrets} holds other development secrets than those this database"
-            " was made with (`make clean` removes that file, and another checkout has its own):"
-            " `make dev` starts its own development database afresh, or set DATABASE_URL to a"
-            " database of this checkout's"
+            f"this database was made with other development secrets than {path} holds"
+            " (`make clean` removes that file, another checkout has its own): put back the"
+            " file it was made with; or let `make dev` start its development database afresh"
+            f" (it does when {path} is new: remove it; never for a DATABASE_URL given); or set"
+            " DATABASE_URL to another database"
         )
     return f"start with the {variable} this database was set up with"
 
