@@ -566,3 +566,31 @@ def _port_listened(port: int) -> bool:
     with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
         return True
     return False
+
+
+async def test_dev_leaves_a_database_in_use_alone(
+    base_env: dict[str, str], dev_database: str, tmp_path: Path
+) -> None:
+    """New development secrets meet the development database while another process is
+    connected to it (another checkout's `make dev` still running): it is not dropped from
+    under that process; the start stops with an error saying so."""
+    configure_logging("warning")
+    port = free_port()
+    first = _dev_env(base_env, dev_database, tmp_path / "first", port)
+    await dev.prepare(
+        load_settings(first), own_database=True, logins_file=tmp_path / "first" / "logins.json"
+    )
+    kids = await _demo_kids(dev_database)
+    other = await asyncpg.connect(dev_database)
+    try:
+        renewed = _dev_env(base_env, dev_database, tmp_path / "renewed", port)
+        with pytest.raises(RuntimeError, match=r"in use by another process"):
+            await dev.prepare(
+                load_settings(renewed),
+                own_database=True,
+                logins_file=tmp_path / "renewed" / "logins.json",
+            )
+        assert await other.fetchval("SELECT 1") == 1
+    finally:
+        await other.close()
+    assert await _demo_kids(dev_database) == kids
