@@ -110,9 +110,14 @@ def _emit(result: dict[str, Any], as_json: bool) -> None:
 async def _with_pool(
     settings: Settings, work: Callable[[Any], Awaitable[dict[str, Any]]]
 ) -> dict[str, Any]:
+    from services.identity import secret_checks
+
     await db.migrate(settings.database_url)
     pool = await db.create_pool(settings.database_url, min_size=1, max_size=2)
     try:
+        # As identity at start: with secrets other than the database's, a command would seal
+        # new signing keys or hash client secrets that nothing could open or match afterwards.
+        await secret_checks.verify(pool, settings)
         return await work(pool)
     finally:
         await pool.close()
@@ -332,6 +337,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             sys.stderr.write(f"error: {exc}\n")
         return 1
+    except ConfigError as exc:
+        # Found only once the stores answered (a secret that is not the database's): the same
+        # message and status as a bad variable found at load.
+        sys.stderr.write(f"configuration error: {exc}\n")
+        return 2
     except KeyboardInterrupt:
         return 130
 

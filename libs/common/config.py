@@ -207,6 +207,10 @@ class Settings:
     # Proves to resource services that identity headers came from a gateway (sent as
     # X-Connect-Internal-Token); resource services refuse calls without it.
     internal_token: str = field(repr=False, default="")
+    # The generated development secrets file both KEY_ENCRYPTION_KEY and SECRET_PEPPER came
+    # from (neither variable set); None when either was given. `make dev` may start its own
+    # database afresh for secrets of this file (services/dev.py), never for given ones.
+    dev_secrets: Path | None = None
     log_level: str = "info"
     host: str = "127.0.0.1"
     ports: Ports = field(default_factory=Ports)
@@ -451,10 +455,14 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
                 raise ConfigError(name, "must be https in production")
 
     dev_keys: tuple[bytes, bytes] | None = None
+    dev_secrets: Path | None = None
     if environment != "production" and not (
         env.get("KEY_ENCRYPTION_KEY") and env.get("SECRET_PEPPER")
     ):
-        dev_keys = _dev_secrets(Path(_text(env, "CONNECT_DEV_SECRETS", str(DEV_SECRETS_FILE))))
+        dev_file = Path(_text(env, "CONNECT_DEV_SECRETS", str(DEV_SECRETS_FILE)))
+        dev_keys = _dev_secrets(dev_file)
+        if not (_text(env, "KEY_ENCRYPTION_KEY", "") or _text(env, "SECRET_PEPPER", "")):
+            dev_secrets = dev_file
 
     log_level = _text(env, "LOG_LEVEL", "info").lower()
     if log_level not in ("debug", "info", "warning", "error"):
@@ -502,6 +510,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         urls=PublicUrls(school_template=template.rstrip("/"), platform_url=platform_url),
         key_encryption_key=_key(env, "KEY_ENCRYPTION_KEY", dev_keys[0] if dev_keys else None),
         secret_pepper=_key(env, "SECRET_PEPPER", dev_keys[1] if dev_keys else None),
+        dev_secrets=dev_secrets,
         log_level=log_level,
         host=_text(env, "BIND_HOST", "127.0.0.1"),
         ports=ports,

@@ -90,11 +90,13 @@ async def ensure_database(dsn: str) -> None:
         await conn.close()
 
 
-async def drop_database(dsn: str) -> None:
+async def drop_database(dsn: str, *, force: bool = True) -> None:
+    """`force`: end the sessions connected to it; without, a database in use is not dropped
+    (asyncpg.ObjectInUseError)."""
     admin, name = _admin_dsn(dsn)
     conn = await asyncpg.connect(admin)
     try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}"' + (" WITH (FORCE)" if force else ""))
     finally:
         await conn.close()
 

@@ -25,6 +25,7 @@ from services.identity import (
     keys,
     revocation_marks,
     routes,
+    secret_checks,
     sweep,
 )
 from services.identity.context import CONTEXT, ISSUER, IdentityContext
@@ -96,6 +97,14 @@ def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[
             max_size=settings.db_pool_max,
             keep_session=True,
         )
+        try:
+            # Before anything else, and so before listening: a key-encryption key or pepper
+            # other than the database's would fail every token request (SecretMismatch is a
+            # ConfigError, which the CLI reports naming the variable, exit status 2).
+            await secret_checks.verify(pool, settings)
+        except BaseException:
+            await pool.close()
+            raise
         redis_client = streams.connect(settings.redis_url)
         context = IdentityContext(
             settings=settings,
