@@ -230,7 +230,10 @@ async def checked_call(
     structlog.contextvars.bind_contextvars(client_id=verified.client_id)
 
     # 5: revoked? The local set answers "yes" without Redis, and "no" under a revocation
-    # lease (revocation.py); otherwise Redis answers, in the rate limiter's round trip.
+    # lease (revocation.py); otherwise Redis answers, in the rate limiter's round trip. Every
+    # call that gets past the revocation check is charged, a scope refusal too (contract 13):
+    # refusals spend the client's own budget, so a token cannot make unlimited audited
+    # refusals.
     if verified.grant_id in ctx.revoked:
         return _reject(ctx, "revoked", "The access token has been revoked")
     allowed_by_scope, scope_used = verified.satisfying(required)
@@ -238,7 +241,7 @@ async def checked_call(
         verdict = await ctx.guard.admit(
             ctx.revoked_prefix + verified.grant_id,
             f"{ctx.bucket_prefix}{school_id}:{verified.client_id}",
-            consume=allowed_by_scope,
+            consume=True,
             pace=ctx.pace(client.rate_limit_per_minute),
         )
     except (OSError, RedisReplyError):
@@ -252,7 +255,7 @@ async def checked_call(
 
     origin = cors.origin_of(request)
     fwd = forwarding(request, ctx, host)
-    # 6: scope.
+    # 6: scope, answered before the rate limit (contract 6's order) though charged to it.
     if not allowed_by_scope:
         ctx.metrics.rejections.labels("insufficient_scope").inc()
         needed = " ".join(required)
@@ -262,6 +265,8 @@ async def checked_call(
             "The access token does not hold the scope this call needs",
             scope=needed,
         )
+        # What the refusal left of the client's budget.
+        response.headers.update(verdict.headers())
         cors.grant(response.headers, origin, client.allowed_origins)
         _audit(ctx, request, verified, fwd, response.status, None)
         return response
