@@ -126,6 +126,7 @@ def _resources(
             settings.stream(streams.AUDIT),
             capacity=settings.gateway.audit_buffer_size,
             on_drop=metrics.audit_dropped.inc,
+            on_refuse=metrics.audit_refused.inc,
         )
         app[CONTEXT] = GatewayContext(
             settings=settings,

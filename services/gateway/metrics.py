@@ -37,7 +37,13 @@ class GatewayMetrics:
         )
         self.audit_dropped = Counter(
             "gateway_audit_dropped_total",
-            "Audit records dropped because the buffer was full",
+            "Audit records no call waited on, dropped because the buffer was full",
+            registry=registry,
+        )
+        self.audit_refused = Counter(
+            "gateway_audit_refused_total",
+            "Calls refused (503; a tool error for a tool's call within /mcp) because the audit "
+            "buffer could not take their record",
             registry=registry,
         )
         self.jwks_fetches = Counter(

@@ -39,7 +39,10 @@ _PROTECTED_ANSWERS = {
     ),
     "429": _json("Rate limited; Retry-After says when to try again"),
     "502": _json("The upstream service did not answer"),
-    "503": _json("The gateway cannot check the call right now"),
+    "503": _json(
+        "The gateway cannot check the call, or record it in the audit trail, right now; "
+        "Retry-After says when to try again"
+    ),
     "504": _json("The upstream service took too long"),
 }
 
