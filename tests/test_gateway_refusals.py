@@ -359,6 +359,14 @@ async def gateway_metric(http: Any, base: str, name: str) -> float:
     )
 
 
+async def buffer_empty(http: Any, base: str, timeout: float = 10) -> None:
+    """Until the gateway's audit buffer holds nothing (gateway_audit_buffer_used is 0)."""
+    deadline = time.monotonic() + timeout
+    while await gateway_metric(http, base, "gateway_audit_buffer_used") != 0:
+        assert time.monotonic() < deadline, "the audit buffer did not drain"
+        await asyncio.sleep(0.02)
+
+
 async def _records(redis: Any, settings: Settings, request_ids: set[str]) -> dict[str, Any]:
     """The audit stream's records of these request ids (the run's stream keeps every entry)."""
     found: dict[str, Any] = {}
@@ -439,6 +447,7 @@ async def test_calls_in_progress_hold_their_records_place_and_a_full_buffer_refu
         served = [next(ids)]
         assert (await _call(http, base, world, token, request_id=served[0]))[0] == 200
         assert await _until_recorded(redis, gateway_settings, set(served))
+        await buffer_empty(http, base)
         before = await gateway_metric(http, base, "gateway_audit_refused_total")
 
         served += [next(ids), next(ids)]
@@ -454,6 +463,7 @@ async def test_calls_in_progress_hold_their_records_place_and_a_full_buffer_refu
                     break
                 await asyncio.sleep(0.02)
             assert upstream.holding == 2
+            assert await gateway_metric(http, base, "gateway_audit_buffer_used") == 2
 
             # Served or refused for scope alike: an in-scope read, a write, an openid token.
             attempts = [
@@ -519,6 +529,7 @@ async def test_with_the_audit_redis_away_the_buffer_fills_then_calls_are_refused
         status, _, body = await _call(http, base, world, token, request_id=first)
         assert status == 200, body
         assert await _until_recorded(redis, gateway_settings, {first})
+        await buffer_empty(http, base)
         before = await gateway_metric(http, base, "gateway_audit_refused_total")
 
         audit_link.stop(mode)

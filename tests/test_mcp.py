@@ -34,7 +34,7 @@ from libs.common import streams
 from libs.common.config import Settings
 from services.identity import audit, clients, keys, schools, store, users
 from services.school_api import seed
-from tests.test_gateway_refusals import gateway_metric, recording_upstream
+from tests.test_gateway_refusals import buffer_empty, gateway_metric, recording_upstream
 from tests.test_gateway_support import extra_gateway, mint
 from tests.test_school_api_events import events_of, until
 from tests.token_helpers import insert_code, pkce_pair
@@ -681,8 +681,9 @@ async def test_an_mcp_call_that_cannot_be_recorded_is_refused(
         ]
 
     async def written(grant_id: UUID, expected: list[tuple[str, int]]) -> None:
-        """Until the buffer has written these records out (and so is empty again)."""
+        """Until the buffer has written these records out and is empty again."""
         assert await until(lambda: _equal(records(grant_id), expected)), await records(grant_id)
+        await buffer_empty(http, base)
 
     async with (
         recording_upstream() as (upstream, upstream_url),

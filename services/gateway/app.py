@@ -128,6 +128,7 @@ def _resources(
             on_drop=metrics.audit_dropped.inc,
             on_refuse=metrics.audit_refused.inc,
         )
+        metrics.audit_buffer_used.set_function(lambda: len(audit_buffer) + audit_buffer.reserved)
         app[CONTEXT] = GatewayContext(
             settings=settings,
             routes=table,
