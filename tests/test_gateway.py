@@ -1169,3 +1169,33 @@ async def test_without_identity_unknown_keys_fail_closed_and_fast(
             assert _metric(await resp.text(), "gateway_jwks_fetches_total") == 1
         async with http.get(base + "/readyz") as resp:
             assert (await resp.json())["checks"]["identity"] is False
+
+
+async def test_calls_that_come_with_a_schools_first_key_fetch_wait_for_it(
+    http: Any,
+    pool: Any,
+    keyring: keys.KeyRing,
+    gateway_settings: Settings,
+    gateway_env: dict[str, str],
+    gateway_identity_url: str,
+    gateway_port: int,
+) -> None:
+    """A gateway's first calls for a school arrive together (a gateway just started, a school
+    just made): they all wait for the one fetch of its keys and are served, not 503 but for
+    the first; without identity they are all 503 after that one fetch."""
+    world = await make_world(pool, gateway_settings, "firstkeys", gateway_port)
+    token = await _token(keyring, gateway_settings, pool, world, "courses:read")
+    async with extra_gateway(gateway_env) as base:
+        answers = await asyncio.gather(
+            *(_get(http, base + "/api/v1/courses", world.host, token) for _ in range(8))
+        )
+        assert [a[0] for a in answers] == [200] * 8, [a[2] for a in answers]
+        async with http.get(base + "/metrics") as resp:
+            assert _metric(await resp.text(), "gateway_jwks_fetches_total") == 1
+    async with extra_gateway(gateway_env, IDENTITY_URL=f"http://127.0.0.1:{free_port()}") as base:
+        answers = await asyncio.gather(
+            *(_get(http, base + "/api/v1/courses", world.host, token) for _ in range(8))
+        )
+        assert [a[0] for a in answers] == [503] * 8
+        async with http.get(base + "/metrics") as resp:
+            assert _metric(await resp.text(), "gateway_jwks_fetches_total") == 1

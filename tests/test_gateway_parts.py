@@ -214,3 +214,48 @@ def test_revoked_grants_expire() -> None:
     assert "a" in revoked
     assert "b" not in revoked
     assert "c" not in revoked
+
+
+async def test_places_held_by_calls_count_against_capacity_and_a_full_buffer_refuses(
+    connection: PipelinedRedis, settings: Settings, redis: Any
+) -> None:
+    """The fail-closed audit trail's accounting: a reserved place is one of the capacity until
+    filled (then a record) or given back; when none is left, reserve refuses and counts, and a
+    record no call waits on is dropped rather than take a call's place. Nothing reserved is
+    ever lost: every filled place is written out."""
+    stream = settings.stream(f"test:audit:{secrets.token_hex(4)}")
+    buffer = AuditBuffer(connection, stream, capacity=3)
+    first, second = buffer.reserve(), buffer.reserve()
+    assert first is not None and second is not None
+    buffer.append(_record(0))
+    assert (len(buffer), buffer.reserved) == (1, 2)
+    assert buffer.reserve() is None
+    buffer.append(_record(99))  # no place left: dropped, not taken from the calls
+    assert (buffer.refused, buffer.dropped, len(buffer)) == (1, 1, 1)
+
+    first.fill(_record(1))
+    assert (len(buffer), buffer.reserved) == (2, 1)
+    first.release()  # already filled: nothing happens
+    assert buffer.reserved == 1
+    with pytest.raises(RuntimeError):
+        first.fill(_record(1))
+    assert buffer.reserve() is None
+    second.release()
+    second.release()  # once only
+    assert (len(buffer), buffer.reserved) == (2, 0)
+    third = buffer.reserve()
+    assert third is not None and third.open
+    third.fill(_record(3))
+    assert not third.open
+    assert buffer.reserve() is None
+    assert buffer.refused == 3
+
+    assert await buffer.flush() == 3
+    again = buffer.reserve()
+    assert again is not None
+    again.fill(_record(4))
+    assert await buffer.flush() == 1
+    entries = await streams.read_tail(redis, stream, "0-0", count=10, block_ms=10)
+    paths = [r["path"] for e in entries for r in audit.records_of(e.data)]
+    assert paths == [f"/api/v1/courses/{n}" for n in (0, 1, 3, 4)]
+    await redis.delete(stream)

@@ -10,6 +10,7 @@ the MCP endpoint named as RFC 8707 `resource`.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -33,6 +34,7 @@ from libs.common import streams
 from libs.common.config import Settings
 from services.identity import audit, clients, keys, schools, store, users
 from services.school_api import seed
+from tests.test_gateway_refusals import buffer_empty, gateway_metric, recording_upstream
 from tests.test_gateway_support import extra_gateway, mint
 from tests.test_school_api_events import events_of, until
 from tests.token_helpers import insert_code, pkce_pair
@@ -649,3 +651,110 @@ async def test_any_of_scopes_and_argument_checks(
             refused = await session.call_tool("get_post", bad)
             assert refused.is_error is True
             assert "invalid arguments" in _text(refused)
+
+
+# The audit trail fails closed ----------------------------------------------------------------
+
+
+async def test_an_mcp_call_that_cannot_be_recorded_is_refused(
+    http: aiohttp.ClientSession,
+    pool: asyncpg.Pool,
+    gateway_settings: Settings,
+    gateway_env: dict[str, str],
+    gateway_port: int,
+    gateway_identity_url: str,
+    tenant: Tenant,
+    redis: redis_asyncio.Redis,
+) -> None:
+    """GATEWAY_AUDIT_BUFFER=2: a tool's school API call takes a place of its own beside the
+    /mcp call's. While one tool call is held at the school API, both places are taken: a ping
+    is 503 and a tool call is refused before reaching the school API, each counted. With one
+    place free, a tool call is served but its school API call is not made (a tool error). Every
+    school API call made has its record."""
+
+    async def records(grant_id: UUID) -> list[tuple[str, int]]:
+        return [
+            (r["path"], r["status"])
+            for _, fields in await redis.xrange(gateway_settings.stream(streams.AUDIT))
+            for r in audit.records_of(orjson.loads(fields[b"data"]))
+            if r.get("grant_id") == str(grant_id) and r.get("action") == "api.call"
+        ]
+
+    async def written(grant_id: UUID, expected: list[tuple[str, int]]) -> None:
+        """Until the buffer has written these records out and is empty again."""
+        assert await until(lambda: _equal(records(grant_id), expected)), await records(grant_id)
+        await buffer_empty(http, base)
+
+    async with (
+        recording_upstream() as (upstream, upstream_url),
+        extra_gateway(gateway_env, SCHOOL_API_URL=upstream_url, GATEWAY_AUDIT_BUFFER="2") as base,
+    ):
+        system = System(base, gateway_port)
+        issued = await mcp_token(http, pool, gateway_settings, system, tenant)
+        token, grant = issued.access_token, issued.grant_id
+        status, body, _ = await _call_raw(http, system, token, "list_courses", {})
+        assert status == 200 and body["result"]["isError"] is False, body
+        expected = [("/api/v1/courses", 200), ("/mcp", 200)]
+        await written(grant, expected)
+
+        upstream.hold_all = True
+        held = asyncio.ensure_future(_call_raw(http, system, token, "list_courses", {}))
+        try:
+            assert await until(lambda: asyncio.sleep(0, upstream.holding == 1))
+            before = await gateway_metric(http, base, "gateway_audit_refused_total")
+            status, body, headers = await _post_mcp(http, system, token)
+            assert status == 503 and body is not None, body
+            assert body["error"] == "temporarily_unavailable"
+            assert headers["Retry-After"] == "1"
+            status, _, _ = await _call_raw(http, system, token, "list_courses", {})
+            assert status == 503
+            assert await gateway_metric(http, base, "gateway_audit_refused_total") == before + 2
+            assert len(upstream.received) == 2  # the first and the held one
+        finally:
+            upstream.hold_all = False
+            upstream.release.set()
+            status, body, _ = await held
+        assert status == 200 and body["result"]["isError"] is False, body
+        expected += [("/api/v1/courses", 200), ("/mcp", 200)]
+        await written(grant, expected)
+
+        # One place taken by a school API call (a school token's, straight through the gateway)
+        # held at the upstream: the tool call itself is served, but its school API call cannot
+        # be recorded and is not made.
+        school_host = system.school_host(tenant.school.subdomain)
+        code = await consented_code(
+            pool,
+            gateway_settings,
+            tenant,
+            school=tenant.school,
+            name="Gradebook",
+            scopes=("courses:read",),
+            resource=None,
+        )
+        school_token = (await _token_request(http, system, school_host, code.form))["access_token"]
+        upstream.release.clear()
+        stuck = asyncio.ensure_future(
+            http.get(
+                base + "/api/v1/courses/hold",
+                headers={"Host": school_host, "Authorization": f"Bearer {school_token}"},
+            )
+        )
+        try:
+            assert await until(lambda: asyncio.sleep(0, upstream.holding == 1))
+            before = await gateway_metric(http, base, "gateway_audit_refused_total")
+            status, body, _ = await _call_raw(http, system, token, "list_courses", {})
+        finally:
+            upstream.release.set()
+            resp = await stuck
+            resp.close()
+        assert resp.status == 200
+        assert status == 200
+        assert body["result"]["isError"] is True
+        assert "temporarily_unavailable" in body["result"]["content"][0]["text"]
+        assert await gateway_metric(http, base, "gateway_audit_refused_total") == before + 1
+        assert len(upstream.received) == 3  # the school token's call, not the refused one
+        await written(grant, [*expected, ("/mcp", 200)])
+
+
+async def _equal(got: Awaitable[Any], expected: Any) -> bool:
+    return bool(await got == expected)

@@ -126,7 +126,9 @@ def _resources(
             settings.stream(streams.AUDIT),
             capacity=settings.gateway.audit_buffer_size,
             on_drop=metrics.audit_dropped.inc,
+            on_refuse=metrics.audit_refused.inc,
         )
+        metrics.audit_buffer_used.set_function(lambda: len(audit_buffer) + audit_buffer.reserved)
         app[CONTEXT] = GatewayContext(
             settings=settings,
             routes=table,

@@ -10,9 +10,15 @@ PostgreSQL, the per-record cost of those processes was most of what the audit tr
 call. Identity still appends its own records one entry each; its consumer reads both shapes
 (services/identity/audit.py, `records_of`). The XADDs are packed here and go over the lean
 pipelined connection (resp.py): the audit must not cost the API more than the call does.
-A full buffer (Redis away for long) drops the new record, counts it and warns at most once
-per WARN_INTERVAL: the API keeps answering, and the loss is visible in the metrics.
-Identity's audit consumer stores the stream in PostgreSQL.
+The trail fails closed, as Vault's audit devices do: a protected call takes a place for its
+record (`reserve`) before anything is done for it, and fills it with the outcome
+(`Slot.fill`) once it has one. Places held by calls in progress count against the capacity
+with the records waiting to be written, so a call that got a place always gets its record in,
+and when the buffer is full (Redis away or slow for long) the call is refused (503) rather
+than served unaudited; the refusal is counted and warned of at most once per WARN_INTERVAL. A
+reservation is a counter, no Redis round trip: what the audit trail costs a call stays where
+it was. `append` (a record no call waits on) drops and counts the record when the buffer is
+full. Identity's audit consumer stores the stream in PostgreSQL.
 """
 
 from __future__ import annotations
@@ -83,6 +89,37 @@ def api_call(
     }
 
 
+class Slot:
+    """The place of one call's record in the buffer, held while the call is in progress."""
+
+    __slots__ = ("_buffer",)
+
+    def __init__(self, buffer: AuditBuffer) -> None:
+        self._buffer: AuditBuffer | None = buffer
+
+    @property
+    def open(self) -> bool:
+        """Neither filled nor given back yet."""
+        return self._buffer is not None
+
+    def fill(self, record: dict[str, Any]) -> None:
+        """Queue the call's record in its place; a place is filled once."""
+        buffer = self._buffer
+        if buffer is None:
+            raise RuntimeError("this audit slot was already filled or released")
+        self._buffer = None
+        buffer._reserved -= 1
+        buffer._queue(record)
+
+    def release(self) -> None:
+        """Give the place back unfilled (the call ended with no record to write); once filled
+        or released, nothing more happens, so a `finally` may always call it."""
+        buffer = self._buffer
+        if buffer is not None:
+            self._buffer = None
+            buffer._reserved -= 1
+
+
 class AuditBuffer:
     def __init__(
         self,
@@ -91,6 +128,7 @@ class AuditBuffer:
         *,
         capacity: int,
         on_drop: Callable[[], None] | None = None,
+        on_refuse: Callable[[], None] | None = None,
     ) -> None:
         self._redis = connection
         # Everything of the XADD but the value: `XADD <stream> MAXLEN ~ N * data <json>`.
@@ -99,6 +137,9 @@ class AuditBuffer:
         ).removesuffix(b"$0\r\n\r\n")
         self._capacity = capacity
         self._on_drop = on_drop
+        self._on_refuse = on_refuse
+        # Places held by calls in progress (Slot), counted with the records against capacity.
+        self._reserved = 0
         # Each record as its JSON: serialized when appended, so a flush is a join and a write
         # rather than a burst of work delaying the calls in flight.
         self._records: deque[bytes] = deque()
@@ -108,23 +149,54 @@ class AuditBuffer:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self.dropped = 0
+        self.refused = 0
         self._id_prefix = secrets.token_hex(8) + "-"
         self._ids = itertools.count(1)
 
     def __len__(self) -> int:
         return len(self._records)
 
+    @property
+    def reserved(self) -> int:
+        """Places held by calls in progress."""
+        return self._reserved
+
+    def reserve(self) -> Slot | None:
+        """A place for the record of a call about to be handled, or None when the buffer cannot
+        promise one (the caller refuses the call: it must not be served unaudited)."""
+        if len(self._records) + self._reserved >= self._capacity:
+            self.refused += 1
+            if self._on_refuse is not None:
+                self._on_refuse()
+            self._warn_full()
+            return None
+        self._reserved += 1
+        return Slot(self)
+
     def append(self, record: dict[str, Any]) -> None:
-        """Queue a record; never blocks, never raises."""
-        if len(self._records) >= self._capacity:
+        """Queue a record no call waits on; never blocks, never raises. When the buffer is full
+        the record is dropped and counted (calls reserve their place instead)."""
+        if len(self._records) + self._reserved >= self._capacity:
             self.dropped += 1
             if self._on_drop is not None:
                 self._on_drop()
-            now = time.monotonic()
-            if now - self._last_warning >= WARN_INTERVAL:
-                self._last_warning = now
-                log.warning("audit_buffer_full", dropped=self.dropped, capacity=self._capacity)
+            self._warn_full()
             return
+        self._queue(record)
+
+    def _warn_full(self) -> None:
+        now = time.monotonic()
+        if now - self._last_warning >= WARN_INTERVAL:
+            self._last_warning = now
+            log.warning(
+                "audit_buffer_full",
+                refused=self.refused,
+                dropped=self.dropped,
+                capacity=self._capacity,
+                reserved=self._reserved,
+            )
+
+    def _queue(self, record: dict[str, Any]) -> None:
         # Its own id, unique across processes: a flush whose replies were lost (the connection
         # dropped after Redis applied some of the XADDs) sends the records again in new
         # entries, and identity keys each row by this id, so a record is stored once.

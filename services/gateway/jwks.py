@@ -81,7 +81,12 @@ class JwksCache:
         if entry is None:
             entry = self._issuers[issuer] = _Issuer(school_id)
         now = time.monotonic()
-        if entry.stale or (not entry.loaded and now - entry.last_attempt >= RETRY_UNLOADED):
+        # A first fetch under way is waited for (its result is this call's too): calls that
+        # came with it are not refused for keys it is about to have.
+        fetching = entry.lock.locked()
+        if entry.stale or (
+            not entry.loaded and (fetching or now - entry.last_attempt >= RETRY_UNLOADED)
+        ):
             await self._refresh(entry, issuer)
         if not entry.loaded:
             raise JwksUnavailable(issuer)

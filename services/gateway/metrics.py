@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
 class GatewayMetrics:
@@ -37,7 +37,20 @@ class GatewayMetrics:
         )
         self.audit_dropped = Counter(
             "gateway_audit_dropped_total",
-            "Audit records dropped because the buffer was full",
+            "Audit records no call waited on, dropped because the buffer was full",
+            registry=registry,
+        )
+        self.audit_refused = Counter(
+            "gateway_audit_refused_total",
+            "Calls refused (503; a tool error for a tool's call within /mcp) because the audit "
+            "buffer could not take their record",
+            registry=registry,
+        )
+        # Read at each scrape (app.py sets its function), nothing per call.
+        self.audit_buffer_used = Gauge(
+            "gateway_audit_buffer_used",
+            "Audit records waiting to be written plus places held by calls in progress; at "
+            "GATEWAY_AUDIT_BUFFER, protected calls are refused",
             registry=registry,
         )
         self.jwks_fetches = Counter(

@@ -33,10 +33,16 @@ _PROTECTED_ANSWERS = {
     # through unchanged.
     "4XX": _json("The upstream service's error; `error` names it"),
     "401": _json("No bearer token, or one not valid here (WWW-Authenticate names the error)"),
-    "403": _json("The token lacks the scope (WWW-Authenticate names it)"),
+    "403": _json(
+        "The token lacks the scope (WWW-Authenticate names it); charged to the client's "
+        "rate limit like any call"
+    ),
     "429": _json("Rate limited; Retry-After says when to try again"),
     "502": _json("The upstream service did not answer"),
-    "503": _json("The gateway cannot check the call right now"),
+    "503": _json(
+        "The gateway cannot check the call, or record it in the audit trail, right now; "
+        "Retry-After says when to try again"
+    ),
     "504": _json("The upstream service took too long"),
 }
 

@@ -1,8 +1,10 @@
 """The revocation mark and the client's rate limit: one Redis round trip, or none.
 
-One Lua script answers, in the contract's order, whether the grant is revoked and, when the
-route's scope held, whether the client may make calls now (sent over the lean pipelined
-connection of resp.py). Without a revocation lease (revocation.py) every call runs it.
+One Lua script answers, in the contract's order, whether the grant is revoked and whether the
+client may make calls now (sent over the lean pipelined connection of resp.py). Without a
+revocation lease (revocation.py) every call runs it. Every call past the revocation check is
+charged, one refused for scope too (contract 13): a token cannot make unlimited refusals, each
+of which the audit trail records; the 403 is still answered before a 429 (contract 6's order).
 
 Under a live lease the gateway's own set answers for revocation, and the script is needed only
 for the rate limit: a call then takes a block of calls from the client's bucket at once and

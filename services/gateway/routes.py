@@ -7,10 +7,12 @@ call that passed them all is forwarded, carrying the verified identity instead o
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import asyncpg
 import structlog
@@ -21,6 +23,7 @@ from libs.common.logging import get_logger
 from libs.common.web import REQUEST_ID_KEY
 from services.gateway import audit, cors, proxy
 from services.gateway.context import GatewayContext, context
+from services.gateway.directory import ClientPolicy
 from services.gateway.jwks import JwksUnavailable
 from services.gateway.resp import RedisReplyError
 from services.gateway.routetable import Route
@@ -60,6 +63,17 @@ def unavailable() -> web.Response:
         503,
         "temporarily_unavailable",
         "The gateway cannot check this call right now.",
+        **{"Retry-After": "1"},
+    )
+
+
+def audit_unavailable() -> web.Response:
+    """The answer to a protected call whose audit record the buffer cannot take: refused, never
+    served unaudited (contract 13; the buffer counts it in gateway_audit_refused_total)."""
+    return _error(
+        503,
+        "temporarily_unavailable",
+        "The gateway cannot record this call in the audit trail right now.",
         **{"Retry-After": "1"},
     )
 
@@ -229,16 +243,47 @@ async def checked_call(
     assert client is not None
     structlog.contextvars.bind_contextvars(client_id=verified.client_id)
 
-    # 5: revoked? The local set answers "yes" without Redis, and "no" under a revocation
-    # lease (revocation.py); otherwise Redis answers, in the rate limiter's round trip.
+    # 5: revoked? The local set answers "yes" without Redis (and so before the audit trail is
+    # asked: a revoked token's 401 is not audited).
     if verified.grant_id in ctx.revoked:
         return _reject(ctx, "revoked", "The access token has been revoked")
+    # From here on the call may be refused with a record (403, 429) or served: its record's
+    # place in the buffer is taken before it is charged or sent upstream, so no call is served
+    # unaudited and one that cannot be recorded is refused (contract 13). An answer that writes
+    # no record (revoked, Redis away) gives the place back.
+    slot = ctx.audit.reserve()
+    if slot is None:
+        return audit_unavailable()
+    try:
+        return await _admitted_call(
+            request, ctx, route, required, verified, client, school_id, host, slot
+        )
+    finally:
+        slot.release()
+
+
+async def _admitted_call(
+    request: web.Request,
+    ctx: GatewayContext,
+    route: Route,
+    required: tuple[str, ...],
+    verified: VerifiedToken,
+    client: ClientPolicy,
+    school_id: int,
+    host: str,
+    slot: audit.Slot,
+) -> web.StreamResponse:
+    """Steps 5-7 and the call upstream, for a call whose audit record has its place."""
+    # 5 again, and 7: a revoked grant is "no" under a revocation lease (revocation.py);
+    # otherwise Redis answers, in the rate limiter's round trip. Every call that gets past
+    # the revocation check is charged, a scope refusal too (contract 13): refusals spend the
+    # client's own budget, so a token cannot make unlimited audited refusals.
     allowed_by_scope, scope_used = verified.satisfying(required)
     try:
         verdict = await ctx.guard.admit(
             ctx.revoked_prefix + verified.grant_id,
             f"{ctx.bucket_prefix}{school_id}:{verified.client_id}",
-            consume=allowed_by_scope,
+            consume=True,
             pace=ctx.pace(client.rate_limit_per_minute),
         )
     except (OSError, RedisReplyError):
@@ -252,7 +297,7 @@ async def checked_call(
 
     origin = cors.origin_of(request)
     fwd = forwarding(request, ctx, host)
-    # 6: scope.
+    # 6: scope, answered before the rate limit (contract 6's order) though charged to it.
     if not allowed_by_scope:
         ctx.metrics.rejections.labels("insufficient_scope").inc()
         needed = " ".join(required)
@@ -262,8 +307,10 @@ async def checked_call(
             "The access token does not hold the scope this call needs",
             scope=needed,
         )
+        # What the refusal left of the client's budget.
+        response.headers.update(verdict.headers())
         cors.grant(response.headers, origin, client.allowed_origins)
-        _audit(ctx, request, verified, fwd, response.status, None)
+        slot.fill(_record(request, verified, fwd, response.status, None))
         return response
     # 7: rate limit.
     if not verdict.allowed:
@@ -276,18 +323,34 @@ async def checked_call(
         )
         response.headers.update(verdict.headers())
         cors.grant(response.headers, origin, client.allowed_origins)
-        _audit(ctx, request, verified, fwd, 429, scope_used)
+        slot.fill(_record(request, verified, fwd, 429, scope_used))
         return response
 
     identity = identity_headers(ctx, request, verified, school_id)
     extra = verdict.headers()
     cors.grant(extra, origin, client.allowed_origins)
     headers = proxy.upstream_request_headers(request, fwd, identity=identity)
-    response = await proxy.forward(
-        request, ctx.upstreams, route.upstream, headers, ctx.metrics, protected=True, extra=extra
-    )
-    _audit(ctx, request, verified, fwd, response.status, scope_used)
-    return response
+    # What aiohttp answers for a handler that raised; a call cancelled midway (the gateway
+    # stopping) had no answer at all, which is what nginx calls 499. Either way the call may
+    # have reached the upstream, so it is recorded.
+    status = 500
+    try:
+        response = await proxy.forward(
+            request,
+            ctx.upstreams,
+            route.upstream,
+            headers,
+            ctx.metrics,
+            protected=True,
+            extra=extra,
+        )
+        status = response.status
+        return response
+    except asyncio.CancelledError:
+        status = 499
+        raise
+    finally:
+        slot.fill(_record(request, verified, fwd, status, scope_used))
 
 
 def identity_headers(
@@ -306,25 +369,22 @@ def identity_headers(
     }
 
 
-def _audit(
-    ctx: GatewayContext,
+def _record(
     request: web.Request,
     verified: VerifiedToken,
     fwd: proxy.Forwarding,
     status: int,
     scope: str | None,
-) -> None:
-    ctx.audit.append(
-        audit.api_call(
-            school_id=verified.school_id,
-            client_id=verified.client_id,
-            subject=verified.subject,
-            grant_id=verified.grant_id,
-            method=request.method,
-            path=request.path,
-            status=status,
-            scope=scope,
-            ip=fwd.client_ip,
-            request_id=request[REQUEST_ID_KEY],
-        )
+) -> dict[str, Any]:
+    return audit.api_call(
+        school_id=verified.school_id,
+        client_id=verified.client_id,
+        subject=verified.subject,
+        grant_id=verified.grant_id,
+        method=request.method,
+        path=request.path,
+        status=status,
+        scope=scope,
+        ip=fwd.client_ip,
+        request_id=request[REQUEST_ID_KEY],
     )

@@ -5,7 +5,9 @@ Steps 1-4 are validation.py's TokenVerifier, demanding the MCP resource as `aud`
 platform as `iss`; the token's own `school_id` is the school (contract 6: platform-level MCP
 calls use the token's school). Steps 5 and 7 are the same Redis round trip as every protected
 call (revocation mark and the client's rate limit at that school). Step 6, the scope, is per
-tool (tools.py), not per HTTP call.
+tool (tools.py), not per HTTP call. As for every protected call, the /mcp call's audit record
+has its place in the buffer before the call is charged or served (audit.py: a call that cannot
+be recorded is refused, 503), and each school API call a tool makes takes one of its own.
 
 A token a school issued is refused even when its `aud` names this resource: the metadata
 names the platform as the one authorization server of this resource, and a resource that
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 import structlog
@@ -30,7 +33,9 @@ from libs.common.errors import bearer_error, json_response
 from libs.common.logging import get_logger
 from libs.common.web import REQUEST_ID_KEY
 from services.gateway import audit, proxy, routes
+from services.gateway.audit import Slot
 from services.gateway.context import GatewayContext
+from services.gateway.directory import ClientPolicy
 from services.gateway.jwks import JwksUnavailable
 from services.gateway.mcp import metadata
 from services.gateway.resp import RedisReplyError
@@ -56,25 +61,34 @@ class Caller:
     upstream_headers: CIMultiDict[str]
     client_ip: str | None
     request_id: str
+    # The place of the /mcp call's own record, taken before it was charged (audit.py).
+    slot: Slot
 
     def holds(self, any_of: tuple[str, ...]) -> tuple[bool, str | None]:
         return self.token.satisfying(any_of)
 
-    def audit(self, method: str, path: str, status: int, scope: str | None) -> None:
-        self.ctx.audit.append(
-            audit.api_call(
-                school_id=self.token.school_id,
-                client_id=self.token.client_id,
-                subject=self.token.subject,
-                grant_id=self.token.grant_id,
-                method=method,
-                path=path,
-                status=status,
-                scope=scope,
-                ip=self.client_ip,
-                request_id=self.request_id,
-            )
+    def record(self, method: str, path: str, status: int, scope: str | None) -> dict[str, Any]:
+        return audit.api_call(
+            school_id=self.token.school_id,
+            client_id=self.token.client_id,
+            subject=self.token.subject,
+            grant_id=self.token.grant_id,
+            method=method,
+            path=path,
+            status=status,
+            scope=scope,
+            ip=self.client_ip,
+            request_id=self.request_id,
         )
+
+    def audit(self, method: str, path: str, status: int, scope: str | None) -> None:
+        """The /mcp call's own record, in its place (once per call)."""
+        self.slot.fill(self.record(method, path, status, scope))
+
+    def reserve(self) -> Slot | None:
+        """A place for the record of one more call on this caller's behalf (a tool's school API
+        call, a tool refused for scope); None when the buffer cannot take it."""
+        return self.ctx.audit.reserve()
 
 
 class McpTokenVerifier:
@@ -156,6 +170,29 @@ async def authenticate(
     structlog.contextvars.bind_contextvars(school=verified.school_id, client_id=verified.client_id)
     if verified.grant_id in ctx.revoked:
         return unauthorized(ctx, "revoked", "The access token has been revoked")
+    # Before the call is charged or served, its record has a place (a call that cannot be
+    # recorded is refused); an answer with no record to write gives it back.
+    slot = ctx.audit.reserve()
+    if slot is None:
+        return routes.audit_unavailable()
+    admitted: Caller | web.Response | None = None
+    try:
+        admitted = await _admitted(request, ctx, verified, client, host, slot)
+        return admitted
+    finally:
+        if not isinstance(admitted, Caller):
+            slot.release()  # nothing once a 429 filled it
+
+
+async def _admitted(
+    request: web.Request,
+    ctx: GatewayContext,
+    verified: VerifiedToken,
+    client: ClientPolicy,
+    host: str,
+    slot: Slot,
+) -> Caller | web.Response:
+    """Steps 5 and 7 of a call whose record has its place: the Caller, or the refusal."""
     try:
         verdict = await ctx.guard.admit(
             ctx.revoked_prefix + verified.grant_id,
@@ -179,6 +216,7 @@ async def authenticate(
         upstream_headers=_upstream_headers(request, ctx, verified, fwd),
         client_ip=fwd.client_ip,
         request_id=request[REQUEST_ID_KEY],
+        slot=slot,
     )
     if not verdict.allowed:
         ctx.metrics.rejections.labels("rate_limited").inc()

@@ -3,6 +3,7 @@ the identity headers a protected call carries, each call audited like one made d
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,6 +19,11 @@ from services.gateway.mcp.auth import Caller
 log = get_logger(__name__)
 
 UPSTREAM = "school_api"
+# A tool's answer when its call cannot be recorded: like a protected call's 503, not served.
+UNRECORDABLE = (
+    "temporarily_unavailable: the gateway cannot record this call in the audit trail right "
+    "now; retry shortly."
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +54,12 @@ async def call(
         data = orjson.dumps(body)
         headers["Content-Type"] = "application/json"
     url = URL(ctx.upstreams.urls[UPSTREAM] + path).with_query(query or {})
+    # Its record's place first: a call that cannot be recorded is not made.
+    slot = caller.reserve()
+    if slot is None:
+        raise Unreachable(UNRECORDABLE)
+    # Recorded however it ends: 500 (what aiohttp answers) if it raised, 499 if cancelled.
+    status = 500
     started = time.perf_counter()
     try:
         async with ctx.upstreams.session(UPSTREAM).request(
@@ -57,16 +69,20 @@ async def call(
             raw = await resp.read()
             status = resp.status
     except TimeoutError:
+        status = 504
         ctx.metrics.upstream_errors.labels(UPSTREAM, "timeout").inc()
         log.warning("upstream_timeout", upstream=UPSTREAM)
-        caller.audit(method, path, 504, scope)
         raise Unreachable("The school API took too long to answer.") from None
     except aiohttp.ClientError as exc:
+        status = 502
         ctx.metrics.upstream_errors.labels(UPSTREAM, "connect").inc()
         log.warning("upstream_failed", upstream=UPSTREAM, error=type(exc).__name__)
-        caller.audit(method, path, 502, scope)
         raise Unreachable("The school API did not answer.") from None
-    caller.audit(method, path, status, scope)
+    except asyncio.CancelledError:
+        status = 499
+        raise
+    finally:
+        slot.fill(caller.record(method, path, status, scope))
     try:
         decoded = orjson.loads(raw) if raw else None
     except orjson.JSONDecodeError:

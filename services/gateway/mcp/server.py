@@ -123,16 +123,34 @@ class Endpoint:
         response: web.StreamResponse
         if isinstance(caller, web.StreamResponse):
             response = caller
-        elif (refusal := await _step_up(request, caller)) is not None:
-            response = refusal
         else:
-            response = await asgi.serve(self.manager.handle_request, request, {CALLER_KEY: caller})
-            # The protected call itself, whatever it asked (initialize and tools/list reach no
-            # school API, so nothing else would record them); a tool's school API calls add
-            # their own records.
-            caller.audit("POST", metadata.PATH, response.status, None)
+            try:
+                response = await self._serve(request, caller)
+            finally:
+                # A call that ended in an exception before its record was written (the
+                # request's body unreadable) gives its place back.
+                caller.slot.release()
         ctx.metrics.call(metadata.PATH, response.status)
         return response
+
+    async def _serve(self, request: web.Request, caller: auth.Caller) -> web.StreamResponse:
+        refusal = await _step_up(request, caller)
+        if refusal is not None:
+            return refusal
+        # The protected call itself, whatever it asked (initialize and tools/list reach no
+        # school API, so nothing else would record them); a tool's school API calls add their
+        # own records. Recorded however it ends: its tools may have acted. 500 is what aiohttp
+        # answers for a handler that raised; a call cancelled midway had no answer (499).
+        status = 500
+        try:
+            response = await asgi.serve(self.manager.handle_request, request, {CALLER_KEY: caller})
+            status = response.status
+            return response
+        except asyncio.CancelledError:
+            status = 499
+            raise
+        finally:
+            caller.audit("POST", metadata.PATH, status, None)
 
 
 async def _step_up(request: web.Request, caller: auth.Caller) -> web.Response | None:

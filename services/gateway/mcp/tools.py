@@ -498,8 +498,12 @@ async def run(caller: Caller, name: str, arguments: Mapping[str, Any]) -> types.
     allowed, scope_used = caller.holds(tool.scopes)
     if not allowed:
         needed = " or ".join(tool.scopes)
+        # The /mcp call's own record is its answer's; this refusal within it has one more.
+        slot = caller.reserve()
+        if slot is None:
+            return _error(schoolapi.UNRECORDABLE)
         caller.ctx.metrics.rejections.labels("insufficient_scope").inc()
-        caller.audit("POST", f"/mcp/tools/{tool.name}", 403, None)
+        slot.fill(caller.record("POST", f"/mcp/tools/{tool.name}", 403, None))
         return _error(
             f"insufficient_scope: {tool.name} needs the scope {needed}, which this token was "
             "not granted. Authorize again asking for it.",
