@@ -2,8 +2,8 @@
 at-least-once dispatch from `connect:events`, Standard Webhooks signatures, delivery from the
 fixed egress address, retries, the dead-letter list, the delivery log, SSRF guards.
 
-- `app` wires the process; `routes` the public API, `admin_api` the school admin's internal one;
-  `subscriptions` their rules; `openapi` the document.
+- `app` wires the process; `routes` serves the public API, whose rules are `subscriptions`;
+  `admin_api` the school admin's internal API; `openapi` the document.
 - `dispatcher`: `connect:events` to pending deliveries; follows `connect:revocations`.
 - `delivery/`: the sender, one attempt, the retry policy, the egress session.
 - `store/`: every SQL statement, one module per aggregate.

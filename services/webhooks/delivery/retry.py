@@ -2,8 +2,9 @@
 
 An attempt that got a 2xx is delivered; a 410 Gone is final and disables the subscription; any
 other failure is retried after the next wait of WEBHOOK_RETRY_SCHEDULE, stretched to the
-receiver's Retry-After (RFC 9110 10.2.3, on 429 and 503) up to WEBHOOK_RETRY_AFTER_MAX, and is
-dead-lettered once the schedule is spent. A manual retry gets one attempt.
+receiver's Retry-After (RFC 9110 10.2.3, on 429 and 503) up to
+WEBHOOK_RETRY_AFTER_MAX_SECONDS, and dead-lettered once the schedule is spent. A manual retry
+gets one attempt.
 """
 
 from __future__ import annotations

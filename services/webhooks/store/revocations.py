@@ -1,6 +1,7 @@
-"""Revoked grants (`webhooks.revoked_grants`): remembered once announced, so nothing of theirs
-is subscribed or delivered again; a per-grant advisory lock orders a subscription change
-against a revocation of its grant.
+"""Revoked grants (`webhooks.revoked_grants`), remembered as they are announced (or found
+marked before the announcement came), so nothing of theirs is subscribed or delivered again:
+revoking disables their subscriptions and cancels what they had pending. A per-grant advisory
+lock orders a subscription change against a revocation of its grant.
 """
 
 from __future__ import annotations
