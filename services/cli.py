@@ -289,7 +289,7 @@ def _serve(part: str, settings: Settings, port: int | None) -> None:
         listen = port or settings.ports.school_api
     elif part == "webhooks":
         from services.webhooks.app import create_app as create_webhooks
-        from services.webhooks.delivery import check_egress
+        from services.webhooks.delivery.egress import check_egress
 
         try:
             check_egress(settings)

@@ -57,9 +57,9 @@ from tests.test_webhooks import (
 pytestmark = pytest.mark.timeout(120)
 
 # The delivery timeout of the processes started here. A sender leases a delivery for twice
-# the timeout, at least LEASE_MIN (services/webhooks/delivery.py), and renews the lease while
-# it lives: a delivery cut short by SIGKILL is claimed again when the dead sender's last
-# lease runs out.
+# the timeout, at least LEASE_MIN (services/webhooks/delivery/sender.py), and renews the
+# lease while it lives: a delivery cut short by SIGKILL is claimed again when the dead
+# sender's last lease runs out.
 DELIVERY_TIMEOUT = 1.0
 
 

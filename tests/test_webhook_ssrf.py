@@ -27,7 +27,9 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 
 from libs.common import db, streams
 from libs.common.config import load_settings
-from services.webhooks import delivery, ssrf
+from services.webhooks import ssrf
+from services.webhooks.delivery import egress
+from services.webhooks.delivery.attempt import post
 from tests.support import ExampleResolver, free_port, running
 from tests.test_webhooks import Api, Caller, eventually, new_school, publish
 
@@ -309,9 +311,9 @@ def _settings(**extra: str) -> Any:
 
 async def test_a_connection_to_a_forbidden_peer_carries_no_request(receiver: Receiver) -> None:
     """The session's connector judges the socket's peer however the request got there; here
-    a request made on the session directly, past every check `delivery.post` makes first."""
+    a request made on the session directly, past every check `attempt.post` makes first."""
     resolver = ssrf.GuardedResolver(STRICT)
-    async with delivery.make_session(_settings(), resolver) as session:
+    async with egress.make_session(_settings(), resolver) as session:
         for host in ("127.0.0.1", "127。0。0。1", "[::ffff:127.0.0.1]"):
             url = f"http://{host}:{receiver.port}/peer"
             with pytest.raises(aiohttp.ClientConnectorError) as caught:
@@ -323,11 +325,11 @@ async def test_a_connection_to_a_forbidden_peer_carries_no_request(receiver: Rec
 
 
 async def test_delivery_post_refuses_every_folded_spelling(receiver: Receiver) -> None:
-    """`delivery.post` refuses before connecting: the folded literal, legacy forms the
+    """`attempt.post` refuses before connecting: the folded literal, legacy forms the
     connector would refuse, names that resolve to loopback; nothing reaches the receiver."""
     resolver = ssrf.GuardedResolver(STRICT)
     port = receiver.port
-    async with delivery.make_session(_settings(), resolver) as session:
+    async with egress.make_session(_settings(), resolver) as session:
         for url in (
             f"http://127。0。0。1:{port}/x",
             f"http://①②⑦.0.0.1:{port}/x",
@@ -339,14 +341,14 @@ async def test_delivery_post_refuses_every_folded_spelling(receiver: Receiver) -
             f"http://LocalHost:{port}/x",
             f"http://ｌｏｃａｌｈｏｓｔ:{port}/x",
         ):
-            result = await delivery.post(
+            result = await post(
                 session, url, b"{}", {}, timeout=2, policy=STRICT, resolver=resolver
             )
             assert result.status is None, url
             assert "refused" in (result.error or ""), (url, result)
     # And without the session's own guard, the check before connecting holds alone.
     async with aiohttp.ClientSession() as plain:
-        result = await delivery.post(
+        result = await post(
             plain, f"http://127。0。0。1:{port}/x", b"{}", {}, timeout=2, policy=STRICT,
             resolver=resolver,
         )  # fmt: skip
@@ -388,9 +390,9 @@ async def test_the_egress_proxy_is_exempt_and_the_target_is_still_pinned(
     seen, port = proxy
     proxy_url = f"http://localhost:{port}"
     settings = _settings(WEBHOOK_EGRESS_PROXY=proxy_url)
-    resolver = delivery.make_resolver(settings, STRICT, ExampleResolver())
-    async with delivery.make_session(settings, resolver) as session:
-        result = await delivery.post(
+    resolver = egress.make_resolver(settings, STRICT, ExampleResolver())
+    async with egress.make_session(settings, resolver) as session:
+        result = await post(
             session, "http://hooks.example.com/in", b"{}", {}, timeout=3, policy=STRICT,
             resolver=resolver, proxy=proxy_url,
         )  # fmt: skip
@@ -405,14 +407,14 @@ async def test_the_egress_proxy_is_exempt_and_the_target_is_still_pinned(
             f"http://ｌｏｃａｌｈｏｓｔ:{receiver.port}/x",
             f"http://127。0。0。1:{receiver.port}/x",
         ):
-            result = await delivery.post(
+            result = await post(
                 session, url, b"{}", {}, timeout=3, policy=STRICT, resolver=resolver,
                 proxy=proxy_url,
             )  # fmt: skip
             assert result.status is None, (url, result)
             assert "refused" in (result.error or ""), (url, result)
         # A name that resolves nowhere is a failed attempt, not an error out of post().
-        result = await delivery.post(
+        result = await post(
             session, "http://no-such-host.invalid/x", b"{}", {}, timeout=3, policy=STRICT,
             resolver=resolver, proxy=proxy_url,
         )  # fmt: skip

@@ -32,8 +32,9 @@ from standardwebhooks import Webhook
 
 from libs.common import db, streams, tasks
 from libs.common.config import ConfigError, Settings, load_settings
-from services.webhooks import delivery, dispatcher, signing, ssrf
+from services.webhooks import dispatcher, signing, ssrf
 from services.webhooks.context import WebhooksContext
+from services.webhooks.delivery import attempt, egress
 from services.webhooks.metrics import WebhookMetrics
 from tests.support import ExampleResolver, free_port, running, wait_for_port
 
@@ -1005,8 +1006,8 @@ async def test_delivery_refuses_a_name_that_resolves_to_a_forbidden_address(
         await resolver.resolve("localhost", port)
 
     settings = load_settings(_local())
-    async with delivery.make_session(settings, resolver) as session:
-        result = await delivery.post(
+    async with egress.make_session(settings, resolver) as session:
+        result = await attempt.post(
             session,
             f"http://localhost:{port}/hooks",
             b"{}",
@@ -1017,7 +1018,7 @@ async def test_delivery_refuses_a_name_that_resolves_to_a_forbidden_address(
         )
         assert result.status is None
         assert "loopback" in (result.error or "")
-        literal = await delivery.post(
+        literal = await attempt.post(
             session,
             f"http://127.0.0.1:{port}/hooks",
             b"{}",
@@ -1067,10 +1068,10 @@ async def test_through_the_egress_proxy_the_checked_address_is_pinned(receivers:
     proxy_url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
     policy = ssrf.AddressPolicy(allow_loopback=True)
     settings = load_settings({**_local(), "WEBHOOK_EGRESS_PROXY": proxy_url})
-    resolver = delivery.make_resolver(settings, policy)
+    resolver = egress.make_resolver(settings, policy)
     try:
-        async with delivery.make_session(settings, resolver) as session:
-            result = await delivery.post(
+        async with egress.make_session(settings, resolver) as session:
+            result = await attempt.post(
                 session,
                 f"http://localhost:{port}/hooks",
                 b'{"a":1}',
@@ -1210,5 +1211,5 @@ def test_bad_webhook_configuration_names_its_variable(variable: str, value: str)
 def test_an_egress_address_that_is_not_ours_stops_the_start() -> None:
     env = {**_production(), "WEBHOOK_EGRESS_IP": "192.0.2.77"}
     with pytest.raises(ConfigError) as caught:
-        delivery.check_egress(load_settings(env))
+        egress.check_egress(load_settings(env))
     assert caught.value.variable == "WEBHOOK_EGRESS_IP"

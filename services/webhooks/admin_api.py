@@ -23,8 +23,14 @@ from aiohttp import web
 
 from libs.common.errors import json_response
 from libs.common.web import Handler
-from services.webhooks import store, subscriptions
+from services.webhooks import subscriptions
 from services.webhooks.context import context
+from services.webhooks.store import admin as admin_store
+from services.webhooks.store import deliveries as delivery_store
+from services.webhooks.store import queue as queue_store
+from services.webhooks.store import revocations as revocation_store
+from services.webhooks.store.admin import SchoolSubscription
+from services.webhooks.store.deliveries import Delivery
 from services.webhooks.subscriptions import ApiError
 
 PREFIX = "/internal/v1/schools/{school_id}/webhooks"
@@ -71,7 +77,7 @@ def internal(handler: Handler) -> Handler:
     return checked
 
 
-def present(found: store.SchoolSubscription) -> dict[str, Any]:
+def present(found: SchoolSubscription) -> dict[str, Any]:
     sub = found.subscription
     return {
         **subscriptions.present(sub),
@@ -83,7 +89,7 @@ def present(found: store.SchoolSubscription) -> dict[str, Any]:
     }
 
 
-def present_delivery(d: store.Delivery) -> dict[str, Any]:
+def present_delivery(d: Delivery) -> dict[str, Any]:
     return {**subscriptions.present_delivery(d), "dead_lettered": d.status == "dead"}
 
 
@@ -91,8 +97,8 @@ def _id(request: web.Request) -> UUID:
     return subscriptions.parse_id(request.match_info["id"])
 
 
-async def _subscription_of_school(request: web.Request) -> store.SchoolSubscription:
-    found = await store.school_subscription(
+async def _subscription_of_school(request: web.Request) -> SchoolSubscription:
+    found = await admin_store.school_subscription(
         context(request).pool, request[SCHOOL], _id(request), recent_seconds=RECENT_SECONDS
     )
     if found is None:
@@ -106,7 +112,7 @@ async def _subscription_of_school(request: web.Request) -> store.SchoolSubscript
 @internal
 async def list_webhooks(request: web.Request) -> web.Response:
     limit = subscriptions.parse_limit(request.query.get("limit"))
-    found = await store.school_subscriptions(
+    found = await admin_store.school_subscriptions(
         context(request).pool,
         request[SCHOOL],
         recent_seconds=RECENT_SECONDS,
@@ -140,7 +146,7 @@ async def list_deliveries(request: web.Request) -> web.Response:
             field="status",
         )
     limit = subscriptions.parse_limit(request.query.get("limit"))
-    rows = await store.list_deliveries(
+    rows = await delivery_store.list_deliveries(
         context(request).pool,
         found.subscription.id,
         status=status,
@@ -169,14 +175,14 @@ async def retry_delivery(request: web.Request) -> web.Response:
     delivery_id = subscriptions.parse_id(request.match_info["delivery_id"], "delivery")
     if not sub.active:
         raise ApiError(409, "webhook_disabled", "This webhook is disabled; enable it first.")
-    was = await store.retry_delivery(ctx.pool, sub.id, delivery_id, only_status="dead")
+    was = await delivery_store.retry_delivery(ctx.pool, sub.id, delivery_id, only_status="dead")
     if was is None:
-        if await store.get_delivery(ctx.pool, sub.id, delivery_id) is None:
+        if await delivery_store.get_delivery(ctx.pool, sub.id, delivery_id) is None:
             raise ApiError(404, "not_found", "No such delivery of this webhook.")
         raise ApiError(409, "not_dead_lettered", "Only dead-lettered deliveries can be retried.")
     ctx.due.set()
-    await store.notify_due(ctx.pool)
-    retried = await store.get_delivery(ctx.pool, sub.id, delivery_id)
+    await queue_store.notify_due(ctx.pool)
+    retried = await delivery_store.get_delivery(ctx.pool, sub.id, delivery_id)
     if retried is None:  # the webhook was deleted in between
         raise ApiError(404, "not_found", "No such delivery of this webhook.")
     return json_response(present_delivery(retried), status=202, headers=_NO_STORE)
@@ -185,7 +191,7 @@ async def retry_delivery(request: web.Request) -> web.Response:
 @internal
 async def disable(request: web.Request) -> web.Response:
     ctx = context(request)
-    if await store.admin_disable(ctx.pool, request[SCHOOL], _id(request)) is None:
+    if await admin_store.admin_disable(ctx.pool, request[SCHOOL], _id(request)) is None:
         raise ApiError(404, "not_found", "No such webhook at this school.")
     return json_response(present(await _subscription_of_school(request)), headers=_NO_STORE)
 
@@ -197,7 +203,7 @@ async def enable(request: web.Request) -> web.Response:
     async with ctx.pool.acquire() as conn, conn.transaction():
         # Under the grant's lock, as revocations are applied: one landing now either is seen
         # here or finds the subscription enabled and disables it.
-        if await store.lock_grant(conn, current.grant_id):
+        if await revocation_store.lock_grant(conn, current.grant_id):
             raise ApiError(
                 409,
                 "grant_revoked",
@@ -210,7 +216,7 @@ async def enable(request: web.Request) -> web.Response:
                 "disabled_by_app",
                 "The app turned this webhook off itself; only the app can turn it on again.",
             )
-        updated = await store.admin_enable(
+        updated = await admin_store.admin_enable(
             conn, request[SCHOOL], current.id, refused_reasons=NOT_ADMIN_ENABLEABLE
         )
     if updated is None:

@@ -20,10 +20,15 @@ from libs.common import db, streams, tasks
 from libs.common.config import Settings
 from libs.common.logging import get_logger
 from libs.common.web import METRICS, READINESS, base_application, json_http_errors
-from services.webhooks import delivery, dispatcher, routes, store
+from services.webhooks import dispatcher, routes
 from services.webhooks.context import CONTEXT, WebhooksContext
+from services.webhooks.delivery import egress
+from services.webhooks.delivery.sender import Sender
 from services.webhooks.metrics import WebhookMetrics
 from services.webhooks.ssrf import AddressPolicy
+from services.webhooks.store import events as event_store
+from services.webhooks.store import outcomes as outcome_store
+from services.webhooks.store import queue as queue_store
 
 log = get_logger(__name__)
 
@@ -50,13 +55,15 @@ async def _housekeeping(ctx: WebhooksContext) -> None:
     tick = 0
     while True:
         try:
-            due, pending = await store.queue_depth(ctx.pool)
+            due, pending = await queue_store.queue_depth(ctx.pool)
             ctx.metrics.queue_due.set(due)
             ctx.metrics.queue_pending.set(pending)
             if tick % 6 == 0:
-                await dispatcher.announce(ctx, await store.unannounced_disabled(ctx.pool))
+                await dispatcher.announce(ctx, await outcome_store.unannounced_disabled(ctx.pool))
             if tick % 720 == 0:
-                purged = await store.purge_events(ctx.pool, older_than_seconds=RETENTION_SECONDS)
+                purged = await event_store.purge_events(
+                    ctx.pool, older_than_seconds=RETENTION_SECONDS
+                )
                 if purged:
                     log.info("events_purged", count=purged)
         except (OSError, asyncpg.PostgresError, RedisError):
@@ -70,7 +77,7 @@ def _resources(
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         if workers:
-            delivery.check_egress(settings)
+            egress.check_egress(settings)
         pool: asyncpg.Pool = await db.create_pool(
             settings.database_url, min_size=settings.db_pool_min, max_size=settings.db_pool_max
         )
@@ -94,13 +101,13 @@ def _resources(
         app[READINESS]["postgresql"] = postgres_ready
         app[READINESS]["redis"] = redis_ready
 
-        sender: delivery.Sender | None = None
+        sender: Sender | None = None
         background: list[asyncio.Task[None]] = []
         if workers:
             if not (settings.webhooks.egress_ip or settings.webhooks.egress_proxy):
                 log.warning("no_egress_configured", hint="set WEBHOOK_EGRESS_IP or _PROXY")
             consumer = dispatcher.consumer_name()
-            sender = delivery.Sender(context, consumer)
+            sender = Sender(context, consumer)
             await sender.start()
             background = [
                 asyncio.create_task(dispatcher.run(context, consumer), name="webhooks-dispatch"),

@@ -32,6 +32,11 @@ from libs.common import streams
 from libs.common.logging import get_logger
 from services.webhooks import event_types, store
 from services.webhooks.context import WebhooksContext
+from services.webhooks.store import events as event_store
+from services.webhooks.store import outcomes as outcome_store
+from services.webhooks.store import revocations as revocation_store
+from services.webhooks.store.events import EventRow
+from services.webhooks.store.outcomes import Disabled
 
 log = get_logger(__name__)
 
@@ -48,7 +53,7 @@ def consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
 
 
-def to_event(entry: streams.Entry) -> store.EventRow | None:
+def to_event(entry: streams.Entry) -> EventRow | None:
     """The delivery body of a stream entry, or None when the entry is malformed."""
     d = entry.data
     kind = d.get("type")
@@ -85,7 +90,7 @@ def to_event(entry: streams.Entry) -> store.EventRow | None:
             "data": d.get("data", {}),
         }
     )
-    return store.EventRow(
+    return EventRow(
         id=event_id,
         school_id=school_id,
         type=kind,
@@ -98,7 +103,7 @@ def to_event(entry: streams.Entry) -> store.EventRow | None:
 async def handle(ctx: WebhooksContext, entries: Sequence[streams.Entry]) -> int:
     """Record the deliveries of a batch durably, then acknowledge it; returns how many
     deliveries were made. Raises (leaving the batch unacknowledged) when PostgreSQL fails."""
-    rows: list[store.EventRow] = []
+    rows: list[EventRow] = []
     for entry in entries:
         row = to_event(entry)
         if row is None:
@@ -107,14 +112,14 @@ async def handle(ctx: WebhooksContext, entries: Sequence[streams.Entry]) -> int:
         else:
             rows.append(row)
     try:
-        made = await store.record_deliveries(ctx.pool, rows)
+        made = await event_store.record_deliveries(ctx.pool, rows)
     except store.PERMANENT_ERRORS:
         # One entry PostgreSQL refuses must not hold up the stream: record them one by one
         # and set aside the ones refused.
         made = 0
         for row in rows:
             try:
-                made += await store.record_deliveries(ctx.pool, [row])
+                made += await event_store.record_deliveries(ctx.pool, [row])
             except store.PERMANENT_ERRORS as exc:
                 ctx.metrics.events.labels("rejected").inc()
                 log.error("event_rejected", stream_id=row.stream_id, reason=str(exc))
@@ -211,7 +216,7 @@ async def handle_revocations(ctx: WebhooksContext, entries: Sequence[streams.Ent
             log.warning("revocation_rejected", stream_id=entry.id)
             continue
         grants.append((grant_id, str(entry.data.get("reason") or "")))
-    disabled = await store.revoke_grants(ctx.pool, grants)
+    disabled = await revocation_store.revoke_grants(ctx.pool, grants)
     if disabled:
         ctx.metrics.disabled.labels("grant_revoked").inc(len(disabled))
         log.info("subscriptions_disabled", reason="grant_revoked", count=len(disabled))
@@ -235,7 +240,7 @@ async def follow_revocations(ctx: WebhooksContext, consumer: str | None = None) 
 # endpoint.disabled
 
 
-def disabled_event(d: store.Disabled) -> dict[str, Any]:
+def disabled_event(d: Disabled) -> dict[str, Any]:
     when = d.disabled_at.astimezone(UTC).isoformat().replace("+00:00", "Z")
     return {
         "id": str(uuid.uuid5(_ANNOUNCE_NAMESPACE, f"{d.subscription_id}:{when}")),
@@ -249,7 +254,7 @@ def disabled_event(d: store.Disabled) -> dict[str, Any]:
     }  # fmt: skip
 
 
-async def announce(ctx: WebhooksContext, disabled: Sequence[store.Disabled]) -> None:
+async def announce(ctx: WebhooksContext, disabled: Sequence[Disabled]) -> None:
     """Append endpoint.disabled for each, then remember they were announced. A crash in
     between announces again later (same event id, so one delivery per endpoint)."""
     if not disabled:
@@ -257,7 +262,7 @@ async def announce(ctx: WebhooksContext, disabled: Sequence[store.Disabled]) -> 
     await streams.append_many(
         ctx.redis, ctx.settings.stream(streams.EVENTS), [disabled_event(d) for d in disabled]
     )
-    await store.mark_announced(ctx.pool, disabled)
+    await outcome_store.mark_announced(ctx.pool, disabled)
     for d in disabled:
         log.warning(
             "subscription_disabled",

@@ -106,7 +106,7 @@ def check_subscribable(patterns: Iterable[str], granted: Iterable[str]) -> None:
 
 
 def matches(pattern: str, event_type: str) -> bool:
-    """The dispatcher's rule, in Python (the SQL in store.py applies the same one)."""
+    """The dispatcher's rule, in Python (the SQL in store/events.py applies the same one)."""
     if pattern.endswith(".*"):
         return event_type.split(".", 1)[0] == pattern[:-2]
     return pattern == event_type

@@ -155,176 +155,183 @@ _SCHEMAS: dict[str, Any] = {
     },
 }
 
+_ERROR = _json(_ref("Error"), "Error")
+_ERRORS = {
+    "401": _json(_ref("Error"), "Not called through the gateway"),
+    "404": _json(_ref("Error"), "No such webhook for this client and school"),
+}
+_NOT_JSON = {"400": _json(_ref("Error"), "The body is not JSON")}
+_BAD_QUERY = {"422": _json(_ref("Error"), "A query parameter is out of range; `field` names it")}
+_OBJECT = {"type": "object"}
+
+
+_INFO: dict[str, Any] = {
+    "title": "Loopwise Connect webhooks",
+    "version": "1",
+    "description": "Webhook subscriptions and their delivery log. `/api/v1/webhooks` "
+    "is reached through the gateway with a user's access token; each event type "
+    "needs the scope that gates it (GET /v1/webhooks/event-types).",
+}
+
+
+_PATHS: dict[str, Any] = {
+    "/api/v1/webhooks": {
+        "post": {
+            "summary": "Subscribe a URL to event types",
+            "requestBody": {
+                "content": {
+                    "application/json": {
+                        "schema": _ref("WebhookInput"),
+                        "example": {
+                            "url": "https://hooks.partner.example/loopwise",
+                            "event_types": ["course.updated", "member.*"],
+                        },
+                    }
+                }
+            },
+            "responses": {
+                "201": _json(_ref("WebhookWithSecret"), "Created; the secret is shown once"),
+                "403": _json(_ref("Error"), "insufficient_scope: the grant lacks `scope`"),
+                "409": _ERROR,
+                "422": _ERROR,
+                **_NOT_JSON,
+                **_ERRORS,
+            },
+        },
+        "get": {
+            "summary": "This client's webhooks at this school",
+            "parameters": _PAGING,
+            "responses": {
+                "200": _json(_page("Webhook"), "A page"),
+                **_BAD_QUERY,
+                **_ERRORS,
+            },
+        },
+    },
+    "/api/v1/webhooks/{id}": {
+        "parameters": [_ID],
+        "get": {"responses": {"200": _json(_ref("Webhook"), "The webhook"), **_ERRORS}},
+        "patch": {
+            "requestBody": {"content": {"application/json": {"schema": _ref("WebhookPatch")}}},
+            "responses": {
+                "200": _json(_ref("Webhook"), "Changed"),
+                "403": _ERROR,
+                "409": _json(
+                    _ref("Error"),
+                    "disabled_by_admin: only the school's admin can enable it again",
+                ),
+                "422": _ERROR,
+                **_NOT_JSON,
+                **_ERRORS,
+            },
+        },
+        "delete": {"responses": {"204": {"description": "Deleted"}, **_ERRORS}},
+    },
+    "/api/v1/webhooks/{id}/rotate-secret": {
+        "parameters": [_ID],
+        "post": {
+            "summary": "A new secret, shown once; the old one signs too until "
+            "previous_secret_expires_at",
+            "responses": {
+                "200": _json(_OBJECT, "id, secret, previous_secret_expires_at"),
+                **_ERRORS,
+            },
+        },
+    },
+    "/api/v1/webhooks/{id}/deliveries": {
+        "parameters": [_ID],
+        "get": {
+            "summary": "Deliveries, newest first, each with every attempt; "
+            "status=dead is the dead-letter list",
+            "parameters": [
+                *_PAGING,
+                {
+                    "name": "status",
+                    "in": "query",
+                    "schema": {"enum": ["pending", "delivered", "dead", "cancelled"]},
+                },
+            ],
+            "responses": {
+                "200": _json(_page("Delivery"), "A page"),
+                **_BAD_QUERY,
+                **_ERRORS,
+            },
+        },
+    },
+    "/api/v1/webhooks/{id}/deliveries/{delivery_id}": {
+        "parameters": [_ID, _DELIVERY_ID],
+        "get": {"responses": {"200": _json(_ref("Delivery"), "The delivery"), **_ERRORS}},
+    },
+    "/api/v1/webhooks/{id}/deliveries/{delivery_id}/retry": {
+        "parameters": [_ID, _DELIVERY_ID],
+        "post": {
+            "summary": "Send again now (dead-lettered ones included)",
+            "responses": {
+                "202": _json(_ref("Delivery"), "Queued"),
+                "409": _json(_ref("Error"), "The webhook is disabled"),
+                **_ERRORS,
+            },
+        },
+    },
+    "/v1/webhooks/event-types": {
+        "get": {
+            "summary": "Every event type and the scope(s) that gate it",
+            "responses": {"200": _json(_OBJECT, "The table")},
+        }
+    },
+    "/v1/webhooks/egress-ips": {
+        "get": {
+            "summary": "The addresses deliveries come from, for partners' allowlists",
+            "responses": {
+                "200": _json(
+                    {
+                        "type": "object",
+                        "properties": {
+                            "egress_ips": {"type": "array", "items": {"type": "string"}}
+                        },
+                    },
+                    "The addresses",
+                )
+            },
+        }
+    },
+    "/healthz": {"get": {"summary": "Liveness", "responses": {"200": _json(_OBJECT, "ok")}}},
+    "/readyz": {
+        "get": {
+            "summary": "Readiness: PostgreSQL and Redis reachable",
+            "responses": {"200": _json(_OBJECT, "ready"), "503": _json(_OBJECT, "unavailable")},
+        }
+    },
+    "/metrics": {
+        "get": {
+            "summary": "Prometheus metrics",
+            "responses": {"200": {"description": "text exposition format"}},
+        }
+    },
+}
+
+
+_WEBHOOKS: dict[str, Any] = {
+    "event": {
+        "post": {
+            "summary": "A delivery to a subscribed URL",
+            "requestBody": {"content": {"application/json": {"schema": _ref("Event")}}},
+            "responses": {
+                "2XX": {"description": "Delivered"},
+                "410": {"description": "Disables the webhook"},
+                "429": {"description": "Retried, honouring Retry-After"},
+            },
+        }
+    }
+}
+
 
 def document() -> dict[str, Any]:
-    error = _json(_ref("Error"), "Error")
-    errors = {
-        "401": _json(_ref("Error"), "Not called through the gateway"),
-        "404": _json(_ref("Error"), "No such webhook for this client and school"),
-    }
-    not_json = {"400": _json(_ref("Error"), "The body is not JSON")}
-    bad_query = {"422": _json(_ref("Error"), "A query parameter is out of range; `field` names it")}
-    obj = {"type": "object"}
+    """A new top-level document each time: the routes add the internal API's paths to it."""
     return {
         "openapi": "3.1.0",
-        "info": {
-            "title": "Loopwise Connect webhooks",
-            "version": "1",
-            "description": "Webhook subscriptions and their delivery log. `/api/v1/webhooks` "
-            "is reached through the gateway with a user's access token; each event type "
-            "needs the scope that gates it (GET /v1/webhooks/event-types).",
-        },
-        "paths": {
-            "/api/v1/webhooks": {
-                "post": {
-                    "summary": "Subscribe a URL to event types",
-                    "requestBody": {
-                        "content": {
-                            "application/json": {
-                                "schema": _ref("WebhookInput"),
-                                "example": {
-                                    "url": "https://hooks.partner.example/loopwise",
-                                    "event_types": ["course.updated", "member.*"],
-                                },
-                            }
-                        }
-                    },
-                    "responses": {
-                        "201": _json(
-                            _ref("WebhookWithSecret"), "Created; the secret is shown once"
-                        ),
-                        "403": _json(_ref("Error"), "insufficient_scope: the grant lacks `scope`"),
-                        "409": error,
-                        "422": error,
-                        **not_json,
-                        **errors,
-                    },
-                },
-                "get": {
-                    "summary": "This client's webhooks at this school",
-                    "parameters": _PAGING,
-                    "responses": {
-                        "200": _json(_page("Webhook"), "A page"),
-                        **bad_query,
-                        **errors,
-                    },
-                },
-            },
-            "/api/v1/webhooks/{id}": {
-                "parameters": [_ID],
-                "get": {"responses": {"200": _json(_ref("Webhook"), "The webhook"), **errors}},
-                "patch": {
-                    "requestBody": {
-                        "content": {"application/json": {"schema": _ref("WebhookPatch")}}
-                    },
-                    "responses": {
-                        "200": _json(_ref("Webhook"), "Changed"),
-                        "403": error,
-                        "409": _json(
-                            _ref("Error"),
-                            "disabled_by_admin: only the school's admin can enable it again",
-                        ),
-                        "422": error,
-                        **not_json,
-                        **errors,
-                    },
-                },
-                "delete": {"responses": {"204": {"description": "Deleted"}, **errors}},
-            },
-            "/api/v1/webhooks/{id}/rotate-secret": {
-                "parameters": [_ID],
-                "post": {
-                    "summary": "A new secret, shown once; the old one signs too until "
-                    "previous_secret_expires_at",
-                    "responses": {
-                        "200": _json(obj, "id, secret, previous_secret_expires_at"),
-                        **errors,
-                    },
-                },
-            },
-            "/api/v1/webhooks/{id}/deliveries": {
-                "parameters": [_ID],
-                "get": {
-                    "summary": "Deliveries, newest first, each with every attempt; "
-                    "status=dead is the dead-letter list",
-                    "parameters": [
-                        *_PAGING,
-                        {
-                            "name": "status",
-                            "in": "query",
-                            "schema": {"enum": ["pending", "delivered", "dead", "cancelled"]},
-                        },
-                    ],
-                    "responses": {
-                        "200": _json(_page("Delivery"), "A page"),
-                        **bad_query,
-                        **errors,
-                    },
-                },
-            },
-            "/api/v1/webhooks/{id}/deliveries/{delivery_id}": {
-                "parameters": [_ID, _DELIVERY_ID],
-                "get": {"responses": {"200": _json(_ref("Delivery"), "The delivery"), **errors}},
-            },
-            "/api/v1/webhooks/{id}/deliveries/{delivery_id}/retry": {
-                "parameters": [_ID, _DELIVERY_ID],
-                "post": {
-                    "summary": "Send again now (dead-lettered ones included)",
-                    "responses": {
-                        "202": _json(_ref("Delivery"), "Queued"),
-                        "409": _json(_ref("Error"), "The webhook is disabled"),
-                        **errors,
-                    },
-                },
-            },
-            "/v1/webhooks/event-types": {
-                "get": {
-                    "summary": "Every event type and the scope(s) that gate it",
-                    "responses": {"200": _json(obj, "The table")},
-                }
-            },
-            "/v1/webhooks/egress-ips": {
-                "get": {
-                    "summary": "The addresses deliveries come from, for partners' allowlists",
-                    "responses": {
-                        "200": _json(
-                            {
-                                "type": "object",
-                                "properties": {
-                                    "egress_ips": {"type": "array", "items": {"type": "string"}}
-                                },
-                            },
-                            "The addresses",
-                        )
-                    },
-                }
-            },
-            "/healthz": {"get": {"summary": "Liveness", "responses": {"200": _json(obj, "ok")}}},
-            "/readyz": {
-                "get": {
-                    "summary": "Readiness: PostgreSQL and Redis reachable",
-                    "responses": {"200": _json(obj, "ready"), "503": _json(obj, "unavailable")},
-                }
-            },
-            "/metrics": {
-                "get": {
-                    "summary": "Prometheus metrics",
-                    "responses": {"200": {"description": "text exposition format"}},
-                }
-            },
-        },
-        "webhooks": {
-            "event": {
-                "post": {
-                    "summary": "A delivery to a subscribed URL",
-                    "requestBody": {"content": {"application/json": {"schema": _ref("Event")}}},
-                    "responses": {
-                        "2XX": {"description": "Delivered"},
-                        "410": {"description": "Disables the webhook"},
-                        "429": {"description": "Retried, honouring Retry-After"},
-                    },
-                }
-            }
-        },
+        "info": _INFO,
+        "paths": dict(_PATHS),
+        "webhooks": _WEBHOOKS,
         "components": {"schemas": _SCHEMAS},
     }

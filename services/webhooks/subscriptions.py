@@ -17,8 +17,15 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from services.webhooks import event_types, signing, ssrf, store
+from libs.common.streams import REVOKED_KEY
+from services.webhooks import event_types, signing, ssrf
 from services.webhooks.context import WebhooksContext
+from services.webhooks.store import deliveries as delivery_store
+from services.webhooks.store import queue as queue_store
+from services.webhooks.store import revocations as revocation_store
+from services.webhooks.store import subscriptions as subscription_store
+from services.webhooks.store.deliveries import Delivery
+from services.webhooks.store.subscriptions import Subscription
 
 # A client's endpoints per school: enough for any integration, few enough that one client
 # cannot multiply the service's outbound traffic without bound.
@@ -28,7 +35,6 @@ MAX_DESCRIPTION = 500
 DEFAULT_PAGE = 50
 MAX_PAGE = 100
 DELIVERY_STATUSES = ("pending", "delivered", "dead", "cancelled")
-REVOKED_KEY = "connect:revoked:"
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +162,7 @@ def parse_limit(raw: str | None) -> int:
 # Output
 
 
-def present(sub: store.Subscription) -> dict[str, Any]:
+def present(sub: Subscription) -> dict[str, Any]:
     return {
         "id": str(sub.id),
         "url": sub.url,
@@ -174,7 +180,7 @@ def present(sub: store.Subscription) -> dict[str, Any]:
     }
 
 
-def present_delivery(d: store.Delivery) -> dict[str, Any]:
+def present_delivery(d: Delivery) -> dict[str, Any]:
     return {
         "id": str(d.id),
         "webhook_id": str(d.subscription_id),
@@ -213,7 +219,7 @@ def _revoked() -> ApiError:
     return ApiError(401, "invalid_token", "The grant behind this token was revoked.")
 
 
-async def create(ctx: WebhooksContext, caller: Caller, raw: Any) -> tuple[store.Subscription, str]:
+async def create(ctx: WebhooksContext, caller: Caller, raw: Any) -> tuple[Subscription, str]:
     """A new subscription and its secret, which is shown this once."""
     body = _body(raw, {"url", "event_types", "description"})
     patterns = _event_types(body.get("event_types"), caller)
@@ -226,16 +232,18 @@ async def create(ctx: WebhooksContext, caller: Caller, raw: Any) -> tuple[store.
     secret, key = signing.new_secret()
     kek = ctx.settings.key_encryption_key
     async with ctx.pool.acquire() as conn, conn.transaction():
-        if await store.lock_grant(conn, caller.grant_id):
+        if await revocation_store.lock_grant(conn, caller.grant_id):
             raise _revoked()
-        count = await store.count_subscriptions(conn, caller.school_id, caller.client_id)
+        count = await subscription_store.count_subscriptions(
+            conn, caller.school_id, caller.client_id
+        )
         if count >= MAX_SUBSCRIPTIONS_PER_CLIENT:
             raise ApiError(
                 409,
                 "limit_reached",
                 f"A client may have at most {MAX_SUBSCRIPTIONS_PER_CLIENT} webhooks per school.",
             )
-        sub = await store.insert_subscription(
+        sub = await subscription_store.insert_subscription(
             conn,
             id=subscription_id,
             school_id=caller.school_id,
@@ -253,9 +261,9 @@ async def create(ctx: WebhooksContext, caller: Caller, raw: Any) -> tuple[store.
 
 async def list_page(
     ctx: WebhooksContext, caller: Caller, *, cursor: str | None, limit: int
-) -> tuple[list[store.Subscription], str | None]:
+) -> tuple[list[Subscription], str | None]:
     after = decode_cursor(cursor)
-    found = await store.list_subscriptions(
+    found = await subscription_store.list_subscriptions(
         ctx.pool, caller.school_id, caller.client_id, after=after, limit=limit + 1
     )
     page = found[:limit]
@@ -263,8 +271,8 @@ async def list_page(
     return page, encode_cursor(page[-1].created_at, page[-1].id) if more and page else None
 
 
-async def get(ctx: WebhooksContext, caller: Caller, subscription_id: UUID) -> store.Subscription:
-    sub = await store.get_subscription(
+async def get(ctx: WebhooksContext, caller: Caller, subscription_id: UUID) -> Subscription:
+    sub = await subscription_store.get_subscription(
         ctx.pool, subscription_id, caller.school_id, caller.client_id
     )
     if sub is None:
@@ -274,7 +282,7 @@ async def get(ctx: WebhooksContext, caller: Caller, subscription_id: UUID) -> st
 
 async def update(
     ctx: WebhooksContext, caller: Caller, subscription_id: UUID, raw: Any
-) -> store.Subscription:
+) -> Subscription:
     """Change url, event_types, description or disabled. The result must be within what the
     caller's grant allows, and the subscription then delivers under that grant."""
     body = _body(raw, {"url", "event_types", "description", "disabled"})
@@ -300,9 +308,9 @@ async def update(
     if await _grant_revoked_now(ctx, caller.grant_id):
         raise _revoked()
     async with ctx.pool.acquire() as conn, conn.transaction():
-        if await store.lock_grant(conn, caller.grant_id):
+        if await revocation_store.lock_grant(conn, caller.grant_id):
             raise _revoked()
-        sub = await store.update_subscription(
+        sub = await subscription_store.update_subscription(
             conn,
             subscription_id,
             caller.school_id,
@@ -320,7 +328,7 @@ async def update(
 
 
 async def delete(ctx: WebhooksContext, caller: Caller, subscription_id: UUID) -> None:
-    if not await store.delete_subscription(
+    if not await subscription_store.delete_subscription(
         ctx.pool, subscription_id, caller.school_id, caller.client_id
     ):
         raise _not_found()
@@ -328,11 +336,11 @@ async def delete(ctx: WebhooksContext, caller: Caller, subscription_id: UUID) ->
 
 async def rotate_secret(
     ctx: WebhooksContext, caller: Caller, subscription_id: UUID
-) -> tuple[store.Subscription, str]:
+) -> tuple[Subscription, str]:
     """A new secret, shown once; the old one keeps signing too for the overlap window."""
     secret, key = signing.new_secret()
     kek = ctx.settings.key_encryption_key
-    sub = await store.rotate_secret(
+    sub = await subscription_store.rotate_secret(
         ctx.pool,
         subscription_id,
         caller.school_id,
@@ -358,11 +366,11 @@ async def deliveries_page(
     status: str | None,
     cursor: str | None,
     limit: int,
-) -> tuple[list[store.Delivery], str | None]:
+) -> tuple[list[Delivery], str | None]:
     await get(ctx, caller, subscription_id)
     if status is not None and status not in DELIVERY_STATUSES:
         raise _invalid("status", f"status must be one of {', '.join(DELIVERY_STATUSES)}")
-    found = await store.list_deliveries(
+    found = await delivery_store.list_deliveries(
         ctx.pool, subscription_id, status=status, before=decode_cursor(cursor), limit=limit + 1
     )
     page = found[:limit]
@@ -372,9 +380,9 @@ async def deliveries_page(
 
 async def delivery(
     ctx: WebhooksContext, caller: Caller, subscription_id: UUID, delivery_id: UUID
-) -> store.Delivery:
+) -> Delivery:
     await get(ctx, caller, subscription_id)
-    found = await store.get_delivery(ctx.pool, subscription_id, delivery_id)
+    found = await delivery_store.get_delivery(ctx.pool, subscription_id, delivery_id)
     if found is None:
         raise _not_found("delivery")
     return found
@@ -382,7 +390,7 @@ async def delivery(
 
 async def retry(
     ctx: WebhooksContext, caller: Caller, subscription_id: UUID, delivery_id: UUID
-) -> store.Delivery:
+) -> Delivery:
     """Send again now, dead-lettered ones included; not while the subscription is disabled."""
     sub = await get(ctx, caller, subscription_id)
     if not sub.active:
@@ -391,8 +399,8 @@ async def retry(
             "webhook_disabled",
             "This webhook is disabled; re-enable it (PATCH disabled=false) first.",
         )
-    if await store.retry_delivery(ctx.pool, subscription_id, delivery_id) is None:
+    if await delivery_store.retry_delivery(ctx.pool, subscription_id, delivery_id) is None:
         raise _not_found("delivery")
     ctx.due.set()
-    await store.notify_due(ctx.pool)
+    await queue_store.notify_due(ctx.pool)
     return await delivery(ctx, caller, subscription_id, delivery_id)

@@ -12,43 +12,39 @@ requests to one subscription in flight per process and WEBHOOK_MAX_IN_FLIGHT in 
 subscription's deliveries at most LEASE_DEPTH times its concurrency leased at once over all
 processes (read-ahead that keeps a fast endpoint busy), and no more than its concurrency
 while it is slow (read-ahead would only wait). Receivers' connections are pooled
-(keep-alive) in one session per process.
+(keep-alive) in one session per process (`egress`); one request is `attempt.post`, and what
+follows it `retry.classify`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.utils
 import functools
-import socket
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from urllib.parse import urlsplit
 from uuid import UUID
 
 import aiohttp
 import asyncpg
-from aiohttp.abc import AbstractResolver
 from cryptography.exceptions import InvalidTag
 from redis.exceptions import RedisError
-from yarl import URL
 
-from libs.common.config import ConfigError, Settings
 from libs.common.logging import get_logger
+from libs.common.streams import REVOKED_KEY
 from services.webhooks import dispatcher, signing, ssrf, store
 from services.webhooks.context import WebhooksContext
-from services.webhooks.subscriptions import REVOKED_KEY
+from services.webhooks.delivery import egress
+from services.webhooks.delivery.attempt import AttemptResult, post, signed_headers
+from services.webhooks.delivery.retry import classify
+from services.webhooks.store import outcomes as outcome_store
+from services.webhooks.store import queue as queue_store
+from services.webhooks.store import revocations as revocation_store
+from services.webhooks.store.queue import Claimed
 
 log = get_logger(__name__)
 
-USER_AGENT = "Loopwise-Connect-Webhooks/1"
-# Read at most this much of an answer (enough for keep-alive on ordinary answers); only the
-# excerpt is stored.
-MAX_RESPONSE_BYTES = 64 * 1024
-EXCERPT_BYTES = 200
 CLAIM_BATCH = 256
 # A sender leases up to this many times WEBHOOK_ENDPOINT_CONCURRENCY of one subscription's
 # deliveries, so the next ones are at hand when a request finishes (the claim and the record
@@ -75,228 +71,8 @@ LEASE_MAX = 30.0
 _TIMER_HORIZON = 60.0
 
 
-# ---------------------------------------------------------------------------------------------
-# One HTTP attempt
-
-
-@dataclass(frozen=True, slots=True)
-class AttemptResult:
-    status: int | None
-    latency_ms: int
-    excerpt: str | None
-    error: str | None
-    retry_after: float | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.status is not None and 200 <= self.status < 300
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header: delta-seconds or an HTTP-date (RFC 9110 10.2.3)."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
-
-
-async def _read_capped(response: aiohttp.ClientResponse, cap: int) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    while size < cap:
-        chunk = await response.content.read(cap - size)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size += len(chunk)
-    return b"".join(chunks)
-
-
-def _excerpt(raw: bytes) -> str | None:
-    if not raw:
-        return None
-    # PostgreSQL text cannot hold NUL.
-    return raw[:EXCERPT_BYTES].decode("utf-8", "replace").replace("\x00", "\ufffd")
-
-
-def _pinned(url: URL, address: str) -> URL:
-    """The URL with its host replaced by the checked address (for proxied requests)."""
-    return url.with_host(address)
-
-
-async def post(
-    session: aiohttp.ClientSession,
-    url: str,
-    body: bytes,
-    headers: dict[str, str],
-    *,
-    timeout: float,
-    policy: ssrf.AddressPolicy,
-    resolver: ssrf.GuardedResolver,
-    proxy: str | None = None,
-    family: socket.AddressFamily = socket.AF_UNSPEC,
-) -> AttemptResult:
-    """One POST: no redirects followed, the answer read up to a cap, every failure named."""
-    started = time.perf_counter()
-
-    def failed(error: str) -> AttemptResult:
-        return AttemptResult(None, int((time.perf_counter() - started) * 1000), None, error)
-
-    try:
-        # The URL as aiohttp reads it, host folded as its connector dials it.
-        found = ssrf.target(url)
-        # aiohttp connects to address literals without asking the resolver: check them here.
-        ssrf.check_target(found, policy)
-        target = found.url
-        extra: dict[str, str] = {}
-        if proxy is not None:
-            # The proxy would resolve the name itself, after our check: hand it the address
-            # we checked, and keep the name for Host and TLS.
-            address = found.host if found.address is not None else None
-            address = address or await resolver.resolve_one(found.host, found.port, family)
-            target = _pinned(found.url, address)
-            headers = {**headers, "Host": found.url.host_port_subcomponent or found.host}
-            if found.url.scheme == "https":
-                extra["server_hostname"] = found.host.rstrip(".")
-        async with session.post(
-            target,
-            data=body,
-            headers=headers,
-            allow_redirects=False,
-            timeout=aiohttp.ClientTimeout(total=timeout),
-            proxy=proxy,
-            **extra,  # type: ignore[arg-type]
-        ) as response:
-            raw = await _read_capped(response, MAX_RESPONSE_BYTES)
-            status = response.status
-            retry_after = (
-                parse_retry_after(response.headers.get("Retry-After"))
-                if status in (429, 503)
-                else None
-            )
-    except ssrf.UnsafeUrl as exc:
-        # Stored before the checks it now fails (they only grow stricter): refused, never sent.
-        return failed(f"refused: {exc}")
-    except TimeoutError:
-        return failed(f"timed out after {timeout:g} s")
-    except ssrf.BlockedAddress as exc:
-        return failed(str(exc))
-    except aiohttp.ClientConnectorError as exc:
-        if isinstance(exc.os_error, ssrf.BlockedAddress):
-            return failed(str(exc.os_error))
-        return failed(f"connection failed: {exc.os_error.strerror or exc}")
-    except aiohttp.ClientError as exc:
-        return failed(f"{type(exc).__name__}: {exc}"[:300])
-    except OSError as exc:
-        # Resolving the name to pin for the proxy failed.
-        return failed(f"connection failed: {exc.strerror or exc}")
-    latency = int((time.perf_counter() - started) * 1000)
-    if 200 <= status < 300:
-        error = None
-    elif 300 <= status < 400:
-        error = "redirects are not followed"
-    else:
-        error = f"HTTP {status}"
-    return AttemptResult(status, latency, _excerpt(raw), error, retry_after)
-
-
 def _set_event(event: asyncio.Event, *_: object) -> None:
     event.set()
-
-
-# ---------------------------------------------------------------------------------------------
-# Egress
-
-
-def egress_family(settings: Settings) -> socket.AddressFamily:
-    ip = settings.webhooks.egress_ip
-    if ip is None:
-        return socket.AF_UNSPEC
-    return socket.AF_INET6 if ":" in ip else socket.AF_INET
-
-
-def check_egress(settings: Settings) -> None:
-    """Fail at start, not at every delivery, when the egress address is not ours to bind."""
-    ip = settings.webhooks.egress_ip
-    if ip is None:
-        return
-    with socket.socket(egress_family(settings), socket.SOCK_STREAM) as probe:
-        try:
-            probe.bind((ip, 0))
-        except OSError as exc:
-            raise ConfigError(
-                "WEBHOOK_EGRESS_IP", f"{ip} is not an address of this host ({exc.strerror})"
-            ) from None
-
-
-def make_resolver(
-    settings: Settings, policy: ssrf.AddressPolicy, inner: AbstractResolver | None = None
-) -> ssrf.GuardedResolver:
-    """`inner` answers the names (the subscription checks ask the same one)."""
-    proxy = settings.webhooks.egress_proxy
-    exempt = [urlsplit(proxy).hostname or ""] if proxy else []
-    return ssrf.GuardedResolver(policy, exempt=exempt, inner=inner)
-
-
-def make_session(settings: Settings, resolver: ssrf.GuardedResolver) -> aiohttp.ClientSession:
-    """One pooled session per process: keep-alive per endpoint, every socket bound to the
-    egress address, names resolved only to allowed addresses, and every connection's peer
-    judged by the resolver's policy before a request goes out on it."""
-    egress = settings.webhooks.egress_ip
-    connector = ssrf.GuardedConnector(
-        resolver.policy,
-        proxy=settings.webhooks.egress_proxy,
-        resolver=resolver,
-        family=egress_family(settings),
-        local_addr=(egress, 0) if egress else None,
-        limit=settings.webhooks.max_in_flight,
-        limit_per_host=0,
-        keepalive_timeout=30,
-        ttl_dns_cache=10,
-    )
-    return aiohttp.ClientSession(
-        connector=connector,
-        cookie_jar=aiohttp.DummyCookieJar(),
-        # Proxy variables of the environment must not redirect deliveries.
-        trust_env=False,
-        # Bodies are only excerpted: leave them as sent, and ask for no compression.
-        auto_decompress=False,
-        skip_auto_headers=("Accept-Encoding",),
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# The sender
-
-
-def classify(
-    result: AttemptResult,
-    *,
-    attempt_number: int,
-    manual: bool,
-    schedule: Sequence[float],
-    retry_after_max: float,
-) -> tuple[str, float | None]:
-    """The outcome of an attempt and, for a retry, the wait before the next one."""
-    if result.ok:
-        return "delivered", None
-    if result.status == 410:
-        return "gone", None
-    if manual or attempt_number > len(schedule):
-        return "dead", None
-    wait = schedule[attempt_number - 1]
-    if result.retry_after is not None:
-        # Never sooner than the receiver asked, never later than we are willing to wait.
-        wait = max(wait, min(result.retry_after, retry_after_max))
-    return "retry", wait
 
 
 class Sender:
@@ -329,7 +105,7 @@ class Sender:
         self._grant_clear_at: dict[UUID, float] = {}
         self._keys = signing.KeyCache(ctx.settings.key_encryption_key)
         self._tasks: set[asyncio.Task[None]] = set()
-        self._outcomes: list[store.Outcome] = []
+        self._outcomes: list[outcome_store.Outcome] = []
         self._flush_wanted = asyncio.Event()
         # One writer at a time: the final flush at shutdown may meet the loop's.
         self._flush_lock = asyncio.Lock()
@@ -338,11 +114,13 @@ class Sender:
         self._background: list[asyncio.Task[None]] = []
         self._session: aiohttp.ClientSession | None = None
         self._resolver: ssrf.GuardedResolver | None = None
-        self._family = egress_family(ctx.settings)
+        self._family = egress.egress_family(ctx.settings)
 
     async def start(self) -> None:
-        self._resolver = make_resolver(self._ctx.settings, self._ctx.policy, self._ctx.resolver)
-        self._session = make_session(self._ctx.settings, self._resolver)
+        self._resolver = egress.make_resolver(
+            self._ctx.settings, self._ctx.policy, self._ctx.resolver
+        )
+        self._session = egress.make_session(self._ctx.settings, self._resolver)
         self._background = [
             asyncio.create_task(self._claim_loop(), name="webhooks-claim"),
             asyncio.create_task(self._flush_loop(), name="webhooks-record"),
@@ -363,7 +141,7 @@ class Sender:
         for task in waiting:
             task.cancel()
         with contextlib.suppress(OSError, asyncpg.PostgresError):
-            await store.release_leases(self._ctx.pool, list(waiting.values()))
+            await queue_store.release_leases(self._ctx.pool, list(waiting.values()))
         if self._tasks:
             _, unfinished = await asyncio.wait(self._tasks, timeout=self._policy.timeout + 2)
             for task in unfinished:
@@ -394,7 +172,7 @@ class Sender:
             # Cleared before the claim: a wake-up arriving during it is not lost.
             ctx.due.clear()
             try:
-                claimed = await store.claim_due(
+                claimed = await queue_store.claim_due(
                     ctx.pool,
                     per_endpoint=self._policy.endpoint_concurrency * LEASE_DEPTH,
                     per_slow_endpoint=self._policy.endpoint_concurrency,
@@ -425,19 +203,19 @@ class Sender:
         return {gid for gid, found in zip(ids, answers, strict=True) if found}
 
     async def _skip_revoked(self, grants: set[UUID], ids: Sequence[UUID]) -> None:
-        await store.cancel_deliveries(self._ctx.pool, ids)
+        await queue_store.cancel_deliveries(self._ctx.pool, ids)
         self._ctx.metrics.attempts.labels("cancelled").inc(len(ids))
         new = grants - self._revoked_here
         if new:
             self._revoked_here |= new
             # The stream announcement may lag the mark (or be gone): apply it now.
-            await store.revoke_grants(self._ctx.pool, [(g, "revoked") for g in new])
+            await revocation_store.revoke_grants(self._ctx.pool, [(g, "revoked") for g in new])
 
-    async def _start_sends(self, claimed: Sequence[store.Claimed]) -> None:
+    async def _start_sends(self, claimed: Sequence[Claimed]) -> None:
         revoked = await self._revoked(c.grant_id for c in claimed)
         inactive = [c.id for c in claimed if not c.active and c.grant_id not in revoked]
         if inactive:
-            await store.cancel_deliveries(self._ctx.pool, inactive)
+            await queue_store.cancel_deliveries(self._ctx.pool, inactive)
             self._ctx.metrics.attempts.labels("cancelled").inc(len(inactive))
         if revoked:
             await self._skip_revoked(revoked, [c.id for c in claimed if c.grant_id in revoked])
@@ -467,7 +245,9 @@ class Sender:
             if not held:
                 continue
             try:
-                await store.renew_leases(self._ctx.pool, list(held), self._worker, self._lease)
+                await queue_store.renew_leases(
+                    self._ctx.pool, list(held), self._worker, self._lease
+                )
             except (OSError, asyncpg.PostgresError):
                 # The next renewal may still come in time; if not, others send them again.
                 log.warning("lease_renewal_failed", count=len(held), exc_info=True)
@@ -489,19 +269,6 @@ class Sender:
             self._slow.pop(subscription_id, None)
 
     # -- sending ---------------------------------------------------------------------------
-
-    def _headers(self, c: store.Claimed) -> dict[str, str]:
-        keys = [self._keys.key(c.subscription_id, c.secret_enc)]
-        if c.previous_secret_enc is not None:
-            keys.append(self._keys.key(c.subscription_id, c.previous_secret_enc))
-        timestamp = int(time.time())
-        return {
-            "webhook-id": c.event_id,
-            "webhook-timestamp": str(timestamp),
-            "webhook-signature": signing.signature_header(keys, c.event_id, timestamp, c.body),
-            "content-type": "application/json",
-            "user-agent": USER_AGENT,
-        }
 
     @contextlib.asynccontextmanager
     async def _turn(self, subscription_id: UUID) -> AsyncIterator[None]:
@@ -545,7 +312,7 @@ class Sender:
             return revoked
         return await asyncio.shield(pending)
 
-    async def _send(self, c: store.Claimed, checked_at: float) -> None:
+    async def _send(self, c: Claimed, checked_at: float) -> None:
         async with self._turn(c.subscription_id), self._sending:
             task = asyncio.current_task()
             if task is not None:
@@ -558,14 +325,14 @@ class Sender:
                 # Unsure whether it may go: hand it back to be claimed (and checked) again.
                 log.warning("revocation_check_failed", delivery_id=str(c.id), exc_info=True)
                 with contextlib.suppress(OSError, asyncpg.PostgresError):
-                    await store.release_leases(self._ctx.pool, [c.id])
+                    await queue_store.release_leases(self._ctx.pool, [c.id])
                 return
             await self._attempt(c)
 
-    async def _attempt(self, c: store.Claimed) -> None:
+    async def _attempt(self, c: Claimed) -> None:
         attempted_at = datetime.now(UTC)
         try:
-            headers = self._headers(c)
+            headers = signed_headers(self._keys, c)
         except InvalidTag:
             result = AttemptResult(None, 0, None, "signing secret cannot be unsealed")
             log.error("secret_unseal_failed", subscription_id=str(c.subscription_id))
@@ -611,7 +378,7 @@ class Sender:
                 retry_in=retry_in,
             )
         self._outcomes.append(
-            store.Outcome(
+            outcome_store.Outcome(
                 delivery_id=c.id,
                 subscription_id=c.subscription_id,
                 attempted_at=attempted_at,
@@ -645,7 +412,7 @@ class Sender:
         while self._outcomes:
             batch = self._outcomes[:1000]
             try:
-                disabled = await store.record_outcomes(
+                disabled = await outcome_store.record_outcomes(
                     self._ctx.pool, batch, disable_after=self._policy.disable_after
                 )
             except (OSError, asyncpg.PostgresError) as exc:
@@ -697,7 +464,7 @@ class Sender:
                 conn = await asyncpg.connect(ctx.settings.database_url)
                 lost = asyncio.Event()
                 conn.add_termination_listener(functools.partial(_set_event, lost))
-                await conn.add_listener(store.NOTIFY_CHANNEL, wake)
+                await conn.add_listener(queue_store.NOTIFY_CHANNEL, wake)
                 await lost.wait()
             except (OSError, asyncpg.PostgresError):
                 log.warning("listen_failed", exc_info=True)

@@ -1,0 +1,93 @@
+"""Events as received from `connect:events` (`webhooks.events`) and their fan-out: one stored
+body per event, one pending delivery per matching active subscription, a whole stream batch in
+one statement; and their retention.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from libs.common.db import Executor
+
+
+@dataclass(frozen=True, slots=True)
+class EventRow:
+    id: str
+    school_id: int
+    type: str
+    body: bytes
+    stream_id: str
+    # When set, only this client's subscriptions hear the event (endpoint.disabled).
+    audience_client_id: str | None = None
+
+
+_RECORD_DELIVERIES = """
+WITH input AS (
+    SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::bytea[], $5::text[],
+                         $6::text[])
+        AS i(event_id, school_id, type, body, stream_id, audience)
+),
+matched AS (
+    SELECT DISTINCT i.event_id, i.school_id, i.type, s.id AS subscription_id
+    FROM input i
+    JOIN webhooks.subscriptions s
+      ON s.school_id = i.school_id
+     AND s.disabled_at IS NULL
+     AND (i.type = ANY (s.event_types)
+          OR split_part(i.type, '.', 1) || '.*' = ANY (s.event_types))
+     AND (i.audience IS NULL OR s.client_id = i.audience)
+    WHERE NOT EXISTS (SELECT 1 FROM webhooks.revoked_grants r WHERE r.grant_id = s.grant_id)
+),
+stored AS (
+    INSERT INTO webhooks.events (school_id, id, type, body, stream_id)
+    SELECT DISTINCT ON (i.school_id, i.event_id) i.school_id, i.event_id, i.type, i.body,
+           i.stream_id
+    FROM input i
+    WHERE EXISTS (SELECT 1 FROM matched m
+                  WHERE m.school_id = i.school_id AND m.event_id = i.event_id)
+    ON CONFLICT (school_id, id) DO NOTHING
+)
+INSERT INTO webhooks.deliveries (subscription_id, school_id, event_id, event_type,
+                                 next_attempt_at)
+SELECT subscription_id, school_id, event_id, type, now() FROM matched
+ON CONFLICT ON CONSTRAINT deliveries_once DO NOTHING
+RETURNING id
+"""
+
+
+async def record_deliveries(db: Executor, events: Sequence[EventRow]) -> int:
+    """One pending delivery per matching active subscription, for a whole batch, in one
+    statement; a batch recorded twice records nothing new. Returns how many were made."""
+    if not events:
+        return 0
+    rows = await db.fetch(
+        _RECORD_DELIVERIES,
+        [e.id for e in events],
+        [e.school_id for e in events],
+        [e.type for e in events],
+        [e.body for e in events],
+        [e.stream_id for e in events],
+        [e.audience_client_id for e in events],
+    )
+    return len(rows)
+
+
+async def purge_events(db: Executor, *, older_than_seconds: float, batch: int = 5000) -> int:
+    """Forget events (and with them their deliveries and attempts) past the retention."""
+    deleted = await db.fetch(
+        """
+        DELETE FROM webhooks.events e
+        USING (SELECT school_id, id FROM webhooks.events
+               WHERE received_at < now() - $1::float8 * interval '1 second'
+               ORDER BY received_at LIMIT $2) old
+        WHERE e.school_id = old.school_id AND e.id = old.id
+          AND NOT EXISTS (SELECT 1 FROM webhooks.deliveries d
+                          WHERE d.school_id = e.school_id AND d.event_id = e.id
+                            AND d.status = 'pending')
+        RETURNING 1
+        """,
+        older_than_seconds,
+        batch,
+    )
+    return len(deleted)
