@@ -1,9 +1,9 @@
 """The system under test: its stores, its environment, its processes and its data.
 
 The bench gets its own database (`loopwise_bench`, dropped and made afresh each run) on the
-PostgreSQL `make dev` would use (services.localstores.find_or_start), its own Redis key prefix,
-its own ports (BENCH_PORT_BASE, default 18180, far from make dev's 8080-8083) and secrets
-generated for the run. Services are started exactly as `make dev` starts them:
+PostgreSQL `make dev` would use (services.dev.localstores.find_or_start), its own Redis key
+prefix, its own ports (BENCH_PORT_BASE, default 18180, far from make dev's 8080-8083) and
+secrets generated for the run. Services are started exactly as `make dev` starts them:
 `python -m services.cli serve <part> --port N`.
 """
 
@@ -148,7 +148,7 @@ def _cmdline(pid: int) -> str:
 
 
 def make_system(run_id: str, logs: Path) -> System:
-    from services import localstores
+    from services.dev import localstores
 
     base = int(os.environ.get("BENCH_PORT_BASE", "18180"))
     ports = Ports.from_base(base)

@@ -1,6 +1,9 @@
 """`loopwise-connect`: serve each part and administer, against DATABASE_URL and REDIS_URL.
 
-Results go to stdout (one JSON object with `--json`); logs go to stderr.
+The argument parser and the dispatch: `serve`, `migrate` and `dev` (`services/dev/`) are run
+here; every other command is identity's administration, one function per subcommand in
+`services/identity/commands.py`. Results go to stdout (one JSON object with `--json`); logs go
+to stderr.
 """
 
 from __future__ import annotations
@@ -8,20 +11,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from libs.common import db, streams
+from libs.common import db
 from libs.common.config import ConfigError, Settings, load_settings
 from libs.common.logging import configure_logging
 
-SERVICES = ("identity", "gateway", "webhooks", "school-api")
+if TYPE_CHECKING:
+    from aiohttp import web
 
 
-class CommandError(Exception):
-    """A command that cannot do what was asked; printed without a traceback."""
+class ServeError(Exception):
+    """A part that cannot start as configured; printed without a traceback."""
 
 
 def _boolean(value: str) -> bool:
@@ -107,205 +111,103 @@ def _emit(result: dict[str, Any], as_json: bool) -> None:
             sys.stdout.write(f"{key}: {value}\n")
 
 
-async def _with_pool(
-    settings: Settings, work: Callable[[Any], Awaitable[dict[str, Any]]]
-) -> dict[str, Any]:
-    from services.identity import secret_checks
+def _refuse(message: str, as_json: bool) -> int:
+    if as_json:
+        _emit({"error": message}, True)
+    else:
+        sys.stderr.write(f"error: {message}\n")
+    return 1
 
-    await db.migrate(settings.database_url)
-    pool = await db.create_pool(settings.database_url, min_size=1, max_size=2)
+
+def _identity(settings: Settings) -> web.Application:
+    from services.identity.app import create_app
+
+    return create_app(settings)
+
+
+def _gateway(settings: Settings) -> web.Application:
+    from services.gateway.app import create_app
+    from services.gateway.routetable import RouteTableError
+
     try:
-        # As identity at start: with secrets other than the database's, a command would seal
-        # new signing keys or hash client secrets that nothing could open or match afterwards.
-        await secret_checks.verify(pool, settings)
-        return await work(pool)
-    finally:
-        await pool.close()
+        return create_app(settings)
+    except RouteTableError as exc:
+        raise ServeError(f"bad route table: {exc}") from None
 
 
-async def _school(pool: Any, ref: str) -> Any:
-    from services.identity import store
+def _webhooks(settings: Settings) -> web.Application:
+    from services.webhooks.app import create_app
+    from services.webhooks.delivery.egress import check_egress
 
-    school = (
-        await store.school_by_id(pool, int(ref))
-        if ref.isdigit()
-        else await store.school_by_subdomain(pool, ref.lower())
-    )
-    if school is None:
-        raise CommandError(f"no school {ref!r}")
-    return school
+    try:
+        check_egress(settings)
+    except ConfigError as exc:
+        raise ServeError(f"configuration error: {exc}") from None
+    return create_app(settings)
 
 
-async def _admin(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
-    import asyncpg
+def _school_api(settings: Settings) -> web.Application:
+    from services.school_api.app import create_app
 
-    from libs.common import scopes as catalogue
-    from services.identity import clients, keys, schools, store, users
-
-    async def work(pool: Any) -> dict[str, Any]:
-        if args.command == "schools" and args.action == "create":
-            try:
-                school = await schools.create_school(
-                    pool, settings, args.subdomain, args.name, args.school_id
-                )
-            except asyncpg.UniqueViolationError:
-                raise CommandError("a school with that subdomain or id exists") from None
-            except asyncpg.CheckViolationError:
-                raise CommandError("the subdomain must be a DNS label (a-z, 0-9, -)") from None
-            return {
-                "school_id": school.id,
-                "subdomain": school.subdomain,
-                "name": school.name,
-                "issuer": settings.urls.school_origin(school.subdomain),
-            }
-        if args.command == "schools" and args.action == "list":
-            found = await store.list_schools(pool)
-            return {
-                "schools": [
-                    {"school_id": s.id, "subdomain": s.subdomain, "name": s.name} for s in found
-                ]
-            }
-        if args.command == "schools" and args.action == "update":
-            school = await _school(pool, args.school)
-            if args.open_registration is None:
-                raise CommandError("nothing to update: give --open-registration true|false")
-            redis_client = streams.connect(settings.redis_url)
-            try:
-                # Closing ends the grants of apps that registered themselves, at every
-                # gateway, before this returns.
-                ended = await schools.set_open_registration(
-                    pool, redis_client, settings, school.id, args.open_registration
-                )
-            finally:
-                await redis_client.aclose()
-            updated: dict[str, Any] = {
-                "school_id": school.id,
-                "subdomain": school.subdomain,
-                "name": school.name,
-                "open_registration": args.open_registration,
-            }
-            if ended:
-                # Only when closing ended any: the answer keeps its shape for everything else.
-                updated["revoked_grants"] = ended
-            return updated
-        if args.command == "users":
-            school = await _school(pool, args.school)
-            try:
-                user, created = await users.create_user(
-                    pool,
-                    school_id=school.id,
-                    email=args.email,
-                    password=args.password,
-                    name=args.name,
-                    role=args.role,
-                )
-            except users.UserError as exc:
-                raise CommandError(str(exc)) from None
-            ended = 0
-            if not created:
-                # A role given to an existing account may be lower than before: what it no
-                # longer allows ends now, at every gateway.
-                redis_client = streams.connect(settings.redis_url)
-                try:
-                    ended = await users.end_grants_beyond_role(
-                        pool, redis_client, settings, school_id=school.id, user_id=user.id
-                    )
-                finally:
-                    await redis_client.aclose()
-            return {
-                "user_id": str(user.id),
-                "email": user.email,
-                "name": user.name,
-                "school_id": school.id,
-                "role": args.role,
-                "created": created,
-                "revoked_grants": ended,
-            }
-        if args.command == "clients":
-            school = await _school(pool, args.school)
-            try:
-                made = await clients.create_client(
-                    pool,
-                    settings,
-                    school=school,
-                    name=args.name,
-                    redirect_uris=args.redirect_uris,
-                    public=args.public,
-                    scopes=catalogue.parse(args.scope),
-                    origins=args.origins,
-                    created_via="cli",
-                )
-            except clients.ClientMetadataError as exc:
-                raise CommandError(f"{exc.error}: {exc.description}") from None
-            c = made.client
-            result: dict[str, Any] = {
-                "client_id": c.id,
-                "name": c.name,
-                "school_id": c.school_id,
-                "token_endpoint_auth_method": c.token_endpoint_auth_method,
-                "redirect_uris": list(c.redirect_uris),
-                "scope": " ".join(c.scopes),
-                "allowed_origins": list(c.allowed_origins),
-            }
-            if made.client_secret:
-                result["client_secret"] = made.client_secret
-            return result
-        if args.command == "keys":
-            school_id = (await _school(pool, args.school)).id if args.school else None
-            await keys.ensure_issuer_keys(pool, settings, school_id)
-            changes = await keys.rotate(pool, settings, school_id)
-            redis_client = streams.connect(settings.redis_url)
-            try:
-                await keys.announce(redis_client, settings, school_id, "rotated")
-            finally:
-                await redis_client.aclose()
-            return {"school_id": school_id, "keys": changes}
-        raise CommandError(f"unknown command {args.command}")
-
-    return await _with_pool(settings, work)
+    return create_app(settings)
 
 
-def _serve(part: str, settings: Settings, port: int | None) -> None:
+# Each part: how its application is made, and the port it listens on unless told otherwise.
+_PARTS: dict[str, tuple[Callable[[Settings], web.Application], Callable[[Settings], int]]] = {
+    "identity": (_identity, lambda s: s.ports.identity),
+    "gateway": (_gateway, lambda s: s.ports.gateway),
+    "webhooks": (_webhooks, lambda s: s.ports.webhooks),
+    "school-api": (_school_api, lambda s: s.ports.school_api),
+}
+SERVICES = tuple(_PARTS)
+
+
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
     from libs.common.web import serve
 
-    if part == "identity":
-        from services.identity.app import create_app
-
-        app = create_app(settings)
-        listen = port or settings.ports.identity
-    elif part == "gateway":
-        from services.gateway.app import create_app as create_gateway
-        from services.gateway.routetable import RouteTableError
-
-        try:
-            app = create_gateway(settings)
-        except RouteTableError as exc:
-            raise CommandError(f"bad route table: {exc}") from None
-        listen = port or settings.ports.gateway
-    elif part == "school-api":
-        from services.school_api.app import create_app as create_school_api
-
-        app = create_school_api(settings)
-        listen = port or settings.ports.school_api
-    elif part == "webhooks":
-        from services.webhooks.app import create_app as create_webhooks
-        from services.webhooks.delivery.egress import check_egress
-
-        try:
-            check_egress(settings)
-        except ConfigError as exc:
-            raise CommandError(f"configuration error: {exc}") from None
-        app = create_webhooks(settings)
-        listen = port or settings.ports.webhooks
-    else:
-        raise CommandError(f"the {part} service is not built yet")
+    make_app, configured_port = _PARTS[args.part]
+    app = make_app(settings)
     try:
         import uvloop
 
         uvloop.install()
     except ImportError:  # pragma: no cover - uvloop is a dependency; keep serving without it
         pass
-    asyncio.run(serve(app, settings.host, listen))
+    asyncio.run(serve(app, settings.host, args.port or configured_port(settings)))
+    return 0
+
+
+def _migrate(args: argparse.Namespace, settings: Settings) -> int:
+    applied = asyncio.run(db.migrate(settings.database_url))
+    _emit({"applied": applied}, args.json)
+    return 0
+
+
+def _dev(args: argparse.Namespace, settings: Settings) -> int:
+    from services.dev import stack
+
+    return stack.run(settings)
+
+
+def _administer(args: argparse.Namespace, settings: Settings) -> int:
+    """Identity's administration commands (`services/identity/commands.py`)."""
+    from services.identity import commands
+
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "action", "json")}
+    try:
+        result = asyncio.run(commands.run(args.command, args.action, options, settings))
+    except commands.CommandError as exc:
+        return _refuse(str(exc), args.json)
+    _emit(result, args.json)
+    return 0
+
+
+# The commands that are not identity's administration, which takes every other one.
+_COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
+    "serve": _serve,
+    "migrate": _migrate,
+    "dev": _dev,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -318,25 +220,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     service = "identity" if args.command != "serve" else args.part
     configure_logging(settings.log_level, service=service)
     try:
-        if args.command == "serve":
-            _serve(args.part, settings, args.port)
-            return 0
-        if args.command == "migrate":
-            applied = asyncio.run(db.migrate(settings.database_url))
-            _emit({"applied": applied}, args.json)
-            return 0
-        if args.command == "dev":
-            from services import dev
-
-            return dev.run(settings)
-        _emit(asyncio.run(_admin(args, settings)), args.json)
-        return 0
-    except CommandError as exc:
-        if args.json:
-            _emit({"error": str(exc)}, True)
-        else:
-            sys.stderr.write(f"error: {exc}\n")
-        return 1
+        return _COMMANDS.get(args.command, _administer)(args, settings)
+    except ServeError as exc:
+        return _refuse(str(exc), args.json)
     except ConfigError as exc:
         # Found only once the stores answered (a secret that is not the database's): the same
         # message and status as a bad variable found at load.

@@ -1,4 +1,4 @@
-"""services.localstores against real servers: embedded PostgreSQL and Valkey on free ports."""
+"""services.dev.localstores against real servers: embedded PostgreSQL and Valkey on free ports."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ import asyncpg
 import pytest
 import redis
 
-from services.localstores import PG_SYSTEM_USER, Stores, find_or_start
+from services.dev.localstores import Stores, find_or_start
+from services.dev.postgres import PG_SYSTEM_USER
 
 Local = tuple[Stores, Callable[[], None], int, int, Path]
 

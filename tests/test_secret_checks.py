@@ -4,9 +4,9 @@ keeps working (issue 13, item 6).
 Identity, started for real as `loopwise-connect serve identity`, exits 2 before listening when
 KEY_ENCRYPTION_KEY does not open the stored signing keys or SECRET_PEPPER is not the pepper the
 database was set up with, naming the variable; the CLI commands that seal keys or hash secrets
-refuse the same way. The development start path (`services.dev.prepare`, what `make dev` runs
-before starting the parts) meets a database made with secrets it no longer has and starts it
-afresh, but only its own development database and only for new development secrets.
+refuse the same way. The development start path (`services.dev.database.prepare`, what `make
+dev` runs before starting the parts) meets a database made with secrets it no longer has and
+starts it afresh, but only its own development database and only for new development secrets.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import pytest
 from libs.common import db
 from libs.common.config import Settings, load_settings
 from libs.common.logging import configure_logging
-from services import dev
+from services.dev import database
 from services.identity import clients, keys, secret_checks, store, users
 from services.identity.app import create_app
 from tests.support import free_port, running
@@ -421,7 +421,7 @@ async def test_make_clean_then_make_dev_works_on_the_same_postgresql(
 
     first = load_settings(env)
     assert first.dev_secrets == data_dir / "dev-secrets"
-    await dev.prepare(first, own_database=True, logins_file=data_dir / "dev-logins.json")
+    await database.prepare(first, own_database=True, logins_file=data_dir / "dev-logins.json")
     old_kids = await _demo_kids(dev_database)
     assert len(old_kids) == 4
     assert "afresh" not in capsys.readouterr().out
@@ -429,7 +429,9 @@ async def test_make_clean_then_make_dev_works_on_the_same_postgresql(
     shutil.rmtree(data_dir)  # make clean
     second = load_settings(env)
     assert second.key_encryption_key != first.key_encryption_key
-    logins = await dev.prepare(second, own_database=True, logins_file=data_dir / "dev-logins.json")
+    logins = await database.prepare(
+        second, own_database=True, logins_file=data_dir / "dev-logins.json"
+    )
     printed = capsys.readouterr().out
     new_kids = await _demo_kids(dev_database)
 
@@ -494,7 +496,7 @@ async def test_make_clean_then_make_dev_works_on_the_same_postgresql(
     assert str(data_dir / "dev-secrets") in printed
     assert len(new_kids) == 4 and not new_kids & old_kids
     # A third start with the same secrets changes nothing.
-    await dev.prepare(second, own_database=True, logins_file=data_dir / "dev-logins.json")
+    await database.prepare(second, own_database=True, logins_file=data_dir / "dev-logins.json")
     assert await _demo_kids(dev_database) == new_kids
     assert "afresh" not in capsys.readouterr().out
 
@@ -510,17 +512,17 @@ async def test_dev_starts_afresh_only_its_own_database_for_new_secrets(
     port = free_port()
     mine = _dev_env(base_env, dev_database, tmp_path / "mine", port)
     theirs = _dev_env(base_env, dev_database, tmp_path / "theirs", port)
-    await dev.prepare(
+    await database.prepare(
         load_settings(mine), own_database=True, logins_file=tmp_path / "mine" / "logins.json"
     )
     # Another checkout with its own new secrets takes the shared development database.
-    await dev.prepare(
+    await database.prepare(
         load_settings(theirs), own_database=True, logins_file=tmp_path / "theirs" / "logins.json"
     )
     kids = await _demo_kids(dev_database)
 
     with pytest.raises(secret_checks.SecretMismatch) as caught:
-        await dev.prepare(
+        await database.prepare(
             load_settings(mine), own_database=True, logins_file=tmp_path / "mine" / "logins.json"
         )
     assert caught.value.variable == "KEY_ENCRYPTION_KEY"
@@ -535,7 +537,7 @@ async def test_dev_starts_afresh_only_its_own_database_for_new_secrets(
     }
     assert load_settings(given).dev_secrets is None
     with pytest.raises(secret_checks.SecretMismatch):
-        await dev.prepare(
+        await database.prepare(
             load_settings(given), own_database=True, logins_file=tmp_path / "given.json"
         )
     assert await _demo_kids(dev_database) == kids
@@ -577,7 +579,7 @@ async def test_dev_leaves_a_database_in_use_alone(
     configure_logging("warning")
     port = free_port()
     first = _dev_env(base_env, dev_database, tmp_path / "first", port)
-    await dev.prepare(
+    await database.prepare(
         load_settings(first), own_database=True, logins_file=tmp_path / "first" / "logins.json"
     )
     kids = await _demo_kids(dev_database)
@@ -585,7 +587,7 @@ async def test_dev_leaves_a_database_in_use_alone(
     try:
         renewed = _dev_env(base_env, dev_database, tmp_path / "renewed", port)
         with pytest.raises(RuntimeError, match=r"in use by another process"):
-            await dev.prepare(
+            await database.prepare(
                 load_settings(renewed),
                 own_database=True,
                 logins_file=tmp_path / "renewed" / "logins.json",

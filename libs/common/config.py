@@ -209,7 +209,8 @@ class Settings:
     internal_token: str = field(repr=False, default="")
     # The generated development secrets file both KEY_ENCRYPTION_KEY and SECRET_PEPPER came
     # from (neither variable set); None when either was given. `make dev` may start its own
-    # database afresh for secrets of this file (services/dev.py), never for given ones.
+    # database afresh for secrets of this file (services/dev/database.py), never for given
+    # ones.
     dev_secrets: Path | None = None
     log_level: str = "info"
     host: str = "127.0.0.1"

@@ -1,6 +1,6 @@
 """The school API's OpenAPI 3.1 document, generated from the resource catalogue.
 
-Paths, schemas, required scopes and event names all come from resources.py, so the document
+Paths, schemas, required scopes and event names all come from `resources/`, so the document
 describes exactly what the service does. Scopes are written as OAuth 2.0 security
 requirements (the gateway checks the token; the service checks the scopes again) and, where
 any one of several scopes will do, as one alternative requirement each.
@@ -12,14 +12,8 @@ from functools import cache
 from typing import Any
 
 from libs.common.scopes import CATALOGUE as SCOPES
-from services.school_api.resources import (
-    CATALOGUE,
-    COLLECTIONS,
-    Change,
-    Field,
-    Resource,
-    event_scopes,
-)
+from services.school_api.resources import CATALOGUE, COLLECTIONS, event_scopes
+from services.school_api.resources.model import Change, Field, Resource
 from services.school_api.validation import DEFAULT_LIMIT, MAX_LIMIT
 
 _ERROR = {"$ref": "#/components/schemas/Error"}

@@ -24,8 +24,8 @@ from services.school_api.resources import (
     SETTINGS,
     SITE_INFO,
     UPLOADS,
-    Resource,
 )
+from services.school_api.resources.model import Resource
 from services.school_api.responses import ApiError, json, not_found
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

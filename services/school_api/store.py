@@ -1,6 +1,6 @@
 """Every SQL statement of the school API, as plain async functions over asyncpg.
 
-Statements are built from the catalogue (table and column names come from resources.py and
+Statements are built from the catalogue (table and column names come from `resources/` and
 nowhere else, checked to be plain identifiers) and cached as text, so asyncpg prepares each
 once per connection and reuses it. Every statement that touches school data carries
 `school_id = $1`: a caller never reads, changes or even learns of another school's rows.
@@ -25,7 +25,7 @@ import orjson
 
 from libs.common.db import Connection, Executor
 from services.school_api import resources
-from services.school_api.resources import Resource
+from services.school_api.resources.model import Resource
 from services.school_api.responses import dumps
 
 SCHEMA = "school_api"

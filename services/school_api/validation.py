@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 import orjson
 from aiohttp import web
 
-from services.school_api.resources import MAX_BIGINT, MAX_INT, Field, Resource
+from services.school_api.resources.model import MAX_BIGINT, MAX_INT, Field, Resource
 from services.school_api.responses import bad_request, not_found, validation_failed
 
 DEFAULT_LIMIT = 20
