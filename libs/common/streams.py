@@ -23,6 +23,8 @@ KEYS = "connect:keys"
 # Identity to identity: a client changed (disabled, new secret, edited, deleted); every process
 # drops its cached row (services/identity/clients.py).
 CLIENTS = "connect:clients"
+# A revoked grant's mark: identity writes it, gateways and webhooks read it.
+REVOKED_KEY = "connect:revoked:"
 
 # A safety valve against a consumer that never comes back, not the way streams shrink: a
 # stream read by groups is trimmed by its consumers to what every group has acknowledged

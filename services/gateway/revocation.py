@@ -35,17 +35,13 @@ from libs.common.logging import get_logger
 
 log = get_logger(__name__)
 
-# The key identity's grants.revoke_grant sets (services/identity/grants.py REVOKED_KEY); kept
-# here as data rather than an import so the gateway does not load identity's modules. A test
-# holds the two equal.
-REVOKED_KEY = "connect:revoked:"
 # When an announcement names no TTL: longer than any access token lives.
 DEFAULT_TTL = 7200 + 300
 _SWEEP_EVERY = 1024
 
 
 def revoked_key(settings: Settings, grant_id: str) -> str:
-    return settings.stream(REVOKED_KEY) + grant_id
+    return settings.stream(streams.REVOKED_KEY) + grant_id
 
 
 class RevokedGrants:
