@@ -24,7 +24,7 @@ from libs.common import leases, streams, tasks
 from libs.common.config import Settings, load_settings
 from services.gateway import ratelimit
 from services.gateway.ratelimit import Guard, Pace
-from services.gateway.resp import PipelinedRedis
+from services.gateway.redis_pipeline import PipelinedRedis
 from services.gateway.revocation import Lease, RevokedGrants, follow_revocations, lease_clock
 from services.identity import grants, keys, revocation_marks
 from tests.test_gateway_processes import GatewayProcess, started_gateways

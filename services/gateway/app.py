@@ -21,7 +21,7 @@ from libs.common import db, streams, tasks
 from libs.common.config import Settings
 from libs.common.logging import get_logger
 from libs.common.web import METRICS, READINESS
-from services.gateway import edge, mcp, openapi, revocation, routes, routetable
+from services.gateway import broadcasts, edge, mcp, openapi, revocation, routes, routetable
 from services.gateway.audit import AuditBuffer
 from services.gateway.context import CONTEXT, ROUTES, GatewayContext
 from services.gateway.directory import Directory
@@ -29,7 +29,7 @@ from services.gateway.jwks import JwksCache
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.proxy import Upstreams
 from services.gateway.ratelimit import Guard, Pace
-from services.gateway.resp import PipelinedRedis
+from services.gateway.redis_pipeline import PipelinedRedis
 from services.gateway.revocation import RevokedGrants
 from services.gateway.validation import TokenVerifier
 
@@ -99,7 +99,8 @@ def _resources(
             socket_connect_timeout=REDIS_TIMEOUT,
             health_check_interval=30,
         )
-        # The per-call round trip goes over a lean pipelined connection of its own (resp.py).
+        # The per-call round trip goes over a lean pipelined connection of its own
+        # (redis_pipeline.py).
         guard_connection = PipelinedRedis(settings.redis_url, timeout=REDIS_TIMEOUT)
         # Audit batches on another, so a batch never queues ahead of a call's check.
         audit_connection = PipelinedRedis(settings.redis_url, timeout=5.0)
@@ -179,7 +180,7 @@ def _resources(
         background = [
             asyncio.create_task(revocation.follow_revocations(followers, settings, revoked, lease)),
             asyncio.create_task(
-                revocation.follow(followers, settings.stream(streams.KEYS), on_keys)
+                broadcasts.follow(followers, settings.stream(streams.KEYS), on_keys)
             ),
         ]
         try:

@@ -67,39 +67,6 @@ class RevokedGrants:
         return len(self._until)
 
 
-async def follow(
-    client: redis.Redis,
-    stream: str,
-    handle: Callable[[streams.Entry], None],
-    *,
-    ready: asyncio.Event | None = None,
-) -> None:
-    """Read a broadcast stream from its tail (new entries only) until cancelled.
-
-    Every gateway reads every entry (plain XREAD, no group). Redis failures back off and
-    resume from the last entry seen, so nothing announced while Redis blinked is missed.
-    """
-    delay = 0.2
-    last: str | None = None
-    while True:
-        try:
-            if last is None:
-                last = await streams.last_id(client, stream)
-                if ready is not None:
-                    ready.set()
-            for entry in await streams.read_tail(client, stream, last, block_ms=1000):
-                last = entry.id
-                try:
-                    handle(entry)
-                except Exception:
-                    log.exception("stream_entry_failed", stream=stream, entry=entry.id)
-            delay = 0.2
-        except (RedisError, OSError):
-            log.warning("stream_follow_failed", stream=stream)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
-
-
 def _boot_clock() -> float:
     return time.clock_gettime(time.CLOCK_BOOTTIME)
 

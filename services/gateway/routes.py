@@ -25,7 +25,7 @@ from services.gateway import audit, cors, proxy
 from services.gateway.context import GatewayContext, context
 from services.gateway.directory import ClientPolicy
 from services.gateway.jwks import JwksUnavailable
-from services.gateway.resp import RedisReplyError
+from services.gateway.redis_pipeline import RedisReplyError
 from services.gateway.routetable import Route
 from services.gateway.validation import Rejection, TokenVerifier, VerifiedToken, bearer_token
 

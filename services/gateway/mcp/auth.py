@@ -38,7 +38,7 @@ from services.gateway.context import GatewayContext
 from services.gateway.directory import ClientPolicy
 from services.gateway.jwks import JwksUnavailable
 from services.gateway.mcp import metadata
-from services.gateway.resp import RedisReplyError
+from services.gateway.redis_pipeline import RedisReplyError
 from services.gateway.validation import (
     Rejection,
     TokenVerifier,
