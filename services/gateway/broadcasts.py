@@ -18,6 +18,14 @@ from libs.common.logging import get_logger
 log = get_logger(__name__)
 
 
+async def start_position(client: redis.Redis, stream: str, ready: asyncio.Event | None) -> str:
+    """Where a follower starts: the stream's newest entry, `ready` set once it is known."""
+    position = await streams.last_id(client, stream)
+    if ready is not None:
+        ready.set()
+    return position
+
+
 async def follow(
     client: redis.Redis,
     stream: str,
@@ -35,9 +43,7 @@ async def follow(
     while True:
         try:
             if last is None:
-                last = await streams.last_id(client, stream)
-                if ready is not None:
-                    ready.set()
+                last = await start_position(client, stream, ready)
             for entry in await streams.read_tail(client, stream, last, block_ms=1000):
                 last = entry.id
                 try:

@@ -32,6 +32,7 @@ from redis.exceptions import RedisError
 from libs.common import leases, streams
 from libs.common.config import Settings
 from libs.common.logging import get_logger
+from services.gateway import broadcasts
 
 log = get_logger(__name__)
 
@@ -164,9 +165,7 @@ async def _follow(
     while True:
         try:
             if position is None:
-                position = await streams.last_id(client, stream)
-                if ready is not None:
-                    ready.set()
+                position = await broadcasts.start_position(client, stream, ready)
             if use_lease and not registered:
                 # Registering reports the stream's newest entry as applied before the marks
                 # are loaded: nothing may be answered from memory in between.
