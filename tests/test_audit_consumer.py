@@ -14,7 +14,7 @@ import orjson
 from libs.common import streams
 from libs.common.config import Settings
 from services.gateway.audit import AuditBuffer
-from services.gateway.resp import PipelinedRedis
+from services.gateway.redis_pipeline import PipelinedRedis
 from services.identity import audit, audit_consumer
 from services.identity.store import audit as audit_store
 

@@ -14,7 +14,7 @@ from libs.common import streams
 from libs.common.config import Settings
 from services.gateway.audit import BATCH, BATCH_BYTES, AuditBuffer, api_call
 from services.gateway.ratelimit import Guard, Pace
-from services.gateway.resp import PipelinedRedis, RedisReplyError, pack
+from services.gateway.redis_pipeline import PipelinedRedis, RedisReplyError, pack
 from services.gateway.revocation import RevokedGrants
 from services.identity import audit
 from tests.support import free_port

@@ -24,7 +24,7 @@ from libs.common import leases, streams, tasks
 from libs.common.config import Settings, load_settings
 from services.gateway import ratelimit
 from services.gateway.ratelimit import Guard, Pace
-from services.gateway.resp import PipelinedRedis
+from services.gateway.redis_pipeline import PipelinedRedis
 from services.gateway.revocation import Lease, RevokedGrants, follow_revocations, lease_clock
 from services.identity import grants, keys, revocation_marks
 from tests.test_gateway_processes import GatewayProcess, started_gateways
@@ -299,7 +299,7 @@ async def test_a_revoke_that_finds_the_leases_lost_writes_its_mark_and_announcem
     writes them again after the wait."""
     world = await make_world(pool, gateway_settings, "lease-rewrite", gateway_port)
     grant_id = await user_grant(pool, world, ["read"])
-    mark = lease_settings.stream(grants.REVOKED_KEY) + str(grant_id)
+    mark = lease_settings.stream(streams.REVOKED_KEY) + str(grant_id)
     stream = _stream(lease_settings)
     revoking = asyncio.create_task(
         grants.revoke_grant(pool, lease_redis, lease_settings, grant_id, reason="user_revoked")
@@ -368,7 +368,7 @@ async def test_the_follower_holds_a_lease_only_once_the_marks_are_loaded(
     """A gateway registering after revocations knows them from their marks, and answers from
     memory only then; a revocation after that reaches it through the stream before the
     revoke returns."""
-    mark = lease_settings.stream(grants.REVOKED_KEY)
+    mark = lease_settings.stream(streams.REVOKED_KEY)
     await lease_redis.set(mark + "before", "x", ex=60)
     await _announce(lease_redis, lease_settings, "before")
     await _given_an_epoch(lease_redis, lease_settings)
@@ -436,7 +436,7 @@ def bucket(lease_settings: Settings, unique: str) -> str:
 
 @pytest.fixture
 def mark(lease_settings: Settings, unique: str) -> str:
-    return lease_settings.stream(grants.REVOKED_KEY) + unique
+    return lease_settings.stream(streams.REVOKED_KEY) + unique
 
 
 async def test_under_a_lease_calls_come_in_blocks_from_the_one_shared_bucket(

@@ -26,7 +26,7 @@ __all__ = ["echo_upstream"]
 
 
 def _mark(settings: Settings, grant_id: Any) -> str:
-    return settings.stream(grants.REVOKED_KEY) + str(grant_id)
+    return settings.stream(streams.REVOKED_KEY) + str(grant_id)
 
 
 @pytest.mark.usefixtures("echo_upstream")

@@ -252,7 +252,7 @@ async def verify_with_jwks(
 
 async def revocation_marked(redis: Any, settings: Settings, grant_id: UUID) -> tuple[bool, bool]:
     """(the Redis mark exists, connect:revocations names the grant) — what gateways rely on."""
-    mark = await redis.exists(settings.stream(grants.REVOKED_KEY) + str(grant_id))
+    mark = await redis.exists(settings.stream(streams.REVOKED_KEY) + str(grant_id))
     entries = await redis.xrevrange(settings.stream(streams.REVOCATIONS), count=500)
     announced = any(
         orjson.loads(fields[b"data"]).get("grant_id") == str(grant_id) for _, fields in entries

@@ -26,7 +26,7 @@ AUDIT_GROUP = "identity-audit"
 
 
 def _identity_headers(ctx: Context) -> str:
-    """What the gateway sends upstream for this token (services/gateway/routes.py)."""
+    """What the gateway sends upstream for this token (services/gateway/checks.py)."""
     c = ctx.claims
     host = ctx.system.host
     return "\n".join(

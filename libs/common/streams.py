@@ -23,7 +23,8 @@ KEYS = "connect:keys"
 # Identity to identity: a client changed (disabled, new secret, edited, deleted); every process
 # drops its cached row (services/identity/clients.py).
 CLIENTS = "connect:clients"
-# Not a stream: a revoked grant's mark is this prefix + its id (identity sets, others read).
+# Not a stream: a revoked grant's mark is this prefix + its id (identity writes it, gateways
+# and webhooks read it).
 REVOKED_KEY = "connect:revoked:"
 
 # A safety valve against a consumer that never comes back, not the way streams shrink: a

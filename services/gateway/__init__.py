@@ -1,9 +1,14 @@
 """The gateway: the only public edge (CONTRACT.md section 6).
 
-Public routes (discovery, OAuth, pages) pass through to identity with their Host. Protected
-routes (`/api/v1/...`) are checked in the contract's order: the token (validation.py, keys
-from jwks.py), revocation and the rate limit in one Redis round trip (ratelimit.py,
-revocation.py), the route's scope from the route table (routetable.py, deploy/routes.toml);
-then proxied (proxy.py) with the verified identity, answered with CORS for the client's
-registered origins (cors.py), and audited without waiting (audit.py). app.py wires it.
+routes.py dispatches every call: public routes pass through to identity with their Host; a
+protected route (`/api/v1/...`, on a school's Host) gets checks.py, contract 6's checks in its
+order: the token's signature, times, issuer, audience and school (validation.py, keys from
+jwks.py), revocation (revocation.py: the local set, the lease and its follower), the route's
+scope (routetable.py, deploy/routes.toml) and the rate limit (ratelimit.py, one Redis round
+trip with the revocation mark); then proxy.py forwards it with the verified identity. Beside
+them: forwarded.py (who called, X-Forwarded-*), refusals.py (the gateway's own error answers),
+cors.py, audit.py (the audit trail), directory.py (identity's tables, read-only), mcp/ (the
+MCP server at /mcp). Lean clients for the hot path: redis_pipeline.py (pipelined RESP2) and
+http1_pool.py (pooled HTTP/1.1); broadcasts.py follows connect:keys. app.py wires it all and
+edge.py is the aiohttp shell (health, readiness, metrics).
 """

@@ -1,13 +1,17 @@
-"""The gateway's aiohttp application: wiring only; the request path lives in routes.py.
+"""The gateway's aiohttp application: wiring only; the request path lives in routes.py and
+checks.py.
 
 The route table is read in :func:`create_app`, before anything listens: a bad route file stops
-the process with an error naming its line.
+the process with an error naming its line. At start the process opens its stores (`_Stores`),
+makes the context every handler shares (`_context`), registers its readiness checks and
+follows the revocation and key announcements; at stop it lets go of them in reverse.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -21,7 +25,7 @@ from libs.common import db, streams, tasks
 from libs.common.config import Settings
 from libs.common.logging import get_logger
 from libs.common.web import METRICS, READINESS
-from services.gateway import edge, mcp, openapi, revocation, routes, routetable
+from services.gateway import broadcasts, edge, mcp, openapi, revocation, routes, routetable
 from services.gateway.audit import AuditBuffer
 from services.gateway.context import CONTEXT, ROUTES, GatewayContext
 from services.gateway.directory import Directory
@@ -29,7 +33,7 @@ from services.gateway.jwks import JwksCache
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.proxy import Upstreams
 from services.gateway.ratelimit import Guard, Pace
-from services.gateway.resp import PipelinedRedis
+from services.gateway.redis_pipeline import PipelinedRedis
 from services.gateway.revocation import RevokedGrants
 from services.gateway.validation import TokenVerifier
 
@@ -84,117 +88,161 @@ def _jwks_fetcher(upstreams: Upstreams, identity_url: str) -> Callable[[str], An
     return fetch
 
 
-def _resources(
-    settings: Settings, table: routetable.RouteTable
-) -> Callable[[web.Application], AsyncIterator[None]]:
-    async def ctx(app: web.Application) -> AsyncIterator[None]:
-        metrics = GatewayMetrics(app[METRICS].registry)
+@dataclass(frozen=True, slots=True)
+class _Stores:
+    """The gateway's connections to PostgreSQL and Redis, one for each kind of traffic."""
+
+    pool: asyncpg.Pool
+    # redis-py, for readiness: calls and audit batches go over the pipelined ones.
+    client: redis.Redis
+    # The per-call round trip, over a lean pipelined connection of its own
+    # (redis_pipeline.py).
+    guard: PipelinedRedis
+    # Audit batches on another, so a batch never queues ahead of a call's check.
+    audit: PipelinedRedis
+    # Blocking XREADs hold a connection for a second at a time: a client of their own.
+    followers: redis.Redis
+
+    @classmethod
+    async def open(cls, settings: Settings) -> _Stores:
         pool: asyncpg.Pool = await db.create_pool(
             settings.database_url, min_size=settings.db_pool_min, max_size=settings.db_pool_max
         )
-        hot = redis.Redis.from_url(
+        client = redis.Redis.from_url(
             settings.redis_url,
             decode_responses=False,
             socket_timeout=REDIS_TIMEOUT,
             socket_connect_timeout=REDIS_TIMEOUT,
             health_check_interval=30,
         )
-        # The per-call round trip goes over a lean pipelined connection of its own (resp.py).
-        guard_connection = PipelinedRedis(settings.redis_url, timeout=REDIS_TIMEOUT)
-        # Audit batches on another, so a batch never queues ahead of a call's check.
-        audit_connection = PipelinedRedis(settings.redis_url, timeout=5.0)
-        # Blocking XREADs hold a connection for a second at a time: a client of their own.
-        followers = streams.connect(settings.redis_url)
-        upstreams = Upstreams(
-            table.upstreams,
-            connect_timeout=settings.gateway.upstream_connect_timeout,
-            total_timeout=settings.gateway.upstream_timeout,
-        )
-        directory = Directory(pool)
-        jwks = JwksCache(
-            _jwks_fetcher(upstreams, table.upstreams["identity"]),
-            refresh_interval=settings.gateway.jwks_refresh_interval,
-            on_fetch=lambda _issuer: metrics.jwks_fetches.inc(),
-        )
-        verifier = TokenVerifier(
-            settings, jwks, directory, cache_ttl=settings.gateway.token_cache_ttl
-        )
-        revoked = RevokedGrants()
-        lease = revocation.Lease(settings.gateway.revocation_lease)
-        audit_buffer = AuditBuffer(
-            audit_connection,
-            settings.stream(streams.AUDIT),
-            capacity=settings.gateway.audit_buffer_size,
-            on_drop=metrics.audit_dropped.inc,
-            on_refuse=metrics.audit_refused.inc,
-        )
-        metrics.audit_buffer_used.set_function(lambda: len(audit_buffer) + audit_buffer.reserved)
-        app[CONTEXT] = GatewayContext(
-            settings=settings,
-            routes=table,
+        return cls(
             pool=pool,
-            redis=hot,
-            directory=directory,
-            jwks=jwks,
-            verifier=verifier,
-            revoked=revoked,
-            guard=Guard(guard_connection, lease),
-            default_pace=Pace.of(
-                settings.gateway.rate_limit_per_minute, settings.gateway.rate_limit_burst
-            ),
-            upstreams=upstreams,
-            audit=audit_buffer,
-            metrics=metrics,
+            client=client,
+            guard=PipelinedRedis(settings.redis_url, timeout=REDIS_TIMEOUT),
+            audit=PipelinedRedis(settings.redis_url, timeout=5.0),
+            followers=streams.connect(settings.redis_url),
         )
 
-        async def postgres_ready() -> bool:
-            return await db.ping(pool)
+    async def close(self) -> None:
+        await self.followers.aclose()
+        await self.guard.close()
+        await self.audit.close()
+        await self.client.aclose()
+        await self.pool.close()
 
-        async def redis_ready() -> bool:
-            try:
-                return bool(await hot.ping())
-            except redis.RedisError:
-                return False
 
-        async def identity_ready() -> bool:
-            try:
-                async with upstreams.session("identity").get(
-                    table.upstreams["identity"] + "/healthz", timeout=JWKS_TIMEOUT
-                ) as resp:
-                    return resp.status == 200
-            except (aiohttp.ClientError, TimeoutError):
-                return False
+def _context(
+    settings: Settings,
+    table: routetable.RouteTable,
+    stores: _Stores,
+    metrics: GatewayMetrics,
+    lease: revocation.Lease,
+) -> GatewayContext:
+    """Everything the handlers share, made from the stores and the route table's upstreams."""
+    upstreams = Upstreams(
+        table.upstreams,
+        connect_timeout=settings.gateway.upstream_connect_timeout,
+        total_timeout=settings.gateway.upstream_timeout,
+    )
+    directory = Directory(stores.pool)
+    jwks = JwksCache(
+        _jwks_fetcher(upstreams, table.upstreams["identity"]),
+        refresh_interval=settings.gateway.jwks_refresh_interval,
+        on_fetch=lambda _issuer: metrics.jwks_fetches.inc(),
+    )
+    audit_buffer = AuditBuffer(
+        stores.audit,
+        settings.stream(streams.AUDIT),
+        capacity=settings.gateway.audit_buffer_size,
+        on_drop=metrics.audit_dropped.inc,
+        on_refuse=metrics.audit_refused.inc,
+    )
+    metrics.audit_buffer_used.set_function(lambda: len(audit_buffer) + audit_buffer.reserved)
+    return GatewayContext(
+        settings=settings,
+        routes=table,
+        pool=stores.pool,
+        redis=stores.client,
+        directory=directory,
+        jwks=jwks,
+        verifier=TokenVerifier(
+            settings, jwks, directory, cache_ttl=settings.gateway.token_cache_ttl
+        ),
+        revoked=RevokedGrants(),
+        guard=Guard(stores.guard, lease),
+        default_pace=Pace.of(
+            settings.gateway.rate_limit_per_minute, settings.gateway.rate_limit_burst
+        ),
+        upstreams=upstreams,
+        audit=audit_buffer,
+        metrics=metrics,
+    )
 
-        app[READINESS]["postgresql"] = postgres_ready
-        app[READINESS]["redis"] = redis_ready
-        app[READINESS]["identity"] = identity_ready
 
-        def on_keys(entry: streams.Entry) -> None:
-            school_id = entry.data.get("school_id")
-            jwks.invalidate(school_id if isinstance(school_id, int) else None)
-            # A rotation may have withdrawn a key: tokens it signed are judged afresh.
-            verifier.forget()
+def _register_readiness(app: web.Application, ctx: GatewayContext) -> None:
+    """/readyz: PostgreSQL, Redis and identity answer."""
+    identity_url = ctx.routes.upstreams["identity"]
 
-        audit_buffer.start()
-        background = [
-            asyncio.create_task(revocation.follow_revocations(followers, settings, revoked, lease)),
-            asyncio.create_task(
-                revocation.follow(followers, settings.stream(streams.KEYS), on_keys)
-            ),
-        ]
+    async def postgres_ready() -> bool:
+        return await db.ping(ctx.pool)
+
+    async def redis_ready() -> bool:
+        try:
+            return bool(await ctx.redis.ping())
+        except redis.RedisError:
+            return False
+
+    async def identity_ready() -> bool:
+        try:
+            async with ctx.upstreams.session("identity").get(
+                identity_url + "/healthz", timeout=JWKS_TIMEOUT
+            ) as resp:
+                return resp.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            return False
+
+    app[READINESS]["postgresql"] = postgres_ready
+    app[READINESS]["redis"] = redis_ready
+    app[READINESS]["identity"] = identity_ready
+
+
+def _follow_announcements(
+    settings: Settings, ctx: GatewayContext, followers: redis.Redis, lease: revocation.Lease
+) -> list[asyncio.Task[None]]:
+    """Follow connect:revocations (holding the revocation lease) and connect:keys."""
+
+    def on_keys(entry: streams.Entry) -> None:
+        school_id = entry.data.get("school_id")
+        ctx.jwks.invalidate(school_id if isinstance(school_id, int) else None)
+        # A rotation may have withdrawn a key: tokens it signed are judged afresh.
+        ctx.verifier.forget()
+
+    return [
+        asyncio.create_task(revocation.follow_revocations(followers, settings, ctx.revoked, lease)),
+        asyncio.create_task(broadcasts.follow(followers, settings.stream(streams.KEYS), on_keys)),
+    ]
+
+
+def _resources(
+    settings: Settings, table: routetable.RouteTable
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def resources(app: web.Application) -> AsyncIterator[None]:
+        metrics = GatewayMetrics(app[METRICS].registry)
+        stores = await _Stores.open(settings)
+        lease = revocation.Lease(settings.gateway.revocation_lease)
+        ctx = app[CONTEXT] = _context(settings, table, stores, metrics, lease)
+        _register_readiness(app, ctx)
+        ctx.audit.start()
+        background = _follow_announcements(settings, ctx, stores.followers, lease)
         try:
             yield
         finally:
             # In-flight calls have finished by now (aiohttp's shutdown runs before cleanup):
             # write out their audit records, then let go of everything.
-            await audit_buffer.stop()
+            await ctx.audit.stop()
             await tasks.stop_all(background, grace=0)
-            await jwks.close()
-            await upstreams.close()
-            await followers.aclose()
-            await guard_connection.close()
-            await audit_connection.close()
-            await hot.aclose()
-            await pool.close()
+            await ctx.jwks.close()
+            await ctx.upstreams.close()
+            await stores.close()
 
-    return ctx
+    return resources

@@ -9,8 +9,8 @@ of one of each per call: on a machine whose cores the gateway shares with Redis,
 PostgreSQL, the per-record cost of those processes was most of what the audit trail cost a
 call. Identity still appends its own records one entry each; its consumer reads both shapes
 (services/identity/audit.py, `records_of`). The XADDs are packed here and go over the lean
-pipelined connection (resp.py): the audit must not cost the API more than the call does.
-The trail fails closed, as Vault's audit devices do: a protected call takes a place for its
+pipelined connection (redis_pipeline.py): the audit must not cost the API more than the call
+does. The trail fails closed, as Vault's audit devices do: a protected call takes a place for its
 record (`reserve`) before anything is done for it, and fills it with the outcome
 (`Slot.fill`) once it has one. Places held by calls in progress count against the capacity
 with the records waiting to be written, so a call that got a place always gets its record in,
@@ -36,7 +36,7 @@ import orjson
 
 from libs.common import streams
 from libs.common.logging import get_logger
-from services.gateway.resp import PipelinedRedis, RedisReplyError, pack
+from services.gateway.redis_pipeline import PipelinedRedis, RedisReplyError, pack
 
 log = get_logger(__name__)
 

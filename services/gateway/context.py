@@ -15,7 +15,7 @@ from services.gateway.jwks import JwksCache
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.proxy import Upstreams
 from services.gateway.ratelimit import BUCKET_KEY, Guard, Pace
-from services.gateway.revocation import REVOKED_KEY, RevokedGrants
+from services.gateway.revocation import RevokedGrants, revoked_key
 from services.gateway.routetable import RouteTable
 from services.gateway.validation import TokenVerifier
 
@@ -45,7 +45,7 @@ class GatewayContext:
     _paces: dict[int, Pace] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "revoked_prefix", self.settings.stream(REVOKED_KEY))
+        object.__setattr__(self, "revoked_prefix", revoked_key(self.settings, ""))
         object.__setattr__(self, "bucket_prefix", self.settings.stream(BUCKET_KEY))
 
     def subdomain_of(self, host: str) -> str | None:

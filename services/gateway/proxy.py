@@ -25,7 +25,7 @@ from yarl import URL
 
 from libs.common.errors import json_response
 from libs.common.logging import get_logger
-from services.gateway import upstream as upstream_client
+from services.gateway import http1_pool
 from services.gateway.metrics import GatewayMetrics
 
 log = get_logger(__name__)
@@ -85,11 +85,9 @@ class Upstreams:
             )
             for name in self.urls
         }
-        # The lean client (upstream.py) for protected calls without a body, where it can.
+        # The lean client (http1_pool.py) for protected calls without a body, where it can.
         self.lean = {
-            name: upstream_client.Pool(
-                url, connect_timeout=connect_timeout, total_timeout=total_timeout
-            )
+            name: http1_pool.Pool(url, connect_timeout=connect_timeout, total_timeout=total_timeout)
             for name, url in self.urls.items()
             if urlsplit(url).scheme == "http"
         }
@@ -211,7 +209,7 @@ async def forward(
     extra: Mapping[str, str] | None = None,
 ) -> web.StreamResponse:
     """Send the call to `upstream` and relay its answer; 502/504 JSON when it fails."""
-    if protected and request.method in upstream_client.METHODS and not request.body_exists:
+    if protected and request.method in http1_pool.METHODS and not request.body_exists:
         lean = upstreams.lean.get(upstream)
         if lean is not None:
             return await _forward_lean(request, lean, upstream, headers, metrics, extra)
@@ -298,7 +296,7 @@ async def _stream(
 
 async def _forward_lean(
     request: web.Request,
-    pool: upstream_client.Pool,
+    pool: http1_pool.Pool,
     name: str,
     headers: CIMultiDict[str],
     metrics: GatewayMetrics,
@@ -307,7 +305,7 @@ async def _forward_lean(
     """forward() over the lean client: the same answers, errors and metrics."""
     started = time.perf_counter()
     deadline = time.monotonic() + pool.total_timeout
-    answer: upstream_client.Answer | None = None
+    answer: http1_pool.Answer | None = None
     body = b""
     try:
         # One timeout for the head and a small body: the call's whole exchange.
@@ -327,7 +325,7 @@ async def _forward_lean(
     except (
         OSError,
         ValueError,
-        upstream_client.UpstreamProtocolError,
+        http1_pool.UpstreamProtocolError,
         asyncio.IncompleteReadError,
     ) as exc:
         if answer is not None:
@@ -363,7 +361,7 @@ def _loop_time(deadline: float) -> float:
 
 async def _stream_lean(
     request: web.Request,
-    answer: upstream_client.Answer,
+    answer: http1_pool.Answer,
     headers: CIMultiDict[str],
     name: str,
     metrics: GatewayMetrics,
@@ -384,7 +382,7 @@ async def _stream_lean(
     except (
         TimeoutError,
         OSError,
-        upstream_client.UpstreamProtocolError,
+        http1_pool.UpstreamProtocolError,
         asyncio.IncompleteReadError,
         asyncio.LimitOverrunError,
     ) as exc:

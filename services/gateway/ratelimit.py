@@ -1,10 +1,11 @@
 """The revocation mark and the client's rate limit: one Redis round trip, or none.
 
 One Lua script answers, in the contract's order, whether the grant is revoked and whether the
-client may make calls now (sent over the lean pipelined connection of resp.py). Without a
-revocation lease (revocation.py) every call runs it. Every call past the revocation check is
-charged, one refused for scope too (contract 13): a token cannot make unlimited refusals, each
-of which the audit trail records; the 403 is still answered before a 429 (contract 6's order).
+client may make calls now (sent over the lean pipelined connection of redis_pipeline.py).
+Without a revocation lease (revocation.py) every call runs it. Every call past the revocation
+check is charged, one refused for scope too (contract 13): a token cannot make unlimited
+refusals, each of which the audit trail records; the 403 is still answered before a 429
+(contract 6's order).
 
 Under a live lease the gateway's own set answers for revocation, and the script is needed only
 for the rate limit: a call then takes a block of calls from the client's bucket at once and
@@ -33,7 +34,7 @@ import time
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from services.gateway.resp import PipelinedRedis, RedisReplyError, pack
+from services.gateway.redis_pipeline import PipelinedRedis, RedisReplyError, pack
 from services.gateway.revocation import Lease
 
 BUCKET_KEY = "connect:ratelimit:"
@@ -163,8 +164,8 @@ class _Block:
 
 
 class Guard:
-    """Runs the script over the pipelined connection (resp.py): EVALSHA, loading it by EVAL
-    the first time a Redis has not seen it; and, under a lease, spends blocks of calls.
+    """Runs the script over the pipelined connection (redis_pipeline.py): EVALSHA, loading it
+    by EVAL the first time a Redis has not seen it; and, under a lease, spends blocks of calls.
 
     A block's size follows the bucket's use at this gateway: twice what the previous block
     served, from one up to `Pace.block`, so a client calling a gateway now and then takes one

@@ -32,20 +32,17 @@ from redis.exceptions import RedisError
 from libs.common import leases, streams
 from libs.common.config import Settings
 from libs.common.logging import get_logger
+from services.gateway import broadcasts
 
 log = get_logger(__name__)
 
-# The key identity's grants.revoke_grant sets (services/identity/grants.py REVOKED_KEY); kept
-# here as data rather than an import so the gateway does not load identity's modules. A test
-# holds the two equal.
-REVOKED_KEY = "connect:revoked:"
 # When an announcement names no TTL: longer than any access token lives.
 DEFAULT_TTL = 7200 + 300
 _SWEEP_EVERY = 1024
 
 
 def revoked_key(settings: Settings, grant_id: str) -> str:
-    return settings.stream(REVOKED_KEY) + grant_id
+    return settings.stream(streams.REVOKED_KEY) + grant_id
 
 
 class RevokedGrants:
@@ -69,39 +66,6 @@ class RevokedGrants:
 
     def __len__(self) -> int:
         return len(self._until)
-
-
-async def follow(
-    client: redis.Redis,
-    stream: str,
-    handle: Callable[[streams.Entry], None],
-    *,
-    ready: asyncio.Event | None = None,
-) -> None:
-    """Read a broadcast stream from its tail (new entries only) until cancelled.
-
-    Every gateway reads every entry (plain XREAD, no group). Redis failures back off and
-    resume from the last entry seen, so nothing announced while Redis blinked is missed.
-    """
-    delay = 0.2
-    last: str | None = None
-    while True:
-        try:
-            if last is None:
-                last = await streams.last_id(client, stream)
-                if ready is not None:
-                    ready.set()
-            for entry in await streams.read_tail(client, stream, last, block_ms=1000):
-                last = entry.id
-                try:
-                    handle(entry)
-                except Exception:
-                    log.exception("stream_entry_failed", stream=stream, entry=entry.id)
-            delay = 0.2
-        except (RedisError, OSError):
-            log.warning("stream_follow_failed", stream=stream)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
 
 
 def _boot_clock() -> float:
@@ -201,9 +165,7 @@ async def _follow(
     while True:
         try:
             if position is None:
-                position = await streams.last_id(client, stream)
-                if ready is not None:
-                    ready.set()
+                position = await broadcasts.start_position(client, stream, ready)
             if use_lease and not registered:
                 # Registering reports the stream's newest entry as applied before the marks
                 # are loaded: nothing may be answered from memory in between.

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -178,19 +178,38 @@ def _scope_list(raw: Any) -> tuple[str, ...] | str:
 
 def parse(text: str, source: str, upstreams: Mapping[str, str]) -> RouteTable:
     """Validate the file text; raise RouteTableError naming the line of the first mistake."""
+    document = _toml(text, source)
+    lines = _Lines(text)
+    for key in document:
+        if key not in _TOP_KEYS:
+            raise RouteTableError(source, lines.top(key), f"unknown section {key!r}")
+    known = _known_upstreams(document, lines, source, upstreams)
+    routes: list[Route] = []
+    seen: dict[str, int | None] = {}
+    for kind in ("public", "route"):
+        entries = document.get(kind, [])
+        if not isinstance(entries, list):
+            raise RouteTableError(source, lines.top(kind), f"use [[{kind}]] tables")
+        for index, entry in enumerate(entries):
+            routes.append(_route(kind, index, entry, lines, source, known, seen))
+    return RouteTable(routes, known, source)
+
+
+def _toml(text: str, source: str) -> dict[str, Any]:
     try:
-        document = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         found = _TOML_POSITION.search(str(exc))
         raise RouteTableError(
             source, int(found.group(1)) if found else None, f"TOML syntax error: {exc}"
         ) from None
-    lines = _Lines(text)
-    for key in document:
-        if key not in _TOP_KEYS:
-            raise RouteTableError(source, lines.top(key), f"unknown section {key!r}")
 
-    known = dict(upstreams)
+
+def _known_upstreams(
+    document: Mapping[str, Any], lines: _Lines, source: str, configured: Mapping[str, str]
+) -> dict[str, str]:
+    """The configured upstreams and the file's `[upstreams]`, each an http(s) base URL."""
+    known = dict(configured)
     extra = document.get("upstreams", {})
     if not isinstance(extra, dict):
         raise RouteTableError(source, lines.top("upstreams"), "[upstreams] must be a table")
@@ -203,70 +222,80 @@ def parse(text: str, source: str, upstreams: Mapping[str, str]) -> RouteTable:
                 source, lines.top(name), f"upstream {name!r} must be an http(s) base URL"
             )
         known[name] = url.rstrip("/")
+    return known
 
-    routes: list[Route] = []
-    seen: dict[str, int | None] = {}
-    for kind in ("public", "route"):
-        entries = document.get(kind, [])
-        if not isinstance(entries, list):
-            raise RouteTableError(source, lines.top(kind), f"use [[{kind}]] tables")
-        for index, entry in enumerate(entries):
-            line, _ = lines.table(kind, index)
 
-            fail = functools.partial(_entry_error, lines, source, (kind, index))
-            if not isinstance(entry, dict):
-                raise fail(f"a [[{kind}]] entry must be a table")
-            allowed = _PUBLIC_KEYS if kind == "public" else _ROUTE_KEYS
-            for key in entry:
-                if key not in allowed:
-                    raise fail(f"unknown key {key!r} in a [[{kind}]] entry", key)
-            prefix = _normalise_prefix(entry.get("prefix"))
-            if prefix is None:
-                raise fail(
-                    "prefix must be a path starting with '/', without '//', dot segments, "
-                    "'%', '?', '#', '*' or spaces",
-                    "prefix",
-                )
-            if prefix in seen:
-                raise fail(f"duplicate prefix {prefix!r} (first at line {seen[prefix]})", "prefix")
-            seen[prefix] = line
-            upstream = entry.get("upstream")
-            if upstream not in known:
-                raise fail(
-                    f"unknown upstream {upstream!r}; known: {', '.join(sorted(known))}",
-                    "upstream",
-                )
-            if kind == "public":
-                all_methods = dict.fromkeys((*METHODS, "OPTIONS"), ())
-                routes.append(Route(prefix, str(upstream), False, all_methods, line))
-                continue
-            scopes: dict[str, tuple[str, ...]] = {}
-            for key, methods in (
-                ("all_methods", METHODS),
-                ("read", READ_METHODS),
-                ("write", WRITE_METHODS),
-            ):
-                if key in entry:
-                    listed = _scope_list(entry[key])
-                    if isinstance(listed, str):
-                        raise fail(f"{key} {listed}", key)
-                    scopes.update(dict.fromkeys(methods, listed))
-            per_method = entry.get("methods", {})
-            if not isinstance(per_method, dict):
-                raise fail("methods must be a table of METHOD = [scopes]", "methods")
-            for method, raw in per_method.items():
-                if method not in METHODS:
-                    raise fail(f"bad method {method!r}; use one of {', '.join(METHODS)}", "methods")
-                listed = _scope_list(raw)
-                if isinstance(listed, str):
-                    raise fail(f"methods.{method} {listed}", "methods")
-                scopes[method] = listed
-            if not scopes:
-                raise fail("the route names no method (give read, write, all_methods or methods)")
-            if "GET" in scopes and "HEAD" not in scopes:
-                scopes["HEAD"] = scopes["GET"]
-            routes.append(Route(prefix, str(upstream), True, scopes, line))
-    return RouteTable(routes, known, source)
+def _route(
+    kind: str,
+    index: int,
+    entry: Any,
+    lines: _Lines,
+    source: str,
+    known: Mapping[str, str],
+    seen: dict[str, int | None],
+) -> Route:
+    """The `index`-th `[[public]]` or `[[route]]` entry; `seen` holds the prefixes before it."""
+    line, _ = lines.table(kind, index)
+    fail = functools.partial(_entry_error, lines, source, (kind, index))
+    if not isinstance(entry, dict):
+        raise fail(f"a [[{kind}]] entry must be a table")
+    allowed = _PUBLIC_KEYS if kind == "public" else _ROUTE_KEYS
+    for key in entry:
+        if key not in allowed:
+            raise fail(f"unknown key {key!r} in a [[{kind}]] entry", key)
+    prefix = _normalise_prefix(entry.get("prefix"))
+    if prefix is None:
+        raise fail(
+            "prefix must be a path starting with '/', without '//', dot segments, "
+            "'%', '?', '#', '*' or spaces",
+            "prefix",
+        )
+    if prefix in seen:
+        raise fail(f"duplicate prefix {prefix!r} (first at line {seen[prefix]})", "prefix")
+    seen[prefix] = line
+    upstream = entry.get("upstream")
+    if upstream not in known:
+        raise fail(
+            f"unknown upstream {upstream!r}; known: {', '.join(sorted(known))}",
+            "upstream",
+        )
+    if kind == "public":
+        all_methods = dict.fromkeys((*METHODS, "OPTIONS"), ())
+        return Route(prefix, str(upstream), False, all_methods, line)
+    return Route(prefix, str(upstream), True, _method_scopes(entry, fail), line)
+
+
+def _method_scopes(
+    entry: Mapping[str, Any], fail: Callable[..., RouteTableError]
+) -> dict[str, tuple[str, ...]]:
+    """A protected route's any-of scopes per method: `all_methods`, then `read` and `write`,
+    then `methods` per method, each later one overriding; HEAD as GET unless named."""
+    scopes: dict[str, tuple[str, ...]] = {}
+    for key, methods in (
+        ("all_methods", METHODS),
+        ("read", READ_METHODS),
+        ("write", WRITE_METHODS),
+    ):
+        if key in entry:
+            listed = _scope_list(entry[key])
+            if isinstance(listed, str):
+                raise fail(f"{key} {listed}", key)
+            scopes.update(dict.fromkeys(methods, listed))
+    per_method = entry.get("methods", {})
+    if not isinstance(per_method, dict):
+        raise fail("methods must be a table of METHOD = [scopes]", "methods")
+    for method, raw in per_method.items():
+        if method not in METHODS:
+            raise fail(f"bad method {method!r}; use one of {', '.join(METHODS)}", "methods")
+        listed = _scope_list(raw)
+        if isinstance(listed, str):
+            raise fail(f"methods.{method} {listed}", "methods")
+        scopes[method] = listed
+    if not scopes:
+        raise fail("the route names no method (give read, write, all_methods or methods)")
+    if "GET" in scopes and "HEAD" not in scopes:
+        scopes["HEAD"] = scopes["GET"]
+    return scopes
 
 
 def load(path: str | Path, settings: Settings) -> RouteTable:

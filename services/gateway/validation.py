@@ -6,7 +6,7 @@
 
 Steps 1-4 depend only on the token and the Host's school, so their outcome is cached by a hash
 of the token until min(exp, TOKEN_CACHE_TTL): a signature is checked once per token, not once
-per call. Steps 5-7 run on every call (routes.py), revocation and rate limit in one Redis
+per call. Steps 5-7 run on every call (checks.py), revocation and rate limit in one Redis
 round trip.
 
 Accepted issuers on a school's Host: the school itself, and the platform for tokens of

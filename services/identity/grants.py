@@ -25,8 +25,6 @@ if TYPE_CHECKING:
     # Only for annotations: schools.py sets a school's registration, which revokes grants.
     from services.identity.schools import Issuer
 
-# A gateway asks `EXISTS connect:revoked:<grant id>`; the mark outlives every access token.
-REVOKED_KEY = "connect:revoked:"
 # Announcements kept on connect:revocations; a gateway whose unread entries were trimmed away
 # registers again from the marks (libs/common/leases.py).
 REVOCATIONS_MAXLEN = 50_000
@@ -93,7 +91,7 @@ async def revoke_grants(
     # Mark and announce even when PostgreSQL says it was already revoked: a crash between
     # the two writes on an earlier attempt must not leave gateways uninformed.
     ttl = mark_ttl(settings)
-    prefix = settings.stream(REVOKED_KEY)
+    prefix = settings.stream(streams.REVOKED_KEY)
     for _ in range(2):
         marks = redis_client.pipeline(transaction=False)
         for grant_id in grant_ids:

@@ -53,7 +53,7 @@ PAGE_SIZE = 1000
 async def reassert_once(pool: asyncpg.Pool, redis_client: redis.Redis, settings: Settings) -> int:
     """One complete pass; how many marks were missing and have been written again."""
     window = grants.mark_ttl(settings)
-    prefix = settings.stream(grants.REVOKED_KEY)
+    prefix = settings.stream(streams.REVOKED_KEY)
     cursor = revocation_store.START
     restored = 0
     while True:

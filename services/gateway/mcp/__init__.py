@@ -14,8 +14,8 @@ from importlib.metadata import PackageNotFoundError, version
 from aiohttp import web
 
 from libs.common.errors import json_response
-from services.gateway import routes
 from services.gateway.context import context
+from services.gateway.forwarded import host_of
 from services.gateway.mcp import metadata
 from services.gateway.mcp.server import Endpoint
 
@@ -31,7 +31,7 @@ def _version() -> str:
 
 async def _metadata(request: web.Request) -> web.Response:
     ctx = context(request)
-    if not metadata.on_platform(routes._host(request, ctx), ctx.settings):
+    if not metadata.on_platform(host_of(request, ctx), ctx.settings):
         return metadata.not_here(ctx.settings)
     return json_response(metadata.document(ctx.settings))
 

@@ -32,13 +32,14 @@ from libs.common.config import PublicUrls
 from libs.common.errors import bearer_error, json_response
 from libs.common.logging import get_logger
 from libs.common.web import REQUEST_ID_KEY
-from services.gateway import audit, proxy, routes
+from services.gateway import audit, checks, proxy, refusals
 from services.gateway.audit import Slot
 from services.gateway.context import GatewayContext
 from services.gateway.directory import ClientPolicy
+from services.gateway.forwarded import forwarding
 from services.gateway.jwks import JwksUnavailable
 from services.gateway.mcp import metadata
-from services.gateway.resp import RedisReplyError
+from services.gateway.redis_pipeline import RedisReplyError
 from services.gateway.validation import (
     Rejection,
     TokenVerifier,
@@ -152,7 +153,7 @@ async def authenticate(
     """The checks of a protected call; the Caller, or the answer refusing the call."""
     authorizations = request.headers.getall("Authorization", ())
     if len(authorizations) > 1:
-        return bearer_error(400, "invalid_request", "Send one Authorization header.")
+        return refusals.one_authorization_header()
     token = bearer_token(authorizations[0] if authorizations else None)
     if token is None:
         return unauthorized(
@@ -165,16 +166,16 @@ async def authenticate(
     except Rejection as exc:
         return unauthorized(ctx, exc.reason, exc.description, scope=challenge_scope)
     except (JwksUnavailable, asyncpg.PostgresError, OSError):
-        return routes.unavailable()
+        return refusals.unavailable()
     assert client is not None
     structlog.contextvars.bind_contextvars(school=verified.school_id, client_id=verified.client_id)
     if verified.grant_id in ctx.revoked:
-        return unauthorized(ctx, "revoked", "The access token has been revoked")
+        return unauthorized(ctx, "revoked", refusals.REVOKED)
     # Before the call is charged or served, its record has a place (a call that cannot be
     # recorded is refused); an answer with no record to write gives it back.
     slot = ctx.audit.reserve()
     if slot is None:
-        return routes.audit_unavailable()
+        return refusals.audit_unavailable()
     admitted: Caller | web.Response | None = None
     try:
         admitted = await _admitted(request, ctx, verified, client, host, slot)
@@ -203,13 +204,13 @@ async def _admitted(
     except (OSError, RedisReplyError):
         # Fail closed, as every protected call does.
         log.warning("revocation_check_unavailable")
-        return routes.unavailable()
+        return refusals.unavailable()
     if verdict.revoked or verified.grant_id in ctx.revoked:
         # Asked again: the set may have heard of the revocation while the call waited.
         ctx.revoked.add(verified.grant_id)
-        return unauthorized(ctx, "revoked", "The access token has been revoked")
+        return unauthorized(ctx, "revoked", refusals.REVOKED)
 
-    fwd = routes.forwarding(request, ctx, host)
+    fwd = forwarding(request, ctx, host)
     caller = Caller(
         ctx=ctx,
         token=verified,
@@ -235,7 +236,7 @@ async def _admitted(
 def _upstream_headers(
     request: web.Request, ctx: GatewayContext, verified: VerifiedToken, fwd: proxy.Forwarding
 ) -> CIMultiDict[str]:
-    identity = routes.identity_headers(ctx, request, verified, verified.school_id)
+    identity = checks.identity_headers(ctx, request, verified, verified.school_id)
     # The caller's own headers describe the JSON-RPC POST (its length, its session), not the
     # school API calls its tools make: the upstream request starts from Accept alone.
     bare = request.clone(headers=CIMultiDict({"Accept": "application/json"}))

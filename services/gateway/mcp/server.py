@@ -22,8 +22,8 @@ from mcp.server.lowlevel.server import Server
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 
 from libs.common.errors import bearer_error, json_response
-from services.gateway import routes
 from services.gateway.context import context
+from services.gateway.forwarded import host_of
 from services.gateway.mcp import asgi, auth, metadata, tools
 
 CALLER_KEY = "loopwise.mcp.caller"
@@ -104,7 +104,7 @@ class Endpoint:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         ctx = context(request)
-        host = routes._host(request, ctx)
+        host = host_of(request, ctx)
         if not metadata.on_platform(host, ctx.settings):
             return metadata.not_here(ctx.settings)
         if request.method != "POST":

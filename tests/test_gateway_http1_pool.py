@@ -1,4 +1,4 @@
-"""The gateway's lean upstream client (services/gateway/upstream.py) against a scripted HTTP
+"""The gateway's lean upstream client (services/gateway/http1_pool.py) against a scripted HTTP
 server on a real socket: framing, keep-alive reuse, a kept connection the upstream closed, and
 requests that would split into two."""
 
@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from services.gateway.upstream import Pool, UpstreamProtocolError
+from services.gateway.http1_pool import Pool, UpstreamProtocolError
 
 
 @dataclass
