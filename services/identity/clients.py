@@ -188,3 +188,11 @@ async def rotate_secret(
 def belongs_to(client: store.Client, school_id: int | None) -> bool:
     """A school's client works only at that school; a platform client only on the platform."""
     return client.school_id == school_id
+
+
+def reviewed(client: store.Client) -> bool:
+    """Registered by a school admin, the CLI or an operator, so someone answerable vouched for
+    its redirect URIs. A client that registered itself (RFC 7591) is reviewed by nobody: its
+    redirect URIs may be anyone's, and the authorization endpoint must not send a browser
+    there unasked (RFC 9700 4.11.2). Only an operator can mark a client first-party."""
+    return client.created_via != "registration" or client.first_party
