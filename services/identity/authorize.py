@@ -1,9 +1,12 @@
 """The authorization endpoint (RFC 6749 4.1, RFC 7636, RFC 9207, OIDC Core 3.1.2) and its flow.
 
 `GET /v1/oauth/authorize` validates the request in two stages. Until the client and its
-redirect URI are trusted, every problem is an error page and never a redirect: redirecting to
-an unverified URI would make this server an open redirector. After that, every problem goes
-back to the client with `error`, `error_description`, `state` and `iss`.
+redirect URI are known, every problem is an error page and never a redirect: redirecting to
+an unverified URI would make this server an open redirector. After that, a problem goes back
+to the client with `error`, `error_description`, `state` and `iss` when a school admin, the
+CLI or an operator registered the client, or once the user has acted in this flow (signed in,
+picked a school, decided at consent). A client that registered itself chose its redirect URIs
+alone, so until then its errors are our own page too (RFC 9700 4.11.2).
 
 A signed-in user with remembered consent gets a code at once (one read query, one write
 transaction). Anyone else goes through the flow's pages: sign in, pick a school (platform
@@ -30,6 +33,7 @@ from multidict import MultiMapping
 
 from libs.common import scopes as catalogue
 from libs.common.config import Settings
+from libs.common.logging import get_logger
 from services.identity import (
     audit,
     clients,
@@ -46,6 +50,8 @@ from services.identity.context import IdentityContext, context, issuer
 from services.identity.schools import Issuer
 from services.identity.store import authorize as flow_store
 from services.identity.store.authorize import AuthorizeState, Session
+
+log = get_logger(__name__)
 
 AUTHORIZE_PATH = "/v1/oauth/authorize"
 AUTHORIZE_ALIAS = "/oauth/authorize"
@@ -134,6 +140,9 @@ class AuthorizationRequest:
     # The scopes the consent page offered: the Allow grants no more, even if the user's role
     # was raised in between.
     offered: list[str] | None = None
+    # The user has acted on one of this flow's pages (signed in, picked a school): from then on
+    # an unreviewed client's errors may go back to it, as they no longer come unasked.
+    interacted: bool = False
     # The browser the request was first shown in (sessions.browser_mark of its pre-session
     # cookie). Only that browser may go on with it: the request id travels in URLs, and a
     # stranger who learned it could otherwise sign in as themselves and have a code for their
@@ -457,7 +466,12 @@ def code_redirect(
 
 
 def error_page(
-    request: web.Request, message: str, *, status: int = 400, title: str | None = None
+    request: web.Request,
+    message: str,
+    *,
+    status: int = 400,
+    title: str | None = None,
+    error_code: str | None = None,
 ) -> web.Response:
     return pages.render(
         request,
@@ -465,6 +479,30 @@ def error_page(
         status=status,
         title=title or "This sign-in request cannot continue",
         message=message,
+        error_code=error_code,
+    )
+
+
+def request_error(
+    request: web.Request,
+    client: store.Client,
+    redirect_uri: str,
+    state: str | None,
+    error: RedirectError,
+    *,
+    interacted: bool,
+) -> web.Response:
+    """An error of a request whose client and redirect URI are known: sent back to the client
+    when someone answerable registered it or the user has acted in this flow, else shown
+    here. Redirecting an unreviewed client's errors at once would let anyone who registers
+    `https://evil.example/` bounce browsers there through our origin (RFC 9700 4.11.2)."""
+    if interacted or clients.reviewed(client):
+        return error_redirect(issuer(request), redirect_uri, state, error)
+    return error_page(
+        request,
+        error.description,
+        status=500 if error.error == "server_error" else 400,
+        error_code=error.error,
     )
 
 
@@ -521,7 +559,7 @@ async def issue_code(
             held = await flow_store.held_consent(
                 conn, user_id=session.user_id, client_id=authz.client_id, school_id=school_id
             )
-            if held is None or not set(authz.scopes) <= set(held):
+            if held is None or not consent.covers(held, authz.scopes):
                 return None
         grant = await grants.create_grant(
             conn,
@@ -630,6 +668,46 @@ async def _school_choices(
     return choices
 
 
+# The most passes the flow makes before it has an answer: the school of someone signed in
+# before is dropped, the user's only school is picked, a remembered consent is withdrawn
+# while its code was being made, and then a page or a code.
+_MAX_PASSES = 4
+
+
+@dataclass(frozen=True, slots=True)
+class _Again:
+    """A pass changed what the flow stands on: look again. `pending` is whether the request
+    is still stored (issuing a code takes it out)."""
+
+    pending: bool
+
+
+def _still_usable(client: store.Client | None, iss: Issuer) -> bool:
+    """The client the flow began with still exists, is enabled, and belongs here."""
+    return (
+        client is not None
+        and client.disabled_at is None
+        and clients.belongs_to(client, iss.school_id)
+    )
+
+
+def _gone(request: web.Request) -> web.Response:
+    return error_page(request, "The application that sent you here is no longer available.")
+
+
+def _standing(school_id: int | None, loaded: AuthorizeState) -> tuple[object, ...]:
+    """What a pass decides from: a pass that starts from the same as an earlier one would
+    decide the same again, so the flow is stuck rather than making progress."""
+    return (
+        school_id,
+        loaded.session.id_hash if loaded.session else None,
+        loaded.session_may_use_school,
+        loaded.consented,
+        loaded.role,
+        loaded.platform_admin,
+    )
+
+
 async def advance(
     request: web.Request,
     authz: AuthorizationRequest,
@@ -640,24 +718,55 @@ async def advance(
     """Take the flow as far as it goes without the user: a code, an error, or the next page.
 
     `pending` says the request came out of Redis (and must be taken out before its code is
-    issued); a fresh request is stored only when a page has to be shown.
+    issued); a fresh request is stored only when a page has to be shown. A loop of passes,
+    each on the state as it now is: a pass that would start where an earlier one did, or
+    one too many, ends the flow with server_error instead of going round.
     """
     ctx, iss = context(request), issuer(request)
-    school_id = iss.school_id if iss.school is not None else authz.school_id
-    if loaded is None:
-        loaded = await flow_store.authorize_state(
-            ctx.pool,
-            client_id=authz.client_id,
-            session_hash=sessions.session_hash(request),
-            school_id=school_id,
-        )
+    seen: set[tuple[object, ...]] = set()
+    client: store.Client | None = None
+    for _ in range(_MAX_PASSES):
+        school_id = iss.school_id if iss.school is not None else authz.school_id
+        if loaded is None:
+            loaded = await flow_store.authorize_state(
+                ctx.pool,
+                client_id=authz.client_id,
+                session_hash=sessions.session_hash(request),
+                school_id=school_id,
+            )
+        client = loaded.client
+        standing = _standing(school_id, loaded)
+        if standing in seen:
+            break
+        seen.add(standing)
+        outcome = await _advance_once(request, authz, loaded, school_id, pending=pending)
+        if not isinstance(outcome, _Again):
+            return outcome
+        loaded, pending = None, outcome.pending
+    log.error("authorize_flow_stuck", client_id=authz.client_id, passes=len(seen))
+    if not _still_usable(client, iss):
+        return _gone(request)
+    assert client is not None
+    stuck = RedirectError("server_error", "The authorization request could not be completed.")
+    return request_error(
+        request, client, authz.redirect_uri, authz.state, stuck, interacted=authz.interacted
+    )
+
+
+async def _advance_once(
+    request: web.Request,
+    authz: AuthorizationRequest,
+    loaded: AuthorizeState,
+    school_id: int | None,
+    *,
+    pending: bool,
+) -> web.StreamResponse | _Again:
+    """One pass of the flow: an answer, or _Again when it changed what the next pass stands on."""
+    ctx, iss = context(request), issuer(request)
     client = loaded.client
-    if (
-        client is None
-        or client.disabled_at is not None
-        or not clients.belongs_to(client, iss.school_id)
-    ):
-        return error_page(request, "The application that sent you here is no longer available.")
+    if not _still_usable(client, iss):
+        return _gone(request)
+    assert client is not None
     if client.created_via == "registration" and school_id is not None:
         # Read afresh, not from the Host cache: the school may have closed a moment ago. Shown
         # here, not redirected: the app is unreviewed (RFC 9700 4.11.2).
@@ -668,8 +777,14 @@ async def advance(
             )
 
     def fail(error: str, description: str) -> web.Response:
-        return error_redirect(
-            iss, authz.redirect_uri, authz.state, RedirectError(error, description)
+        assert client is not None
+        return request_error(
+            request,
+            client,
+            authz.redirect_uri,
+            authz.state,
+            RedirectError(error, description),
+            interacted=authz.interacted,
         )
 
     session = loaded.session
@@ -677,7 +792,7 @@ async def advance(
         if iss.school is None:
             # The school was picked by whoever was signed in before: this user picks anew.
             authz.school_id = authz.school_name = None
-            return await advance(request, authz, pending=pending)
+            return _Again(pending)
         # Signed in, but as someone who may not act at this school: sign in again.
         session = None
     if _needs_login(authz, session):
@@ -704,7 +819,7 @@ async def advance(
             # One school: nothing to choose, and the consent screen names it anyway.
             authz.school_id = usable[0].school_id
             authz.school_name = usable[0].name
-            return await advance(request, authz, pending=pending)
+            return _Again(pending)
         if "none" in authz.prompt:
             return fail("interaction_required", "The user has to choose a school.")
         return await _show_picker(request, authz, session, choices)
@@ -727,7 +842,7 @@ async def advance(
         )
         if code is None:
             # Withdrawn since it was read: ask again (or, with prompt=none, say so).
-            return await advance(request, authz, pending=False)
+            return _Again(pending=False)
         return code_redirect(iss, authz, code)
     if "none" in authz.prompt:
         return fail("consent_required", "The user has not consented to these scopes.")
@@ -823,7 +938,7 @@ async def _show_consent(
         title=f"Allow {authz.client_name}?",
         client_name=authz.client_name,
         # Self-registered (RFC 7591) apps are not reviewed by anyone; say so.
-        unreviewed=bool(client and client.created_via == "registration" and not client.first_party),
+        unreviewed=bool(client and not clients.reviewed(client)),
         redirect_host=_redirect_host(authz.redirect_uri),
         school_name=school_name,
         platform=iss.school is None,
@@ -869,7 +984,7 @@ async def authorize(request: web.Request) -> web.StreamResponse:
     except RedirectError as exc:
         state = params.get("state")
         state = str(state) if state and len(str(state)) <= _MAX_STATE else None
-        return error_redirect(iss, redirect_uri, state, exc)
+        return request_error(request, loaded.client, redirect_uri, state, exc, interacted=False)
     # Nothing is stored until a page is shown: the returning user's code costs no Redis write.
     return await advance(request, authz, loaded, pending=False)
 
@@ -924,6 +1039,7 @@ async def login_submit(request: web.Request) -> web.StreamResponse:
             error=f"This account is not a member of {school}. Sign in with another account.",
         )
     authz.login_session = result.session.id_hash.hex()
+    authz.interacted = True
     if iss.school is None:
         # A school picked before this sign-in was someone else's choice.
         authz.school_id = authz.school_name = None
@@ -973,6 +1089,7 @@ async def select_school_submit(request: web.Request) -> web.StreamResponse:
         )
     authz.school_id = picked.school_id
     authz.school_name = picked.name
+    authz.interacted = True
     await save_pending(ctx, authz)
     return sessions.see_other(_resume_url(authz))
 
@@ -1091,7 +1208,11 @@ _AUTHORIZE_OP = {
     "responses": {
         "200": {**_HTML, "description": "Sign-in, school picker or consent page"},
         "302": _FOUND,
-        "400": {**_HTML, "description": "Unknown client or unregistered redirect URI"},
+        "400": {
+            **_HTML,
+            "description": "Unknown client or unregistered redirect URI; or, for a client that"
+            " registered itself, any error before the user acted (RFC 9700 4.11.2)",
+        },
     },
 }
 

@@ -266,3 +266,11 @@ async def follow_changes(
                 await asyncio.wait_for(stop.wait(), delay)
             delay = min(delay * 2, 5.0)
     store.client_changes_unfollowed()
+
+
+def reviewed(client: store.Client) -> bool:
+    """Registered by a school admin, the CLI or an operator, so someone answerable vouched for
+    its redirect URIs. A client that registered itself (RFC 7591) is reviewed by nobody: its
+    redirect URIs may be anyone's, and the authorization endpoint must not send a browser
+    there unasked (RFC 9700 4.11.2). Only an operator can mark a client first-party."""
+    return client.created_via != "registration" or client.first_party

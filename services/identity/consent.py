@@ -28,15 +28,28 @@ class ConsentNeed:
         return not self.new
 
 
-def assess(requested: Sequence[str], consented: Sequence[str] | None) -> ConsentNeed:
-    """Split the request into new and already-allowed scopes.
+def uncovered(remembered: Sequence[str] | None, requested: Sequence[str]) -> tuple[str, ...]:
+    """The requested scopes a remembered consent does not cover, in the order asked.
 
-    An umbrella scope consented to (`read`) covers the data scopes it stands for; the reverse
-    does not hold: agreeing to `courses:read` says nothing about `read`.
+    The one rule of what a consent covers, for the flow that decides to skip the screen and
+    for the transaction that issues the code alike: were they to differ, a request one
+    passed and the other refused would go round forever. An umbrella scope consented to
+    (`read`) covers the data scopes it stands for; the reverse does not hold: agreeing to
+    `courses:read` says nothing about `read`.
     """
-    covered = catalogue.expand(consented or ())
-    new = tuple(s for s in requested if s not in covered)
-    previously = tuple(s for s in requested if s in covered)
+    covered = catalogue.expand(remembered or ())
+    return tuple(s for s in requested if s not in covered)
+
+
+def covers(remembered: Sequence[str] | None, requested: Sequence[str]) -> bool:
+    """Whether a remembered consent (None: there is none) covers every requested scope."""
+    return not uncovered(remembered, requested)
+
+
+def assess(requested: Sequence[str], consented: Sequence[str] | None) -> ConsentNeed:
+    """Split the request into new and already-allowed scopes."""
+    new = uncovered(consented, requested)
+    previously = tuple(s for s in requested if s not in new)
     return ConsentNeed(new, previously)
 
 
