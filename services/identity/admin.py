@@ -36,7 +36,16 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from multidict import MultiMapping
 
 from libs.common import scopes as catalogue
-from services.identity import audit, clients, grants, pages, registration, sessions, store
+from services.identity import (
+    audit,
+    clients,
+    grants,
+    pages,
+    redirect_uris,
+    registration,
+    sessions,
+    store,
+)
 from services.identity.account import (
     Viewer,
     csrf_refused,
@@ -206,7 +215,7 @@ def redirect_uris_of(raw: str) -> list[str]:
         )
     if any(len(u) > registration.MAX_URI_LENGTH for u in uris):
         raise clients.ClientMetadataError("invalid_redirect_uri", "a redirect URI is too long")
-    return [clients.validate_redirect_uri(u) for u in uris]
+    return [redirect_uris.validate_redirect_uri(u) for u in uris]
 
 
 def origins_of(raw: str) -> list[str]:

@@ -1,14 +1,14 @@
 """OAuth clients: their metadata rules, creation, secrets, and authentication at the endpoints.
 
 The same rules serve the admin pages, the CLI and dynamic client registration (RFC 7591), so
-a client is valid or not whichever way it was made.
+a client is valid or not whichever way it was made. Which redirect URIs may be registered, and
+the loopback rule shared with origins, are redirect_uris.py's (RFC 8252).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,6 +25,7 @@ from libs.common.db import Executor
 from libs.common.logging import get_logger
 from libs.common.origins import normalise
 from services.identity import credentials, store
+from services.identity import redirect_uris as redirect_rules
 
 log = get_logger(__name__)
 
@@ -41,55 +42,12 @@ class ClientMetadataError(ValueError):
         self.description = description
 
 
-def is_loopback_host(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def _refuse_ambiguous_authority(uri: str, netloc: str, error: str) -> None:
-    """Browsers parse http(s) URLs by the WHATWG rules, where a backslash is a slash, and
-    userinfo moves the host: `http://evil.example\\@127.0.0.1/cb` is 127.0.0.1 to urlsplit
-    but evil.example to a browser. A URI they could read two ways is refused, whatever the
-    scheme, so the host checked here is the host the browser goes to."""
-    if "\\" in uri or "@" in netloc:
-        raise ClientMetadataError(error, f"{uri!r} has a backslash or userinfo")
-
-
-def validate_redirect_uri(uri: str) -> str:
-    """https, or http on a loopback address for native apps (RFC 8252 7.3); no fragments or
-    wildcards; a private-use scheme (RFC 8252 7.1) in reverse-domain form is allowed too."""
-    parts = urlsplit(uri)
-    if not parts.scheme or "*" in uri or any(c.isspace() or ord(c) < 0x20 for c in uri):
-        raise ClientMetadataError("invalid_redirect_uri", f"{uri!r} is not an absolute URI")
-    _refuse_ambiguous_authority(uri, parts.netloc, "invalid_redirect_uri")
-    if parts.fragment or "#" in uri:
-        raise ClientMetadataError("invalid_redirect_uri", "redirect URIs may not have a fragment")
-    if parts.scheme == "https":
-        if not parts.hostname:
-            raise ClientMetadataError("invalid_redirect_uri", f"{uri!r} has no host")
-    elif parts.scheme == "http":
-        if not parts.hostname or not is_loopback_host(parts.hostname):
-            raise ClientMetadataError(
-                "invalid_redirect_uri", "http redirect URIs are allowed only on loopback"
-            )
-    elif "." not in parts.scheme:
-        raise ClientMetadataError(
-            "invalid_redirect_uri",
-            "redirect URIs must be https, http on loopback, or a reverse-domain private scheme",
-        )
-    return uri
-
-
 def validate_origin(origin: str) -> str:
     parts = urlsplit(origin)
-    _refuse_ambiguous_authority(origin, parts.netloc, "invalid_client_metadata")
+    redirect_rules.refuse_ambiguous_authority(origin, parts.netloc, "invalid_client_metadata")
     if parts.scheme not in ("https", "http") or not parts.hostname or parts.path not in ("", "/"):
         raise ClientMetadataError("invalid_client_metadata", f"{origin!r} is not an origin")
-    if parts.scheme == "http" and not is_loopback_host(parts.hostname):
+    if parts.scheme == "http" and not redirect_rules.is_loopback_host(parts.hostname):
         raise ClientMetadataError("invalid_client_metadata", "http origins only on loopback")
     return normalise(f"{parts.scheme}://{parts.netloc}")
 
@@ -138,7 +96,7 @@ async def create_client(
     name = name.strip()
     if not name or len(name) > 200:
         raise ClientMetadataError("invalid_client_metadata", "client_name must be 1-200 characters")
-    uris = [validate_redirect_uri(u) for u in redirect_uris]
+    uris = [redirect_rules.validate_redirect_uri(u) for u in redirect_uris]
     grants = list(grant_types or ("authorization_code", "refresh_token"))
     if any(g not in GRANT_TYPES for g in grants):
         raise ClientMetadataError("invalid_client_metadata", "unsupported grant type")

@@ -50,6 +50,7 @@ from libs.common.errors import OAuthError, bearer_challenge, json_response
 from libs.common.logging import get_logger
 from services.identity import audit, clients, credentials, grants, ratelimit, store
 from services.identity.context import IdentityContext, context, issuer
+from services.identity.redirect_uris import is_loopback_host, validate_redirect_uri
 from services.identity.schools import Issuer
 from services.identity.store import registration as registration_store
 
@@ -140,7 +141,7 @@ def _web_uri(name: str, uri: str, settings: Settings) -> str:
     plain_ok = (
         parts.scheme == "http"
         and settings.is_development
-        and clients.is_loopback_host(parts.hostname or "")
+        and is_loopback_host(parts.hostname or "")
     )
     if (parts.scheme != "https" and not plain_ok) or not parts.hostname:
         raise _bad(f"{name} must be an https URL")
@@ -188,7 +189,7 @@ def parse_metadata(
     name = (_text(doc, "client_name", 200) or "").strip() or DEFAULT_CLIENT_NAME
 
     redirect_uris = [
-        clients.validate_redirect_uri(u)
+        validate_redirect_uri(u)
         for u in _text_list(doc, "redirect_uris", MAX_REDIRECT_URIS, MAX_URI_LENGTH)
     ]
     if not redirect_uris:
