@@ -18,10 +18,10 @@ from aiohttp import web
 from libs.common import jwt
 from libs.common.errors import bearer_error, json_response
 from libs.common.logging import get_logger
-from services.identity import client_auth, cors, resources, store, tokens
+from services.identity import client_auth, cors, resources, store, token_state
 from services.identity.context import IdentityContext, context, issuer
 from services.identity.schools import Issuer
-from services.identity.store import tokens as token_store
+from services.identity.store import refresh_tokens as token_store
 
 log = get_logger(__name__)
 
@@ -70,7 +70,7 @@ async def bearer_token(request: web.Request) -> str:
 
 
 async def _meant_for_userinfo(
-    ctx: IdentityContext, state: tokens.TokenState, iss: Issuer, claims: dict[str, Any]
+    ctx: IdentityContext, state: token_state.TokenState, iss: Issuer, claims: dict[str, Any]
 ) -> bool:
     """Whether `aud` is the audience identity mints for its own API: the school's API origin,
     the audience of every token whose client named no other resource (resources.py).
@@ -90,7 +90,7 @@ async def _meant_for_userinfo(
 
 async def claims_for(
     ctx: IdentityContext,
-    state: tokens.TokenState,
+    state: token_state.TokenState,
     iss: Issuer,
     token: str,
     *,
@@ -103,7 +103,7 @@ async def claims_for(
     token's 401 included).
     """
     try:
-        claims = await tokens.verify_own_access_token(state, ctx.pool, iss, token)
+        claims = await token_state.verify_own_access_token(state, ctx.pool, iss, token)
     except jwt.TokenError as exc:
         log.info("userinfo_refused", reason=exc.reason)
         raise _invalid_token("the access token is invalid or expired") from None
@@ -112,7 +112,7 @@ async def claims_for(
     if not await _meant_for_userinfo(ctx, state, iss, claims):
         log.info("userinfo_refused", reason="audience")
         raise _invalid_token("the access token is not meant for this endpoint")
-    grant = await token_store.grant_status(ctx.pool, tokens.grant_uuid(claims))
+    grant = await token_store.grant_status(ctx.pool, token_state.grant_uuid(claims))
     if grant is None or grant.revoked or grant.client_id != claims["client_id"]:
         raise _invalid_token("the access token has been revoked")
     granted = set(str(claims.get("scope", "")).split())
@@ -145,14 +145,16 @@ async def userinfo_endpoint(request: web.Request) -> web.Response:
     try:
         token = await bearer_token(request)
         admit = functools.partial(admit_origin, request, ctx)
-        answer = await claims_for(ctx, tokens.state(request), issuer(request), token, admit=admit)
+        answer = await claims_for(
+            ctx, token_state.state(request), issuer(request), token, admit=admit
+        )
     except UserinfoError as exc:
         return exc.response()
     return json_response(answer, headers=_NO_STORE)
 
 
 def setup(app: web.Application) -> None:
-    tokens.install(app)
+    token_state.install(app)
     app.router.add_get("/v1/oauth/userinfo", userinfo_endpoint)
     app.router.add_post("/v1/oauth/userinfo", userinfo_endpoint)
 

@@ -30,15 +30,16 @@ from services.identity import (
     credentials,
     grants,
     keys,
+    minting,
     resources,
     roles,
     store,
-    tokens,
+    token_state,
 )
 from services.identity.context import IdentityContext, context, issuer
 from services.identity.schools import Issuer
 from services.identity.store import codes as code_store
-from services.identity.store import tokens as token_store
+from services.identity.store import refresh_tokens as token_store
 
 log = get_logger(__name__)
 
@@ -54,7 +55,7 @@ class GrantRequest:
     """Everything a grant handler needs about the request, already authenticated."""
 
     ctx: IdentityContext
-    state: tokens.TokenState
+    state: token_state.TokenState
     issuer: Issuer
     client: store.Client
     form: Mapping[str, str]
@@ -319,7 +320,7 @@ async def authorization_code_grant(req: GrantRequest) -> dict[str, Any]:
         raise OAuthError("invalid_grant", "the code has already been used")
 
     subject = str(found.user_id)
-    claims = tokens.access_token_claims(
+    claims = minting.access_token_claims(
         settings,
         issuer=req.issuer,
         school=school,
@@ -330,11 +331,11 @@ async def authorization_code_grant(req: GrantRequest) -> dict[str, Any]:
         grant_id=found.grant_id,
         auth_time=found.auth_time,
     )
-    access_token = tokens.sign_access_token(access_signer, claims)
+    access_token = minting.sign_access_token(access_signer, claims)
     id_token = None
     if "openid" in found.scopes:
         id_signer = await ctx.keyring.signer(req.issuer.school_id, keys.ID_TOKEN_ALG)
-        id_claims = tokens.id_token_claims(
+        id_claims = minting.id_token_claims(
             settings,
             issuer=req.issuer,
             school=school,
@@ -345,7 +346,7 @@ async def authorization_code_grant(req: GrantRequest) -> dict[str, Any]:
             access_token=access_token,
             now=claims["iat"],
         )
-        id_token = tokens.sign_id_token(id_signer, id_claims)
+        id_token = minting.sign_id_token(id_signer, id_claims)
     await _audit(
         req,
         "token.issued",
@@ -491,7 +492,7 @@ async def refresh_token_grant(req: GrantRequest) -> dict[str, Any]:
         )
         raise OAuthError("invalid_grant", "the refresh token has already been used")
 
-    claims = tokens.access_token_claims(
+    claims = minting.access_token_claims(
         settings,
         issuer=req.issuer,
         school=school,
@@ -502,7 +503,7 @@ async def refresh_token_grant(req: GrantRequest) -> dict[str, Any]:
         grant_id=st.grant_id,
         auth_time=st.auth_time,
     )
-    access_token = tokens.sign_access_token(access_signer, claims)
+    access_token = minting.sign_access_token(access_signer, claims)
     await _audit(
         req,
         "token.refreshed",
@@ -563,7 +564,7 @@ async def client_credentials_grant(req: GrantRequest) -> dict[str, Any]:
                 grant_type="client_credentials",
             )
 
-    claims = tokens.access_token_claims(
+    claims = minting.access_token_claims(
         settings,
         issuer=req.issuer,
         school=school,
@@ -574,7 +575,7 @@ async def client_credentials_grant(req: GrantRequest) -> dict[str, Any]:
         grant_id=grant_id,
         auth_time=None,
     )
-    access_token = tokens.sign_access_token(access_signer, claims)
+    access_token = minting.sign_access_token(access_signer, claims)
     await _audit(
         req,
         "token.issued",
@@ -617,7 +618,7 @@ async def token_endpoint(request: web.Request) -> web.Response:
         raise OAuthError("unsupported_grant_type", f"{grant_type!r} is not supported")
     req = GrantRequest(
         ctx=ctx,
-        state=tokens.state(request),
+        state=token_state.state(request),
         issuer=iss,
         client=authenticated.client,
         form=form,
@@ -628,7 +629,7 @@ async def token_endpoint(request: web.Request) -> web.Response:
 
 
 def setup(app: web.Application) -> None:
-    tokens.install(app)
+    token_state.install(app)
     app.router.add_post("/v1/oauth/token", token_endpoint)
     # The seed quickstart's path (contract section 2).
     app.router.add_post("/api/oauth/token", token_endpoint)
