@@ -14,12 +14,12 @@ from uuid import UUID
 from aiohttp import web
 
 from libs.common import jwt
-from libs.common.errors import OAuthError
+from libs.common.errors import InvalidRequest
 from libs.common.logging import get_logger
 from services.identity import audit, client_auth, cors, credentials, grants, store, token_state
 from services.identity.context import IdentityContext, context, issuer
 from services.identity.schools import Issuer
-from services.identity.store import refresh_tokens as token_store
+from services.identity.store import refresh_tokens as refresh_store
 
 log = get_logger(__name__)
 
@@ -56,7 +56,7 @@ async def grant_of_token(
             return None
         return token_state.grant_uuid(claims), kind
     if kind == "refresh_token":
-        st = await token_store.refresh_token_state(ctx.pool, credentials.token_hash(token))
+        st = await refresh_store.refresh_token_state(ctx.pool, credentials.token_hash(token))
         if st is None or st.expired:
             return None
         if st.client_id != client.id:
@@ -122,10 +122,10 @@ async def token_request(
         confidential_only=confidential_only,
     )
     if not cors.admit(request, authenticated.client):
-        raise OAuthError("invalid_request", cors.REFUSED)
+        raise InvalidRequest(cors.REFUSED)
     token = form.get("token")
     if not token:
-        raise OAuthError("invalid_request", "token is required")
+        raise InvalidRequest("token is required")
     return authenticated.client, token
 
 

@@ -21,7 +21,15 @@ from aiohttp import web
 
 from libs.common import scopes as catalogue
 from libs.common.db import Connection
-from libs.common.errors import OAuthError, json_response
+from libs.common.errors import (
+    InvalidGrant,
+    InvalidRequest,
+    InvalidScope,
+    InvalidTarget,
+    UnauthorizedClient,
+    UnsupportedGrantType,
+    json_response,
+)
 from libs.common.logging import get_logger
 from services.identity import (
     audit,
@@ -76,7 +84,7 @@ def narrowed_scopes(requested: str | None, granted: Sequence[str]) -> list[str]:
     effective = catalogue.expand(granted)
     beyond = [s for s in asked if s not in effective]
     if beyond:
-        raise OAuthError("invalid_scope", f"{beyond[0]!r} was not granted")
+        raise InvalidScope(f"{beyond[0]!r} was not granted")
     return asked
 
 
@@ -101,20 +109,18 @@ def client_credentials_scopes(
     if not asked:
         default = [s for s in registered if permitted_by_school(s)]
         if not default:
-            raise OAuthError("invalid_scope", "the client has no data scopes to grant itself")
+            raise InvalidScope("the client has no data scopes to grant itself")
         return default
     effective = catalogue.expand(registered)
     for scope in asked:
         if scope not in catalogue.CATALOGUE:
-            raise OAuthError("invalid_scope", f"unknown scope {scope!r}")
+            raise InvalidScope(f"unknown scope {scope!r}")
         if scope in catalogue.ADMIN_SCOPES:
-            raise OAuthError("invalid_scope", f"{scope!r} is not available to applications")
+            raise InvalidScope(f"{scope!r} is not available to applications")
         if scope in catalogue.IDENTITY_SCOPES:
-            raise OAuthError(
-                "invalid_scope", f"{scope!r} needs a user, which client_credentials has not"
-            )
+            raise InvalidScope(f"{scope!r} needs a user, which client_credentials has not")
         if scope not in effective or not permitted_by_school(scope):
-            raise OAuthError("invalid_scope", f"the client may not hold {scope!r}")
+            raise InvalidScope(f"the client may not hold {scope!r}")
     return asked
 
 
@@ -128,11 +134,11 @@ async def token_school(req: GrantRequest, school_id: int) -> store.School:
     """
     if req.issuer.school is not None:
         if school_id != req.issuer.school.id:
-            raise OAuthError("invalid_grant", "the grant belongs to another school")
+            raise InvalidGrant("the grant belongs to another school")
         return req.issuer.school
     school = await req.state.school(req.ctx.pool, school_id)
     if school is None:
-        raise OAuthError("invalid_grant", "the school of this grant no longer exists")
+        raise InvalidGrant("the school of this grant no longer exists")
     return school
 
 
@@ -143,12 +149,12 @@ def audience_for(req: GrantRequest, school: store.School, bound: str | None) -> 
     client = req.client
     audience = resources.audience(req.ctx.settings, school, bound, issuer=issuer, client=client)
     if audience is None:
-        raise OAuthError("invalid_target", "the resource is not one this school serves")
+        raise InvalidTarget("the resource is not one this school serves")
     asked_audience = resources.audience(
         req.ctx.settings, school, asked, issuer=issuer, client=client
     )
     if asked is not None and asked_audience != audience:
-        raise OAuthError("invalid_target", "the resource differs from the one authorized")
+        raise InvalidTarget("the resource differs from the one authorized")
     return audience
 
 
@@ -177,7 +183,7 @@ def replay_by_owner(req: GrantRequest, found: code_store.Redemption) -> bool:
 def require(form: Mapping[str, str], name: str) -> str:
     value = form.get(name)
     if not value:
-        raise OAuthError("invalid_request", f"{name} is required")
+        raise InvalidRequest(f"{name} is required")
     return value
 
 
@@ -216,7 +222,7 @@ async def authorization_code_grant(req: GrantRequest) -> dict[str, Any]:
     """RFC 6749 4.1.3 with RFC 7636: redeem the code once, then mint."""
     ctx, client, form = req.ctx, req.client, req.form
     if "authorization_code" not in client.grant_types:
-        raise OAuthError("unauthorized_client", "the client may not use authorization_code")
+        raise UnauthorizedClient("the client may not use authorization_code")
     code = require(form, "code")
     redirect_uri = form.get("redirect_uri")
     settings = ctx.settings
@@ -230,32 +236,32 @@ async def authorization_code_grant(req: GrantRequest) -> dict[str, Any]:
     async with ctx.pool.acquire() as conn, conn.transaction():
         found = await code_store.redeem(conn, credentials.token_hash(code))
         if found is None:
-            raise OAuthError("invalid_grant", "the code is invalid")
+            raise InvalidGrant("the code is invalid")
         if not found.fresh:
             if not replay_by_owner(req, found):
                 # A used code is no key to someone else's grant: only the client the code was
                 # issued to may end the grant by presenting it again. Anyone else learns no more
                 # than from an unknown code.
-                raise OAuthError("invalid_grant", "the code is invalid")
+                raise InvalidGrant("the code is invalid")
             replayed = found
         else:
             # A failed check raises and rolls back: the code stays for its rightful client.
             if found.client_id != client.id:
-                raise OAuthError("invalid_grant", "the code was issued to another client")
+                raise InvalidGrant("the code was issued to another client")
             school = await token_school(req, found.school_id)
             if found.expired:
-                raise OAuthError("invalid_grant", "the code has expired")
+                raise InvalidGrant("the code has expired")
             if not redirect_uri:
                 # RFC 6749 4.1.3: required only if the authorization request had one. The
                 # authorize step defaults it only for a client with a single registered URI.
                 if client.redirect_uris != (found.redirect_uri,):
-                    raise OAuthError("invalid_request", "redirect_uri is required")
+                    raise InvalidRequest("redirect_uri is required")
             elif found.redirect_uri != redirect_uri:
-                raise OAuthError("invalid_grant", "redirect_uri differs from the authorization")
+                raise InvalidGrant("redirect_uri differs from the authorization")
             if not pkce_matches(form.get("code_verifier"), found.code_challenge):
-                raise OAuthError("invalid_grant", "code_verifier is missing or does not match")
+                raise InvalidGrant("code_verifier is missing or does not match")
             if found.grant_revoked:
-                raise OAuthError("invalid_grant", "the grant has been revoked")
+                raise InvalidGrant("the grant has been revoked")
             top = roles.ceiling(found.user_role, platform_admin=found.platform_admin)
             if found.shut_out:
                 # The school closed registration after this grant was made, perhaps after
@@ -292,16 +298,14 @@ async def authorization_code_grant(req: GrantRequest) -> dict[str, Any]:
             ip=req.ip,
         )
         req.state.forget_grant(shut_out.grant_id)
-        raise OAuthError(
-            "invalid_grant", "the school no longer accepts applications that registered themselves"
-        )
+        raise InvalidGrant("the school no longer accepts applications that registered themselves")
 
     if outgrown is not None:
         await grants.revoke_grant(
             ctx.pool, ctx.redis, settings, outgrown.grant_id, reason="role_lowered", ip=req.ip
         )
         req.state.forget_grant(outgrown.grant_id)
-        raise OAuthError("invalid_grant", "the user's role no longer allows this grant")
+        raise InvalidGrant("the user's role no longer allows this grant")
 
     if replayed is not None:
         # RFC 6749 4.1.2 / 10.5: a second redemption ends what the first one issued.
@@ -317,7 +321,7 @@ async def authorization_code_grant(req: GrantRequest) -> dict[str, Any]:
             subject=str(replayed.user_id),
             grant_id=str(replayed.grant_id),
         )
-        raise OAuthError("invalid_grant", "the code has already been used")
+        raise InvalidGrant("the code has already been used")
 
     subject = str(found.user_id)
     claims = minting.access_token_claims(
@@ -399,14 +403,14 @@ async def _rotate_locked(
     async with conn.transaction():
         st = await token_store.lock_refresh_token(conn, presented_hash)
         if st is None or st.client_id != client.id:
-            raise OAuthError("invalid_grant", "the refresh token is invalid")
+            raise InvalidGrant("the refresh token is invalid")
         school = await token_school(req, st.school_id)
         if st.grant_revoked:
-            raise OAuthError("invalid_grant", "the grant has been revoked")
+            raise InvalidGrant("the grant has been revoked")
         if st.expired:
-            raise OAuthError("invalid_grant", "the refresh token has expired")
+            raise InvalidGrant("the refresh token has expired")
         if st.user_id is None:
-            raise OAuthError("invalid_grant", "the refresh token has no user")
+            raise InvalidGrant("the refresh token has no user")
         if beyond_role(st):
             return st, school, list(st.scopes), "", "beyond_role"
         scopes = narrowed_scopes(form.get("scope"), st.scopes)
@@ -436,7 +440,7 @@ async def refresh_token_grant(req: GrantRequest) -> dict[str, Any]:
     ctx, client, form = req.ctx, req.client, req.form
     settings = ctx.settings
     if "refresh_token" not in client.grant_types:
-        raise OAuthError("unauthorized_client", "the client may not use refresh_token")
+        raise UnauthorizedClient("the client may not use refresh_token")
     presented = require(form, "refresh_token")
     access_signer = await ctx.keyring.signer(req.issuer.school_id, keys.ACCESS_TOKEN_ALG)
     successor = successor_of(settings.secret_pepper, presented)
@@ -475,9 +479,7 @@ async def refresh_token_grant(req: GrantRequest) -> dict[str, Any]:
         await grants.revoke_grant(
             ctx.pool, ctx.redis, settings, st.grant_id, reason="role_lowered", ip=req.ip
         )
-        raise OAuthError(
-            "invalid_grant", "the user's role at the school no longer allows this grant"
-        )
+        raise InvalidGrant("the user's role at the school no longer allows this grant")
     if outcome == "reused":
         await grants.revoke_grant(
             ctx.pool, ctx.redis, settings, st.grant_id, reason="refresh_token_reuse", ip=req.ip
@@ -490,7 +492,7 @@ async def refresh_token_grant(req: GrantRequest) -> dict[str, Any]:
             subject=subject,
             grant_id=str(st.grant_id),
         )
-        raise OAuthError("invalid_grant", "the refresh token has already been used")
+        raise InvalidGrant("the refresh token has already been used")
 
     claims = minting.access_token_claims(
         settings,
@@ -530,19 +532,19 @@ async def client_credentials_grant(req: GrantRequest) -> dict[str, Any]:
     ctx, client = req.ctx, req.client
     settings = ctx.settings
     if client.is_public:
-        raise OAuthError("unauthorized_client", "client_credentials needs a confidential client")
+        raise UnauthorizedClient("client_credentials needs a confidential client")
     if "client_credentials" not in client.grant_types:
-        raise OAuthError("unauthorized_client", "the client may not use client_credentials")
+        raise UnauthorizedClient("the client may not use client_credentials")
     school = req.issuer.school
     if school is None or client.school_id != school.id:
         # A token must be bound to one school; a platform client has none without a user.
-        raise OAuthError("unauthorized_client", "client_credentials needs a school's client")
+        raise UnauthorizedClient("client_credentials needs a school's client")
     scopes = client_credentials_scopes(req.form.get("scope"), client, school)
     audience = resources.audience(
         settings, school, req.form.get("resource"), issuer=req.issuer.issuer, client=client
     )
     if audience is None:
-        raise OAuthError("invalid_target", "the resource is not one this school serves")
+        raise InvalidTarget("the resource is not one this school serves")
     access_signer = await ctx.keyring.signer(school.id, keys.ACCESS_TOKEN_ALG)
 
     cache_key = (client.id, school.id)
@@ -609,13 +611,13 @@ async def token_endpoint(request: web.Request) -> web.Response:
         form=form,
     )
     if not cors.admit(request, authenticated.client):
-        raise OAuthError("invalid_request", cors.REFUSED)
+        raise InvalidRequest(cors.REFUSED)
     grant_type = form.get("grant_type")
     if not grant_type:
-        raise OAuthError("invalid_request", "grant_type is required")
+        raise InvalidRequest("grant_type is required")
     handler = _GRANTS.get(grant_type)
     if handler is None:
-        raise OAuthError("unsupported_grant_type", f"{grant_type!r} is not supported")
+        raise UnsupportedGrantType(f"{grant_type!r} is not supported")
     req = GrantRequest(
         ctx=ctx,
         state=token_state.state(request),
