@@ -22,7 +22,8 @@ from services.identity import credentials, grants, resources, store, token_state
 from services.identity.context import IdentityContext, context, issuer
 from services.identity.revocation import token_kind, token_request
 from services.identity.schools import Issuer
-from services.identity.store import refresh_tokens as token_store
+from services.identity.store import grants as grant_store
+from services.identity.store import refresh_tokens as refresh_store
 
 log = get_logger(__name__)
 
@@ -48,7 +49,7 @@ async def introspect_access_token(
         return INACTIVE
     if not may_introspect(caller, claims["client_id"]):
         return INACTIVE
-    grant = await token_store.grant_status(ctx.pool, token_state.grant_uuid(claims))
+    grant = await grant_store.grant_status(ctx.pool, token_state.grant_uuid(claims))
     if grant is None or grant.revoked or grant.client_id != claims["client_id"]:
         return INACTIVE
     answer: dict[str, Any] = {
@@ -78,7 +79,7 @@ async def introspect_refresh_token(
     caller: store.Client,
     token: str,
 ) -> dict[str, Any]:
-    st = await token_store.refresh_token_state(ctx.pool, credentials.token_hash(token))
+    st = await refresh_store.refresh_token_state(ctx.pool, credentials.token_hash(token))
     # A rotated token is no longer usable, except as a retry inside the grace window, which
     # answers with its successor: it is not active.
     if st is None or st.expired or st.grant_revoked or st.rotated_at is not None:

@@ -28,7 +28,7 @@ from libs.common.logging import get_logger
 from services.identity import client_auth, cors, resources, store, token_state
 from services.identity.context import IdentityContext, context, issuer
 from services.identity.schools import Issuer
-from services.identity.store import refresh_tokens as token_store
+from services.identity.store import grants as grant_store
 
 log = get_logger(__name__)
 
@@ -103,7 +103,7 @@ async def claims_for(
     if not await _meant_for_userinfo(ctx, state, iss, claims):
         log.info("userinfo_refused", reason="audience")
         raise InvalidToken("the access token is not meant for this endpoint")
-    grant = await token_store.grant_status(ctx.pool, token_state.grant_uuid(claims))
+    grant = await grant_store.grant_status(ctx.pool, token_state.grant_uuid(claims))
     if grant is None or grant.revoked or grant.client_id != claims["client_id"]:
         raise InvalidToken("the access token has been revoked")
     granted = set(str(claims.get("scope", "")).split())
