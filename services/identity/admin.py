@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from multidict import MultiMapping
 
 from libs.common import scopes as catalogue
+from libs.common.errors import InvalidClientMetadata, InvalidRedirectUri
 from services.identity import (
     audit,
     clients,
@@ -210,20 +211,16 @@ def redirect_uris_of(raw: str) -> list[str]:
     """Redirect URIs, one a line, checked as dynamic registration checks them."""
     uris = _lines(raw)
     if len(uris) > registration.MAX_REDIRECT_URIS:
-        raise clients.ClientMetadataError(
-            "invalid_redirect_uri", f"at most {registration.MAX_REDIRECT_URIS} redirect URIs"
-        )
+        raise InvalidRedirectUri(f"at most {registration.MAX_REDIRECT_URIS} redirect URIs")
     if any(len(u) > registration.MAX_URI_LENGTH for u in uris):
-        raise clients.ClientMetadataError("invalid_redirect_uri", "a redirect URI is too long")
+        raise InvalidRedirectUri("a redirect URI is too long")
     return [redirect_uris.validate_redirect_uri(u) for u in uris]
 
 
 def origins_of(raw: str) -> list[str]:
     origins = _lines(raw)
     if len(origins) > registration.MAX_REDIRECT_URIS:
-        raise clients.ClientMetadataError(
-            "invalid_client_metadata", f"at most {registration.MAX_REDIRECT_URIS} origins"
-        )
+        raise InvalidClientMetadata(f"at most {registration.MAX_REDIRECT_URIS} origins")
     return list(dict.fromkeys(clients.validate_origin(o) for o in origins))
 
 
@@ -304,14 +301,10 @@ async def edit_app(
 ) -> store.Client:
     name = str(form.get("name", client.name)).strip()
     if not name or len(name) > 200:
-        raise clients.ClientMetadataError(
-            "invalid_client_metadata", "the name must be 1-200 characters"
-        )
+        raise InvalidClientMetadata("the name must be 1-200 characters")
     uris = redirect_uris_of(str(form.get("redirect_uris", "")))
     if "authorization_code" in client.grant_types and not uris:
-        raise clients.ClientMetadataError(
-            "invalid_redirect_uri", "at least one redirect URI is required"
-        )
+        raise InvalidRedirectUri("at least one redirect URI is required")
     origins = origins_of(str(form.get("origins", "")))
     updated = await store.update_client(
         ctx.pool, client.id, name=name, redirect_uris=uris, allowed_origins=origins
@@ -423,7 +416,7 @@ async def create_submit(request: web.Request) -> web.StreamResponse:
     wanted = AppForm.read(form)
     try:
         made = await create_app(ctx, viewer, wanted, _ip(request))
-    except clients.ClientMetadataError as exc:
+    except clients.METADATA_ERRORS as exc:
         apps = await store.list_clients(ctx.pool, viewer.school.id)
         return _render_apps(request, viewer, apps, wanted, status=400, error=exc.description)
     query = {"created": "1"}
@@ -515,7 +508,7 @@ async def edit_submit(request: web.Request) -> web.StreamResponse:
     viewer, client, form = posted
     try:
         await edit_app(context(request), viewer, client, form, _ip(request))
-    except clients.ClientMetadataError as exc:
+    except clients.METADATA_ERRORS as exc:
         return _render_app(
             request,
             viewer,
@@ -539,7 +532,7 @@ async def rotate_submit(request: web.Request) -> web.StreamResponse:
     ctx = context(request)
     try:
         updated, secret = await clients.rotate_secret(ctx.pool, ctx.redis, ctx.settings, client)
-    except clients.ClientMetadataError as exc:
+    except clients.METADATA_ERRORS as exc:
         return _render_app(request, viewer, client, status=400, error=exc.description)
     await _audit_change(ctx, "client.secret_rotated", viewer, updated, _ip(request))
     query = {"rotated": "1"}

@@ -22,7 +22,7 @@ import ipaddress
 import re
 from urllib.parse import urlsplit
 
-from services.identity import clients
+from libs.common.errors import InvalidRedirectUri, OAuthErrorCode
 
 # The two IP literals RFC 8252 7.3 names for loopback IP redirects, with an optional port.
 _LOOPBACK_IP_NETLOC = re.compile(r"^(127\.0\.0\.1|\[::1\])(?::([0-9]{1,5}))?$")
@@ -39,13 +39,13 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
-def refuse_ambiguous_authority(uri: str, netloc: str, error: str) -> None:
+def refuse_ambiguous_authority(uri: str, netloc: str, error: type[OAuthErrorCode]) -> None:
     """Browsers parse http(s) URLs by the WHATWG rules, where a backslash is a slash, and
     userinfo moves the host: `http://evil.example\\@127.0.0.1/cb` is 127.0.0.1 to urlsplit
     but evil.example to a browser. A URI they could read two ways is refused, whatever the
     scheme, so the host checked here is the host the browser goes to."""
     if "\\" in uri or "@" in netloc:
-        raise clients.ClientMetadataError(error, f"{uri!r} has a backslash or userinfo")
+        raise error(f"{uri!r} has a backslash or userinfo")
 
 
 def validate_redirect_uri(uri: str) -> str:
@@ -54,24 +54,19 @@ def validate_redirect_uri(uri: str) -> str:
     is allowed too."""
     parts = urlsplit(uri)
     if not parts.scheme or "*" in uri or any(c.isspace() or ord(c) < 0x20 for c in uri):
-        raise clients.ClientMetadataError("invalid_redirect_uri", f"{uri!r} is not an absolute URI")
-    refuse_ambiguous_authority(uri, parts.netloc, "invalid_redirect_uri")
+        raise InvalidRedirectUri(f"{uri!r} is not an absolute URI")
+    refuse_ambiguous_authority(uri, parts.netloc, InvalidRedirectUri)
     if parts.fragment or "#" in uri:
-        raise clients.ClientMetadataError(
-            "invalid_redirect_uri", "redirect URIs may not have a fragment"
-        )
+        raise InvalidRedirectUri("redirect URIs may not have a fragment")
     if parts.scheme == "https":
         if not parts.hostname:
-            raise clients.ClientMetadataError("invalid_redirect_uri", f"{uri!r} has no host")
+            raise InvalidRedirectUri(f"{uri!r} has no host")
     elif parts.scheme == "http":
         if not parts.hostname or not is_loopback_host(parts.hostname):
-            raise clients.ClientMetadataError(
-                "invalid_redirect_uri", "http redirect URIs are allowed only on loopback"
-            )
+            raise InvalidRedirectUri("http redirect URIs are allowed only on loopback")
     elif "." not in parts.scheme:
-        raise clients.ClientMetadataError(
-            "invalid_redirect_uri",
-            "redirect URIs must be https, http on loopback, or a reverse-domain private scheme",
+        raise InvalidRedirectUri(
+            "redirect URIs must be https, http on loopback, or a reverse-domain private scheme"
         )
     return uri
 

@@ -46,7 +46,13 @@ from redis.exceptions import RedisError
 
 from libs.common import scopes as catalogue
 from libs.common.config import Settings
-from libs.common.errors import OAuthError, bearer_challenge, json_response
+from libs.common.errors import (
+    InvalidClientMetadata,
+    InvalidRedirectUri,
+    OAuthError,
+    bearer_challenge,
+    json_response,
+)
 from libs.common.logging import get_logger
 from services.identity import audit, clients, credentials, grants, ratelimit, store
 from services.identity.context import IdentityContext, context, issuer
@@ -107,8 +113,8 @@ class ClientRequest:
 # Validation ------------------------------------------------------------------------------
 
 
-def _bad(description: str) -> clients.ClientMetadataError:
-    return clients.ClientMetadataError("invalid_client_metadata", description)
+def _bad(description: str) -> InvalidClientMetadata:
+    return InvalidClientMetadata(description)
 
 
 def _text(doc: Mapping[str, Any], name: str, max_length: int) -> str | None:
@@ -193,9 +199,7 @@ def parse_metadata(
         for u in _text_list(doc, "redirect_uris", MAX_REDIRECT_URIS, MAX_URI_LENGTH)
     ]
     if not redirect_uris:
-        raise clients.ClientMetadataError(
-            "invalid_redirect_uri", "at least one redirect URI is required"
-        )
+        raise InvalidRedirectUri("at least one redirect URI is required")
 
     grant_types = _text_list(doc, "grant_types", 5, 100) or list(REGISTRABLE_GRANT_TYPES)
     if "client_credentials" in grant_types:
@@ -523,23 +527,19 @@ async def delete(ctx: IdentityContext, client: store.Client, address: str) -> No
 
 async def _json_object(request: web.Request) -> dict[str, Any]:
     if request.content_type != "application/json":
-        raise _oauth(_bad("the request body must be application/json"))
+        raise _bad("the request body must be application/json")
     if (request.content_length or 0) > MAX_BODY_BYTES:
-        raise _oauth(_bad("the request body is too large"))
+        raise _bad("the request body is too large")
     body = await request.read()
     if len(body) > MAX_BODY_BYTES:
-        raise _oauth(_bad("the request body is too large"))
+        raise _bad("the request body is too large")
     try:
         document = orjson.loads(body)
     except orjson.JSONDecodeError:
-        raise _oauth(_bad("the request body is not valid JSON")) from None
+        raise _bad("the request body is not valid JSON") from None
     if not isinstance(document, dict):
-        raise _oauth(_bad("the request body must be a JSON object"))
+        raise _bad("the request body must be a JSON object")
     return document
-
-
-def _oauth(exc: clients.ClientMetadataError) -> OAuthError:
-    return OAuthError(exc.error, exc.description)
 
 
 async def register_endpoint(request: web.Request) -> web.Response:
@@ -548,10 +548,7 @@ async def register_endpoint(request: web.Request) -> web.Response:
     school = await registering_school(ctx, where)
     await check_rate(ctx, where, address)
     document = await _json_object(request)
-    try:
-        made = await register(ctx, where, school, document, address)
-    except clients.ClientMetadataError as exc:
-        raise _oauth(exc) from None
+    made = await register(ctx, where, school, document, address)
     return json_response(
         registration_response(made, where.issuer), status=201, headers=dict(_NO_STORE)
     )
@@ -572,10 +569,7 @@ async def update_endpoint(request: web.Request) -> web.Response:
     )
     document = await _json_object(request)
     address = ratelimit.client_address(request, ctx.settings)
-    try:
-        updated = await update(ctx, client, document, address)
-    except clients.ClientMetadataError as exc:
-        raise _oauth(exc) from None
+    updated = await update(ctx, client, document, address)
     return json_response(client_information(updated, where.issuer), headers=dict(_NO_STORE))
 
 

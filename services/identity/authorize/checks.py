@@ -5,12 +5,12 @@ Two stages. `trusted_redirect` comes first: until the client and its redirect UR
 good every problem is a page, never a redirect (RFC 6749 4.1.2.1; redirecting to an unverified
 URI would make this server an open redirector). Then `build_request` runs `CHECKS` in order;
 each reads the request's parameters and fills its part of the AuthorizationRequest, and the
-first RedirectError raised is the answer.
+first error raised (an OAuthError of libs/common/errors.py) is the answer, at the client's
+redirect URI or on our page (responses.request_error).
 """
 
 from __future__ import annotations
 
-import re
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,12 +21,21 @@ from multidict import MultiMapping
 
 from libs.common import scopes as catalogue
 from libs.common.config import Settings
-from services.identity import clients, redirect_uris, resources, store
+from libs.common.errors import (
+    InvalidClient,
+    InvalidRequest,
+    InvalidScope,
+    InvalidTarget,
+    OAuthError,
+    RequestNotSupported,
+    RequestUriNotSupported,
+    UnauthorizedClient,
+    UnsupportedResponseType,
+)
+from services.identity import clients, pkce, redirect_uris, resources, store
 from services.identity.authorize.request import AuthorizationRequest
-from services.identity.authorize.responses import RedirectError, UntrustedRequest
 from services.identity.schools import Issuer
 
-_CODE_CHALLENGE = re.compile(r"^[A-Za-z0-9_-]{43}$")
 _PROMPTS = frozenset({"none", "login", "consent"})
 # Parameters that may appear at most once (RFC 6749 3.1); `resource` may repeat (RFC 8707)
 # and is handled on its own.
@@ -55,7 +64,7 @@ def single(params: MultiMapping[Any], name: str) -> str | None:
     """A parameter's value; empty counts as absent (RFC 6749 3.1)."""
     values = params.getall(name, [])
     if len(values) > 1:
-        raise RedirectError("invalid_request", f"The {name} parameter was given more than once.")
+        raise InvalidRequest(f"The {name} parameter was given more than once.")
     value = str(values[0]) if values else ""
     return value or None
 
@@ -64,27 +73,28 @@ def single(params: MultiMapping[Any], name: str) -> str | None:
 
 
 def trusted_redirect(params: MultiMapping[Any], iss: Issuer, client: store.Client | None) -> str:
-    """The redirect URI to answer at, once client and URI are known good; else UntrustedRequest.
+    """The redirect URI to answer at, once client and URI are known good. What it raises is
+    never sent to any redirect URI: the handler shows it on our page.
 
     RFC 6749 3.1.2.3: with several registered URIs the request must name one, and it must match
     one of them (redirect_uris.matches, RFC 8252 7.3 for loopback IPs)."""
     if client is None:
-        raise UntrustedRequest("The application that sent you here is not known to Loopwise.")
+        raise InvalidClient("The application that sent you here is not known to Loopwise.")
     if client.disabled_at is not None:
-        raise UntrustedRequest("The application that sent you here has been disabled.")
+        raise InvalidClient("The application that sent you here has been disabled.")
     if not clients.belongs_to(client, iss.school_id):
-        raise UntrustedRequest("The application that sent you here is not registered here.")
+        raise InvalidClient("The application that sent you here is not registered here.")
     try:
         requested = single(params, "redirect_uri")
-    except RedirectError:
-        raise UntrustedRequest("The request names more than one return address.") from None
+    except InvalidRequest:
+        raise InvalidRequest("The request names more than one return address.") from None
     if requested is None:
         if len(client.redirect_uris) == 1:
             return client.redirect_uris[0]
-        raise UntrustedRequest("The request does not say where to return you to.")
+        raise InvalidRequest("The request does not say where to return you to.")
     if any(redirect_uris.matches(requested, known) for known in client.redirect_uris):
         return requested
-    raise UntrustedRequest("The return address in the request is not registered for this app.")
+    raise InvalidRequest("The return address in the request is not registered for this app.")
 
 
 # Stage two: everything after the redirect URI -----------------------------------------------
@@ -109,51 +119,38 @@ def check_single_parameters(asked: Asked, authz: AuthorizationRequest) -> None:
 def check_request_objects(asked: Asked, authz: AuthorizationRequest) -> None:
     """OIDC Core 6: request objects are not supported, by value or by reference."""
     if single(asked.params, "request"):
-        raise RedirectError("request_not_supported", "Request objects are not supported.")
+        raise RequestNotSupported("Request objects are not supported.")
     if single(asked.params, "request_uri"):
-        raise RedirectError("request_uri_not_supported", "request_uri is not supported.")
+        raise RequestUriNotSupported("request_uri is not supported.")
 
 
 def check_response_type(asked: Asked, authz: AuthorizationRequest) -> None:
     """RFC 6749 4.1.1: response_type is required, and only `code` is offered."""
     response_type = single(asked.params, "response_type")
     if response_type is None:
-        raise RedirectError("invalid_request", "response_type is required.")
+        raise InvalidRequest("response_type is required.")
     if response_type != "code":
-        raise RedirectError("unsupported_response_type", "Only response_type=code is supported.")
+        raise UnsupportedResponseType("Only response_type=code is supported.")
 
 
 def check_response_mode(asked: Asked, authz: AuthorizationRequest) -> None:
     """OAuth 2.0 Multiple Response Types 2.1: only the default, `query`, is offered."""
     if single(asked.params, "response_mode") not in (None, "query"):
-        raise RedirectError("invalid_request", "Only response_mode=query is supported.")
+        raise InvalidRequest("Only response_mode=query is supported.")
 
 
 def check_client_flow(asked: Asked, authz: AuthorizationRequest) -> None:
     """RFC 6749 4.1.2.1 unauthorized_client: the client registered for the code flow."""
     client = asked.client
     if "authorization_code" not in client.grant_types or "code" not in client.response_types:
-        raise RedirectError(
-            "unauthorized_client", "The client may not use the authorization code flow."
-        )
+        raise UnauthorizedClient("The client may not use the authorization code flow.")
 
 
 def check_pkce(asked: Asked, authz: AuthorizationRequest) -> None:
-    """RFC 7636 4.3, S256 only: every code flow here carries a challenge."""
+    """RFC 7636 4.3, S256 only: every code flow here carries a challenge (pkce.py)."""
     challenge = single(asked.params, "code_challenge")
     method = single(asked.params, "code_challenge_method")
-    if challenge is None:
-        raise RedirectError("invalid_request", "code_challenge is required (PKCE with S256).")
-    if method is None:
-        # RFC 7636 would default to plain, which this server never accepts.
-        raise RedirectError(
-            "invalid_request", "code_challenge_method is required and must be S256."
-        )
-    if method != "S256":
-        raise RedirectError("invalid_request", "code_challenge_method must be S256.")
-    if not _CODE_CHALLENGE.match(challenge):
-        raise RedirectError("invalid_request", "code_challenge must be 43 base64url characters.")
-    authz.code_challenge = challenge
+    authz.code_challenge = pkce.check_challenge(challenge, method)
 
 
 def scopes_of(requested: Sequence[str], client: store.Client) -> list[str]:
@@ -161,15 +158,13 @@ def scopes_of(requested: Sequence[str], client: store.Client) -> list[str]:
     (identity scopes always); none asked is the default scope."""
     asked = list(requested) or [catalogue.DEFAULT_SCOPE]
     if catalogue.unknown(asked):
-        raise RedirectError("invalid_scope", "The request names a scope that does not exist.")
+        raise InvalidScope("The request names a scope that does not exist.")
     if any(s in catalogue.ADMIN_SCOPES for s in asked):
-        raise RedirectError("invalid_scope", "Admin scopes are not available to applications.")
+        raise InvalidScope("Admin scopes are not available to applications.")
     registered = catalogue.expand(client.scopes)
     refused = [s for s in asked if s not in catalogue.IDENTITY_SCOPES and s not in registered]
     if refused:
-        raise RedirectError(
-            "invalid_scope", f"The client is not registered for the scope {refused[0]}."
-        )
+        raise InvalidScope(f"The client is not registered for the scope {refused[0]}.")
     return asked
 
 
@@ -187,11 +182,11 @@ def check_resource(asked: Asked, authz: AuthorizationRequest) -> None:
         authz.resource = resources.default_resource(settings, client)
         return
     if len(values) > 1:
-        raise RedirectError("invalid_target", "Only one resource per request is supported.")
+        raise InvalidTarget("Only one resource per request is supported.")
     resource = values[0]
     parts = urlsplit(resource)
     if not parts.scheme or not parts.netloc or parts.fragment or "#" in resource:
-        raise RedirectError("invalid_target", "resource must be an absolute URI (RFC 8707).")
+        raise InvalidTarget("resource must be an absolute URI (RFC 8707).")
     if iss.school is None:
         # The school is picked later; here only what some school's tokens could name passes,
         # and the picked school is checked again.
@@ -199,10 +194,9 @@ def check_resource(asked: Asked, authz: AuthorizationRequest) -> None:
         subdomain = settings.urls.subdomain_of(parts.netloc)
         school_api = bool(subdomain) and normalised == settings.urls.school_origin(subdomain or "")
         if normalised != resources.mcp_resource(settings) and not school_api:
-            raise RedirectError("invalid_target", "Tokens cannot be issued for this resource.")
+            raise InvalidTarget("Tokens cannot be issued for this resource.")
         if school_api and resources.mcp_only(client):
-            raise RedirectError(
-                "invalid_target",
+            raise InvalidTarget(
                 "A self-registered application may only get tokens for the MCP server.",
             )
     authz.resource = resource
@@ -213,9 +207,9 @@ def check_prompt(asked: Asked, authz: AuthorizationRequest) -> None:
     prompt = [p for p in (single(asked.params, "prompt") or "").split(" ") if p]
     unsupported = [p for p in prompt if p not in _PROMPTS]
     if unsupported:
-        raise RedirectError("invalid_request", "The prompt value is not supported.")
+        raise InvalidRequest("The prompt value is not supported.")
     if "none" in prompt and len(prompt) > 1:
-        raise RedirectError("invalid_request", "prompt=none cannot be combined with others.")
+        raise InvalidRequest("prompt=none cannot be combined with others.")
     authz.prompt = list(dict.fromkeys(prompt))
 
 
@@ -225,7 +219,7 @@ def check_max_age(asked: Asked, authz: AuthorizationRequest) -> None:
     if raw is None:
         return
     if not raw.isascii() or not raw.isdigit() or len(raw) > 9:
-        raise RedirectError("invalid_request", "max_age must be a whole number of seconds.")
+        raise InvalidRequest("max_age must be a whole number of seconds.")
     authz.max_age = int(raw)
 
 
@@ -233,7 +227,7 @@ def check_state(asked: Asked, authz: AuthorizationRequest) -> None:
     """RFC 6749 4.1.1 state, bounded: it is echoed in a URL."""
     state = single(asked.params, "state")
     if state is not None and len(state) > MAX_STATE:
-        raise RedirectError("invalid_request", "state is too long.")
+        raise InvalidRequest("state is too long.")
     authz.state = state
 
 
@@ -241,7 +235,7 @@ def check_nonce(asked: Asked, authz: AuthorizationRequest) -> None:
     """OIDC Core 3.1.2.1 nonce, bounded: it is stored and echoed in the ID token."""
     nonce = single(asked.params, "nonce")
     if nonce is not None and len(nonce) > _MAX_NONCE:
-        raise RedirectError("invalid_request", "nonce is too long.")
+        raise InvalidRequest("nonce is too long.")
     authz.nonce = nonce
 
 
@@ -256,7 +250,7 @@ def school_problem(
     authz: AuthorizationRequest,
     school: store.School,
     client: store.Client | None = None,
-) -> RedirectError | None:
+) -> OAuthError | None:
     """What keeps this request from being granted at `school`, if anything."""
     if school.allowed_scopes is not None:
         allowed = catalogue.expand(school.allowed_scopes)
@@ -264,14 +258,12 @@ def school_problem(
             s for s in authz.scopes if s not in catalogue.IDENTITY_SCOPES and s not in allowed
         ]
         if refused:
-            return RedirectError(
-                "invalid_scope", f"The school does not allow the scope {refused[0]}."
-            )
+            return InvalidScope(f"The school does not allow the scope {refused[0]}.")
     if authz.resource and (
         resources.audience(settings, school, authz.resource, issuer=authz.issuer, client=client)
         is None
     ):
-        return RedirectError("invalid_target", "The school's tokens cannot name this resource.")
+        return InvalidTarget("The school's tokens cannot name this resource.")
     return None
 
 
@@ -312,7 +304,8 @@ def build_request(
     client: store.Client,
     redirect_uri: str,
 ) -> AuthorizationRequest:
-    """Validate everything after the redirect URI; RedirectError names the first problem."""
+    """Validate everything after the redirect URI; the OAuthError raised names the first
+    problem."""
     authz = AuthorizationRequest(
         id=secrets.token_urlsafe(32),
         issuer=iss.issuer,

@@ -23,13 +23,20 @@ from datetime import UTC, datetime
 
 from aiohttp import web
 
+from libs.common.errors import (
+    AccessDenied,
+    ConsentRequired,
+    InteractionRequired,
+    LoginRequired,
+    OAuthError,
+    ServerError,
+)
 from libs.common.logging import get_logger
 from services.identity import clients, consent, roles, sessions, store
 from services.identity.authorize.issue import issue_code
 from services.identity.authorize.pages import show_consent, show_login, show_picker
 from services.identity.authorize.request import AuthorizationRequest, consume_pending
 from services.identity.authorize.responses import (
-    RedirectError,
     client_gone,
     code_redirect,
     error_page,
@@ -142,7 +149,7 @@ async def advance(
     if not _still_usable(client, iss):
         return client_gone(request)
     assert client is not None
-    stuck = RedirectError("server_error", "The authorization request could not be completed.")
+    stuck = ServerError("The authorization request could not be completed.")
     return request_error(
         request, client, authz.redirect_uri, authz.state, stuck, interacted=authz.interacted
     )
@@ -159,14 +166,14 @@ class _Pass:
     school_id: int | None
     pending: bool
 
-    def fail(self, error: str, description: str) -> web.Response:
+    def fail(self, error: OAuthError) -> web.Response:
         """An error of the request, back to the client or on our page (request_error)."""
         return request_error(
             self.request,
             self.client,
             self.authz.redirect_uri,
             self.authz.state,
-            RedirectError(error, description),
+            error,
             interacted=self.authz.interacted,
         )
 
@@ -190,7 +197,7 @@ async def _advance_once(
         return session
     if needs_login(authz, session):
         if "none" in authz.prompt:
-            return step.fail("login_required", "The user is not signed in.")
+            return step.fail(LoginRequired("The user is not signed in."))
         return await show_login(request, authz)
     assert session is not None
     if school_id is None:
@@ -237,13 +244,13 @@ async def _pick_school(step: _Pass, session: Session) -> web.StreamResponse | _A
     choices = [c for c in everything if not c.closed]
     if not everything:
         return step.fail(
-            "access_denied",
-            "The user does not belong to any school, so there is no school to grant.",
+            AccessDenied("The user does not belong to any school, so there is no school to grant.")
         )
     if not choices:
         return step.fail(
-            "access_denied",
-            "None of the user's schools accepts applications that registered themselves.",
+            AccessDenied(
+                "None of the user's schools accepts applications that registered themselves."
+            )
         )
     usable = [c for c in choices if c.problem is None]
     if len(choices) == 1 and usable:
@@ -252,7 +259,7 @@ async def _pick_school(step: _Pass, session: Session) -> web.StreamResponse | _A
         authz.school_name = usable[0].name
         return _Again(step.pending)
     if "none" in authz.prompt:
-        return step.fail("interaction_required", "The user has to choose a school.")
+        return step.fail(InteractionRequired("The user has to choose a school."))
     return await show_picker(step.request, authz, session, choices)
 
 
@@ -268,7 +275,7 @@ async def _grant_or_consent(
         authz.scopes, roles.ceiling(loaded.role, platform_admin=loaded.platform_admin)
     )
     if not narrowed.granted:
-        return step.fail("access_denied", NEEDS_ADMIN)
+        return step.fail(AccessDenied(NEEDS_ADMIN))
     need = consent.assess(narrowed.granted, loaded.consented)
     if need.remembered and "consent" not in authz.prompt:
         if step.pending and not await consume_pending(context(request), authz.id):
@@ -283,6 +290,6 @@ async def _grant_or_consent(
             return _Again(pending=False)
         return code_redirect(issuer(request), authz, code)
     if "none" in authz.prompt:
-        return step.fail("consent_required", "The user has not consented to these scopes.")
+        return step.fail(ConsentRequired("The user has not consented to these scopes."))
     authz.offered = list(narrowed.granted)
     return await show_consent(request, authz, session, need, withheld=narrowed.withheld)

@@ -14,6 +14,7 @@ from aiohttp import web
 from multidict import MultiDictProxy, MultiMapping
 
 from libs.common import scopes as catalogue
+from libs.common.errors import AccessDenied, InvalidRequest, OAuthError
 from services.identity import audit, clients, roles, sessions, store
 from services.identity.authorize.checks import (
     MAX_LOGIN_HINT,
@@ -35,8 +36,6 @@ from services.identity.authorize.paths import (
 )
 from services.identity.authorize.request import consume_pending, load_pending, save_pending
 from services.identity.authorize.responses import (
-    RedirectError,
-    UntrustedRequest,
     client_gone,
     code_redirect,
     csrf_refused,
@@ -57,7 +56,7 @@ async def authorize(request: web.Request) -> web.StreamResponse:
     ctx, iss = context(request), issuer(request)
     try:
         client_id = single(params, "client_id")
-    except RedirectError:
+    except InvalidRequest:
         return error_page(request, "The request names more than one application.")
     if client_id is None:
         return error_page(request, "The request does not say which application sent you here.")
@@ -69,12 +68,13 @@ async def authorize(request: web.Request) -> web.StreamResponse:
     )
     try:
         redirect_uri = trusted_redirect(params, iss, loaded.client)
-    except UntrustedRequest as exc:
-        return error_page(request, exc.message)
+    except OAuthError as exc:
+        # Not yet known good: never a redirect (checks.trusted_redirect).
+        return error_page(request, str(exc))
     assert loaded.client is not None
     try:
         authz = build_request(params, ctx.settings, iss, loaded.client, redirect_uri)
-    except RedirectError as exc:
+    except OAuthError as exc:
         state = params.get("state")
         state = str(state) if state and len(str(state)) <= MAX_STATE else None
         return request_error(request, loaded.client, redirect_uri, state, exc, interacted=False)
@@ -169,7 +169,7 @@ async def select_school_submit(request: web.Request) -> web.StreamResponse:
     if form.get("decision") == "cancel":
         if not await consume_pending(ctx, authz.id):
             return expired(request)
-        denied = RedirectError("access_denied", "The user cancelled the request.")
+        denied = AccessDenied("The user cancelled the request.")
         return error_redirect(iss, authz.redirect_uri, authz.state, denied, status=303)
     client = await store.client_by_id(ctx.pool, authz.client_id)
     if client is None or client.disabled_at is not None or not clients.belongs_to(client, None):
@@ -180,8 +180,7 @@ async def select_school_submit(request: web.Request) -> web.StreamResponse:
         # Never offered, so posted by hand: refuse the request rather than the form.
         if not await consume_pending(ctx, authz.id):
             return expired(request)
-        closed = RedirectError(
-            "access_denied",
+        closed = AccessDenied(
             f"{picked.name} does not accept applications that registered themselves.",
         )
         return error_redirect(iss, authz.redirect_uri, authz.state, closed, status=303)
@@ -237,14 +236,14 @@ async def consent_submit(request: web.Request) -> web.StreamResponse:
                 ip=sessions.client_address(request),
             ),
         )
-        denied = RedirectError("access_denied", "The user denied the request.")
+        denied = AccessDenied("The user denied the request.")
         return error_redirect(iss, authz.redirect_uri, authz.state, denied, status=303)
     # The role now, not when the page was shown; and never more than the page offered.
     top = roles.ceiling(loaded.role, platform_admin=loaded.platform_admin)
     offered = authz.offered if authz.offered is not None else authz.scopes
     granted = [s for s in roles.narrow(authz.scopes, top).granted if s in offered]
     if not granted:
-        denied = RedirectError("access_denied", NEEDS_ADMIN)
+        denied = AccessDenied(NEEDS_ADMIN)
         return error_redirect(iss, authz.redirect_uri, authz.state, denied, status=303)
     code = await issue_code(
         request,

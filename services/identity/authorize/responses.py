@@ -14,6 +14,7 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from aiohttp import web
 
+from libs.common.errors import OAuthError, ServerError
 from services.identity import clients, pages, store
 from services.identity.authorize.paths import RESUME_PATH
 from services.identity.authorize.request import AuthorizationRequest
@@ -22,23 +23,6 @@ from services.identity.schools import Issuer
 
 # error_description may carry only these characters (RFC 6749 4.1.2.1).
 _DESCRIPTION_UNSAFE = re.compile(r"[^\x20\x21\x23-\x5B\x5D-\x7E]")
-
-
-class UntrustedRequest(Exception):
-    """The client or redirect URI cannot be trusted: answer with an error page, not a redirect."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-
-class RedirectError(Exception):
-    """An error the client hears about at its (trusted) redirect URI."""
-
-    def __init__(self, error: str, description: str) -> None:
-        super().__init__(description)
-        self.error = error
-        self.description = description
 
 
 def _location(redirect_uri: str, params: Mapping[str, str | None]) -> str:
@@ -65,13 +49,15 @@ def error_redirect(
     iss: Issuer,
     redirect_uri: str,
     state: str | None,
-    error: RedirectError,
+    error: OAuthError,
     *,
     status: int = 302,
 ) -> web.Response:
+    """RFC 6749 4.1.2.1's error response, with RFC 9207's `iss`."""
+    description = error.description
     params: dict[str, str | None] = {
         "error": error.error,
-        "error_description": _DESCRIPTION_UNSAFE.sub("", error.description),
+        "error_description": _DESCRIPTION_UNSAFE.sub("", description) if description else None,
         "state": state,
         "iss": iss.issuer,
     }
@@ -108,7 +94,7 @@ def request_error(
     client: store.Client,
     redirect_uri: str,
     state: str | None,
-    error: RedirectError,
+    error: OAuthError,
     *,
     interacted: bool,
 ) -> web.Response:
@@ -120,8 +106,9 @@ def request_error(
         return error_redirect(issuer(request), redirect_uri, state, error)
     return error_page(
         request,
-        error.description,
-        status=500 if error.error == "server_error" else 400,
+        str(error),
+        # Not the code's own status: a page for access_denied is a 400 like the rest.
+        status=500 if isinstance(error, ServerError) else 400,
         error_code=error.error,
     )
 
