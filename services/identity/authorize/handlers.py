@@ -34,7 +34,12 @@ from services.identity.authorize.paths import (
     RESUME_PATH,
     SELECT_SCHOOL_PATH,
 )
-from services.identity.authorize.request import consume_pending, load_pending, save_pending
+from services.identity.authorize.request import (
+    AuthorizationRequest,
+    consume_pending,
+    load_pending,
+    save_pending,
+)
 from services.identity.authorize.responses import (
     client_gone,
     code_redirect,
@@ -143,28 +148,33 @@ async def login_submit(request: web.Request) -> web.StreamResponse:
     return response
 
 
-async def _session_form(
+async def _signed_in_form(
     request: web.Request, purpose: str
-) -> tuple[MultiDictProxy[str | bytes | bytearray | web.FileField], Session, str] | None:
-    """The posted form of a signed-in page, its session and request id; None unless its CSRF
-    token is the session's for `purpose` and this request."""
+) -> (
+    tuple[MultiDictProxy[str | bytes | bytearray | web.FileField], Session, AuthorizationRequest]
+    | web.Response
+):
+    """The posted form of a signed-in page, its session and pending request; the refusal when
+    its CSRF token is not the session's for `purpose` and this request, or the request is gone."""
     form = await request.post()
     request_id = str(form.get("request_id", ""))
     session = await sessions.current_session(request)
     token = str(form.get("csrf_token", ""))
     if session is None or not sessions.check_session_csrf(session, purpose, request_id, token):
-        return None
-    return form, session, request_id
+        return csrf_refused(request)
+    authz = await load_pending(request, request_id)
+    if authz is None:
+        return expired(request)
+    return form, session, authz
 
 
 async def select_school_submit(request: web.Request) -> web.StreamResponse:
     ctx, iss = context(request), issuer(request)
-    submitted = await _session_form(request, "select-school")
-    if submitted is None:
-        return csrf_refused(request)
-    form, session, request_id = submitted
-    authz = await load_pending(request, request_id)
-    if authz is None or iss.school is not None:
+    submitted = await _signed_in_form(request, "select-school")
+    if isinstance(submitted, web.Response):
+        return submitted
+    form, session, authz = submitted
+    if iss.school is not None:
         return expired(request)
     if form.get("decision") == "cancel":
         if not await consume_pending(ctx, authz.id):
@@ -198,13 +208,10 @@ async def select_school_submit(request: web.Request) -> web.StreamResponse:
 
 async def consent_submit(request: web.Request) -> web.StreamResponse:
     ctx, iss = context(request), issuer(request)
-    submitted = await _session_form(request, "consent")
-    if submitted is None:
-        return csrf_refused(request)
-    form, session, request_id = submitted
-    authz = await load_pending(request, request_id)
-    if authz is None:
-        return expired(request)
+    submitted = await _signed_in_form(request, "consent")
+    if isinstance(submitted, web.Response):
+        return submitted
+    form, session, authz = submitted
     school_id = iss.school_id if iss.school is not None else authz.school_id
     if school_id is None:
         return expired(request)
