@@ -215,7 +215,7 @@ def access_claims(
     client_id: str | None = None,
     **overrides: Any,
 ) -> dict[str, Any]:
-    """The claims identity puts in an access token (services/identity/tokens.py)."""
+    """The claims identity puts in an access token (services/identity/minting.py)."""
     now = int(time.time())
     claims: dict[str, Any] = {
         "iss": settings.urls.school_origin(world.school.subdomain),

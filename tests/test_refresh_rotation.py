@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
+from uuid import uuid4
 
 import pytest
 
 from libs.common.config import load_settings
 from services.identity import credentials
+from services.identity.store.refresh_tokens import RefreshTokenState
+from services.identity.token.refresh_token import Refusal, refusal
 from tests.support import free_port, running
 from tests.token_helpers import (
     World,
@@ -277,3 +282,89 @@ async def test_refresh_needs_the_grant_type_and_touches_the_grant(
     )
     answer, _ = await code_flow(http, pool, settings, no_refresh)
     assert answer.status == 200 and "refresh_token" not in answer.body
+
+
+# The one refusal rule both rotation paths apply (token/refresh_token.py), case by case --------
+
+_SUCCESSOR = b"s" * 32
+
+
+def _token_state(**changes: Any) -> RefreshTokenState:
+    """A refresh token row as the store reads it: live, never rotated, of an admin's grant."""
+    now = datetime.now(UTC)
+    live = RefreshTokenState(
+        token_hash=b"t" * 32,
+        grant_id=uuid4(),
+        client_id="client",
+        scopes=("openid", "courses:read", "students:read"),
+        resource=None,
+        auth_time=now,
+        created_at=now,
+        expires_at=now + timedelta(days=30),
+        rotated_at=None,
+        successor_hash=None,
+        school_id=1,
+        user_id=uuid4(),
+        grant_revoked=False,
+        expired=False,
+        seconds_since_rotation=None,
+        successor_rotated=False,
+        user_role="admin",
+        platform_admin=False,
+    )
+    return replace(live, **changes)
+
+
+def _rotated(seconds_ago: float, **changes: Any) -> RefreshTokenState:
+    rotation: dict[str, Any] = {
+        "rotated_at": datetime.now(UTC) - timedelta(seconds=seconds_ago),
+        "seconds_since_rotation": seconds_ago,
+        "successor_hash": _SUCCESSOR,
+    }
+    return _token_state(**(rotation | changes))
+
+
+@pytest.mark.parametrize(
+    ("token", "grace", "refused"),
+    [
+        (_token_state(), 10, None),
+        (_token_state(), 0, None),
+        # A retry of the same rotation within the window: answered again, not refused.
+        (_rotated(0.5), 10, None),
+        (_rotated(10), 10, None),
+        # Reuse: outside the window, with no window, after the successor itself was used, or
+        # for another successor than the one handed out.
+        (_rotated(10.5), 10, Refusal.REUSED),
+        (_rotated(3600), 10, Refusal.REUSED),
+        (_rotated(0.5), 0, Refusal.REUSED),
+        (_rotated(0.5, successor_rotated=True), 10, Refusal.REUSED),
+        (_rotated(0.5, successor_hash=b"o" * 32), 10, Refusal.REUSED),
+        (_rotated(0.5, seconds_since_rotation=None), 10, Refusal.REUSED),
+        (_token_state(grant_revoked=True), 10, Refusal.GRANT_REVOKED),
+        (_token_state(expired=True), 10, Refusal.EXPIRED),
+        (_token_state(user_id=None), 10, Refusal.NO_USER),
+        # The grant holds students:read, which a lecturer's or a member's role does not allow,
+        # nor a membership that is gone; a platform administrator's ceiling is the admin's.
+        (_token_state(user_role="lecturer"), 10, Refusal.OUTGROWN),
+        (_token_state(user_role="member"), 10, Refusal.OUTGROWN),
+        (_token_state(user_role=None), 10, Refusal.OUTGROWN),
+        (_token_state(user_role=None, platform_admin=True), 10, None),
+        (_token_state(user_role="member", scopes=("openid", "courses:read")), 10, None),
+        # The first reason in the rule's order is the one told.
+        (_rotated(3600, grant_revoked=True, expired=True), 10, Refusal.GRANT_REVOKED),
+        (_rotated(3600, expired=True, user_role=None), 10, Refusal.EXPIRED),
+        (_rotated(3600, user_role="member"), 10, Refusal.OUTGROWN),
+    ],
+)
+def test_the_refusal_rule(token: RefreshTokenState, grace: float, refused: Refusal | None) -> None:
+    assert refusal(token, _SUCCESSOR, grace) is refused
+
+
+def test_each_refusal_is_told_in_its_own_words() -> None:
+    assert {r.value for r in Refusal} == {
+        "the grant has been revoked",
+        "the refresh token has expired",
+        "the refresh token has no user",
+        "the user's role at the school no longer allows this grant",
+        "the refresh token has already been used",
+    }

@@ -12,7 +12,7 @@ from joserfc.jwk import ECKey
 
 from libs.common import jwt
 from libs.common.config import Settings
-from services.identity import clients, grants, keys, resources, schools, tokens
+from services.identity import clients, grants, keys, minting, resources, schools, token_state
 from services.identity.schools import Issuer
 from tests.token_helpers import (
     REDIRECT_URI,
@@ -106,11 +106,11 @@ async def test_introspection_says_inactive_for_every_bad_token(
     # Signed with this school's real current key, but expired.
     signer = await keys.KeyRing(pool, settings).signer(world.school.id, keys.ACCESS_TOKEN_ALG)
     old = {**claims, "iat": int(time.time()) - 9000, "exp": int(time.time()) - 1800}
-    expired = tokens.sign_access_token(signer, old)
+    expired = minting.sign_access_token(signer, old)
     # Another school's genuine token, presented at this school.
     elsewhere, _ = await code_flow(http, pool, settings, other)
     # A token of this school's key whose claims say another school.
-    wrong_school = tokens.sign_access_token(signer, {**claims, "school_id": other.school.id})
+    wrong_school = minting.sign_access_token(signer, {**claims, "school_id": other.school.id})
 
     for value in (
         tampered,
@@ -513,7 +513,7 @@ async def test_userinfo_refuses_tokens_meant_for_another_resource(
     claims = orjson.loads(base64.urlsafe_b64decode(own.body["access_token"].split(".")[1] + "=="))
     signer = await keys.KeyRing(pool, settings).signer(world.school.id, keys.ACCESS_TOKEN_ALG)
     for aud in (resources.mcp_resource(settings), "https://elsewhere.example"):
-        foreign = tokens.sign_access_token(signer, {**claims, "aud": aud})
+        foreign = minting.sign_access_token(signer, {**claims, "aud": aud})
         status, body, _ = await _userinfo(http, world, foreign)
         assert status == 401 and body["error"] == "invalid_token", aud
 
@@ -537,7 +537,7 @@ async def test_identity_verifies_tokens_of_a_key_rotated_in_elsewhere(
     claims = orjson.loads(
         base64.urlsafe_b64decode(before.body["access_token"].split(".")[1] + "==")
     )
-    fresh = tokens.sign_access_token(signer, {**claims, "iat": int(time.time())})
+    fresh = minting.sign_access_token(signer, {**claims, "iat": int(time.time())})
     status, body, _ = await _userinfo(http, world, fresh)
     assert status == 200, body
     # The retired key still verifies what it signed.
@@ -550,7 +550,7 @@ async def test_verify_own_access_token_checks_the_school_binding(
 ) -> None:
     school = await schools.create_school(pool, settings, f"vb{unique}", "Binding School")
     issuer = Issuer(school, settings.urls.school_origin(school.subdomain))
-    state = tokens.TokenState()
+    state = token_state.TokenState()
     signer = await keys.KeyRing(pool, settings).signer(school.id, keys.ACCESS_TOKEN_ALG)
     now = int(time.time())
     base = {
@@ -565,8 +565,8 @@ async def test_verify_own_access_token_checks_the_school_binding(
         "exp": now + 60,
         "grant_id": "6f1c7ad4-4a7e-4cf3-9b0e-6d7a0c6d1b11",
     }
-    claims = await tokens.verify_own_access_token(
-        state, pool, issuer, tokens.sign_access_token(signer, base)
+    claims = await token_state.verify_own_access_token(
+        state, pool, issuer, minting.sign_access_token(signer, base)
     )
     assert claims["school_id"] == school.id
     for bad in (
@@ -576,8 +576,8 @@ async def test_verify_own_access_token_checks_the_school_binding(
         {**base, "school_id": True},
     ):
         try:
-            await tokens.verify_own_access_token(
-                state, pool, issuer, tokens.sign_access_token(signer, bad)
+            await token_state.verify_own_access_token(
+                state, pool, issuer, minting.sign_access_token(signer, bad)
             )
         except jwt.TokenError:
             continue

@@ -52,7 +52,7 @@ async def run(ctx: Context) -> list[Row]:
     from services.gateway.directory import Directory
     from services.gateway.jwks import JwksCache
     from services.gateway.validation import TokenVerifier
-    from services.identity import keys, store, tokens
+    from services.identity import keys, minting, store
     from services.identity.schools import Issuer
 
     s, w, plan = ctx.system, ctx.world, ctx.plan
@@ -67,7 +67,7 @@ async def run(ctx: Context) -> list[Row]:
         issuer = Issuer(school, issuer_url)
 
         def mint() -> str:
-            claims = tokens.access_token_claims(
+            claims = minting.access_token_claims(
                 settings,
                 issuer=issuer,
                 school=school,
@@ -78,7 +78,7 @@ async def run(ctx: Context) -> list[Row]:
                 grant_id=uuid.uuid4(),
                 auth_time=None,
             )
-            return tokens.sign_access_token(signer, claims)
+            return minting.sign_access_token(signer, claims)
 
         async def fetch(iss: str) -> dict[str, Any]:
             # As the gateway fetches it: identity's JWKS for the issuer's Host.

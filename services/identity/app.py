@@ -14,7 +14,7 @@ from redis.exceptions import RedisError
 
 from libs.common import db, streams, tasks
 from libs.common.config import Settings
-from libs.common.errors import OAuthError
+from libs.common.errors import NotFound, OAuthError
 from libs.common.logging import get_logger
 from libs.common.web import READINESS, Handler, base_application
 from services.identity import (
@@ -49,7 +49,7 @@ async def resolve_issuer(request: web.Request, handler: Handler) -> web.StreamRe
     try:
         issuer = await ctx.schools.resolve(host)
     except UnknownSchool:
-        return OAuthError("not_found", "No school answers at this address.", status=404).response()
+        return NotFound("No school answers at this address.").response()
     request[ISSUER] = issuer
     if issuer.school:
         structlog.contextvars.bind_contextvars(school=issuer.school.subdomain)
@@ -58,6 +58,8 @@ async def resolve_issuer(request: web.Request, handler: Handler) -> web.StreamRe
 
 @web.middleware
 async def oauth_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Any OAuthError a handler raises (one class per code, libs/common/errors.py) becomes its
+    RFC 6749 5.2 answer."""
     try:
         return await handler(request)
     except OAuthError as exc:

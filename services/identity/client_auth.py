@@ -23,7 +23,7 @@ import structlog
 from aiohttp import web
 
 from libs.common.config import Settings
-from libs.common.errors import OAuthError
+from libs.common.errors import InvalidClient, InvalidRequest, InvalidTarget
 from services.identity import clients, credentials, store
 from services.identity.schools import Issuer
 
@@ -50,10 +50,6 @@ def client_ip(request: web.Request, settings: Settings) -> str | None:
     return request.remote
 
 
-def _invalid_client(description: str) -> OAuthError:
-    return OAuthError("invalid_client", description)
-
-
 async def read_form(request: web.Request) -> dict[str, str]:
     """The urlencoded body as a dict; a repeated parameter is invalid_request (RFC 6749 3.1).
 
@@ -61,16 +57,16 @@ async def read_form(request: web.Request) -> dict[str, str]:
     here has exactly one audience.
     """
     if request.content_type != FORM_CONTENT_TYPE:
-        raise OAuthError("invalid_request", f"the body must be {FORM_CONTENT_TYPE}")
+        raise InvalidRequest(f"the body must be {FORM_CONTENT_TYPE}")
     data = await request.post()
     form: dict[str, str] = {}
     for name, value in data.items():
         if not isinstance(value, str):
-            raise OAuthError("invalid_request", "file uploads are not accepted")
+            raise InvalidRequest("file uploads are not accepted")
         if name in form:
             if name in _REPEATABLE:
-                raise OAuthError("invalid_target", "only one resource may be requested")
-            raise OAuthError("invalid_request", f"{name} is given more than once")
+                raise InvalidTarget("only one resource may be requested")
+            raise InvalidRequest(f"{name} is given more than once")
         form[name] = value
     return form
 
@@ -85,10 +81,10 @@ def basic_credentials(authorization: str | None) -> tuple[str, str] | None:
     try:
         decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
     except (binascii.Error, ValueError):
-        raise _invalid_client("the Basic credentials are not valid base64") from None
+        raise InvalidClient("the Basic credentials are not valid base64") from None
     client_id, sep, secret = decoded.partition(":")
     if not sep:
-        raise _invalid_client("the Basic credentials have no ':'")
+        raise InvalidClient("the Basic credentials have no ':'")
     # RFC 6749 2.3.1: both were form-urlencoded before being joined.
     return unquote_plus(client_id), unquote_plus(secret)
 
@@ -109,31 +105,31 @@ async def authenticate(
     secret: str | None
     if basic is not None:
         if body_secret is not None:
-            raise OAuthError("invalid_request", "use one client authentication method, not two")
+            raise InvalidRequest("use one client authentication method, not two")
         if body_id is not None and body_id != basic[0]:
-            raise OAuthError("invalid_request", "client_id differs from the Basic credentials")
+            raise InvalidRequest("client_id differs from the Basic credentials")
         client_id, secret = basic
         method = "client_secret_basic"
     elif body_id:
         client_id, secret = body_id, body_secret
         method = "client_secret_post" if body_secret is not None else "none"
     else:
-        raise _invalid_client("client authentication is required")
+        raise InvalidClient("client authentication is required")
 
     # The row may be reused for a few seconds (store.cached_client_by_id), never past the
     # announcement of a change to it; the secret is still checked on every request.
     client = await store.cached_client_by_id(pool, client_id) if client_id else None
     if client is None or client.disabled_at is not None:
-        raise _invalid_client("unknown or disabled client")
+        raise InvalidClient("unknown or disabled client")
     if not clients.belongs_to(client, issuer.school_id):
-        raise _invalid_client("the client is not registered with this authorization server")
+        raise InvalidClient("the client is not registered with this authorization server")
     if client.is_public:
         if secret:
-            raise _invalid_client("a public client has no secret")
+            raise InvalidClient("a public client has no secret")
         if confidential_only:
-            raise _invalid_client("this endpoint is for confidential clients")
+            raise InvalidClient("this endpoint is for confidential clients")
         method = "none"
     elif not secret or not credentials.matches(settings.secret_pepper, secret, client.secret_hash):
-        raise _invalid_client("client authentication failed")
+        raise InvalidClient("client authentication failed")
     structlog.contextvars.bind_contextvars(client_id=client.id)
     return AuthenticatedClient(client, method)

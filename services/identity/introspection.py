@@ -18,11 +18,12 @@ from aiohttp import web
 from libs.common import jwt
 from libs.common.errors import json_response
 from libs.common.logging import get_logger
-from services.identity import credentials, grants, resources, store, tokens
+from services.identity import credentials, grants, resources, store, token_state
 from services.identity.context import IdentityContext, context, issuer
 from services.identity.revocation import token_kind, token_request
 from services.identity.schools import Issuer
-from services.identity.store import tokens as token_store
+from services.identity.store import grants as grant_store
+from services.identity.store import refresh_tokens as refresh_store
 
 log = get_logger(__name__)
 
@@ -35,16 +36,20 @@ def may_introspect(caller: store.Client, token_client_id: str) -> bool:
 
 
 async def introspect_access_token(
-    ctx: IdentityContext, state: tokens.TokenState, iss: Issuer, caller: store.Client, token: str
+    ctx: IdentityContext,
+    state: token_state.TokenState,
+    iss: Issuer,
+    caller: store.Client,
+    token: str,
 ) -> dict[str, Any]:
     try:
-        claims = await tokens.verify_own_access_token(state, ctx.pool, iss, token)
+        claims = await token_state.verify_own_access_token(state, ctx.pool, iss, token)
     except jwt.TokenError as exc:
         log.info("introspection_inactive", reason=exc.reason)
         return INACTIVE
     if not may_introspect(caller, claims["client_id"]):
         return INACTIVE
-    grant = await token_store.grant_status(ctx.pool, tokens.grant_uuid(claims))
+    grant = await grant_store.grant_status(ctx.pool, token_state.grant_uuid(claims))
     if grant is None or grant.revoked or grant.client_id != claims["client_id"]:
         return INACTIVE
     answer: dict[str, Any] = {
@@ -68,9 +73,13 @@ async def introspect_access_token(
 
 
 async def introspect_refresh_token(
-    ctx: IdentityContext, state: tokens.TokenState, iss: Issuer, caller: store.Client, token: str
+    ctx: IdentityContext,
+    state: token_state.TokenState,
+    iss: Issuer,
+    caller: store.Client,
+    token: str,
 ) -> dict[str, Any]:
-    st = await token_store.refresh_token_state(ctx.pool, credentials.token_hash(token))
+    st = await refresh_store.refresh_token_state(ctx.pool, credentials.token_hash(token))
     # A rotated token is no longer usable, except as a retry inside the grace window, which
     # answers with its successor: it is not active.
     if st is None or st.expired or st.grant_revoked or st.rotated_at is not None:
@@ -112,7 +121,11 @@ async def introspect_refresh_token(
 
 
 async def introspect(
-    ctx: IdentityContext, state: tokens.TokenState, iss: Issuer, caller: store.Client, token: str
+    ctx: IdentityContext,
+    state: token_state.TokenState,
+    iss: Issuer,
+    caller: store.Client,
+    token: str,
 ) -> dict[str, Any]:
     kind = token_kind(token)
     if kind == "access_token":
@@ -125,13 +138,13 @@ async def introspect(
 async def introspection_endpoint(request: web.Request) -> web.Response:
     client, token = await token_request(request, confidential_only=True)
     answer = await introspect(
-        context(request), tokens.state(request), issuer(request), client, token
+        context(request), token_state.state(request), issuer(request), client, token
     )
     return json_response(answer, headers=_NO_STORE)
 
 
 def setup(app: web.Application) -> None:
-    tokens.install(app)
+    token_state.install(app)
     app.router.add_post("/v1/oauth/introspect", introspection_endpoint)
 
 

@@ -14,12 +14,12 @@ from uuid import UUID
 from aiohttp import web
 
 from libs.common import jwt
-from libs.common.errors import OAuthError
+from libs.common.errors import InvalidRequest
 from libs.common.logging import get_logger
-from services.identity import audit, client_auth, cors, credentials, grants, store, tokens
+from services.identity import audit, client_auth, cors, credentials, grants, store, token_state
 from services.identity.context import IdentityContext, context, issuer
 from services.identity.schools import Issuer
-from services.identity.store import tokens as token_store
+from services.identity.store import refresh_tokens as refresh_store
 
 log = get_logger(__name__)
 
@@ -38,7 +38,7 @@ def token_kind(token: str) -> str | None:
 
 async def grant_of_token(
     ctx: IdentityContext,
-    state: tokens.TokenState,
+    state: token_state.TokenState,
     iss: Issuer,
     client: store.Client,
     token: str,
@@ -47,16 +47,16 @@ async def grant_of_token(
     kind = token_kind(token)
     if kind == "access_token":
         try:
-            claims = await tokens.verify_own_access_token(state, ctx.pool, iss, token)
+            claims = await token_state.verify_own_access_token(state, ctx.pool, iss, token)
         except jwt.TokenError as exc:
             log.info("revocation_ignored", reason=exc.reason)
             return None
         if claims["client_id"] != client.id:
             log.info("revocation_ignored", reason="other_client")
             return None
-        return tokens.grant_uuid(claims), kind
+        return token_state.grant_uuid(claims), kind
     if kind == "refresh_token":
-        st = await token_store.refresh_token_state(ctx.pool, credentials.token_hash(token))
+        st = await refresh_store.refresh_token_state(ctx.pool, credentials.token_hash(token))
         if st is None or st.expired:
             return None
         if st.client_id != client.id:
@@ -70,7 +70,7 @@ async def grant_of_token(
 
 async def revoke(
     ctx: IdentityContext,
-    state: tokens.TokenState,
+    state: token_state.TokenState,
     iss: Issuer,
     client: store.Client,
     token: str,
@@ -122,10 +122,10 @@ async def token_request(
         confidential_only=confidential_only,
     )
     if not cors.admit(request, authenticated.client):
-        raise OAuthError("invalid_request", cors.REFUSED)
+        raise InvalidRequest(cors.REFUSED)
     token = form.get("token")
     if not token:
-        raise OAuthError("invalid_request", "token is required")
+        raise InvalidRequest("token is required")
     return authenticated.client, token
 
 
@@ -134,7 +134,7 @@ async def revocation_endpoint(request: web.Request) -> web.Response:
     client, token = await token_request(request)
     await revoke(
         ctx,
-        tokens.state(request),
+        token_state.state(request),
         issuer(request),
         client,
         token,
@@ -144,7 +144,7 @@ async def revocation_endpoint(request: web.Request) -> web.Response:
 
 
 def setup(app: web.Application) -> None:
-    tokens.install(app)
+    token_state.install(app)
     app.router.add_post("/v1/oauth/revoke", revocation_endpoint)
 
 

@@ -23,9 +23,9 @@ from services.identity import (
     registration,
     revocation,
     sessions,
-    token_endpoint,
     userinfo,
 )
+from services.identity import token as token_endpoint
 from services.identity.context import context, issuer
 
 # Metadata changes only when a school's settings do; a short shared cache spares the origin.

@@ -16,32 +16,23 @@ from typing import Any
 from aiohttp import web
 
 from libs.common import jwt
-from libs.common.errors import bearer_error, json_response
+from libs.common.errors import (
+    AuthenticationRequired,
+    InsufficientScope,
+    InvalidRequest,
+    InvalidToken,
+    OAuthError,
+    json_response,
+)
 from libs.common.logging import get_logger
-from services.identity import client_auth, cors, resources, store, tokens
+from services.identity import client_auth, cors, resources, store, token_state
 from services.identity.context import IdentityContext, context, issuer
 from services.identity.schools import Issuer
-from services.identity.store import tokens as token_store
+from services.identity.store import grants as grant_store
 
 log = get_logger(__name__)
 
 _NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
-
-
-class UserinfoError(Exception):
-    def __init__(self, status: int, error: str | None, description: str | None = None) -> None:
-        super().__init__(description or error or "unauthorized")
-        self.status = status
-        self.error = error
-        self.description = description
-
-    def response(self) -> web.Response:
-        scope = "openid" if self.error == "insufficient_scope" else None
-        return bearer_error(self.status, self.error, self.description, scope=scope)
-
-
-def _invalid_token(description: str) -> UserinfoError:
-    return UserinfoError(401, "invalid_token", description)
 
 
 async def bearer_token(request: web.Request) -> str:
@@ -51,26 +42,26 @@ async def bearer_token(request: web.Request) -> str:
     if header is not None:
         scheme, _, value = header.strip().partition(" ")
         if scheme.lower() != "bearer" or not value.strip():
-            raise UserinfoError(401, "invalid_request", "use the Bearer scheme")
+            raise InvalidRequest("use the Bearer scheme", status=401)
         from_header = value.strip()
     from_body: str | None = None
     if request.method == "POST" and request.content_type == client_auth.FORM_CONTENT_TYPE:
         form = await request.post()
         values = form.getall("access_token", [])
         if len(values) > 1 or (values and not isinstance(values[0], str)):
-            raise UserinfoError(400, "invalid_request", "one access_token, please")
+            raise InvalidRequest("one access_token, please")
         from_body = str(values[0]) if values else None
     if from_header and from_body:
-        raise UserinfoError(400, "invalid_request", "send the token in one place only")
+        raise InvalidRequest("send the token in one place only")
     token = from_header or from_body
     if not token:
         # RFC 6750 3.1: no credentials at all gets a bare challenge, without an error code.
-        raise UserinfoError(401, None)
+        raise AuthenticationRequired()
     return token
 
 
 async def _meant_for_userinfo(
-    ctx: IdentityContext, state: tokens.TokenState, iss: Issuer, claims: dict[str, Any]
+    ctx: IdentityContext, state: token_state.TokenState, iss: Issuer, claims: dict[str, Any]
 ) -> bool:
     """Whether `aud` is the audience identity mints for its own API: the school's API origin,
     the audience of every token whose client named no other resource (resources.py).
@@ -90,7 +81,7 @@ async def _meant_for_userinfo(
 
 async def claims_for(
     ctx: IdentityContext,
-    state: tokens.TokenState,
+    state: token_state.TokenState,
     iss: Issuer,
     token: str,
     *,
@@ -103,24 +94,24 @@ async def claims_for(
     token's 401 included).
     """
     try:
-        claims = await tokens.verify_own_access_token(state, ctx.pool, iss, token)
+        claims = await token_state.verify_own_access_token(state, ctx.pool, iss, token)
     except jwt.TokenError as exc:
         log.info("userinfo_refused", reason=exc.reason)
-        raise _invalid_token("the access token is invalid or expired") from None
+        raise InvalidToken("the access token is invalid or expired") from None
     if admit is not None:
         await admit(str(claims["client_id"]))
     if not await _meant_for_userinfo(ctx, state, iss, claims):
         log.info("userinfo_refused", reason="audience")
-        raise _invalid_token("the access token is not meant for this endpoint")
-    grant = await token_store.grant_status(ctx.pool, tokens.grant_uuid(claims))
+        raise InvalidToken("the access token is not meant for this endpoint")
+    grant = await grant_store.grant_status(ctx.pool, token_state.grant_uuid(claims))
     if grant is None or grant.revoked or grant.client_id != claims["client_id"]:
-        raise _invalid_token("the access token has been revoked")
+        raise InvalidToken("the access token has been revoked")
     granted = set(str(claims.get("scope", "")).split())
     if "openid" not in granted:
-        raise UserinfoError(403, "insufficient_scope", "the openid scope is required")
+        raise InsufficientScope("the openid scope is required")
     user = await store.user_by_id(ctx.pool, grant.user_id) if grant.user_id else None
     if user is None or str(user.id) != claims["sub"]:
-        raise _invalid_token("the token has no user")
+        raise InvalidToken("the token has no user")
     answer: dict[str, Any] = {"sub": str(user.id)}
     if "profile" in granted:
         answer["name"] = user.name
@@ -137,7 +128,7 @@ async def admit_origin(request: web.Request, ctx: IdentityContext, client_id: st
         return
     client = await store.cached_client_by_id(ctx.pool, client_id)
     if client is None or not cors.admit(request, client):
-        raise UserinfoError(400, "invalid_request", cors.REFUSED)
+        raise InvalidRequest(cors.REFUSED)
 
 
 async def userinfo_endpoint(request: web.Request) -> web.Response:
@@ -145,14 +136,17 @@ async def userinfo_endpoint(request: web.Request) -> web.Response:
     try:
         token = await bearer_token(request)
         admit = functools.partial(admit_origin, request, ctx)
-        answer = await claims_for(ctx, tokens.state(request), issuer(request), token, admit=admit)
-    except UserinfoError as exc:
-        return exc.response()
+        state = token_state.state(request)
+        answer = await claims_for(ctx, state, issuer(request), token, admit=admit)
+    except OAuthError as exc:
+        # RFC 6750 3: a protected resource's errors are Bearer challenges; the one for a
+        # missing scope names the scope wanted.
+        return exc.bearer_response(scope="openid" if isinstance(exc, InsufficientScope) else None)
     return json_response(answer, headers=_NO_STORE)
 
 
 def setup(app: web.Application) -> None:
-    tokens.install(app)
+    token_state.install(app)
     app.router.add_get("/v1/oauth/userinfo", userinfo_endpoint)
     app.router.add_post("/v1/oauth/userinfo", userinfo_endpoint)
 

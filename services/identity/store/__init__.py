@@ -3,7 +3,7 @@
 Handlers and domain modules never write SQL; they call these. Rows come back as dataclasses so
 the rest of the service reads attributes, not string keys. This module holds the core model
 (schools, users, clients, grants, keys); the flow's tables have a module each beside it
-(`store.codes`, `store.tokens`, `store.sessions`, ...).
+(`store.codes`, `store.refresh_tokens`, `store.grants` for the token endpoints' grants, ...).
 """
 
 from __future__ import annotations

@@ -1,0 +1,115 @@
+"""What every grant answers with: the access token minted and signed (RFC 9068), the successful
+response's JSON (RFC 6749 5.1), the audit records of what the request did, and the ending of a
+grant the request showed to be compromised or outgrown."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from libs.common import scopes as catalogue
+from services.identity import audit, grants, keys, minting, store
+from services.identity.token.request import GrantRequest
+
+# RFC 6749 5.1: "The authorization server MUST include the HTTP "Cache-Control" response
+# header field with a value of "no-store" in any response containing tokens".
+NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+
+
+def access_token(
+    req: GrantRequest,
+    signer: keys.Signer,
+    school: store.School,
+    *,
+    subject: str,
+    scopes: Sequence[str],
+    audience: str,
+    grant_id: UUID,
+    auth_time: datetime | None,
+) -> tuple[str, dict[str, Any]]:
+    """The signed access token for the request's client and its claims."""
+    claims = minting.access_token_claims(
+        req.ctx.settings,
+        issuer=req.issuer,
+        school=school,
+        client_id=req.client.id,
+        subject=subject,
+        scopes=scopes,
+        audience=audience,
+        grant_id=grant_id,
+        auth_time=auth_time,
+    )
+    return minting.sign_access_token(signer, claims), claims
+
+
+def token_response(
+    access_token: str,
+    expires_in: int,
+    scopes: Sequence[str],
+    school: store.School,
+    *,
+    refresh_token: str | None = None,
+    id_token: str | None = None,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "access_token": access_token,
+        "token_type": "Bearer",
+        "expires_in": expires_in,
+        "scope": catalogue.format_scopes(scopes),
+        "school_id": school.id,
+        "school_subdomain": school.subdomain,
+    }
+    if refresh_token is not None:
+        body["refresh_token"] = refresh_token
+    if id_token is not None:
+        body["id_token"] = id_token
+    return body
+
+
+async def record(req: GrantRequest, action: str, **fields: Any) -> None:
+    """An audit record of this request (its caller's address included)."""
+    await audit.append(req.ctx.redis, req.ctx.settings, audit.record(action, ip=req.ip, **fields))
+
+
+async def revoke_grant(
+    req: GrantRequest,
+    grant_id: UUID,
+    *,
+    reason: str,
+    detected: str | None = None,
+    school_id: int,
+    user_id: UUID | None,
+) -> None:
+    """End the grant at every gateway (`grants.revoke_grant`) on this request's account, and
+    record what gave it away as the audit action `detected`, if it is one to record."""
+    ctx = req.ctx
+    await grants.revoke_grant(ctx.pool, ctx.redis, ctx.settings, grant_id, reason=reason, ip=req.ip)
+    if detected is not None:
+        await record(
+            req,
+            detected,
+            school_id=school_id,
+            client_id=req.client.id,
+            subject=str(user_id),
+            grant_id=str(grant_id),
+        )
+
+
+async def record_issued(
+    req: GrantRequest, action: str, claims: dict[str, Any], **detail: Any
+) -> None:
+    """The audit record of an access token issued: to whom, of which grant, for what."""
+    fields = audit.record(
+        action,
+        ip=req.ip,
+        school_id=claims["school_id"],
+        client_id=claims["client_id"],
+        subject=claims["sub"],
+        grant_id=claims["grant_id"],
+        scope=claims["scope"],
+        jti=claims["jti"],
+        **detail,
+    )
+    await audit.append(req.ctx.redis, req.ctx.settings, fields)
