@@ -8,7 +8,7 @@ the endpoint reveals nothing about which clients exist.
 
 from __future__ import annotations
 
-from libs.common.errors import OAuthError, bearer_challenge
+from libs.common.errors import InvalidToken, bearer_challenge
 from services.identity import clients, credentials, store
 from services.identity.context import IdentityContext
 from services.identity.schools import Issuer
@@ -17,12 +17,10 @@ from services.identity.schools import Issuer
 _NO_HASH = bytes(32)
 
 
-def invalid_token() -> OAuthError:
+def invalid_token() -> InvalidToken:
     description = "The registration access token is missing, invalid, or not for this client."
-    return OAuthError(
-        "invalid_token",
+    return InvalidToken(
         description,
-        status=401,
         headers={"WWW-Authenticate": bearer_challenge("invalid_token", description)},
     )
 

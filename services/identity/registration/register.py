@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from libs.common import scopes as catalogue
-from libs.common.errors import OAuthError
+from libs.common.errors import AccessDenied, NotFound
 from libs.common.logging import get_logger
 from services.identity import audit, clients, store
 from services.identity.context import IdentityContext
@@ -37,13 +37,11 @@ async def registering_school(ctx: IdentityContext, where: Issuer) -> store.Schoo
         return None
     school = await store.school_by_id(ctx.pool, where.school.id)
     if school is None:
-        raise OAuthError("not_found", "No school answers at this address.", status=404)
+        raise NotFound("No school answers at this address.")
     if not school.open_registration:
-        raise OAuthError(
-            "access_denied",
+        raise AccessDenied(
             "This school does not accept dynamic client registration; "
-            "ask a school admin to create the application.",
-            status=403,
+            "ask a school admin to create the application."
         )
     return school
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from redis.exceptions import RedisError
 
-from libs.common.errors import OAuthError
+from libs.common.errors import SlowDown
 from libs.common.logging import get_logger
 from services.identity import ratelimit
 from services.identity.context import IdentityContext
@@ -37,9 +37,7 @@ async def check_rate(ctx: IdentityContext, where: Issuer, address: str) -> None:
         log.warning("registration_rate_limit_unavailable")
         return
     if not allowed:
-        raise OAuthError(
-            "slow_down",
+        raise SlowDown(
             "Too many registrations from this address; try again later.",
-            status=429,
             headers={"Retry-After": str(retry_after)},
         )
