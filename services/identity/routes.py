@@ -13,7 +13,6 @@ from libs.common.errors import json_response
 from services.identity import (
     account,
     admin,
-    admin_webhooks,
     authorize,
     cors,
     discovery,
@@ -63,7 +62,6 @@ ENDPOINT_MODULES = (
     authorize,
     account,
     admin,
-    admin_webhooks,
 )
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from libs.common.db import Connection, Executor
-from services.identity.store import Grant, _grant
+from services.identity.store.grants import Grant, _grant
 
 
 async def lock_client(db: Connection, client_id: str) -> bool:

@@ -29,7 +29,7 @@ from multidict import MultiMapping
 from libs.common.logging import get_logger
 from libs.common.web import REQUEST_ID_KEY
 from services.identity import audit, sessions, store
-from services.identity.account import (
+from services.identity.account.viewer import (
     Viewer,
     csrf_refused,
     form_token,
@@ -38,7 +38,7 @@ from services.identity.account import (
     render_page,
     when,
 )
-from services.identity.admin import admin_of
+from services.identity.admin.access import admin_of
 from services.identity.context import CONTEXT, IdentityContext, context
 
 log = get_logger(__name__)
