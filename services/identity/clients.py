@@ -1,14 +1,14 @@
 """OAuth clients: their metadata rules, creation, secrets, and authentication at the endpoints.
 
 The same rules serve the admin pages, the CLI and dynamic client registration (RFC 7591), so
-a client is valid or not whichever way it was made.
+a client is valid or not whichever way it was made. Which redirect URIs may be registered, and
+the loopback rule shared with origins, are redirect_uris.py's (RFC 8252).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,9 +22,15 @@ from libs.common import scopes as catalogue
 from libs.common import streams
 from libs.common.config import Settings
 from libs.common.db import Executor
+from libs.common.errors import InvalidClientMetadata, InvalidRedirectUri
 from libs.common.logging import get_logger
 from libs.common.origins import normalise
 from services.identity import credentials, store
+from services.identity.redirect_uris import (
+    is_loopback_host,
+    refuse_ambiguous_authority,
+    validate_redirect_uri,
+)
 
 log = get_logger(__name__)
 
@@ -32,65 +38,18 @@ GRANT_TYPES = ("authorization_code", "refresh_token", "client_credentials")
 AUTH_METHODS = ("none", "client_secret_basic", "client_secret_post")
 
 
-class ClientMetadataError(ValueError):
-    """Bad client metadata; `error` is the RFC 7591 code to answer with."""
-
-    def __init__(self, error: str, description: str) -> None:
-        super().__init__(description)
-        self.error = error
-        self.description = description
-
-
-def is_loopback_host(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def _refuse_ambiguous_authority(uri: str, netloc: str, error: str) -> None:
-    """Browsers parse http(s) URLs by the WHATWG rules, where a backslash is a slash, and
-    userinfo moves the host: `http://evil.example\\@127.0.0.1/cb` is 127.0.0.1 to urlsplit
-    but evil.example to a browser. A URI they could read two ways is refused, whatever the
-    scheme, so the host checked here is the host the browser goes to."""
-    if "\\" in uri or "@" in netloc:
-        raise ClientMetadataError(error, f"{uri!r} has a backslash or userinfo")
-
-
-def validate_redirect_uri(uri: str) -> str:
-    """https, or http on a loopback address for native apps (RFC 8252 7.3); no fragments or
-    wildcards; a private-use scheme (RFC 8252 7.1) in reverse-domain form is allowed too."""
-    parts = urlsplit(uri)
-    if not parts.scheme or "*" in uri or any(c.isspace() or ord(c) < 0x20 for c in uri):
-        raise ClientMetadataError("invalid_redirect_uri", f"{uri!r} is not an absolute URI")
-    _refuse_ambiguous_authority(uri, parts.netloc, "invalid_redirect_uri")
-    if parts.fragment or "#" in uri:
-        raise ClientMetadataError("invalid_redirect_uri", "redirect URIs may not have a fragment")
-    if parts.scheme == "https":
-        if not parts.hostname:
-            raise ClientMetadataError("invalid_redirect_uri", f"{uri!r} has no host")
-    elif parts.scheme == "http":
-        if not parts.hostname or not is_loopback_host(parts.hostname):
-            raise ClientMetadataError(
-                "invalid_redirect_uri", "http redirect URIs are allowed only on loopback"
-            )
-    elif "." not in parts.scheme:
-        raise ClientMetadataError(
-            "invalid_redirect_uri",
-            "redirect URIs must be https, http on loopback, or a reverse-domain private scheme",
-        )
-    return uri
+# What bad client metadata raises (RFC 7591 3.2.2), for the callers that answer it otherwise
+# than as JSON (the admin pages, the CLI): registration lets the middleware answer it.
+METADATA_ERRORS = (InvalidClientMetadata, InvalidRedirectUri)
 
 
 def validate_origin(origin: str) -> str:
     parts = urlsplit(origin)
-    _refuse_ambiguous_authority(origin, parts.netloc, "invalid_client_metadata")
+    refuse_ambiguous_authority(origin, parts.netloc, InvalidClientMetadata)
     if parts.scheme not in ("https", "http") or not parts.hostname or parts.path not in ("", "/"):
-        raise ClientMetadataError("invalid_client_metadata", f"{origin!r} is not an origin")
+        raise InvalidClientMetadata(f"{origin!r} is not an origin")
     if parts.scheme == "http" and not is_loopback_host(parts.hostname):
-        raise ClientMetadataError("invalid_client_metadata", "http origins only on loopback")
+        raise InvalidClientMetadata("http origins only on loopback")
     return normalise(f"{parts.scheme}://{parts.netloc}")
 
 
@@ -98,15 +57,13 @@ def validate_scopes(requested: Sequence[str], school: store.School | None) -> li
     """The scopes a client may register for: known, not admin, allowed by the school."""
     unknown = catalogue.unknown(requested)
     if unknown:
-        raise ClientMetadataError("invalid_client_metadata", f"unknown scope {unknown[0]!r}")
+        raise InvalidClientMetadata(f"unknown scope {unknown[0]!r}")
     if any(s in catalogue.ADMIN_SCOPES for s in requested):
-        raise ClientMetadataError("invalid_client_metadata", "admin scopes are not available")
+        raise InvalidClientMetadata("admin scopes are not available")
     if school is not None and school.allowed_scopes is not None:
         refused = [s for s in requested if s not in school.allowed_scopes]
         if refused:
-            raise ClientMetadataError(
-                "invalid_client_metadata", f"the school does not allow {refused[0]!r}"
-            )
+            raise InvalidClientMetadata(f"the school does not allow {refused[0]!r}")
     return list(dict.fromkeys(requested)) or [catalogue.DEFAULT_SCOPE]
 
 
@@ -137,22 +94,18 @@ async def create_client(
 ) -> NewClient:
     name = name.strip()
     if not name or len(name) > 200:
-        raise ClientMetadataError("invalid_client_metadata", "client_name must be 1-200 characters")
+        raise InvalidClientMetadata("client_name must be 1-200 characters")
     uris = [validate_redirect_uri(u) for u in redirect_uris]
     grants = list(grant_types or ("authorization_code", "refresh_token"))
     if any(g not in GRANT_TYPES for g in grants):
-        raise ClientMetadataError("invalid_client_metadata", "unsupported grant type")
+        raise InvalidClientMetadata("unsupported grant type")
     method = auth_method or ("none" if public else "client_secret_basic")
     if method not in AUTH_METHODS:
-        raise ClientMetadataError(
-            "invalid_client_metadata", "unsupported token_endpoint_auth_method"
-        )
+        raise InvalidClientMetadata("unsupported token_endpoint_auth_method")
     if method == "none" and "client_credentials" in grants:
-        raise ClientMetadataError(
-            "invalid_client_metadata", "client_credentials needs a confidential client"
-        )
+        raise InvalidClientMetadata("client_credentials needs a confidential client")
     if "authorization_code" in grants and not uris:
-        raise ClientMetadataError("invalid_redirect_uri", "at least one redirect URI is required")
+        raise InvalidRedirectUri("at least one redirect URI is required")
     secret = None if method == "none" else credentials.new_secret(credentials.CLIENT_SECRET_PREFIX)
     registration_token = (
         credentials.new_secret(credentials.REGISTRATION_TOKEN_PREFIX)
@@ -186,7 +139,7 @@ async def rotate_secret(
 ) -> tuple[store.Client, str]:
     """A new secret; the old one stops working at every identity process on return."""
     if client.is_public:
-        raise ClientMetadataError("invalid_client_metadata", "a public client has no secret")
+        raise InvalidClientMetadata("a public client has no secret")
     secret = credentials.new_secret(credentials.CLIENT_SECRET_PREFIX)
     updated = await store.update_client(
         pool, client.id, secret_hash=credentials.keyed_hash(settings.secret_pepper, secret)

@@ -175,7 +175,7 @@ async def clients_create(
             origins=origins,
             created_via="cli",
         )
-    except clients.ClientMetadataError as exc:
+    except clients.METADATA_ERRORS as exc:
         raise CommandError(f"{exc.error}: {exc.description}") from None
     c = made.client
     result: dict[str, Any] = {

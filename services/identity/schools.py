@@ -131,8 +131,9 @@ async def set_open_registration(
     Closing ends, at once and at every gateway, every grant such apps hold at the school (its
     own apps and platform apps alike), and forgets the consents users gave them there, so
     opening again brings nothing back without the user. Their registrations stay: closed, they
-    cannot authorize at the school (authorize.closed_to), and no code of theirs is redeemed
-    there (store.codes), so a grant made after the list below was read yields no token.
+    cannot authorize at the school (authorize.school_choice.closed_to), and no code of theirs
+    is redeemed there (store.codes), so a grant made after the list below was read yields no
+    token.
     Closing a closed school again ends whatever an interrupted run left.
     """
     # Committed before anything is listed: the token endpoint sees the school closed from
@@ -143,7 +144,8 @@ async def set_open_registration(
     ended = 0
     async with pool.acquire() as conn, conn.transaction():
         # Before the grants are listed: a flow making a grant on the strength of a remembered
-        # consent holds it (authorize.issue_code), so it finishes first and its grant is listed.
+        # consent holds it (authorize.issue.issue_code), so it finishes first and its grant is
+        # listed.
         await store.forget_self_registered_consents(conn, school_id)
         live = await store.live_self_registered_grants(conn, school_id)
         for start in range(0, len(live), CLOSING_PAGE):

@@ -129,7 +129,7 @@ async def revoke_app(
     elif not client_id:
         return None
     # One transaction: the delete waits for a code being issued on the consent's strength
-    # (authorize.issue_code holds the row), and the list that follows sees its grant.
+    # (authorize.issue.issue_code holds the row), and the list that follows sees its grant.
     async with ctx.pool.acquire() as conn, conn.transaction():
         forgot = await flow_store.delete_consent(
             conn, user_id=user_id, client_id=client_id, school_id=school_id

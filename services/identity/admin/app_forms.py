@@ -12,7 +12,8 @@ from typing import Any
 from multidict import MultiMapping
 
 from libs.common import scopes as catalogue
-from services.identity import clients, registration, store
+from libs.common.errors import InvalidClientMetadata, InvalidRedirectUri
+from services.identity import clients, redirect_uris, registration, store
 
 
 def _lines(value: str) -> list[str]:
@@ -23,20 +24,16 @@ def redirect_uris_of(raw: str) -> list[str]:
     """Redirect URIs, one a line, checked as dynamic registration checks them."""
     uris = _lines(raw)
     if len(uris) > registration.MAX_REDIRECT_URIS:
-        raise clients.ClientMetadataError(
-            "invalid_redirect_uri", f"at most {registration.MAX_REDIRECT_URIS} redirect URIs"
-        )
+        raise InvalidRedirectUri(f"at most {registration.MAX_REDIRECT_URIS} redirect URIs")
     if any(len(u) > registration.MAX_URI_LENGTH for u in uris):
-        raise clients.ClientMetadataError("invalid_redirect_uri", "a redirect URI is too long")
-    return [clients.validate_redirect_uri(u) for u in uris]
+        raise InvalidRedirectUri("a redirect URI is too long")
+    return [redirect_uris.validate_redirect_uri(u) for u in uris]
 
 
 def origins_of(raw: str) -> list[str]:
     origins = _lines(raw)
     if len(origins) > registration.MAX_REDIRECT_URIS:
-        raise clients.ClientMetadataError(
-            "invalid_client_metadata", f"at most {registration.MAX_REDIRECT_URIS} origins"
-        )
+        raise InvalidClientMetadata(f"at most {registration.MAX_REDIRECT_URIS} origins")
     return list(dict.fromkeys(clients.validate_origin(o) for o in origins))
 
 

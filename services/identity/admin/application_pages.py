@@ -103,7 +103,7 @@ async def create_submit(request: web.Request) -> web.StreamResponse:
     wanted = AppForm.read(form)
     try:
         made = await create_app(ctx, viewer, wanted, client_ip(request))
-    except clients.ClientMetadataError as exc:
+    except clients.METADATA_ERRORS as exc:
         apps = await store.list_clients(ctx.pool, viewer.school.id)
         return _render_apps(request, viewer, apps, wanted, status=400, error=exc.description)
     query = {"created": "1"}
@@ -195,7 +195,7 @@ async def edit_submit(request: web.Request) -> web.StreamResponse:
     viewer, client, form = posted
     try:
         await edit_app(context(request), viewer, client, form, client_ip(request))
-    except clients.ClientMetadataError as exc:
+    except clients.METADATA_ERRORS as exc:
         return _render_app(
             request,
             viewer,
@@ -219,7 +219,7 @@ async def rotate_submit(request: web.Request) -> web.StreamResponse:
     ctx = context(request)
     try:
         updated, secret = await clients.rotate_secret(ctx.pool, ctx.redis, ctx.settings, client)
-    except clients.ClientMetadataError as exc:
+    except clients.METADATA_ERRORS as exc:
         return _render_app(request, viewer, client, status=400, error=exc.description)
     await audit_change(ctx, "client.secret_rotated", viewer, updated, client_ip(request))
     query = {"rotated": "1"}

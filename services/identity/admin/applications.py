@@ -6,6 +6,7 @@ from typing import Any
 
 from multidict import MultiMapping
 
+from libs.common.errors import InvalidClientMetadata, InvalidRedirectUri
 from services.identity import clients, grants, store
 from services.identity.account.viewer import (
     Viewer,
@@ -59,14 +60,10 @@ async def edit_app(
 ) -> store.Client:
     name = str(form.get("name", client.name)).strip()
     if not name or len(name) > 200:
-        raise clients.ClientMetadataError(
-            "invalid_client_metadata", "the name must be 1-200 characters"
-        )
+        raise InvalidClientMetadata("the name must be 1-200 characters")
     uris = redirect_uris_of(str(form.get("redirect_uris", "")))
     if "authorization_code" in client.grant_types and not uris:
-        raise clients.ClientMetadataError(
-            "invalid_redirect_uri", "at least one redirect URI is required"
-        )
+        raise InvalidRedirectUri("at least one redirect URI is required")
     origins = origins_of(str(form.get("origins", "")))
     updated = await store.update_client(
         ctx.pool, client.id, name=name, redirect_uris=uris, allowed_origins=origins

@@ -12,8 +12,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from libs.common.errors import OAuthError, json_response
-from services.identity import clients, ratelimit
+from libs.common.errors import json_response
+from services.identity import ratelimit
 from services.identity.context import context, issuer
 from services.identity.registration.access_token import managed_client
 from services.identity.registration.client_information import (
@@ -31,23 +31,19 @@ _NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 
 async def _json_object(request: web.Request) -> dict[str, Any]:
     if request.content_type != "application/json":
-        raise _oauth(_bad("the request body must be application/json"))
+        raise _bad("the request body must be application/json")
     if (request.content_length or 0) > MAX_BODY_BYTES:
-        raise _oauth(_bad("the request body is too large"))
+        raise _bad("the request body is too large")
     body = await request.read()
     if len(body) > MAX_BODY_BYTES:
-        raise _oauth(_bad("the request body is too large"))
+        raise _bad("the request body is too large")
     try:
         document = orjson.loads(body)
     except orjson.JSONDecodeError:
-        raise _oauth(_bad("the request body is not valid JSON")) from None
+        raise _bad("the request body is not valid JSON") from None
     if not isinstance(document, dict):
-        raise _oauth(_bad("the request body must be a JSON object"))
+        raise _bad("the request body must be a JSON object")
     return document
-
-
-def _oauth(exc: clients.ClientMetadataError) -> OAuthError:
-    return OAuthError(exc.error, exc.description)
 
 
 async def register_endpoint(request: web.Request) -> web.Response:
@@ -56,10 +52,7 @@ async def register_endpoint(request: web.Request) -> web.Response:
     school = await registering_school(ctx, where)
     await check_rate(ctx, where, address)
     document = await _json_object(request)
-    try:
-        made = await register(ctx, where, school, document, address)
-    except clients.ClientMetadataError as exc:
-        raise _oauth(exc) from None
+    made = await register(ctx, where, school, document, address)
     return json_response(
         registration_response(made, where.issuer), status=201, headers=dict(_NO_STORE)
     )
@@ -80,10 +73,7 @@ async def update_endpoint(request: web.Request) -> web.Response:
     )
     document = await _json_object(request)
     address = ratelimit.client_address(request, ctx.settings)
-    try:
-        updated = await update(ctx, client, document, address)
-    except clients.ClientMetadataError as exc:
-        raise _oauth(exc) from None
+    updated = await update(ctx, client, document, address)
     return json_response(client_information(updated, where.issuer), headers=dict(_NO_STORE))
 
 

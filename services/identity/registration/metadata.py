@@ -1,7 +1,7 @@
 """RFC 7591 section 2: client metadata, validated and completed with the server's defaults.
 
 What a registration (or an RFC 7592 replacement) may ask for: redirect URIs checked as every
-client's are (clients.validate_redirect_uri), `authorization_code` with an optional
+client's are (redirect_uris.validate_redirect_uri), `authorization_code` with an optional
 `refresh_token`, `response_types` `["code"]`, a token endpoint auth method, scopes within
 what the school allows, and a few informational members (URIs, contacts, software id).
 Unknown members are ignored; anything else wrong is `invalid_client_metadata` (or
@@ -17,7 +17,9 @@ from urllib.parse import urlsplit
 
 from libs.common import scopes as catalogue
 from libs.common.config import Settings
+from libs.common.errors import InvalidClientMetadata, InvalidRedirectUri
 from services.identity import clients, store
+from services.identity.redirect_uris import is_loopback_host, validate_redirect_uri
 
 # Seed 001: what a registration that names no scope answers with, in this order.
 DEFAULT_SCOPES = (
@@ -57,8 +59,8 @@ class ClientRequest:
     metadata: dict[str, Any]
 
 
-def _bad(description: str) -> clients.ClientMetadataError:
-    return clients.ClientMetadataError("invalid_client_metadata", description)
+def _bad(description: str) -> InvalidClientMetadata:
+    return InvalidClientMetadata(description)
 
 
 def _text(doc: Mapping[str, Any], name: str, max_length: int) -> str | None:
@@ -91,7 +93,7 @@ def _web_uri(name: str, uri: str, settings: Settings) -> str:
     plain_ok = (
         parts.scheme == "http"
         and settings.is_development
-        and clients.is_loopback_host(parts.hostname or "")
+        and is_loopback_host(parts.hostname or "")
     )
     if (parts.scheme != "https" and not plain_ok) or not parts.hostname:
         raise _bad(f"{name} must be an https URL")
@@ -139,13 +141,11 @@ def parse_metadata(
     name = (_text(doc, "client_name", 200) or "").strip() or DEFAULT_CLIENT_NAME
 
     redirect_uris = [
-        clients.validate_redirect_uri(u)
+        validate_redirect_uri(u)
         for u in _text_list(doc, "redirect_uris", MAX_REDIRECT_URIS, MAX_URI_LENGTH)
     ]
     if not redirect_uris:
-        raise clients.ClientMetadataError(
-            "invalid_redirect_uri", "at least one redirect URI is required"
-        )
+        raise InvalidRedirectUri("at least one redirect URI is required")
 
     grant_types = _text_list(doc, "grant_types", 5, 100) or list(REGISTRABLE_GRANT_TYPES)
     if "client_credentials" in grant_types:
