@@ -22,10 +22,8 @@ _NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 class OAuthError(Exception):
     """An OAuth error response: the `error` code, its HTTP `status`, an optional description.
 
-    Raise the subclass that names the code. `OAuthError(code, description)` builds one from a
-    code string, for the modules not yet converted to the classes (authorize, clients,
-    registration, admin, account): converting `OAuthError("invalid_grant", d)` is writing
-    `InvalidGrant(d)`, and `status=`/`headers=` carry over as they are.
+    Raise the subclass that names the code; every module does. `OAuthError(code, description)`
+    still builds one from a code known only at run time, with the status its class has.
     """
 
     error: str
