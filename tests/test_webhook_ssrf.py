@@ -32,7 +32,18 @@ from services.webhooks import ssrf
 from services.webhooks.delivery import egress
 from services.webhooks.delivery.attempt import post
 from tests.support import ExampleResolver, base_url, without_handler_cancellation
-from tests.test_webhooks import Api, Caller, api_without_workers, eventually, new_school, publish
+from tests.test_webhooks import (
+    Api,
+    Caller,
+    api_without_workers,
+    eventually,
+    new_school,
+    publish,
+    strict_api,
+)
+
+# The subscription API as production checks URLs: loopback refused (no workers).
+__all__ = ["strict_api"]
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -62,18 +73,6 @@ async def receiver(aiohttp_server: AiohttpServer) -> Receiver:
     assert server.port is not None
     found.port = server.port
     return found
-
-
-@pytest.fixture
-async def strict_api(
-    webhooks_env: dict[str, str],
-    migrated: None,
-    aiohttp_server: AiohttpServer,
-    aiohttp_client: AiohttpClient,
-) -> Api:
-    """The subscription API as production checks URLs: loopback refused (no workers)."""
-    settings = load_settings({**webhooks_env, "WEBHOOK_ALLOW_LOOPBACK": "false"})
-    return await api_without_workers(aiohttp_server, aiohttp_client, settings)
 
 
 @pytest.fixture
