@@ -3,6 +3,10 @@
 Where the servers come from, in order: TEST_DATABASE_URL / TEST_REDIS_URL; PostgreSQL and
 Redis on their default local ports; testcontainers when a Docker engine answers. Each run gets
 its own database and its own Redis key prefix, so runs never see each other's data.
+
+The run's services are session fixtures served with `tests.support.running` (aiohttp's
+TestServer, on the ports their settings name); tests serve apps of their own with
+pytest-aiohttp's `aiohttp_server` and `aiohttp_client`.
 """
 
 from __future__ import annotations

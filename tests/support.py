@@ -6,6 +6,10 @@ so the Host header) exactly as a user's browser would send it. `ExampleResolver`
 documentation names tests subscribe webhooks to (`hooks.example.com`, the API document's
 `hooks.partner.example`) a public address, as a partner's real host would have; the webhooks
 service refuses names that do not resolve.
+
+Test functions and function-scoped fixtures serve in-process apps with pytest-aiohttp's
+`aiohttp_server` (and `aiohttp_client` when only a client to the app is needed); fixtures
+wider than a function serve theirs with `running`, on the same aiohttp TestServer.
 """
 
 from __future__ import annotations
@@ -14,12 +18,13 @@ import asyncio
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import ThreadedResolver
+from aiohttp.test_utils import BaseTestServer, TestServer
 
 
 def free_port() -> int:
@@ -91,17 +96,40 @@ def client_session(**kwargs: Any) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(connector=connector, **kwargs)
 
 
+Served = TypeVar("Served", bound=BaseTestServer)
+
+
+def base_url(server: BaseTestServer) -> str:
+    """The started server's root without a trailing slash, as tests join paths to it."""
+    return str(server.make_url("/")).removesuffix("/")
+
+
+def without_handler_cancellation(server: Served) -> Served:
+    """`server` (started), set to let a handler run to its end when its client goes away, as
+    every server here did before pytest-aiohttp and as the services' own runner
+    (libs.common.web.serve) and a partner's server do. The TestServer `aiohttp_server` makes
+    cancels it and takes no setting for it; a test may depend on it (a receiver still holding
+    the request of a sender that was killed)."""
+    server.handler.handler_cancellation = False
+    return server
+
+
 @asynccontextmanager
 async def running(app: web.Application, port: int) -> AsyncIterator[str]:
-    """Serve `app` on 127.0.0.1:port for the block; yields the base URL."""
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=2)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", port, reuse_address=True)
-    await site.start()
+    """Serve `app` on 127.0.0.1:port for the block; yields the base URL.
+
+    For session- and module-scoped fixtures (and the helpers they share), which cannot use
+    pytest-aiohttp's function-scoped `aiohttp_server`; test functions and function-scoped
+    fixtures use that fixture. Built on the same `aiohttp.test_utils.TestServer` it uses: a real
+    socket (SO_REUSEADDR), no access log, handlers not cancelled, and at the block's end two
+    seconds for requests in flight before the app's cleanup."""
+    server = TestServer(app, host="127.0.0.1", port=port)
+    await server.start_server(access_log=None, shutdown_timeout=2)
+    without_handler_cancellation(server)
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield base_url(server)
     finally:
-        await runner.cleanup()
+        await server.close()
 
 
 async def wait_for_port(port: int, timeout: float = 15.0) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,8 +30,10 @@ from tests.support import client_session, free_port, running
 from tests.test_account_pages import sign_in
 from tests.test_admin_pages import CSP_FRAME, School, make_school, stream_actions
 from tests.test_authorize import Browser, form
-from tests.test_webhooks import Api, Behaviour, Caller, Receiver, _ok, eventually, publish
+from tests.test_webhooks import Api, Caller, Receiver, eventually, publish, receivers
 from tests.token_helpers import PASSWORD
+
+__all__ = ["receivers"]
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -93,27 +95,6 @@ async def _fresh_address_counter(redis: redis_asyncio.Redis, settings: Settings)
 async def api(webhooks_url: str, webhooks_settings: Settings) -> AsyncIterator[Api]:
     async with aiohttp.ClientSession() as http:
         yield Api(http, webhooks_url, webhooks_settings)
-
-
-@pytest.fixture
-async def receivers() -> AsyncIterator[Callable[..., Awaitable[Receiver]]]:
-    runners: list[web.AppRunner] = []
-
-    async def start(behaviour: Behaviour = _ok) -> Receiver:
-        receiver = Receiver(behaviour)
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", receiver.handle)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        await runner.setup()
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        runners.append(runner)
-        receiver.url = f"http://127.0.0.1:{port}/hooks"
-        return receiver
-
-    yield start
-    for runner in runners:
-        await runner.cleanup()
 
 
 @pytest.fixture

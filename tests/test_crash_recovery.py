@@ -33,6 +33,7 @@ import orjson
 import pytest
 import redis.asyncio as redis_asyncio
 from aiohttp import web
+from pytest_aiohttp import AiohttpClient, AiohttpServer
 from standardwebhooks import Webhook
 
 from libs.common import db, streams
@@ -41,7 +42,7 @@ from services.school_api import store as school_store
 from services.school_api.app import RELAY
 from services.school_api.app import create_app as create_school_api
 from services.webhooks import dispatcher
-from tests.support import free_port, running, wait_for_port
+from tests.support import base_url, free_port, wait_for_port, without_handler_cancellation
 from tests.test_school_api_events import call, who
 from tests.test_webhooks import (
     CLI,
@@ -141,20 +142,16 @@ async def serve_webhooks(env: dict[str, str], processes: list[Process]) -> Proce
 
 
 @asynccontextmanager
-async def receiving(behaviour: Behaviour) -> AsyncIterator[Receiver]:
-    """A real receiver on 127.0.0.1 (tests.test_webhooks.Receiver) for the block."""
+async def receiving(aiohttp_server: AiohttpServer, behaviour: Behaviour) -> AsyncIterator[Receiver]:
+    """A real receiver on 127.0.0.1 (tests.test_webhooks.Receiver) for the block. Its handlers
+    are not cancelled when a sender goes away: a killed sender's request stays held."""
     receiver = Receiver(behaviour)
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", receiver.handle)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    receiver.url = f"http://127.0.0.1:{port}/hooks"
-    try:
+    server = await aiohttp_server(app, access_log=None, shutdown_timeout=0.5)
+    receiver.url = str(without_handler_cancellation(server).make_url("/hooks"))
+    async with server:
         yield receiver
-    finally:
-        await runner.cleanup()
 
 
 def holding_the_first(release: asyncio.Event) -> Behaviour:
@@ -196,7 +193,10 @@ def entries_with_id(raw: Any, event_id: str) -> list[dict[str, Any]]:
 
 
 async def test_a_delivery_cut_short_by_sigkill_is_sent_again_by_the_next_process(
-    webhooks_env: dict[str, str], crash_database: str, redis: redis_asyncio.Redis
+    webhooks_env: dict[str, str],
+    crash_database: str,
+    redis: redis_asyncio.Redis,
+    aiohttp_server: AiohttpServer,
 ) -> None:
     """The process is killed while the receiver holds its request open: nothing about the
     attempt was recorded, the delivery is still leased to the dead sender, and a new process
@@ -206,7 +206,7 @@ async def test_a_delivery_cut_short_by_sigkill_is_sent_again_by_the_next_process
     release = asyncio.Event()
     processes: list[Process] = []
     async with (
-        receiving(holding_the_first(release)) as receiver,
+        receiving(aiohttp_server, holding_the_first(release)) as receiver,
         aiohttp.ClientSession() as http,
     ):
         try:
@@ -258,7 +258,10 @@ async def test_a_delivery_cut_short_by_sigkill_is_sent_again_by_the_next_process
 
 
 async def test_a_live_sender_keeps_its_leases_however_long_deliveries_wait_their_turn(
-    webhooks_env: dict[str, str], crash_database: str, redis: redis_asyncio.Redis
+    webhooks_env: dict[str, str],
+    crash_database: str,
+    redis: redis_asyncio.Redis,
+    aiohttp_server: AiohttpServer,
 ) -> None:
     """One request at a time to a slow endpoint: the last of nine deliveries waits about
     twice the lease for its turn. The sender renews what it holds, so no delivery is claimed
@@ -272,7 +275,7 @@ async def test_a_live_sender_keeps_its_leases_however_long_deliveries_wait_their
         await asyncio.sleep(DELIVERY_TIMEOUT * 0.9)
         return web.Response(text="ok")
 
-    async with receiving(slow) as receiver, aiohttp.ClientSession() as http:
+    async with receiving(aiohttp_server, slow) as receiver, aiohttp.ClientSession() as http:
         try:
             await serve_webhooks(env, processes)
             caller = Caller(new_school())
@@ -292,7 +295,10 @@ async def test_a_live_sender_keeps_its_leases_however_long_deliveries_wait_their
 
 
 async def test_an_event_appended_while_the_process_dies_is_delivered_once_by_the_next(
-    webhooks_env: dict[str, str], crash_database: str, redis: redis_asyncio.Redis
+    webhooks_env: dict[str, str],
+    crash_database: str,
+    redis: redis_asyncio.Redis,
+    aiohttp_server: AiohttpServer,
 ) -> None:
     """The process is stopped (SIGSTOP), the event appended, the process SIGKILLed: it never
     recorded the delivery. A new process claims the entry from the dead consumer (or reads
@@ -301,7 +307,7 @@ async def test_an_event_appended_while_the_process_dies_is_delivered_once_by_the
     settings = load_settings(env)
     stream = settings.stream(streams.EVENTS)
     processes: list[Process] = []
-    async with receiving(_ok) as receiver, aiohttp.ClientSession() as http:
+    async with receiving(aiohttp_server, _ok) as receiver, aiohttp.ClientSession() as http:
         try:
             first = await serve_webhooks(env, processes)
             caller = Caller(new_school())
@@ -406,7 +412,10 @@ async def shutdown_redis(port: int, proc: asyncio.subprocess.Process) -> None:
 
 
 async def test_an_event_written_while_redis_is_down_reaches_the_stream_once_it_is_back(
-    settings: Settings, crash_database: str
+    settings: Settings,
+    crash_database: str,
+    aiohttp_server: AiohttpServer,
+    aiohttp_client: AiohttpClient,
 ) -> None:
     """The school API (with its relay) on a redis-server of its own. Redis is shut down: a
     course created meanwhile is still 201, its outbox row waits unpublished while the relay
@@ -424,8 +433,9 @@ async def test_an_event_written_while_redis_is_down_reaches_the_stream_once_it_i
     try:
         pool = await school_store.create_pool(crash_database, min_size=1, max_size=2)
         app = create_school_api(own)
-        async with running(app, free_port()) as url, aiohttp.ClientSession() as http:
-            courses = f"{url}/api/v1/courses"
+        server = await aiohttp_server(app, access_log=None, shutdown_timeout=2)
+        async with await aiohttp_client(without_handler_cancellation(server)) as client:
+            http, courses = client.session, f"{base_url(server)}/api/v1/courses"
             # Events flow while Redis is up.
             status, before = await call(http, "POST", courses, headers, {"title": "Before"})
             assert status == 201, before

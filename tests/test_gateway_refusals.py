@@ -22,11 +22,12 @@ from urllib.parse import urlsplit
 import orjson
 import pytest
 from aiohttp import web
+from pytest_aiohttp import AiohttpServer
 
 from libs.common import streams
 from libs.common.config import Settings
 from services.identity import audit, keys, store
-from tests.support import running
+from tests.support import base_url, without_handler_cancellation
 from tests.test_gateway_support import (
     World,
     access_claims,
@@ -235,13 +236,15 @@ class Upstream:
 
 
 @asynccontextmanager
-async def recording_upstream() -> AsyncIterator[tuple[Upstream, str]]:
-    from tests.support import free_port
-
+async def recording_upstream(
+    aiohttp_server: AiohttpServer,
+) -> AsyncIterator[tuple[Upstream, str]]:
+    """An Upstream served for the block; calls it still holds are released at its end."""
     upstream = Upstream()
+    server = await aiohttp_server(upstream.app(), access_log=None, shutdown_timeout=2)
     try:
-        async with running(upstream.app(), free_port()) as url:
-            yield upstream, url
+        async with without_handler_cancellation(server):
+            yield upstream, base_url(server)
     finally:
         upstream.release.set()
 
@@ -430,6 +433,7 @@ async def test_calls_in_progress_hold_their_records_place_and_a_full_buffer_refu
     gateway_port: int,
     gateway_identity_url: str,
     keyring: keys.KeyRing,
+    aiohttp_server: AiohttpServer,
 ) -> None:
     """GATEWAY_AUDIT_BUFFER=2 with Redis well: two calls held at the upstream hold both places,
     so a third call, served or refused for scope alike, is 503 and never reaches the upstream;
@@ -439,7 +443,7 @@ async def test_calls_in_progress_hold_their_records_place_and_a_full_buffer_refu
     openid = await _token(keyring, gateway_settings, pool, world, "openid")
     ids = _ids("held")
     async with (
-        recording_upstream() as (upstream, upstream_url),
+        recording_upstream(aiohttp_server) as (upstream, upstream_url),
         extra_gateway(gateway_env, GATEWAY_AUDIT_BUFFER="2", SCHOOL_API_URL=upstream_url) as base,
     ):
         # One call first, recorded and written out: the school's keys are fetched and the
@@ -506,6 +510,7 @@ async def test_with_the_audit_redis_away_the_buffer_fills_then_calls_are_refused
     gateway_identity_url: str,
     keyring: keys.KeyRing,
     audit_link: AuditLink,
+    aiohttp_server: AiohttpServer,
 ) -> None:
     """Redis stops taking the gateway's audit writes, not answering them or not reachable for
     them (the checks still pass: only the audit connection is stopped): the buffer
@@ -516,7 +521,7 @@ async def test_with_the_audit_redis_away_the_buffer_fills_then_calls_are_refused
     token = await _token(keyring, gateway_settings, pool, world, "courses:read")
     ids = _ids("link")
     async with (
-        recording_upstream() as (upstream, upstream_url),
+        recording_upstream(aiohttp_server) as (upstream, upstream_url),
         extra_gateway(
             gateway_env,
             GATEWAY_AUDIT_BUFFER="4",

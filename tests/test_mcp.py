@@ -29,6 +29,7 @@ import redis.asyncio as redis_asyncio
 from mcp import types
 from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
+from pytest_aiohttp import AiohttpServer
 
 from libs.common import streams
 from libs.common.config import Settings
@@ -665,6 +666,7 @@ async def test_an_mcp_call_that_cannot_be_recorded_is_refused(
     gateway_identity_url: str,
     tenant: Tenant,
     redis: redis_asyncio.Redis,
+    aiohttp_server: AiohttpServer,
 ) -> None:
     """GATEWAY_AUDIT_BUFFER=2: a tool's school API call takes a place of its own beside the
     /mcp call's. While one tool call is held at the school API, both places are taken: a ping
@@ -686,7 +688,7 @@ async def test_an_mcp_call_that_cannot_be_recorded_is_refused(
         await buffer_empty(http, base)
 
     async with (
-        recording_upstream() as (upstream, upstream_url),
+        recording_upstream(aiohttp_server) as (upstream, upstream_url),
         extra_gateway(gateway_env, SCHOOL_API_URL=upstream_url, GATEWAY_AUDIT_BUFFER="2") as base,
     ):
         system = System(base, gateway_port)

@@ -17,10 +17,11 @@ from urllib.parse import parse_qs, urlsplit
 import asyncpg
 import pytest
 from aiohttp import web
+from pytest_aiohttp import AiohttpServer
 
 from libs.common import scopes as catalogue
 from libs.common.config import Settings
-from tests.support import free_port, running
+from tests.support import without_handler_cancellation
 from tests.test_authorize import authorize_url, make_world, pkce
 
 CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
@@ -59,7 +60,9 @@ async def chromium() -> AsyncIterator[Any]:
 
 
 @pytest.fixture
-async def client_app() -> AsyncIterator[tuple[str, asyncio.Queue[dict[str, str]]]]:
+async def client_app(
+    aiohttp_server: AiohttpServer,
+) -> tuple[str, asyncio.Queue[dict[str, str]]]:
     """The OAuth client's redirect target: records what arrives at /cb."""
     arrivals: asyncio.Queue[dict[str, str]] = asyncio.Queue()
 
@@ -72,9 +75,8 @@ async def client_app() -> AsyncIterator[tuple[str, asyncio.Queue[dict[str, str]]
 
     app = web.Application()
     app.router.add_get("/cb", callback)
-    port = free_port()
-    async with running(app, port):
-        yield f"http://127.0.0.1:{port}/cb", arrivals
+    server = await aiohttp_server(app, access_log=None, shutdown_timeout=2)
+    return str(without_handler_cancellation(server).make_url("/cb")), arrivals
 
 
 async def test_sign_in_consent_allow_in_chromium(

@@ -13,11 +13,12 @@ from typing import Any
 
 import argon2
 import pytest
+from pytest_aiohttp import AiohttpServer
 
 from libs.common.config import load_settings
 from services.identity import credentials
 from services.identity.context import CONTEXT
-from tests.support import free_port, running
+from tests.support import without_handler_cancellation
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,11 +84,13 @@ async def test_gate_bounds_concurrent_verifications(monkeypatch: pytest.MonkeyPa
         credentials.PasswordGate(0)
 
 
-async def test_service_sizes_its_gate_from_config(base_env: dict[str, str], migrated: None) -> None:
+async def test_service_sizes_its_gate_from_config(
+    base_env: dict[str, str], migrated: None, aiohttp_server: AiohttpServer
+) -> None:
     from services.identity.app import create_app
 
     settings = load_settings({**base_env, "PASSWORD_HASH_CONCURRENCY": "3"})
     app = create_app(settings)
-    async with running(app, free_port()):
-        gate: Any = app[CONTEXT].passwords
-        assert gate.limit == 3
+    without_handler_cancellation(await aiohttp_server(app, access_log=None, shutdown_timeout=2))
+    gate: Any = app[CONTEXT].passwords
+    assert gate.limit == 3

@@ -19,6 +19,7 @@ import asyncpg
 import orjson
 import pytest
 import redis.asyncio as redis_asyncio
+from pytest_aiohttp import AiohttpServer
 
 from libs.common import db, streams
 from libs.common.config import Settings
@@ -32,7 +33,7 @@ from services.school_api.identity import (
     SUBJECT_HEADER,
 )
 from services.school_api.outbox import OutboxRelay
-from tests.support import free_port, running
+from tests.support import base_url, without_handler_cancellation
 
 EVENT_KEYS = {"id", "type", "school_id", "occurred_at", "data"}
 
@@ -317,11 +318,14 @@ async def test_with_redis_down_writes_succeed_and_events_wait_until_it_is_back(
     side_pool: asyncpg.Pool,
     redis: redis_asyncio.Redis,
     http: aiohttp.ClientSession,
+    aiohttp_server: AiohttpServer,
 ) -> None:
     dead = dataclasses.replace(side, redis_url="redis://127.0.0.1:1/0")
     school = new_school()
     app = create_app(dead)
-    async with running(app, free_port()) as url:
+    server = await aiohttp_server(app, access_log=None, shutdown_timeout=2)
+    url = base_url(without_handler_cancellation(server))
+    async with server:  # stops it here, not at the test's end: the test goes on without it
         status, created = await call(
             http, "POST", f"{url}/api/v1/courses", who(dead, school), {"title": "Offline"}
         )

@@ -28,6 +28,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
+from pytest_aiohttp import AiohttpServer
 
 from libs.common import db
 from libs.common.config import Settings, load_settings
@@ -35,7 +36,7 @@ from libs.common.logging import configure_logging
 from services.dev import database
 from services.identity import clients, keys, secret_checks, store, users
 from services.identity.app import create_app
-from tests.support import free_port, running
+from tests.support import free_port, without_handler_cancellation
 from tests.token_helpers import basic, insert_code, pkce_pair, token, verify_with_jwks
 
 CLI = str(Path(sys.executable).with_name("loopwise-connect"))
@@ -409,6 +410,7 @@ async def test_make_clean_then_make_dev_works_on_the_same_postgresql(
     tmp_path: Path,
     http: Any,
     capsys: pytest.CaptureFixture[str],
+    aiohttp_server: AiohttpServer,
 ) -> None:
     """`make dev`, `make clean` (the secrets and logins under .data/ go, the database on the
     local PostgreSQL stays), `make dev` again: the second start finds the database made under
@@ -435,7 +437,10 @@ async def test_make_clean_then_make_dev_works_on_the_same_postgresql(
     printed = capsys.readouterr().out
     new_kids = await _demo_kids(dev_database)
 
-    async with running(create_app(second), port):
+    server = await aiohttp_server(
+        create_app(second), port=port, access_log=None, shutdown_timeout=2
+    )
+    async with without_handler_cancellation(server):  # stopped before the third start below
         pool = await db.create_pool(dev_database, min_size=1, max_size=2)
         try:
             demo = await store.school_by_subdomain(pool, "demo")

@@ -10,11 +10,12 @@ from typing import Any
 from uuid import UUID
 
 import pytest
+from pytest_aiohttp import AiohttpServer
 
 from libs.common.config import ConfigError, Settings, load_settings
 from services.identity import credentials, grants, sweep
 from services.identity.store import authorize as flow_store
-from tests.support import free_port, running
+from tests.support import free_port, without_handler_cancellation
 from tests.token_helpers import (
     REDIRECT_URI,
     basic,
@@ -204,7 +205,12 @@ async def test_concurrent_sweepers_share_the_work(
 
 
 async def test_the_service_sweeps_on_its_interval(
-    base_env: dict[str, str], migrated: None, pool: Any, settings: Settings, unique: str
+    base_env: dict[str, str],
+    migrated: None,
+    pool: Any,
+    settings: Settings,
+    unique: str,
+    aiohttp_server: AiohttpServer,
 ) -> None:
     from services.identity.app import create_app
 
@@ -214,13 +220,14 @@ async def test_the_service_sweeps_on_its_interval(
     world = await make_world(pool, settings, unique, port, label="swi")
     id_hash = await _new_session(pool, world.user.id)
     await _expire(pool, *_session(id_hash))
-    async with running(create_app(swept), port):
-        # Waits for the outcome, not for a time: the background sweep removes the row.
-        for _ in range(200):
-            if not await _exists(pool, *_session(id_hash)):
-                break
-            await asyncio.sleep(0.05)
-        assert not await _exists(pool, *_session(id_hash))
+    server = await aiohttp_server(create_app(swept), port=port, access_log=None, shutdown_timeout=2)
+    without_handler_cancellation(server)
+    # Waits for the outcome, not for a time: the background sweep removes the row.
+    for _ in range(200):
+        if not await _exists(pool, *_session(id_hash)):
+            break
+        await asyncio.sleep(0.05)
+    assert not await _exists(pool, *_session(id_hash))
 
 
 @pytest.mark.parametrize(

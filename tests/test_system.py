@@ -32,12 +32,13 @@ import pytest
 from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 from multidict import CIMultiDict
+from pytest_aiohttp import AiohttpServer
 from standardwebhooks import Webhook
 
 from libs.common.config import Settings
 from services.identity import schools, store, users
 from services.school_api import seed
-from tests.support import free_port
+from tests.support import without_handler_cancellation
 from tests.test_authorize import PASSWORD, Browser, form, pkce, query_of
 from tests.test_gateway_support import extra_gateway
 
@@ -329,24 +330,16 @@ class Receiver:
 
 
 @pytest.fixture
-async def receivers() -> AsyncIterator[Callable[[], Awaitable[Receiver]]]:
-    runners: list[web.AppRunner] = []
-
+def receivers(aiohttp_server: AiohttpServer) -> Callable[[], Awaitable[Receiver]]:
     async def start() -> Receiver:
         receiver = Receiver()
         app = web.Application()
         app.router.add_post("/hooks", receiver.handle)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        await runner.setup()
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        runners.append(runner)
-        receiver.url = f"http://127.0.0.1:{port}/hooks"
+        server = await aiohttp_server(app, access_log=None, shutdown_timeout=0.5)
+        receiver.url = str(without_handler_cancellation(server).make_url("/hooks"))
         return receiver
 
-    yield start
-    for runner in runners:
-        await runner.cleanup()
+    return start
 
 
 async def audit_record(pool: asyncpg.Pool, request_id: str, timeout: float = 5.0) -> asyncpg.Record:

@@ -24,14 +24,26 @@ import pytest
 import redis.asyncio as redis_asyncio
 from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
+from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from libs.common import db, streams
 from libs.common.config import load_settings
 from services.webhooks import ssrf
 from services.webhooks.delivery import egress
 from services.webhooks.delivery.attempt import post
-from tests.support import ExampleResolver, free_port, running
-from tests.test_webhooks import Api, Caller, eventually, new_school, publish
+from tests.support import ExampleResolver, base_url, without_handler_cancellation
+from tests.test_webhooks import (
+    Api,
+    Caller,
+    api_without_workers,
+    eventually,
+    new_school,
+    publish,
+    strict_api,
+)
+
+# The subscription API as production checks URLs: loopback refused (no workers).
+__all__ = ["strict_api"]
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -51,41 +63,29 @@ class Receiver:
 
 
 @pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
+async def receiver(aiohttp_server: AiohttpServer) -> Receiver:
     found = Receiver()
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", found.handle)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-    await runner.setup()
-    found.port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", found.port).start()
-    try:
-        yield found
-    finally:
-        await runner.cleanup()
+    server = without_handler_cancellation(
+        await aiohttp_server(app, access_log=None, shutdown_timeout=0.5)
+    )
+    assert server.port is not None
+    found.port = server.port
+    return found
 
 
 @pytest.fixture
-async def strict_api(webhooks_env: dict[str, str], migrated: None) -> AsyncIterator[Api]:
-    """The subscription API as production checks URLs: loopback refused (no workers)."""
-    from services.webhooks.app import create_app
-
-    settings = load_settings({**webhooks_env, "WEBHOOK_ALLOW_LOOPBACK": "false"})
-    app = create_app(settings, workers=False, resolver=ExampleResolver())
-    async with running(app, free_port()) as url, aiohttp.ClientSession() as http:
-        yield Api(http, url, settings)
-
-
-@pytest.fixture
-async def dev_api(webhooks_env: dict[str, str], migrated: None) -> AsyncIterator[Api]:
+async def dev_api(
+    webhooks_env: dict[str, str],
+    migrated: None,
+    aiohttp_server: AiohttpServer,
+    aiohttp_client: AiohttpClient,
+) -> Api:
     """The subscription API as development checks URLs: loopback allowed (no workers)."""
-    from services.webhooks.app import create_app
-
     settings = load_settings(webhooks_env)
     assert settings.webhooks.allow_loopback
-    app = create_app(settings, workers=False, resolver=ExampleResolver())
-    async with running(app, free_port()) as url, aiohttp.ClientSession() as http:
-        yield Api(http, url, settings)
+    return await api_without_workers(aiohttp_server, aiohttp_client, settings)
 
 
 async def _subscribe(api: Api, url: str) -> tuple[int, Any]:
@@ -430,7 +430,10 @@ async def test_the_egress_proxy_is_exempt_and_the_target_is_still_pinned(
 
 @pytest.fixture
 async def strict_service(
-    webhooks_env: dict[str, str], redis: redis_asyncio.Redis
+    webhooks_env: dict[str, str],
+    redis: redis_asyncio.Redis,
+    aiohttp_server: AiohttpServer,
+    aiohttp_client: AiohttpClient,
 ) -> AsyncIterator[tuple[Api, Any]]:
     """A webhooks service with workers and production's policy (loopback forbidden), on a
     database and stream of its own, so the run's own (loopback-allowing) sender never takes
@@ -447,8 +450,10 @@ async def strict_service(
     await db.migrate(settings.database_url)
     try:
         app = create_app(settings, resolver=ExampleResolver())
-        async with running(app, free_port()) as url, aiohttp.ClientSession() as http:
-            yield Api(http, url, settings), settings
+        server = await aiohttp_server(app, access_log=None, shutdown_timeout=2)
+        # Stopped (with its workers) at the block's end, before its database goes.
+        async with await aiohttp_client(without_handler_cancellation(server)) as client:
+            yield Api(client.session, base_url(server), settings), settings
     finally:
         await db.drop_database(settings.database_url)
         await redis.delete(settings.stream(streams.EVENTS))

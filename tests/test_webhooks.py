@@ -28,6 +28,7 @@ from aiohttp import web
 from cryptography.exceptions import InvalidTag
 from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry
+from pytest_aiohttp import AiohttpClient, AiohttpServer
 from standardwebhooks import Webhook
 
 from libs.common import db, streams, tasks
@@ -36,7 +37,13 @@ from services.webhooks import dispatcher, signing, ssrf
 from services.webhooks.context import WebhooksContext
 from services.webhooks.delivery import attempt, egress
 from services.webhooks.metrics import WebhookMetrics
-from tests.support import ExampleResolver, free_port, running, wait_for_port
+from tests.support import (
+    ExampleResolver,
+    base_url,
+    free_port,
+    wait_for_port,
+    without_handler_cancellation,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -100,25 +107,18 @@ class Receiver:
 
 
 @pytest.fixture
-async def receivers() -> AsyncIterator[Callable[..., Awaitable[Receiver]]]:
+def receivers(aiohttp_server: AiohttpServer) -> Callable[..., Awaitable[Receiver]]:
     """Start as many receivers as a test wants; all stop at its end."""
-    runners: list[web.AppRunner] = []
 
     async def start(behaviour: Behaviour = _ok) -> Receiver:
         receiver = Receiver(behaviour)
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", receiver.handle)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        await runner.setup()
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        runners.append(runner)
-        receiver.url = f"http://127.0.0.1:{port}/hooks"
+        server = await aiohttp_server(app, access_log=None, shutdown_timeout=0.5)
+        receiver.url = str(without_handler_cancellation(server).make_url("/hooks"))
         return receiver
 
-    yield start
-    for runner in runners:
-        await runner.cleanup()
+    return start
 
 
 def new_school() -> int:
@@ -892,18 +892,29 @@ async def _true(value: bool) -> bool:
 # SSRF
 
 
-@pytest.fixture
-async def strict_api(webhooks_env: dict[str, str], migrated: None) -> AsyncIterator[Api]:
-    """The API as production would check URLs: loopback refused (no workers running)."""
+async def api_without_workers(
+    aiohttp_server: AiohttpServer, aiohttp_client: AiohttpClient, settings: Settings
+) -> Api:
+    """The webhooks API on `settings` with no workers running, served until the test's end,
+    and a client to it."""
     from services.webhooks.app import create_app
 
-    settings = load_settings({**webhooks_env, "WEBHOOK_ALLOW_LOOPBACK": "false"})
     app = create_app(settings, workers=False, resolver=ExampleResolver())
-    async with (
-        running(app, free_port()) as url,
-        aiohttp.ClientSession() as http,
-    ):
-        yield Api(http, url, settings)
+    server = await aiohttp_server(app, access_log=None, shutdown_timeout=2)
+    client = await aiohttp_client(without_handler_cancellation(server))
+    return Api(client.session, base_url(server), settings)
+
+
+@pytest.fixture
+async def strict_api(
+    webhooks_env: dict[str, str],
+    migrated: None,
+    aiohttp_server: AiohttpServer,
+    aiohttp_client: AiohttpClient,
+) -> Api:
+    """The API as production would check URLs: loopback refused (no workers running)."""
+    settings = load_settings({**webhooks_env, "WEBHOOK_ALLOW_LOOPBACK": "false"})
+    return await api_without_workers(aiohttp_server, aiohttp_client, settings)
 
 
 @pytest.mark.parametrize(
