@@ -16,6 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from libs.common.config import Settings
+from services.dev import seed
 from services.identity import clients, credentials, schools
 
 BASE64URL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
@@ -87,3 +88,13 @@ async def test_clients_made_anywhere_get_such_ids(
             )
         assert made.client.id.startswith("Q"), made.client.id
         assert not queued
+
+
+def test_demo_admin_passwords_never_begin_with_a_dash_or_underscore() -> None:
+    """`make dev` prints them to be pasted, `--password -x...` included."""
+    with mock.patch.object(
+        credentials.secrets, "token_urlsafe", side_effect=["-first", "_again", "Fine-pw"]
+    ):
+        assert seed.demo_password() == "Fine-pw"
+    drawn = [seed.demo_password() for _ in range(2000)]
+    assert all(p[0] not in "-_" and len(p) == 16 for p in drawn)

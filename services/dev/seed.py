@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 import asyncpg
 
 from libs.common.config import Settings
-from services.identity import keys, schools, store, users
+from services.identity import credentials, keys, schools, store, users
 
 DEMO_SCHOOLS = (
     (42, "demo", "Demo School"),
@@ -49,6 +48,12 @@ def _save_logins(path: Path, logins: dict[str, dict[str, str]]) -> None:
         json.dump(logins, out, indent=2)
 
 
+def demo_password() -> str:
+    """A new demo admin's password: printed by `make dev` and pasted into a sign-in form or a
+    `--password` argument, so it never begins with '-' (an option there) or '_'."""
+    return credentials.new_id(12)
+
+
 async def seed_demo(
     pool: asyncpg.Pool, settings: Settings, logins_file: Path = LOGINS_FILE
 ) -> list[Login]:
@@ -63,7 +68,7 @@ async def seed_demo(
         login = saved.get(subdomain)
         existing = await store.user_by_email(pool, email)
         if login is None or existing is None:
-            password = login["password"] if login else secrets.token_urlsafe(12)
+            password = login["password"] if login else demo_password()
             user, created = await users.create_user(
                 pool,
                 school_id=school.id,
