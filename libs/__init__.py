@@ -1,0 +1,1 @@
+"""What more than one service uses, and nothing else: `libs.common`."""
