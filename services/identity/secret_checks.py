@@ -15,43 +15,20 @@ database with different keys, one refuses rather than both sealing keys under th
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 
 from cryptography.exceptions import InvalidTag
 
-from libs.common.config import ConfigError, Settings
+from libs.common.config import Settings
 from libs.common.db import Executor
+from libs.common.secret_checks import SecretMismatch, check_value, remedy
 from services.identity import keys
 from services.identity.store import secret_checks as store
 
+__all__ = ["SecretMismatch", "check_value", "verify"]
+
 # Keys tried per key-encryption key; a single damaged row among them does not stop a start.
 _SAMPLES_PER_KEK = 3
-
-
-class SecretMismatch(ConfigError):
-    """A configured secret is not the one the database's data was made with."""
-
-
-def check_value(variable: str, secret: bytes) -> bytes:
-    return hmac.new(
-        secret, b"loopwise-connect secret check\x00" + variable.encode(), hashlib.sha256
-    ).digest()
-
-
-def _remedy(settings: Settings, variable: str) -> str:
-    path = settings.dev_secrets
-    if path is not None:
-        # Development: the secrets were generated into a file that `make clean` removes, while
-        # the database outlived it (or another checkout's `make dev` made it).
-        return (
-            f"this database was made with other development secrets than {path} holds"
-            " (`make clean` removes that file, another checkout has its own): put back the"
-            " file it was made with; or let `make dev` start its development database afresh"
-            f" (it does when {path} is new: remove it; never for a DATABASE_URL given); or set"
-            " DATABASE_URL to another database"
-        )
-    return f"start with the {variable} this database was set up with"
 
 
 async def _signing_keys_open(db: Executor, settings: Settings) -> None:
@@ -66,7 +43,7 @@ async def _signing_keys_open(db: Executor, settings: Settings) -> None:
                 "KEY_ENCRYPTION_KEY",
                 "does not open the signing keys stored in the database"
                 f" ({group[0].keys} that sign or will sign are sealed under another key);"
-                f" {_remedy(settings, 'KEY_ENCRYPTION_KEY')}",
+                f" {remedy(settings, 'KEY_ENCRYPTION_KEY')}",
             )
 
 
@@ -86,7 +63,7 @@ async def _same_as_recorded(db: Executor, settings: Settings, variable: str, sec
             "KEY_ENCRYPTION_KEY": "the key this database's signing keys are sealed under",
             "SECRET_PEPPER": "the pepper this database's client secrets and tokens are hashed with",
         }[variable]
-        raise SecretMismatch(variable, f"is not {what}; {_remedy(settings, variable)}")
+        raise SecretMismatch(variable, f"is not {what}; {remedy(settings, variable)}")
 
 
 async def verify(db: Executor, settings: Settings) -> None:

@@ -8,5 +8,6 @@ fixed egress address, retries, the dead-letter list, the delivery log, SSRF guar
 - `delivery/`: the sender, one attempt, the retry policy, the egress session.
 - `store/`: every SQL statement, one module per aggregate.
 - `signing` (Standard Webhooks), `ssrf` (the guard), `event_types` (types and their scopes),
-  `context`, `metrics`.
+  `secret_checks` (refusing to start with a KEY_ENCRYPTION_KEY not the database's), `context`,
+  `metrics`.
 """

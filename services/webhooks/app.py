@@ -20,7 +20,7 @@ from libs.common import db, streams, tasks
 from libs.common.config import Settings
 from libs.common.logging import get_logger
 from libs.common.web import METRICS, READINESS, base_application, json_http_errors
-from services.webhooks import dispatcher, routes
+from services.webhooks import dispatcher, routes, secret_checks
 from services.webhooks.context import CONTEXT, WebhooksContext
 from services.webhooks.delivery import egress
 from services.webhooks.delivery.sender import Sender
@@ -81,6 +81,14 @@ def _resources(
         pool: asyncpg.Pool = await db.create_pool(
             settings.database_url, min_size=settings.db_pool_min, max_size=settings.db_pool_max
         )
+        try:
+            # Before anything else, and so before listening: another key-encryption key would
+            # fail every delivery's signing and seal new secrets that the right key cannot
+            # open (SecretMismatch is a ConfigError: the CLI names the variable, exit 2).
+            await secret_checks.verify(pool, settings)
+        except BaseException:
+            await pool.close()
+            raise
         redis_client = streams.connect(settings.redis_url)
         context = WebhooksContext(
             settings=settings,

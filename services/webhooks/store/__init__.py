@@ -8,6 +8,7 @@
   disabling and its `endpoint.disabled` announcement.
 - `deliveries`: the delivery log read back, and a manual retry (dead letters included).
 - `admin`: a school's subscriptions over every app, for the school admin.
+- `secret_checks`: what the start-up key check reads (sealed secrets, identity's check value).
 
 The hot path is three statements per batch: the dispatcher records a whole stream batch of
 deliveries in one INSERT (`events`), a sender claims due deliveries with FOR UPDATE SKIP LOCKED
