@@ -44,11 +44,11 @@ CLI = str(Path(sys.executable).with_name("loopwise-connect"))
 pytestmark = pytest.mark.timeout(120)
 
 
-def _b64(raw: bytes) -> str:
+def b64(raw: bytes) -> str:
     return base64.urlsafe_b64encode(raw).decode()
 
 
-def _decoded(value: str) -> bytes:
+def decoded(value: str) -> bytes:
     return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
 
 
@@ -61,7 +61,7 @@ class Exit:
     listened: bool
 
 
-async def _port_answers(port: int) -> bool:
+async def port_answers(port: int) -> bool:
     try:
         _, writer = await asyncio.open_connection("127.0.0.1", port)
     except OSError:
@@ -71,11 +71,12 @@ async def _port_answers(port: int) -> bool:
     return True
 
 
-async def _identity(env: dict[str, str], port: int) -> asyncio.subprocess.Process:
+async def serve_part(part: str, env: dict[str, str], port: int) -> asyncio.subprocess.Process:
+    """`loopwise-connect serve <part>` as its own process, its output captured."""
     return await asyncio.create_subprocess_exec(
         CLI,
         "serve",
-        "identity",
+        part,
         "--port",
         str(port),
         env={**env, "LOG_LEVEL": "info"},
@@ -84,20 +85,24 @@ async def _identity(env: dict[str, str], port: int) -> asyncio.subprocess.Proces
     )
 
 
-async def _refused(env: dict[str, str]) -> Exit:
-    """Run identity with `env` and, while it runs, watch its port: it must exit, never listen.
+async def _identity(env: dict[str, str], port: int) -> asyncio.subprocess.Process:
+    return await serve_part("identity", env, port)
+
+
+async def refused(env: dict[str, str], part: str = "identity") -> Exit:
+    """Run the part with `env` and, while it runs, watch its port: it must exit, never listen.
     One that listens is stopped at once (and the caller's assertions fail)."""
     port = free_port()
-    proc = await _identity(env, port)
+    proc = await serve_part(part, env, port)
     listened = False
     communicate = asyncio.ensure_future(proc.communicate())
     deadline = asyncio.get_running_loop().time() + 60
     try:
         while not communicate.done() and not listened:
-            listened = await _port_answers(port)
+            listened = await port_answers(port)
             await asyncio.wait({communicate}, timeout=0.02)
             assert asyncio.get_running_loop().time() < deadline, (
-                "identity neither exited nor listened"
+                f"{part} neither exited nor listened"
             )
     finally:
         if proc.returncode is None:
@@ -108,20 +113,20 @@ async def _refused(env: dict[str, str]) -> Exit:
 
 
 @contextlib.asynccontextmanager
-async def _serving(env: dict[str, str]) -> AsyncIterator[int]:
-    """Identity started for real and ready on its port; stopped (SIGTERM) afterwards."""
+async def serving(env: dict[str, str], part: str = "identity") -> AsyncIterator[int]:
+    """The part started for real and ready on its port; stopped (SIGTERM) afterwards."""
     port = free_port()
-    proc = await _identity(env, port)
+    proc = await serve_part(part, env, port)
     try:
         for _ in range(600):
             if proc.returncode is not None:
                 _, err = await proc.communicate()
-                raise AssertionError(f"identity exited {proc.returncode}: {err.decode()}")
-            if await _port_answers(port):
+                raise AssertionError(f"{part} exited {proc.returncode}: {err.decode()}")
+            if await port_answers(port):
                 break
             await asyncio.sleep(0.05)
         else:
-            raise AssertionError("identity never listened")
+            raise AssertionError(f"{part} never listened")
         yield port
     finally:
         if proc.returncode is None:
@@ -146,15 +151,15 @@ async def test_identity_refuses_to_start_with_another_key_encryption_key(
     base64 alphabet) stops identity with exit 2 before it listens, naming the variable and
     what to do, and not a word of either key; the right key in the other base64 alphabet,
     unpadded, starts."""
-    right = _decoded(base_env["KEY_ENCRYPTION_KEY"])
+    right = decoded(base_env["KEY_ENCRYPTION_KEY"])
     flipped = bytes([right[0] ^ 0x01]) + right[1:]
     wrong_keys = [
-        _b64(secrets.token_bytes(32)),
-        _b64(flipped),
+        b64(secrets.token_bytes(32)),
+        b64(flipped),
         base64.b64encode(flipped).decode().rstrip("="),
     ]
     runs = await asyncio.gather(
-        *(_refused({**base_env, "KEY_ENCRYPTION_KEY": key}) for key in wrong_keys)
+        *(refused({**base_env, "KEY_ENCRYPTION_KEY": key}) for key in wrong_keys)
     )
     for key, run in zip(wrong_keys, runs, strict=True):
         _assert_configuration_error(run, "KEY_ENCRYPTION_KEY", "SECRET_PEPPER")
@@ -164,8 +169,8 @@ async def test_identity_refuses_to_start_with_another_key_encryption_key(
         assert base_env["KEY_ENCRYPTION_KEY"].rstrip("=") not in run.err
 
     spelled_otherwise = base64.b64encode(right).decode().rstrip("=")
-    async with _serving({**base_env, "KEY_ENCRYPTION_KEY": spelled_otherwise}) as port:
-        assert await _port_answers(port)
+    async with serving({**base_env, "KEY_ENCRYPTION_KEY": spelled_otherwise}) as port:
+        assert await port_answers(port)
 
 
 async def test_identity_refuses_to_start_with_another_pepper(
@@ -173,10 +178,10 @@ async def test_identity_refuses_to_start_with_another_pepper(
 ) -> None:
     """SECRET_PEPPER other than the one the database was set up with (its check value was
     recorded by the first identity): exit 2 before listening, naming SECRET_PEPPER."""
-    right = _decoded(base_env["SECRET_PEPPER"])
-    wrong_peppers = [_b64(secrets.token_bytes(32)), _b64(right[:-1] + bytes([right[-1] ^ 0x80]))]
+    right = decoded(base_env["SECRET_PEPPER"])
+    wrong_peppers = [b64(secrets.token_bytes(32)), b64(right[:-1] + bytes([right[-1] ^ 0x80]))]
     runs = await asyncio.gather(
-        *(_refused({**base_env, "SECRET_PEPPER": pepper}) for pepper in wrong_peppers)
+        *(refused({**base_env, "SECRET_PEPPER": pepper}) for pepper in wrong_peppers)
     )
     for pepper, run in zip(wrong_peppers, runs, strict=True):
         _assert_configuration_error(run, "SECRET_PEPPER", "KEY_ENCRYPTION_KEY")
@@ -221,8 +226,8 @@ async def test_cli_commands_refuse_secrets_that_are_not_the_databases(
     assert school is not None
     kids_before = {k.kid for k in await store.keys_of_issuer(pool, school.id)}
 
-    other_kek = {**base_env, "KEY_ENCRYPTION_KEY": _b64(secrets.token_bytes(32))}
-    other_pepper = {**base_env, "SECRET_PEPPER": _b64(secrets.token_bytes(32))}
+    other_kek = {**base_env, "KEY_ENCRYPTION_KEY": b64(secrets.token_bytes(32))}
+    other_pepper = {**base_env, "SECRET_PEPPER": b64(secrets.token_bytes(32))}
     rotate, create_school, create_client = await asyncio.gather(
         _cli(other_kek, "keys", "rotate", "--school", subdomain, "--json"),
         _cli(other_kek, "schools", "create", "--subdomain", f"{subdomain}x", "--name", "X"),
@@ -284,7 +289,7 @@ async def test_two_identities_starting_at_once_on_an_empty_database(
     for variable in ("KEY_ENCRYPTION_KEY", "SECRET_PEPPER"):
         await db.drop_database(fresh_database)
         await db.migrate(fresh_database)
-        envs = [{**env, variable: _b64(secrets.token_bytes(32))} for _ in range(2)]
+        envs = [{**env, variable: b64(secrets.token_bytes(32))} for _ in range(2)]
         ports = [free_port(), free_port()]
         holder = await asyncpg.connect(fresh_database)
         try:
@@ -303,7 +308,7 @@ async def test_two_identities_starting_at_once_on_an_empty_database(
         try:
             ready: list[int] = []
             for _ in range(600):
-                ready = [p for p in ports if await _port_answers(p)]
+                ready = [p for p in ports if await port_answers(p)]
                 exited = [proc for proc in procs if proc.returncode is not None]
                 if len(ready) + len(exited) == 2:
                     break
@@ -354,7 +359,7 @@ async def test_one_damaged_key_does_not_stop_a_start_that_a_wrong_key_does(
             )
         await secret_checks.verify(pool, settings)
         other = load_settings(
-            {**base_env, "DATABASE_URL": fresh_database, "KEY_ENCRYPTION_KEY": _b64(b"k" * 32)}
+            {**base_env, "DATABASE_URL": fresh_database, "KEY_ENCRYPTION_KEY": b64(b"k" * 32)}
         )
         with pytest.raises(secret_checks.SecretMismatch) as caught:
             await secret_checks.verify(pool, other)
@@ -537,8 +542,8 @@ async def test_dev_starts_afresh_only_its_own_database_for_new_secrets(
     # Secrets given in the environment (not generated) are never a reason to drop anything.
     given = {
         **_dev_env(base_env, dev_database, tmp_path / "given", port),
-        "KEY_ENCRYPTION_KEY": _b64(secrets.token_bytes(32)),
-        "SECRET_PEPPER": _b64(secrets.token_bytes(32)),
+        "KEY_ENCRYPTION_KEY": b64(secrets.token_bytes(32)),
+        "SECRET_PEPPER": b64(secrets.token_bytes(32)),
     }
     assert load_settings(given).dev_secrets is None
     with pytest.raises(secret_checks.SecretMismatch):

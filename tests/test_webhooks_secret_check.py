@@ -12,12 +12,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import secrets
-import signal
-import sys
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -28,90 +24,15 @@ from libs.common.config import load_settings
 from services.identity import secret_checks as identity_secret_checks
 from services.webhooks import signing
 from services.webhooks.store import subscriptions
-from tests.support import free_port
-
-CLI = str(Path(sys.executable).with_name("loopwise-connect"))
+from tests.test_secret_checks import Exit, b64, decoded, refused, serving
 
 pytestmark = pytest.mark.timeout(120)
 
 
-def _b64(raw: bytes) -> str:
-    return base64.urlsafe_b64encode(raw).decode()
-
-
-def _decoded(value: str) -> bytes:
-    return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
-
-
-@dataclass(frozen=True)
-class Exit:
-    code: int
-    err: str
-    # Whether anything ever accepted a connection on the port while the process ran.
-    listened: bool
-
-
-async def _port_answers(port: int) -> bool:
-    try:
-        _, writer = await asyncio.open_connection("127.0.0.1", port)
-    except OSError:
-        return False
-    writer.close()
-    await writer.wait_closed()
-    return True
-
-
-async def _webhooks(env: dict[str, str], port: int) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        CLI,
-        "serve",
-        "webhooks",
-        "--port",
-        str(port),
-        env={**env, "LOG_LEVEL": "info"},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-
-
-async def _refused(env: dict[str, str]) -> Exit:
-    """Run webhooks with `env` while watching its port: it must exit, never listen. One that
-    listens is stopped at once (and the caller's assertions fail)."""
-    port = free_port()
-    proc = await _webhooks(env, port)
-    listened = False
-    communicate = asyncio.ensure_future(proc.communicate())
-    deadline = asyncio.get_running_loop().time() + 60
-    try:
-        while not communicate.done() and not listened:
-            listened = await _port_answers(port)
-            await asyncio.wait({communicate}, timeout=0.02)
-            assert asyncio.get_running_loop().time() < deadline, "neither exited nor listened"
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-    _, err = await asyncio.wait_for(communicate, 30)
-    assert proc.returncode is not None
-    return Exit(proc.returncode, err.decode(), listened)
-
-
 async def _starts(env: dict[str, str]) -> None:
     """Webhooks starts and listens with `env`; stopped (SIGTERM) afterwards."""
-    port = free_port()
-    proc = await _webhooks(env, port)
-    try:
-        for _ in range(600):
-            if proc.returncode is not None:
-                _, err = await proc.communicate()
-                raise AssertionError(f"webhooks exited {proc.returncode}: {err.decode()}")
-            if await _port_answers(port):
-                return
-            await asyncio.sleep(0.05)
-        raise AssertionError("webhooks never listened")
-    finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(proc.communicate(), 30)
+    async with serving(env, "webhooks"):
+        pass
 
 
 def _assert_refused(run: Exit, right: str, wrong: str) -> None:
@@ -129,8 +50,8 @@ def _wrong_keys(right: bytes) -> list[str]:
     """A random key, and the right one with one bit flipped, in either base64 alphabet."""
     flipped = bytes([right[0] ^ 0x01]) + right[1:]
     return [
-        _b64(secrets.token_bytes(32)),
-        _b64(flipped),
+        b64(secrets.token_bytes(32)),
+        b64(flipped),
         base64.b64encode(flipped).decode().rstrip("="),
     ]
 
@@ -182,7 +103,7 @@ async def test_webhooks_refuses_a_key_that_does_not_open_the_subscription_secret
     started on this database): another key stops webhooks with exit 2 before it listens;
     the right key in the other base64 alphabet, unpadded, starts."""
     right_text = own_env["KEY_ENCRYPTION_KEY"]
-    right = _decoded(right_text)
+    right = decoded(right_text)
     await _store_subscriptions(own_env["DATABASE_URL"], right, 4)
     conn = await asyncpg.connect(own_env["DATABASE_URL"])
     try:
@@ -192,7 +113,7 @@ async def test_webhooks_refuses_a_key_that_does_not_open_the_subscription_secret
 
     wrong_keys = _wrong_keys(right)
     runs = await asyncio.gather(
-        *(_refused({**own_env, "KEY_ENCRYPTION_KEY": key}) for key in wrong_keys)
+        *(refused({**own_env, "KEY_ENCRYPTION_KEY": key}, "webhooks") for key in wrong_keys)
     )
     for key, run in zip(wrong_keys, runs, strict=True):
         _assert_refused(run, right_text, key)
@@ -208,7 +129,7 @@ async def test_webhooks_refuses_a_key_other_than_identitys_recorded_one(
     webhooks the same way (before it would seal the first secret under it); the right key
     spelled otherwise starts."""
     right_text = own_env["KEY_ENCRYPTION_KEY"]
-    right = _decoded(right_text)
+    right = decoded(right_text)
     # Identity's own start-up check records the check values on a database that has none.
     conn = await asyncpg.connect(own_env["DATABASE_URL"])
     try:
@@ -219,7 +140,7 @@ async def test_webhooks_refuses_a_key_other_than_identitys_recorded_one(
 
     wrong_keys = _wrong_keys(right)
     runs = await asyncio.gather(
-        *(_refused({**own_env, "KEY_ENCRYPTION_KEY": key}) for key in wrong_keys)
+        *(refused({**own_env, "KEY_ENCRYPTION_KEY": key}, "webhooks") for key in wrong_keys)
     )
     for key, run in zip(wrong_keys, runs, strict=True):
         _assert_refused(run, right_text, key)
@@ -233,7 +154,7 @@ async def test_webhooks_starts_with_any_key_on_a_database_with_nothing_sealed(
 ) -> None:
     """No check value and no subscription: nothing says which key is the database's, so any
     key starts, and webhooks did not record one (identity owns the check values)."""
-    await _starts({**own_env, "KEY_ENCRYPTION_KEY": _b64(secrets.token_bytes(32))})
+    await _starts({**own_env, "KEY_ENCRYPTION_KEY": b64(secrets.token_bytes(32))})
     conn = await asyncpg.connect(own_env["DATABASE_URL"])
     try:
         assert await conn.fetchval("SELECT count(*) FROM secret_checks") == 0
@@ -248,7 +169,7 @@ async def test_a_damaged_secret_does_not_stop_a_start_that_a_wrong_key_does(
     that subscription's trouble, not a wrong key: the right key still starts, another key is
     still refused."""
     right_text = own_env["KEY_ENCRYPTION_KEY"]
-    await _store_subscriptions(own_env["DATABASE_URL"], _decoded(right_text), 3)
+    await _store_subscriptions(own_env["DATABASE_URL"], decoded(right_text), 3)
     conn = await asyncpg.connect(own_env["DATABASE_URL"])
     try:
         ids = [r["id"] for r in await conn.fetch("SELECT id FROM webhooks.subscriptions")]
@@ -265,5 +186,7 @@ async def test_a_damaged_secret_does_not_stop_a_start_that_a_wrong_key_does(
     finally:
         await conn.close()
     await _starts(own_env)
-    wrong = _b64(secrets.token_bytes(32))
-    _assert_refused(await _refused({**own_env, "KEY_ENCRYPTION_KEY": wrong}), right_text, wrong)
+    wrong = b64(secrets.token_bytes(32))
+    _assert_refused(
+        await refused({**own_env, "KEY_ENCRYPTION_KEY": wrong}, "webhooks"), right_text, wrong
+    )
