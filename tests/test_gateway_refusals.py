@@ -28,6 +28,7 @@ from libs.common import streams
 from libs.common.config import Settings
 from services.identity import audit, keys, store
 from tests.support import base_url, without_handler_cancellation
+from tests.test_gateway import _token
 from tests.test_gateway_support import (
     World,
     access_claims,
@@ -49,13 +50,6 @@ PER_MINUTE = 6
 @pytest.fixture(scope="module")
 def keyring(pool: Any, gateway_settings: Settings) -> keys.KeyRing:
     return keys.KeyRing(pool, gateway_settings)
-
-
-async def _token(
-    keyring: keys.KeyRing, settings: Settings, pool: Any, world: World, scope: str
-) -> str:
-    grant_id = await user_grant(pool, world, scope.split())
-    return await mint(keyring, world.school.id, access_claims(settings, world, grant_id, scope))
 
 
 async def _call(
