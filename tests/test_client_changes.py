@@ -29,10 +29,12 @@ from libs.common import streams
 from libs.common.config import Settings
 from services.identity import clients, store
 from tests.support import client_session, free_port
-from tests.test_account_pages import sign_in
-from tests.test_admin_pages import School, detail_form, make_school, shown_secret
+from tests.test_admin_pages import School, admin, detail_form, school, shown_secret
 from tests.test_authorize import Browser
 from tests.token_helpers import basic
+
+# The school and its signed-in admin, as the admin page tests make them.
+__all__ = ["admin", "school"]
 
 CLI = str(Path(sys.executable).with_name("loopwise-connect"))
 SPA = "https://spa.example"
@@ -88,22 +90,6 @@ def _wait_ready(process: subprocess.Popen[bytes], port: int, log: Path) -> None:
             pass
         time.sleep(0.1)
     raise AssertionError(f"identity B not ready: {log.read_text()[-3000:]}")
-
-
-@pytest.fixture
-async def school(
-    identity_url: str, pool: asyncpg.Pool, settings: Settings, unique: str, identity_port: int
-) -> School:
-    return await make_school(pool, settings, unique, identity_port)
-
-
-@pytest.fixture
-async def admin(school: School) -> AsyncIterator[Browser]:
-    b = Browser()
-    status, _, body = await sign_in(b, school.origin, school.admin.email)
-    assert status == 303, body
-    yield b
-    await b.close()
 
 
 class Caller:
