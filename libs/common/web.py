@@ -27,6 +27,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ReadinessCheck = Callable[[], Awaitable[bool]]
 
 READINESS = web.AppKey("readiness_checks", dict[str, ReadinessCheck])
+# Liveness: cheap in-process checks (a supervised background loop died); /healthz answers 503
+# when one fails, so the orchestrator restarts the process.
+LIVENESS = web.AppKey("liveness_checks", dict[str, Callable[[], bool]])
 REQUEST_ID_KEY = web.RequestKey("request_id", str)
 
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -125,8 +128,21 @@ async def json_http_errors(request: web.Request, handler: Handler) -> web.Stream
         return json_response({"error": error}, status=exc.status, headers=headers)
 
 
-async def healthz(_request: web.Request) -> web.Response:
+async def healthz(request: web.Request) -> web.Response:
+    failed = sorted(name for name, check in request.app.get(LIVENESS, {}).items() if not check())
+    if failed:
+        return json_response({"status": "failing", "failed": failed}, status=503)
     return json_response({"status": "ok"})
+
+
+def watch_background(app: web.Application, supervisor: Any, name: str = "background") -> None:
+    """Let /healthz and /readyz reflect a libs.common.tasks.Supervisor's loops."""
+    app[LIVENESS][name] = supervisor.alive
+
+    async def ready() -> bool:
+        return bool(supervisor.ready())
+
+    app[READINESS][name] = ready
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -185,6 +201,7 @@ def base_application(service: str, *, middlewares: list[Any] | None = None) -> w
     app = web.Application(middlewares=[request_context, *(middlewares or [])])
     app[METRICS] = ServiceMetrics(service)
     app[READINESS] = {}
+    app[LIVENESS] = {}
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_endpoint)
