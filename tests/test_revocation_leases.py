@@ -20,7 +20,7 @@ import orjson
 import pytest
 import redis.asyncio as redis_asyncio
 
-from libs.common import leases, streams, tasks
+from libs.common import leases, redis_client, streams, tasks
 from libs.common.config import Settings, load_settings
 from services.gateway import ratelimit
 from services.gateway.ratelimit import Guard, Pace
@@ -56,7 +56,7 @@ def lease_settings(base_env: dict[str, str], unique: str) -> Settings:
 
 @pytest.fixture
 async def lease_redis(lease_settings: Settings) -> AsyncIterator[redis_asyncio.Redis]:
-    client = redis_asyncio.Redis.from_url(lease_settings.redis_url)
+    client = redis_client.connect(lease_settings.redis_url)
     yield client
     found = [k async for k in client.scan_iter(match=lease_settings.redis_prefix + "*")]
     if found:

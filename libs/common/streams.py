@@ -16,6 +16,8 @@ import redis.asyncio as redis
 from redis.exceptions import ResponseError
 from redis.typing import EncodableT, FieldT
 
+from libs.common import redis_client
+
 EVENTS = "connect:events"
 REVOCATIONS = "connect:revocations"
 AUDIT = "connect:audit"
@@ -44,7 +46,8 @@ class Entry:
 
 
 def connect(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url, decode_responses=False, health_check_interval=30)
+    """A client for REDIS_URL: one node, a Cluster or Sentinel (libs/common/redis_client.py)."""
+    return redis_client.connect(url, decode_responses=False, health_check_interval=30)
 
 
 def _encode(data: Mapping[str, Any]) -> dict[FieldT, EncodableT]:

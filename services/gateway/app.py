@@ -21,7 +21,7 @@ import orjson
 import redis.asyncio as redis
 from aiohttp import web
 
-from libs.common import db, streams, tasks
+from libs.common import db, redis_client, streams, tasks
 from libs.common.config import Settings
 from libs.common.logging import get_logger
 from libs.common.web import METRICS, READINESS
@@ -108,7 +108,7 @@ class _Stores:
         pool: asyncpg.Pool = await db.create_pool(
             settings.database_url, min_size=settings.db_pool_min, max_size=settings.db_pool_max
         )
-        client = redis.Redis.from_url(
+        client = redis_client.connect(
             settings.redis_url,
             decode_responses=False,
             socket_timeout=REDIS_TIMEOUT,
