@@ -20,6 +20,7 @@ import orjson
 import pytest
 import redis.asyncio as redis_asyncio
 
+from libs.common import keys as redis_keys
 from libs.common import leases, redis_client, streams, tasks
 from libs.common.config import Settings, load_settings
 from services.gateway import ratelimit
@@ -299,7 +300,7 @@ async def test_a_revoke_that_finds_the_leases_lost_writes_its_mark_and_announcem
     writes them again after the wait."""
     world = await make_world(pool, gateway_settings, "lease-rewrite", gateway_port)
     grant_id = await user_grant(pool, world, ["read"])
-    mark = lease_settings.stream(streams.REVOKED_KEY) + str(grant_id)
+    mark = redis_keys.revoked_mark(lease_settings, world.school.id, grant_id)
     stream = _stream(lease_settings)
     revoking = asyncio.create_task(
         grants.revoke_grant(pool, lease_redis, lease_settings, grant_id, reason="user_revoked")
@@ -368,8 +369,7 @@ async def test_the_follower_holds_a_lease_only_once_the_marks_are_loaded(
     """A gateway registering after revocations knows them from their marks, and answers from
     memory only then; a revocation after that reaches it through the stream before the
     revoke returns."""
-    mark = lease_settings.stream(streams.REVOKED_KEY)
-    await lease_redis.set(mark + "before", "x", ex=60)
+    await lease_redis.set(redis_keys.revoked_mark(lease_settings, 1, "before"), "x", ex=60)
     await _announce(lease_redis, lease_settings, "before")
     await _given_an_epoch(lease_redis, lease_settings)
     revoked = RevokedGrants()
@@ -381,7 +381,7 @@ async def test_the_follower_holds_a_lease_only_once_the_marks_are_loaded(
             assert lease_clock() < deadline
             await asyncio.sleep(0.01)
         assert "before" in revoked
-        await lease_redis.set(mark + "after", "x", ex=60)
+        await lease_redis.set(redis_keys.revoked_mark(lease_settings, 1, "after"), "x", ex=60)
         announced = await _announce(lease_redis, lease_settings, "after")
         await asyncio.wait_for(leases.wait_for_gateways(lease_redis, lease_settings, announced), 5)
         assert "after" in revoked
@@ -431,12 +431,12 @@ async def guards(lease_settings: Settings) -> AsyncIterator[Guards]:
 
 @pytest.fixture
 def bucket(lease_settings: Settings, unique: str) -> str:
-    return lease_settings.stream("connect:ratelimit:") + unique
+    return redis_keys.gateway_bucket(lease_settings, 1, unique)
 
 
 @pytest.fixture
 def mark(lease_settings: Settings, unique: str) -> str:
-    return lease_settings.stream(streams.REVOKED_KEY) + unique
+    return redis_keys.revoked_mark(lease_settings, 1, unique)
 
 
 async def test_under_a_lease_calls_come_in_blocks_from_the_one_shared_bucket(

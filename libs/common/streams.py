@@ -25,9 +25,7 @@ KEYS = "connect:keys"
 # Identity to identity: a client changed (disabled, new secret, edited, deleted); every process
 # drops its cached row (services/identity/clients.py).
 CLIENTS = "connect:clients"
-# Not a stream: a revoked grant's mark is this prefix + its id (identity writes it, gateways
-# and webhooks read it).
-REVOKED_KEY = "connect:revoked:"
+# Revocation marks and every other key beside the streams: libs/common/keys.py.
 
 # A safety valve against a consumer that never comes back, not the way streams shrink: a
 # stream read by groups is trimmed by its consumers to what every group has acknowledged

@@ -31,7 +31,7 @@ import asyncpg
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
-from libs.common import leases, streams
+from libs.common import keys, leases, streams
 from libs.common.config import Settings
 from libs.common.logging import get_logger
 from services.identity import grants
@@ -53,7 +53,6 @@ PAGE_SIZE = 1000
 async def reassert_once(pool: asyncpg.Pool, redis_client: redis.Redis, settings: Settings) -> int:
     """One complete pass; how many marks were missing and have been written again."""
     window = grants.mark_ttl(settings)
-    prefix = settings.stream(streams.REVOKED_KEY)
     cursor = revocation_store.START
     restored = 0
     while True:
@@ -64,7 +63,10 @@ async def reassert_once(pool: asyncpg.Pool, redis_client: redis.Redis, settings:
             pipe = redis_client.pipeline(transaction=False)
             for revoked in page:
                 pipe.set(
-                    prefix + str(revoked.grant_id), revoked.reason, ex=revoked.ttl_left, nx=True
+                    keys.revoked_mark(settings, revoked.school_id, revoked.grant_id),
+                    revoked.reason,
+                    ex=revoked.ttl_left,
+                    nx=True,
                 )
             written = [r for r, w in zip(page, await pipe.execute(), strict=True) if w]
             if written:
