@@ -21,7 +21,7 @@ import pytest
 import redis.asyncio as redis_asyncio
 
 from libs.common import keys as redis_keys
-from libs.common import leases, redis_client, streams, tasks
+from libs.common import leases, marks_fence, redis_client, streams, tasks
 from libs.common.config import Settings, load_settings
 from services.gateway import ratelimit
 from services.gateway.ratelimit import Guard, Pace
@@ -92,6 +92,9 @@ async def _given_an_epoch(
             "lease_us": int(LEASE * 1_000_000),
         },
     )
+    # And the record of a marks pass on every node (libs/common/marks_fence.py), which the
+    # epoch needs before it and a registering gateway checks.
+    await marks_fence.record(client, settings, await marks_fence.run_ids(client, settings))
 
 
 def unique_epoch() -> str:

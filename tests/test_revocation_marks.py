@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from libs.common import keys as redis_keys
-from libs.common import streams
+from libs.common import marks_fence, streams
 from libs.common.config import Settings
 from services.identity import grants, keys, revocation_marks
 from tests.test_gateway_support import (
@@ -65,7 +65,7 @@ async def test_a_lost_mark_comes_back_and_the_gateway_refuses_the_token_again(
     assert (
         0 < await redis.ttl(_mark(settings, world.school.id, grant_id)) <= grants.mark_ttl(settings)
     )
-    assert await redis.exists(settings.stream(revocation_marks.SENTINEL_KEY))
+    assert not await marks_fence.unrestored(redis, settings)
 
     # A gateway started after the loss never heard the announcement: only the mark stops it.
     live_grant = await user_grant(pool, world, ["courses:read"])

@@ -34,6 +34,7 @@ from services.gateway.metrics import GatewayMetrics
 from services.gateway.proxy import Upstreams
 from services.gateway.ratelimit import Guard, Pace
 from services.gateway.redis_pipeline import PipelinedRedis
+from services.gateway.redis_routing import pipelined
 from services.gateway.revocation import RevokedGrants
 from services.gateway.validation import TokenVerifier
 
@@ -118,8 +119,10 @@ class _Stores:
         return cls(
             pool=pool,
             client=client,
-            guard=PipelinedRedis(settings.redis_url, timeout=REDIS_TIMEOUT),
-            audit=PipelinedRedis(settings.redis_url, timeout=5.0),
+            # The guard's "no mark" is "not revoked" only where identity restored the marks
+            # for the node's run (libs/common/marks_fence.py); the audit's XADDs need no fence.
+            guard=pipelined(settings.redis_url, timeout=REDIS_TIMEOUT, fenced_by=settings),
+            audit=pipelined(settings.redis_url, timeout=5.0),
             followers=streams.connect(settings.redis_url),
         )
 

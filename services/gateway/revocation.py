@@ -29,7 +29,7 @@ from collections.abc import Callable
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
-from libs.common import keys, leases, streams
+from libs.common import keys, leases, marks_fence, streams
 from libs.common.config import Settings
 from libs.common.logging import get_logger
 from services.gateway import broadcasts
@@ -228,10 +228,21 @@ async def _registered(
     lease: Lease,
     answer: leases.LeaseAnswer,
 ) -> tuple[str, str]:
-    """After a (re)registration: the marks cover everything up to the newest entry."""
+    """After a (re)registration: the marks cover everything up to the newest entry, on nodes
+    whose marks identity restored for their run (libs/common/marks_fence.py), the same runs
+    before and after the load; else no lease (MarksNotRestored, a RedisError: retried)."""
+    before = await marks_fence.states(client, settings)
+    if any(run_id != recorded for run_id, recorded in before.values()):
+        raise MarksNotRestored("revocation marks not restored on every Redis node yet")
     marks = await load_marks(client, settings, revoked)
+    if await marks_fence.run_ids(client, settings) != {s: r for s, (r, _) in before.items()}:
+        raise MarksNotRestored("a Redis node changed while the marks were loaded")
     log.info("revocation_lease_registered", gateway=lease.gateway, marks=marks)
     return answer.newest, answer.epoch
+
+
+class MarksNotRestored(RedisError):
+    """Some Redis node may lack marks: the gateway holds no lease until identity restores them."""
 
 
 def revocation_handler(revoked: RevokedGrants) -> Callable[[streams.Entry], None]:
