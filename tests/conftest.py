@@ -23,7 +23,7 @@ import asyncpg
 import pytest
 import redis.asyncio as redis_asyncio
 
-from libs.common import db, streams
+from libs.common import db, redis_client, streams
 from libs.common.config import Settings, load_settings
 from libs.common.logging import configure_logging
 from tests.support import ExampleResolver, client_session, free_port, running
@@ -164,7 +164,9 @@ async def pool(settings: Settings, migrated: None) -> AsyncIterator[asyncpg.Pool
 
 @pytest.fixture(scope="session")
 async def redis(settings: Settings) -> AsyncIterator[redis_asyncio.Redis]:
-    client = redis_asyncio.Redis.from_url(settings.redis_url)
+    # The factory the services use: on a Cluster, scan_iter walks every primary and DEL is
+    # split by slot.
+    client = redis_client.connect(settings.redis_url)
     yield client
     keys = [k async for k in client.scan_iter(match=f"{settings.redis_prefix}*", count=1000)]
     if keys:

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
+from libs.common import redis_client
+
 Environment = Literal["development", "test", "production"]
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/loopwise_connect"
@@ -283,6 +285,16 @@ def _url(env: Mapping[str, str], name: str, default: str, schemes: tuple[str, ..
     return value
 
 
+def _redis_url(env: Mapping[str, str], name: str, default: str) -> str:
+    # One node, a Cluster or Sentinel: libs/common/redis_client.py reads it the same way.
+    value = _text(env, name, default)
+    try:
+        redis_client.parse(value)
+    except ValueError as exc:
+        raise ConfigError(name, str(exc)) from None
+    return value
+
+
 def _seconds_list(
     env: Mapping[str, str], name: str, default: tuple[float, ...]
 ) -> tuple[float, ...]:
@@ -506,7 +518,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     return Settings(
         environment=environment,  # type: ignore[arg-type]
         database_url=_url(env, "DATABASE_URL", DEFAULT_DATABASE_URL, ("postgresql", "postgres")),
-        redis_url=_url(env, "REDIS_URL", DEFAULT_REDIS_URL, ("redis", "rediss", "unix")),
+        redis_url=_redis_url(env, "REDIS_URL", DEFAULT_REDIS_URL),
         redis_prefix=_text(env, "REDIS_KEY_PREFIX", ""),
         urls=PublicUrls(school_template=template.rstrip("/"), platform_url=platform_url),
         key_encryption_key=_key(env, "KEY_ENCRYPTION_KEY", dev_keys[0] if dev_keys else None),
