@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: dev test lint format lock up down bench bench-quick clean install
+.PHONY: dev cluster test-cluster test lint format lock up down bench bench-quick clean install
 
 install: $(STAMP)
 
@@ -19,6 +19,11 @@ $(STAMP): pyproject.toml requirements.lock
 
 dev: $(STAMP)
 	$(BIN)/loopwise-connect dev
+
+# The production topology on this machine (README "Production topology"): nginx on 8080 in front
+# of two processes of each service, Redis Cluster, PostgreSQL behind PgBouncer; Ctrl-C stops it.
+cluster: $(STAMP)
+	$(BIN)/loopwise-connect cluster
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
