@@ -402,6 +402,13 @@ def run_as() -> _RunAs:
     return _pg_run_as()
 
 
+def open_to_run_as(path: Path) -> None:
+    """Let the user of `run_as()` reach `path` (search permission on every directory above),
+    as the local PostgreSQL's own files are; nothing when that user is ourselves."""
+    if _pg_run_as().name is not None:
+        _grant_traverse(path)
+
+
 def start_postgres(pkg: Path, data_dir: Path, port: int, database_name: str) -> Callable[[], None]:
     """Start the cluster of `data_dir` on `port` with `database_name` in it; return its stop()."""
     pg = local_server(pkg / "pginstall" / "bin", data_dir, port)

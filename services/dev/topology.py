@@ -67,6 +67,7 @@ __all__ = [
     "Topology",
     "TopologyPorts",
     "ensure_packages",
+    "pgbouncer_proc",
     "run",
 ]
 
@@ -90,6 +91,8 @@ PACKAGES = {
     "redis-server": "redis-server",
     "redis-cli": "redis-tools",
 }
+# PgBouncer's server connections per database and user (README "Connection budgets").
+POOL_SIZE = 20
 _RESTART_DELAY = 0.2
 _STOP_TIMEOUT = 15.0
 _READY_TIMEOUT = 120.0
@@ -238,6 +241,7 @@ class Proc:
         self._lock = asyncio.Lock()
         self._stopping = False
         self._watcher: asyncio.Task[None] | None = None
+        self._spawned_at = 0.0
 
     def __repr__(self) -> str:
         return f"Proc({self.name!r}, port={self.port}, pid={self.pid})"
@@ -254,6 +258,7 @@ class Proc:
 
     async def _spawn(self) -> None:
         self._log_file.parent.mkdir(parents=True, exist_ok=True)
+        self._spawned_at = time.monotonic()
         with self._log_file.open("ab") as out:
             self._proc = await asyncio.create_subprocess_exec(
                 *self._argv,
@@ -271,13 +276,19 @@ class Proc:
         while not self._stopping:
             proc = self._proc
             assert proc is not None
-            code = await proc.wait()
+            status = await proc.wait()
             _reap(proc.pid)
             async with self._lock:
                 if self._stopping or self._proc is not proc:
                     continue  # stopped, or restart() already replaced it
-                log.warning("cluster_process_exited", process=self.name, code=code)
-                await asyncio.sleep(_RESTART_DELAY)
+                # One that cannot start (a port taken, a bad configuration) is not retried
+                # five times a second for ever.
+                lived = time.monotonic() - self._spawned_at
+                delay = _RESTART_DELAY if lived > 5 else min(5.0, max(_RESTART_DELAY, lived) * 4)
+                log.warning(
+                    "cluster_process_exited", process=self.name, status=status, restart_in=delay
+                )
+                await asyncio.sleep(delay)
                 if self._stopping:
                     return
                 self.restarts += 1
@@ -491,23 +502,23 @@ async def _until(check: Callable[[], Awaitable[bool]], timeout: float, what: str
 # -- configuration files ----------------------------------------------------------------------
 
 
-def _pgbouncer_ini(directory: Path, ports: TopologyPorts) -> str:
+def _pgbouncer_ini(directory: Path, listen_port: int, server_port: int, pool_size: int) -> str:
     return f"""\
 ; Written by services/dev/topology.py at every start.
 [databases]
 ; Any database name, on our own PostgreSQL: the tests create one per run through here.
-* = host={HOST} port={ports.postgres}
+* = host={HOST} port={server_port}
 
 [pgbouncer]
 listen_addr = {HOST}
-listen_port = {ports.pgbouncer}
+listen_port = {listen_port}
 unix_socket_dir =
 auth_type = trust
 auth_file = {directory / "userlist.txt"}
 admin_users = {PG_SUPERUSER}
 pool_mode = transaction
 ; Server connections per database and user; the whole server's budget below it.
-default_pool_size = 20
+default_pool_size = {pool_size}
 reserve_pool_size = 5
 max_db_connections = 60
 max_client_conn = 2000
@@ -587,6 +598,7 @@ http {{
 
 
 def _own(path: Path, uid: int, gid: int) -> None:
+    postgres.open_to_run_as(path)
     for root, dirs, files in os.walk(path):
         os.chown(root, uid, gid)
         for name in dirs + files:
@@ -740,22 +752,12 @@ class Topology:
         path.write_text("".join(f"{k}={v}\n" for k, v in self._env.items()))
 
     def _pgbouncer(self, program: str, owner: Any) -> Proc:
-        directory = self.data_dir / "pgbouncer"
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "pgbouncer.ini").write_text(_pgbouncer_ini(directory, self.ports))
-        (directory / "userlist.txt").write_text(f'"{PG_SUPERUSER}" ""\n')
-        if owner.name is not None:
-            _own(directory, owner.uid, owner.gid)
-        dsn = f"postgresql://{PG_SUPERUSER}@{HOST}:{self.ports.pgbouncer}/postgres"
-        return Proc(
-            "pgbouncer",
-            "pgbouncer",
+        return pgbouncer_proc(
+            program,
+            self.data_dir / "pgbouncer",
             self.ports.pgbouncer,
-            [program, str(directory / "pgbouncer.ini")],
-            env=dict(os.environ),
+            self.ports.postgres,
             log_file=self.data_dir / "logs" / "pgbouncer.out",
-            ready=lambda: _pg_answers(dsn),
-            run_as=owner.kwargs(),
         )
 
     def _nginx(self, program: str, owner: Any) -> Proc:
@@ -824,6 +826,38 @@ class Topology:
         lines += [f"  {x.school:<15} {x.email}  password: {x.password}" for x in self.logins]
         lines += ["", "Press Ctrl-C to stop.", ""]
         return "\n".join(lines)
+
+
+def pgbouncer_proc(
+    program: str,
+    directory: Path,
+    listen_port: int,
+    server_port: int,
+    *,
+    log_file: Path,
+    pool_size: int = POOL_SIZE,
+) -> Proc:
+    """PgBouncer in transaction pooling on `listen_port` in front of the PostgreSQL on
+    `server_port` (any database name), `pool_size` server connections per database and user;
+    not started. Run as the local PostgreSQL's user: PgBouncer refuses root."""
+    owner = postgres.run_as()
+    directory.mkdir(parents=True, exist_ok=True)
+    ini = directory / "pgbouncer.ini"
+    ini.write_text(_pgbouncer_ini(directory, listen_port, server_port, pool_size))
+    (directory / "userlist.txt").write_text(f'"{PG_SUPERUSER}" ""\n')
+    if owner.name is not None:
+        _own(directory, owner.uid, owner.gid)
+    dsn = f"postgresql://{PG_SUPERUSER}@{HOST}:{listen_port}/postgres"
+    return Proc(
+        "pgbouncer",
+        "pgbouncer",
+        listen_port,
+        [program, str(ini)],
+        env=dict(os.environ),
+        log_file=log_file,
+        ready=lambda: _pg_answers(dsn),
+        run_as=owner.kwargs(),
+    )
 
 
 def _http_check(url: str) -> Callable[[], Awaitable[bool]]:
