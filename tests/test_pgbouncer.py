@@ -117,11 +117,13 @@ from libs.common import db
 
 async def main(url, rounds):
     conn = await db.connect(url, statement_cache=0)
+    kept = []  # as a caller holding its statements would: none is closed meanwhile
     try:
         for i in range(rounds):
             async with conn.transaction():
                 stmt = await conn.prepare("SELECT $1::int * 3")
                 assert await stmt.fetchval(i) == i * 3
+            kept.append(stmt)
     finally:
         await conn.close()
 
@@ -130,10 +132,11 @@ asyncio.run(main(sys.argv[1], int(sys.argv[2])))
 
 
 async def test_explicit_prepare_from_many_processes(pgbouncer_url: str) -> None:
-    """An explicit prepare() inside a transaction, from processes that meet on the same server
-    sessions: asyncpg's process-wide counter gives each process the same statement names, so
-    the second `__asyncpg_stmt_1__` on one server session fails ("already exists") unless
-    names are unique per connection (db._PoolerSafeConnection)."""
+    """An explicit prepare() (inside a transaction, the statements kept) from processes that
+    meet on the same two server sessions. asyncpg's statement names come from a process-wide
+    counter, equal in every process: named statements would collide there ("already
+    exists") or be missing in the next transaction; with statement cache 0 asyncpg prepares
+    them unnamed and parses again at every execution."""
     procs = [
         await asyncio.create_subprocess_exec(
             sys.executable,

@@ -10,11 +10,10 @@ would be taken on one server session and released on another).
 Behind a transaction pooler (PgBouncer 1.18, `pool_mode = transaction`) each transaction may
 run on another server session, so nothing may rely on session state between transactions:
 
-- named prepared statements: `statement_cache=0` (DATABASE_STATEMENT_CACHE). asyncpg then
-  sends Parse, Bind, Execute and Sync together for every query (an unnamed statement is
-  re-parsed in the same exchange, never bound across a Sync), and names what must be named
-  (an explicit `prepare()`) uniquely per connection (`_PoolerSafeConnection`), so two clients
-  that meet on one server session never collide on asyncpg's process-wide counter;
+- named prepared statements: `statement_cache=0` (DATABASE_STATEMENT_CACHE). asyncpg (0.32)
+  then names no statement, an explicit `prepare()` included, and sends Parse again with
+  every Bind, Execute and Sync, so no statement is bound across a Sync on another server
+  session (tests/test_pgbouncer.py shows it under concurrency, and the default cache failing);
 - startup parameters: PgBouncer refuses any it does not track (`unsupported startup
   parameter`), so with `statement_cache=0` only those it forwards are sent. The others we
   use are planner hints for cached statements (identity's `plan_cache_mode`), which mean
@@ -29,7 +28,6 @@ import contextlib
 import hashlib
 import json
 import re
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,19 +72,8 @@ POOLER_STARTUP_PARAMETERS = frozenset(
 )
 
 
-class _PoolerSafeConnection(asyncpg.Connection):
-    """Statement and cursor names unique to this connection, not drawn from asyncpg's
-    process-wide counter: behind a transaction pooler, server sessions are shared by every
-    client process, and a second `__asyncpg_stmt_1__` prepared on the same server session
-    fails with "prepared statement already exists"."""
-
-    def _get_unique_id(self, prefix: str) -> str:
-        return f"__asyncpg_{prefix}_{uuid.uuid4().hex}__"
-
-
 class ConnectOptions(TypedDict):
     statement_cache_size: int
-    connection_class: type[asyncpg.Connection]
     server_settings: dict[str, str]
 
 
@@ -105,7 +92,6 @@ def connect_options(
         wanted = {k: v for k, v in wanted.items() if k not in dropped}
     return ConnectOptions(
         statement_cache_size=statement_cache,
-        connection_class=_PoolerSafeConnection,
         server_settings=wanted,
     )
 
