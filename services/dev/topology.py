@@ -740,11 +740,11 @@ class Topology:
                     ready=_http_check(f"http://{HOST}:{port}/readyz"),
                 )
         await asyncio.gather(*(proc.start() for proc in self.services.values()))
-        await asyncio.gather(*(proc.wait_ready() for proc in self.services.values()))
-        # Only now: nginx would mark a process that is still starting as failed for a while.
+        # At once: a gateway is ready only once it reaches identity, through nginx. A process
+        # still starting is marked failed for fail_timeout (2 s) only.
         self.nginx = self._nginx(programs["nginx"], owner)
         await self.nginx.start()
-        await self.nginx.wait_ready()
+        await asyncio.gather(*(p.wait_ready() for p in (*self.services.values(), self.nginx)))
 
     def _write_env_file(self) -> None:
         path = self.data_dir.parent / "cluster.env"
@@ -883,8 +883,19 @@ async def _serve(topology: Topology) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    starting = asyncio.create_task(topology.start())
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait((starting, stopping), return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        # Ctrl-C while starting: start() stops what it had started when cancelled.
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await starting
+        sys.stdout.write("Stopped.\n")
+        return 130
+    stopping.cancel()
     try:
-        await topology.start()
+        starting.result()
     except (RuntimeError, OSError, asyncpg.PostgresError) as exc:
         log.error("cluster_failed", error=str(exc))
         return 1
