@@ -745,11 +745,20 @@ class Topology:
         self.nginx = self._nginx(programs["nginx"], owner)
         await self.nginx.start()
         await asyncio.gather(*(p.wait_ready() for p in (*self.services.values(), self.nginx)))
+        # nginx may have marked a process failed while it was starting (for fail_timeout): a
+        # reload starts workers that know nothing of it, so the first calls reach every one.
+        await self.nginx.reload()
+        await asyncio.sleep(0.5)
+        await self.nginx.wait_ready()
 
     def _write_env_file(self) -> None:
         path = self.data_dir.parent / "cluster.env"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(f"{k}={v}\n" for k, v in self._env.items()))
+        # Owner only: a DSN may carry a password where the stores are not our own.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write("".join(f"{k}={v}\n" for k, v in self._env.items()))
+        path.chmod(0o600)
 
     def _pgbouncer(self, program: str, owner: Any) -> Proc:
         return pgbouncer_proc(
@@ -913,3 +922,30 @@ async def _serve(topology: Topology) -> int:
 def run(data_dir: Path = DATA_DIR) -> int:
     """`loopwise-connect cluster`: up, print, wait for Ctrl-C, down."""
     return asyncio.run(_serve(Topology(data_dir)))
+
+
+async def _run_tests(pytest_args: Sequence[str], data_dir: Path) -> int:
+    topology = Topology(data_dir, ports=TopologyPorts.free())
+    await topology.start()
+    try:
+        env = {**os.environ, **{k: v for k, v in topology.env.items() if k.startswith("TEST_")}}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "pytest", *pytest_args, env=env
+        )
+        return await proc.wait()
+    finally:
+        await topology.stop()
+
+
+def main(argv: Sequence[str]) -> int:
+    """`python -m services.dev.topology test [PYTEST ARGS]` (`make test-cluster`): a topology on
+    free ports under `.data/test-cluster/`, the tests run with its stores (TEST_DATABASE_URL
+    through PgBouncer, TEST_REDIS_URL), then stopped whatever the outcome."""
+    if not argv or argv[0] != "test":
+        sys.stderr.write("usage: python -m services.dev.topology test [pytest arguments]\n")
+        return 2
+    return asyncio.run(_run_tests(argv[1:], Path(".data") / "test-cluster"))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
