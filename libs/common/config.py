@@ -221,10 +221,23 @@ class Settings:
     trust_forwarded_host: bool = False
     db_pool_min: int = 2
     db_pool_max: int = 10
+    # Where a PostgreSQL session is needed (LISTEN; session advisory locks): the server itself
+    # or a session-pooling PgBouncer, when DATABASE_URL is a transaction-pooling one.
+    # DATABASE_URL when not given.
+    database_session_url: str = ""
+    # asyncpg's per-connection cache of named prepared statements. 0 behind a transaction
+    # pooler (PgBouncer before 1.21), where a named statement lives on one server session
+    # and the next transaction may run on another (libs/common/db.py).
+    database_statement_cache: int = 100
     upstreams: Upstreams = field(default_factory=Upstreams)
     gateway: GatewayPolicy = field(default_factory=GatewayPolicy)
     webhooks: WebhookPolicy = field(default_factory=WebhookPolicy)
     identity: IdentityPolicy = field(default_factory=IdentityPolicy)
+
+    @property
+    def session_database_url(self) -> str:
+        """The DSN for what needs a PostgreSQL session of its own (LISTEN, session locks)."""
+        return self.database_session_url or self.database_url
 
     @property
     def is_development(self) -> bool:
@@ -515,9 +528,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         trusted_proxies=_networks(env, "GATEWAY_TRUSTED_PROXIES"),
         revocation_lease=_lease(env),
     )
+    database_url = _url(env, "DATABASE_URL", DEFAULT_DATABASE_URL, ("postgresql", "postgres"))
     return Settings(
         environment=environment,  # type: ignore[arg-type]
-        database_url=_url(env, "DATABASE_URL", DEFAULT_DATABASE_URL, ("postgresql", "postgres")),
+        database_url=database_url,
         redis_url=_redis_url(env, "REDIS_URL", DEFAULT_REDIS_URL),
         redis_prefix=_text(env, "REDIS_KEY_PREFIX", ""),
         urls=PublicUrls(school_template=template.rstrip("/"), platform_url=platform_url),
@@ -536,6 +550,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         trust_forwarded_host=_bool(env, "TRUST_FORWARDED_HOST", False),
         db_pool_min=_int(env, "DB_POOL_MIN", 2, minimum=1),
         db_pool_max=_int(env, "DB_POOL_MAX", 10, minimum=1),
+        database_session_url=_url(
+            env, "DATABASE_SESSION_URL", database_url, ("postgresql", "postgres")
+        ),
+        database_statement_cache=_int(env, "DATABASE_STATEMENT_CACHE", 100),
         upstreams=upstreams,
         gateway=gateway,
         webhooks=_webhook_policy(env, environment),

@@ -107,7 +107,10 @@ class _Stores:
     @classmethod
     async def open(cls, settings: Settings) -> _Stores:
         pool: asyncpg.Pool = await db.create_pool(
-            settings.database_url, min_size=settings.db_pool_min, max_size=settings.db_pool_max
+            settings.database_url,
+            min_size=settings.db_pool_min,
+            max_size=settings.db_pool_max,
+            statement_cache=settings.database_statement_cache,
         )
         client = redis_client.connect(
             settings.redis_url,

@@ -462,7 +462,8 @@ class Sender:
         while True:
             conn: asyncpg.Connection | None = None
             try:
-                conn = await asyncpg.connect(ctx.settings.database_url)
+                # LISTEN needs a session: the session DSN, not a transaction pooler's.
+                conn = await asyncpg.connect(ctx.settings.session_database_url)
                 lost = asyncio.Event()
                 conn.add_termination_listener(functools.partial(_set_event, lost))
                 await conn.add_listener(queue_store.NOTIFY_CHANNEL, wake)
