@@ -10,7 +10,7 @@ Everything on loopback, every piece of state under ``.data/cluster/``::
     every service ──► PgBouncer (transaction pooling) ──► its own PostgreSQL
                   └─► (LISTEN only) PostgreSQL directly: DATABASE_SESSION_URL
     every service ──► Redis Cluster, three primaries with a replica each
-                      (services/dev/redis_cluster.py; one redis-server until it exists)
+                      (services/dev/redis_cluster.py)
 
 Missing Debian packages (nginx, pgbouncer, redis-server, redis-tools) are installed with
 apt-get first, as `.ci/run` installs Chromium. The database is migrated, checked against the
@@ -58,7 +58,7 @@ import asyncpg
 from libs.common import db
 from libs.common.config import load_settings
 from libs.common.logging import get_logger
-from services.dev import database, postgres, seed
+from services.dev import database, postgres, redis_cluster, seed
 from services.dev.probes import HOST, PG_SUPERUSER
 
 __all__ = [
@@ -408,59 +408,12 @@ class RedisHandle(Protocol):
     def stop(self) -> None: ...
 
 
-@dataclass
-class _SingleRedis:
-    """One redis-server, until services/dev/redis_cluster.py is there (same `url`/`stop`)."""
-
-    proc: subprocess.Popen[bytes]
-    port: int
-
-    @property
-    def url(self) -> str:
-        return f"redis://{HOST}:{self.port}/0"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
 def _start_redis(data_dir: Path, ports: TopologyPorts, programs: dict[str, str]) -> RedisHandle:
-    try:
-        from services.dev import redis_cluster  # type: ignore[attr-defined, unused-ignore]
-    except ImportError:
-        redis_cluster = None
-    if redis_cluster is not None:
-        handle: RedisHandle = redis_cluster.start_redis_cluster(
-            data_dir / "redis", ports.redis, bus_ports=ports.redis_bus
-        )
-        return handle
-    directory = data_dir / "redis"
-    directory.mkdir(parents=True, exist_ok=True)
-    with (data_dir / "logs" / "redis.log").open("ab") as out:
-        proc = subprocess.Popen(
-            [
-                programs["redis-server"],
-                *("--bind", HOST, "--port", str(ports.redis[0])),
-                *("--save", "", "--appendonly", "no", "--dir", str(directory)),
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    single = _SingleRedis(proc, ports.redis[0])
-    deadline = time.monotonic() + 15
-    while not _tcp(ports.redis[0]):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            single.stop()
-            raise RuntimeError(f"redis-server did not start; see {data_dir / 'logs/redis.log'}")
-        time.sleep(0.05)
-    return single
+    """Redis Cluster: three primaries, a replica each (services/dev/redis_cluster.py)."""
+    handle: RedisHandle = redis_cluster.start_redis_cluster(
+        data_dir / "redis", ports.redis, bus_ports=ports.redis_bus
+    )
+    return handle
 
 
 # -- probes -----------------------------------------------------------------------------------
