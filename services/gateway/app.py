@@ -105,6 +105,9 @@ class _Stores:
 
     @classmethod
     async def open(cls, settings: Settings) -> _Stores:
+        # Durable mode holds calls while their records are written: a write that hangs ends
+        # soon (the calls answered 503, the records kept), as the guard's does.
+        audit_timeout = 2 * REDIS_TIMEOUT if settings.gateway.audit_mode == "durable" else 5.0
         pool: asyncpg.Pool = await db.create_pool(
             settings.database_url, min_size=settings.db_pool_min, max_size=settings.db_pool_max
         )
@@ -119,7 +122,7 @@ class _Stores:
             pool=pool,
             client=client,
             guard=PipelinedRedis(settings.redis_url, timeout=REDIS_TIMEOUT),
-            audit=PipelinedRedis(settings.redis_url, timeout=5.0),
+            audit=PipelinedRedis(settings.redis_url, timeout=audit_timeout),
             followers=streams.connect(settings.redis_url),
         )
 
@@ -156,6 +159,7 @@ def _context(
         capacity=settings.gateway.audit_buffer_size,
         on_drop=metrics.audit_dropped.inc,
         on_refuse=metrics.audit_refused.inc,
+        durable=settings.gateway.audit_mode == "durable",
     )
     metrics.audit_buffer_used.set_function(lambda: len(audit_buffer) + audit_buffer.reserved)
     return GatewayContext(
