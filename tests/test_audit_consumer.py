@@ -465,3 +465,41 @@ async def test_identitys_records_commit_with_what_they_record(
     assert await identity_records(settings.database_url, grant_id=rolled.id) == []
     row = await pool.fetchrow("SELECT revoked_at FROM grants WHERE id = $1", rolled.id)
     assert row["revoked_at"] is None
+
+
+async def test_a_poison_entry_is_dead_lettered_and_the_consumer_goes_on(
+    pool: Any, redis: Any, settings: Settings, unique: str
+) -> None:
+    """An entry whose data is not a JSON object, among good records, before the stream or the
+    group exists: the good records are stored, the poison is copied to the dead-letter stream
+    and counted, everything is acknowledged, and the consumer keeps running."""
+    settings = dataclasses.replace(settings, redis_prefix=f"{settings.redis_prefix}{unique}:")
+    stream = settings.stream(streams.AUDIT)
+    dead: list[str] = []
+    stop = asyncio.Event()
+    task = asyncio.create_task(
+        audit_consumer.run(pool, redis, settings, stop, on_dead_letter=dead.append)
+    )
+    try:
+        await _append(redis, settings, audit.record("login.failed", marker=unique, n=1))
+        await redis.xadd(stream, {b"data": b"[1, 2, 3]"})
+        await _append(redis, settings, audit.record("login.failed", marker=unique, n=2))
+        for _ in range(100):
+            if len(await _stored(pool, unique)) == 2 and dead:
+                break
+            await asyncio.sleep(0.05)
+        await _append(redis, settings, audit.record("login.failed", marker=unique, n=3))
+        for _ in range(100):
+            if len(await _stored(pool, unique)) == 3:
+                break
+            await asyncio.sleep(0.05)
+        assert not task.done()
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)
+    assert sorted(int(r["detail"]["n"]) for r in await _stored(pool, unique)) == [1, 2, 3]
+    assert dead == [stream]
+    letters = await redis.xrange(settings.stream(audit_consumer.DEAD_LETTERS))
+    assert [fields[b"data"] for _, fields in letters] == [b"[1, 2, 3]"]
+    assert (await redis.xpending(stream, audit_consumer.GROUP))["pending"] == 0
+    await redis.delete(stream, settings.stream(audit_consumer.DEAD_LETTERS))

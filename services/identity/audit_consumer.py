@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import os
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
@@ -123,6 +124,8 @@ async def _store_entries(pool: asyncpg.Pool, entries: list[streams.Entry]) -> in
     whole: list[streams.Entry] = []
     by_row: list[streams.Entry] = []
     for e in entries:
+        if not isinstance(e.data, dict):
+            continue  # poison: set aside by the caller (dead_letters), never stored
         (whole if _passes_whole(e) else by_row).append(e)
     if whole:
         try:
@@ -133,6 +136,32 @@ async def _store_entries(pool: asyncpg.Pool, entries: list[streams.Entry]) -> in
     rows = [row for e in by_row for row in to_rows(e)]
     await _store(pool, rows)
     return len(rows) + sum(len(e.data[audit.BATCH_MEMBER]) for e in whole)
+
+
+DEAD_LETTERS = "connect:audit:dead"
+
+
+async def dead_letters(
+    client: redis.Redis,
+    settings: Settings,
+    entries: list[streams.Entry],
+    on_dead_letter: Callable[[str], None] | None = None,
+) -> None:
+    """Entries whose data is not a JSON object hold no record: copied to the dead-letter
+    stream (for an operator to look at) and acknowledged with the rest, so one bad entry
+    neither stops the consumer nor is read again for ever."""
+    for e in entries:
+        if isinstance(e.data, dict):
+            continue
+        await client.xadd(
+            settings.stream(DEAD_LETTERS),
+            {b"id": e.id, b"data": e.payload},
+            maxlen=streams.DEFAULT_MAXLEN,
+            approximate=True,
+        )
+        log.error("audit_entry_dead_lettered", entry_id=e.id)
+        if on_dead_letter is not None:
+            on_dead_letter(settings.stream(streams.AUDIT))
 
 
 async def consume_once(
@@ -155,6 +184,7 @@ async def consume_once(
         entries = await streams.read_group(
             client, stream, GROUP, consumer, count=batch, block_ms=block_ms
         )
+    await dead_letters(client, settings, entries)
     await _store_entries(pool, entries)
     await streams.ack(client, stream, GROUP, [e.id for e in entries])
     return len(entries)
@@ -168,7 +198,13 @@ def _next_count(entries: int, rows: int, current: int) -> int:
 
 
 async def run(
-    pool: asyncpg.Pool, client: redis.Redis, settings: Settings, stop: asyncio.Event
+    pool: asyncpg.Pool,
+    client: redis.Redis,
+    settings: Settings,
+    stop: asyncio.Event,
+    *,
+    on_dead_letter: Callable[[str], None] | None = None,
+    ran_cleanly: Callable[[], None] | None = None,
 ) -> None:
     """Consume until `stop` is set; transient store failures back off and retry.
 
@@ -182,7 +218,7 @@ async def run(
     """
     consumer = consumer_name()
     stream = settings.stream(streams.AUDIT)
-    await streams.ensure_group(client, stream, GROUP)
+    grouped = False
     delay = 0.5
     loop = asyncio.get_running_loop()
     next_trim = next_claim = loop.time()
@@ -191,6 +227,11 @@ async def run(
     try:
         while not stop.is_set():
             try:
+                if not grouped:
+                    # In the loop, not before it: a Redis not there yet (or READONLY after a
+                    # failover) is retried like any other failure.
+                    await streams.ensure_group(client, stream, GROUP)
+                    grouped = True
                 asked = count
                 entries: list[streams.Entry] = []
                 if loop.time() >= next_claim:
@@ -210,8 +251,11 @@ async def run(
                         client, stream, GROUP, consumer, count=asked, block_ms=1000, ack=stored
                     )
                     stored = []
+                await dead_letters(client, settings, entries, on_dead_letter)
                 rows = await _store_entries(pool, entries)
                 stored.extend(e.id for e in entries)
+                if ran_cleanly is not None:
+                    ran_cleanly()
                 count = _next_count(len(entries), rows, count)
                 delay = 0.5
                 if loop.time() >= next_trim:
@@ -225,7 +269,7 @@ async def run(
                 if "NOGROUP" not in str(exc) and "UNBLOCKED" not in str(exc):
                     raise
                 stored = []
-                await streams.ensure_group(client, stream, GROUP)
+                grouped = False
             except (OSError, RedisError, asyncpg.PostgresError):
                 log.warning("audit_consume_failed", exc_info=True)
                 with contextlib.suppress(TimeoutError):
