@@ -261,7 +261,7 @@ async def test_a_gateway_killed_under_load_has_recorded_every_call_it_answered(
     gateway_port: int,
     tmp_path: Path,
 ) -> None:
-    """Durable mode (the default): calls served (200) and refused with a record (403) from
+    """Durable mode: calls served (200) and refused with a record (403) from
     sixteen concurrent callers, and the gateway SIGKILLed in the middle of them. Every answer
     a caller received has its record on connect:audit; a buffered gateway loses the records
     of the last few milliseconds' answers."""
@@ -304,7 +304,8 @@ async def test_a_gateway_killed_under_load_has_recorded_every_call_it_answered(
     # Twice: one kill could land just after a buffered gateway's flush, and prove nothing.
     for round_ in range(2):
         process = GatewayProcess(
-            {**gateway_env, "LOG_LEVEL": "warning"}, tmp_path / f"gw-{round_}.log"
+            {**gateway_env, "LOG_LEVEL": "warning", "GATEWAY_AUDIT_MODE": "durable"},
+            tmp_path / f"gw-{round_}.log",
         )
         try:
             await process.ready(http)

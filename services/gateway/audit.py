@@ -20,7 +20,7 @@ reservation is a counter, no Redis round trip: what the audit trail costs a call
 it was. `append` (a record no call waits on) drops and counts the record when the buffer is
 full. Identity's audit consumer stores the stream in PostgreSQL.
 
-Durable mode (GATEWAY_AUDIT_MODE=durable, the default) closes the one window buffering leaves:
+Durable mode (GATEWAY_AUDIT_MODE=durable) closes the one window buffering leaves:
 a gateway killed (SIGKILL, OOM, a lost host) loses the records it held, up to FLUSH_INTERVAL of
 answered calls. There a call's answer waits until its record is on the stream
 (`Slot.written`): the flush starts as soon as a record comes, with no interval, and the records
