@@ -503,7 +503,7 @@ def _row(
     i: int, label: str, school_id: int, subject: str, at: datetime, **extra: Any
 ) -> audit_store.AuditRow:
     values: dict[str, Any] = {
-        "stream_id": f"test-{label}-{i}",
+        "record_id": f"test-{label}-{i}",
         "occurred_at": at,
         "school_id": school_id,
         "client_id": None,
