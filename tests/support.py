@@ -15,6 +15,7 @@ wider than a function serve theirs with `running`, on the same aiohttp TestServe
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -169,6 +170,8 @@ async def identity_records(
         record["grant_id"] = str(r["grant_id"]) if r["grant_id"] else None
         record["ip"] = str(r["ip"].ip if hasattr(r["ip"], "ip") else r["ip"]) if r["ip"] else None
         detail = r["detail"]
+        if isinstance(detail, str):  # a plain connection has no JSON codec
+            detail = json.loads(detail)
         record["detail"] = detail if isinstance(detail, dict) else {}
         record.update({k: v for k, v in record["detail"].items() if k not in record})
         records.append(record)

@@ -13,7 +13,7 @@ from uuid import UUID
 
 import pytest
 
-from libs.common import streams
+from libs.common import keys, streams
 from libs.common.config import Settings
 from services.identity import grants, store, users
 from tests.support import identity_records
@@ -67,9 +67,10 @@ async def _announced(redis: Any, settings: Settings, grant_ids: Sequence[UUID]) 
     wanted = {str(g) for g in grant_ids}
     entries = await stream_entries(redis, settings.stream(streams.REVOCATIONS))
     found = {e["grant_id"] for e in entries if e.get("grant_id") in wanted}
-    for g in wanted:
-        if await redis.exists(settings.stream(streams.REVOKED_KEY) + g):
-            found.add(g)
+    async for mark in redis.scan_iter(match=keys.revoked_pattern(settings), count=1000):
+        grant = (mark.decode() if isinstance(mark, bytes) else mark).rsplit(":", 1)[-1]
+        if grant in wanted:
+            found.add(grant)
     return found
 
 
