@@ -66,6 +66,42 @@ async def test_audit_records_are_written_as_batch_entries_in_the_streams_shape(
     await redis.delete(stream)
 
 
+class _FailsOnce(PipelinedRedis):
+    """A real connection whose next write raises what no Redis failure raises (as a bug
+    would): the audit's flush loop is not to end on it."""
+
+    failures = 1
+
+    async def execute_many(self, commands: list[bytes]) -> list[Any]:
+        if self.failures:
+            self.failures -= 1
+            raise RuntimeError("nobody foresaw this")
+        return await super().execute_many(commands)
+
+
+async def test_the_flush_loop_is_restarted_whatever_ends_it(settings: Settings, redis: Any) -> None:
+    """Supervised (libs/common/tasks.py): a call whose write met the unforeseen is answered
+    503 rather than left waiting, and the loop, restarted, writes its record with the next."""
+    stream = settings.stream(f"test:audit:{secrets.token_hex(4)}")
+    connection = _FailsOnce(settings.redis_url, timeout=2.0)
+    buffer = AuditBuffer(connection, stream, capacity=1000, durable=True)
+    buffer.start()
+    try:
+        first = buffer.reserve()
+        assert first is not None
+        assert await asyncio.wait_for(first.written(_record(1)), timeout=10) is False
+        second = buffer.reserve()
+        assert second is not None
+        assert await asyncio.wait_for(second.written(_record(2)), timeout=10) is True
+        entries = await streams.read_tail(redis, stream, "0-0", count=100, block_ms=10)
+        paths = [r["path"] for e in entries for r in audit.records_of(e.data)]
+        assert paths == ["/api/v1/courses/1", "/api/v1/courses/2"]
+    finally:
+        await buffer.stop()
+        await connection.close()
+        await redis.delete(stream)
+
+
 async def test_durable_records_of_concurrent_calls_share_one_xadd_and_each_call_waits_for_it(
     connection: PipelinedRedis, settings: Settings, redis: Any
 ) -> None:

@@ -242,15 +242,17 @@ def _resources(
         lease = revocation.Lease(settings.gateway.revocation_lease)
         ctx = app[CONTEXT] = _context(settings, table, stores, metrics, lease)
         _register_readiness(app, ctx)
-        ctx.audit.start()
         supervisor = tasks.Supervisor(asyncio.Event())
+        ctx.audit.start(supervisor)
         _follow_announcements(settings, ctx, stores.followers, lease, supervisor)
         watch_background(app, supervisor)
         try:
             yield
         finally:
             # In-flight calls have finished by now (aiohttp's shutdown runs before cleanup):
-            # write out their audit records, then let go of everything.
+            # write out their audit records (no loop is restarted once stop is set), then let go
+            # of everything.
+            supervisor.stop.set()
             await ctx.audit.stop()
             await supervisor.close(grace=0)
             await ctx.jwks.close()
