@@ -413,7 +413,10 @@ class Sender:
             batch = self._outcomes[:1000]
             try:
                 disabled = await outcome_store.record_outcomes(
-                    self._ctx.pool, batch, disable_after=self._policy.disable_after
+                    self._ctx.pool,
+                    batch,
+                    worker=self._worker,
+                    disable_after=self._policy.disable_after,
                 )
             except (OSError, asyncpg.PostgresError) as exc:
                 failures += 1

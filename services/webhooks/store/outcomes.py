@@ -67,8 +67,13 @@ deliveries AS (
         delivered_at = CASE WHEN o.outcome = 'delivered' THEN o.at ELSE d.delivered_at END,
         updated_at = now()
     FROM o
+    -- Compare-and-set on the lease: a sender whose lease lapsed (and was taken by another,
+    -- whose request may be in flight) records its attempt but leaves the delivery to the
+    -- holder, so it can neither clear the holder's lease nor schedule a third attempt. A
+    -- success is a success whoever got it (the holder's answer then changes nothing).
     -- Cancelled while in flight (revoked, disabled) stays cancelled unless it got through.
-    WHERE d.id = o.id AND (d.status = 'pending' OR o.outcome = 'delivered')
+    WHERE d.id = o.id
+      AND ((d.status = 'pending' AND d.locked_by = $14) OR o.outcome = 'delivered')
 ),
 streak_reset AS (
     UPDATE webhooks.subscriptions SET failing_since = NULL
@@ -103,11 +108,12 @@ WHERE subscription_id = ANY ($1::uuid[]) AND status = 'pending'
 
 
 async def record_outcomes(
-    db: Executor, outcomes: Sequence[Outcome], *, disable_after: float
+    db: Executor, outcomes: Sequence[Outcome], *, worker: str, disable_after: float
 ) -> list[Disabled]:
-    """Write a batch of attempts and their consequences in one statement; return the
-    subscriptions this batch disabled (a 410, or failing for `disable_after` seconds), whose
-    pending deliveries it then cancels."""
+    """Write a batch of `worker`'s attempts and their consequences in one statement; return
+    the subscriptions this batch disabled (a 410, or failing for `disable_after` seconds),
+    whose pending deliveries it then cancels. A delivery whose lease `worker` no longer holds
+    keeps its state (only a success changes it)."""
     if not outcomes:
         return []
     # Per subscription, the batch's last word: a success resets the failure streak, else the
@@ -144,6 +150,7 @@ async def record_outcomes(
         [failures[i][0] for i in failed],
         [failures[i][1] for i in failed],
         disable_after,
+        worker,
     )
     disabled = [
         Disabled(
