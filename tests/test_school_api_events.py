@@ -331,7 +331,10 @@ async def test_with_redis_down_writes_succeed_and_events_wait_until_it_is_back(
         )
         assert status == 201
         status, ready = await call(http, "GET", f"{url}/readyz", {})
-        assert (status, ready["checks"]) == (503, {"postgresql": True, "redis": False})
+        assert (status, ready["checks"]) == (
+            503,
+            {"postgresql": True, "redis": False, "background": True},
+        )
         relay = app[RELAY]
 
         async def retried() -> bool:

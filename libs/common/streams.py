@@ -41,6 +41,9 @@ class Entry:
     # The `data` member as stored: a consumer that hands it on whole (identity's audit
     # consumer, to PostgreSQL's JSON functions) need not serialize it again.
     payload: bytes = b""
+    # The `data` member is missing, not JSON, or not a JSON object (`data` is then empty): a
+    # poison entry, for the consumer to set aside rather than fail on for ever.
+    malformed: bool = False
 
 
 def connect(url: str) -> redis.Redis:
@@ -52,12 +55,19 @@ def _encode(data: Mapping[str, Any]) -> dict[FieldT, EncodableT]:
 
 
 def _decode(raw: Sequence[Any]) -> list[Entry]:
+    """Never raises on an entry's content: one bad entry must not fail every read after it."""
     entries = []
     for entry_id, fields in raw:
         payload = fields.get(b"data") if fields else None
-        data = orjson.loads(payload) if payload else {}
+        try:
+            data = orjson.loads(payload) if payload else None
+        except orjson.JSONDecodeError:
+            data = None
         eid = text(entry_id)
-        entries.append(Entry(eid, data, payload or b""))
+        if isinstance(data, dict):
+            entries.append(Entry(eid, data, payload or b""))
+        else:
+            entries.append(Entry(eid, {}, payload or b"", malformed=True))
     return entries
 
 

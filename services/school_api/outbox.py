@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -82,6 +83,7 @@ class OutboxRelay:
         max_backoff: float = 30.0,
         batch_timeout: float = 15.0,
         metrics: RelayMetrics | None = None,
+        on_progress: Callable[[], None] | None = None,
     ) -> None:
         self._pool = pool
         self._redis = redis_client
@@ -97,6 +99,8 @@ class OutboxRelay:
         # locks forever: past this, the batch is abandoned (rolled back) and retried.
         self._batch_timeout = batch_timeout
         self._metrics = metrics
+        # Told after each round that went through (the supervisor's `ran_cleanly`).
+        self._on_progress = on_progress
         self._wake = asyncio.Event()
         self._stopped = asyncio.Event()
         self._listener: asyncpg.Connection | None = None
@@ -143,6 +147,8 @@ class OutboxRelay:
                 try:
                     await self.drain()
                     self.failures = 0
+                    if self._on_progress is not None:
+                        self._on_progress()
                 except Exception:
                     self.failures += 1
                     if self._metrics is not None:

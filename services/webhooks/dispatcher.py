@@ -20,7 +20,7 @@ import re
 import secrets
 import socket
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -32,6 +32,7 @@ from libs.common import streams
 from libs.common.logging import get_logger
 from services.webhooks import event_types, store
 from services.webhooks.context import WebhooksContext
+from services.webhooks.store import dead_letters as dead_letter_store
 from services.webhooks.store import events as event_store
 from services.webhooks.store import outcomes as outcome_store
 from services.webhooks.store import revocations as revocation_store
@@ -100,15 +101,38 @@ def to_event(entry: streams.Entry) -> EventRow | None:
     )
 
 
+async def set_aside(
+    ctx: WebhooksContext, name: str, letters: Sequence[dead_letter_store.DeadLetter]
+) -> None:
+    """Dead-letter entries no one can handle: recorded before they are acknowledged (a
+    failure here leaves them pending, to be set aside on the next try), counted, and logged
+    by id only, since an entry may carry personal data."""
+    if not letters:
+        return
+    await dead_letter_store.record(ctx.pool, letters)
+    ctx.metrics.dead_letters.labels(name).inc(len(letters))
+    for letter in letters:
+        log.error("stream_entry_dead_lettered", stream=name, stream_id=letter.entry_id,
+                  reason=letter.reason)  # fmt: skip
+
+
+def _letter(entry: streams.Entry, reason: str) -> dead_letter_store.DeadLetter:
+    return dead_letter_store.DeadLetter(streams.EVENTS, entry.id, reason, entry.payload)
+
+
 async def handle(ctx: WebhooksContext, entries: Sequence[streams.Entry]) -> int:
     """Record the deliveries of a batch durably, then acknowledge it; returns how many
-    deliveries were made. Raises (leaving the batch unacknowledged) when PostgreSQL fails."""
+    deliveries were made. Raises (leaving the batch unacknowledged) when PostgreSQL fails.
+    Entries that are not events, or that PostgreSQL refuses, are dead-lettered."""
     rows: list[EventRow] = []
+    poison: list[dead_letter_store.DeadLetter] = []
     for entry in entries:
+        if entry.malformed:
+            poison.append(_letter(entry, "not a JSON object"))
+            continue
         row = to_event(entry)
         if row is None:
-            ctx.metrics.events.labels("rejected").inc()
-            log.warning("event_rejected", stream_id=entry.id, reason="malformed entry")
+            poison.append(_letter(entry, "not an event"))
         else:
             rows.append(row)
     try:
@@ -117,16 +141,20 @@ async def handle(ctx: WebhooksContext, entries: Sequence[streams.Entry]) -> int:
         # One entry PostgreSQL refuses must not hold up the stream: record them one by one
         # and set aside the ones refused.
         made = 0
+        by_id = {e.id: e for e in entries}
         for row in rows:
             try:
                 made += await event_store.record_deliveries(ctx.pool, [row])
             except store.PERMANENT_ERRORS as exc:
-                ctx.metrics.events.labels("rejected").inc()
-                log.error("event_rejected", stream_id=row.stream_id, reason=str(exc))
+                # The class only: PostgreSQL's message may quote the entry's values.
+                poison.append(_letter(by_id[row.stream_id], f"refused: {type(exc).__name__}"))
+    if poison:
+        ctx.metrics.events.labels("rejected").inc(len(poison))
+        await set_aside(ctx, streams.EVENTS, poison)
     await streams.ack(
         ctx.redis, ctx.settings.stream(streams.EVENTS), GROUP, [e.id for e in entries]
     )
-    ctx.metrics.events.labels("dispatched").inc(len(rows))
+    ctx.metrics.events.labels("dispatched").inc(len(entries) - len(poison))
     if made:
         ctx.metrics.deliveries_created.inc(made)
         # This process's sender; the others heard the insert's NOTIFY (a trigger).
@@ -142,9 +170,15 @@ async def _group_loop(
     *,
     name: str,
     trim: bool = False,
+    on_progress: Callable[[], None] | None = None,
 ) -> None:
     """Read a stream as group `webhooks` until cancelled: stale entries of dead consumers
-    first, then new ones; a batch that fails is retried until it is handled."""
+    first, then new ones; a batch that fails is retried until it is handled.
+
+    Run under a libs.common.tasks.Supervisor: a Redis that refuses (down, READONLY after a
+    failover, OOM) ends the loop with its error, and the supervisor starts it again with
+    backoff, group creation included, while readiness reports it. `on_progress` is called
+    after each read that went through (the supervisor's `ran_cleanly`)."""
     claim_idle_ms = int(ctx.settings.webhooks.claim_idle * 1000)
     claim_every = max(ctx.settings.webhooks.claim_idle / 2, 0.2)
     loop = asyncio.get_running_loop()
@@ -168,29 +202,35 @@ async def _group_loop(
                 entries = await streams.read_group(
                     ctx.redis, stream, GROUP, consumer, count=BATCH, block_ms=block
                 )
-            while entries:
-                try:
-                    await work(ctx, entries)
-                    entries = []
-                    delay = 0.2
-                except (OSError, asyncpg.PostgresError, RedisError):
-                    # Still ours and unacknowledged: retry here rather than wait to claim it.
-                    log.warning("batch_failed", stream=name, exc_info=True)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 5)
         except ResponseError as exc:
-            # The stream or group was deleted under us (an operator, a test's cleanup).
+            # The stream or group was deleted under us (Redis restarted empty, an operator,
+            # a test's cleanup): make it again. Any other refusal is the supervisor's.
             if "NOGROUP" not in str(exc) and "UNBLOCKED" not in str(exc):
                 raise
+            log.warning("stream_group_recreated", stream=name)
             await streams.ensure_group(ctx.redis, stream, GROUP)
-        except (OSError, RedisError):
-            log.warning("stream_read_failed", stream=name, exc_info=True)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5)
+            continue
+        if on_progress is not None:
+            on_progress()
+        while entries:
+            try:
+                await work(ctx, entries)
+                entries = []
+                delay = 0.2
+            except (OSError, asyncpg.PostgresError, RedisError):
+                # Still ours and unacknowledged: retry here rather than wait to claim it.
+                log.warning("batch_failed", stream=name, exc_info=True)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5)
 
 
-async def run(ctx: WebhooksContext, consumer: str | None = None) -> None:
-    """Dispatch `connect:events` until cancelled."""
+async def run(
+    ctx: WebhooksContext,
+    consumer: str | None = None,
+    *,
+    on_progress: Callable[[], None] | None = None,
+) -> None:
+    """Dispatch `connect:events` until cancelled (or a Redis error ends it)."""
     await _group_loop(
         ctx,
         ctx.settings.stream(streams.EVENTS),
@@ -200,6 +240,7 @@ async def run(ctx: WebhooksContext, consumer: str | None = None) -> None:
         # Trimmed to what every group acknowledged. Not connect:revocations: gateways follow
         # it without a group, and our progress says nothing of theirs.
         trim=True,
+        on_progress=on_progress,
     )
 
 
@@ -209,30 +250,43 @@ async def run(ctx: WebhooksContext, consumer: str | None = None) -> None:
 
 async def handle_revocations(ctx: WebhooksContext, entries: Sequence[streams.Entry]) -> None:
     grants: list[tuple[uuid.UUID, str]] = []
+    poison: list[dead_letter_store.DeadLetter] = []
     for entry in entries:
         try:
             grant_id = uuid.UUID(str(entry.data.get("grant_id")))
         except ValueError:
-            log.warning("revocation_rejected", stream_id=entry.id)
+            poison.append(
+                dead_letter_store.DeadLetter(
+                    streams.REVOCATIONS, entry.id, "not a revocation", entry.payload
+                )
+            )
             continue
         grants.append((grant_id, str(entry.data.get("reason") or "")))
     disabled = await revocation_store.revoke_grants(ctx.pool, grants)
     if disabled:
         ctx.metrics.disabled.labels("grant_revoked").inc(len(disabled))
         log.info("subscriptions_disabled", reason="grant_revoked", count=len(disabled))
+    await set_aside(ctx, streams.REVOCATIONS, poison)
     await streams.ack(
         ctx.redis, ctx.settings.stream(streams.REVOCATIONS), GROUP, [e.id for e in entries]
     )
 
 
-async def follow_revocations(ctx: WebhooksContext, consumer: str | None = None) -> None:
-    """Disable the subscriptions of every revoked grant, until cancelled."""
+async def follow_revocations(
+    ctx: WebhooksContext,
+    consumer: str | None = None,
+    *,
+    on_progress: Callable[[], None] | None = None,
+) -> None:
+    """Disable the subscriptions of every revoked grant, until cancelled (or a Redis error
+    ends it)."""
     await _group_loop(
         ctx,
         ctx.settings.stream(streams.REVOCATIONS),
         consumer or consumer_name(),
         handle_revocations,
         name="revocations",
+        on_progress=on_progress,
     )
 
 

@@ -31,6 +31,7 @@ import asyncpg
 from cryptography.exceptions import InvalidTag
 from redis.exceptions import RedisError
 
+from libs.common import tasks
 from libs.common.logging import get_logger
 from libs.common.streams import REVOKED_KEY
 from services.webhooks import dispatcher, signing, ssrf, store
@@ -112,26 +113,33 @@ class Sender:
         self._slot_freed = asyncio.Event()
         self._stopping = False
         self._background: list[asyncio.Task[None]] = []
+        self._supervisor: tasks.Supervisor | None = None
         self._session: aiohttp.ClientSession | None = None
         self._resolver: ssrf.GuardedResolver | None = None
         self._family = egress.egress_family(ctx.settings)
 
-    async def start(self) -> None:
+    async def start(self, supervisor: tasks.Supervisor | None = None) -> None:
+        """Start the sender's loops under `supervisor` (the service's, so its health reflects
+        them; one of the sender's own without)."""
         self._resolver = egress.make_resolver(
             self._ctx.settings, self._ctx.policy, self._ctx.resolver
         )
         self._session = egress.make_session(self._ctx.settings, self._resolver)
+        self._supervisor = supervisor or tasks.Supervisor(asyncio.Event())
         self._background = [
-            asyncio.create_task(self._claim_loop(), name="webhooks-claim"),
-            asyncio.create_task(self._flush_loop(), name="webhooks-record"),
-            asyncio.create_task(self._listen(), name="webhooks-listen"),
-            asyncio.create_task(self._renew_loop(), name="webhooks-renew"),
+            self._supervisor.start("webhooks-claim", self._claim_loop),
+            self._supervisor.start("webhooks-record", self._flush_loop),
+            self._supervisor.start("webhooks-listen", self._listen),
+            self._supervisor.start("webhooks-renew", self._renew_loop),
         ]
 
     async def stop(self) -> None:
         """Stop claiming, let in-flight deliveries finish (the timeout bounds them), record
         their outcomes. Anything cut short keeps its lease and is sent again later."""
         self._stopping = True
+        if self._supervisor is not None:
+            # Loops that end now end for good (the claim loop returns once stopping).
+            self._supervisor.stop.set()
         self._ctx.due.set()
         self._slot_freed.set()
         claim_loop = self._background[0]
