@@ -17,16 +17,29 @@ import secrets
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from typing import Any
 
+import aiohttp
 import asyncpg
 import pytest
+import redis.asyncio as redis_asyncio
+from pytest_aiohttp import AiohttpServer
 
-from libs.common import db
+from libs.common import db, streams
+from libs.common.config import Settings, load_settings
+from services.school_api import store as school_store
+from services.school_api.app import create_app as create_school_api
+from services.webhooks import signing
+from services.webhooks.app import create_app as create_webhooks
 from services.webhooks.store import events as event_store
 from services.webhooks.store import outcomes as outcome_store
 from services.webhooks.store import queue as queue_store
 from services.webhooks.store import subscriptions as subscription_store
 from services.webhooks.store.events import EventRow
+from tests.support import ExampleResolver, base_url, free_port, without_handler_cancellation
+from tests.test_crash_recovery import receiving, start_redis
+from tests.test_school_api_events import call, who
+from tests.test_webhooks import Api, Caller, _ok, eventually
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -46,14 +59,44 @@ async def own_pool(own_database: str) -> AsyncIterator[asyncpg.Pool]:
     await pool.close()
 
 
+def own_settings(webhooks_env: dict[str, str], database_url: str, redis_port: int) -> Settings:
+    """The school API and webhooks of one test: this module's database, a redis-server of
+    the test's own, a key prefix of its own."""
+    return load_settings(
+        {
+            **webhooks_env,
+            "DATABASE_URL": database_url,
+            "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+            "REDIS_KEY_PREFIX": f"ev{secrets.token_hex(3)}:",
+        }
+    )
+
+
+async def serve(aiohttp_server: AiohttpServer, app: Any) -> str:
+    server = await aiohttp_server(app, access_log=None, shutdown_timeout=1)
+    return base_url(without_handler_cancellation(server))
+
+
+async def kill(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        proc.kill()
+        await proc.wait()
+
+
 def new_school() -> int:
     return 1_000_000 + secrets.randbelow(1_000_000_000)
 
 
-async def subscription(pool: asyncpg.Pool, school_id: int, url: str) -> uuid.UUID:
+async def subscription(
+    pool: asyncpg.Pool, settings: Settings, school_id: int, url: str
+) -> uuid.UUID:
+    """Straight into the store, sealed as the API seals it (other tests here start webhooks
+    processes on this database, which check that they can open every secret)."""
+    sid = uuid.uuid4()
+    kek = settings.key_encryption_key
     made = await subscription_store.insert_subscription(
         pool,
-        id=uuid.uuid4(),
+        id=sid,
         school_id=school_id,
         client_id="client-a",
         grant_id=uuid.uuid4(),
@@ -61,8 +104,8 @@ async def subscription(pool: asyncpg.Pool, school_id: int, url: str) -> uuid.UUI
         url=url,
         event_types=["course.*"],
         description="",
-        secret_enc=b"\x00" * 44,
-        kek_id="test",
+        secret_enc=signing.seal(kek, sid, signing.new_secret()[1]),
+        kek_id=signing.kek_id(kek),
     )
     return made.id
 
@@ -72,13 +115,13 @@ async def subscription(pool: asyncpg.Pool, school_id: int, url: str) -> uuid.UUI
 
 
 async def test_a_sender_whose_lease_lapsed_cannot_undo_the_new_holders_lease(
-    own_pool: asyncpg.Pool,
+    own_pool: asyncpg.Pool, settings: Settings
 ) -> None:
     """Sender A claims a delivery, stalls past its lease; sender B claims it and is sending.
     A's outcome (a failure, to be retried) is recorded as an attempt but leaves B's lease,
     and schedules nothing: only B's outcome decides what happens next."""
     school = new_school()
-    sub = await subscription(own_pool, school, "https://hooks.example.com/a")
+    sub = await subscription(own_pool, settings, school, "https://hooks.example.com/a")
     event = EventRow(str(uuid.uuid4()), school, "course.updated", b"{}", "1-0")
     assert await event_store.record_deliveries(own_pool, [event]) == 1
 
@@ -139,3 +182,75 @@ async def test_a_sender_whose_lease_lapsed_cannot_undo_the_new_holders_lease(
     )
     assert row is not None
     assert dict(row) == {"status": "delivered", "locked_by": None, "attempt_count": 1}
+
+
+# -------------------------------------------------------------------------------------------------
+# Never lost
+
+
+async def test_events_a_redis_lost_before_the_dispatcher_read_them_are_delivered_once(
+    webhooks_env: dict[str, str],
+    own_database: str,
+    own_pool: asyncpg.Pool,
+    aiohttp_server: AiohttpServer,
+) -> None:
+    """The school API publishes five events to a redis-server of the test's own; no
+    dispatcher runs yet. Redis is SIGKILLed and started again empty (no persistence) on the
+    same port: the entries are gone. A webhooks process then starts: every event reaches the
+    receiver exactly once, and the outbox rows settle once the dispatcher has them."""
+    port = free_port()
+    settings = own_settings(webhooks_env, own_database, port)
+    stream = settings.stream(streams.EVENTS)
+    school = new_school()
+    redis_proc = await start_redis(port)
+    try:
+        async with receiving(aiohttp_server, _ok) as receiver, aiohttp.ClientSession() as http:
+            # Subscribed through a webhooks process that runs no workers (it reads nothing).
+            hooks = await serve(
+                aiohttp_server,
+                create_webhooks(settings, workers=False, resolver=ExampleResolver()),
+            )
+            await Api(http, hooks, settings).subscribe(Caller(school), receiver.url)
+
+            school_api = await serve(aiohttp_server, create_school_api(settings))
+            courses, headers = f"{school_api}/api/v1/courses", who(settings, school)
+            made = []
+            for n in range(3):
+                status, body = await call(http, "POST", courses, headers, {"title": f"C{n}"})
+                assert status == 201, body
+                made.append(body)
+            status, _ = await call(
+                http, "PATCH", f"{courses}/{made[0]['id']}", headers, {"title": "C0 again"}
+            )
+            assert status == 200
+            status, _ = await call(http, "DELETE", f"{courses}/{made[1]['id']}", headers)
+            assert status == 204
+
+            async def all_on_the_stream() -> bool:
+                rows = await school_store.outbox_events_for(own_pool, school)
+                return len(rows) == 5 and all(r["published_at"] for r in rows)
+
+            await eventually(all_on_the_stream, timeout=10)
+            async with redis_asyncio.Redis(port=port) as client:
+                assert await client.xlen(stream) == 5
+
+            await kill(redis_proc)
+            redis_proc = await start_redis(port)  # empty: the five entries are gone
+
+            await serve(aiohttp_server, create_webhooks(settings, resolver=ExampleResolver()))
+            got = await receiver.wait_for(5, timeout=20)
+            rows = await school_store.outbox_events_for(own_pool, school)
+            assert sorted(g.headers["webhook-id"] for g in got) == sorted(
+                str(r["event_id"]) for r in rows
+            )
+
+            async def settled() -> bool:
+                found = await school_store.outbox_events_for(own_pool, school)
+                return all(r["settled_at"] is not None for r in found)
+
+            await eventually(settled, timeout=10)
+            # Past more relay rounds and dispatcher reads: still one delivery each.
+            await asyncio.sleep(1.5)
+            assert len(receiver.received) == 5
+    finally:
+        await kill(redis_proc)

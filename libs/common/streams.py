@@ -17,6 +17,10 @@ from redis.exceptions import ResponseError
 from redis.typing import EncodableT, FieldT
 
 EVENTS = "connect:events"
+# The consumer group that turns connect:events into deliveries (webhooks' dispatcher). It
+# acknowledges an entry only once its deliveries are in PostgreSQL, so the school API's outbox
+# keeps an event until this group has acknowledged it (services/school_api/outbox.py).
+EVENTS_GROUP = "webhooks"
 REVOCATIONS = "connect:revocations"
 AUDIT = "connect:audit"
 KEYS = "connect:keys"

@@ -1,12 +1,27 @@
-"""The outbox relay: moves committed events from PostgreSQL to the `connect:events` stream.
+"""The outbox relay: moves committed events from PostgreSQL to the `connect:events` stream,
+and keeps each until the dispatcher has it.
 
 Each batch is one transaction: lock the oldest unpublished rows (`FOR UPDATE SKIP LOCKED`, so
 any number of relays in any number of processes share the work and never publish a row
 twice), append them to the stream in id order in one round trip, mark them published, commit.
-If Redis fails the transaction rolls back and the rows wait for the next try, with backoff:
-an event is never lost. If the commit fails after the append, the rows are published again
-later: delivery is at least once, and the event id (the webhook-id) lets consumers drop the
-repeat.
+If Redis fails the transaction rolls back and the rows wait for the next try, with backoff.
+If the commit fails after the append, the rows are published again later.
+
+What is guaranteed: every committed event reaches the webhooks dispatcher at least once, even
+through a Redis that restarts empty or a failover that loses the last writes. An event on the
+stream is not yet safe, so a published row is kept, with the entry id and the `run_id` of the
+Redis that took it, until the dispatcher's consumer group (`streams.EVENTS_GROUP`) has
+acknowledged that entry, which it does only once the event's deliveries are recorded in
+PostgreSQL; the row is then *settled*. Each round the relay asks Redis, in one script, for its
+`run_id` and the group's progress: rows below the group's acknowledged floor on that run are
+settled; published rows of any other run that never settled are published again (in id
+order, before anything newer of the same resource). Appends carry the `run_id` the relay
+expects and are refused by a Redis of another run, so nothing is appended to a new Redis
+before what it lost has been put back. A republished event keeps its id (the webhook-id), and
+the dispatcher records one delivery per subscription and event id: no second delivery comes of
+it. What remains: settled rows and their deliveries live in PostgreSQL; a row published in a
+run that ended more than `retention` seconds ago unsettled (no dispatcher running) is purged
+with the rest and not published again.
 
 The relay wakes on the outbox trigger's NOTIFY (sent when a change commits) and polls every
 `poll_interval` seconds as well, for notifications lost while its listening connection was
@@ -23,6 +38,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
+import orjson
 import redis.asyncio as redis
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
@@ -49,6 +65,47 @@ def message(event: store.OutboxEvent) -> dict[str, Any]:
     }
 
 
+# Appends a batch to the stream unless the Redis answering is not the run the relay expects
+# (ARGV[1]; empty: any). Returns the run_id, then the entries' ids (none when refused).
+_APPEND = """
+local run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)')
+if ARGV[1] ~= '' and ARGV[1] ~= run_id then return {run_id} end
+local answer = {run_id}
+for i = 3, #ARGV do
+  answer[#answer + 1] = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'data', ARGV[i])
+end
+return answer
+"""
+
+# The run_id, and how far consumer group ARGV[1] has acknowledged the stream: its last
+# delivered id and its oldest pending one ('' when none); the run_id alone without the group.
+_PROGRESS = """
+local run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)')
+if redis.call('EXISTS', KEYS[1]) == 0 then return {run_id} end
+for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  local info = {}
+  for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
+  if info['name'] == ARGV[1] then
+    local oldest = ''
+    if tonumber(info['pending']) > 0 then
+      oldest = redis.call('XPENDING', KEYS[1], ARGV[1])[2]
+    end
+    return {run_id, info['last-delivered-id'], oldest}
+  end
+end
+return {run_id}
+"""
+
+
+class RunChanged(Exception):
+    """The Redis answering is another run than the relay expected: it may have lost events."""
+
+
+def _entry_id(value: str) -> tuple[int, int]:
+    ms, _, seq = value.partition("-")
+    return int(ms), int(seq or 0)
+
+
 class RelayMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.published = Counter(
@@ -64,6 +121,16 @@ class RelayMetrics:
         self.backlog = Gauge(
             "school_api_outbox_backlog",
             "Events committed but not yet on the event stream",
+            registry=registry,
+        )
+        self.unsettled = Gauge(
+            "school_api_outbox_unsettled",
+            "Events on the stream the dispatcher has not acknowledged yet",
+            registry=registry,
+        )
+        self.republished = Counter(
+            "school_api_events_republished_total",
+            "Events published again because the Redis that took them restarted or failed over",
             registry=registry,
         )
 
@@ -84,10 +151,17 @@ class OutboxRelay:
         batch_timeout: float = 15.0,
         metrics: RelayMetrics | None = None,
         on_progress: Callable[[], None] | None = None,
+        group: str = streams.EVENTS_GROUP,
     ) -> None:
         self._pool = pool
         self._redis = redis_client
         self._stream = stream
+        # The consumer group whose acknowledgement settles an event.
+        self._group = group
+        self._append = redis_client.register_script(_APPEND)
+        self._progress = redis_client.register_script(_PROGRESS)
+        # The run of the Redis the relay last reconciled with; appends expect it.
+        self._run_id: str | None = None
         # Without a DSN the relay only polls (tests that drive it batch by batch).
         self._dsn = dsn
         self._batch_size = batch_size
@@ -110,22 +184,63 @@ class OutboxRelay:
     # -- one batch ------------------------------------------------------------------------
 
     async def publish_batch(self) -> int:
-        """Publish the oldest unclaimed events, at most one batch; how many went out."""
+        """Publish the oldest unclaimed events, at most one batch; how many went out. Raises
+        RunChanged (publishing nothing) when Redis is not the run last reconciled with."""
         async with store.transaction(self._pool) as conn:
             events = await store.claim_outbox(conn, self._batch_size)
             if not events:
                 return 0
-            await streams.append_many(self._redis, self._stream, [message(e) for e in events])
-            await store.mark_published(conn, [e.id for e in events])
+            answer = await self._append(
+                keys=[self._stream],
+                args=[
+                    self._run_id or "",
+                    streams.DEFAULT_MAXLEN,
+                    # The `data` member, as libs.common.streams writes every entry.
+                    *(orjson.dumps(message(e)) for e in events),
+                ],
+            )
+            run_id, entry_ids = streams.text(answer[0]), [streams.text(a) for a in answer[1:]]
+            if len(entry_ids) != len(events):
+                raise RunChanged(run_id)
+            await store.mark_published(conn, [e.id for e in events], entry_ids, run_id)
         if self._metrics is not None:
             self._metrics.published.inc(len(events))
         return len(events)
 
+    async def reconcile(self) -> None:
+        """Settle what the dispatcher's group has acknowledged on the Redis answering now, and
+        unpublish what a Redis of another run took and never had acknowledged."""
+        answer = await self._progress(keys=[self._stream], args=[self._group])
+        run_id = streams.text(answer[0])
+        if len(answer) == 3:
+            last = _entry_id(streams.text(answer[1]))
+            below = (last[0], last[1] + 1)
+            oldest = streams.text(answer[2])
+            if oldest:
+                below = min(below, _entry_id(oldest))
+            await store.settle(self._pool, run_id, below)
+        rewound = await store.rewind(self._pool, run_id)
+        if self._run_id is not None and run_id != self._run_id:
+            log.warning("redis_run_changed", stream=self._stream)
+        if rewound:
+            # The Redis that took them restarted or failed over before the dispatcher had them.
+            log.warning("outbox_republishing", events=rewound)
+            if self._metrics is not None:
+                self._metrics.republished.inc(rewound)
+        self._run_id = run_id
+
     async def drain(self) -> int:
-        """Publish batches until the backlog is empty (or the relay is stopping)."""
+        """Reconcile, then publish batches until the backlog is empty (or the relay is
+        stopping)."""
+        await asyncio.wait_for(self.reconcile(), self._batch_timeout)
         total = 0
         while True:
-            count = await asyncio.wait_for(self.publish_batch(), self._batch_timeout)
+            try:
+                count = await asyncio.wait_for(self.publish_batch(), self._batch_timeout)
+            except RunChanged:
+                # Put back what the new Redis lacks before appending anything to it.
+                await asyncio.wait_for(self.reconcile(), self._batch_timeout)
+                continue
             total += count
             if count < self._batch_size or self._stopped.is_set():
                 return total
@@ -180,6 +295,7 @@ class OutboxRelay:
                     log.info("outbox_purged", events=purged)
             if self._metrics is not None:
                 self._metrics.backlog.set(await store.outbox_backlog(self._pool))
+                self._metrics.unsettled.set(await store.outbox_unsettled(self._pool))
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
             log.warning("outbox_housekeeping_failed", exc_info=True)
 

@@ -165,11 +165,47 @@ async def claim_outbox(conn: Connection, limit: int) -> list[OutboxEvent]:
     return [OutboxEvent(**dict(r)) for r in rows]
 
 
-async def mark_published(conn: Connection, ids: Sequence[int]) -> None:
+async def mark_published(
+    conn: Connection, ids: Sequence[int], stream_ids: Sequence[str], run_id: str
+) -> None:
+    """Published as entries `stream_ids` of the Redis whose run is `run_id`; settled later."""
     await conn.execute(
-        f"UPDATE {SCHEMA}.outbox SET published_at = now() WHERE id = ANY($1::bigint[])",  # noqa: S608
+        f"UPDATE {SCHEMA}.outbox o SET published_at = now(), stream_id = p.stream_id,"  # noqa: S608
+        " published_run = $3"
+        " FROM unnest($1::bigint[], $2::text[]) AS p(id, stream_id) WHERE o.id = p.id",
         list(ids),
+        list(stream_ids),
+        run_id,
     )
+
+
+async def settle(db: Executor, run_id: str, below: tuple[int, int]) -> int:
+    """Settle what the Redis of `run_id` holds below entry id `below`: its consumer group has
+    acknowledged it, so the deliveries are recorded and the row need not be published again."""
+    status = await db.execute(
+        f"UPDATE {SCHEMA}.outbox SET settled_at = now()"  # noqa: S608
+        " WHERE published_at IS NOT NULL AND settled_at IS NULL AND published_run = $1"
+        " AND (split_part(stream_id, '-', 1)::bigint, split_part(stream_id, '-', 2)::bigint)"
+        " < ($2::bigint, $3::bigint)",
+        run_id,
+        below[0],
+        below[1],
+    )
+    return int(status.split()[-1])
+
+
+async def rewind(db: Executor, run_id: str) -> int:
+    """Unpublish what a Redis other than the one of `run_id` took and its consumers never
+    acknowledged: that Redis restarted (or failed over) since, and may have lost it. The rows
+    go out again in id order, before anything of the same resources that is newer."""
+    status = await db.execute(
+        f"UPDATE {SCHEMA}.outbox SET published_at = NULL, stream_id = NULL,"  # noqa: S608
+        " published_run = NULL"
+        " WHERE published_at IS NOT NULL AND settled_at IS NULL"
+        " AND published_run IS DISTINCT FROM $1",
+        run_id,
+    )
+    return int(status.split()[-1])
 
 
 async def purge_published(db: Executor, older_than_seconds: float, batch: int = 10_000) -> int:
@@ -190,9 +226,19 @@ async def outbox_backlog(db: Executor) -> int:
     return int(count)
 
 
+async def outbox_unsettled(db: Executor) -> int:
+    """Published, not yet acknowledged by the dispatcher: what a Redis loss would republish."""
+    count = await db.fetchval(
+        f"SELECT count(*) FROM {SCHEMA}.outbox"  # noqa: S608
+        " WHERE published_at IS NOT NULL AND settled_at IS NULL"
+    )
+    return int(count)
+
+
 async def outbox_event(db: Executor, event_id: UUID) -> dict[str, Any] | None:
     row = await db.fetchrow(
-        f"SELECT id, event_id, type, school_id, occurred_at, data, published_at"  # noqa: S608
+        f"SELECT id, event_id, type, school_id, occurred_at, data, published_at,"  # noqa: S608
+        " settled_at"
         f" FROM {SCHEMA}.outbox WHERE event_id = $1",
         event_id,
     )
@@ -202,7 +248,8 @@ async def outbox_event(db: Executor, event_id: UUID) -> dict[str, Any] | None:
 async def outbox_events_for(db: Executor, school_id: int) -> list[dict[str, Any]]:
     """A school's events still in the outbox, oldest first (operations and tests)."""
     rows = await db.fetch(
-        f"SELECT id, event_id, type, school_id, occurred_at, data, published_at"  # noqa: S608
+        f"SELECT id, event_id, type, school_id, occurred_at, data, published_at,"  # noqa: S608
+        " settled_at"
         f" FROM {SCHEMA}.outbox WHERE school_id = $1 ORDER BY id",
         school_id,
     )

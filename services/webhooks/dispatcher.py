@@ -7,6 +7,16 @@ reading and acknowledging leaves its entries pending in the group, and another c
 (XAUTOCLAIM) after `WEBHOOK_CLAIM_IDLE_SECONDS`; recording a batch twice records nothing new
 (one delivery per subscription and event id), so the redelivery is harmless.
 
+An acknowledgement is also what lets the school API's outbox forget an event (it republishes
+what a restarted or failed-over Redis lost before this group acknowledged it; see
+services/school_api/outbox.py): events are delivered at least once through a Redis that loses
+data, and a republished event, having the same id, makes no second delivery.
+
+An entry no one can handle (its `data` not a JSON object, not an event, refused by
+PostgreSQL) is dead-lettered (`webhooks.dead_letters`, `stream_dead_letters_total`, a log line
+naming the entry id only) and acknowledged with its batch. The loops run under the service's
+Supervisor: a Redis error ends one, and it is started again with backoff.
+
 The same module follows `connect:revocations` (its own consumer group, so a revocation
 published while every webhooks process was down is still applied) and announces disabled
 endpoints as `endpoint.disabled` events.
@@ -41,7 +51,8 @@ from services.webhooks.store.outcomes import Disabled
 
 log = get_logger(__name__)
 
-GROUP = "webhooks"
+# The events group (the outbox relay waits on it), and the revocations one too.
+GROUP = streams.EVENTS_GROUP
 BATCH = 500
 _TYPE = re.compile(r"^[a-z][a-z0-9_]{0,63}(\.[a-z][a-z0-9_]{0,63}){1,3}$")
 _EVENT_ID = re.compile(r"^[\x21-\x7e]{1,200}$")
