@@ -91,7 +91,12 @@ async def until(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> 
 
 
 def check_shape(event: dict[str, Any], school_id: int) -> None:
-    assert set(event) == EVENT_KEYS
+    # The webhook body's members, and the resource and sequence it is ordered by (the
+    # dispatcher keeps those out of the body).
+    assert set(event) == EVENT_KEYS | {"ordering_key", "sequence"}
+    resource = event["type"].rpartition(".")[0]
+    assert event["ordering_key"] == f"{resource}:{event['data']['id']}"
+    assert isinstance(event["sequence"], int)
     assert event["school_id"] == school_id
     UUID(event["id"])
     assert event["occurred_at"].endswith("Z")

@@ -178,6 +178,24 @@ async def claim_stale(
             return claimed
 
 
+async def claim(
+    client: redis.Redis,
+    stream: str,
+    group: str,
+    consumer: str,
+    ids: Sequence[str],
+    *,
+    min_idle_ms: int = 0,
+) -> list[Entry]:
+    """Take over the pending entries `ids` (XCLAIM); entries trimmed meanwhile are left out."""
+    if not ids:
+        return []
+    raw = await client.xclaim(
+        stream, group, consumer, min_idle_time=min_idle_ms, message_ids=list(ids)
+    )
+    return _decode([r for r in raw if r and r[1] is not None])
+
+
 async def read_tail(
     client: redis.Redis, stream: str, last_id: str, *, count: int = 500, block_ms: int = 1000
 ) -> list[Entry]:

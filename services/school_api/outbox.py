@@ -23,6 +23,14 @@ it. What remains: settled rows and their deliveries live in PostgreSQL; a row pu
 run that ended more than `retention` seconds ago unsettled (no dispatcher running) is purged
 with the rest and not published again.
 
+Order per resource: events of one resource (`ordering_key`, e.g. `course:12` within a school)
+reach the stream in commit order. Outbox ids of one resource follow commit order (store.enqueue
+runs after the change's row write, under its row lock), and a relay holds back an event while
+an older one of its resource is unpublished and not in its own batch (another relay is
+publishing it, or it waits to be published again). Each entry carries `ordering_key` and
+`sequence` (the outbox id) so that the webhooks service keeps the order per subscription.
+Events of different resources are not ordered with respect to each other.
+
 The relay wakes on the outbox trigger's NOTIFY (sent when a change commits) and polls every
 `poll_interval` seconds as well, for notifications lost while its listening connection was
 down. Published rows are deleted after `retention` seconds.
@@ -55,14 +63,19 @@ def iso_utc(moment: datetime) -> str:
 
 
 def message(event: store.OutboxEvent) -> dict[str, Any]:
-    """The stream entry, and the webhook body it becomes (contract section 8)."""
-    return {
+    """The stream entry: the webhook body it becomes (contract section 8), and for ordering
+    (not part of the body) the event's resource and its place in the resource's history."""
+    entry = {
         "id": str(event.event_id),
         "type": event.type,
         "school_id": event.school_id,
         "occurred_at": iso_utc(event.occurred_at),
         "data": event.data,
     }
+    if event.ordering_key is not None:
+        entry["ordering_key"] = event.ordering_key
+        entry["sequence"] = event.id
+    return entry
 
 
 # Appends a batch to the stream unless the Redis answering is not the run the relay expects
@@ -95,6 +108,10 @@ for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
 end
 return {run_id}
 """
+
+
+# How soon a relay looks again at events it held back for another relay's batch to commit.
+HELD_BACK_RETRY = 0.02
 
 
 class RunChanged(Exception):
@@ -180,6 +197,9 @@ class OutboxRelay:
         self._listener: asyncpg.Connection | None = None
         self._next_purge = 0.0
         self.failures = 0  # consecutive failed batches; 0 when the last one went through
+        # Events of the last batch left for later: an older one of their resource was in
+        # another relay's hands. That relay is about to commit, so look again soon.
+        self.held_back = 0
 
     # -- one batch ------------------------------------------------------------------------
 
@@ -187,7 +207,7 @@ class OutboxRelay:
         """Publish the oldest unclaimed events, at most one batch; how many went out. Raises
         RunChanged (publishing nothing) when Redis is not the run last reconciled with."""
         async with store.transaction(self._pool) as conn:
-            events = await store.claim_outbox(conn, self._batch_size)
+            events, self.held_back = await store.claim_outbox(conn, self._batch_size)
             if not events:
                 return 0
             answer = await self._append(
@@ -242,7 +262,7 @@ class OutboxRelay:
                 await asyncio.wait_for(self.reconcile(), self._batch_timeout)
                 continue
             total += count
-            if count < self._batch_size or self._stopped.is_set():
+            if count + self.held_back < self._batch_size or self._stopped.is_set():
                 return total
 
     # -- the loop -------------------------------------------------------------------------
@@ -275,7 +295,9 @@ class OutboxRelay:
                     await self._sleep(delay, wake_on_notify=False)
                     continue
                 await self._housekeeping()
-                await self._sleep(self._poll_interval, wake_on_notify=True)
+                await self._sleep(
+                    HELD_BACK_RETRY if self.held_back else self._poll_interval, wake_on_notify=True
+                )
         finally:
             await self._close_listener()
             log.info("outbox_relay_stopped")

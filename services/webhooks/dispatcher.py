@@ -12,6 +12,17 @@ what a restarted or failed-over Redis lost before this group acknowledged it; se
 services/school_api/outbox.py): events are delivered at least once through a Redis that loses
 data, and a republished event, having the same id, makes no second delivery.
 
+Order per resource (what a subscriber may count on): the school API's events of one resource
+(a course, a lesson, the school's settings: the entry's `ordering_key`) reach a subscription in
+the order their changes committed (the entry's `sequence`), one at a time: the relay appends
+them in that order, dispatchers record them in stream order (`in_order`: a batch waits for
+older entries another live dispatcher holds), and a sender takes a resource's next delivery
+only once the previous one is delivered, dead (its retry schedule spent) or cancelled
+(store/queue.py). A failing delivery so holds back its resource's later events for that
+subscription, never other resources' nor other subscriptions'. Events of different resources,
+and events without an `ordering_key` (identity's, `endpoint.disabled`), have no order. A
+manual retry of an old delivery is a replay: it goes out after newer events of its resource.
+
 An entry no one can handle (its `data` not a JSON object, not an event, refused by
 PostgreSQL) is dead-lettered (`webhooks.dead_letters`, `stream_dead_letters_total`, a log line
 naming the entry id only) and acknowledged with its batch. The loops run under the service's
@@ -92,6 +103,17 @@ def to_event(entry: streams.Entry) -> EventRow | None:
     audience = d.get("audience_client_id")
     if audience is not None and not (isinstance(audience, str) and _EVENT_ID.match(audience)):
         return None
+    # Ordering is the producer's to give (the school API's outbox): without a well-formed
+    # key and sequence the event is delivered all the same, unordered.
+    ordering_key, sequence = d.get("ordering_key"), d.get("sequence")
+    if not (
+        isinstance(ordering_key, str)
+        and _EVENT_ID.match(ordering_key)
+        and isinstance(sequence, int)
+        and not isinstance(sequence, bool)
+        and 0 <= sequence <= _MAX_SCHOOL_ID
+    ):
+        ordering_key, sequence = None, None
     # The bytes every attempt signs and sends: serialised once, stored, never rebuilt.
     body = orjson.dumps(
         {
@@ -109,6 +131,8 @@ def to_event(entry: streams.Entry) -> EventRow | None:
         body=body,
         stream_id=entry.id,
         audience_client_id=audience,
+        ordering_key=ordering_key,
+        sequence=sequence,
     )
 
 
@@ -173,6 +197,45 @@ async def handle(ctx: WebhooksContext, entries: Sequence[streams.Entry]) -> int:
     return made
 
 
+# How long a dispatcher waits before looking again whether another one has recorded the
+# older entries it holds (it acknowledges them within a batch's INSERT).
+ORDER_WAIT = 0.02
+
+
+async def in_order(
+    ctx: WebhooksContext,
+    stream: str,
+    consumer: str,
+    entries: list[streams.Entry],
+    *,
+    claim_idle_ms: int,
+) -> list[streams.Entry] | None:
+    """The batch to record now, so that dispatchers record entries in stream order: none of
+    another dispatcher's unacknowledged entries may be older than it (their deliveries would
+    be recorded after ours, and a resource's later event could go out first). Older ones of
+    ours (left by a restart of this loop) or of a dispatcher idle past the claim time are
+    taken over and come first; while a live dispatcher still holds older ones, None: wait."""
+    older = await ctx.redis.xpending_range(
+        stream, GROUP, min="-", max="(" + entries[0].id, count=BATCH
+    )
+    if not older:
+        return entries
+    takeable = [
+        streams.text(p["message_id"])
+        for p in older
+        if streams.text(p["consumer"]) == consumer
+        or int(p["time_since_delivered"]) >= claim_idle_ms
+    ]
+    if len(takeable) < len(older):
+        return None
+    claimed = await streams.claim(ctx.redis, stream, GROUP, consumer, takeable)
+    gone = set(takeable) - {e.id for e in claimed}
+    if gone:
+        # Trimmed before anyone handled them: nothing left to record.
+        await streams.ack(ctx.redis, stream, GROUP, sorted(gone))
+    return claimed + entries
+
+
 async def _group_loop(
     ctx: WebhooksContext,
     stream: str,
@@ -181,10 +244,12 @@ async def _group_loop(
     *,
     name: str,
     trim: bool = False,
+    ordered: bool = False,
     on_progress: Callable[[], None] | None = None,
 ) -> None:
     """Read a stream as group `webhooks` until cancelled: stale entries of dead consumers
-    first, then new ones; a batch that fails is retried until it is handled.
+    first, then new ones; a batch that fails is retried until it is handled. `ordered`: a
+    batch waits for older entries other dispatchers hold (`in_order`).
 
     Run under a libs.common.tasks.Supervisor: a Redis that refuses (down, READONLY after a
     failover, OOM) ends the loop with its error, and the supervisor starts it again with
@@ -225,6 +290,14 @@ async def _group_loop(
             on_progress()
         while entries:
             try:
+                if ordered:
+                    batch = await in_order(
+                        ctx, stream, consumer, entries, claim_idle_ms=claim_idle_ms
+                    )
+                    if batch is None:
+                        await asyncio.sleep(ORDER_WAIT)
+                        continue
+                    entries = batch
                 await work(ctx, entries)
                 entries = []
                 delay = 0.2
@@ -251,6 +324,7 @@ async def run(
         # Trimmed to what every group acknowledged. Not connect:revocations: gateways follow
         # it without a group, and our progress says nothing of theirs.
         trim=True,
+        ordered=True,
         on_progress=on_progress,
     )
 

@@ -20,16 +20,21 @@ class EventRow:
     stream_id: str
     # When set, only this client's subscriptions hear the event (endpoint.disabled).
     audience_client_id: str | None = None
+    # The resource the event is about (within its school) and its place in that resource's
+    # history: a subscription gets a resource's events one at a time, in this order.
+    ordering_key: str | None = None
+    sequence: int | None = None
 
 
 _RECORD_DELIVERIES = """
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::bytea[], $5::text[],
-                         $6::text[])
-        AS i(event_id, school_id, type, body, stream_id, audience)
+                         $6::text[], $7::text[], $8::bigint[])
+        AS i(event_id, school_id, type, body, stream_id, audience, ordering_key, sequence)
 ),
 matched AS (
-    SELECT DISTINCT i.event_id, i.school_id, i.type, s.id AS subscription_id
+    SELECT DISTINCT ON (i.event_id, s.id) i.event_id, i.school_id, i.type, i.ordering_key,
+           i.sequence, s.id AS subscription_id
     FROM input i
     JOIN webhooks.subscriptions s
       ON s.school_id = i.school_id
@@ -49,8 +54,8 @@ stored AS (
     ON CONFLICT (school_id, id) DO NOTHING
 )
 INSERT INTO webhooks.deliveries (subscription_id, school_id, event_id, event_type,
-                                 next_attempt_at)
-SELECT subscription_id, school_id, event_id, type, now() FROM matched
+                                 next_attempt_at, ordering_key, sequence)
+SELECT subscription_id, school_id, event_id, type, now(), ordering_key, sequence FROM matched
 ON CONFLICT ON CONSTRAINT deliveries_once DO NOTHING
 RETURNING id
 """
@@ -69,6 +74,8 @@ async def record_deliveries(db: Executor, events: Sequence[EventRow]) -> int:
         [e.body for e in events],
         [e.stream_id for e in events],
         [e.audience_client_id for e in events],
+        [e.ordering_key for e in events],
+        [e.sequence for e in events],
     )
     return len(rows)
 

@@ -1,6 +1,7 @@
 """The pending deliveries as a work queue shared by every sender: claim due ones with
-FOR UPDATE SKIP LOCKED and a lease (fair across subscriptions, bounded per subscription),
-renew, release or cancel leases, wake senders (NOTIFY), and the queue's depth.
+FOR UPDATE SKIP LOCKED and a lease (fair across subscriptions, bounded per subscription, one
+at a time per subscription and resource, in the resource's order), renew, release or cancel
+leases, wake senders (NOTIFY), and the queue's depth.
 """
 
 from __future__ import annotations
@@ -69,6 +70,12 @@ picked AS (
         WHERE d.subscription_id = s.subscription_id AND d.status = 'pending'
           AND d.next_attempt_at <= now()
           AND (d.locked_until IS NULL OR d.locked_until <= now())
+          -- Order per resource: not while an earlier event of the same resource is pending
+          -- for this subscription (in flight, or waiting for its retry).
+          AND (d.ordering_key IS NULL OR NOT EXISTS (
+                SELECT 1 FROM webhooks.deliveries e
+                WHERE e.subscription_id = d.subscription_id AND e.status = 'pending'
+                  AND e.ordering_key = d.ordering_key AND e.sequence < d.sequence))
         ORDER BY d.next_attempt_at
         -- A plain parameter: an expression here makes the planner guess a tenth of the
         -- table per subscription, and the guess costs a JIT compilation per claim.
