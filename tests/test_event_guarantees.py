@@ -13,6 +13,7 @@ part.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import secrets
 import uuid
 from collections.abc import AsyncIterator
@@ -437,4 +438,34 @@ async def test_a_dispatcher_records_a_batch_only_after_older_entries_others_hold
     got = await dispatcher.in_order(ctx, stream, "two", fourth, claim_idle_ms=20)
     assert got is not None
     assert [e.data["n"] for e in got] == [3, 4]
+    await redis.delete(stream)
+
+
+# -------------------------------------------------------------------------------------------------
+# Metrics
+
+
+async def test_the_dispatchers_lag_and_pending_entries_are_gauged(
+    own_pool: asyncpg.Pool, redis: redis_asyncio.Redis, settings: Settings, unique: str
+) -> None:
+    """Three events appended, one read and not yet acknowledged: the group's lag is 2 (XINFO
+    GROUPS `lag`) and one entry is pending."""
+    own = dataclasses.replace(settings, redis_prefix=f"{settings.redis_prefix}lag{unique}:")
+    registry = CollectorRegistry()
+    ctx = WebhooksContext(
+        settings=own,
+        pool=own_pool,
+        redis=redis,
+        metrics=WebhookMetrics(registry),
+        policy=ssrf.AddressPolicy(allow_loopback=True),
+    )
+    stream = own.stream(streams.EVENTS)
+    await streams.ensure_group(redis, stream, dispatcher.GROUP)
+    for n in range(3):
+        await streams.append(redis, stream, {"n": n})
+    await streams.read_group(redis, stream, dispatcher.GROUP, "one", count=1)
+    await dispatcher.report_lag(ctx)
+    labels = {"stream": streams.EVENTS}
+    assert registry.get_sample_value("webhook_stream_lag", labels) == 2
+    assert registry.get_sample_value("webhook_stream_pending", labels) == 1
     await redis.delete(stream)

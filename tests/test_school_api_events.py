@@ -346,6 +346,11 @@ async def test_with_redis_down_writes_succeed_and_events_wait_until_it_is_back(
             return relay.failures >= 2
 
         assert await until(retried)  # it tried, failed, and is backing off
+        # What is owed shows on /metrics while Redis is away, not only once it is back.
+        async with http.get(f"{url}/metrics") as response:
+            text = await response.text()
+        assert "school_api_outbox_backlog 1.0" in text.splitlines()
+        assert "school_api_outbox_unsettled 0.0" in text.splitlines()
         [row] = await store.outbox_events_for(side_pool, school)
         assert row["published_at"] is None
         assert row["data"] == created

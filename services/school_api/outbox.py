@@ -110,6 +110,8 @@ return {run_id}
 """
 
 
+# The outbox gauges are counted at most this often (a round can be much shorter).
+GAUGE_INTERVAL = 1.0
 # How soon a relay looks again at events it held back for another relay's batch to commit.
 HELD_BACK_RETRY = 0.02
 
@@ -196,6 +198,7 @@ class OutboxRelay:
         self._stopped = asyncio.Event()
         self._listener: asyncpg.Connection | None = None
         self._next_purge = 0.0
+        self._next_gauges = 0.0
         self.failures = 0  # consecutive failed batches; 0 when the last one went through
         # Events of the last batch left for later: an older one of their resource was in
         # another relay's hands. That relay is about to commit, so look again soon.
@@ -292,9 +295,12 @@ class OutboxRelay:
                     log.warning(
                         "outbox_relay_failed", failures=self.failures, retry_in=delay, exc_info=True
                     )
+                    # The gauges say what is owed most of all while Redis is away.
+                    await self._refresh_gauges()
                     await self._sleep(delay, wake_on_notify=False)
                     continue
                 await self._housekeeping()
+                await self._refresh_gauges()
                 await self._sleep(
                     HELD_BACK_RETRY if self.held_back else self._poll_interval, wake_on_notify=True
                 )
@@ -315,11 +321,20 @@ class OutboxRelay:
                 purged = await store.purge_published(self._pool, self._retention)
                 if purged:
                     log.info("outbox_purged", events=purged)
-            if self._metrics is not None:
-                self._metrics.backlog.set(await store.outbox_backlog(self._pool))
-                self._metrics.unsettled.set(await store.outbox_unsettled(self._pool))
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
             log.warning("outbox_housekeeping_failed", exc_info=True)
+
+    async def _refresh_gauges(self) -> None:
+        """The unpublished and unsettled counts, at most once per GAUGE_INTERVAL."""
+        now = time.monotonic()
+        if self._metrics is None or now < self._next_gauges:
+            return
+        self._next_gauges = now + GAUGE_INTERVAL
+        try:
+            self._metrics.backlog.set(await store.outbox_backlog(self._pool))
+            self._metrics.unsettled.set(await store.outbox_unsettled(self._pool))
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            log.warning("outbox_gauges_failed", exc_info=True)
 
     # -- LISTEN ---------------------------------------------------------------------------
 

@@ -58,13 +58,15 @@ def create_app(
 
 
 async def _housekeeping(ctx: WebhooksContext) -> None:
-    """Queue-depth gauges, endpoint.disabled events a crash left unannounced, retention."""
+    """Queue-depth and stream-lag gauges, endpoint.disabled events a crash left unannounced,
+    retention."""
     tick = 0
     while True:
         try:
             due, pending = await queue_store.queue_depth(ctx.pool)
             ctx.metrics.queue_due.set(due)
             ctx.metrics.queue_pending.set(pending)
+            await dispatcher.report_lag(ctx)
             if tick % 6 == 0:
                 await dispatcher.announce(ctx, await outcome_store.unannounced_disabled(ctx.pool))
             if tick % 720 == 0:

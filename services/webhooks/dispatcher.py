@@ -329,6 +329,24 @@ async def run(
     )
 
 
+async def report_lag(ctx: WebhooksContext) -> None:
+    """The group's lag on connect:events and connect:revocations (XINFO GROUPS `lag`: entries
+    not yet read by it) and its pending count (read, not yet acknowledged), as gauges."""
+    for name in (streams.EVENTS, streams.REVOCATIONS):
+        try:
+            groups = await ctx.redis.xinfo_groups(ctx.settings.stream(name))
+        except ResponseError:
+            continue  # no such stream (yet)
+        for group in groups:
+            info = {streams.text(k): v for k, v in group.items()}
+            if streams.text(info["name"]) != GROUP:
+                continue
+            # Redis cannot always tell (after deletions in the middle of the stream): nil.
+            if info.get("lag") is not None:
+                ctx.metrics.stream_lag.labels(name).set(int(info["lag"]))
+            ctx.metrics.stream_pending.labels(name).set(int(info["pending"]))
+
+
 # ---------------------------------------------------------------------------------------------
 # Revocations
 

@@ -63,3 +63,15 @@ class WebhookMetrics:
             ["loop"],
             registry=registry,
         )
+        self.stream_lag = Gauge(
+            "webhook_stream_lag",
+            "Stream entries the dispatchers' consumer group has not read yet (XINFO GROUPS lag)",
+            ["stream"],
+            registry=registry,
+        )
+        self.stream_pending = Gauge(
+            "webhook_stream_pending",
+            "Stream entries read by a dispatcher and not yet acknowledged",
+            ["stream"],
+            registry=registry,
+        )
