@@ -38,6 +38,7 @@ from services.webhooks import dispatcher, signing, ssrf
 from services.webhooks.app import create_app as create_webhooks
 from services.webhooks.context import WebhooksContext
 from services.webhooks.metrics import WebhookMetrics
+from services.webhooks.store import deliveries as delivery_store
 from services.webhooks.store import events as event_store
 from services.webhooks.store import outcomes as outcome_store
 from services.webhooks.store import queue as queue_store
@@ -469,3 +470,55 @@ async def test_the_dispatchers_lag_and_pending_entries_are_gauged(
     assert registry.get_sample_value("webhook_stream_lag", labels) == 2
     assert registry.get_sample_value("webhook_stream_pending", labels) == 1
     await redis.delete(stream)
+
+
+async def test_a_resources_next_delivery_goes_once_the_previous_is_delivered_dead_or_cancelled(
+    own_pool: asyncpg.Pool, settings: Settings
+) -> None:
+    """Four events of one course for one subscription: one sendable at a time. A retry keeps
+    the line; dead, cancelled and delivered each let the next go; a manual retry of the dead
+    one is a replay outside the line (sent beside it, holding nothing back)."""
+    school = new_school()
+    sub = await subscription(own_pool, settings, school, "https://hooks.example.com/o")
+    rows = [
+        EventRow(str(uuid.uuid4()), school, "course.updated", b"{}", f"9-{n}", None,
+                 "course:1", 100 + n)
+        for n in range(4)
+    ]  # fmt: skip
+    assert await event_store.record_deliveries(own_pool, rows) == 4
+    by_event = {
+        r["event_id"]: r["id"]
+        for r in await own_pool.fetch(
+            "SELECT id, event_id FROM webhooks.deliveries WHERE subscription_id = $1", sub
+        )
+    }
+    first, second, third, fourth = (by_event[r.id] for r in rows)
+
+    async def claim() -> list[uuid.UUID]:
+        got = await queue_store.claim_due(
+            own_pool, per_endpoint=8, per_slow_endpoint=1, slow=[], limit=10,
+            lease_seconds=30, worker="w",
+        )  # fmt: skip
+        return [c.id for c in got]
+
+    async def outcome(delivery: uuid.UUID, kind: str) -> None:
+        await outcome_store.record_outcomes(
+            own_pool,
+            [outcome_store.Outcome(delivery, sub, datetime.now(UTC), 500, 1, None, None, kind,
+                                   0.0 if kind == "retry" else None)],
+            worker="w",
+            disable_after=3600,
+        )  # fmt: skip
+
+    assert await claim() == [first]
+    await outcome(first, "retry")
+    assert await claim() == [first]  # the same one again, the others still wait
+    await outcome(first, "dead")
+    assert await claim() == [second]
+    await queue_store.cancel_deliveries(own_pool, [second])
+    assert await claim() == [third]
+    # The dead first one sent again by hand, while the third is in flight: a replay.
+    assert await delivery_store.retry_delivery(own_pool, sub, first) == "dead"
+    assert await claim() == [first]
+    await outcome(third, "delivered")
+    assert await claim() == [fourth]

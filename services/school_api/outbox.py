@@ -277,6 +277,7 @@ class OutboxRelay:
 
     async def run(self) -> None:
         log.info("outbox_relay_started", stream=self._stream)
+        held_wait = 0.0
         try:
             while not self._stopped.is_set():
                 await self._ensure_listener()
@@ -301,9 +302,15 @@ class OutboxRelay:
                     continue
                 await self._housekeeping()
                 await self._refresh_gauges()
-                await self._sleep(
-                    HELD_BACK_RETRY if self.held_back else self._poll_interval, wake_on_notify=True
-                )
+                if self.held_back:
+                    # Soon, but less often the longer the other relay's batch takes (a Redis
+                    # that hangs holds it up to batch_timeout).
+                    held_wait = (
+                        min(held_wait * 2, self._poll_interval) if held_wait else HELD_BACK_RETRY
+                    )
+                else:
+                    held_wait = 0.0
+                await self._sleep(held_wait or self._poll_interval, wake_on_notify=True)
         finally:
             await self._close_listener()
             log.info("outbox_relay_stopped")

@@ -34,6 +34,7 @@ from services.webhooks.metrics import WebhookMetrics
 from services.webhooks.ssrf import AddressPolicy
 from services.webhooks.store import dead_letters as dead_letter_store
 from services.webhooks.store import events as event_store
+from services.webhooks.store import ordering as ordering_store
 from services.webhooks.store import outcomes as outcome_store
 from services.webhooks.store import queue as queue_store
 
@@ -69,6 +70,9 @@ async def _housekeeping(ctx: WebhooksContext) -> None:
             await dispatcher.report_lag(ctx)
             if tick % 6 == 0:
                 await dispatcher.announce(ctx, await outcome_store.unannounced_disabled(ctx.pool))
+                stalled = await ordering_store.release_stalled(ctx.pool)
+                if stalled:
+                    log.warning("ordered_deliveries_released", resources=stalled)
             if tick % 720 == 0:
                 purged = await event_store.purge_events(
                     ctx.pool, older_than_seconds=RETENTION_SECONDS

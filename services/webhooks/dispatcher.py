@@ -16,9 +16,9 @@ Order per resource (what a subscriber may count on): the school API's events of 
 (a course, a lesson, the school's settings: the entry's `ordering_key`) reach a subscription in
 the order their changes committed (the entry's `sequence`), one at a time: the relay appends
 them in that order, dispatchers record them in stream order (`in_order`: a batch waits for
-older entries another live dispatcher holds), and a sender takes a resource's next delivery
-only once the previous one is delivered, dead (its retry schedule spent) or cancelled
-(store/queue.py). A failing delivery so holds back its resource's later events for that
+older entries another live dispatcher holds), and a resource's next delivery to a subscription
+is held until the previous one is delivered, dead (its retry schedule spent) or cancelled
+(store/ordering.py). A failing delivery so holds back its resource's later events for that
 subscription, never other resources' nor other subscriptions'. Events of different resources,
 and events without an `ordering_key` (identity's, `endpoint.disabled`), have no order. A
 manual retry of an old delivery is a replay: it goes out after newer events of its resource.

@@ -8,7 +8,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from libs.common.db import Executor
+import asyncpg
+
+from libs.common.db import Connection, Executor
+from services.webhooks.store import ordering
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,20 +56,34 @@ stored AS (
                   WHERE m.school_id = i.school_id AND m.event_id = i.event_id)
     ON CONFLICT (school_id, id) DO NOTHING
 )
+-- Ordered ones are recorded held: `ordering.release` then lets the earliest go.
 INSERT INTO webhooks.deliveries (subscription_id, school_id, event_id, event_type,
-                                 next_attempt_at, ordering_key, sequence)
-SELECT subscription_id, school_id, event_id, type, now(), ordering_key, sequence FROM matched
+                                 next_attempt_at, ordering_key, sequence, held)
+SELECT subscription_id, school_id, event_id, type, now(), ordering_key, sequence,
+       ordering_key IS NOT NULL
+FROM matched
 ON CONFLICT ON CONSTRAINT deliveries_once DO NOTHING
-RETURNING id
+RETURNING subscription_id, ordering_key
 """
 
 
 async def record_deliveries(db: Executor, events: Sequence[EventRow]) -> int:
     """One pending delivery per matching active subscription, for a whole batch, in one
-    statement; a batch recorded twice records nothing new. Returns how many were made."""
+    statement (and one more for the order per resource); a batch recorded twice records
+    nothing new. Returns how many were made."""
     if not events:
         return 0
-    rows = await db.fetch(
+    async with ordering.transaction(db) as conn:
+        rows = await _record(conn, events)
+        await ordering.release(
+            conn, sorted({(r["subscription_id"], r["ordering_key"]) for r in rows
+                          if r["ordering_key"] is not None})
+        )  # fmt: skip
+    return len(rows)
+
+
+async def _record(conn: Connection, events: Sequence[EventRow]) -> list[asyncpg.Record]:
+    return await conn.fetch(
         _RECORD_DELIVERIES,
         [e.id for e in events],
         [e.school_id for e in events],
@@ -77,7 +94,6 @@ async def record_deliveries(db: Executor, events: Sequence[EventRow]) -> int:
         [e.ordering_key for e in events],
         [e.sequence for e in events],
     )
-    return len(rows)
 
 
 async def purge_events(db: Executor, *, older_than_seconds: float, batch: int = 5000) -> int:

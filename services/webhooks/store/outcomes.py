@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from uuid import UUID
 
-from libs.common.db import Executor
+from libs.common.db import Connection, Executor
+from services.webhooks.store import ordering
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,8 +135,23 @@ async def record_outcomes(
         first, gone = failures.get(o.subscription_id, (o.attempted_at, False))
         failures[o.subscription_id] = (min(first, o.attempted_at), gone or o.outcome == "gone")
     reset = [s for s in last_success if s not in failures]
+    async with ordering.transaction(db) as conn:
+        disabled = await _record(conn, outcomes, reset, failures, disable_after, worker)
+        # The next delivery of each finished one's resource may go now.
+        await ordering.release_finished(conn, [o.delivery_id for o in outcomes])
+    return disabled
+
+
+async def _record(
+    conn: Connection,
+    outcomes: Sequence[Outcome],
+    reset: list[UUID],
+    failures: dict[UUID, tuple[datetime, bool]],
+    disable_after: float,
+    worker: str,
+) -> list[Disabled]:
     failed = list(failures)
-    rows = await db.fetch(
+    rows = await conn.fetch(
         _RECORD_OUTCOMES,
         [o.delivery_id for o in outcomes],
         [o.attempted_at for o in outcomes],
@@ -165,9 +181,8 @@ async def record_outcomes(
         if r["disabled_at"] is not None
     ]
     if disabled:
-        # A separate statement: the one above may have just written these rows. Should the
-        # process die in between, the claim cancels them (the subscription is disabled).
-        await db.execute(_CANCEL_FOR_SUBSCRIPTIONS, [d.subscription_id for d in disabled])
+        # A separate statement: the one above may have just written these rows.
+        await conn.execute(_CANCEL_FOR_SUBSCRIPTIONS, [d.subscription_id for d in disabled])
     return disabled
 
 
