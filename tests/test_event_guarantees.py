@@ -96,7 +96,11 @@ def new_school() -> int:
 
 
 async def subscription(
-    pool: asyncpg.Pool, settings: Settings, school_id: int, url: str
+    pool: asyncpg.Pool,
+    settings: Settings,
+    school_id: int,
+    url: str,
+    types: tuple[str, ...] = ("course.*",),
 ) -> uuid.UUID:
     """Straight into the store, sealed as the API seals it (other tests here start webhooks
     processes on this database, which check that they can open every secret)."""
@@ -110,7 +114,7 @@ async def subscription(
         grant_id=uuid.uuid4(),
         subject=None,
         url=url,
-        event_types=["course.*"],
+        event_types=list(types),
         description="",
         secret_enc=signing.seal(kek, sid, signing.new_secret()[1]),
         kek_id=signing.kek_id(kek),
@@ -522,3 +526,36 @@ async def test_a_resources_next_delivery_goes_once_the_previous_is_delivered_dea
     assert await claim() == [first]
     await outcome(third, "delivered")
     assert await claim() == [fourth]
+
+
+async def test_an_endpoint_disabled_announcement_needs_no_redis_to_be_kept(
+    own_pool: asyncpg.Pool, settings: Settings
+) -> None:
+    """The service both makes and hears endpoint.disabled: it records the owner's other
+    endpoints' deliveries itself, so a Redis that is away (or restarts empty before a
+    dispatcher reads a stream entry) cannot lose the announcement."""
+    school = new_school()
+    gone = await subscription(own_pool, settings, school, "https://hooks.example.com/gone")
+    ears = await subscription(
+        own_pool, settings, school, "https://hooks.example.com/ears", ("endpoint.disabled",)
+    )
+    nowhere = redis_asyncio.Redis(port=free_port())  # nothing listens there
+    ctx = WebhooksContext(
+        settings=settings,
+        pool=own_pool,
+        redis=nowhere,
+        metrics=WebhookMetrics(CollectorRegistry()),
+        policy=ssrf.AddressPolicy(allow_loopback=True),
+    )
+    disabled = outcome_store.Disabled(
+        gone, school, "client-a", "https://hooks.example.com/gone", "gone", datetime.now(UTC)
+    )
+    try:
+        await dispatcher.announce(ctx, [disabled])
+        await dispatcher.announce(ctx, [disabled])  # a crash before it was marked: again
+    finally:
+        await nowhere.aclose()
+    rows = await own_pool.fetch(
+        "SELECT event_type, status FROM webhooks.deliveries WHERE subscription_id = $1", ears
+    )
+    assert [tuple(r) for r in rows] == [("endpoint.disabled", "pending")]

@@ -36,6 +36,7 @@ endpoints as `endpoint.disabled` events.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import re
 import secrets
@@ -159,7 +160,7 @@ async def handle(ctx: WebhooksContext, entries: Sequence[streams.Entry]) -> int:
     """Record the deliveries of a batch durably, then acknowledge it; returns how many
     deliveries were made. Raises (leaving the batch unacknowledged) when PostgreSQL fails.
     Entries that are not events, or that PostgreSQL refuses, are dead-lettered."""
-    rows: list[EventRow] = []
+    events: list[tuple[streams.Entry, EventRow]] = []
     poison: list[dead_letter_store.DeadLetter] = []
     for entry in entries:
         if entry.malformed:
@@ -169,20 +170,19 @@ async def handle(ctx: WebhooksContext, entries: Sequence[streams.Entry]) -> int:
         if row is None:
             poison.append(_letter(entry, "not an event"))
         else:
-            rows.append(row)
+            events.append((entry, row))
     try:
-        made = await event_store.record_deliveries(ctx.pool, rows)
+        made = await event_store.record_deliveries(ctx.pool, [row for _, row in events])
     except store.PERMANENT_ERRORS:
         # One entry PostgreSQL refuses must not hold up the stream: record them one by one
         # and set aside the ones refused.
         made = 0
-        by_id = {e.id: e for e in entries}
-        for row in rows:
+        for entry, row in events:
             try:
                 made += await event_store.record_deliveries(ctx.pool, [row])
             except store.PERMANENT_ERRORS as exc:
                 # The class only: PostgreSQL's message may quote the entry's values.
-                poison.append(_letter(by_id[row.stream_id], f"refused: {type(exc).__name__}"))
+                poison.append(_letter(entry, f"refused: {type(exc).__name__}"))
     if poison:
         ctx.metrics.events.labels("rejected").inc(len(poison))
         await set_aside(ctx, streams.EVENTS, poison)
@@ -411,15 +411,26 @@ def disabled_event(d: Disabled) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def _announcement(d: Disabled) -> EventRow:
+    event = disabled_event(d)
+    row = to_event(streams.Entry(id="", data=event))
+    assert row is not None  # built here, well-formed
+    return dataclasses.replace(row, stream_id=None)
+
+
 async def announce(ctx: WebhooksContext, disabled: Sequence[Disabled]) -> None:
-    """Append endpoint.disabled for each, then remember they were announced. A crash in
+    """Record endpoint.disabled deliveries for each, then remember they were announced. Made
+    and heard here, so recorded here: not through connect:events, where a Redis that restarts
+    empty before a dispatcher reads the entry would take the announcement along. A crash in
     between announces again later (same event id, so one delivery per endpoint)."""
     if not disabled:
         return
-    await streams.append_many(
-        ctx.redis, ctx.settings.stream(streams.EVENTS), [disabled_event(d) for d in disabled]
-    )
+    made = await event_store.record_deliveries(ctx.pool, [_announcement(d) for d in disabled])
     await outcome_store.mark_announced(ctx.pool, disabled)
+    if made:
+        ctx.metrics.deliveries_created.inc(made)
+        # This process's sender; the others heard the insert's NOTIFY (a trigger).
+        ctx.due.set()
     for d in disabled:
         log.warning(
             "subscription_disabled",

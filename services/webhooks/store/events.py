@@ -20,7 +20,8 @@ class EventRow:
     school_id: int
     type: str
     body: bytes
-    stream_id: str
+    # The connect:events entry it came from; None for what the service records itself.
+    stream_id: str | None
     # When set, only this client's subscriptions hear the event (endpoint.disabled).
     audience_client_id: str | None = None
     # The resource the event is about (within its school) and its place in that resource's
