@@ -183,6 +183,12 @@ async def test_a_sender_whose_lease_lapsed_cannot_undo_the_new_holders_lease(
         "attempt_count": 0,
         "attempts": 1,
     }
+    # A stopping, or unsure, A gives back what it thinks it holds: B keeps it.
+    await queue_store.release_leases(own_pool, [by_a.id], "sender-a")
+    assert (
+        await own_pool.fetchval("SELECT locked_by FROM webhooks.deliveries WHERE id = $1", by_a.id)
+        == "sender-b"
+    )
     # Nothing for a third sender to claim while B's request is in flight.
     assert await claim("sender-c", 30) == []
 

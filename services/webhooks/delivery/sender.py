@@ -149,7 +149,7 @@ class Sender:
         for task in waiting:
             task.cancel()
         with contextlib.suppress(OSError, asyncpg.PostgresError):
-            await queue_store.release_leases(self._ctx.pool, list(waiting.values()))
+            await queue_store.release_leases(self._ctx.pool, list(waiting.values()), self._worker)
         if self._tasks:
             _, unfinished = await asyncio.wait(self._tasks, timeout=self._policy.timeout + 2)
             for task in unfinished:
@@ -333,7 +333,7 @@ class Sender:
                 # Unsure whether it may go: hand it back to be claimed (and checked) again.
                 log.warning("revocation_check_failed", delivery_id=str(c.id), exc_info=True)
                 with contextlib.suppress(OSError, asyncpg.PostgresError):
-                    await queue_store.release_leases(self._ctx.pool, [c.id])
+                    await queue_store.release_leases(self._ctx.pool, [c.id], self._worker)
                 return
             await self._attempt(c)
 

@@ -171,15 +171,17 @@ async def cancel_deliveries(db: Executor, ids: Sequence[UUID]) -> None:
             await ordering.release_finished(conn, ids)
 
 
-async def release_leases(db: Executor, ids: Sequence[UUID]) -> None:
-    """Give back deliveries leased but never sent (a sender stopping), for others to send."""
+async def release_leases(db: Executor, ids: Sequence[UUID], worker: str) -> None:
+    """Give back deliveries `worker` leased but never sent (a sender stopping), for others to
+    send; one whose lease it lost meanwhile is another's now and stays so."""
     if ids:
         await db.execute(
             """
             UPDATE webhooks.deliveries SET locked_until = NULL, locked_by = NULL
-            WHERE id = ANY ($1::uuid[]) AND status = 'pending'
+            WHERE id = ANY ($1::uuid[]) AND status = 'pending' AND locked_by = $2
             """,
             list(ids),
+            worker,
         )
 
 
