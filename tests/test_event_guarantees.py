@@ -33,7 +33,7 @@ from libs.common.config import Settings, load_settings
 from services.school_api import resources
 from services.school_api import store as school_store
 from services.school_api.app import create_app as create_school_api
-from services.school_api.outbox import OutboxRelay
+from services.school_api.outbox import OutboxRelay, RunChanged
 from services.webhooks import dispatcher, signing, ssrf
 from services.webhooks.app import create_app as create_webhooks
 from services.webhooks.context import WebhooksContext
@@ -565,3 +565,41 @@ async def test_an_endpoint_disabled_announcement_needs_no_redis_to_be_kept(
         "SELECT event_type, status FROM webhooks.deliveries WHERE subscription_id = $1", ears
     )
     assert [tuple(r) for r in rows] == [("endpoint.disabled", "pending")]
+
+
+async def test_after_a_redis_restart_nothing_is_appended_before_what_it_lost(
+    own_pool: asyncpg.Pool, settings: Settings
+) -> None:
+    """A relay published a course's creation to a redis-server of the test's own; Redis
+    restarts empty; the course is then updated. The relay's next batch is refused by the new
+    Redis (another run than it expects) and appends nothing; reconciled, it publishes the
+    lost creation again, then the update: the course's order holds across the loss."""
+    port = free_port()
+    stream = settings.stream(streams.EVENTS)
+    school = new_school()
+    # Earlier tests' leftovers out of the way (as if published and settled long ago).
+    await own_pool.execute("UPDATE school_api.outbox SET published_at = now(),"
+                           " settled_at = now() WHERE published_at IS NULL")  # fmt: skip
+    proc = await start_redis(port)
+    client = redis_asyncio.Redis(port=port)
+    try:
+        relay = OutboxRelay(own_pool, client, stream)
+        course = await school_store.create_row(own_pool, resources.COURSES, school, {"title": "A"})
+        assert await relay.drain() == 1
+        await kill(proc)
+        proc = await start_redis(port)
+        await school_store.update_row(
+            own_pool, resources.COURSES, school, course["id"], {"title": "B"}
+        )
+        with pytest.raises(RunChanged):
+            await relay.publish_batch()
+        assert await client.xlen(stream) == 0
+        assert await relay.drain() == 2
+        entries = await streams.read_tail(client, stream, "0-0")
+        assert [(e.data["type"], e.data["data"]["title"]) for e in entries] == [
+            ("course.created", "A"),
+            ("course.updated", "B"),
+        ]
+    finally:
+        await client.aclose()
+        await kill(proc)

@@ -257,13 +257,18 @@ class OutboxRelay:
         stopping)."""
         await asyncio.wait_for(self.reconcile(), self._batch_timeout)
         total = 0
+        reconciled_again = False
         while True:
             try:
                 count = await asyncio.wait_for(self.publish_batch(), self._batch_timeout)
             except RunChanged:
+                if reconciled_again:
+                    raise  # Redis keeps changing under us: the loop's backoff, not a spin
+                reconciled_again = True
                 # Put back what the new Redis lacks before appending anything to it.
                 await asyncio.wait_for(self.reconcile(), self._batch_timeout)
                 continue
+            reconciled_again = False
             total += count
             if count + self.held_back < self._batch_size or self._stopped.is_set():
                 return total
