@@ -91,6 +91,15 @@ async def kill(proc: asyncio.subprocess.Process) -> None:
         await proc.wait()
 
 
+async def settle_everything(pool: asyncpg.Pool) -> None:
+    """Earlier tests' outbox rows out of the way, as if published and settled long ago (a
+    relay would otherwise publish again what another Redis took and never acknowledged)."""
+    await pool.execute(
+        "UPDATE school_api.outbox SET published_at = coalesce(published_at, now()),"
+        " settled_at = now() WHERE settled_at IS NULL"
+    )
+
+
 def new_school() -> int:
     return 1_000_000 + secrets.randbelow(1_000_000_000)
 
@@ -383,9 +392,7 @@ async def test_a_relay_holds_back_a_resources_events_while_another_relay_publish
     commit order."""
     school = new_school()
     stream = settings.stream(f"test:order:{secrets.token_hex(4)}")
-    # Earlier tests' leftovers out of the way (as if published and settled long ago).
-    await own_pool.execute("UPDATE school_api.outbox SET published_at = now(),"
-                           " settled_at = now() WHERE published_at IS NULL")  # fmt: skip
+    await settle_everything(own_pool)
     x = await school_store.create_row(own_pool, resources.COURSES, school, {"title": "X"})
     y = await school_store.create_row(own_pool, resources.COURSES, school, {"title": "Y"})
     z = await school_store.create_row(own_pool, resources.COURSES, school, {"title": "Z"})
@@ -577,9 +584,7 @@ async def test_after_a_redis_restart_nothing_is_appended_before_what_it_lost(
     port = free_port()
     stream = settings.stream(streams.EVENTS)
     school = new_school()
-    # Earlier tests' leftovers out of the way (as if published and settled long ago).
-    await own_pool.execute("UPDATE school_api.outbox SET published_at = now(),"
-                           " settled_at = now() WHERE published_at IS NULL")  # fmt: skip
+    await settle_everything(own_pool)
     proc = await start_redis(port)
     client = redis_asyncio.Redis(port=port)
     try:
