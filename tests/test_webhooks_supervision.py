@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import tempfile
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -250,3 +252,7 @@ async def test_a_read_only_replica_given_as_the_primary_fails_readiness_until_pr
     finally:
         await stop(replica)
         await stop(primary)
+        for port in (primary_port, replica_port):
+            # What the replica synced (start_redis names the file by port).
+            synced = Path(tempfile.gettempdir(), f"lc-test-{port}.rdb")
+            await asyncio.to_thread(synced.unlink, missing_ok=True)
