@@ -91,7 +91,12 @@ async def until(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> 
 
 
 def check_shape(event: dict[str, Any], school_id: int) -> None:
-    assert set(event) == EVENT_KEYS
+    # The webhook body's members, and the resource and sequence it is ordered by (the
+    # dispatcher keeps those out of the body).
+    assert set(event) == EVENT_KEYS | {"ordering_key", "sequence"}
+    resource = event["type"].rpartition(".")[0]
+    assert event["ordering_key"] == f"{resource}:{event['data']['id']}"
+    assert isinstance(event["sequence"], int)
     assert event["school_id"] == school_id
     UUID(event["id"])
     assert event["occurred_at"].endswith("Z")
@@ -331,13 +336,21 @@ async def test_with_redis_down_writes_succeed_and_events_wait_until_it_is_back(
         )
         assert status == 201
         status, ready = await call(http, "GET", f"{url}/readyz", {})
-        assert (status, ready["checks"]) == (503, {"postgresql": True, "redis": False})
+        assert (status, ready["checks"]) == (
+            503,
+            {"postgresql": True, "redis": False, "background": True},
+        )
         relay = app[RELAY]
 
         async def retried() -> bool:
             return relay.failures >= 2
 
         assert await until(retried)  # it tried, failed, and is backing off
+        # What is owed shows on /metrics while Redis is away, not only once it is back.
+        async with http.get(f"{url}/metrics") as response:
+            text = await response.text()
+        assert "school_api_outbox_backlog 1.0" in text.splitlines()
+        assert "school_api_outbox_unsettled 0.0" in text.splitlines()
         [row] = await store.outbox_events_for(side_pool, school)
         assert row["published_at"] is None
         assert row["data"] == created
