@@ -157,7 +157,7 @@ def _read(path: Path) -> tuple[str, int]:
 
 
 async def test_cluster_env_names_the_stores_the_services_use(cluster: topology.Topology) -> None:
-    text, mode = await asyncio.to_thread(_read, cluster.data_dir.parent / "cluster.env")
+    text, mode = await asyncio.to_thread(_read, cluster.env_file)
     written = dict(line.split("=", 1) for line in text.splitlines() if line)
     assert written == cluster.env
     assert mode == 0o600

@@ -593,8 +593,11 @@ class Topology:
         ports: TopologyPorts | None = None,
         replicas: int = 2,
         extra_env: dict[str, str] | None = None,
+        env_file: Path | None = None,
     ) -> None:
         self.data_dir = Path(data_dir).absolute()
+        # `make cluster`'s is .data/cluster.env (contract section 13), beside its data.
+        self.env_file = Path(env_file or self.data_dir.parent / "cluster.env").absolute()
         self.ports = ports or TopologyPorts()
         if any(len(p) != replicas for p in self.ports.processes.values()):
             raise ValueError(f"TopologyPorts.processes needs {replicas} ports per kind")
@@ -727,7 +730,7 @@ class Topology:
         await self.nginx.wait_ready()
 
     def _write_env_file(self) -> None:
-        path = self.data_dir.parent / "cluster.env"
+        path = self.env_file
         path.parent.mkdir(parents=True, exist_ok=True)
         # Owner only: a DSN may carry a password where the stores are not our own.
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -803,7 +806,7 @@ class Topology:
             f"  PostgreSQL :{p.postgres} behind PgBouncer :{p.pgbouncer} (transaction pooling)",
             f"  Redis {self.redis.url}",
             f"  logs            {self.data_dir / 'logs'}",
-            f"  stores          {self.data_dir.parent / 'cluster.env'}"
+            f"  stores          {self.env_file}"
             " (env $(cat .data/cluster.env) .venv/bin/loopwise-connect ...)",
             "",
             "Admin logins:",
@@ -901,7 +904,9 @@ def run(data_dir: Path = DATA_DIR) -> int:
 
 
 async def _run_tests(pytest_args: Sequence[str], data_dir: Path) -> int:
-    topology = Topology(data_dir, ports=TopologyPorts.free())
+    # Its stores' URLs inside its own directory: a `make cluster` running beside it keeps
+    # .data/cluster.env.
+    topology = Topology(data_dir, ports=TopologyPorts.free(), env_file=data_dir / "cluster.env")
     await topology.start()
     try:
         env = {**os.environ, **{k: v for k, v in topology.env.items() if k.startswith("TEST_")}}
@@ -916,7 +921,8 @@ async def _run_tests(pytest_args: Sequence[str], data_dir: Path) -> int:
 def main(argv: Sequence[str]) -> int:
     """`python -m services.dev.topology test [PYTEST ARGS]` (`make test-cluster`): a topology on
     free ports under `.data/test-cluster/`, the tests run with its stores (TEST_DATABASE_URL
-    through PgBouncer, TEST_REDIS_URL), then stopped whatever the outcome."""
+    through PgBouncer, TEST_REDIS_URL; also in `.data/test-cluster/cluster.env` meanwhile),
+    then stopped whatever the outcome."""
     if not argv or argv[0] != "test":
         sys.stderr.write("usage: python -m services.dev.topology test [pytest arguments]\n")
         return 2
