@@ -11,8 +11,9 @@ from typing import Any
 import orjson
 import pytest
 
-from libs.common import keys, streams
+from libs.common import keys, redis_client, streams
 from libs.common.config import Settings
+from services.gateway import redis_routing
 from services.gateway.audit import BATCH, BATCH_BYTES, AuditBuffer, api_call
 from services.gateway.ratelimit import Guard, Pace
 from services.gateway.redis_pipeline import PipelinedRedis, RedisReplyError, pack
@@ -38,7 +39,7 @@ def _record(n: int) -> dict[str, Any]:
 
 @pytest.fixture
 async def connection(settings: Settings) -> AsyncIterator[PipelinedRedis]:
-    conn = PipelinedRedis(settings.redis_url, timeout=2.0)
+    conn = redis_routing.pipelined(settings.redis_url, timeout=2.0)
     yield conn
     await conn.close()
 
@@ -213,9 +214,16 @@ async def test_a_full_audit_buffer_drops_and_counts_and_never_raises(settings: S
 
 
 async def test_the_pipelined_connection_orders_replies_and_recovers(
-    connection: PipelinedRedis, settings: Settings
+    settings: Settings, redis: Any
 ) -> None:
     key = settings.stream(f"test:resp:{secrets.token_hex(4)}")
+    # One node's connection (under a Cluster, that of the primary serving the key): the
+    # connection PipelinedCluster holds per primary.
+    url = settings.redis_url
+    if redis_client.parse(url).kind == "cluster":
+        node = redis.get_node_from_key(key)
+        url = f"redis://{node.host}:{node.port}/0"
+    connection = PipelinedRedis(url, timeout=2.0)
     answers = await asyncio.gather(*(connection.execute(pack("INCR", key)) for _ in range(200)))
     assert answers == list(range(1, 201))
     with pytest.raises(RedisReplyError):
@@ -226,6 +234,7 @@ async def test_the_pipelined_connection_orders_replies_and_recovers(
     await asyncio.sleep(0)
     assert await connection.execute(pack("INCR", key)) == 201
     await connection.execute(pack("DEL", key))
+    await connection.close()
 
 
 async def test_a_silent_redis_is_given_up_after_the_timeout() -> None:

@@ -302,8 +302,17 @@ def _other_database(url: str, name: str) -> str:
 
 @pytest.fixture(scope="module")
 async def side(settings: Settings, run_id: str) -> AsyncIterator[Settings]:
+    # The same server(s) as the run's, so through PgBouncer its session DSN (where the relays
+    # LISTEN) names the side database too.
+    name = f"{run_id}_relay"
     own = dataclasses.replace(
-        settings, database_url=_other_database(settings.database_url, f"{run_id}_relay")
+        settings,
+        database_url=_other_database(settings.database_url, name),
+        database_session_url=(
+            _other_database(settings.database_session_url, name)
+            if settings.database_session_url
+            else ""
+        ),
     )
     await db.migrate(own.database_url)
     yield own
@@ -312,7 +321,7 @@ async def side(settings: Settings, run_id: str) -> AsyncIterator[Settings]:
 
 @pytest.fixture
 async def side_pool(side: Settings) -> AsyncIterator[asyncpg.Pool]:
-    p = await db.create_pool(side.database_url, min_size=1, max_size=8)
+    p = await db.create_pool(settings=side, min_size=1, max_size=8)
     await p.execute("TRUNCATE school_api.outbox")
     yield p
     await p.close()
@@ -415,7 +424,12 @@ async def test_two_relays_publish_every_event_exactly_once(
     # And the running loops, woken by NOTIFY, while writes keep arriving.
     loops = [
         OutboxRelay(
-            side_pool, redis, stream, dsn=side.database_url, batch_size=5, poll_interval=0.2
+            side_pool,
+            redis,
+            stream,
+            dsn=side.session_database_url,
+            batch_size=5,
+            poll_interval=0.2,
         )
         for _ in range(2)
     ]
@@ -445,7 +459,7 @@ async def test_notify_wakes_the_relay_long_before_its_poll(
     side: Settings, side_pool: asyncpg.Pool, redis: redis_asyncio.Redis
 ) -> None:
     stream = side.stream(f"test:relay:{secrets.token_hex(4)}")
-    relay = OutboxRelay(side_pool, redis, stream, dsn=side.database_url, poll_interval=60)
+    relay = OutboxRelay(side_pool, redis, stream, dsn=side.session_database_url, poll_interval=60)
     task = asyncio.create_task(relay.run())
     try:
         await asyncio.sleep(0.3)  # its first (empty) round is done; now it waits 60 s or NOTIFY

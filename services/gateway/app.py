@@ -109,12 +109,7 @@ class _Stores:
         # Durable mode holds calls while their records are written: a write that hangs ends
         # soon (the calls answered 503, the records kept), as the guard's does.
         audit_timeout = 2 * REDIS_TIMEOUT if settings.gateway.audit_mode == "durable" else 5.0
-        pool: asyncpg.Pool = await db.create_pool(
-            settings.database_url,
-            min_size=settings.db_pool_min,
-            max_size=settings.db_pool_max,
-            statement_cache=settings.database_statement_cache,
-        )
+        pool: asyncpg.Pool = await db.create_pool(settings=settings)
         client = redis_client.connect(
             settings.redis_url,
             decode_responses=False,

@@ -63,12 +63,7 @@ def _resources(
     settings: Settings, run_relay: bool
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        pool = await store.create_pool(
-            settings.database_url,
-            min_size=settings.db_pool_min,
-            max_size=settings.db_pool_max,
-            statement_cache=settings.database_statement_cache,
-        )
+        pool = await store.create_pool(settings=settings)
         redis_client = streams.connect(settings.redis_url)
         app[CONTEXT] = SchoolApiContext(settings=settings, pool=pool, redis=redis_client)
 

@@ -23,7 +23,8 @@ from uuid import UUID
 import asyncpg
 import orjson
 
-from libs.common.db import DEFAULT_STATEMENT_CACHE, Connection, Executor, connect_options
+from libs.common.config import Settings
+from libs.common.db import Connection, Executor, connect_options, pool_target
 from services.school_api import resources
 from services.school_api.resources.model import Resource
 from services.school_api.responses import dumps
@@ -94,17 +95,28 @@ async def _keep_session(_conn: asyncpg.Connection) -> None:
 
 
 async def create_pool(
-    dsn: str, *, min_size: int, max_size: int, statement_cache: int = DEFAULT_STATEMENT_CACHE
+    dsn: str | None = None,
+    *,
+    settings: Settings | None = None,
+    min_size: int | None = None,
+    max_size: int | None = None,
+    statement_cache: int | None = None,
 ) -> asyncpg.Pool:
-    """`statement_cache`: Settings.database_statement_cache (0 behind a transaction pooler)."""
+    """The school API's pool: on `settings`' database with its statement cache and pool sizes,
+    or on a bare `dsn` (libs.common.db.pool_target)."""
+    target = pool_target(
+        dsn, settings, statement_cache=statement_cache, min_size=min_size, max_size=max_size
+    )
     pool = await asyncpg.create_pool(
-        dsn,
-        min_size=min_size,
-        max_size=max_size,
+        target.dsn,
+        min_size=target.min_size,
+        max_size=target.max_size,
         init=_init_connection,
         reset=_keep_session,
         command_timeout=30,
-        **connect_options(statement_cache, {"application_name": "loopwise-connect-school-api"}),
+        **connect_options(
+            target.statement_cache, {"application_name": "loopwise-connect-school-api"}
+        ),
     )
     assert pool is not None
     return pool

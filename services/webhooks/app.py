@@ -92,12 +92,7 @@ def _resources(
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         if workers:
             egress.check_egress(settings)
-        pool: asyncpg.Pool = await db.create_pool(
-            settings.database_url,
-            min_size=settings.db_pool_min,
-            max_size=settings.db_pool_max,
-            statement_cache=settings.database_statement_cache,
-        )
+        pool: asyncpg.Pool = await db.create_pool(settings=settings)
         try:
             # Before anything else, and so before listening: another key-encryption key would
             # fail every delivery's signing and seal new secrets that the right key cannot
