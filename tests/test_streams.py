@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis.asyncio as redis_asyncio
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
-from libs.common import streams
+from libs.common import redis_client, streams
 from libs.common.config import Settings
 
 Name = Callable[[str], str]
@@ -35,6 +36,10 @@ class CountingConnection(redis_asyncio.Connection):
 
 @pytest.fixture
 async def counting_redis(settings: Settings) -> AsyncIterator[redis_asyncio.Redis]:
+    if redis_client.parse(settings.redis_url).kind == "cluster":
+        async for client in _counting_cluster(settings.redis_url):
+            yield client
+        return
     pool = redis_asyncio.ConnectionPool.from_url(
         settings.redis_url, connection_class=CountingConnection
     )
@@ -43,6 +48,20 @@ async def counting_redis(settings: Settings) -> AsyncIterator[redis_asyncio.Redi
     yield client
     await client.aclose()
     await pool.disconnect()
+
+
+async def _counting_cluster(url: str) -> AsyncIterator[redis_asyncio.Redis]:
+    """The factory's RedisCluster, each node's connections counting (RedisCluster takes no
+    connection class of its own: the nodes it makes from CLUSTER SLOTS get the one in its
+    connection kwargs), every primary connected before anything is counted."""
+    client = redis_client.connect(url)
+    cluster = cast(RedisCluster, client)
+    cluster.nodes_manager.connection_kwargs["connection_class"] = CountingConnection
+    await cluster.initialize()
+    assert all(n.connection_class is CountingConnection for n in cluster.get_nodes())
+    await cluster.ping(target_nodes=RedisCluster.PRIMARIES)
+    yield client
+    await client.aclose()
 
 
 def _data(raw: list[Any]) -> list[Any]:

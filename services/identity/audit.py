@@ -104,8 +104,10 @@ def _parse_uuid(text: str) -> UUID | None:
 
 @functools.lru_cache(maxsize=4096)
 def _parse_ip(text: str) -> str | None:
+    # An IPv6 zone ("fe80::1%eth0") names the receiver's interface, not the caller, and
+    # PostgreSQL's inet refuses it (the record, and the call recording it, failed).
     try:
-        return str(ipaddress.ip_address(text))
+        return str(ipaddress.ip_address(text.partition("%")[0]))
     except ValueError:
         return None
 
