@@ -99,8 +99,9 @@ def _sentinel_locator(target: redis_client.RedisTarget, timeout: float) -> Any:
     return locate
 
 
-def key_of(command: bytes) -> bytes:
-    """The key a packed command is routed by (RESP2 array of bulk strings)."""
+def key_of(command: bytes) -> bytes | None:
+    """The key a packed command is routed by (RESP2 array of bulk strings); None for a command
+    without one (PING), which any primary answers."""
     pos = command.index(b"\r\n") + 2
     parts: list[bytes] = []
     while len(parts) < 4 and pos < len(command):
@@ -111,8 +112,8 @@ def key_of(command: bytes) -> bytes:
         pos = start + size + 2
     name = parts[0].upper()
     if name in (b"EVALSHA", b"EVAL"):
-        return parts[3]
-    return parts[1]
+        return parts[3] if len(parts) > 3 else None
+    return parts[1] if len(parts) > 1 else None
 
 
 class PipelinedCluster(PipelinedRedis):
@@ -235,8 +236,8 @@ class PipelinedCluster(PipelinedRedis):
             return []
         return await self._route(commands, key_of(commands[0]))
 
-    async def _route(self, commands: list[bytes], key: bytes) -> list[Any]:
-        slot = key_slot(key)
+    async def _route(self, commands: list[bytes], key: bytes | None) -> list[Any]:
+        slot = 0 if key is None else key_slot(key)
         deadline = time.monotonic() + self._timeout
         pause = _BACKOFF_FIRST
         asking: tuple[str, int] | None = None
