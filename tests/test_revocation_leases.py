@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 import pytest
 import redis.asyncio as redis_asyncio
+from redis.asyncio.cluster import RedisCluster
 
 from libs.common import keys as redis_keys
 from libs.common import leases, marks_fence, redis_client, streams, tasks
@@ -26,6 +27,7 @@ from libs.common.config import Settings, load_settings
 from services.gateway import ratelimit
 from services.gateway.ratelimit import Guard, Pace
 from services.gateway.redis_pipeline import PipelinedRedis
+from services.gateway.redis_routing import pipelined
 from services.gateway.revocation import Lease, RevokedGrants, follow_revocations, lease_clock
 from services.identity import grants, keys, revocation_marks
 from tests.test_gateway_processes import GatewayProcess, started_gateways
@@ -75,8 +77,14 @@ def _stream(settings: Settings) -> str:
     return settings.stream(streams.REVOCATIONS)
 
 
-async def _run_id(client: redis_asyncio.Redis) -> str:
-    return str((await client.info("server"))["run_id"])
+async def _run_id(client: redis_asyncio.Redis, settings: Settings) -> str:
+    """The run_id of the node holding the lease hash (on a Cluster, one primary of several)."""
+    found = await client.eval(  # type: ignore[misc]
+        "return string.match(redis.call('INFO', 'server'), 'run_id:(%w+)')",
+        1,
+        leases.leases_key(settings),
+    )
+    return found.decode() if isinstance(found, bytes) else str(found)
 
 
 async def _given_an_epoch(
@@ -88,7 +96,7 @@ async def _given_an_epoch(
         leases.leases_key(settings),
         mapping={
             "epoch": unique_epoch(),
-            "run_id": run_id or await _run_id(client),
+            "run_id": run_id or await _run_id(client, settings),
             "lease_us": int(LEASE * 1_000_000),
         },
     )
@@ -407,6 +415,14 @@ async def test_the_follower_holds_a_lease_only_once_the_marks_are_loaded(
 
 
 async def _evalshas(client: redis_asyncio.Redis) -> int:
+    if redis_client.is_cluster(client):
+        # Every primary's count: the guard's keys are spread over them.
+        per_node: Any = await client.info(  # type: ignore[call-arg]
+            "commandstats", target_nodes=RedisCluster.PRIMARIES
+        )
+        return sum(
+            int(stats.get("cmdstat_evalsha", {}).get("calls", 0)) for stats in per_node.values()
+        )
     stats = await client.info("commandstats")
     return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
 
@@ -421,7 +437,7 @@ async def guards(lease_settings: Settings) -> AsyncIterator[Guards]:
     connections: list[PipelinedRedis] = []
 
     def guard(*, leased: bool = True) -> Guard:
-        connections.append(PipelinedRedis(lease_settings.redis_url))
+        connections.append(pipelined(lease_settings.redis_url))
         lease = Lease(30)
         if leased:
             lease.extend(lease_clock(), 30)
