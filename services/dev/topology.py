@@ -480,6 +480,9 @@ ignore_startup_parameters = extra_float_digits
 server_lifetime = 3600
 server_idle_timeout = 60
 server_connect_timeout = 5
+; After failed logins (PostgreSQL restarting) PgBouncer refuses every client until this many
+; seconds pass (default 15): the fault suite's PostgreSQL restart took 14.6 s to recover.
+server_login_retry = 1
 logfile = {directory / "pgbouncer.log"}
 pidfile = {directory / "pgbouncer.pid"}
 log_connections = 0
