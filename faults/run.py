@@ -1,0 +1,365 @@
+"""`make faults` / `python -m faults`: start the production topology, put the workload on it,
+inject each fault in turn, score it, print the table and write faults/results/latest.json.
+
+Each fault's time is: a steady stretch (BASELINE_S), the fault and the component's return,
+then observation until calls have been succeeding for QUIET_S (at least OBSERVE_MIN_S, at most
+OBSERVE_MAX_S after the return), then the drain: until every event committed so far has
+reached the receiver and every answered call so far has its audit row (at most DRAIN_S), and
+a quiet settle before the next fault. What the drain did not see arrive is looked for again
+once the whole run is over: the table's losses are what never arrived; `late` in the JSON
+counts what arrived only after its fault's drain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+import asyncpg
+import orjson
+
+from faults import catalog, ledger, report
+from faults.devstack import ROOT, DevStack, free_port
+from faults.workload import SUBSCRIBED, Pace, Workload
+from faults.world import World, seed
+from libs.common.logging import get_logger
+
+log = get_logger(__name__)
+
+BASELINE_S = 2.0
+QUIET_S = 3.0
+OBSERVE_MIN_S = 4.0
+OBSERVE_MAX_S = 20.0
+DRAIN_S = 30.0
+SETTLE_S = 2.0
+RESULTS = ROOT / "faults" / "results"
+
+
+def say(text: str) -> None:
+    sys.stdout.write(f"[faults] {text}\n")
+    sys.stdout.flush()
+
+
+# -- what the stores and the receiver say ----------------------------------------------------
+
+
+@dataclass
+class Books:
+    """The suite's reads of the truth: the outbox, the audit trail, the receiver."""
+
+    pool: asyncpg.Pool
+    http: aiohttp.ClientSession
+    receiver_url: str
+    world: World
+    attributed: set[str] = field(default_factory=set)
+
+    async def committed(self) -> set[str]:
+        """Ids of every event of the subscribed types the school API committed for our school."""
+        rows = await self.pool.fetch(
+            "SELECT event_id::text AS id FROM school_api.outbox"
+            " WHERE school_id = $1 AND type = ANY($2::text[])",
+            self.world.school_id,
+            list(SUBSCRIBED),
+        )
+        return {r["id"] for r in rows}
+
+    async def delivered(self) -> dict[str, int]:
+        async with self.http.get(f"{self.receiver_url}/ids/faults") as resp:
+            counts: dict[str, int] = orjson.loads(await resp.read())
+            return counts
+
+    async def stored_audit(self, request_ids: Collection[str]) -> set[str]:
+        if not request_ids:
+            return set()
+        rows = await self.pool.fetch(
+            "SELECT detail->>'request_id' AS rid FROM audit_log"
+            " WHERE school_id = $1 AND action = 'api.call'"
+            " AND detail->>'request_id' = ANY($2::text[])",
+            self.world.school_id,
+            list(request_ids),
+        )
+        return {r["rid"] for r in rows}
+
+
+async def _retrying(what: str, read: Any, deadline: float) -> Any:
+    """A read of the books that waits out the stores' own recovery (PostgreSQL restarting)."""
+    while True:
+        try:
+            return await read()
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, aiohttp.ClientError) as e:
+            if time.monotonic() > deadline:
+                raise
+            log.info("faults_books_unavailable", books=what, error=type(e).__name__)
+            await asyncio.sleep(0.5)
+
+
+@dataclass
+class Drained:
+    events: set[str]
+    delivered: dict[str, int]
+    audit_due: list[str]
+    stored: set[str]
+    seconds: float
+
+
+async def drain(books: Books, calls: list[ledger.Call], window: ledger.Window) -> Drained:
+    """Close the window now, and wait until its events are all delivered and its answered calls
+    all audited. The workload goes on: calls from now on are the next window's."""
+    began = window.end = time.monotonic()
+    deadline = began + DRAIN_S
+    events = await _retrying("outbox", books.committed, deadline + 60) - books.attributed
+    books.attributed |= events
+    due = ledger.audit_due(ledger.calls_in(window, calls))
+    while True:
+        delivered = await _retrying("receiver", books.delivered, deadline + 60)
+        stored = await _retrying("audit", lambda: books.stored_audit(due), deadline + 60)
+        missing = sum(1 for e in events if not delivered.get(e)) + len(set(due) - stored)
+        if not missing or time.monotonic() > deadline:
+            return Drained(events, delivered, due, stored, time.monotonic() - began)
+        await asyncio.sleep(0.5)
+
+
+async def observe(calls: list[ledger.Call], returned: float) -> None:
+    """Until the calls have been succeeding for QUIET_S after the component's return."""
+    while True:
+        now = time.monotonic()
+        since = now - returned
+        last_refusal = max((c.ended for c in calls[-2000:] if ledger.refused(c.status)), default=0)
+        if since >= OBSERVE_MAX_S or (since >= OBSERVE_MIN_S and now - last_refusal >= QUIET_S):
+            return
+        await asyncio.sleep(0.25)
+
+
+# -- the run -----------------------------------------------------------------------------
+
+
+def _public(env: Mapping[str, str]) -> tuple[str, int]:
+    """The public origin's address and port (the load balancer's, or the only gateway's)."""
+    template = env.get("PUBLIC_URL_TEMPLATE", "http://{school}.localhost:8080")
+    port = urlsplit(template.replace("{school}", "x")).port or 80
+    return f"http://127.0.0.1:{port}", port
+
+
+def _direct_dsn(stack: Any) -> str:
+    """The suite reads PostgreSQL directly, not through the pooler it restarts."""
+    for name in ("DIRECT_DATABASE_URL", "DATABASE_DIRECT_URL", "MIGRATIONS_DATABASE_URL"):
+        if stack.env.get(name):
+            return str(stack.env[name])
+    direct = getattr(stack, "direct_database_url", "")
+    return str(direct or stack.env["DATABASE_URL"])
+
+
+def make_stack(kind: str) -> Any:
+    data_dir = ROOT / ".data" / "faults"
+    if kind == "dev":
+        return DevStack(data_dir)
+    try:
+        from services.dev.topology import Topology  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        raise SystemExit(
+            "faults: services/dev/topology.py (make cluster) is not on this branch yet; "
+            "`python -m faults --stack dev` runs the suite on a make-dev-like stack"
+        ) from None
+    return Topology(data_dir)
+
+
+async def run(args: argparse.Namespace) -> int:
+    faults = [catalog.named(n) for n in args.only] if args.only else list(catalog.FAULTS)
+    stack = make_stack(args.stack)
+    run_id = secrets.token_hex(3)
+    started = time.monotonic()
+    say(f"starting the {args.stack} stack")
+    receiver: subprocess.Popen[bytes] | None = None
+    workload: Workload | None = None
+    rows: list[ledger.Row] = []
+    skipped = {f.name: why for f in faults if (why := f.missing(stack))}
+    faults = [f for f in faults if f.name not in skipped]
+    for name, why in skipped.items():
+        say(f"{name}: skipped ({why})")
+    try:
+        await stack.start()
+        say(f"stack ready in {time.monotonic() - started:.1f}s")
+        port = free_port()
+        receiver = _start_receiver(port)
+        receiver_url = f"http://127.0.0.1:{port}"
+        from libs.common.config import load_settings
+
+        settings = load_settings(stack.env)
+        public_url, public_port = _public(stack.env)
+        from libs.common import db
+
+        pool = await db.create_pool(_direct_dsn(stack), min_size=1, max_size=4)
+        async with pool, aiohttp.ClientSession() as http:
+            await _wait_http(http, f"{receiver_url}/healthz")
+            world = await seed(pool, settings, public_url, public_port)
+            workload = Workload(world, pool, receiver_url, run_id, Pace())
+            await workload.start()
+            say(f"workload on {world.host} (school {world.school_id}); warming up")
+            await asyncio.sleep(BASELINE_S)
+            books = Books(pool, http, receiver_url, world)
+            scored = await _faults(stack, faults, workload, books)
+            await workload.stop()
+            rows = await _final_account(books, workload, scored)
+    finally:
+        if workload is not None:
+            await workload.stop()
+        if receiver is not None:
+            receiver.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                receiver.wait(timeout=5)
+        say("stopping the stack")
+        await stack.stop()
+    elapsed = time.monotonic() - started
+    say(f"done in {elapsed:.0f}s")
+    print(report.table(rows))
+    path = report.write(
+        rows, RESULTS, stack=args.stack, elapsed_s=elapsed, pace=Pace(), skipped=skipped
+    )
+    say(f"written to {path.relative_to(ROOT)}")
+    return 0
+
+
+def _start_receiver(port: int) -> subprocess.Popen[bytes]:
+    """The webhook receiver, a process of its own (bench/receiver.py)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "bench.receiver", "--port", str(port)],
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+async def _wait_http(http: aiohttp.ClientSession, url: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(aiohttp.ClientError):
+            async with http.get(url) as resp:
+                if resp.status == 200:
+                    return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url} did not answer")
+        await asyncio.sleep(0.1)
+
+
+@dataclass
+class Scored:
+    window: ledger.Window
+    drained: Drained
+    row: ledger.Row
+
+
+async def _faults(
+    stack: Any, faults: list[catalog.Fault], workload: Workload, books: Books
+) -> list[Scored]:
+    scored: list[Scored] = []
+    start = time.monotonic()
+    for fault in faults:
+        window = ledger.Window(fault.name, start)
+        note = ""
+        say(f"{fault.name}: {fault.what}")
+        await asyncio.sleep(BASELINE_S)
+        try:
+            window.injected, window.returned = await fault.inject(stack)
+        except Exception as exc:
+            log.exception("faults_inject_failed", fault=fault.name)
+            note = f"the fault could not be injected: {exc}"
+            window.injected = window.returned = time.monotonic()
+        say(f"  back after {window.returned - window.injected:.1f}s; observing")
+        await observe(workload.calls, window.returned)
+        drained = await drain(books, workload.calls, window)
+        await asyncio.sleep(SETTLE_S)
+        start = window.end
+        row = ledger.score(
+            window,
+            workload.calls,
+            workload.revocations,
+            drained.events,
+            drained.delivered,
+            drained.stored,
+            note,
+        )
+        scored.append(Scored(window, drained, row))
+        say(f"  {report.line(row)}")
+    return scored
+
+
+async def _final_account(
+    books: Books, workload: Workload, scored: list[Scored]
+) -> list[ledger.Row]:
+    """Look again, once everything has had time to arrive, for what each drain missed."""
+    deadline = time.monotonic() + DRAIN_S
+    every_due = [rid for s in scored for rid in s.drained.audit_due]
+
+    async def audit() -> set[str]:
+        return await books.stored_audit(every_due)
+
+    while True:
+        delivered = await _retrying("receiver", books.delivered, deadline + 60)
+        stored = await _retrying("audit", audit, deadline + 60)
+        missing = [
+            s
+            for s in scored
+            if any(not delivered.get(e) for e in s.drained.events)
+            or set(s.drained.audit_due) - stored
+        ]
+        if not missing or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(1.0)
+    final: list[ledger.Row] = []
+    for s in scored:
+        row = ledger.score(
+            s.window,
+            workload.calls,
+            workload.revocations,
+            s.drained.events,
+            delivered,
+            stored,
+            s.row.note,
+        )
+        # Missing when its fault's drain ended, arrived before the run's end.
+        row.late = {
+            "events": s.row.events_lost - row.events_lost,
+            "audit": s.row.audit_lost - row.audit_lost,
+        }
+        final.append(row)
+    return final
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m faults", description=__doc__)
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=[f.name for f in catalog.FAULTS],
+        help="run only this fault (repeatable)",
+    )
+    parser.add_argument(
+        "--stack",
+        choices=("cluster", "dev"),
+        default=os.environ.get("FAULTS_STACK", "cluster"),
+        help="the production topology (default) or a make-dev-like stack of one process each",
+    )
+    parser.add_argument("--list", action="store_true", help="list the faults and exit")
+    args = parser.parse_args()
+    if args.list:
+        for fault in catalog.FAULTS:
+            print(f"{fault.name:<18} {fault.what}")
+        return
+    import uvloop
+
+    # SIGTERM is a Ctrl-C: the finally blocks stop everything this run started.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    uvloop.install()
+    sys.exit(asyncio.run(run(args)))
