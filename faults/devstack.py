@@ -1,8 +1,8 @@
 """A `make dev`-like stack with the control surface of the production topology
 (services/dev/topology.py's `Topology`): one process of each service, restarted by a
-supervisor within a fraction of a second when it dies, on free ports, its own database and
-Redis key prefix on the local stores `make dev` uses. No load balancer, pooler or cluster:
-the faults that need one are skipped on it.
+supervisor within a fraction of a second when it dies, on free ports, with a database and a
+Redis key prefix of its own (dropped and deleted at the end) on the local stores `make dev`
+uses. No load balancer, pooler or cluster: the faults that need one are skipped on it.
 
 It is what `python -m faults --stack dev` and the suite's test run against: the workload and
 the ledger do not depend on the topology being there.
@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -30,7 +31,7 @@ from libs.common.logging import get_logger
 log = get_logger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
-DATABASE_NAME = "loopwise_faults"
+DATABASE_PREFIX = "loopwise_faults_"
 PARTS = (("identity", "identity"), ("school_api", "school-api"), ("webhooks", "webhooks"))
 
 
@@ -126,8 +127,12 @@ class DevProc:
 class DevStack:
     """`Topology`'s control API on one process of each service (see the module doc)."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, env: Mapping[str, str] | None = None) -> None:
+        """`env`: where DATABASE_URL / REDIS_URL name the servers to use (the stack makes a
+        database of its own on that PostgreSQL); os.environ by default, then the local
+        stores `make dev` finds or starts."""
         self.data_dir = data_dir
+        self._base_env = dict(os.environ if env is None else env)
         self.env: dict[str, str] = {}
         self.services: dict[str, DevProc] = {}
         self.public_port = 0
@@ -137,6 +142,7 @@ class DevStack:
         self.pgbouncer = None
         self.postgres = None
         self.redis = None
+        self.database_name = f"{DATABASE_PREFIX}{secrets.token_hex(4)}"
         self._stop_stores: object = None
         self._supervisor: asyncio.Task[None] | None = None
 
@@ -151,20 +157,19 @@ class DevStack:
         stores, stop = await asyncio.to_thread(
             localstores.find_or_start,
             self.data_dir,
-            database_name=DATABASE_NAME,
-            env=os.environ,
+            database_name=self.database_name,
+            env=self._base_env,
         )
         self._stop_stores = stop
         parts = urlsplit(stores.database_url)
-        database_url = urlunsplit(parts._replace(path=f"/{DATABASE_NAME}"))
-        await db.drop_database(database_url)
+        database_url = urlunsplit(parts._replace(path=f"/{self.database_name}"))
         await db.ensure_database(database_url)
         await db.migrate(database_url)
         self.direct_database_url = database_url
         ports = {"gateway": free_port(), **{kind: free_port() for kind, _ in PARTS}}
         self.public_port = ports["gateway"]
         self.env = {
-            **os.environ,
+            **self._base_env,
             "CONNECT_ENV": "development",
             "DATABASE_URL": database_url,
             "REDIS_URL": stores.redis_url,

@@ -21,7 +21,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import AsyncIterator, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -175,43 +175,117 @@ def make_stack(kind: str) -> Any:
     return Topology(data_dir)
 
 
-async def run(args: argparse.Namespace) -> int:
-    faults = [catalog.named(n) for n in args.only] if args.only else list(catalog.FAULTS)
-    stack = make_stack(args.stack)
-    run_id = secrets.token_hex(3)
+@dataclass
+class Scored:
+    window: ledger.Window
+    drained: Drained
+    row: ledger.Row
+
+
+@dataclass
+class Suite:
+    """A running stack with the workload on it: faults are injected and scored one by one."""
+
+    stack: Any
+    workload: Workload
+    books: Books
+    scored: list[Scored] = field(default_factory=list)
+    _start: float = field(default_factory=time.monotonic)
+
+    async def inject(self, fault: catalog.Fault) -> ledger.Row:
+        window = ledger.Window(fault.name, self._start)
+        note = ""
+        say(f"{fault.name}: {fault.what}")
+        await asyncio.sleep(BASELINE_S)
+        try:
+            window.injected, window.returned = await fault.inject(self.stack)
+        except Exception as exc:
+            log.exception("faults_inject_failed", fault=fault.name)
+            note = f"the fault could not be injected: {exc}"
+            window.injected = window.returned = time.monotonic()
+        say(f"  back after {window.returned - window.injected:.1f}s; observing")
+        await observe(self.workload.calls, window.returned)
+        drained = await drain(self.books, self.workload.calls, window)
+        await asyncio.sleep(SETTLE_S)
+        self._start = window.end
+        row = self.score(window, drained.events, drained.delivered, drained.stored, note)
+        self.scored.append(Scored(window, drained, row))
+        say(f"  {report.line(row)}")
+        return row
+
+    def score(
+        self,
+        window: ledger.Window,
+        events: Collection[str],
+        delivered: Mapping[str, int],
+        stored: Collection[str],
+        note: str = "",
+    ) -> ledger.Row:
+        w = self.workload
+        return ledger.score(window, w.calls, w.revocations, events, delivered, stored, note)
+
+    async def final_account(self) -> list[ledger.Row]:
+        """Stop the workload, and look again, once everything has had time to arrive, for
+        what each drain missed."""
+        await self.workload.stop()
+        books = self.books
+        deadline = time.monotonic() + DRAIN_S
+        every_due = [rid for s in self.scored for rid in s.drained.audit_due]
+
+        async def audit() -> set[str]:
+            return await books.stored_audit(every_due)
+
+        while True:
+            delivered = await _retrying("receiver", books.delivered, deadline + 60)
+            stored = await _retrying("audit", audit, deadline + 60)
+            missing = [
+                s
+                for s in self.scored
+                if any(not delivered.get(e) for e in s.drained.events)
+                or set(s.drained.audit_due) - stored
+            ]
+            if not missing or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(1.0)
+        final: list[ledger.Row] = []
+        for s in self.scored:
+            row = self.score(s.window, s.drained.events, delivered, stored, s.row.note)
+            # Missing when its fault's drain ended, arrived before the run's end.
+            row.late = {
+                "events": s.row.events_lost - row.events_lost,
+                "audit": s.row.audit_lost - row.audit_lost,
+            }
+            final.append(row)
+        return final
+
+
+@contextlib.asynccontextmanager
+async def running(stack: Any, pace: Pace) -> AsyncIterator[Suite]:
+    """Start the stack, the receiver and the workload; stop them all, whatever happens."""
+    from libs.common import db
+    from libs.common.config import load_settings
+
     started = time.monotonic()
-    say(f"starting the {args.stack} stack")
     receiver: subprocess.Popen[bytes] | None = None
     workload: Workload | None = None
-    rows: list[ledger.Row] = []
-    skipped = {f.name: why for f in faults if (why := f.missing(stack))}
-    faults = [f for f in faults if f.name not in skipped]
-    for name, why in skipped.items():
-        say(f"{name}: skipped ({why})")
     try:
         await stack.start()
         say(f"stack ready in {time.monotonic() - started:.1f}s")
         port = free_port()
         receiver = _start_receiver(port)
         receiver_url = f"http://127.0.0.1:{port}"
-        from libs.common.config import load_settings
-
         settings = load_settings(stack.env)
         public_url, public_port = _public(stack.env)
-        from libs.common import db
-
         pool = await db.create_pool(_direct_dsn(stack), min_size=1, max_size=4)
         async with pool, aiohttp.ClientSession() as http:
             await _wait_http(http, f"{receiver_url}/healthz")
             world = await seed(pool, settings, public_url, public_port)
-            workload = Workload(world, pool, receiver_url, run_id, Pace())
+            workload = Workload(world, pool, receiver_url, secrets.token_hex(3), pace)
             await workload.start()
             say(f"workload on {world.host} (school {world.school_id}); warming up")
             await asyncio.sleep(BASELINE_S)
-            books = Books(pool, http, receiver_url, world)
-            scored = await _faults(stack, faults, workload, books)
+            yield Suite(stack, workload, Books(pool, http, receiver_url, world))
             await workload.stop()
-            rows = await _final_account(books, workload, scored)
     finally:
         if workload is not None:
             await workload.stop()
@@ -221,6 +295,21 @@ async def run(args: argparse.Namespace) -> int:
                 receiver.wait(timeout=5)
         say("stopping the stack")
         await stack.stop()
+
+
+async def run(args: argparse.Namespace) -> int:
+    faults = [catalog.named(n) for n in args.only] if args.only else list(catalog.FAULTS)
+    stack = make_stack(args.stack)
+    skipped = {f.name: why for f in faults if (why := f.missing(stack))}
+    for name, why in skipped.items():
+        say(f"{name}: skipped ({why})")
+    started = time.monotonic()
+    say(f"starting the {args.stack} stack")
+    async with running(stack, Pace()) as suite:
+        for fault in faults:
+            if fault.name not in skipped:
+                await suite.inject(fault)
+        rows = await suite.final_account()
     elapsed = time.monotonic() - started
     say(f"done in {elapsed:.0f}s")
     print(report.table(rows))
@@ -251,90 +340,6 @@ async def _wait_http(http: aiohttp.ClientSession, url: str, timeout: float = 20)
         if time.monotonic() > deadline:
             raise RuntimeError(f"{url} did not answer")
         await asyncio.sleep(0.1)
-
-
-@dataclass
-class Scored:
-    window: ledger.Window
-    drained: Drained
-    row: ledger.Row
-
-
-async def _faults(
-    stack: Any, faults: list[catalog.Fault], workload: Workload, books: Books
-) -> list[Scored]:
-    scored: list[Scored] = []
-    start = time.monotonic()
-    for fault in faults:
-        window = ledger.Window(fault.name, start)
-        note = ""
-        say(f"{fault.name}: {fault.what}")
-        await asyncio.sleep(BASELINE_S)
-        try:
-            window.injected, window.returned = await fault.inject(stack)
-        except Exception as exc:
-            log.exception("faults_inject_failed", fault=fault.name)
-            note = f"the fault could not be injected: {exc}"
-            window.injected = window.returned = time.monotonic()
-        say(f"  back after {window.returned - window.injected:.1f}s; observing")
-        await observe(workload.calls, window.returned)
-        drained = await drain(books, workload.calls, window)
-        await asyncio.sleep(SETTLE_S)
-        start = window.end
-        row = ledger.score(
-            window,
-            workload.calls,
-            workload.revocations,
-            drained.events,
-            drained.delivered,
-            drained.stored,
-            note,
-        )
-        scored.append(Scored(window, drained, row))
-        say(f"  {report.line(row)}")
-    return scored
-
-
-async def _final_account(
-    books: Books, workload: Workload, scored: list[Scored]
-) -> list[ledger.Row]:
-    """Look again, once everything has had time to arrive, for what each drain missed."""
-    deadline = time.monotonic() + DRAIN_S
-    every_due = [rid for s in scored for rid in s.drained.audit_due]
-
-    async def audit() -> set[str]:
-        return await books.stored_audit(every_due)
-
-    while True:
-        delivered = await _retrying("receiver", books.delivered, deadline + 60)
-        stored = await _retrying("audit", audit, deadline + 60)
-        missing = [
-            s
-            for s in scored
-            if any(not delivered.get(e) for e in s.drained.events)
-            or set(s.drained.audit_due) - stored
-        ]
-        if not missing or time.monotonic() > deadline:
-            break
-        await asyncio.sleep(1.0)
-    final: list[ledger.Row] = []
-    for s in scored:
-        row = ledger.score(
-            s.window,
-            workload.calls,
-            workload.revocations,
-            s.drained.events,
-            delivered,
-            stored,
-            s.row.note,
-        )
-        # Missing when its fault's drain ended, arrived before the run's end.
-        row.late = {
-            "events": s.row.events_lost - row.events_lost,
-            "audit": s.row.audit_lost - row.audit_lost,
-        }
-        final.append(row)
-    return final
 
 
 def main() -> None:

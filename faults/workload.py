@@ -104,6 +104,8 @@ class Workload:
         self._tasks = [asyncio.create_task(self._logged(loop)) for loop in loops]
 
     async def stop(self) -> None:
+        if self._stop.is_set():
+            return
         self._stop.set()
         for task in self._tasks:
             task.cancel()
