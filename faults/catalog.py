@@ -27,13 +27,21 @@ Inject = Callable[[Any], Awaitable[tuple[float, float]]]
 class Fault:
     name: str
     what: str
-    needs: str | None  # the stack attribute it acts on, when not a service process
+    # The stack's part it acts on (None: a service process) and, for the Redis faults, a
+    # method that part must have (a Redis Cluster handle, not a single server).
+    needs: str | None
     inject: Inject
+    needs_method: str | None = None
 
     def missing(self, stack: Any) -> str | None:
         """Why the stack cannot take this fault, or None."""
-        if self.needs is not None and getattr(stack, self.needs, None) is None:
+        if self.needs is None:
+            return None
+        part = getattr(stack, self.needs, None)
+        if part is None:
             return f"the stack has no {self.needs}"
+        if self.needs_method is not None and not hasattr(part, self.needs_method):
+            return f"the stack's {self.needs} is not a cluster"
         return None
 
 
@@ -92,24 +100,39 @@ async def _sigstop_gateway(stack: Any) -> tuple[float, float]:
     return injected, time.monotonic()
 
 
+# The Redis Cluster handle (services/dev/redis_cluster.py's RedisCluster) is synchronous: its
+# calls run in a thread, so the workload goes on meanwhile.
+
+
 async def _redis_primary(stack: Any) -> tuple[float, float]:
-    """A primary killed; its replica takes over. Back = the cluster serves every slot again.
-    The killed node is then started again (it rejoins as a replica) so the next fault meets
-    the whole topology."""
-    redis = stack.redis
+    """A primary SIGKILLed; its replica takes over. Back = every slot served again (the
+    replica promoted). The killed node is then started again, empty, and rejoins as a
+    replica, so the next fault meets the whole cluster; that is not counted as outage."""
+    cluster = stack.redis
+    primary = (await asyncio.to_thread(cluster.primaries))[0]
     injected = time.monotonic()
-    node = await redis.kill_primary()
-    await redis.wait_ok()
+    await asyncio.to_thread(cluster.kill_node, primary)
+    await asyncio.to_thread(cluster.wait_ok)
     returned = time.monotonic()
-    await redis.restart_node(node)
+    await asyncio.to_thread(cluster.start_node, primary, empty=True)
+    await asyncio.to_thread(cluster.wait_ok)
     return injected, returned
 
 
 async def _redis_empty(stack: Any) -> tuple[float, float]:
-    """Every node stopped and started with no data: the cluster is made afresh."""
+    """Every node stopped and started again with no data (no persistence, as configured):
+    the same cluster, slots and nodes, and nothing in it. Back = `cluster_state:ok`."""
+    cluster = stack.redis
+
+    def restart_empty() -> None:
+        for port in cluster.ports:
+            cluster.stop_node(port)
+        for port in cluster.ports:
+            cluster.start_node(port, empty=True)
+        cluster.wait_ok()
+
     injected = time.monotonic()
-    await stack.redis.restart(empty=True)
-    await stack.redis.wait_ok()
+    await asyncio.to_thread(restart_empty)
     return injected, time.monotonic()
 
 
@@ -146,9 +169,13 @@ FAULTS: tuple[Fault, ...] = (
         _sigstop_gateway,
     ),
     Fault(
-        "redis-primary", "kill of a Redis primary; its replica takes over", "redis", _redis_primary
+        "redis-primary",
+        "SIGKILL of a Redis primary; its replica takes over",
+        "redis",
+        _redis_primary,
+        "primaries",
     ),
-    Fault("redis-empty", "Redis Cluster restarted empty", "redis", _redis_empty),
+    Fault("redis-empty", "Redis Cluster restarted empty", "redis", _redis_empty, "primaries"),
     Fault("postgres-restart", "PostgreSQL restart", "postgres", _restart("postgres")),
     Fault("pgbouncer-restart", "PgBouncer restart", "pgbouncer", _restart("pgbouncer")),
     Fault("nginx-reload", "nginx reload", "nginx", _nginx_reload),

@@ -154,7 +154,7 @@ def _public(env: Mapping[str, str]) -> tuple[str, int]:
 
 def _direct_dsn(stack: Any) -> str:
     """The suite reads PostgreSQL directly, not through the pooler it restarts."""
-    for name in ("DIRECT_DATABASE_URL", "DATABASE_DIRECT_URL", "MIGRATIONS_DATABASE_URL"):
+    for name in ("DATABASE_SESSION_URL", "DIRECT_DATABASE_URL"):
         if stack.env.get(name):
             return str(stack.env[name])
     direct = getattr(stack, "direct_database_url", "")
@@ -298,6 +298,10 @@ async def running(stack: Any, pace: Pace) -> AsyncIterator[Suite]:
 
 
 async def run(args: argparse.Namespace) -> int:
+    # SIGTERM as Ctrl-C: the run is cancelled and stops everything it started.
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     faults = [catalog.named(n) for n in args.only] if args.only else list(catalog.FAULTS)
     stack = make_stack(args.stack)
     skipped = {f.name: why for f in faults if (why := f.missing(stack))}
@@ -364,7 +368,9 @@ def main() -> None:
         return
     import uvloop
 
-    # SIGTERM is a Ctrl-C: the finally blocks stop everything this run started.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
     uvloop.install()
-    sys.exit(asyncio.run(run(args)))
+    try:
+        sys.exit(asyncio.run(run(args)))
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        say("interrupted; everything the run started is stopped")
+        sys.exit(130)
