@@ -76,3 +76,24 @@ async def test_a_killed_gateway_is_scored_from_what_the_stores_hold(
             scored.drained.stored,
         )
         assert moved.successes_after_revoke > row.successes_after_revoke
+
+
+def test_recovery_runs_from_the_return_to_the_last_refused_call() -> None:
+    window = ledger.Window("f", start=0.0, injected=10.0, returned=12.0, end=30.0)
+
+    def call(started: float, ended: float, status: int) -> ledger.Call:
+        return ledger.Call(ledger.API, started, ended, status, f"r{started}")
+
+    during = [call(9.0, 9.1, 200), call(10.2, 10.3, 0), call(11.0, 11.5, 502)]
+    after = [call(13.0, 14.5, 503), call(15.0, 15.1, 200)]
+    row = ledger.score(window, [*during, *after], [], [], {}, ["r9.0", "r15.0"])
+    assert row.refused == 3
+    assert row.refused_for_s == 14.5 - 10.2
+    assert row.recovery_s == 14.5 - 12.0
+    assert row.outage_s == 2.0
+    # Refused only while the component was away: recovered at its return.
+    only_during = ledger.score(window, during, [], [], {}, ["r9.0"])
+    assert only_during.recovery_s == 0.0
+    assert only_during.met()
+    # Calls of another window are not this one's.
+    assert ledger.score(window, [call(31.0, 31.1, 0)], [], [], {}, []).refused == 0
