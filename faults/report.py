@@ -98,6 +98,7 @@ def write(
     elapsed_s: float,
     pace: Pace,
     skipped: dict[str, str] | None = None,
+    harness_cpu_s: float = 0.0,
 ) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     document: dict[str, Any] = {
@@ -106,6 +107,7 @@ def write(
         "all_goals_met": all(row.met() for row in rows),
         "stack": stack,
         "elapsed_s": round(elapsed_s, 1),
+        "harness_cpu_s": round(harness_cpu_s, 1),
         "workload": dataclasses.asdict(pace),
         "commit": _commit(),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
