@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: dev test lint format lock up down bench bench-quick faults clean install
+.PHONY: dev cluster test-cluster test lint format lock up down bench bench-quick faults clean install
 
 install: $(STAMP)
 
@@ -20,8 +20,24 @@ $(STAMP): pyproject.toml requirements.lock
 dev: $(STAMP)
 	$(BIN)/loopwise-connect dev
 
+# The production topology on this machine (README "Production topology"): nginx on 8080 in front
+# of two processes of each service, Redis Cluster, PostgreSQL behind PgBouncer; Ctrl-C stops it.
+cluster: $(STAMP)
+	$(BIN)/loopwise-connect cluster
+
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The end-to-end tests with the topology's stores (PostgreSQL through PgBouncer in transaction
+# pooling, its Redis), on a topology of free ports that is stopped afterwards; and the
+# topology's own tests (tests/test_cluster.py starts one more, tests/test_pgbouncer.py).
+CLUSTER_TESTS ?= tests/test_oauth_client_e2e.py tests/test_mcp_oauth_e2e.py \
+	tests/test_quickstart_curl.py tests/test_system.py tests/test_webhooks.py \
+	tests/test_school_api_events.py tests/test_refresh_rotation.py \
+	tests/test_revocation_leases.py tests/test_revocation_marks.py \
+	tests/test_revoke_introspect_userinfo.py tests/test_pgbouncer.py tests/test_cluster.py
+test-cluster: $(STAMP)
+	$(BIN)/python -m services.dev.topology test -q $(CLUSTER_TESTS)
 
 # Benchmarks (bench/README.md): the full run (under 10 minutes, with the node-oidc peer) and the
 # quick one (under 90 seconds). Each starts its own processes on its own ports and database.

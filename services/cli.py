@@ -1,7 +1,7 @@
 """`loopwise-connect`: serve each part and administer, against DATABASE_URL and REDIS_URL.
 
-The argument parser and the dispatch: `serve`, `migrate` and `dev` (`services/dev/`) are run
-here; every other command is identity's administration, one function per subcommand in
+The argument parser and the dispatch: `serve`, `migrate`, `dev` and `cluster` (`services/dev/`)
+are run here; every other command is identity's administration, one function per subcommand in
 `services/identity/commands.py`. Results go to stdout (one JSON object with `--json`); logs go
 to stderr.
 """
@@ -50,6 +50,11 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("migrate", parents=[common], help="apply pending database migrations")
     sub.add_parser("dev", parents=[common], help="run the whole system locally (make dev)")
+    sub.add_parser(
+        "cluster",
+        parents=[common],
+        help="run the production topology on this machine (make cluster)",
+    )
 
     schools = sub.add_parser("schools", parents=[common]).add_subparsers(
         dest="action", required=True
@@ -189,6 +194,12 @@ def _dev(args: argparse.Namespace, settings: Settings) -> int:
     return stack.run(settings)
 
 
+def _cluster(args: argparse.Namespace, settings: Settings) -> int:
+    from services.dev import topology
+
+    return topology.run()
+
+
 def _administer(args: argparse.Namespace, settings: Settings) -> int:
     """Identity's administration commands (`services/identity/commands.py`)."""
     from services.identity import commands
@@ -207,6 +218,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
     "serve": _serve,
     "migrate": _migrate,
     "dev": _dev,
+    "cluster": _cluster,
 }
 
 

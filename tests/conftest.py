@@ -2,7 +2,9 @@
 
 Where the servers come from, in order: TEST_DATABASE_URL / TEST_REDIS_URL; PostgreSQL and
 Redis on their default local ports; testcontainers when a Docker engine answers. Each run gets
-its own database and its own Redis key prefix, so runs never see each other's data.
+its own database and its own Redis key prefix, so runs never see each other's data. Through a
+transaction-pooling PgBouncer (`make test-cluster`), TEST_DATABASE_STATEMENT_CACHE=0 and
+TEST_DATABASE_SESSION_URL (the server itself, for LISTEN) say so.
 
 The run's services are session fixtures served with `tests.support.running` (aiohttp's
 TestServer, on the ports their settings name); tests serve apps of their own with
@@ -23,7 +25,7 @@ import asyncpg
 import pytest
 import redis.asyncio as redis_asyncio
 
-from libs.common import db, streams
+from libs.common import db, redis_client, streams
 from libs.common.config import Settings, load_settings
 from libs.common.logging import configure_logging
 from tests.support import ExampleResolver, client_session, free_port, running
@@ -120,7 +122,7 @@ def _key() -> str:
 @pytest.fixture(scope="session")
 def base_env(store_urls: StoreUrls, run_id: str, identity_port: int) -> dict[str, str]:
     """The environment a service of this test run gets: its own database and key prefix."""
-    return {
+    env = {
         "CONNECT_ENV": "test",
         "DATABASE_URL": _with_database(store_urls.server_database_url, run_id),
         "REDIS_URL": store_urls.redis_url,
@@ -134,6 +136,15 @@ def base_env(store_urls: StoreUrls, run_id: str, identity_port: int) -> dict[str
         "DB_POOL_MIN": "1",
         "DB_POOL_MAX": "5",
     }
+    # Through a transaction pooler (`make test-cluster`: TEST_DATABASE_URL is PgBouncer's):
+    # its statement cache, and the server itself for what needs a session (LISTEN).
+    session_url = os.environ.get("TEST_DATABASE_SESSION_URL")
+    if session_url:
+        env["DATABASE_SESSION_URL"] = _with_database(session_url, run_id)
+    cache = os.environ.get("TEST_DATABASE_STATEMENT_CACHE")
+    if cache:
+        env["DATABASE_STATEMENT_CACHE"] = cache
+    return env
 
 
 @pytest.fixture(scope="session")
@@ -157,14 +168,21 @@ async def migrated(settings: Settings) -> AsyncIterator[None]:
 
 @pytest.fixture(scope="session")
 async def pool(settings: Settings, migrated: None) -> AsyncIterator[asyncpg.Pool]:
-    p = await db.create_pool(settings.database_url, min_size=1, max_size=5)
+    p = await db.create_pool(
+        settings.database_url,
+        min_size=1,
+        max_size=5,
+        statement_cache=settings.database_statement_cache,
+    )
     yield p
     await p.close()
 
 
 @pytest.fixture(scope="session")
 async def redis(settings: Settings) -> AsyncIterator[redis_asyncio.Redis]:
-    client = redis_asyncio.Redis.from_url(settings.redis_url)
+    # The factory the services use: on a Cluster, scan_iter walks every primary and DEL is
+    # split by slot.
+    client = redis_client.connect(settings.redis_url)
     yield client
     keys = [k async for k in client.scan_iter(match=f"{settings.redis_prefix}*", count=1000)]
     if keys:

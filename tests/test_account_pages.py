@@ -23,7 +23,7 @@ import redis.asyncio as redis_asyncio
 from libs.common import scopes as catalogue
 from libs.common.config import Settings
 from services.gateway.audit import api_call
-from services.identity import audit, users
+from services.identity import audit, sessions, users
 from services.identity.store import audit as audit_store
 from tests.test_authorize import Browser, authorize_url, form, query_of
 from tests.test_gateway_support import echo_upstream
@@ -52,7 +52,7 @@ CSP_FRAME = "frame-ancestors 'none'"
 @pytest.fixture(autouse=True)
 async def _fresh_address_counter(redis: redis_asyncio.Redis, settings: Settings) -> Any:
     """Every test signs in from 127.0.0.1; one test's failures must not throttle the next."""
-    key = settings.stream("connect:throttle:login:address:127.0.0.1")
+    key = sessions.address_throttle_key(settings, "127.0.0.1")
     await redis.delete(key)
     yield
     await redis.delete(key)

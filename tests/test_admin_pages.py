@@ -24,7 +24,7 @@ import redis.asyncio as redis_asyncio
 
 from libs.common import streams
 from libs.common.config import Settings
-from services.identity import credentials, store, users
+from services.identity import credentials, sessions, store, users
 from services.identity.store import audit as audit_store
 from tests.test_account_pages import authorize_in_browser, live_grants, sign_in
 from tests.test_authorize import Browser, authorize_url, form
@@ -45,7 +45,7 @@ CSP_FRAME = "frame-ancestors 'none'"
 
 @pytest.fixture(autouse=True)
 async def _fresh_address_counter(redis: redis_asyncio.Redis, settings: Settings) -> Any:
-    key = settings.stream("connect:throttle:login:address:127.0.0.1")
+    key = sessions.address_throttle_key(settings, "127.0.0.1")
     await redis.delete(key)
     yield
     await redis.delete(key)

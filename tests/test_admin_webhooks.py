@@ -25,7 +25,7 @@ from yarl import URL
 from libs.common import streams
 from libs.common.config import Settings, load_settings
 from services.gateway import routetable
-from services.identity import users
+from services.identity import sessions, users
 from tests.support import client_session, free_port, running
 from tests.test_account_pages import sign_in
 from tests.test_admin_pages import CSP_FRAME, School, make_school, stream_actions
@@ -85,7 +85,7 @@ async def identity_without_webhooks(
 
 @pytest.fixture(autouse=True)
 async def _fresh_address_counter(redis: redis_asyncio.Redis, settings: Settings) -> Any:
-    key = settings.stream("connect:throttle:login:address:127.0.0.1")
+    key = sessions.address_throttle_key(settings, "127.0.0.1")
     await redis.delete(key)
     yield
     await redis.delete(key)

@@ -27,7 +27,7 @@ import redis.asyncio as redis_asyncio
 
 from libs.common import streams
 from libs.common.config import Settings
-from services.identity import clients, store
+from services.identity import clients, sessions, store
 from tests.support import client_session, free_port
 from tests.test_admin_pages import School, admin, detail_form, school, shown_secret
 from tests.test_authorize import Browser
@@ -42,7 +42,7 @@ SPA = "https://spa.example"
 
 @pytest.fixture(autouse=True)
 async def _fresh_address_counter(redis: redis_asyncio.Redis, settings: Settings) -> Any:
-    key = settings.stream("connect:throttle:login:address:127.0.0.1")
+    key = sessions.address_throttle_key(settings, "127.0.0.1")
     await redis.delete(key)
     yield
     await redis.delete(key)

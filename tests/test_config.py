@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from libs.common import redis_client
 from libs.common.config import ConfigError, PublicUrls, Settings, load_settings
 
 CLI = str(Path(sys.executable).with_name("loopwise-connect"))
@@ -58,6 +59,11 @@ _STANDARD_B64_KEY = base64.b64encode(b"\xfb\xff" * 16).decode()
         ("DATABASE_URL", "mysql://connect@db.internal/connect"),
         ("DATABASE_URL", "db.internal:5432/connect"),
         ("REDIS_URL", "http://cache.internal:6379"),
+        pytest.param("REDIS_URL", "redis+cluster://", id="cluster-no-nodes"),
+        pytest.param("REDIS_URL", "redis+cluster://a:7000,b", id="cluster-node-no-port"),
+        pytest.param("REDIS_URL", "redis+cluster://a:7000/3", id="cluster-database"),
+        pytest.param("REDIS_URL", "redis+sentinel://s1:26379", id="sentinel-no-master"),
+        pytest.param("REDIS_URL", "redis+sentinel://s1:26379/main/x", id="sentinel-bad-db"),
         ("IDENTITY_PORT", "abc"),
         ("IDENTITY_PORT", "0"),
         pytest.param("KEY_ENCRYPTION_KEY", _key(16), id="kek-16-bytes"),
@@ -87,6 +93,36 @@ def test_bad_value_names_its_variable(variable: str, value: str) -> None:
         load_settings(env)
     assert caught.value.variable == variable
     assert str(caught.value).startswith(f"{variable}:")
+
+
+@pytest.mark.parametrize(
+    ("url", "kind", "nodes", "master", "db"),
+    [
+        ("redis://cache.internal:6379/2", "single", (), "", 0),
+        ("unix:///run/redis.sock", "single", (), "", 0),
+        (
+            "redis+cluster://r1:7000,r2:7001,[::1]:7002",
+            "cluster",
+            (("r1", 7000), ("r2", 7001), ("::1", 7002)),
+            "",
+            0,
+        ),
+        (
+            "redis+sentinel://:pw@s1:26379,s2:26379/main/3",
+            "sentinel",
+            (("s1", 26379), ("s2", 26379)),
+            "main",
+            3,
+        ),
+    ],
+)
+def test_redis_urls_of_every_topology_load(
+    url: str, kind: str, nodes: tuple[tuple[str, int], ...], master: str, db: int
+) -> None:
+    """One node, a Cluster (every seed kept) and Sentinel (master name, database)."""
+    settings = load_settings({**_production_env(), "REDIS_URL": url})
+    target = redis_client.parse(settings.redis_url)
+    assert (target.kind, target.nodes, target.master, target.db) == (kind, nodes, master, db)
 
 
 def test_revocation_lease_may_be_turned_off() -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from libs.common import streams
+from libs.common import keys, streams
 from libs.common.config import Settings
 from services.gateway.audit import BATCH, BATCH_BYTES, AuditBuffer, api_call
 from services.gateway.ratelimit import Guard, Pace
@@ -182,8 +182,10 @@ async def test_the_guard_checks_revocation_first_and_limits_with_a_burst(
     connection: PipelinedRedis, settings: Settings, redis: Any
 ) -> None:
     guard = Guard(connection)
-    revoked_key = settings.stream(f"connect:revoked:{secrets.token_hex(8)}")
-    bucket = settings.stream(f"connect:ratelimit:test:{secrets.token_hex(4)}")
+    # Both in one school's slot, as the guard's keys always are (libs/common/keys.py).
+    school = secrets.randbelow(1_000_000)
+    revoked_key = keys.revoked_mark(settings, school, secrets.token_hex(8))
+    bucket = keys.gateway_bucket(settings, school, f"test-{secrets.token_hex(4)}")
     pace = Pace.of(per_minute=600, burst=5)  # one call per 100 ms after a burst of 5
     assert (pace.burst, pace.interval_us, pace.window) == (5, 100_000, 1)
     verdicts = [await guard.check(revoked_key, bucket, want=1, pace=pace) for _ in range(6)]

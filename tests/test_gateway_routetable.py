@@ -7,13 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
-from uuid import uuid4
 
 import pytest
 
+from libs.common import keys
 from libs.common.config import ConfigError, Settings, load_settings
 from services.gateway import routetable
 from services.gateway.routetable import RouteTableError
+from tests.test_gateway_support import make_world, user_grant
 
 CLI = str(Path(sys.executable).with_name("loopwise-connect"))
 
@@ -263,9 +264,11 @@ async def test_the_revocation_mark_is_the_one_identity_writes(
     from services.gateway import revocation
     from services.identity import grants
 
-    grant_id = uuid4()
+    world = await make_world(pool, settings, "rt-mark", 0)
+    grant_id = await user_grant(pool, world, ["read"])
     await grants.revoke_grants(pool, redis, settings, [grant_id], reason="user_revocation")
     loaded = revocation.RevokedGrants()
     await revocation.load_marks(redis, settings, loaded)
     assert str(grant_id) in loaded
-    assert await redis.get(revocation.revoked_key(settings, str(grant_id))) == b"user_revocation"
+    mark = keys.revoked_mark(settings, world.school.id, grant_id)
+    assert await redis.get(mark) == b"user_revocation"

@@ -52,7 +52,7 @@ async def world(
 @pytest.fixture(autouse=True)
 async def _fresh_address_counter(redis: redis_asyncio.Redis, settings: Settings) -> Any:
     """Every test signs in from 127.0.0.1; a test's failures must not throttle the next."""
-    key = settings.stream("connect:throttle:login:address:127.0.0.1")
+    key = sessions.address_throttle_key(settings, "127.0.0.1")
     await redis.delete(key)
     yield
     await redis.delete(key)
@@ -174,7 +174,7 @@ async def test_a_successful_sign_in_gives_the_address_its_attempt_back(
     world: World, browser: Browser, redis: redis_asyncio.Redis, settings: Settings
 ) -> None:
     _, _, page = await browser.get(authorize_url(world.base, world.client.id))
-    key = settings.stream("connect:throttle:login:address:127.0.0.1")
+    key = sessions.address_throttle_key(settings, "127.0.0.1")
     status, _, _ = await browser.login(world.base, page, world.email, "not the password")
     assert status == 400
     assert int(await redis.get(key) or 0) == 1

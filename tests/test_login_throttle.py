@@ -36,7 +36,7 @@ from tests.test_authorize import (
 @pytest.fixture(autouse=True)
 async def _fresh_address_counter(redis: redis_asyncio.Redis, settings: Settings) -> Any:
     """Browser tests sign in from 127.0.0.1; one test's failures must not throttle the next."""
-    key = settings.stream("connect:throttle:login:address:127.0.0.1")
+    key = sessions.address_throttle_key(settings, "127.0.0.1")
     await redis.delete(key)
     yield
     await redis.delete(key)

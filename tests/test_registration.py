@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 import pytest
 
-from libs.common import streams
+from libs.common import keys, streams
 from libs.common.config import Settings
 from services.identity import (
     credentials,
@@ -691,7 +691,7 @@ async def test_delete_revokes_the_clients_grants(
     # The grant row went with the client (ON DELETE CASCADE); what gateways act on stays:
     # the revocation mark and the announcement on connect:revocations.
     assert await store.grant_by_id(pool, grant.id) is None
-    assert await redis.exists(settings.stream(streams.REVOKED_KEY) + str(grant.id)) == 1
+    assert await redis.exists(keys.revoked_mark(settings, grant.school_id, grant.id)) == 1
     announced = await stream_entries(redis, settings.stream(streams.REVOCATIONS))
     assert {"grant_id": str(grant.id), "reason": "client_deleted"}.items() <= next(
         e for e in announced if e["grant_id"] == str(grant.id)
@@ -742,7 +742,7 @@ async def test_update_revokes_grants_wider_than_the_new_registration(
     wide_row = await store.grant_by_id(pool, wide.id)
     assert narrow_row is not None and narrow_row.revoked_at is None
     assert wide_row is not None and wide_row.revoked_at is not None
-    assert await redis.exists(settings.stream(streams.REVOKED_KEY) + str(wide.id)) == 1
+    assert await redis.exists(keys.revoked_mark(settings, wide.school_id, wide.id)) == 1
     announced = await stream_entries(redis, settings.stream(streams.REVOCATIONS))
     assert any(e["grant_id"] == str(wide.id) for e in announced)
     assert not any(e["grant_id"] == str(narrow.id) for e in announced)
@@ -792,10 +792,10 @@ async def test_update_keeps_grants_of_identity_scopes_and_umbrella_covered_scope
     for name in ("umbrella", "covered"):
         row = await store.grant_by_id(pool, grant_of[name].id)
         assert row is not None and row.revoked_at is None, name
-        assert not await redis.exists(settings.stream(streams.REVOKED_KEY) + str(row.id)), name
+        assert not await redis.exists(keys.revoked_mark(settings, row.school_id, row.id)), name
     wider = await store.grant_by_id(pool, grant_of["wider"].id)
     assert wider is not None and wider.revoked_at is not None
-    assert await redis.exists(settings.stream(streams.REVOKED_KEY) + str(wider.id)) == 1
+    assert await redis.exists(keys.revoked_mark(settings, wider.school_id, wider.id)) == 1
 
 
 def test_within_registration_expands_umbrellas_and_admits_identity_scopes() -> None:

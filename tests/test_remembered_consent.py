@@ -19,7 +19,7 @@ import redis.asyncio as redis_asyncio
 
 from libs.common import scopes as catalogue
 from libs.common.config import Settings
-from services.identity import consent, credentials
+from services.identity import consent, credentials, sessions
 from tests.test_authorize import (
     PASSWORD,
     REDIRECT,
@@ -46,7 +46,7 @@ async def browser() -> AsyncIterator[Browser]:
 @pytest.fixture(autouse=True)
 async def _fresh_address_counter(redis: redis_asyncio.Redis, settings: Settings) -> Any:
     """Every test signs in from 127.0.0.1; a test's sign-ins must not throttle the next."""
-    key = settings.stream("connect:throttle:login:address:127.0.0.1")
+    key = sessions.address_throttle_key(settings, "127.0.0.1")
     await redis.delete(key)
     yield
     await redis.delete(key)

@@ -20,7 +20,8 @@ import orjson
 import pytest
 import redis.asyncio as redis_asyncio
 
-from libs.common import leases, streams, tasks
+from libs.common import keys as redis_keys
+from libs.common import leases, marks_fence, redis_client, streams, tasks
 from libs.common.config import Settings, load_settings
 from services.gateway import ratelimit
 from services.gateway.ratelimit import Guard, Pace
@@ -56,7 +57,7 @@ def lease_settings(base_env: dict[str, str], unique: str) -> Settings:
 
 @pytest.fixture
 async def lease_redis(lease_settings: Settings) -> AsyncIterator[redis_asyncio.Redis]:
-    client = redis_asyncio.Redis.from_url(lease_settings.redis_url)
+    client = redis_client.connect(lease_settings.redis_url)
     yield client
     found = [k async for k in client.scan_iter(match=lease_settings.redis_prefix + "*")]
     if found:
@@ -91,6 +92,9 @@ async def _given_an_epoch(
             "lease_us": int(LEASE * 1_000_000),
         },
     )
+    # And the record of a marks pass on every node (libs/common/marks_fence.py), which the
+    # epoch needs before it and a registering gateway checks.
+    await marks_fence.record(client, settings, await marks_fence.run_ids(client, settings))
 
 
 def unique_epoch() -> str:
@@ -299,7 +303,7 @@ async def test_a_revoke_that_finds_the_leases_lost_writes_its_mark_and_announcem
     writes them again after the wait."""
     world = await make_world(pool, gateway_settings, "lease-rewrite", gateway_port)
     grant_id = await user_grant(pool, world, ["read"])
-    mark = lease_settings.stream(streams.REVOKED_KEY) + str(grant_id)
+    mark = redis_keys.revoked_mark(lease_settings, world.school.id, grant_id)
     stream = _stream(lease_settings)
     revoking = asyncio.create_task(
         grants.revoke_grant(pool, lease_redis, lease_settings, grant_id, reason="user_revoked")
@@ -368,8 +372,7 @@ async def test_the_follower_holds_a_lease_only_once_the_marks_are_loaded(
     """A gateway registering after revocations knows them from their marks, and answers from
     memory only then; a revocation after that reaches it through the stream before the
     revoke returns."""
-    mark = lease_settings.stream(streams.REVOKED_KEY)
-    await lease_redis.set(mark + "before", "x", ex=60)
+    await lease_redis.set(redis_keys.revoked_mark(lease_settings, 1, "before"), "x", ex=60)
     await _announce(lease_redis, lease_settings, "before")
     await _given_an_epoch(lease_redis, lease_settings)
     revoked = RevokedGrants()
@@ -381,7 +384,7 @@ async def test_the_follower_holds_a_lease_only_once_the_marks_are_loaded(
             assert lease_clock() < deadline
             await asyncio.sleep(0.01)
         assert "before" in revoked
-        await lease_redis.set(mark + "after", "x", ex=60)
+        await lease_redis.set(redis_keys.revoked_mark(lease_settings, 1, "after"), "x", ex=60)
         announced = await _announce(lease_redis, lease_settings, "after")
         await asyncio.wait_for(leases.wait_for_gateways(lease_redis, lease_settings, announced), 5)
         assert "after" in revoked
@@ -431,12 +434,12 @@ async def guards(lease_settings: Settings) -> AsyncIterator[Guards]:
 
 @pytest.fixture
 def bucket(lease_settings: Settings, unique: str) -> str:
-    return lease_settings.stream("connect:ratelimit:") + unique
+    return redis_keys.gateway_bucket(lease_settings, 1, unique)
 
 
 @pytest.fixture
 def mark(lease_settings: Settings, unique: str) -> str:
-    return lease_settings.stream(streams.REVOKED_KEY) + unique
+    return redis_keys.revoked_mark(lease_settings, 1, unique)
 
 
 async def test_under_a_lease_calls_come_in_blocks_from_the_one_shared_bucket(

@@ -9,7 +9,8 @@ from typing import Any
 import orjson
 import pytest
 
-from libs.common import streams
+from libs.common import keys as redis_keys
+from libs.common import marks_fence, streams
 from libs.common.config import Settings
 from services.identity import grants, keys, revocation_marks
 from tests.test_gateway_support import (
@@ -25,8 +26,8 @@ from tests.token_helpers import make_world as make_token_world
 __all__ = ["echo_upstream"]
 
 
-def _mark(settings: Settings, grant_id: Any) -> str:
-    return settings.stream(streams.REVOKED_KEY) + str(grant_id)
+def _mark(settings: Settings, school_id: int, grant_id: Any) -> str:
+    return redis_keys.revoked_mark(settings, school_id, grant_id)
 
 
 @pytest.mark.usefixtures("echo_upstream")
@@ -50,19 +51,21 @@ async def test_a_lost_mark_comes_back_and_the_gateway_refuses_the_token_again(
 
     assert await grants.revoke_grant(pool, redis, settings, grant_id, reason="user_revocation")
     # Redis loses its data: the mark is gone.
-    await redis.delete(_mark(settings, grant_id))
-    assert not await redis.exists(_mark(settings, grant_id))
+    await redis.delete(_mark(settings, world.school.id, grant_id))
+    assert not await redis.exists(_mark(settings, world.school.id, grant_id))
 
     await revocation_marks.reassert_once(pool, redis, settings)
-    assert await redis.get(_mark(settings, grant_id)) == b"user_revocation"
+    assert await redis.get(_mark(settings, world.school.id, grant_id)) == b"user_revocation"
     # Announced again: a gateway answering from memory learns of it only from the stream.
     newest = await redis.xrevrange(settings.stream(streams.REVOCATIONS), count=20)
     restored = [orjson.loads(fields[b"data"]) for _, fields in newest]
     assert {"grant_id": str(grant_id), "restored": True}.items() <= next(
         r for r in restored if r["grant_id"] == str(grant_id)
     ).items()
-    assert 0 < await redis.ttl(_mark(settings, grant_id)) <= grants.mark_ttl(settings)
-    assert await redis.exists(settings.stream(revocation_marks.SENTINEL_KEY))
+    assert (
+        0 < await redis.ttl(_mark(settings, world.school.id, grant_id)) <= grants.mark_ttl(settings)
+    )
+    assert not await marks_fence.unrestored(redis, settings)
 
     # A gateway started after the loss never heard the announcement: only the mark stops it.
     live_grant = await user_grant(pool, world, ["courses:read"])
@@ -103,7 +106,7 @@ async def test_restored_marks_keep_their_original_expiry_and_old_revocations_sta
         long_ago,
         window + 60,
     )
-    await redis.delete(*(_mark(settings, g) for g in made))
+    await redis.delete(*(_mark(settings, world.school.id, g) for g in made))
 
     # Several processes may run the pass at once; the outcome is the same.
     await asyncio.gather(
@@ -111,11 +114,11 @@ async def test_restored_marks_keep_their_original_expiry_and_old_revocations_sta
         revocation_marks.reassert_once(pool, redis, settings),
     )
 
-    assert 0 < await redis.ttl(_mark(settings, recent)) <= window
+    assert 0 < await redis.ttl(_mark(settings, world.school.id, recent)) <= window
     # What was left of its lifetime, not a fresh one: it expires when the original would have.
-    assert 0 < await redis.ttl(_mark(settings, hour_ago)) <= window - 3600 + 1
+    assert 0 < await redis.ttl(_mark(settings, world.school.id, hour_ago)) <= window - 3600 + 1
     # Its access tokens have all expired: nothing to restore.
-    assert not await redis.exists(_mark(settings, long_ago))
+    assert not await redis.exists(_mark(settings, world.school.id, long_ago))
 
 
 async def test_a_pass_pages_through_more_grants_than_one_page(
@@ -140,7 +143,7 @@ async def test_a_pass_pages_through_more_grants_than_one_page(
         )
         await grants.revoke_grant(pool, redis, settings, grant.id, reason="user_revocation")
         made.append(grant.id)
-    await redis.delete(*(_mark(settings, g) for g in made))
+    await redis.delete(*(_mark(settings, world.school.id, g) for g in made))
     await revocation_marks.reassert_once(pool, redis, settings)
     for grant_id in made:
-        assert await redis.exists(_mark(settings, grant_id)), grant_id
+        assert await redis.exists(_mark(settings, world.school.id, grant_id)), grant_id

@@ -22,7 +22,7 @@ import pytest
 import redis.asyncio as redis_asyncio
 
 from libs.common.config import Settings
-from services.identity import ratelimit, store
+from services.identity import ratelimit, sessions, store
 from tests.support import client_session
 from tests.test_authorize import (
     PASSWORD,
@@ -108,7 +108,7 @@ async def browser() -> AsyncIterator[Browser]:
 @pytest.fixture(autouse=True)
 async def _fresh_address_counter(redis: redis_asyncio.Redis, settings: Settings) -> Any:
     """Every test signs in from 127.0.0.1; a test's sign-ins must not throttle the next."""
-    key = settings.stream("connect:throttle:login:address:127.0.0.1")
+    key = sessions.address_throttle_key(settings, "127.0.0.1")
     await redis.delete(key)
     yield
     await redis.delete(key)

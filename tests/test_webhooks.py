@@ -31,7 +31,7 @@ from prometheus_client import CollectorRegistry
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 from standardwebhooks import Webhook
 
-from libs.common import db, streams, tasks
+from libs.common import db, keys, streams, tasks
 from libs.common.config import ConfigError, Settings, load_settings
 from services.webhooks import dispatcher, signing, ssrf
 from services.webhooks.context import WebhooksContext
@@ -605,7 +605,9 @@ async def test_a_revoked_grant_mark_stops_delivery_at_once(
     caller = Caller(new_school())
     made = await api.subscribe(caller, receiver.url)
     # What identity's revoke sets before it answers.
-    await redis.set(webhooks_settings.stream("connect:revoked:") + caller.grant_id, "user", ex=60)
+    await redis.set(
+        keys.revoked_mark(webhooks_settings, caller.school_id, caller.grant_id), "user", ex=60
+    )
     await publish(redis, webhooks_settings, caller.school_id)
 
     async def cancelled() -> bool:
@@ -635,7 +637,9 @@ async def test_a_revocation_stops_deliveries_waiting_their_turn(
         await publish(redis, webhooks_settings, caller.school_id)
     # WEBHOOK_ENDPOINT_CONCURRENCY is 4: four go out, two wait for a turn.
     await eventually(lambda: _true(receiver.in_flight == 4))
-    await redis.set(webhooks_settings.stream("connect:revoked:") + caller.grant_id, "u", ex=60)
+    await redis.set(
+        keys.revoked_mark(webhooks_settings, caller.school_id, caller.grant_id), "u", ex=60
+    )
 
     async def settled() -> bool:
         found = await api.deliveries(caller, made["id"])

@@ -16,7 +16,7 @@ import orjson
 from joserfc import jws
 from joserfc.jwk import KeySet
 
-from libs.common import streams
+from libs.common import keys, streams
 from libs.common.config import Settings
 from services.identity import clients, credentials, grants, schools, store, users
 
@@ -252,7 +252,9 @@ async def verify_with_jwks(
 
 async def revocation_marked(redis: Any, settings: Settings, grant_id: UUID) -> tuple[bool, bool]:
     """(the Redis mark exists, connect:revocations names the grant) — what gateways rely on."""
-    mark = await redis.exists(settings.stream(streams.REVOKED_KEY) + str(grant_id))
+    # The mark is in its school's slot; found by its grant id alone.
+    pattern = keys.revoked_pattern(settings).removesuffix("*") + str(grant_id)
+    mark = [k async for k in redis.scan_iter(match=pattern, count=1000)]
     entries = await redis.xrevrange(settings.stream(streams.REVOCATIONS), count=500)
     announced = any(
         orjson.loads(fields[b"data"]).get("grant_id") == str(grant_id) for _, fields in entries

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
+from libs.common import redis_client
+
 Environment = Literal["development", "test", "production"]
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/loopwise_connect"
@@ -219,10 +221,23 @@ class Settings:
     trust_forwarded_host: bool = False
     db_pool_min: int = 2
     db_pool_max: int = 10
+    # Where a PostgreSQL session is needed (LISTEN; session advisory locks): the server itself
+    # or a session-pooling PgBouncer, when DATABASE_URL is a transaction-pooling one.
+    # DATABASE_URL when not given.
+    database_session_url: str = ""
+    # asyncpg's per-connection cache of named prepared statements. 0 behind a transaction
+    # pooler (PgBouncer before 1.21), where a named statement lives on one server session
+    # and the next transaction may run on another (libs/common/db.py).
+    database_statement_cache: int = 100
     upstreams: Upstreams = field(default_factory=Upstreams)
     gateway: GatewayPolicy = field(default_factory=GatewayPolicy)
     webhooks: WebhookPolicy = field(default_factory=WebhookPolicy)
     identity: IdentityPolicy = field(default_factory=IdentityPolicy)
+
+    @property
+    def session_database_url(self) -> str:
+        """The DSN for what needs a PostgreSQL session of its own (LISTEN, session locks)."""
+        return self.database_session_url or self.database_url
 
     @property
     def is_development(self) -> bool:
@@ -280,6 +295,16 @@ def _url(env: Mapping[str, str], name: str, default: str, schemes: tuple[str, ..
     parts = urlsplit(value)
     if parts.scheme not in schemes or not parts.netloc:
         raise ConfigError(name, f"must be a URL with scheme {' or '.join(schemes)}")
+    return value
+
+
+def _redis_url(env: Mapping[str, str], name: str, default: str) -> str:
+    # One node, a Cluster or Sentinel: libs/common/redis_client.py reads it the same way.
+    value = _text(env, name, default)
+    try:
+        redis_client.parse(value)
+    except ValueError as exc:
+        raise ConfigError(name, str(exc)) from None
     return value
 
 
@@ -503,10 +528,11 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         trusted_proxies=_networks(env, "GATEWAY_TRUSTED_PROXIES"),
         revocation_lease=_lease(env),
     )
+    database_url = _url(env, "DATABASE_URL", DEFAULT_DATABASE_URL, ("postgresql", "postgres"))
     return Settings(
         environment=environment,  # type: ignore[arg-type]
-        database_url=_url(env, "DATABASE_URL", DEFAULT_DATABASE_URL, ("postgresql", "postgres")),
-        redis_url=_url(env, "REDIS_URL", DEFAULT_REDIS_URL, ("redis", "rediss", "unix")),
+        database_url=database_url,
+        redis_url=_redis_url(env, "REDIS_URL", DEFAULT_REDIS_URL),
         redis_prefix=_text(env, "REDIS_KEY_PREFIX", ""),
         urls=PublicUrls(school_template=template.rstrip("/"), platform_url=platform_url),
         key_encryption_key=_key(env, "KEY_ENCRYPTION_KEY", dev_keys[0] if dev_keys else None),
@@ -524,6 +550,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         trust_forwarded_host=_bool(env, "TRUST_FORWARDED_HOST", False),
         db_pool_min=_int(env, "DB_POOL_MIN", 2, minimum=1),
         db_pool_max=_int(env, "DB_POOL_MAX", 10, minimum=1),
+        database_session_url=_url(
+            env, "DATABASE_SESSION_URL", database_url, ("postgresql", "postgres")
+        ),
+        database_statement_cache=_int(env, "DATABASE_STATEMENT_CACHE", 100),
         upstreams=upstreams,
         gateway=gateway,
         webhooks=_webhook_policy(env, environment),

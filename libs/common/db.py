@@ -1,9 +1,25 @@
 """PostgreSQL: the connection pool and the migration runner.
 
 Migrations are plain ordered `.sql` files, one folder per service
-(`services/<name>/migrations/NNN_what.sql`). They are applied in a transaction each, under a
-PostgreSQL advisory lock, so any number of processes may run `migrate` at once and exactly one
-applies each file.
+(`services/<name>/migrations/NNN_what.sql`). Each is applied in a transaction of its own that
+first takes a transaction-scoped advisory lock and then looks whether the file is still
+pending, so any number of processes may run `migrate` at once and exactly one applies each
+file, directly on PostgreSQL or through a transaction-pooling PgBouncer alike (a session lock
+would be taken on one server session and released on another).
+
+Behind a transaction pooler (PgBouncer 1.18, `pool_mode = transaction`) each transaction may
+run on another server session, so nothing may rely on session state between transactions:
+
+- named prepared statements: `statement_cache=0` (DATABASE_STATEMENT_CACHE). asyncpg (0.32)
+  then names no statement, an explicit `prepare()` included, and sends Parse again with
+  every Bind, Execute and Sync, so no statement is bound across a Sync on another server
+  session (tests/test_pgbouncer.py shows it under concurrency, and the default cache failing);
+- startup parameters: PgBouncer refuses any it does not track (`unsupported startup
+  parameter`), so with `statement_cache=0` only those it forwards are sent. The others we
+  use are planner hints for cached statements (identity's `plan_cache_mode`), which mean
+  nothing when every statement is parsed afresh;
+- LISTEN and session advisory locks: on DATABASE_SESSION_URL (a direct or session-pooled
+  DSN), never on a pooled connection.
 """
 
 from __future__ import annotations
@@ -15,6 +31,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -45,6 +62,50 @@ async def _keep_session(_conn: asyncpg.Connection) -> None:
     round trip fewer per pooled call. asyncpg still rolls back a transaction left open."""
 
 
+# asyncpg's own default.
+DEFAULT_STATEMENT_CACHE = 100
+
+# The startup parameters PgBouncer 1.18 forwards to the server; it refuses a connection that
+# sends any other (unless listed in its ignore_startup_parameters, which drops it silently).
+POOLER_STARTUP_PARAMETERS = frozenset(
+    {"application_name", "client_encoding", "datestyle", "timezone", "standard_conforming_strings"}
+)
+
+
+class ConnectOptions(TypedDict):
+    statement_cache_size: int
+    server_settings: dict[str, str]
+
+
+def connect_options(
+    statement_cache: int, server_settings: Mapping[str, str] | None = None
+) -> ConnectOptions:
+    """asyncpg.connect/create_pool keyword arguments for a DSN with this statement cache.
+
+    `statement_cache=0` is taken to mean a transaction pooler: only the startup parameters it
+    forwards are sent (module docstring)."""
+    wanted = dict(server_settings or {})
+    if statement_cache == 0:
+        dropped = sorted(k for k in wanted if k.lower() not in POOLER_STARTUP_PARAMETERS)
+        if dropped:
+            log.info("db_settings_left_out", settings=dropped, reason="statement_cache=0")
+        wanted = {k: v for k, v in wanted.items() if k not in dropped}
+    return ConnectOptions(
+        statement_cache_size=statement_cache,
+        server_settings=wanted,
+    )
+
+
+async def connect(
+    dsn: str,
+    *,
+    statement_cache: int = DEFAULT_STATEMENT_CACHE,
+    server_settings: Mapping[str, str] | None = None,
+) -> asyncpg.Connection:
+    """One connection, outside any pool, with the same pooler rules as `create_pool`."""
+    return await asyncpg.connect(dsn, **connect_options(statement_cache, server_settings))
+
+
 async def create_pool(
     dsn: str,
     *,
@@ -52,10 +113,12 @@ async def create_pool(
     max_size: int = 10,
     keep_session: bool = False,
     server_settings: Mapping[str, str] | None = None,
+    statement_cache: int = DEFAULT_STATEMENT_CACHE,
 ) -> asyncpg.Pool:
     """`keep_session=True` only for a service whose pooled connections never change session
     state: no SET, no LISTEN, no session-level advisory locks (xact locks are fine).
-    `server_settings`: PostgreSQL settings for every connection of this pool."""
+    `server_settings`: PostgreSQL settings for every connection of this pool.
+    `statement_cache`: Settings.database_statement_cache (0 behind a transaction pooler)."""
     pool = await asyncpg.create_pool(
         dsn,
         min_size=min_size,
@@ -63,10 +126,18 @@ async def create_pool(
         init=_init_connection,
         reset=_keep_session if keep_session else None,
         command_timeout=30,
-        server_settings={"application_name": "loopwise-connect", **(server_settings or {})},
+        **connect_options(
+            statement_cache,
+            {"application_name": "loopwise-connect", **(server_settings or {})},
+        ),
     )
     assert pool is not None
     return pool
+
+
+async def _maintenance_connection(dsn: str) -> asyncpg.Connection:
+    # Rare and short: no statement cache, so it works through a transaction pooler as is.
+    return await connect(dsn, statement_cache=0)
 
 
 def _admin_dsn(dsn: str) -> tuple[str, str]:
@@ -79,7 +150,7 @@ def _admin_dsn(dsn: str) -> tuple[str, str]:
 async def ensure_database(dsn: str) -> None:
     """Create the database `dsn` names when it does not exist yet."""
     admin, name = _admin_dsn(dsn)
-    conn = await asyncpg.connect(admin)
+    conn = await _maintenance_connection(admin)
     try:
         exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
         if not exists:
@@ -94,7 +165,7 @@ async def drop_database(dsn: str, *, force: bool = True) -> None:
     """`force`: end the sessions connected to it; without, a database in use is not dropped
     (asyncpg.ObjectInUseError)."""
     admin, name = _admin_dsn(dsn)
-    conn = await asyncpg.connect(admin)
+    conn = await _maintenance_connection(admin)
     try:
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}"' + (" WITH (FORCE)" if force else ""))
     finally:
@@ -143,27 +214,34 @@ class MigrationError(RuntimeError):
 
 
 async def migrate(dsn: str, migrations: list[Migration] | None = None) -> list[str]:
-    """Apply every pending migration; return the names applied by this call."""
+    """Apply every pending migration; return the names applied by this call.
+
+    No session state: each file's transaction takes the migration lock for itself
+    (`pg_advisory_xact_lock`) and reads what is applied under it, so it works on PostgreSQL
+    and through a transaction-pooling PgBouncer alike (module docstring)."""
     await ensure_database(dsn)
     migrations = discover_migrations() if migrations is None else migrations
     applied_now: list[str] = []
-    conn = await asyncpg.connect(dsn)
+    conn = await _maintenance_connection(dsn)
     try:
-        # Session-level lock: held across the per-file transactions below, released on close.
-        await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
-        await conn.execute(_BOOKKEEPING)
-        rows = await conn.fetch("SELECT component, version, checksum FROM schema_migrations")
-        done = {(r["component"], r["version"]): r["checksum"] for r in rows}
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+            await conn.execute(_BOOKKEEPING)
         for m in migrations:
-            known = done.get((m.component, m.version))
-            if known is not None:
-                if known != m.checksum:
-                    raise MigrationError(
-                        f"{m.component}/{m.name} was changed after it was applied; "
-                        "add a new migration instead"
-                    )
-                continue
             async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+                known = await conn.fetchval(
+                    "SELECT checksum FROM schema_migrations WHERE component = $1 AND version = $2",
+                    m.component,
+                    m.version,
+                )
+                if known is not None:
+                    if known != m.checksum:
+                        raise MigrationError(
+                            f"{m.component}/{m.name} was changed after it was applied; "
+                            "add a new migration instead"
+                        )
+                    continue
                 await conn.execute(m.sql)
                 await conn.execute(
                     "INSERT INTO schema_migrations (component, version, name, checksum)"

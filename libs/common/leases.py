@@ -50,9 +50,10 @@ import redis.asyncio as redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
-from libs.common import streams
+from libs.common import keys, streams
 from libs.common.config import Settings
 
+# In the slot of connect:revocations, which the TAKE script reads with it (libs/common/keys.py).
 LEASES_KEY = "connect:revocation-leases"
 # How much of a lease the gateway counts as its own: the rest covers the time a renewal's
 # answer took to arrive and any difference between the two clocks' rates.
@@ -215,7 +216,7 @@ class LeaseAnswer(NamedTuple):
 
 
 def leases_key(settings: Settings) -> str:
-    return settings.stream(LEASES_KEY)
+    return keys.with_stream(settings, streams.REVOCATIONS, LEASES_KEY)
 
 
 def _lease_us(settings: Settings) -> int:

@@ -16,6 +16,8 @@ import redis.asyncio as redis
 from redis.exceptions import ResponseError
 from redis.typing import EncodableT, FieldT
 
+from libs.common import redis_client
+
 EVENTS = "connect:events"
 REVOCATIONS = "connect:revocations"
 AUDIT = "connect:audit"
@@ -23,9 +25,7 @@ KEYS = "connect:keys"
 # Identity to identity: a client changed (disabled, new secret, edited, deleted); every process
 # drops its cached row (services/identity/clients.py).
 CLIENTS = "connect:clients"
-# Not a stream: a revoked grant's mark is this prefix + its id (identity writes it, gateways
-# and webhooks read it).
-REVOKED_KEY = "connect:revoked:"
+# Revocation marks and every other key beside the streams: libs/common/keys.py.
 
 # A safety valve against a consumer that never comes back, not the way streams shrink: a
 # stream read by groups is trimmed by its consumers to what every group has acknowledged
@@ -44,7 +44,8 @@ class Entry:
 
 
 def connect(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url, decode_responses=False, health_check_interval=30)
+    """A client for REDIS_URL: one node, a Cluster or Sentinel (libs/common/redis_client.py)."""
+    return redis_client.connect(url, decode_responses=False, health_check_interval=30)
 
 
 def _encode(data: Mapping[str, Any]) -> dict[FieldT, EncodableT]:

@@ -96,7 +96,12 @@ async def prepare(
         await _verify_secrets(settings)
     if own_database and settings.dev_secrets is not None:
         _bind(settings.dev_secrets, settings.database_url)
-    pool = await db.create_pool(settings.database_url, min_size=1, max_size=2)
+    pool = await db.create_pool(
+        settings.database_url,
+        min_size=1,
+        max_size=2,
+        statement_cache=settings.database_statement_cache,
+    )
     try:
         return await seed.seed_demo(pool, settings, logins_file)
     finally:
@@ -104,7 +109,12 @@ async def prepare(
 
 
 async def _verify_secrets(settings: Settings) -> None:
-    pool = await db.create_pool(settings.database_url, min_size=1, max_size=1)
+    pool = await db.create_pool(
+        settings.database_url,
+        min_size=1,
+        max_size=1,
+        statement_cache=settings.database_statement_cache,
+    )
     try:
         await secret_checks.verify(pool, settings)
     finally:

@@ -382,15 +382,36 @@ class _Postgres:
             )
 
 
-def start_postgres(pkg: Path, data_dir: Path, port: int, database_name: str) -> Callable[[], None]:
-    """Start the cluster of `data_dir` on `port` with `database_name` in it; return its stop()."""
-    pg = _Postgres(
-        bin_dir=pkg / "pginstall" / "bin",
+def local_server(bin_dir: Path, data_dir: Path, port: int) -> _Postgres:
+    """The cluster of `data_dir` (`data_dir/postgres`, logging to `data_dir/postgres.log`) as
+    it would run on `port`, not started: `prepare()`, `initdb()`, `start()`, `stop()`,
+    `postmaster()` (its pid and port while it runs). `make cluster` drives it this way."""
+    return _Postgres(
+        bin_dir=bin_dir,
         pgdata=data_dir / "postgres",
         log_file=data_dir / "postgres.log",
         port=port,
         run_as=_pg_run_as(),
     )
+
+
+def run_as() -> _RunAs:
+    """Who the local PostgreSQL runs as: ourselves, or PG_SYSTEM_USER when we are root (its
+    `kwargs()` are subprocess arguments, `uid`/`gid` the owner its files need). PgBouncer
+    refuses root as PostgreSQL does; `make cluster` runs it and nginx this way too."""
+    return _pg_run_as()
+
+
+def open_to_run_as(path: Path) -> None:
+    """Let the user of `run_as()` reach `path` (search permission on every directory above),
+    as the local PostgreSQL's own files are; nothing when that user is ourselves."""
+    if _pg_run_as().name is not None:
+        _grant_traverse(path)
+
+
+def start_postgres(pkg: Path, data_dir: Path, port: int, database_name: str) -> Callable[[], None]:
+    """Start the cluster of `data_dir` on `port` with `database_name` in it; return its stop()."""
+    pg = local_server(pkg / "pginstall" / "bin", data_dir, port)
     pg.prepare()
     pg.initdb()
     try:

@@ -21,7 +21,7 @@ import orjson
 import redis.asyncio as redis
 from aiohttp import web
 
-from libs.common import db, streams, tasks
+from libs.common import db, redis_client, streams, tasks
 from libs.common.config import Settings
 from libs.common.logging import get_logger
 from libs.common.web import METRICS, READINESS
@@ -34,6 +34,7 @@ from services.gateway.metrics import GatewayMetrics
 from services.gateway.proxy import Upstreams
 from services.gateway.ratelimit import Guard, Pace
 from services.gateway.redis_pipeline import PipelinedRedis
+from services.gateway.redis_routing import pipelined
 from services.gateway.revocation import RevokedGrants
 from services.gateway.validation import TokenVerifier
 
@@ -106,9 +107,12 @@ class _Stores:
     @classmethod
     async def open(cls, settings: Settings) -> _Stores:
         pool: asyncpg.Pool = await db.create_pool(
-            settings.database_url, min_size=settings.db_pool_min, max_size=settings.db_pool_max
+            settings.database_url,
+            min_size=settings.db_pool_min,
+            max_size=settings.db_pool_max,
+            statement_cache=settings.database_statement_cache,
         )
-        client = redis.Redis.from_url(
+        client = redis_client.connect(
             settings.redis_url,
             decode_responses=False,
             socket_timeout=REDIS_TIMEOUT,
@@ -118,8 +122,10 @@ class _Stores:
         return cls(
             pool=pool,
             client=client,
-            guard=PipelinedRedis(settings.redis_url, timeout=REDIS_TIMEOUT),
-            audit=PipelinedRedis(settings.redis_url, timeout=5.0),
+            # The guard's "no mark" is "not revoked" only where identity restored the marks
+            # for the node's run (libs/common/marks_fence.py); the audit's XADDs need no fence.
+            guard=pipelined(settings.redis_url, timeout=REDIS_TIMEOUT, fenced_by=settings),
+            audit=pipelined(settings.redis_url, timeout=5.0),
             followers=streams.connect(settings.redis_url),
         )
 

@@ -115,8 +115,8 @@ async def _admitted_call(
     allowed_by_scope, scope_used = verified.satisfying(required)
     try:
         verdict = await ctx.guard.admit(
-            ctx.revoked_prefix + verified.grant_id,
-            f"{ctx.bucket_prefix}{school_id}:{verified.client_id}",
+            f"{ctx.revoked_prefix}{{s{school_id}}}:{verified.grant_id}",
+            f"{ctx.bucket_prefix}{{s{school_id}}}:{verified.client_id}",
             consume=True,
             pace=ctx.pace(client.rate_limit_per_minute),
         )

@@ -8,14 +8,15 @@ import asyncpg
 import redis.asyncio as redis
 from aiohttp import web
 
+from libs.common import keys
 from libs.common.config import Settings
 from services.gateway.audit import AuditBuffer
 from services.gateway.directory import Directory
 from services.gateway.jwks import JwksCache
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.proxy import Upstreams
-from services.gateway.ratelimit import BUCKET_KEY, Guard, Pace
-from services.gateway.revocation import RevokedGrants, revoked_key
+from services.gateway.ratelimit import Guard, Pace
+from services.gateway.revocation import RevokedGrants
 from services.gateway.routetable import RouteTable
 from services.gateway.validation import TokenVerifier
 
@@ -45,8 +46,10 @@ class GatewayContext:
     _paces: dict[int, Pace] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "revoked_prefix", revoked_key(self.settings, ""))
-        object.__setattr__(self, "bucket_prefix", self.settings.stream(BUCKET_KEY))
+        # Each key is completed per call with `{s<school>}:<grant>` / `{s<school>}:<client>`
+        # (libs/common/keys.py: both in the school's slot).
+        object.__setattr__(self, "revoked_prefix", self.settings.stream(keys.REVOKED))
+        object.__setattr__(self, "bucket_prefix", keys.gateway_bucket_prefix(self.settings))
 
     def subdomain_of(self, host: str) -> str | None:
         """settings.urls.subdomain_of, memoized per Host."""

@@ -37,8 +37,6 @@ from typing import NamedTuple
 from services.gateway.redis_pipeline import PipelinedRedis, RedisReplyError, pack
 from services.gateway.revocation import Lease
 
-BUCKET_KEY = "connect:ratelimit:"
-
 # KEYS[1] the grant's revocation mark, KEYS[2] the client's bucket.
 # ARGV[1] how many calls to take from the bucket (0: only the mark), ARGV[2] microseconds per
 # call, ARGV[3] burst, ARGV[4] calls taken before and unspent, given back first, ARGV[5] the

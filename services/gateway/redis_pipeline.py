@@ -21,15 +21,27 @@ import contextlib
 import ssl
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 from redis.asyncio.connection import SSLConnection, parse_url
+
+from libs.common import marks_fence
 
 CRLF = b"\r\n"
 
 
 class RedisReplyError(Exception):
     """Redis answered with an error (`-ERR ...`, `-NOSCRIPT ...`)."""
+
+
+class MarksNotRestored(ConnectionError):
+    """The node runs under a run_id identity's marks pass has not recorded (it restarted, or a
+    replica took over): a missing mark there does not mean "not revoked"."""
+
+
+# How often a connection to a node not yet restored asks again.
+FENCE_RECHECK = 0.2
 
 
 def pack(*parts: bytes | str | int) -> bytes:
@@ -96,6 +108,9 @@ class _Protocol(asyncio.Protocol):
         self._buffer = bytearray()
         self._outgoing: list[bytes] = []
         self.lost = asyncio.get_running_loop().create_future()
+        # libs/common/marks_fence.py, per connection: a new run_id is a new connection.
+        self.restored = False
+        self.fence_checked = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but behave as one.
@@ -169,11 +184,25 @@ class _Protocol(asyncio.Protocol):
 
 
 class PipelinedRedis:
-    """One pipelined connection to the Redis of a `redis://`, `rediss://` or `unix://` URL."""
+    """One pipelined connection to the Redis of a `redis://`, `rediss://` or `unix://` URL.
 
-    def __init__(self, url: str, *, timeout: float = 1.0) -> None:
+    `locate` finds the address to connect to each time (Sentinel: the master's). With `fence`,
+    the key of the node's marks record (libs/common/marks_fence.py), :meth:`execute` raises
+    MarksNotRestored on a connection to a node whose run identity's marks pass has not
+    recorded yet (asked when connected, and again every FENCE_RECHECK until it holds)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float = 1.0,
+        locate: Callable[[], Awaitable[tuple[str, int]]] | None = None,
+        fence: Callable[[], bytes | None] | None = None,
+    ) -> None:
         self._options = parse_url(url)
         self._timeout = timeout
+        self._locate = locate
+        self._fence = fence
         self._protocol: _Protocol | None = None
         self._connecting: asyncio.Lock | None = None
         self._watchdog: asyncio.Task[None] | None = None
@@ -186,6 +215,9 @@ class PipelinedRedis:
                 loop.create_unix_connection(_Protocol, options["path"]), self._timeout
             )
         else:
+            if self._locate is not None:
+                options = {**options}
+                options["host"], options["port"] = await self._locate()
             tls = (
                 ssl.create_default_context()
                 if options.get("connection_class") is SSLConnection
@@ -244,10 +276,29 @@ class PipelinedRedis:
         protocol = self._protocol
         if protocol is None or protocol.lost.done():
             protocol = await self._connection()
+        if self._fence is not None and not protocol.restored:
+            await self._check_fence(protocol)
         answer = await protocol.send(command)
         if isinstance(answer, RedisReplyError):
             raise answer
         return answer
+
+    async def _check_fence(self, protocol: _Protocol) -> None:
+        assert self._fence is not None
+        now = time.monotonic()
+        if now - protocol.fence_checked >= FENCE_RECHECK:
+            protocol.fence_checked = now
+            key = self._fence()
+            if key is None:
+                return  # a node that serves no slot of the map: a redirection (ASK) only
+            if key is not None:
+                answer = await protocol.send(pack(b"EVAL", marks_fence.STATE, b"1", key))
+                if isinstance(answer, RedisReplyError):
+                    raise answer
+                run_id, recorded = answer
+                protocol.restored = bool(run_id) and run_id == recorded
+        if not protocol.restored:
+            raise MarksNotRestored("revocation marks not restored on this Redis node yet")
 
     async def execute_many(self, commands: list[bytes]) -> list[Any]:
         """Send packed commands pipelined; their replies in order (errors as values)."""

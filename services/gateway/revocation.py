@@ -29,7 +29,7 @@ from collections.abc import Callable
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
-from libs.common import leases, streams
+from libs.common import keys, leases, marks_fence, streams
 from libs.common.config import Settings
 from libs.common.logging import get_logger
 from services.gateway import broadcasts
@@ -39,10 +39,6 @@ log = get_logger(__name__)
 # When an announcement names no TTL: longer than any access token lives.
 DEFAULT_TTL = 7200 + 300
 _SWEEP_EVERY = 1024
-
-
-def revoked_key(settings: Settings, grant_id: str) -> str:
-    return settings.stream(streams.REVOKED_KEY) + grant_id
 
 
 class RevokedGrants:
@@ -100,25 +96,34 @@ class Lease:
 
 
 async def load_marks(client: redis.Redis, settings: Settings, revoked: RevokedGrants) -> int:
-    """Every revocation mark in Redis into the local set; how many there were."""
-    prefix = revoked_key(settings, "")
-    pattern = "".join("\\" + c if c in "*?[]\\" else c for c in prefix) + "*"
+    """Every revocation mark in Redis into the local set; how many there were. On a Cluster the
+    marks are spread over the primaries by school, and scan_iter walks every primary."""
     found = 0
-    cursor = 0
-    while True:
-        cursor, keys = await client.scan(cursor, match=pattern, count=1000)
-        if keys:
-            # Each remembered for as long as its mark lives (its tokens' lifetime).
-            pipe = client.pipeline(transaction=False)
-            for key in keys:
-                pipe.pttl(key)
-            for key, ttl_ms in zip(keys, await pipe.execute(), strict=True):
-                grant_id = (key.decode() if isinstance(key, bytes) else str(key))[len(prefix) :]
-                if grant_id and ttl_ms != -2:
-                    revoked.add(grant_id, ttl_ms / 1000 if ttl_ms > 0 else math.inf)
-                    found += 1
-        if cursor == 0:
-            return found
+    page: list[bytes] = []
+    async for key in client.scan_iter(match=keys.revoked_pattern(settings), count=1000):
+        page.append(key)
+        if len(page) >= 1000:
+            found += await _load_page(client, settings, revoked, page)
+            page = []
+    return found + await _load_page(client, settings, revoked, page)
+
+
+async def _load_page(
+    client: redis.Redis, settings: Settings, revoked: RevokedGrants, page: list[bytes]
+) -> int:
+    if not page:
+        return 0
+    # Each remembered for as long as its mark lives (its tokens' lifetime).
+    pipe = client.pipeline(transaction=False)
+    for key in page:
+        pipe.pttl(key)
+    found = 0
+    for key, ttl_ms in zip(page, await pipe.execute(), strict=True):
+        grant_id = keys.grant_of_mark(settings, streams.text(key))
+        if grant_id and ttl_ms != -2:
+            revoked.add(grant_id, ttl_ms / 1000 if ttl_ms > 0 else math.inf)
+            found += 1
+    return found
 
 
 async def follow_revocations(
@@ -223,10 +228,21 @@ async def _registered(
     lease: Lease,
     answer: leases.LeaseAnswer,
 ) -> tuple[str, str]:
-    """After a (re)registration: the marks cover everything up to the newest entry."""
+    """After a (re)registration: the marks cover everything up to the newest entry, on nodes
+    whose marks identity restored for their run (libs/common/marks_fence.py), the same runs
+    before and after the load; else no lease (MarksNotRestored, a RedisError: retried)."""
+    before = await marks_fence.states(client, settings)
+    if any(run_id != recorded for run_id, recorded in before.values()):
+        raise MarksNotRestored("revocation marks not restored on every Redis node yet")
     marks = await load_marks(client, settings, revoked)
+    if await marks_fence.run_ids(client, settings) != {s: r for s, (r, _) in before.items()}:
+        raise MarksNotRestored("a Redis node changed while the marks were loaded")
     log.info("revocation_lease_registered", gateway=lease.gateway, marks=marks)
     return answer.newest, answer.epoch
+
+
+class MarksNotRestored(RedisError):
+    """Some Redis node may lack marks: the gateway holds no lease until identity restores them."""
 
 
 def revocation_handler(revoked: RevokedGrants) -> Callable[[streams.Entry], None]:

@@ -98,6 +98,7 @@ def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[
             min_size=settings.db_pool_min,
             max_size=settings.db_pool_max,
             keep_session=True,
+            statement_cache=settings.database_statement_cache,
         )
         try:
             # Before anything else, and so before listening: a key-encryption key or pepper
@@ -137,6 +138,7 @@ def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[
             max_size=1,
             keep_session=True,
             server_settings={"plan_cache_mode": "force_generic_plan"},
+            statement_cache=settings.database_statement_cache,
         )
         stop = asyncio.Event()
         background = [

@@ -16,7 +16,7 @@ from uuid import UUID
 
 import redis.asyncio as redis
 
-from libs.common import leases, streams
+from libs.common import keys, leases, streams
 from libs.common.config import Settings
 from libs.common.db import Executor
 from services.identity import audit, store
@@ -91,11 +91,18 @@ async def revoke_grants(
     # Mark and announce even when PostgreSQL says it was already revoked: a crash between
     # the two writes on an earlier attempt must not leave gateways uninformed.
     ttl = mark_ttl(settings)
-    prefix = settings.stream(streams.REVOKED_KEY)
+    # A mark sits in its school's slot (libs/common/keys.py); grants already revoked are not
+    # in `revoked`, and their schools are looked up (none, unless a revoke is retried).
+    schools = {grant.id: grant.school_id for grant in revoked}
+    if len(schools) < len(set(grant_ids)):
+        schools.update(
+            await store.schools_of_grants(db, [g for g in grant_ids if g not in schools])
+        )
     for _ in range(2):
         marks = redis_client.pipeline(transaction=False)
         for grant_id in grant_ids:
-            marks.set(prefix + str(grant_id), reason, ex=ttl)
+            if grant_id in schools:
+                marks.set(keys.revoked_mark(settings, schools[grant_id], grant_id), reason, ex=ttl)
         await marks.execute()
         at = time.time()
         announced = await streams.append_many(

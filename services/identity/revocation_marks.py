@@ -8,9 +8,11 @@ memory pressure can drop marks while the grants' access tokens are still live. S
 writes the marks again, from the grants revoked within one mark lifetime (the access-token
 lifetime plus leeway, grants.mark_ttl): older revocations have no live access token left.
 
-When: at start, on a schedule, and at once when a sentinel key it leaves after every complete
-pass is gone (the cheap sign that Redis lost everything, checked every few seconds). The
-schedule covers losses that keep the sentinel: a lagging replica, a single evicted mark.
+When: at start, on a schedule, and at once when a Redis node (every primary of a Cluster) runs
+under a run_id the last complete pass did not record (libs/common/marks_fence.py: restarted,
+empty or from a snapshot, or a replica promoted; checked every few seconds). Gateways refuse
+to read "no mark" as "not revoked" on such a node until the pass records it. The schedule
+covers the rest: a single evicted mark.
 
 Each restored mark gets what is left of its original lifetime (never a fresh one) and is
 written with NX, so a mark that is there is left alone; each one restored is announced again on
@@ -31,7 +33,7 @@ import asyncpg
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
-from libs.common import leases, streams
+from libs.common import keys, leases, marks_fence, streams
 from libs.common.config import Settings
 from libs.common.logging import get_logger
 from services.identity import grants
@@ -39,10 +41,9 @@ from services.identity.store import revocations as revocation_store
 
 log = get_logger(__name__)
 
-# Present after a complete pass; its absence means Redis was emptied since.
-SENTINEL_KEY = "connect:revocations:reasserted"
-# How often each process looks for the sentinel: the longest a lost mark stays lost after
-# Redis comes back empty.
+# How often each process looks at every primary's record of the last pass
+# (libs/common/marks_fence.py): the longest a lost mark stays lost, and gateways fail closed on
+# that node, after it comes back empty.
 CHECK_INTERVAL = 5.0
 # How often a full pass runs regardless of the sentinel.
 REASSERT_INTERVAL = 120.0
@@ -53,7 +54,9 @@ PAGE_SIZE = 1000
 async def reassert_once(pool: asyncpg.Pool, redis_client: redis.Redis, settings: Settings) -> int:
     """One complete pass; how many marks were missing and have been written again."""
     window = grants.mark_ttl(settings)
-    prefix = settings.stream(streams.REVOKED_KEY)
+    # Read before anything is written: the pass counts for a node only if it ran the same
+    # run_id throughout (marks_fence.record compares on the node itself).
+    began = await marks_fence.run_ids(redis_client, settings)
     cursor = revocation_store.START
     restored = 0
     while True:
@@ -64,7 +67,10 @@ async def reassert_once(pool: asyncpg.Pool, redis_client: redis.Redis, settings:
             pipe = redis_client.pipeline(transaction=False)
             for revoked in page:
                 pipe.set(
-                    prefix + str(revoked.grant_id), revoked.reason, ex=revoked.ttl_left, nx=True
+                    keys.revoked_mark(settings, revoked.school_id, revoked.grant_id),
+                    revoked.reason,
+                    ex=revoked.ttl_left,
+                    nx=True,
                 )
             written = [r for r, w in zip(page, await pipe.execute(), strict=True) if w]
             if written:
@@ -91,12 +97,12 @@ async def reassert_once(pool: asyncpg.Pool, redis_client: redis.Redis, settings:
             break
         # Let requests in between pages: one pass can cover many thousands of grants.
         await asyncio.sleep(0)
-    await redis_client.set(settings.stream(SENTINEL_KEY), "1")
+    await marks_fence.record(redis_client, settings, began)
     return restored
 
 
-async def _sentinel_missing(redis_client: redis.Redis, settings: Settings) -> bool:
-    return not await redis_client.exists(settings.stream(SENTINEL_KEY))
+async def _unrestored(redis_client: redis.Redis, settings: Settings) -> bool:
+    return bool(await marks_fence.unrestored(redis_client, settings))
 
 
 async def run(
@@ -108,7 +114,7 @@ async def run(
     due = loop.time()
     while not stop.is_set():
         try:
-            if loop.time() >= due or await _sentinel_missing(redis_client, settings):
+            if loop.time() >= due or await _unrestored(redis_client, settings):
                 restored = await reassert_once(pool, redis_client, settings)
                 if restored:
                     # Marks were missing: Redis lost data, which operators should know about.

@@ -32,6 +32,7 @@ from uuid import UUID
 from aiohttp import web
 from redis.exceptions import RedisError
 
+from libs.common import keys
 from libs.common.config import Settings
 from libs.common.logging import get_logger
 from services.identity import audit, credentials, pages, ratelimit, store, users
@@ -55,7 +56,6 @@ ADDRESS_FAILURE_LIMIT = 20
 # stranger does.
 DEVICE_FAILURE_LIMIT = ACCOUNT_FAILURE_LIMIT
 THROTTLE_WINDOW = 15 * 60
-_THROTTLE_KEY = "connect:throttle:login:"
 
 DEVICE_COOKIE = "lc_device"
 DEVICE_LIFETIME = 180 * 24 * 60 * 60
@@ -313,6 +313,14 @@ return 0
 """
 
 
+def address_throttle_key(settings: Settings, address: str | None) -> str:
+    """The sign-in counter of a client address (all the throttle's keys share the `{login}`
+    slot: the reserve script counts on two at once)."""
+    # Per IPv6 /64, as registration counts: one subscriber rotates through a whole /64.
+    bucket = ratelimit.address_bucket(address) if address else "unknown"
+    return keys.login_throttle(settings, "address", bucket)
+
+
 class LoginThrottle:
     """Fixed-window attempt counters in Redis, per account and per client address.
 
@@ -334,19 +342,17 @@ class LoginThrottle:
     def _account_key(self, email: str) -> str:
         # Keyed so Redis never holds readable email addresses.
         digest = credentials.keyed_hash(self._settings.secret_pepper, email.strip().lower())
-        return self._settings.stream(f"{_THROTTLE_KEY}account:{digest.hex()[:40]}")
+        return keys.login_throttle(self._settings, "account", digest.hex()[:40])
 
     def _first_key(self, email: str, device: Device | None) -> tuple[str, int]:
         """The counter an attempt at this account counts on, and its limit."""
         if device is None:
             return self._account_key(email), ACCOUNT_FAILURE_LIMIT
         digest = hashlib.sha256(device.nonce.encode()).hexdigest()[:40]
-        return self._settings.stream(f"{_THROTTLE_KEY}device:{digest}"), DEVICE_FAILURE_LIMIT
+        return keys.login_throttle(self._settings, "device", digest), DEVICE_FAILURE_LIMIT
 
     def _address_key(self, address: str | None) -> str:
-        # Per IPv6 /64, as registration counts: one subscriber rotates through a whole /64.
-        bucket = ratelimit.address_bucket(address) if address else "unknown"
-        return self._settings.stream(f"{_THROTTLE_KEY}address:{bucket}")
+        return address_throttle_key(self._settings, address)
 
     async def reserve(
         self, email: str, address: str | None, device: Device | None = None

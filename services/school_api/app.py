@@ -65,7 +65,10 @@ def _resources(
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         pool = await store.create_pool(
-            settings.database_url, min_size=settings.db_pool_min, max_size=settings.db_pool_max
+            settings.database_url,
+            min_size=settings.db_pool_min,
+            max_size=settings.db_pool_max,
+            statement_cache=settings.database_statement_cache,
         )
         redis_client = streams.connect(settings.redis_url)
         app[CONTEXT] = SchoolApiContext(settings=settings, pool=pool, redis=redis_client)
@@ -88,7 +91,7 @@ def _resources(
                 pool,
                 redis_client,
                 settings.stream(streams.EVENTS),
-                dsn=settings.database_url,
+                dsn=settings.session_database_url,
                 metrics=RelayMetrics(app[METRICS].registry),
             )
             app[RELAY] = relay

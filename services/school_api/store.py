@@ -23,7 +23,7 @@ from uuid import UUID
 import asyncpg
 import orjson
 
-from libs.common.db import Connection, Executor
+from libs.common.db import DEFAULT_STATEMENT_CACHE, Connection, Executor, connect_options
 from services.school_api import resources
 from services.school_api.resources.model import Resource
 from services.school_api.responses import dumps
@@ -93,7 +93,10 @@ async def _keep_session(_conn: asyncpg.Connection) -> None:
     own), no session-level advisory locks. asyncpg still rolls back a transaction left open."""
 
 
-async def create_pool(dsn: str, *, min_size: int, max_size: int) -> asyncpg.Pool:
+async def create_pool(
+    dsn: str, *, min_size: int, max_size: int, statement_cache: int = DEFAULT_STATEMENT_CACHE
+) -> asyncpg.Pool:
+    """`statement_cache`: Settings.database_statement_cache (0 behind a transaction pooler)."""
     pool = await asyncpg.create_pool(
         dsn,
         min_size=min_size,
@@ -101,7 +104,7 @@ async def create_pool(dsn: str, *, min_size: int, max_size: int) -> asyncpg.Pool
         init=_init_connection,
         reset=_keep_session,
         command_timeout=30,
-        server_settings={"application_name": "loopwise-connect-school-api"},
+        **connect_options(statement_cache, {"application_name": "loopwise-connect-school-api"}),
     )
     assert pool is not None
     return pool

@@ -79,7 +79,10 @@ def _resources(
         if workers:
             egress.check_egress(settings)
         pool: asyncpg.Pool = await db.create_pool(
-            settings.database_url, min_size=settings.db_pool_min, max_size=settings.db_pool_max
+            settings.database_url,
+            min_size=settings.db_pool_min,
+            max_size=settings.db_pool_max,
+            statement_cache=settings.database_statement_cache,
         )
         try:
             # Before anything else, and so before listening: another key-encryption key would

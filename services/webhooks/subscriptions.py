@@ -17,7 +17,7 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from libs.common.streams import REVOKED_KEY
+from libs.common import keys
 from services.webhooks import event_types, signing, ssrf
 from services.webhooks.context import WebhooksContext
 from services.webhooks.store import deliveries as delivery_store
@@ -211,8 +211,9 @@ def present_delivery(d: Delivery) -> dict[str, Any]:
 # Subscriptions
 
 
-async def _grant_revoked_now(ctx: WebhooksContext, grant_id: UUID) -> bool:
-    return bool(await ctx.redis.exists(ctx.settings.stream(REVOKED_KEY) + str(grant_id)))
+async def _grant_revoked_now(ctx: WebhooksContext, caller: Caller) -> bool:
+    mark = keys.revoked_mark(ctx.settings, caller.school_id, caller.grant_id)
+    return bool(await ctx.redis.exists(mark))
 
 
 def _revoked() -> ApiError:
@@ -226,7 +227,7 @@ async def create(ctx: WebhooksContext, caller: Caller, raw: Any) -> tuple[Subscr
     url = _url(ctx, body.get("url"))
     description = _description(body.get("description"))
     await _url_resolves_safely(ctx, url)
-    if await _grant_revoked_now(ctx, caller.grant_id):
+    if await _grant_revoked_now(ctx, caller):
         raise _revoked()
     subscription_id = uuid.uuid4()
     secret, key = signing.new_secret()
@@ -305,7 +306,7 @@ async def update(
             "disabled_by_admin",
             "The school's admin disabled this webhook; only they can enable it again.",
         )
-    if await _grant_revoked_now(ctx, caller.grant_id):
+    if await _grant_revoked_now(ctx, caller):
         raise _revoked()
     async with ctx.pool.acquire() as conn, conn.transaction():
         if await revocation_store.lock_grant(conn, caller.grant_id):

@@ -196,8 +196,8 @@ async def _admitted(
     """Steps 5 and 7 of a call whose record has its place: the Caller, or the refusal."""
     try:
         verdict = await ctx.guard.admit(
-            ctx.revoked_prefix + verified.grant_id,
-            f"{ctx.bucket_prefix}{verified.school_id}:{verified.client_id}",
+            f"{ctx.revoked_prefix}{{s{verified.school_id}}}:{verified.grant_id}",
+            f"{ctx.bucket_prefix}{{s{verified.school_id}}}:{verified.client_id}",
             consume=True,
             pace=ctx.pace(client.rate_limit_per_minute),
         )

@@ -36,6 +36,7 @@ from services.identity.store.grants import (
     insert_grant,
     live_self_registered_grants,
     mark_grants_revoked,
+    schools_of_grants,
     touch_grant,
 )
 from services.identity.store.schools import (
@@ -108,6 +109,7 @@ __all__ = [
     "retire_key",
     "school_by_id",
     "school_by_subdomain",
+    "schools_of_grants",
     "set_open_registration",
     "touch_grant",
     "update_client",

@@ -119,6 +119,14 @@ async def mark_grants_revoked(db: Executor, grant_ids: Sequence[UUID], reason: s
     return [_grant(r) for r in rows]
 
 
+async def schools_of_grants(db: Executor, grant_ids: Sequence[UUID]) -> dict[UUID, int]:
+    """The school of each grant that exists."""
+    rows = await db.fetch(
+        "SELECT id, school_id FROM grants WHERE id = ANY($1::uuid[])", list(grant_ids)
+    )
+    return {r["id"]: r["school_id"] for r in rows}
+
+
 async def active_grants_of(
     db: Executor, *, user_id: UUID, client_id: str | None = None, school_id: int | None = None
 ) -> list[Grant]:

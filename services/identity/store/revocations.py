@@ -16,6 +16,7 @@ START: tuple[datetime, UUID] = (datetime(1970, 1, 1, tzinfo=UTC), UUID(int=0))
 @dataclass(frozen=True, slots=True)
 class RecentRevocation:
     grant_id: UUID
+    school_id: int
     reason: str
     revoked_at: datetime
     # Seconds the mark has left, counted from the revoke as grants.revoke_grant counts them,
@@ -28,7 +29,7 @@ class RecentRevocation:
 # revoked_at is later), so no page is skipped. The remaining life uses PostgreSQL's clock, the
 # same one that wrote revoked_at.
 _PAGE = """
-SELECT id, coalesce(revoked_reason, 'revoked') AS reason, revoked_at,
+SELECT id, school_id, coalesce(revoked_reason, 'revoked') AS reason, revoked_at,
        ceil(extract(epoch FROM revoked_at + make_interval(secs => $1) - now()))::int AS ttl_left
 FROM grants
 WHERE revoked_at IS NOT NULL
@@ -45,6 +46,8 @@ async def revoked_since(
     """Grants revoked within the last `window_seconds`, oldest first, after the cursor."""
     rows = await db.fetch(_PAGE, window_seconds, after[0], after[1], limit)
     return [
-        RecentRevocation(r["id"], r["reason"], r["revoked_at"], max(1, int(r["ttl_left"])))
+        RecentRevocation(
+            r["id"], r["school_id"], r["reason"], r["revoked_at"], max(1, int(r["ttl_left"]))
+        )
         for r in rows
     ]

@@ -31,8 +31,8 @@ import asyncpg
 from cryptography.exceptions import InvalidTag
 from redis.exceptions import RedisError
 
+from libs.common import keys
 from libs.common.logging import get_logger
-from libs.common.streams import REVOKED_KEY
 from services.webhooks import dispatcher, signing, ssrf, store
 from services.webhooks.context import WebhooksContext
 from services.webhooks.delivery import egress
@@ -193,14 +193,15 @@ class Sender:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(ctx.due.wait(), POLL_INTERVAL)
 
-    async def _revoked(self, grant_ids: Iterable[UUID]) -> set[UUID]:
-        """Grants whose revocation mark identity has set: checked right before sending."""
-        ids = list(set(grant_ids))
+    async def _revoked(self, grants: Iterable[tuple[int, UUID]]) -> set[UUID]:
+        """Grants (school, grant id) whose revocation mark identity has set: checked right
+        before sending."""
+        ids = list(set(grants))
         pipe = self._ctx.redis.pipeline(transaction=False)
-        for gid in ids:
-            pipe.exists(self._ctx.settings.stream(REVOKED_KEY) + str(gid))
+        for school_id, gid in ids:
+            pipe.exists(keys.revoked_mark(self._ctx.settings, school_id, gid))
         answers = await pipe.execute()
-        return {gid for gid, found in zip(ids, answers, strict=True) if found}
+        return {gid for (_, gid), found in zip(ids, answers, strict=True) if found}
 
     async def _skip_revoked(self, grants: set[UUID], ids: Sequence[UUID]) -> None:
         await queue_store.cancel_deliveries(self._ctx.pool, ids)
@@ -212,7 +213,7 @@ class Sender:
             await revocation_store.revoke_grants(self._ctx.pool, [(g, "revoked") for g in new])
 
     async def _start_sends(self, claimed: Sequence[Claimed]) -> None:
-        revoked = await self._revoked(c.grant_id for c in claimed)
+        revoked = await self._revoked((c.school_id, c.grant_id) for c in claimed)
         inactive = [c.id for c in claimed if not c.active and c.grant_id not in revoked]
         if inactive:
             await queue_store.cancel_deliveries(self._ctx.pool, inactive)
@@ -287,7 +288,7 @@ class Sender:
             else:
                 self._gates[subscription_id] = (gate, users - 1)
 
-    async def _grant_revoked(self, grant_id: UUID, checked_at: float) -> bool:
+    async def _grant_revoked(self, school_id: int, grant_id: UUID, checked_at: float) -> bool:
         """Whether the grant is revoked, asked again unless it was cleared just now."""
         if grant_id in self._revoked_here:
             return True
@@ -299,7 +300,7 @@ class Sender:
             pending = asyncio.get_running_loop().create_future()
             self._grant_checks[grant_id] = pending
             try:
-                revoked = bool(await self._revoked([grant_id]))
+                revoked = bool(await self._revoked([(school_id, grant_id)]))
             except BaseException as exc:
                 pending.set_exception(exc)
                 pending.exception()  # retrieved here: the waiters may be none
@@ -318,7 +319,7 @@ class Sender:
             if task is not None:
                 self._waiting.pop(task, None)
             try:
-                if await self._grant_revoked(c.grant_id, checked_at):
+                if await self._grant_revoked(c.school_id, c.grant_id, checked_at):
                     await self._skip_revoked({c.grant_id}, [c.id])
                     return
             except (OSError, asyncpg.PostgresError, RedisError):
@@ -461,7 +462,8 @@ class Sender:
         while True:
             conn: asyncpg.Connection | None = None
             try:
-                conn = await asyncpg.connect(ctx.settings.database_url)
+                # LISTEN needs a session: the session DSN, not a transaction pooler's.
+                conn = await asyncpg.connect(ctx.settings.session_database_url)
                 lost = asyncio.Event()
                 conn.add_termination_listener(functools.partial(_set_event, lost))
                 await conn.add_listener(queue_store.NOTIFY_CHANNEL, wake)
