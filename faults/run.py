@@ -162,17 +162,15 @@ def _direct_dsn(stack: Any) -> str:
 
 
 def make_stack(kind: str) -> Any:
+    """The production topology on free ports (beside a running `make cluster`, which keeps its
+    own), or the make-dev-like stack."""
     data_dir = ROOT / ".data" / "faults"
     if kind == "dev":
-        return DevStack(data_dir)
-    try:
-        from services.dev.topology import Topology  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
-        raise SystemExit(
-            "faults: services/dev/topology.py (make cluster) is not on this branch yet; "
-            "`python -m faults --stack dev` runs the suite on a make-dev-like stack"
-        ) from None
-    return Topology(data_dir)
+        return DevStack(data_dir / "dev")
+    from services.dev.topology import Topology, TopologyPorts
+
+    # Its cluster.env goes beside its data: .data/faults/cluster.env.
+    return Topology(data_dir / "cluster", ports=TopologyPorts.free())
 
 
 @dataclass
@@ -373,9 +371,8 @@ def main() -> None:
         for fault in catalog.FAULTS:
             print(f"{fault.name:<18} {fault.what}")
         return
-    import uvloop
-
-    uvloop.install()
+    # The default loop, not uvloop: the topology starts PostgreSQL's helpers as another user
+    # (asyncio's `user=`/`group=`), which uvloop's subprocesses do not take.
     try:
         sys.exit(asyncio.run(run(args)))
     except (asyncio.CancelledError, KeyboardInterrupt):
