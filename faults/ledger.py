@@ -71,7 +71,7 @@ class Call:
 @dataclass(frozen=True, slots=True)
 class Revocation:
     grant: str
-    sent: float  # the revoke that answered 200 was sent then (earlier refused tries aside)
+    sent: float  # the first try of the revoke (a refused try may have revoked all the same)
     answered: float
 
 
@@ -160,6 +160,14 @@ def expected_status(call: Call, revocation: Revocation | None) -> bool:
     return 200 <= call.status < 300
 
 
+def _described(call: Call, window: Window) -> str:
+    return (
+        f"{call.kind} {call.status} {call.request_id or ''} sent "
+        f"{call.started - window.injected:+.2f}s from the fault, answered in "
+        f"{call.ended - call.started:.2f}s"
+    )
+
+
 def calls_in(window: Window, calls: Iterable[Call]) -> list[Call]:
     return [c for c in calls if window.holds(c.started)]
 
@@ -192,12 +200,12 @@ def score(
     revoked_at = {r.grant: r.answered for r in revocations}
     failures = [c for c in mine if refused(c.status)]
     by_kind = Counter(c.kind for c in failures)
-    unexpected = Counter(
-        f"{c.kind}:{c.status}"
+    odd = [
+        c
         for c in mine
         if not refused(c.status) and not expected_status(c, by_grant.get(c.grant or ""))
-        # A revoke answers 200; an exchange and a refresh 200 (their 400s are counted too).
-    )
+    ]
+    unexpected = Counter(f"{c.kind}:{c.status}" for c in odd)
     late = [
         c
         for c in mine
@@ -208,7 +216,7 @@ def score(
     ]
     stored = set(stored_audit)
     due = set(audit_due(mine)) - stored
-    unaudited = [f"{c.kind} {c.status} {c.request_id}" for c in mine if c.request_id in due]
+    unaudited = [_described(c, window) for c in mine if c.request_id in due]
     audit_lost = len(unaudited)
     undelivered = sorted(event for event in committed if delivered.get(event, 0) == 0)
     events_lost = len(undelivered)
@@ -237,7 +245,13 @@ def score(
         refused_by_kind=dict(sorted(by_kind.items())),
         unexpected=dict(sorted(unexpected.items())),
         lost_samples={
-            k: v[:SAMPLES] for k, v in (("audit", unaudited), ("events", undelivered)) if v
+            k: v[:SAMPLES]
+            for k, v in (
+                ("audit", unaudited),
+                ("events", undelivered),
+                ("unexpected", [_described(c, window) for c in odd]),
+            )
+            if v
         },
         note=note,
     )

@@ -274,7 +274,8 @@ async def running(stack: Any, pace: Pace) -> AsyncIterator[Suite]:
         receiver_url = f"http://127.0.0.1:{port}"
         settings = load_settings(stack.env)
         public_url, public_port = _public(stack.env)
-        pool = await db.create_pool(_direct_dsn(stack), min_size=1, max_size=4)
+        # No floor of connections to restore: asyncpg logs each failed try while PostgreSQL is down.
+        pool = await db.create_pool(_direct_dsn(stack), min_size=0, max_size=4)
         async with pool, aiohttp.ClientSession() as http:
             await _wait_http(http, f"{receiver_url}/healthz")
             world = await seed(pool, settings, public_url, public_port)
@@ -302,14 +303,14 @@ async def run(args: argparse.Namespace) -> int:
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     faults = [catalog.named(n) for n in args.only] if args.only else list(catalog.FAULTS)
     stack = make_stack(args.stack)
-    skipped = {f.name: why for f in faults if (why := f.missing(stack))}
-    for name, why in skipped.items():
-        say(f"{name}: skipped ({why})")
     started = time.monotonic()
     say(f"starting the {args.stack} stack")
     async with running(stack, Pace()) as suite:
+        skipped = {f.name: why for f in faults if (why := f.missing(stack))}
         for fault in faults:
-            if fault.name not in skipped:
+            if fault.name in skipped:
+                say(f"{fault.name}: skipped ({skipped[fault.name]})")
+            else:
                 await suite.inject(fault)
         rows = await suite.final_account()
     elapsed = time.monotonic() - started

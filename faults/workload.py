@@ -263,10 +263,13 @@ class Workload:
             try:
                 await asyncio.sleep(self.pace.use_before_revoke)
                 form = {"token": tokens["access_token"], "client_id": self.world.app_id}
+                # A refused try may still have revoked (its answer lost): 401s count as
+                # expected from the first try on, successes as late from the 200 on.
+                sent = time.monotonic()
                 while True:
                     call, _ = await self._form(ledger.REVOKE, "/v1/oauth/revoke", form)
                     if call.status == 200:
-                        self.revocations.append(Revocation(grant, call.started, call.ended))
+                        self.revocations.append(Revocation(grant, sent, call.ended))
                         break
                     await asyncio.sleep(0.25)
                 await asyncio.sleep(self.pace.use_after_revoke)
