@@ -15,12 +15,14 @@ wider than a function serve theirs with `running`, on the same aiohttp TestServe
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import aiohttp
+import asyncpg
 from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import ThreadedResolver
@@ -144,3 +146,33 @@ async def wait_for_port(port: int, timeout: float = 15.0) -> None:
             if asyncio.get_running_loop().time() > deadline:
                 raise
             await asyncio.sleep(0.05)
+
+
+async def identity_records(
+    database_url: str, *, client_id: str | None = None, grant_id: Any = None
+) -> list[dict[str, Any]]:
+    """Identity's own audit records (audit_log rows it wrote in the transactions of what they
+    record), oldest first, as records: grant and address as text, `detail` as it was given."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch(
+            "SELECT * FROM audit_log WHERE record_id LIKE 'i:%'"
+            " AND ($1::text IS NULL OR client_id = $1)"
+            " AND ($2::uuid IS NULL OR grant_id = $2::uuid) ORDER BY id",
+            client_id,
+            str(grant_id) if grant_id is not None else None,
+        )
+    finally:
+        await conn.close()
+    records = []
+    for r in rows:
+        record = dict(r)
+        record["grant_id"] = str(r["grant_id"]) if r["grant_id"] else None
+        record["ip"] = str(r["ip"].ip if hasattr(r["ip"], "ip") else r["ip"]) if r["ip"] else None
+        detail = r["detail"]
+        if isinstance(detail, str):  # a plain connection has no JSON codec
+            detail = json.loads(detail)
+        record["detail"] = detail if isinstance(detail, dict) else {}
+        record.update({k: v for k, v in record["detail"].items() if k not in record})
+        records.append(record)
+    return records

@@ -21,9 +21,10 @@ import pytest
 import redis.asyncio as redis_asyncio
 
 from libs.common import scopes as catalogue
+from libs.common import streams
 from libs.common.config import Settings
 from services.gateway.audit import api_call
-from services.identity import audit, sessions, users
+from services.identity import sessions, users
 from services.identity.store import audit as audit_store
 from tests.test_authorize import Browser, authorize_url, form, query_of
 from tests.test_gateway_support import echo_upstream
@@ -503,7 +504,7 @@ def _row(
     i: int, label: str, school_id: int, subject: str, at: datetime, **extra: Any
 ) -> audit_store.AuditRow:
     values: dict[str, Any] = {
-        "stream_id": f"test-{label}-{i}",
+        "record_id": f"test-{label}-{i}",
         "occurred_at": at,
         "school_id": school_id,
         "client_id": None,
@@ -608,21 +609,25 @@ async def test_gateway_api_calls_and_token_events_reach_the_history(
     (grant_id,) = await live_grants(pool, world.user.id, world.confidential.id)
     # The record a gateway appends for a call made with this user's token.
     marker = f"/api/v1/courses/from-gateway-{secrets.token_hex(3)}"
-    await audit.append(
+    await streams.append(
         redis,
-        settings,
-        api_call(
-            school_id=world.school.id,
-            client_id=world.confidential.id,
-            subject=str(world.user.id),
-            grant_id=str(grant_id),
-            method="GET",
-            path=marker,
-            status=200,
-            scope="courses:read",
-            ip="127.0.0.1",
-            request_id="req-1",
-        ),
+        settings.stream(streams.AUDIT),
+        {
+            "records": [
+                api_call(
+                    school_id=world.school.id,
+                    client_id=world.confidential.id,
+                    subject=str(world.user.id),
+                    grant_id=str(grant_id),
+                    method="GET",
+                    path=marker,
+                    status=200,
+                    scope="courses:read",
+                    ip="127.0.0.1",
+                    request_id="req-1",
+                )
+            ]
+        },
     )
     body = ""
     for _ in range(100):  # the audit consumer stores the stream in batches

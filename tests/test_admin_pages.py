@@ -22,10 +22,10 @@ import orjson
 import pytest
 import redis.asyncio as redis_asyncio
 
-from libs.common import streams
 from libs.common.config import Settings
 from services.identity import credentials, sessions, store, users
 from services.identity.store import audit as audit_store
+from tests.support import identity_records
 from tests.test_account_pages import authorize_in_browser, live_grants, sign_in
 from tests.test_authorize import Browser, authorize_url, form
 from tests.token_helpers import (
@@ -124,9 +124,9 @@ def shown_secret(html: str) -> str | None:
 async def stream_actions(
     redis: redis_asyncio.Redis, settings: Settings, client_id: str
 ) -> list[dict[str, Any]]:
-    entries = await redis.xrevrange(settings.stream(streams.AUDIT), count=3000)
-    records = [orjson.loads(fields[b"data"]) for _, fields in entries]
-    return [r for r in reversed(records) if r.get("client_id") == client_id]
+    """Identity's audit records of the client, oldest first (redis: no longer read, kept for
+    the callers)."""
+    return await identity_records(settings.database_url, client_id=client_id)
 
 
 async def detail_form(browser: Browser, origin: str, client_id: str, action: str) -> dict[str, str]:
@@ -566,7 +566,7 @@ async def test_every_admin_post_without_a_valid_csrf_token_is_refused(
 
 def _row(label: str, i: int, school_id: int, at: datetime, **extra: Any) -> audit_store.AuditRow:
     values: dict[str, Any] = {
-        "stream_id": f"adm-{label}-{i}",
+        "record_id": f"adm-{label}-{i}",
         "occurred_at": at,
         "school_id": school_id,
         "client_id": None,

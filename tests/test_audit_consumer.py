@@ -22,9 +22,15 @@ from services.identity.store import audit as audit_store
 async def _stored(pool: Any, marker: str) -> list[Any]:
     return list(
         await pool.fetch(
-            "SELECT * FROM audit_log WHERE detail->>'marker' = $1 ORDER BY stream_id", marker
+            "SELECT * FROM audit_log WHERE detail->>'marker' = $1 ORDER BY record_id", marker
         )
     )
+
+
+async def _append(redis: Any, settings: Settings, record: dict[str, Any]) -> None:
+    """A single record as its own entry, as identity appended its records before they went
+    straight to PostgreSQL (and as a gateway of another version may still)."""
+    await streams.append(redis, settings.stream(streams.AUDIT), record)
 
 
 async def test_running_identity_stores_audit_records(
@@ -47,7 +53,7 @@ async def test_running_identity_stores_audit_records(
         for i in range(25)
     ]
     for r in records:
-        await audit.append(redis, settings, r)
+        await _append(redis, settings, r)
     for _ in range(100):
         rows = await _stored(pool, unique)
         if len(rows) == 25:
@@ -68,7 +74,7 @@ async def test_entries_of_a_dead_consumer_are_claimed_and_stored_once(
     stream = settings.stream(streams.AUDIT)
     await streams.ensure_group(redis, stream, audit_consumer.GROUP)
     for i in range(5):
-        await audit.append(redis, settings, audit.record("token.issued", marker=unique, n=i))
+        await _append(redis, settings, audit.record("token.issued", marker=unique, n=i))
     # A consumer reads the entries and dies before storing or acknowledging them.
     taken = await streams.read_group(redis, stream, audit_consumer.GROUP, "dead", count=100)
     assert len(taken) == 5
@@ -98,8 +104,8 @@ async def test_a_record_postgresql_refuses_costs_itself_never_its_batch(
     settings = dataclasses.replace(settings, redis_prefix=f"{settings.redis_prefix}{unique}:")
     stream = settings.stream(streams.AUDIT)
     await streams.ensure_group(redis, stream, audit_consumer.GROUP)
-    await audit.append(redis, settings, audit.record("api.call", marker=unique, n=0))
-    await audit.append(
+    await _append(redis, settings, audit.record("api.call", marker=unique, n=0))
+    await _append(
         redis,
         settings,
         audit.record(
@@ -112,8 +118,8 @@ async def test_a_record_postgresql_refuses_costs_itself_never_its_batch(
         ),
     )
     # Out of the status column's range: no cleaning makes it storable.
-    await audit.append(redis, settings, audit.record("api.call", marker=unique, n=2, status=2**40))
-    await audit.append(redis, settings, audit.record("api.call", marker=unique, n=3))
+    await _append(redis, settings, audit.record("api.call", marker=unique, n=2, status=2**40))
+    await _append(redis, settings, audit.record("api.call", marker=unique, n=3))
 
     handled = await audit_consumer.consume_once(
         pool, redis, settings, "alive", block_ms=10, claim_idle_ms=60_000
@@ -148,7 +154,7 @@ async def test_batch_entries_are_stored_a_row_per_record_once_beside_single_entr
         assert await buffer.flush() == 252
     finally:
         await connection.close()
-    await audit.append(redis, settings, audit.record("token.issued", marker=unique, n=300))
+    await _append(redis, settings, audit.record("token.issued", marker=unique, n=300))
 
     # A consumer reads the three entries and dies; another claims and stores them.
     taken = await streams.read_group(redis, stream, audit_consumer.GROUP, "dead", count=100)
@@ -161,10 +167,10 @@ async def test_batch_entries_are_stored_a_row_per_record_once_beside_single_entr
     rows = await _stored(pool, unique)
     by_n = {int(r["detail"]["n"]): r for r in rows}
     assert sorted(by_n) == [*range(251), 300]  # n=251 cannot be stored, and only it
-    # The gateway's records by the id it gave each; identity's own by its entry id.
-    gateway_keys = [by_n[n]["stream_id"] for n in (0, 199, 200)]
+    # The gateway's records by the id it gave each; one without an id by its content.
+    gateway_keys = [by_n[n]["record_id"] for n in (0, 199, 200)]
     assert all(k.startswith("r:") for k in gateway_keys) and len(set(gateway_keys)) == 3
-    assert by_n[300]["stream_id"] == taken[2].id
+    assert by_n[300]["record_id"].startswith("h:")
     assert by_n[250]["path"] == "/p/\ufffd"
     assert by_n[7]["path"] == "/p/7" and by_n[7]["action"] == "api.call"
 
@@ -179,7 +185,8 @@ async def test_batch_entries_are_stored_a_row_per_record_once_beside_single_entr
 
 def test_malformed_batch_members_are_left_out_not_fatal() -> None:
     entry = streams.Entry("1-0", {"records": [{"action": "api.call"}, "junk", 5]})
-    assert [r.stream_id for r in audit_consumer.to_rows(entry)] == ["1-0:0"]
+    rows = audit_consumer.to_rows(entry)
+    assert len(rows) == 1 and rows[0].record_id.startswith("h:")
     assert audit_consumer.to_rows(streams.Entry("2-0", {"records": "junk"})) == []
 
 
@@ -264,18 +271,23 @@ async def test_postgresql_expands_a_batch_into_the_rows_the_consumer_would_build
 ) -> None:
     """The gateway's batch entries are expanded by PostgreSQL itself (insert_batches); the
     same records built into rows by the consumer (to_rows, insert_many) store the same."""
-    records = _varied_records(unique, 300)
+    varied = _varied_records(unique, 750)
+    # Only a batch whose every record has its id goes to PostgreSQL whole.
+    data = {"records": varied}
+    assert not audit_consumer._passes_whole(streams.Entry("1-1", data, orjson.dumps(data)))
+    records = [r for r in varied if isinstance(r.get("rid"), str) and len(r["rid"]) <= 64]
+    assert len(records) == 300
     data = {"records": records}
     entry = streams.Entry(f"{2**40}-7", data, orjson.dumps(data))
     assert audit_consumer._passes_whole(entry)
     columns = (
-        "stream_id, occurred_at, school_id, client_id, subject, grant_id, action, method, path,"
+        "record_id, occurred_at, school_id, client_id, subject, grant_id, action, method, path,"
         " status, scope, ip, detail"
     )
-    mine = "stream_id LIKE $1 OR stream_id LIKE $2"
-    keys = (f"r:{unique}-%", f"{entry.id}:%")
+    mine = "record_id LIKE $1 OR record_id LIKE $2"
+    keys = (f"r:{unique}-%", f"r:{unique}-%")
 
-    assert await audit_store.insert_batches(pool, [entry.id], [entry.payload.decode()]) == 300
+    assert await audit_store.insert_batches(pool, [entry.payload.decode()]) == 300
     by_postgresql = await pool.fetch(f"SELECT {columns} FROM audit_log WHERE {mine}", *keys)
     await pool.execute(f"DELETE FROM audit_log WHERE {mine}", *keys)
     await audit_store.insert_many(pool, audit_consumer.to_rows(entry))
@@ -288,7 +300,7 @@ async def test_postgresql_expands_a_batch_into_the_rows_the_consumer_would_build
     # A float of seconds may round to either neighbouring microsecond, depending on who reads it.
     assert all(abs(x[1] - y[1]) <= timedelta(microseconds=1) for x, y in zip(a, b, strict=True))
     # Stored again, whichever way: nothing more.
-    assert await audit_store.insert_batches(pool, [entry.id], [entry.payload.decode()]) == 0
+    assert await audit_store.insert_batches(pool, [entry.payload.decode()]) == 0
 
 
 async def test_the_running_consumer_claims_stores_and_acknowledges_everything(
@@ -300,7 +312,7 @@ async def test_the_running_consumer_claims_stores_and_acknowledges_everything(
     settings = dataclasses.replace(settings, redis_prefix=f"{settings.redis_prefix}{unique}:")
     stream = settings.stream(streams.AUDIT)
     await streams.ensure_group(redis, stream, audit_consumer.GROUP)
-    await audit.append(redis, settings, audit.record("token.issued", marker=unique, n=1000))
+    await _append(redis, settings, audit.record("token.issued", marker=unique, n=1000))
     taken = await streams.read_group(redis, stream, audit_consumer.GROUP, "dead", count=10)
     assert len(taken) == 1
     monkeypatch.setattr(audit_consumer, "CLAIM_IDLE_MS", 50)
@@ -315,9 +327,7 @@ async def test_the_running_consumer_claims_stores_and_acknowledges_everything(
             for n in range(flush * 30, flush * 30 + 30):
                 buffer.append(audit.record("api.call", marker=unique, n=n, path=f"/p/{n}"))
             assert await buffer.flush() == 30
-            await audit.append(
-                redis, settings, audit.record("grant.revoked", marker=unique, n=-flush)
-            )
+            await _append(redis, settings, audit.record("grant.revoked", marker=unique, n=-flush))
         for _ in range(100):
             if len(await _stored(pool, unique)) == 156:
                 break
@@ -331,7 +341,7 @@ async def test_the_running_consumer_claims_stores_and_acknowledges_everything(
     assert sorted(int(r["detail"]["n"]) for r in rows) == sorted(
         [*range(150), *(-f for f in range(5)), 1000]
     )
-    assert sum(r["stream_id"].startswith("r:") for r in rows) == 150
+    assert sum(r["record_id"].startswith("r:") for r in rows) == 150
     pending = await redis.xpending(stream, audit_consumer.GROUP)
     assert pending["pending"] == 0
 
@@ -354,7 +364,7 @@ async def test_the_consumer_does_not_claim_back_what_it_stored(
     task = asyncio.create_task(audit_consumer.run(pool, redis, settings, stop))
     try:
         for n in range(8):
-            await audit.append(redis, settings, audit.record("grant.revoked", marker=unique, n=n))
+            await _append(redis, settings, audit.record("grant.revoked", marker=unique, n=n))
             await asyncio.sleep(0.03)
         for _ in range(100):
             if len(await _stored(pool, unique)) == 8:
@@ -371,3 +381,125 @@ async def test_the_consumer_does_not_claim_back_what_it_stored(
     finally:
         stop.set()
         await asyncio.wait_for(task, 5)
+
+
+async def test_a_redis_restarted_empty_reusing_entry_ids_loses_no_record(
+    pool: Any, redis: Any, settings: Settings, unique: str
+) -> None:
+    """A new Redis (restarted empty, or whose clock is behind the old one's) hands out entry
+    ids the stored records came under: rows are keyed by each record's own id, so the new
+    records are stored beside the old, none silently discarded; delivered again, once."""
+    settings = dataclasses.replace(settings, redis_prefix=f"{settings.redis_prefix}{unique}:")
+    stream = settings.stream(streams.AUDIT)
+
+    def entries(generation: int) -> list[tuple[str, dict[str, Any]]]:
+        single = audit.record("login.succeeded", marker=unique, n=generation * 10)
+        batch = {
+            "records": [
+                audit.record("api.call", marker=unique, n=generation * 10 + i) for i in (1, 2)
+            ]
+        }
+        gateway = {
+            "records": [
+                {
+                    **audit.record("api.call", marker=unique, n=generation * 10 + 3),
+                    "rid": f"{unique}-{generation}",
+                }
+            ]
+        }
+        return [("5-1", single), ("5-2", batch), ("5-3", gateway)]
+
+    made = [entries(0), entries(1)]
+    for generation in (0, 1):
+        await redis.delete(stream)  # the restart: an empty Redis
+        await streams.ensure_group(redis, stream, audit_consumer.GROUP)
+        for entry_id, data in made[generation]:
+            await redis.xadd(stream, {b"data": orjson.dumps(data)}, id=entry_id)
+        assert await audit_consumer.consume_once(pool, redis, settings, "c", block_ms=10) == 3
+    stored = sorted(int(r["detail"]["n"]) for r in await _stored(pool, unique))
+    assert stored == [0, 1, 2, 3, 10, 11, 12, 13]
+
+    # The same entries delivered again (a consumer died before acknowledging): nothing more.
+    taken = [streams.Entry(i, d, orjson.dumps(d)) for i, d in made[1]]
+    await audit_consumer._store_entries(pool, taken)
+    assert len(await _stored(pool, unique)) == 8
+    await redis.delete(stream)
+
+
+async def test_identitys_records_commit_with_what_they_record(
+    pool: Any, redis: Any, settings: Settings, unique: str
+) -> None:
+    """A revoke's record is a row the moment the revoke has committed, no consumer involved;
+    a revoke rolled back leaves no record of itself."""
+    from services.identity import grants, schools
+    from tests.support import identity_records
+
+    school = await schools.create_school(pool, settings, f"aud{unique}", "Audit school")
+    client_id = f"aud-{unique}"
+    await pool.execute(
+        "INSERT INTO clients (id, school_id, name, redirect_uris, grant_types, response_types,"
+        " token_endpoint_auth_method, scopes) VALUES ($1, $2, 'A', '{}',"
+        " '{authorization_code}', '{code}', 'none', '{courses:read}')",
+        client_id,
+        school.id,
+    )
+    kept = await grants.create_grant(
+        pool, school_id=school.id, client_id=client_id, user_id=None, scopes=["courses:read"]
+    )
+    await grants.revoke_grants(pool, redis, settings, [kept.id], reason="test")
+    recorded = await identity_records(settings.database_url, grant_id=kept.id)
+    assert [r["action"] for r in recorded] == ["grant.revoked"]
+    rolled = await grants.create_grant(
+        pool, school_id=school.id, client_id=client_id, user_id=None, scopes=["courses:read"]
+    )
+
+    class Injected(Exception):
+        pass
+
+    try:
+        async with pool.acquire() as conn, conn.transaction():
+            await grants.record_revocations(conn, [rolled.id], reason="test")
+            raise Injected  # the process failing before the commit
+    except Injected:
+        pass
+    assert await identity_records(settings.database_url, grant_id=rolled.id) == []
+    row = await pool.fetchrow("SELECT revoked_at FROM grants WHERE id = $1", rolled.id)
+    assert row["revoked_at"] is None
+
+
+async def test_a_poison_entry_is_dead_lettered_and_the_consumer_goes_on(
+    pool: Any, redis: Any, settings: Settings, unique: str
+) -> None:
+    """An entry whose data is not a JSON object, among good records, before the stream or the
+    group exists: the good records are stored, the poison is copied to the dead-letter stream
+    and counted, everything is acknowledged, and the consumer keeps running."""
+    settings = dataclasses.replace(settings, redis_prefix=f"{settings.redis_prefix}{unique}:")
+    stream = settings.stream(streams.AUDIT)
+    dead: list[str] = []
+    stop = asyncio.Event()
+    task = asyncio.create_task(
+        audit_consumer.run(pool, redis, settings, stop, on_dead_letter=dead.append)
+    )
+    try:
+        await _append(redis, settings, audit.record("login.failed", marker=unique, n=1))
+        await redis.xadd(stream, {b"data": b"[1, 2, 3]"})
+        await _append(redis, settings, audit.record("login.failed", marker=unique, n=2))
+        for _ in range(100):
+            if len(await _stored(pool, unique)) == 2 and dead:
+                break
+            await asyncio.sleep(0.05)
+        await _append(redis, settings, audit.record("login.failed", marker=unique, n=3))
+        for _ in range(100):
+            if len(await _stored(pool, unique)) == 3:
+                break
+            await asyncio.sleep(0.05)
+        assert not task.done()
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)
+    assert sorted(int(r["detail"]["n"]) for r in await _stored(pool, unique)) == [1, 2, 3]
+    assert dead == [stream]
+    letters = await redis.xrange(settings.stream(audit_consumer.DEAD_LETTERS))
+    assert [fields[b"data"] for _, fields in letters] == [b"[1, 2, 3]"]
+    assert (await redis.xpending(stream, audit_consumer.GROUP))["pending"] == 0
+    await redis.delete(stream, settings.stream(audit_consumer.DEAD_LETTERS))

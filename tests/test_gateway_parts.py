@@ -8,6 +8,7 @@ import secrets
 from collections.abc import AsyncIterator
 from typing import Any
 
+import orjson
 import pytest
 
 from libs.common import keys, streams
@@ -63,6 +64,38 @@ async def test_audit_records_are_written_as_batch_entries_in_the_streams_shape(
     # once).
     assert len({r["rid"] for r in records}) == 450
     await redis.delete(stream)
+
+
+async def test_durable_records_of_concurrent_calls_share_one_xadd_and_each_call_waits_for_it(
+    connection: PipelinedRedis, settings: Settings, redis: Any
+) -> None:
+    """Group commit: the calls finishing in one turn (and while a write is in flight) are
+    written together, and each call's wait ends only once its record is an entry."""
+    stream = settings.stream(f"test:audit:{secrets.token_hex(4)}")
+    buffer = AuditBuffer(connection, stream, capacity=1000, durable=True)
+    buffer.start()
+    try:
+
+        async def call(n: int) -> bool:
+            slot = buffer.reserve()
+            assert slot is not None
+            assert await slot.written(_record(n))
+            # Answered now: the record must already be in the stream.
+            paths = {
+                r["path"]
+                for _, fields in await redis.xrange(stream)
+                for r in audit.records_of(orjson.loads(fields[b"data"]))
+            }
+            return f"/api/v1/courses/{n}" in paths
+
+        assert all(await asyncio.gather(*(call(n) for n in range(40))))
+        entries = await streams.read_tail(redis, stream, "0-0", count=1000, block_ms=10)
+        assert sum(len(e.data["records"]) for e in entries) == 40
+        assert len(entries) <= 2  # one XADD for the turn's calls (two if one started early)
+        assert buffer.reserved == 0 and len(buffer) == 0
+    finally:
+        await buffer.stop()
+        await redis.delete(stream)
 
 
 async def test_the_audit_buffer_sleeps_while_idle_and_writes_a_record_soon_after_it_comes(

@@ -249,3 +249,93 @@ async def test_a_stopping_gateway_finishes_in_flight_calls_and_flushes_the_audit
             if (data.get("detail") or {}).get("request_id") == request_id:
                 found = data["status"] == 200
     assert found
+
+
+async def test_a_gateway_killed_under_load_has_recorded_every_call_it_answered(
+    http: Any,
+    pool: Any,
+    redis: Any,
+    gateway_env: dict[str, str],
+    gateway_settings: Settings,
+    gateway_identity_url: str,
+    gateway_port: int,
+    tmp_path: Path,
+) -> None:
+    """Durable mode: calls served (200) and refused with a record (403) from
+    sixteen concurrent callers, and the gateway SIGKILLed in the middle of them. Every answer
+    a caller received has its record on connect:audit; a buffered gateway loses the records
+    of the last few milliseconds' answers."""
+    world: World = await make_world(pool, gateway_settings, "kill", gateway_port)
+    await pool.execute(
+        "UPDATE clients SET rate_limit_per_minute = 1000000 WHERE id = $1", world.client.id
+    )
+    keyring = keys.KeyRing(pool, gateway_settings)
+    grant_id = await user_grant(pool, world, ["courses:read", "openid"])
+    reader = await mint(
+        keyring, world.school.id, access_claims(gateway_settings, world, grant_id, "courses:read")
+    )
+    openid = await mint(
+        keyring, world.school.id, access_claims(gateway_settings, world, grant_id, "openid")
+    )
+    stream = gateway_settings.stream(streams.AUDIT)
+    since = await streams.last_id(redis, stream)
+    answered: dict[str, int] = {}
+    prefix = f"kill-{os.getpid()}-{time.monotonic_ns()}"
+
+    async def caller(url: str, label: str, token: str, steady: asyncio.Event, target: int) -> None:
+        for i in range(100_000):
+            rid = f"{label}-{i}"
+            try:
+                async with http.get(
+                    url + "/api/v1/courses",
+                    headers={
+                        "Host": world.host,
+                        "Authorization": f"Bearer {token}",
+                        "X-Request-Id": rid,
+                    },
+                ) as resp:
+                    await resp.read()
+                    answered[rid] = resp.status
+                    if len(answered) >= target:
+                        steady.set()
+            except (aiohttp.ClientError, OSError):
+                return  # killed: this call had no answer
+
+    # Twice: one kill could land just after a buffered gateway's flush, and prove nothing.
+    for round_ in range(2):
+        process = GatewayProcess(
+            {**gateway_env, "LOG_LEVEL": "warning", "GATEWAY_AUDIT_MODE": "durable"},
+            tmp_path / f"gw-{round_}.log",
+        )
+        try:
+            await process.ready(http)
+            # Once the load is steady, so the kill lands among calls.
+            steady = asyncio.Event()
+            target = len(answered) + 300
+            callers = [
+                asyncio.create_task(
+                    caller(
+                        process.url,
+                        f"{prefix}-{round_}-{n}",
+                        openid if n % 4 == 0 else reader,
+                        steady,
+                        target,
+                    )
+                )
+                for n in range(16)
+            ]
+            await steady.wait()
+            os.kill(process.process.pid, signal.SIGKILL)
+            await asyncio.gather(*callers)
+        finally:
+            process.stop()
+    assert {200, 403} <= set(answered.values())
+    recorded: dict[str, int] = {}
+    for _, fields in await redis.xrange(stream, min=f"({since}"):
+        for data in audit.records_of(orjson.loads(fields[b"data"])):
+            rid = (data.get("detail") or {}).get("request_id")
+            if isinstance(rid, str) and rid.startswith(prefix):
+                recorded[rid] = data["status"]
+    missing = sorted(set(answered) - set(recorded))
+    assert not missing, f"{len(missing)} of {len(answered)} answered calls have no record"
+    assert {rid: recorded[rid] for rid in answered} == answered

@@ -438,7 +438,12 @@ async def test_calls_in_progress_hold_their_records_place_and_a_full_buffer_refu
     ids = _ids("held")
     async with (
         recording_upstream(aiohttp_server) as (upstream, upstream_url),
-        extra_gateway(gateway_env, GATEWAY_AUDIT_BUFFER="2", SCHOOL_API_URL=upstream_url) as base,
+        extra_gateway(
+            gateway_env,
+            GATEWAY_AUDIT_MODE="buffered",
+            GATEWAY_AUDIT_BUFFER="2",
+            SCHOOL_API_URL=upstream_url,
+        ) as base,
     ):
         # One call first, recorded and written out: the school's keys are fetched and the
         # buffer is empty again.
@@ -518,6 +523,7 @@ async def test_with_the_audit_redis_away_the_buffer_fills_then_calls_are_refused
         recording_upstream(aiohttp_server) as (upstream, upstream_url),
         extra_gateway(
             gateway_env,
+            GATEWAY_AUDIT_MODE="buffered",
             GATEWAY_AUDIT_BUFFER="4",
             SCHOOL_API_URL=upstream_url,
             REDIS_URL=audit_link.url,
@@ -570,3 +576,91 @@ async def test_with_the_audit_redis_away_the_buffer_fills_then_calls_are_refused
         assert set(found) == set(served)
         assert all(found[rid]["status"] == 200 for rid in served)
         assert not await _records(redis, gateway_settings, set(refused))
+
+
+# Durable mode (GATEWAY_AUDIT_MODE=durable): an answer waits for its record -----------------------
+
+
+async def test_in_durable_mode_every_answer_has_its_record_on_the_stream_when_it_arrives(
+    http: Any,
+    pool: Any,
+    redis: Any,
+    gateway_settings: Settings,
+    gateway_env: dict[str, str],
+    gateway_port: int,
+    gateway_identity_url: str,
+    keyring: keys.KeyRing,
+) -> None:
+    """Served (200) or refused with a record (403), and concurrent or one by one: when the
+    answer reaches the caller, its record is already an entry of connect:audit (buffered mode
+    writes it a flush interval later)."""
+    world = await make_world(pool, gateway_settings, "durable", gateway_port)
+    reader = await _token(keyring, gateway_settings, pool, world, "courses:read")
+    openid = await _token(keyring, gateway_settings, pool, world, "openid")
+    ids = _ids("durable")
+    async with extra_gateway(gateway_env, GATEWAY_AUDIT_MODE="durable") as base:
+
+        async def call_and_look(token: str, expected: int) -> None:
+            rid = next(ids)
+            status, _, body = await _call(http, base, world, token, request_id=rid)
+            assert status == expected, body
+            found = await _records(redis, gateway_settings, {rid})
+            assert rid in found, f"the {status} answer came before its record"
+            assert found[rid]["status"] == expected
+
+        for _ in range(5):
+            await call_and_look(reader, 200)
+            await call_and_look(openid, 403)
+        await asyncio.gather(*(call_and_look(reader, 200) for _ in range(12)))
+
+
+@pytest.mark.parametrize("mode", ["hold", "cut"])
+async def test_in_durable_mode_a_call_whose_record_cannot_be_written_is_answered_503(
+    mode: str,
+    http: Any,
+    pool: Any,
+    redis: Any,
+    gateway_settings: Settings,
+    gateway_env: dict[str, str],
+    gateway_port: int,
+    gateway_identity_url: str,
+    keyring: keys.KeyRing,
+    audit_link: AuditLink,
+    aiohttp_server: AiohttpServer,
+) -> None:
+    """Redis stops taking the audit writes: no call is answered 200 (the upstream may have
+    served it, and its record is kept and written once Redis takes writes again), and then
+    calls are served again, each with its record."""
+    world = await make_world(pool, gateway_settings, f"durable{mode}", gateway_port)
+    token = await _token(keyring, gateway_settings, pool, world, "courses:read")
+    ids = _ids("dlink")
+    async with (
+        recording_upstream(aiohttp_server) as (upstream, upstream_url),
+        extra_gateway(
+            gateway_env,
+            GATEWAY_AUDIT_MODE="durable",
+            SCHOOL_API_URL=upstream_url,
+            REDIS_URL=audit_link.url,
+        ) as base,
+    ):
+        first = next(ids)
+        assert (await _call(http, base, world, token, request_id=first))[0] == 200
+        assert await _records(redis, gateway_settings, {first})
+
+        audit_link.stop(mode)
+        unanswered = [next(ids) for _ in range(3)]
+        for rid in unanswered:
+            status, headers, body = await _call(http, base, world, token, request_id=rid)
+            assert status == 503, body
+            assert body["error"] == "temporarily_unavailable"
+            assert headers["Retry-After"] == "1"
+        # They reached the upstream before their records could be written.
+        assert upstream.received == [first, *unanswered]
+        assert not await _records(redis, gateway_settings, set(unanswered))
+
+        audit_link.resume()
+        served = [first]
+        await _served_again(http, base, world, token, ids, served, unanswered)
+        assert upstream.received == [*served[:1], *unanswered, *served[1:]]
+        found = await _until_recorded(redis, gateway_settings, {*served, *unanswered})
+        assert set(found) == {*served, *unanswered}

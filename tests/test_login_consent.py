@@ -9,14 +9,15 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
+import orjson
 import pytest
 import redis.asyncio as redis_asyncio
 
 from libs.common import scopes as catalogue
-from libs.common import streams
 from libs.common.config import Settings
 from services.identity import credentials, sessions
 from services.identity.store import authorize as flow_store
+from tests.support import identity_records
 from tests.test_authorize import (
     PASSWORD,
     REDIRECT,
@@ -355,8 +356,11 @@ async def test_consent_lists_seed_descriptions_and_allow_returns_a_code(
     )
     assert set(consented) == {"openid", "email", "courses:read", "students:read"}
 
-    entries = await redis.xrange(settings.stream(streams.AUDIT))
-    actions = [e[1][b"data"].decode() for e in entries]
+    actions = [
+        orjson.dumps(r, default=str).decode()
+        for r in await identity_records(settings.database_url)
+        if r["client_id"] == world.client.id or r["subject"] == str(world.user.id)
+    ]
     assert any('"consent.granted"' in a and world.client.id in a for a in actions)
     assert any('"grant.created"' in a and str(row["grant_id"]) in a for a in actions)
     assert any('"login.succeeded"' in a and str(world.user.id) in a for a in actions)

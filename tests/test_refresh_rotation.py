@@ -367,4 +367,5 @@ def test_each_refusal_is_told_in_its_own_words() -> None:
         "the refresh token has no user",
         "the user's role at the school no longer allows this grant",
         "the refresh token has already been used",
+        "the client is no longer registered for this grant's scopes",
     }

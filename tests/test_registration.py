@@ -22,6 +22,7 @@ from services.identity import (
     store,
     users,
 )
+from tests.support import identity_records
 
 # Seed 001, step 1, option B: the request and the answer users expect, verbatim.
 SEED_REQUEST = b"""{
@@ -365,8 +366,8 @@ async def test_registration_is_audited_without_secrets(
         http, origin(identity_port, school.subdomain), body(token_endpoint_auth_method=None)
     )
     assert status == 201
-    raw = [fields[b"data"] for _id, fields in await redis.xrange(settings.stream(streams.AUDIT))]
-    mine = [orjson.loads(r) for r in raw if answer["client_id"].encode() in r]
+    mine = await identity_records(settings.database_url, client_id=answer["client_id"])
+    raw = [orjson.dumps(r, default=str) for r in mine]
     assert [e["action"] for e in mine] == ["client.registered"]
     assert mine[0]["school_id"] == school.id
     assert mine[0]["ip"] == "127.0.0.1"
@@ -696,8 +697,8 @@ async def test_delete_revokes_the_clients_grants(
     assert {"grant_id": str(grant.id), "reason": "client_deleted"}.items() <= next(
         e for e in announced if e["grant_id"] == str(grant.id)
     ).items()
-    audited = await stream_entries(redis, settings.stream(streams.AUDIT))
-    actions = [e["action"] for e in audited if e.get("client_id") == made["client_id"]]
+    audited = await identity_records(settings.database_url, client_id=made["client_id"])
+    actions = [e["action"] for e in audited]
     assert actions[-2:] == ["grant.revoked", "client.deleted"]
 
 

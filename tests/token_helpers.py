@@ -19,6 +19,7 @@ from joserfc.jwk import KeySet
 from libs.common import keys, streams
 from libs.common.config import Settings
 from services.identity import clients, credentials, grants, schools, store, users
+from tests.support import identity_records
 
 REDIRECT_URI = "https://app.example.com/callback"
 PASSWORD = "correct horse battery"
@@ -263,11 +264,6 @@ async def revocation_marked(redis: Any, settings: Settings, grant_id: UUID) -> t
 
 
 async def audit_actions(redis: Any, settings: Settings, grant_id: UUID | str) -> list[str]:
-    """Actions recorded on connect:audit for one grant, oldest first."""
-    entries = await redis.xrevrange(settings.stream(streams.AUDIT), count=2000)
-    found = []
-    for _, fields in entries:
-        record = orjson.loads(fields[b"data"])
-        if record.get("grant_id") == str(grant_id):
-            found.append(record["action"])
-    return list(reversed(found))
+    """Actions identity recorded for one grant, oldest first (in audit_log, written with what
+    they record)."""
+    return [r["action"] for r in await identity_records(settings.database_url, grant_id=grant_id)]

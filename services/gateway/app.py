@@ -24,7 +24,7 @@ from aiohttp import web
 from libs.common import db, redis_client, streams, tasks
 from libs.common.config import Settings
 from libs.common.logging import get_logger
-from libs.common.web import METRICS, READINESS
+from libs.common.web import METRICS, READINESS, watch_background
 from services.gateway import broadcasts, edge, mcp, openapi, revocation, routes, routetable
 from services.gateway.audit import AuditBuffer
 from services.gateway.context import CONTEXT, ROUTES, GatewayContext
@@ -106,6 +106,9 @@ class _Stores:
 
     @classmethod
     async def open(cls, settings: Settings) -> _Stores:
+        # Durable mode holds calls while their records are written: a write that hangs ends
+        # soon (the calls answered 503, the records kept), as the guard's does.
+        audit_timeout = 2 * REDIS_TIMEOUT if settings.gateway.audit_mode == "durable" else 5.0
         pool: asyncpg.Pool = await db.create_pool(
             settings.database_url,
             min_size=settings.db_pool_min,
@@ -125,7 +128,7 @@ class _Stores:
             # The guard's "no mark" is "not revoked" only where identity restored the marks
             # for the node's run (libs/common/marks_fence.py); the audit's XADDs need no fence.
             guard=pipelined(settings.redis_url, timeout=REDIS_TIMEOUT, fenced_by=settings),
-            audit=pipelined(settings.redis_url, timeout=5.0),
+            audit=pipelined(settings.redis_url, timeout=audit_timeout),
             followers=streams.connect(settings.redis_url),
         )
 
@@ -162,6 +165,7 @@ def _context(
         capacity=settings.gateway.audit_buffer_size,
         on_drop=metrics.audit_dropped.inc,
         on_refuse=metrics.audit_refused.inc,
+        durable=settings.gateway.audit_mode == "durable",
     )
     metrics.audit_buffer_used.set_function(lambda: len(audit_buffer) + audit_buffer.reserved)
     return GatewayContext(
@@ -186,8 +190,9 @@ def _context(
 
 
 def _register_readiness(app: web.Application, ctx: GatewayContext) -> None:
-    """/readyz: PostgreSQL, Redis and identity answer."""
-    identity_url = ctx.routes.upstreams["identity"]
+    """/readyz: PostgreSQL and Redis answer. Not identity: an identity outage must not take
+    every gateway out of the balancer (calls with tokens already verified, or of issuers
+    whose JWKS is cached, are still served)."""
 
     async def postgres_ready() -> bool:
         return await db.ping(ctx.pool)
@@ -198,24 +203,19 @@ def _register_readiness(app: web.Application, ctx: GatewayContext) -> None:
         except redis.RedisError:
             return False
 
-    async def identity_ready() -> bool:
-        try:
-            async with ctx.upstreams.session("identity").get(
-                identity_url + "/healthz", timeout=JWKS_TIMEOUT
-            ) as resp:
-                return resp.status == 200
-        except (aiohttp.ClientError, TimeoutError):
-            return False
-
     app[READINESS]["postgresql"] = postgres_ready
     app[READINESS]["redis"] = redis_ready
-    app[READINESS]["identity"] = identity_ready
 
 
 def _follow_announcements(
-    settings: Settings, ctx: GatewayContext, followers: redis.Redis, lease: revocation.Lease
-) -> list[asyncio.Task[None]]:
-    """Follow connect:revocations (holding the revocation lease) and connect:keys."""
+    settings: Settings,
+    ctx: GatewayContext,
+    followers: redis.Redis,
+    lease: revocation.Lease,
+    supervisor: tasks.Supervisor,
+) -> None:
+    """Follow connect:revocations (holding the revocation lease) and connect:keys, each
+    supervised: restarted with backoff whatever ends it (libs/common/tasks.py)."""
 
     def on_keys(entry: streams.Entry) -> None:
         school_id = entry.data.get("school_id")
@@ -223,10 +223,14 @@ def _follow_announcements(
         # A rotation may have withdrawn a key: tokens it signed are judged afresh.
         ctx.verifier.forget()
 
-    return [
-        asyncio.create_task(revocation.follow_revocations(followers, settings, ctx.revoked, lease)),
-        asyncio.create_task(broadcasts.follow(followers, settings.stream(streams.KEYS), on_keys)),
-    ]
+    supervisor.start(
+        "gateway-revocations",
+        lambda: revocation.follow_revocations(followers, settings, ctx.revoked, lease),
+    )
+    supervisor.start(
+        "gateway-keys",
+        lambda: broadcasts.follow(followers, settings.stream(streams.KEYS), on_keys),
+    )
 
 
 def _resources(
@@ -239,14 +243,16 @@ def _resources(
         ctx = app[CONTEXT] = _context(settings, table, stores, metrics, lease)
         _register_readiness(app, ctx)
         ctx.audit.start()
-        background = _follow_announcements(settings, ctx, stores.followers, lease)
+        supervisor = tasks.Supervisor(asyncio.Event())
+        _follow_announcements(settings, ctx, stores.followers, lease, supervisor)
+        watch_background(app, supervisor)
         try:
             yield
         finally:
             # In-flight calls have finished by now (aiohttp's shutdown runs before cleanup):
             # write out their audit records, then let go of everything.
             await ctx.audit.stop()
-            await tasks.stop_all(background, grace=0)
+            await supervisor.close(grace=0)
             await ctx.jwks.close()
             await ctx.upstreams.close()
             await stores.close()

@@ -19,6 +19,16 @@ than served unaudited; the refusal is counted and warned of at most once per WAR
 reservation is a counter, no Redis round trip: what the audit trail costs a call stays where
 it was. `append` (a record no call waits on) drops and counts the record when the buffer is
 full. Identity's audit consumer stores the stream in PostgreSQL.
+
+Durable mode (GATEWAY_AUDIT_MODE=durable) closes the one window buffering leaves:
+a gateway killed (SIGKILL, OOM, a lost host) loses the records it held, up to FLUSH_INTERVAL of
+answered calls. There a call's answer waits until its record is on the stream
+(`Slot.written`): the flush starts as soon as a record comes, with no interval, and the records
+of every call that finished while the previous XADD was in flight go together in the next one
+(a group commit, as databases do for their log), so a call waits one Redis round trip or two,
+and under load one XADD still carries many records. A call whose record cannot be written (Redis
+away) is answered 503, like one refused a place; its record stays buffered and is written when
+Redis is back (the upstream was called: the call happened).
 """
 
 from __future__ import annotations
@@ -50,6 +60,9 @@ log = get_logger(__name__)
 #   0.05 s: 0.85-0.90× / +0.55 to +0.92 ms.
 # A busy gateway fills a batch (BATCH) before the interval ends.
 FLUSH_INTERVAL = 0.02
+# Durable mode: after a failed write, the next attempt comes after at most this long (calls
+# wait for it, answered 503 if it fails too).
+DURABLE_RETRY_MAX = 0.5
 # Bounds of one batch entry: the consumer holds a read of entries in memory at once, and a
 # huge entry would hold up Redis (and every call's guard check on it) while it is copied.
 BATCH = 200
@@ -102,14 +115,24 @@ class Slot:
         """Neither filled nor given back yet."""
         return self._buffer is not None
 
-    def fill(self, record: dict[str, Any]) -> None:
-        """Queue the call's record in its place; a place is filled once."""
+    def fill(self, record: dict[str, Any]) -> int:
+        """Queue the call's record in its place; a place is filled once. Returns the record's
+        number, for AuditBuffer.written."""
         buffer = self._buffer
         if buffer is None:
             raise RuntimeError("this audit slot was already filled or released")
         self._buffer = None
         buffer._reserved -= 1
-        buffer._queue(record)
+        return buffer._queue(record)
+
+    async def written(self, record: dict[str, Any]) -> bool:
+        """Fill the place, and in durable mode wait until the record is on the stream: True
+        when the call may be answered, False when the record could not be written now (the
+        call is answered 503; the record stays buffered and is written later)."""
+        buffer = self._buffer
+        number = self.fill(record)
+        assert buffer is not None
+        return await buffer.written(number)
 
     def release(self) -> None:
         """Give the place back unfilled (the call ended with no record to write); once filled
@@ -129,8 +152,10 @@ class AuditBuffer:
         capacity: int,
         on_drop: Callable[[], None] | None = None,
         on_refuse: Callable[[], None] | None = None,
+        durable: bool = False,
     ) -> None:
         self._redis = connection
+        self.durable = durable
         # Everything of the XADD but the value: `XADD <stream> MAXLEN ~ N * data <json>`.
         self._head = pack(
             b"XADD", stream, b"MAXLEN", b"~", streams.DEFAULT_MAXLEN, b"*", b"data", b""
@@ -148,10 +173,16 @@ class AuditBuffer:
         self._last_warning = float("-inf")
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._stopped = asyncio.Event()
         self.dropped = 0
         self.refused = 0
         self._id_prefix = secrets.token_hex(8) + "-"
-        self._ids = itertools.count(1)
+        # Records queued and records written since start: a record's number is its place in
+        # the order of both, as records are written in the order they were queued.
+        self._queued = 0
+        self._written = 0
+        # Durable mode: calls waiting for their record, in order (its number, their future).
+        self._waiters: deque[tuple[int, asyncio.Future[bool]]] = deque()
 
     def __len__(self) -> int:
         return len(self._records)
@@ -196,16 +227,35 @@ class AuditBuffer:
                 reserved=self._reserved,
             )
 
-    def _queue(self, record: dict[str, Any]) -> None:
+    def _queue(self, record: dict[str, Any]) -> int:
         # Its own id, unique across processes: a flush whose replies were lost (the connection
         # dropped after Redis applied some of the XADDs) sends the records again in new
         # entries, and identity keys each row by this id, so a record is stored once.
-        record["rid"] = f"{self._id_prefix}{next(self._ids):x}"
+        self._queued += 1
+        record["rid"] = f"{self._id_prefix}{self._queued:x}"
         self._records.append(orjson.dumps(record))
         if len(self._records) == 1:
             self._has_records.set()
         elif len(self._records) >= BATCH:
             self._batch_ready.set()
+        return self._queued
+
+    async def written(self, number: int) -> bool:
+        """Durable mode: wait until record `number` is on the stream; False if a write failed
+        first (Redis away: the record stays buffered). Buffered mode: True at once."""
+        if not self.durable or self._written >= number:
+            return True
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._waiters.append((number, done))
+        return await done
+
+    def _settle(self, ok: bool) -> None:
+        """Answer the waiters: those whose record is written (ok), or all (a write failed)."""
+        waiters = self._waiters
+        while waiters and (not ok or waiters[0][0] <= self._written):
+            _, done = waiters.popleft()
+            if not done.done():
+                done.set_result(ok)
 
     def _entry(self, start: int) -> tuple[bytes, int]:
         """The XADD of one batch entry from the records at `start`: (command, records in it).
@@ -241,6 +291,9 @@ class AuditBuffer:
                 for _ in range(count):
                     self._records.popleft()
                 written += count
+                self._written += count
+            if self._waiters:
+                self._settle(True)
         return written
 
     async def _run(self) -> None:
@@ -270,12 +323,42 @@ class AuditBuffer:
             if self._stopping:
                 return
 
+    async def _run_durable(self) -> None:
+        """Write records as soon as they come: while one write is in flight the records of
+        the calls finishing meanwhile gather, and go together in the next (group commit)."""
+        delay = FLUSH_INTERVAL
+        while True:
+            if not self._records:
+                if self._stopping:
+                    return
+                self._has_records.clear()
+                await self._has_records.wait()
+                continue
+            try:
+                await self.flush()
+                delay = FLUSH_INTERVAL
+            except (OSError, RedisReplyError):
+                # The calls waiting are answered 503 now rather than held; their records stay
+                # buffered and are written once Redis answers again.
+                self._settle(False)
+                if self._stopping:
+                    log.warning("audit_records_lost_at_shutdown", records=len(self._records))
+                    return
+                now = time.monotonic()
+                if now - self._last_warning >= WARN_INTERVAL:
+                    self._last_warning = now
+                    log.warning("audit_flush_failed", buffered=len(self._records))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopped.wait(), timeout=delay)
+                delay = min(delay * 2, DURABLE_RETRY_MAX)
+
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
+        self._task = asyncio.create_task(self._run_durable() if self.durable else self._run())
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Write what is left and stop (graceful shutdown, after in-flight calls finished)."""
         self._stopping = True
+        self._stopped.set()
         self._batch_ready.set()
         self._has_records.set()
         if self._task is None:
@@ -284,3 +367,4 @@ class AuditBuffer:
             await asyncio.wait_for(self._task, timeout=timeout)
         except TimeoutError:
             log.warning("audit_records_lost_at_shutdown", records=len(self._records))
+        self._settle(False)

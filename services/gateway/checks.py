@@ -135,19 +135,29 @@ async def _admitted_call(
     if not allowed_by_scope:
         refusal = refusals.insufficient_scope(required)
         _charged(ctx, "insufficient_scope", refusal, verdict, origin, client)
-        slot.fill(_record(request, verified, fwd, refusal.status, None))
+        if not await slot.written(_record(request, verified, fwd, refusal.status, None)):
+            return refusals.audit_unavailable()
         return refusal
     # 7: rate limit.
     if not verdict.allowed:
         refusal = refusals.rate_limited(verdict.retry_after)
         _charged(ctx, "rate_limited", refusal, verdict, origin, client)
-        slot.fill(_record(request, verified, fwd, refusal.status, scope_used))
+        if not await slot.written(_record(request, verified, fwd, refusal.status, scope_used)):
+            return refusals.audit_unavailable()
         return refusal
 
     identity = identity_headers(ctx, request, verified, school_id)
     extra = verdict.headers()
     cors.grant(extra, origin, client.allowed_origins)
     headers = proxy.upstream_request_headers(request, fwd, identity=identity)
+
+    async def before_send(answered: int) -> web.StreamResponse | None:
+        # Durable mode, an answer streamed as it comes: its record is written before the
+        # status goes out, as for any other answer below.
+        if await slot.written(_record(request, verified, fwd, answered, scope_used)):
+            return None
+        return refusals.audit_unavailable()
+
     # What aiohttp answers for a handler that raised; a call cancelled midway (the gateway
     # stopping) had no answer at all, which is what nginx calls 499. Either way the call may
     # have reached the upstream, so it is recorded.
@@ -161,14 +171,22 @@ async def _admitted_call(
             ctx.metrics,
             protected=True,
             extra=extra,
+            before_send=before_send if ctx.audit.durable else None,
         )
         status = response.status
+        # Answered only once the record is written (durable mode: a gateway killed right
+        # after answering has lost no record); buffered, this queues it and goes on.
+        if slot.open and not await slot.written(
+            _record(request, verified, fwd, status, scope_used)
+        ):
+            return refusals.audit_unavailable()
         return response
     except asyncio.CancelledError:
         status = 499
         raise
     finally:
-        slot.fill(_record(request, verified, fwd, status, scope_used))
+        if slot.open:
+            slot.fill(_record(request, verified, fwd, status, scope_used))
 
 
 def _rejected(ctx: GatewayContext, reason: str, description: str) -> web.Response:

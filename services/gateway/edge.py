@@ -28,6 +28,7 @@ from aiohttp import web
 from libs.common.errors import json_response
 from libs.common.logging import get_logger
 from libs.common.web import (
+    LIVENESS,
     METRICS,
     READINESS,
     REQUEST_ID_KEY,
@@ -134,6 +135,7 @@ def application(
     app = web.Application(middlewares=[request_context, *(middlewares or [])])
     app[METRICS] = metrics
     app[READINESS] = {}
+    app[LIVENESS] = {}
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", _operators_only(readyz, public))
     app.router.add_get("/metrics", _operators_only(metrics_endpoint, public))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -52,6 +52,8 @@ _FORWARDING = frozenset(
 # session among them) must not reach a resource service.
 _PROTECTED_DROP = frozenset({"authorization", "cookie", "x-request-id"})
 IDENTITY_PREFIX = "x-connect-"
+# Run before a streamed answer's status is sent: None to go on, or the answer to send instead.
+BeforeSend = Callable[[int], Awaitable[web.StreamResponse | None]]
 # The caller's Host is replaced by the forwarding one, never sent twice.
 _PUBLIC_SKIP = HOP_BY_HOP | _FORWARDING | {"host"}
 _PROTECTED_SKIP = _PUBLIC_SKIP | _PROTECTED_DROP
@@ -207,12 +209,19 @@ async def forward(
     *,
     protected: bool,
     extra: Mapping[str, str] | None = None,
+    before_send: BeforeSend | None = None,
 ) -> web.StreamResponse:
-    """Send the call to `upstream` and relay its answer; 502/504 JSON when it fails."""
+    """Send the call to `upstream` and relay its answer; 502/504 JSON when it fails.
+
+    `before_send(status)` runs before an answer streamed as it comes sends its status; what it
+    returns, if anything, is answered instead. An answer returned whole (not yet prepared) is
+    left for the caller to send."""
     if protected and request.method in http1_pool.METHODS and not request.body_exists:
         lean = upstreams.lean.get(upstream)
         if lean is not None:
-            return await _forward_lean(request, lean, upstream, headers, metrics, extra)
+            return await _forward_lean(
+                request, lean, upstream, headers, metrics, extra, before_send
+            )
     url = URL(upstreams.urls[upstream] + request.raw_path, encoded=True)
     session = upstreams.session(upstream)
     data = request.content if request.body_exists else None
@@ -253,6 +262,10 @@ async def forward(
                 reason=upstream_response.reason,
                 headers=out_headers,
             )
+        if before_send is not None:
+            instead = await before_send(status)
+            if instead is not None:
+                return instead
         return await _stream(request, upstream_response, out_headers, upstream, metrics)
     finally:
         upstream_response.release()
@@ -301,6 +314,7 @@ async def _forward_lean(
     headers: CIMultiDict[str],
     metrics: GatewayMetrics,
     extra: Mapping[str, str] | None,
+    before_send: BeforeSend | None,
 ) -> web.StreamResponse:
     """forward() over the lean client: the same answers, errors and metrics."""
     started = time.perf_counter()
@@ -349,6 +363,10 @@ async def _forward_lean(
             return web.Response(
                 body=body or None, status=answer.status, reason=answer.reason, headers=out_headers
             )
+        if before_send is not None:
+            instead = await before_send(answer.status)
+            if instead is not None:
+                return instead
         return await _stream_lean(request, answer, out_headers, name, metrics, deadline)
     finally:
         answer.release()

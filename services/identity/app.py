@@ -10,13 +10,14 @@ from typing import Any
 import asyncpg
 import structlog
 from aiohttp import web
+from prometheus_client import Counter
 from redis.exceptions import RedisError
 
 from libs.common import db, streams, tasks
 from libs.common.config import Settings
 from libs.common.errors import NotFound, OAuthError
 from libs.common.logging import get_logger
-from libs.common.web import READINESS, Handler, base_application
+from libs.common.web import METRICS, READINESS, Handler, base_application, watch_background
 from services.identity import (
     audit_consumer,
     clients,
@@ -141,23 +142,44 @@ def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[
             statement_cache=settings.database_statement_cache,
         )
         stop = asyncio.Event()
-        background = [
-            asyncio.create_task(_rotate_on_schedule(pool, redis_client, settings, stop)),
-            asyncio.create_task(audit_consumer.run(audit_pool, redis_client, settings, stop)),
-            asyncio.create_task(sweep.run(pool, settings, stop), name="identity-sweep"),
-            asyncio.create_task(
-                revocation_marks.run(pool, redis_client, settings, stop),
-                name="identity-revocation-marks",
+        # Every loop supervised: restarted with backoff whatever ends it, and /healthz and
+        # /readyz say when one is dead or keeps failing (libs/common/tasks.py).
+        supervisor = tasks.Supervisor(stop)
+        dead_letters = Counter(
+            "stream_dead_letters_total",
+            "Stream entries set aside unread (not a JSON object), by stream",
+            ["stream"],
+            registry=app[METRICS].registry,
+        )
+        supervisor.start(
+            "identity-key-rotation",
+            lambda: _rotate_on_schedule(pool, redis_client, settings, stop),
+        )
+        supervisor.start(
+            "identity-audit-consumer",
+            lambda: audit_consumer.run(
+                audit_pool,
+                redis_client,
+                settings,
+                stop,
+                on_dead_letter=lambda stream: dead_letters.labels(stream).inc(),
+                ran_cleanly=lambda: supervisor.ran_cleanly("identity-audit-consumer"),
             ),
-            asyncio.create_task(
-                clients.follow_changes(redis_client, settings, stop),
-                name="identity-client-changes",
-            ),
-        ]
+        )
+        supervisor.start("identity-sweep", lambda: sweep.run(pool, settings, stop))
+        supervisor.start(
+            "identity-revocation-marks",
+            lambda: revocation_marks.run(pool, redis_client, settings, stop),
+        )
+        supervisor.start(
+            "identity-client-changes",
+            lambda: clients.follow_changes(redis_client, settings, stop),
+        )
+        watch_background(app, supervisor)
         try:
             yield
         finally:
-            await tasks.stop_all(background, stop=stop)
+            await supervisor.close()
             await redis_client.aclose()
             await audit_pool.close()
             await pool.close()

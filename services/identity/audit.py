@@ -1,32 +1,38 @@
-"""Identity's side of the audit trail: appending its own events to `connect:audit`.
+"""Identity's side of the audit trail: its own records, and the shape of every record.
 
-Records are appended, never awaited by anything but Redis: storing them in PostgreSQL is the
-audit consumer's job, batched, off the request path.
+Identity's records are rows of audit_log written in the same PostgreSQL transaction as what
+they record (`write`): a grant revoked, a client registered, a code redeemed commit with their
+record or not at all, so no crash between the action and its record can lose the record (they
+used to be appended to Redis after the commit, where a SIGKILL in between, or a Redis that lost
+the entry, lost it). `connect:audit` carries the gateway's records, which identity's consumer
+stores (audit_consumer.py).
 
-Appends made in the same event-loop turn share one pipelined round trip: a single XADD through
-redis-py costs about as much CPU as signing the token it records. Each caller still waits until
-its own record is in Redis, so a response is never sent before its audit record is stored.
+Every record has its own id, made where it is created: `rid` on the gateway's records (a prefix
+random to the process and a counter), `i:<uuid>` for identity's. Rows are keyed by it, so a
+record stored twice (an entry claimed again after a crash, a batch sent again after a lost
+reply) is one row, and two records are never taken for one (a stream entry id is not an
+identity: a Redis restarted empty, or one whose clock is behind the old one's, hands out ids
+it handed out before).
 
-Two shapes of entry share the stream: a record itself (identity's appends, one entry each), and
-a batch, `{"records": [record, ...]}` (the gateway's, one entry per flush). `records_of` reads
-both; a record never has a `records` member, so the shapes cannot be confused.
+Two shapes of entry share the stream: a record itself (one entry each, as identity wrote them
+before its records went to PostgreSQL), and a batch, `{"records": [record, ...]}` (the
+gateway's, one entry per flush). `records_of` reads both; a record never has a `records`
+member, so the shapes cannot be confused.
 """
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
+import functools
+import ipaddress
 import time
-import weakref
+import uuid
+from datetime import UTC, datetime
 from typing import Any
+from uuid import UUID
 
-import redis.asyncio as redis
-from redis.exceptions import RedisError
-
-from libs.common import streams
-from libs.common.config import Settings
-from libs.common.logging import get_logger
-
-log = get_logger(__name__)
+from libs.common.db import Executor
+from services.identity.store import audit as audit_store
 
 BATCH_MEMBER = "records"
 
@@ -70,63 +76,94 @@ def records_of(data: dict[str, Any]) -> list[dict[str, Any]]:
     return [r for r in batch if isinstance(r, dict)] if isinstance(batch, list) else []
 
 
-class _Batch:
-    """The records waiting for the next pipelined XADD to one stream of one client."""
-
-    def __init__(self, client: redis.Redis, stream: str) -> None:
-        self._client = client
-        self._stream = stream
-        self._pending: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
-        self._flusher: asyncio.Task[None] | None = None
-
-    async def add(self, entry: dict[str, Any]) -> None:
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((entry, done))
-        if self._flusher is None:
-            # Started now, run next turn: every append of this turn is in the pipeline.
-            self._flusher = asyncio.create_task(self._flush())
-        # Shielded: a cancelled request must not cancel the flush its neighbours wait on.
-        await asyncio.shield(done)
-
-    async def _flush(self) -> None:
-        try:
-            while self._pending:
-                taken, self._pending = self._pending, []
-                try:
-                    await streams.append_many(self._client, self._stream, [e for e, _ in taken])
-                except BaseException as exc:
-                    failure = exc if isinstance(exc, Exception) else RedisError("flush stopped")
-                    for _, done in taken:
-                        if not done.done():
-                            done.set_exception(failure)
-                    if not isinstance(exc, Exception):
-                        raise
-                else:
-                    for _, done in taken:
-                        if not done.done():
-                            done.set_result(None)
-        finally:
-            self._flusher = None
-            # Cancelled with records still queued (shutdown): fail them, never leave a waiter.
-            for _, done in self._pending:
-                if not done.done():
-                    done.set_exception(RedisError("the audit flush was stopped"))
-            self._pending = []
+async def write(db: Executor, entry: dict[str, Any]) -> None:
+    """Store one of identity's records, in `db`'s transaction when it is a connection inside
+    one: the record commits with what it records."""
+    await audit_store.insert_many(db, [row(new_id(), entry)])
 
 
-_batches: weakref.WeakKeyDictionary[redis.Redis, dict[str, _Batch]] = weakref.WeakKeyDictionary()
+async def write_many(db: Executor, entries: list[dict[str, Any]]) -> None:
+    """write() for several records, in one statement."""
+    await audit_store.insert_many(db, [row(new_id(), e) for e in entries])
 
 
-async def append(client: redis.Redis, settings: Settings, entry: dict[str, Any]) -> None:
-    """Append one record; a Redis hiccup is logged, never turned into a failed request."""
-    stream = settings.stream(streams.AUDIT)
-    per_client = _batches.get(client)
-    if per_client is None:
-        per_client = _batches[client] = {}
-    batch = per_client.get(stream)
-    if batch is None:
-        batch = per_client[stream] = _Batch(client, stream)
+def new_id() -> str:
+    """The row key of one of identity's records."""
+    return f"i:{uuid.uuid4().hex}"
+
+
+# Parsing an address or a UUID is a third of the Python work per record, and the records of a
+# busy client repeat the same few of each: parsed once, looked up after.
+@functools.lru_cache(maxsize=4096)
+def _parse_uuid(text: str) -> UUID | None:
     try:
-        await batch.add(entry)
-    except RedisError:
-        log.warning("audit_append_failed", action=entry.get("action"))
+        return UUID(text)
+    except ValueError:
+        return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_ip(text: str) -> str | None:
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return None
+
+
+def _uuid(value: Any) -> UUID | None:
+    return _parse_uuid(str(value)) if value else None
+
+
+def _int(value: Any) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _text(value: Any) -> str | None:
+    """A value PostgreSQL's text and jsonb take: NUL is the one character both refuse, and a
+    caller controls some of these fields (a request path can carry `%00`)."""
+    if value is None:
+        return None
+    return str(value).replace("\x00", "\ufffd")
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, dict):
+        return {_clean(str(k)): _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
+
+
+def _ip(value: Any) -> str | None:
+    return _parse_ip(str(value)) if value else None
+
+
+def row(key: str, d: dict[str, Any]) -> audit_store.AuditRow:
+    """The audit_log row of a record, keyed `key`, its values cleaned for PostgreSQL."""
+    occurred = d.get("occurred_at")
+    when = datetime.now(UTC)
+    if isinstance(occurred, int | float):
+        # Out of datetime's range, or NaN: the record is kept, stamped when it was stored.
+        with contextlib.suppress(ValueError, OverflowError, OSError):
+            when = datetime.fromtimestamp(float(occurred), UTC)
+    detail = d.get("detail") if isinstance(d.get("detail"), dict) else {}
+    return audit_store.AuditRow(
+        record_id=key,
+        occurred_at=when,
+        school_id=_int(d.get("school_id")),
+        client_id=_text(d.get("client_id")),
+        subject=_text(d.get("subject")),
+        grant_id=_uuid(d.get("grant_id")),
+        action=_text(d.get("action")) or "unknown",
+        method=_text(d.get("method")),
+        path=_text(d.get("path")),
+        status=_int(d.get("status")),
+        scope=_text(d.get("scope")),
+        ip=_ip(d.get("ip")),
+        detail=_clean(detail) if detail else {},
+    )

@@ -1,12 +1,13 @@
 """Stores `connect:audit` in PostgreSQL: one consumer group, batched inserts, at least once.
 
-An entry is one record (identity's own appends) or a batch of records (the gateway's, one
-entry per flush; see audit.records_of). The gateway's batches go to PostgreSQL as the JSON
-they are, expanded there (store.audit.insert_batches); the rest, and any batch PostgreSQL will
-not take as it stands, become rows here, cleaned. Each row's key, unique in audit_log, is
-`r:<id>` for a record the gateway gave an id, else the entry id for a single record and
-`<entry id>:<index>` for the records of a batch: derived from the entry alone, so an entry
-delivered twice (a consumer died after inserting, before acking) is stored once. Entries are
+An entry is a batch of records (the gateway's, one entry per flush) or one record (as identity
+wrote its own before they went straight to PostgreSQL); see audit.records_of. The gateway's
+batches go to PostgreSQL as the JSON they are, expanded there (store.audit.insert_batches); the
+rest, and any batch PostgreSQL will not take as it stands, become rows here, cleaned. Each
+row's key, unique in audit_log, is the record's own: `r:<rid>` for the id it was given where it
+was made, else `h:<digest of its content>` (record_key); never the entry id, which a Redis
+restarted empty hands out again. So an entry delivered twice (a consumer died after inserting,
+before acking) is stored once, and no record is ever taken for another. Entries are
 acknowledged only after their rows committed (with the next read, in its round trip); entries
 a dead consumer left pending are claimed after CLAIM_IDLE_MS.
 """
@@ -15,15 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import ipaddress
+import hashlib
 import os
 import socket
-from datetime import UTC, datetime
+from collections.abc import Callable
 from typing import Any
-from uuid import UUID
 
 import asyncpg
+import orjson
 import redis.asyncio as redis
 from redis.exceptions import RedisError, ResponseError
 
@@ -63,57 +63,6 @@ def consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-# Parsing an address or a UUID is a third of the Python work per record, and the records of a
-# busy client repeat the same few of each: parsed once, looked up after.
-@functools.lru_cache(maxsize=4096)
-def _parse_uuid(text: str) -> UUID | None:
-    try:
-        return UUID(text)
-    except ValueError:
-        return None
-
-
-@functools.lru_cache(maxsize=4096)
-def _parse_ip(text: str) -> str | None:
-    try:
-        return str(ipaddress.ip_address(text))
-    except ValueError:
-        return None
-
-
-def _uuid(value: Any) -> UUID | None:
-    return _parse_uuid(str(value)) if value else None
-
-
-def _int(value: Any) -> int | None:
-    try:
-        return int(value) if value is not None else None
-    except (TypeError, ValueError):
-        return None
-
-
-def _text(value: Any) -> str | None:
-    """A value PostgreSQL's text and jsonb take: NUL is the one character both refuse, and a
-    caller controls some of these fields (a request path can carry `%00`)."""
-    if value is None:
-        return None
-    return str(value).replace("\x00", "\ufffd")
-
-
-def _clean(value: Any) -> Any:
-    if isinstance(value, str):
-        return value.replace("\x00", "\ufffd")
-    if isinstance(value, dict):
-        return {_clean(str(k)): _clean(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_clean(v) for v in value]
-    return value
-
-
-def _ip(value: Any) -> str | None:
-    return _parse_ip(str(value)) if value else None
-
-
 # What a value PostgreSQL will not store raises: its own refusal (DataError) or asyncpg's
 # while encoding the arguments (a client-side DataError, a ValueError).
 _REFUSED = (asyncpg.DataError, ValueError)
@@ -121,43 +70,24 @@ _REFUSED = (asyncpg.DataError, ValueError)
 
 def to_rows(entry: streams.Entry) -> list[audit_store.AuditRow]:
     """The rows of one entry: one for a single record, one per record of a batch."""
-    if audit.BATCH_MEMBER not in entry.data:
-        return [_row(entry.id, entry.data)]
-    return [_row(_key(entry.id, i, d), d) for i, d in enumerate(audit.records_of(entry.data))]
+    return [audit.row(record_key(d), d) for d in audit.records_of(entry.data)]
 
 
-def _key(entry_id: str, index: int, record: dict[str, Any]) -> str:
-    """A batched record's row key: the id the gateway gave it (the same when a lost reply made
-    it send the record again in another entry), else its place in this entry."""
+def _rid(record: dict[str, Any]) -> str | None:
     rid = record.get("rid")
-    if isinstance(rid, str) and 0 < len(rid) <= 64:
+    return rid if isinstance(rid, str) and 0 < len(rid) <= 64 else None
+
+
+def record_key(record: dict[str, Any]) -> str:
+    """A record's row key: the id it was given where it was made (the same however often it
+    is delivered or sent), else the digest of its content, which is as stable: never its
+    stream entry's id, which a Redis restarted empty or whose clock is behind hands out again.
+    """
+    rid = _rid(record)
+    if rid is not None:
         return f"r:{rid}"
-    return f"{entry_id}:{index}"
-
-
-def _row(key: str, d: dict[str, Any]) -> audit_store.AuditRow:
-    occurred = d.get("occurred_at")
-    when = datetime.now(UTC)
-    if isinstance(occurred, int | float):
-        # Out of datetime's range, or NaN: the record is kept, stamped when it was stored.
-        with contextlib.suppress(ValueError, OverflowError, OSError):
-            when = datetime.fromtimestamp(float(occurred), UTC)
-    detail = d.get("detail") if isinstance(d.get("detail"), dict) else {}
-    return audit_store.AuditRow(
-        stream_id=key,
-        occurred_at=when,
-        school_id=_int(d.get("school_id")),
-        client_id=_text(d.get("client_id")),
-        subject=_text(d.get("subject")),
-        grant_id=_uuid(d.get("grant_id")),
-        action=_text(d.get("action")) or "unknown",
-        method=_text(d.get("method")),
-        path=_text(d.get("path")),
-        status=_int(d.get("status")),
-        scope=_text(d.get("scope")),
-        ip=_ip(d.get("ip")),
-        detail=_clean(detail) if detail else {},
-    )
+    canonical = orjson.dumps(record, option=orjson.OPT_SORT_KEYS, default=str)
+    return "h:" + hashlib.sha256(canonical).hexdigest()
 
 
 async def _store(pool: asyncpg.Pool, rows: list[audit_store.AuditRow]) -> None:
@@ -173,15 +103,17 @@ async def _store(pool: asyncpg.Pool, rows: list[audit_store.AuditRow]) -> None:
         try:
             await audit_store.insert_many(pool, [row])
         except _REFUSED as exc:
-            log.error("audit_record_dropped", stream_id=row.stream_id, reason=type(exc).__name__)
+            log.error("audit_record_dropped", record_id=row.record_id, reason=type(exc).__name__)
 
 
 def _passes_whole(entry: streams.Entry) -> bool:
     """Whether PostgreSQL may expand the entry itself (store.audit.insert_batches): a batch
-    of records, each an object, as the gateway writes them."""
+    of records, each an object with its id, as the gateway writes them."""
     batch = entry.data.get(audit.BATCH_MEMBER)
     return (
-        bool(entry.payload) and isinstance(batch, list) and all(isinstance(r, dict) for r in batch)
+        bool(entry.payload)
+        and isinstance(batch, list)
+        and all(isinstance(r, dict) and _rid(r) is not None for r in batch)
     )
 
 
@@ -192,18 +124,44 @@ async def _store_entries(pool: asyncpg.Pool, entries: list[streams.Entry]) -> in
     whole: list[streams.Entry] = []
     by_row: list[streams.Entry] = []
     for e in entries:
+        if not isinstance(e.data, dict):
+            continue  # poison: set aside by the caller (dead_letters), never stored
         (whole if _passes_whole(e) else by_row).append(e)
     if whole:
         try:
             # A payload that is not UTF-8 raises UnicodeDecodeError, a ValueError: refused.
-            await audit_store.insert_batches(
-                pool, [e.id for e in whole], [e.payload.decode() for e in whole]
-            )
+            await audit_store.insert_batches(pool, [e.payload.decode() for e in whole])
         except _REFUSED:
             whole, by_row = [], entries
     rows = [row for e in by_row for row in to_rows(e)]
     await _store(pool, rows)
     return len(rows) + sum(len(e.data[audit.BATCH_MEMBER]) for e in whole)
+
+
+DEAD_LETTERS = "connect:audit:dead"
+
+
+async def dead_letters(
+    client: redis.Redis,
+    settings: Settings,
+    entries: list[streams.Entry],
+    on_dead_letter: Callable[[str], None] | None = None,
+) -> None:
+    """Entries whose data is not a JSON object hold no record: copied to the dead-letter
+    stream (for an operator to look at) and acknowledged with the rest, so one bad entry
+    neither stops the consumer nor is read again for ever."""
+    for e in entries:
+        if isinstance(e.data, dict):
+            continue
+        await client.xadd(
+            settings.stream(DEAD_LETTERS),
+            {b"id": e.id, b"data": e.payload},
+            maxlen=streams.DEFAULT_MAXLEN,
+            approximate=True,
+        )
+        log.error("audit_entry_dead_lettered", entry_id=e.id)
+        if on_dead_letter is not None:
+            on_dead_letter(settings.stream(streams.AUDIT))
 
 
 async def consume_once(
@@ -226,6 +184,7 @@ async def consume_once(
         entries = await streams.read_group(
             client, stream, GROUP, consumer, count=batch, block_ms=block_ms
         )
+    await dead_letters(client, settings, entries)
     await _store_entries(pool, entries)
     await streams.ack(client, stream, GROUP, [e.id for e in entries])
     return len(entries)
@@ -239,7 +198,13 @@ def _next_count(entries: int, rows: int, current: int) -> int:
 
 
 async def run(
-    pool: asyncpg.Pool, client: redis.Redis, settings: Settings, stop: asyncio.Event
+    pool: asyncpg.Pool,
+    client: redis.Redis,
+    settings: Settings,
+    stop: asyncio.Event,
+    *,
+    on_dead_letter: Callable[[str], None] | None = None,
+    ran_cleanly: Callable[[], None] | None = None,
 ) -> None:
     """Consume until `stop` is set; transient store failures back off and retry.
 
@@ -253,7 +218,7 @@ async def run(
     """
     consumer = consumer_name()
     stream = settings.stream(streams.AUDIT)
-    await streams.ensure_group(client, stream, GROUP)
+    grouped = False
     delay = 0.5
     loop = asyncio.get_running_loop()
     next_trim = next_claim = loop.time()
@@ -262,6 +227,11 @@ async def run(
     try:
         while not stop.is_set():
             try:
+                if not grouped:
+                    # In the loop, not before it: a Redis not there yet (or READONLY after a
+                    # failover) is retried like any other failure.
+                    await streams.ensure_group(client, stream, GROUP)
+                    grouped = True
                 asked = count
                 entries: list[streams.Entry] = []
                 if loop.time() >= next_claim:
@@ -281,8 +251,11 @@ async def run(
                         client, stream, GROUP, consumer, count=asked, block_ms=1000, ack=stored
                     )
                     stored = []
+                await dead_letters(client, settings, entries, on_dead_letter)
                 rows = await _store_entries(pool, entries)
                 stored.extend(e.id for e in entries)
+                if ran_cleanly is not None:
+                    ran_cleanly()
                 count = _next_count(len(entries), rows, count)
                 delay = 0.5
                 if loop.time() >= next_trim:
@@ -296,7 +269,7 @@ async def run(
                 if "NOGROUP" not in str(exc) and "UNBLOCKED" not in str(exc):
                     raise
                 stored = []
-                await streams.ensure_group(client, stream, GROUP)
+                grouped = False
             except (OSError, RedisError, asyncpg.PostgresError):
                 log.warning("audit_consume_failed", exc_info=True)
                 with contextlib.suppress(TimeoutError):

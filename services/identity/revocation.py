@@ -90,9 +90,8 @@ async def revoke(
         ctx.pool, ctx.redis, ctx.settings, grant_id, reason="client_revocation", ip=ip
     )
     state.forget_grant(grant_id)
-    await audit.append(
-        ctx.redis,
-        ctx.settings,
+    await audit.write(
+        ctx.pool,
         audit.record(
             "token.revoked",
             school_id=iss.school_id,

@@ -149,12 +149,16 @@ async def set_open_registration(
         await store.forget_self_registered_consents(conn, school_id)
         live = await store.live_self_registered_grants(conn, school_id)
         for start in range(0, len(live), CLOSING_PAGE):
-            revoked = await grants.revoke_grants(
-                conn,
-                redis_client,
-                settings,
-                live[start : start + CLOSING_PAGE],
-                reason="registration_closed",
+            revoked = await grants.record_revocations(
+                conn, live[start : start + CLOSING_PAGE], reason="registration_closed"
             )
             ended += len(revoked)
+    # Announced once committed (grants.py), a page at a time.
+    for start in range(0, len(live), CLOSING_PAGE):
+        await grants.announce_revocations(
+            redis_client,
+            settings,
+            dict.fromkeys(live[start : start + CLOSING_PAGE], school_id),
+            reason="registration_closed",
+        )
     return ended

@@ -438,9 +438,7 @@ async def sign_in(
     device = await _device_for(ctx, known, email) if known else None
     retry = await throttle.reserve(email, address, device)
     if retry is not None:
-        await audit.append(
-            ctx.redis, ctx.settings, audit_record("login.failed", reason="throttled")
-        )
+        await audit.write(ctx.pool, audit_record("login.failed", reason="throttled"))
         return SignIn("throttled", retry_after=retry)
 
     # Absurd lengths are refused unhashed: no one's password is this long, and argon2 should
@@ -455,15 +453,13 @@ async def sign_in(
             raise
     if user is None:
         # The reservation stays: it is this failure's count.
-        await audit.append(
-            ctx.redis, ctx.settings, audit_record("login.failed", reason="bad_credentials")
-        )
+        await audit.write(ctx.pool, audit_record("login.failed", reason="bad_credentials"))
         return SignIn("invalid")
     await throttle.succeeded(email, address, device)
 
     if school is not None and not await flow_store.may_use_school(ctx.pool, user.id, school.id):
         entry = audit_record("login.failed", str(user.id), reason="not_member")
-        await audit.append(ctx.redis, ctx.settings, entry)
+        await audit.write(ctx.pool, entry)
         return SignIn("not_member", user=user)
 
     # A new id on every sign-in: a session id planted before login (fixation) is worthless.
@@ -478,7 +474,7 @@ async def sign_in(
         lifetime_seconds=SESSION_LIFETIME,
         user_agent=(user_agent or "")[:_USER_AGENT_MAX] or None,
     )
-    await audit.append(ctx.redis, ctx.settings, audit_record("login.succeeded", str(user.id)))
+    await audit.write(ctx.pool, audit_record("login.succeeded", str(user.id)))
     return SignIn(
         "ok",
         user=user,

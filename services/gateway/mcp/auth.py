@@ -86,6 +86,11 @@ class Caller:
         """The /mcp call's own record, in its place (once per call)."""
         self.slot.fill(self.record(method, path, status, scope))
 
+    async def audited(self, method: str, path: str, status: int, scope: str | None) -> bool:
+        """audit(), then in durable mode wait until the record is written (False: it could
+        not be now, and the call is answered 503)."""
+        return await self.slot.written(self.record(method, path, status, scope))
+
     def reserve(self) -> Slot | None:
         """A place for the record of one more call on this caller's behalf (a tool's school API
         call, a tool refused for scope); None when the buffer cannot take it."""
@@ -221,7 +226,8 @@ async def _admitted(
     )
     if not verdict.allowed:
         ctx.metrics.rejections.labels("rate_limited").inc()
-        caller.audit(request.method, request.path, 429, None)
+        if not await caller.audited(request.method, request.path, 429, None):
+            return refusals.audit_unavailable()
         return json_response(
             {
                 "error": "rate_limited",

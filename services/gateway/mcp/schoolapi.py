@@ -82,7 +82,11 @@ async def call(
         status = 499
         raise
     finally:
-        slot.fill(caller.record(method, path, status, scope))
+        number = slot.fill(caller.record(method, path, status, scope))
+    # Durable mode: the tool's answer carries what the call returned, so it waits for the
+    # call's record like any answer the gateway gives.
+    if not await ctx.audit.written(number):
+        raise Unreachable(UNRECORDABLE)
     try:
         decoded = orjson.loads(raw) if raw else None
     except orjson.JSONDecodeError:

@@ -22,6 +22,7 @@ from mcp.server.lowlevel.server import Server
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 
 from libs.common.errors import bearer_error, json_response
+from services.gateway import refusals
 from services.gateway.context import context
 from services.gateway.forwarded import host_of
 from services.gateway.mcp import asgi, auth, metadata, tools
@@ -145,12 +146,19 @@ class Endpoint:
         try:
             response = await asgi.serve(self.manager.handle_request, request, {CALLER_KEY: caller})
             status = response.status
+            # Durable mode: an answer not yet sent waits for its record (one the SDK streamed
+            # went out with its tools' own records already written, schoolapi.call).
+            if not response.prepared and not await caller.audited(
+                "POST", metadata.PATH, status, None
+            ):
+                return refusals.audit_unavailable()
             return response
         except asyncio.CancelledError:
             status = 499
             raise
         finally:
-            caller.audit("POST", metadata.PATH, status, None)
+            if caller.slot.open:
+                caller.audit("POST", metadata.PATH, status, None)
 
 
 async def _step_up(request: web.Request, caller: auth.Caller) -> web.Response | None:
@@ -171,7 +179,8 @@ async def _step_up(request: web.Request, caller: auth.Caller) -> web.Response | 
     if tool is None:
         return None
     caller.ctx.metrics.rejections.labels("insufficient_scope").inc()
-    caller.audit("POST", f"/mcp/tools/{tool.name}", 403, None)
+    if not await caller.audited("POST", f"/mcp/tools/{tool.name}", 403, None):
+        return refusals.audit_unavailable()
     return bearer_error(
         403,
         "insufficient_scope",

@@ -503,7 +503,8 @@ async def run(caller: Caller, name: str, arguments: Mapping[str, Any]) -> types.
         if slot is None:
             return _error(schoolapi.UNRECORDABLE)
         caller.ctx.metrics.rejections.labels("insufficient_scope").inc()
-        slot.fill(caller.record("POST", f"/mcp/tools/{tool.name}", 403, None))
+        if not await slot.written(caller.record("POST", f"/mcp/tools/{tool.name}", 403, None)):
+            return _error(schoolapi.UNRECORDABLE)
         return _error(
             f"insufficient_scope: {tool.name} needs the scope {needed}, which this token was "
             "not granted. Authorize again asking for it.",

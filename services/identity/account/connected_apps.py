@@ -144,9 +144,8 @@ async def revoke_app(
         ended += await grants.revoke_grant(
             ctx.pool, ctx.redis, ctx.settings, gid, reason="user_revoked", ip=ip
         )
-    await audit.append(
-        ctx.redis,
-        ctx.settings,
+    await audit.write(
+        ctx.pool,
         audit.record(
             "consent.revoked",
             school_id=school_id,

@@ -11,6 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from libs.common import scopes as catalogue
+from libs.common.db import Executor
 from services.identity import audit, sessions, store
 from services.identity.account.viewer import (
     Viewer,
@@ -52,11 +53,13 @@ async def audit_change(
     viewer: Viewer,
     client: store.Client,
     ip: str | None,
+    db: Executor | None = None,
     **detail: Any,
 ) -> None:
-    await audit.append(
-        ctx.redis,
-        ctx.settings,
+    """The record of an admin's change to an app; pass `db` to write it in the change's own
+    transaction."""
+    await audit.write(
+        db if db is not None else ctx.pool,
         audit.record(
             action,
             school_id=viewer.school.id,

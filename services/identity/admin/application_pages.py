@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode
+from uuid import UUID
 
 from aiohttp import web
 from multidict import MultiMapping
@@ -236,7 +237,8 @@ async def _set_disabled(request: web.Request, disabled: bool) -> web.StreamRespo
     viewer, client, _ = posted
     ctx = context(request)
     ip = client_ip(request)
-    revoked = 0
+    ending: dict[UUID, int] = {}
+    action = "client.disabled" if disabled else "client.enabled"
     async with ctx.pool.acquire() as conn, conn.transaction():
         if not await registration_store.lock_client(conn, client.id):
             return _no_such_app(request)
@@ -245,18 +247,23 @@ async def _set_disabled(request: web.Request, disabled: bool) -> web.StreamRespo
         )
         if updated is None:
             return _no_such_app(request)
+        detail = {}
         if disabled:
             # Every grant ends now: gateways refuse its tokens at once (a disabled client is
             # otherwise seen only when their client cache expires), its webhooks stop, and
             # enabling the app again brings back no token; its users consent afresh.
-            for grant in await registration_store.active_grants_of_client(conn, client.id):
-                revoked += await grants.revoke_grant(
-                    conn, ctx.redis, ctx.settings, grant.id, reason="client_disabled", ip=ip
-                )
+            ending = {
+                g.id: g.school_id
+                for g in await registration_store.active_grants_of_client(conn, client.id)
+            }
+            revoked = await grants.record_revocations(
+                conn, list(ending), reason="client_disabled", ip=ip
+            )
+            detail = {"revoked_grants": len(revoked)}
+        await audit_change(ctx, action, viewer, updated, ip, db=conn, **detail)
+    # Announced once committed: a rollback above has told no gateway or webhook anything.
+    await grants.announce_revocations(ctx.redis, ctx.settings, ending, reason="client_disabled")
     await clients.announce_change(ctx.redis, ctx.settings, client.id)
-    action = "client.disabled" if disabled else "client.enabled"
-    detail = {"revoked_grants": revoked} if disabled else {}
-    await audit_change(ctx, action, viewer, updated, ip, **detail)
     return sessions.see_other(_app_path(client.id, **{action.split(".")[1]: "1"}))
 
 

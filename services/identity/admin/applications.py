@@ -91,15 +91,21 @@ async def delete_app(
     The client row stays locked throughout, as in RFC 7592 deletion, so no grant can appear
     between the revokes and the delete and escape revocation.
     """
-    revoked = 0
     async with ctx.pool.acquire() as conn, conn.transaction():
         if not await registration_store.lock_client(conn, client.id):
             return 0
-        for grant in await registration_store.active_grants_of_client(conn, client.id):
-            revoked += await grants.revoke_grant(
-                conn, ctx.redis, ctx.settings, grant.id, reason="client_deleted", ip=ip
-            )
+        ending = {
+            g.id: g.school_id
+            for g in await registration_store.active_grants_of_client(conn, client.id)
+        }
+        revoked = await grants.record_revocations(
+            conn, list(ending), reason="client_deleted", ip=ip
+        )
         await store.delete_client(conn, client.id)
+        await audit_change(
+            ctx, "client.deleted", viewer, client, ip, db=conn, revoked_grants=len(revoked)
+        )
+    # Announced once committed: a rollback above has told no gateway or webhook anything.
+    await grants.announce_revocations(ctx.redis, ctx.settings, ending, reason="client_deleted")
     await clients.announce_change(ctx.redis, ctx.settings, client.id)
-    await audit_change(ctx, "client.deleted", viewer, client, ip, revoked_grants=revoked)
-    return revoked
+    return len(revoked)

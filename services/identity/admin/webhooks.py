@@ -324,9 +324,8 @@ async def _audit(
     request: web.Request, viewer: Viewer, action: str, hook: Hook, **detail: Any
 ) -> None:
     ctx = context(request)
-    await audit.append(
-        ctx.redis,
-        ctx.settings,
+    await audit.write(
+        ctx.pool,
         audit.record(
             action,
             school_id=viewer.school.id,

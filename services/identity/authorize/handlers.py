@@ -231,9 +231,8 @@ async def consent_submit(request: web.Request) -> web.StreamResponse:
     if not await consume_pending(ctx, authz.id):
         return expired(request)
     if form.get("decision") != "allow":
-        await audit.append(
-            ctx.redis,
-            ctx.settings,
+        await audit.write(
+            ctx.pool,
             audit.record(
                 "consent.denied",
                 school_id=school_id,

@@ -73,19 +73,15 @@ async def issue_code(
             auth_time=session.authenticated_at,
             ttl_seconds=ctx.settings.tokens.authorization_code_ttl,
         )
-    scope = catalogue.format_scopes(authz.scopes)
-    common: dict[str, Any] = {
-        "school_id": school_id,
-        "client_id": authz.client_id,
-        "subject": str(session.user_id),
-        "scope": scope,
-        "ip": sessions.client_address(request),
-    }
-    if remember_consent:
-        await audit.append(ctx.redis, ctx.settings, audit.record("consent.granted", **common))
-    await audit.append(
-        ctx.redis,
-        ctx.settings,
-        audit.record("grant.created", grant_id=str(grant.id), **common),
-    )
+        # In the same transaction: the grant exists with its record, or neither does.
+        common: dict[str, Any] = {
+            "school_id": school_id,
+            "client_id": authz.client_id,
+            "subject": str(session.user_id),
+            "scope": catalogue.format_scopes(authz.scopes),
+            "ip": sessions.client_address(request),
+        }
+        if remember_consent:
+            await audit.write(conn, audit.record("consent.granted", **common))
+        await audit.write(conn, audit.record("grant.created", grant_id=str(grant.id), **common))
     return code

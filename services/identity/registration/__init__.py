@@ -43,8 +43,8 @@ Where each rule lives:
 
 from __future__ import annotations
 
+from services.identity.grants import within_registration
 from services.identity.registration.handlers import MAX_BODY_BYTES, setup
-from services.identity.registration.manage import within_registration
 from services.identity.registration.metadata import (
     DEFAULT_CLIENT_NAME,
     MAX_REDIRECT_URIS,

@@ -7,13 +7,14 @@ gateways stop accepting the client's tokens. Reading is client_information's doc
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from libs.common import scopes as catalogue
 from libs.common.logging import get_logger
 from services.identity import audit, clients, credentials, grants, store
 from services.identity.context import IdentityContext
+from services.identity.grants import within_registration
 from services.identity.registration.access_token import invalid_token
 from services.identity.registration.metadata import _bad, parse_metadata
 from services.identity.registration.register import audit_ip
@@ -26,12 +27,6 @@ async def _current_school(ctx: IdentityContext, client: store.Client) -> store.S
     if client.school_id is None:
         return None
     return await store.school_by_id(ctx.pool, client.school_id)
-
-
-def within_registration(granted: Iterable[str], registered: Iterable[str]) -> bool:
-    """True when a client registered for `registered` may still hold every granted scope."""
-    effective = catalogue.expand(registered)
-    return all(s in catalogue.IDENTITY_SCOPES or s in effective for s in granted)
 
 
 async def update(
@@ -52,50 +47,55 @@ async def update(
         ctx.settings,
         current_auth_method=client.token_endpoint_auth_method,
     )
-    updated = await store.update_client(
-        ctx.pool,
-        client.id,
-        name=wanted.name,
-        redirect_uris=wanted.redirect_uris,
-        grant_types=wanted.grant_types,
-        response_types=wanted.response_types,
-        token_endpoint_auth_method=wanted.auth_method,
-        scopes=wanted.scopes,
-        metadata=wanted.metadata,
-    )
-    if updated is None:  # deleted by a concurrent DELETE
-        raise invalid_token()
-    await clients.announce_change(ctx.redis, ctx.settings, client.id)
-    # A client holds no scope it is not registered for: grants wider than the new
-    # registration end now rather than live on. "Wider" as authorize judges a request:
-    # identity scopes need no registration, and a registered umbrella covers what it stands
-    # for (a grant of `courses:read` is within a registration of `read`).
-    revoked = 0
-    for grant in await registration_store.active_grants_of_client(ctx.pool, client.id):
-        if not within_registration(grant.scopes, updated.scopes):
-            revoked += await grants.revoke_grant(
-                ctx.pool,
-                ctx.redis,
-                ctx.settings,
-                grant.id,
-                reason="client_updated",
+    # One transaction, the client's row locked: the registration changes and every grant
+    # wider than it ends together or not at all (a crash or a failure midway used to leave
+    # wider grants that refreshed for ever), and no grant can be made meanwhile (making one
+    # takes a key-share lock on its client). "Wider" as authorize judges a request: identity
+    # scopes need no registration, and a registered umbrella covers what it stands for (a
+    # grant of `courses:read` is within a registration of `read`). A grant made after this
+    # commits from a registration read before it is refused at redemption and refresh
+    # (token/authorization_code.py, token/refresh_token.py).
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        if not await registration_store.lock_client(conn, client.id):
+            raise invalid_token()  # deleted by a concurrent DELETE
+        updated = await store.update_client(
+            conn,
+            client.id,
+            name=wanted.name,
+            redirect_uris=wanted.redirect_uris,
+            grant_types=wanted.grant_types,
+            response_types=wanted.response_types,
+            token_endpoint_auth_method=wanted.auth_method,
+            scopes=wanted.scopes,
+            metadata=wanted.metadata,
+        )
+        if updated is None:
+            raise invalid_token()
+        wider = {
+            g.id: g.school_id
+            for g in await registration_store.active_grants_of_client(conn, client.id)
+            if not within_registration(g.scopes, updated.scopes)
+        }
+        revoked = await grants.record_revocations(
+            conn, list(wider), reason="client_updated", ip=audit_ip(address)
+        )
+        await audit.write(
+            conn,
+            audit.record(
+                "client.updated",
+                school_id=updated.school_id,
+                client_id=updated.id,
+                subject=updated.id,
+                scope=catalogue.format_scopes(updated.scopes),
                 ip=audit_ip(address),
-            )
-    await audit.append(
-        ctx.redis,
-        ctx.settings,
-        audit.record(
-            "client.updated",
-            school_id=updated.school_id,
-            client_id=updated.id,
-            subject=updated.id,
-            scope=catalogue.format_scopes(updated.scopes),
-            ip=audit_ip(address),
-            client_name=updated.name,
-            redirect_uris=list(updated.redirect_uris),
-            revoked_grants=revoked,
-        ),
-    )
+                client_name=updated.name,
+                redirect_uris=list(updated.redirect_uris),
+                revoked_grants=len(revoked),
+            ),
+        )
+    # Announced once committed (grants.py).
+    await grants.announce_revocations(ctx.redis, ctx.settings, wider, reason="client_updated")
+    await clients.announce_change(ctx.redis, ctx.settings, client.id)
     return updated
 
 
@@ -105,32 +105,30 @@ async def delete(ctx: IdentityContext, client: store.Client, address: str) -> No
     The client row stays locked throughout, so no grant can be created between the revokes
     and the delete and escape revocation.
     """
-    revoked = 0
     async with ctx.pool.acquire() as conn, conn.transaction():
         if not await registration_store.lock_client(conn, client.id):
             return
-        for grant in await registration_store.active_grants_of_client(conn, client.id):
-            revoked += await grants.revoke_grant(
-                conn,
-                ctx.redis,
-                ctx.settings,
-                grant.id,
-                reason="client_deleted",
-                ip=audit_ip(address),
-            )
+        ending = {
+            g.id: g.school_id
+            for g in await registration_store.active_grants_of_client(conn, client.id)
+        }
+        revoked = await grants.record_revocations(
+            conn, list(ending), reason="client_deleted", ip=audit_ip(address)
+        )
         await store.delete_client(conn, client.id)
+        await audit.write(
+            conn,
+            audit.record(
+                "client.deleted",
+                school_id=client.school_id,
+                client_id=client.id,
+                subject=client.id,
+                ip=audit_ip(address),
+                client_name=client.name,
+                revoked_grants=len(revoked),
+            ),
+        )
+    # Announced once committed: a rollback above has told no gateway or webhook anything.
+    await grants.announce_revocations(ctx.redis, ctx.settings, ending, reason="client_deleted")
     await clients.announce_change(ctx.redis, ctx.settings, client.id)
-    await audit.append(
-        ctx.redis,
-        ctx.settings,
-        audit.record(
-            "client.deleted",
-            school_id=client.school_id,
-            client_id=client.id,
-            subject=client.id,
-            ip=audit_ip(address),
-            client_name=client.name,
-            revoked_grants=revoked,
-        ),
-    )
-    log.info("client_deleted", client_id=client.id, revoked_grants=revoked)
+    log.info("client_deleted", client_id=client.id, revoked_grants=len(revoked))

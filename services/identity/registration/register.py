@@ -68,9 +68,8 @@ async def register(
         metadata=wanted.metadata,
     )
     client = made.client
-    await audit.append(
-        ctx.redis,
-        ctx.settings,
+    await audit.write(
+        ctx.pool,
         audit.record(
             "client.registered",
             school_id=client.school_id,

@@ -16,7 +16,7 @@ from libs.common.db import Executor
 
 @dataclass(frozen=True, slots=True)
 class AuditRow:
-    stream_id: str
+    record_id: str
     occurred_at: datetime
     school_id: int | None
     client_id: str | None
@@ -35,7 +35,7 @@ _NAMES = [f.name for f in fields(AuditRow)]
 
 
 async def insert_many(db: Executor, rows: Sequence[AuditRow]) -> None:
-    """One statement per batch; rows seen before (same stream id) are skipped.
+    """One statement per batch; rows seen before (same record id) are skipped.
 
     Addresses and details travel as text, cast by PostgreSQL: asyncpg's inet[] and jsonb[]
     encoders (ipaddress objects, json.dumps per element) cost the consumer a third more CPU
@@ -50,13 +50,13 @@ async def insert_many(db: Executor, rows: Sequence[AuditRow]) -> None:
     columns = [[getattr(r, n) for r in rows] for n in _NAMES]
     columns[-1] = [orjson.dumps(d).decode() for d in columns[-1]]
     await db.execute(
-        "INSERT INTO audit_log (stream_id, occurred_at, school_id, client_id, subject, grant_id,"
+        "INSERT INTO audit_log (record_id, occurred_at, school_id, client_id, subject, grant_id,"
         " action, method, path, status, scope, ip, detail)"
         " SELECT s, o, sc, c, su, g, a, m, p, st, sco, i::inet, d::jsonb"
         " FROM unnest($1::text[], $2::timestamptz[], $3::bigint[], $4::text[],"
         " $5::text[], $6::uuid[], $7::text[], $8::text[], $9::text[], $10::int[], $11::text[],"
         " $12::text[], $13::text[]) AS u(s, o, sc, c, su, g, a, m, p, st, sco, i, d)"
-        " ON CONFLICT (stream_id) DO NOTHING",
+        " ON CONFLICT (record_id) DO NOTHING",
         *columns,
     )
 
@@ -67,23 +67,23 @@ async def insert_many(db: Executor, rows: Sequence[AuditRow]) -> None:
 # this statement costs PostgreSQL about 4 µs more per record than insert_many. Every value is
 # cast strictly: a record PostgreSQL will not take as it stands (a NUL in a path, an address or
 # grant that does not parse, a time out of range) fails the statement with a DataError, and the
-# caller stores those entries through insert_many, whose rows the consumer has cleaned. The
-# keys are the ones the consumer's _key gives: `r:<rid>`, else `<entry id>:<index>`. The JSON
-# goes as text and is cast here: the pool's jsonb codec would encode a str as a JSON string.
+# caller stores those entries through insert_many, whose rows the consumer has cleaned. Only
+# entries whose every record carries its id (`rid`) come here; each row is keyed `r:<rid>`, as
+# the consumer keys it. The JSON goes as text and is cast here: the pool's jsonb codec would
+# encode a str as a JSON string.
 _INSERT_BATCHES = """
-INSERT INTO audit_log (stream_id, occurred_at, school_id, client_id, subject, grant_id,
+INSERT INTO audit_log (record_id, occurred_at, school_id, client_id, subject, grant_id,
     action, method, path, status, scope, ip, detail)
 SELECT
-    CASE WHEN jsonb_typeof(r->'rid') = 'string' AND length(r->>'rid') BETWEEN 1 AND 64
-        THEN 'r:' || (r->>'rid') ELSE e.id || ':' || (x.n - 1) END,
+    'r:' || (r->>'rid'),
     coalesce(to_timestamp((r->>'occurred_at')::float8), now()),
     (r->>'school_id')::bigint, r->>'client_id', r->>'subject', (r->>'grant_id')::uuid,
     coalesce(nullif(r->>'action', ''), 'unknown'), r->>'method', r->>'path',
     (r->>'status')::int, r->>'scope', (r->>'ip')::inet,
     CASE WHEN jsonb_typeof(r->'detail') = 'object' THEN r->'detail' ELSE '{}' END
-FROM unnest($1::text[], $2::text[]) AS e(id, doc),
-    jsonb_array_elements(e.doc::jsonb->'records') WITH ORDINALITY AS x(r, n)
-ON CONFLICT (stream_id) DO NOTHING
+FROM unnest($1::text[]) AS e(doc),
+    jsonb_array_elements(e.doc::jsonb->'records') AS x(r)
+ON CONFLICT (record_id) DO NOTHING
 """
 
 
@@ -91,19 +91,20 @@ ON CONFLICT (stream_id) DO NOTHING
 # crash, or sent again after a lost reply, and `ON CONFLICT` makes PostgreSQL insert each row
 # speculatively (an extra index probe and WAL record per row: about a fifth of the
 # statement's cost) to allow for them.
-_INSERT_NEW_BATCHES = _INSERT_BATCHES.replace("ON CONFLICT (stream_id) DO NOTHING", "")
+_INSERT_NEW_BATCHES = _INSERT_BATCHES.replace("ON CONFLICT (record_id) DO NOTHING", "")
 
 
-async def insert_batches(db: Executor, entry_ids: Sequence[str], payloads: Sequence[str]) -> int:
-    """Store batch entries (`{"records": [...]}` as JSON text) in one statement; returns the
-    rows inserted (records stored before are skipped). asyncpg.DataError when a value will
-    not cast, and then nothing of the statement is stored."""
-    if not entry_ids:
+async def insert_batches(db: Executor, payloads: Sequence[str]) -> int:
+    """Store batch entries (`{"records": [...]}` as JSON text, every record with its `rid`)
+    in one statement; returns the rows inserted (records stored before are skipped).
+    asyncpg.DataError when a value will not cast, and then nothing of the statement is
+    stored."""
+    if not payloads:
         return 0
     try:
-        status = await db.execute(_INSERT_NEW_BATCHES, entry_ids, payloads)
+        status = await db.execute(_INSERT_NEW_BATCHES, payloads)
     except asyncpg.UniqueViolationError:
-        status = await db.execute(_INSERT_BATCHES, entry_ids, payloads)
+        status = await db.execute(_INSERT_BATCHES, payloads)
     return int(status.rsplit(" ", 1)[-1])
 
 

@@ -41,6 +41,9 @@ class Redemption:
     # The client registered itself (RFC 7591) and the code's school has closed registration
     # since: such a grant yields no token (schools.set_open_registration).
     shut_out: bool = False
+    # The client's registered scopes now, read in the same statement: a registration narrowed
+    # (RFC 7592 PUT) after the grant was made from an older one must still bound it.
+    client_scopes: tuple[str, ...] | None = None
 
 
 def _redemption(r: asyncpg.Record) -> Redemption:
@@ -62,6 +65,7 @@ def _redemption(r: asyncpg.Record) -> Redemption:
         user_role=r["user_role"],
         platform_admin=r["platform_admin"],
         shut_out=r["shut_out"],
+        client_scopes=tuple(r["client_scopes"]) if r["client_scopes"] is not None else None,
     )
 
 
@@ -84,7 +88,8 @@ SELECT f.grant_id, f.client_id, f.school_id, f.user_id, f.redirect_uri, f.scopes
        f.code_challenge, f.nonce, f.resource, f.auth_time, f.expires_at, f.fresh,
        f.expires_at <= now() AS expired, g.revoked_at IS NOT NULL AS grant_revoked,
        m.role AS user_role, coalesce(u.is_platform_admin, false) AS platform_admin,
-       coalesce(c.created_via = 'registration' AND NOT s.open_registration, false) AS shut_out
+       coalesce(c.created_via = 'registration' AND NOT s.open_registration, false) AS shut_out,
+       c.scopes AS client_scopes
 FROM found f JOIN grants g ON g.id = f.grant_id
 LEFT JOIN school_memberships m ON m.user_id = f.user_id AND m.school_id = f.school_id
 LEFT JOIN users u ON u.id = f.user_id

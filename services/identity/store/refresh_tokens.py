@@ -45,6 +45,9 @@ class RefreshTokenState:
     # the ceiling these set (roles.py) without another round trip.
     user_role: str | None = None
     platform_admin: bool = False
+    # The client's registered scopes now: a grant wider than a registration narrowed since
+    # (RFC 7592 PUT) is not refreshed.
+    client_scopes: tuple[str, ...] | None = None
 
 
 def _state(r: asyncpg.Record) -> RefreshTokenState:
@@ -60,6 +63,7 @@ def _state(r: asyncpg.Record) -> RefreshTokenState:
         rotated_at=r["rotated_at"],
         successor_hash=r["successor_hash"],
         school_id=r["school_id"],
+        client_scopes=tuple(r["client_scopes"]) if r["client_scopes"] is not None else None,
         user_id=r["user_id"],
         grant_revoked=r["grant_revoked"],
         expired=r["expired"],
@@ -79,9 +83,11 @@ _STATE_COLUMNS = """
     rt.expires_at <= clock_timestamp() AS expired,
     extract(epoch FROM clock_timestamp() - rt.rotated_at)::float8 AS seconds_since_rotation,
     coalesce(s.rotated_at IS NOT NULL, false) AS successor_rotated,
-    m.role AS user_role, coalesce(u.is_platform_admin, false) AS platform_admin
+    m.role AS user_role, coalesce(u.is_platform_admin, false) AS platform_admin,
+    c.scopes AS client_scopes
 FROM refresh_tokens rt
 JOIN grants g ON g.id = rt.grant_id
+LEFT JOIN clients c ON c.id = rt.client_id
 LEFT JOIN refresh_tokens s ON s.token_hash = rt.successor_hash
 LEFT JOIN school_memberships m ON m.user_id = g.user_id AND m.school_id = g.school_id
 LEFT JOIN users u ON u.id = g.user_id

@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 
 from libs.common.errors import InvalidGrant, InvalidRequest, UnauthorizedClient
 from services.identity import credentials, keys, minting, pkce, roles, store
+from services.identity.grants import within_registration
 from services.identity.store import codes as code_store
 from services.identity.store import refresh_tokens as refresh_store
 from services.identity.token.request import GrantRequest, audience_for, require, token_school
@@ -43,6 +44,14 @@ class Ending(enum.Enum):
     # The role was lowered between consent and now (and the role change's sweep ran before
     # this grant was committed): the grant ends, as at refresh.
     OUTGROWN = ("role_lowered", "the user's role no longer allows this grant", None)
+    # The client's registration was narrowed (RFC 7592 PUT) after this grant was made from
+    # the older one: the grant ends rather than yield tokens the client is no longer
+    # registered for.
+    NARROWED = (
+        "client_updated",
+        "the client is no longer registered for the scopes of this code",
+        None,
+    )
 
     def __init__(self, reason: str, description: str, detected: str | None) -> None:
         self.reason = reason
@@ -113,6 +122,10 @@ def ending_of(found: code_store.Redemption) -> Ending | None:
         found.scopes, roles.ceiling(found.user_role, platform_admin=found.platform_admin)
     ):
         return Ending.OUTGROWN
+    if found.client_scopes is not None and not within_registration(
+        found.scopes, found.client_scopes
+    ):
+        return Ending.NARROWED
     return None
 
 

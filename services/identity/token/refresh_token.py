@@ -22,6 +22,7 @@ from libs.common import scopes as catalogue
 from libs.common.db import Connection
 from libs.common.errors import InvalidGrant, InvalidScope, UnauthorizedClient
 from services.identity import credentials, keys, roles, store
+from services.identity.grants import within_registration
 from services.identity.store import refresh_tokens as refresh_store
 from services.identity.store.refresh_tokens import RefreshTokenState
 from services.identity.token.request import GrantRequest, audience_for, require, token_school
@@ -44,6 +45,8 @@ class Refusal(enum.Enum):
     # Consent given under a role the user no longer has is not consent the school would give
     # now: the grant ends, everywhere, so its access tokens stop at the gateways too.
     OUTGROWN = "the user's role at the school no longer allows this grant"
+    # The client's registration was narrowed (RFC 7592 PUT) below what the grant holds.
+    NARROWED = "the client is no longer registered for this grant's scopes"
     # Presented again after its rotation, and not as a retry within the grace window.
     REUSED = "the refresh token has already been used"
 
@@ -52,6 +55,7 @@ class Refusal(enum.Enum):
 # what gave it away (if any).
 _ENDS_GRANT = {
     Refusal.OUTGROWN: ("role_lowered", None),
+    Refusal.NARROWED: ("client_updated", None),
     Refusal.REUSED: ("refresh_token_reuse", "refresh.reuse_detected"),
 }
 
@@ -118,6 +122,8 @@ def refusal(st: RefreshTokenState, successor_hash: bytes, grace: float) -> Refus
         return Refusal.NO_USER
     if beyond_role(st):
         return Refusal.OUTGROWN
+    if st.client_scopes is not None and not within_registration(st.scopes, st.client_scopes):
+        return Refusal.NARROWED
     if st.rotated_at is not None and not is_retry(st, successor_hash, grace):
         return Refusal.REUSED
     return None
@@ -150,7 +156,7 @@ async def rotate_locked(
             raise InvalidGrant("the refresh token is invalid")
         school = await token_school(req, st.school_id)
         refused = refusal(st, successor_hash, settings.tokens.refresh_reuse_grace)
-        if refused is Refusal.OUTGROWN:
+        if refused in (Refusal.OUTGROWN, Refusal.NARROWED):
             return Refused(refused, st)
         if refused is not None and refused is not Refusal.REUSED:
             raise InvalidGrant(refused.value)

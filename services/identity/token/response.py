@@ -70,7 +70,7 @@ def token_response(
 
 async def record(req: GrantRequest, action: str, **fields: Any) -> None:
     """An audit record of this request (its caller's address included)."""
-    await audit.append(req.ctx.redis, req.ctx.settings, audit.record(action, ip=req.ip, **fields))
+    await audit.write(req.ctx.pool, audit.record(action, ip=req.ip, **fields))
 
 
 async def revoke_grant(
@@ -112,4 +112,4 @@ async def record_issued(
         jti=claims["jti"],
         **detail,
     )
-    await audit.append(req.ctx.redis, req.ctx.settings, fields)
+    await audit.write(req.ctx.pool, fields)
