@@ -92,20 +92,22 @@ def _commit() -> str:
 
 def write(
     rows: list[Row],
-    directory: Path,
+    path: Path,
     *,
     stack: str,
     elapsed_s: float,
     pace: Pace,
     skipped: dict[str, str] | None = None,
     harness_cpu_s: float = 0.0,
+    service_env: dict[str, str] | None = None,
 ) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     document: dict[str, Any] = {
         "rows": [row.as_json() for row in rows],
         "skipped": skipped or {},
         "all_goals_met": all(row.met() for row in rows),
         "stack": stack,
+        "service_env": service_env or {},
         "elapsed_s": round(elapsed_s, 1),
         "harness_cpu_s": round(harness_cpu_s, 1),
         "workload": dataclasses.asdict(pace),
@@ -114,6 +116,5 @@ def write(
         "machine": platform.node(),
         "cpus": os.cpu_count(),
     }
-    path = directory / "latest.json"
     path.write_bytes(orjson.dumps(document, option=orjson.OPT_INDENT_2) + b"\n")
     return path

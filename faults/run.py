@@ -23,6 +23,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Collection, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -161,16 +162,16 @@ def _direct_dsn(stack: Any) -> str:
     return str(direct or stack.env["DATABASE_URL"])
 
 
-def make_stack(kind: str) -> Any:
+def make_stack(kind: str, extra_env: dict[str, str]) -> Any:
     """The production topology on free ports (beside a running `make cluster`, which keeps its
-    own), or the make-dev-like stack."""
+    own), or the make-dev-like stack; `extra_env` goes to every service."""
     data_dir = ROOT / ".data" / "faults"
     if kind == "dev":
-        return DevStack(data_dir / "dev")
+        return DevStack(data_dir / "dev", env={**os.environ, **extra_env})
     from services.dev.topology import Topology, TopologyPorts
 
     # Its cluster.env goes beside its data: .data/faults/cluster.env.
-    return Topology(data_dir / "cluster", ports=TopologyPorts.free())
+    return Topology(data_dir / "cluster", ports=TopologyPorts.free(), extra_env=extra_env)
 
 
 @dataclass
@@ -302,7 +303,8 @@ async def run(args: argparse.Namespace) -> int:
     assert task is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     faults = [catalog.named(n) for n in args.only] if args.only else list(catalog.FAULTS)
-    stack = make_stack(args.stack)
+    extra_env = dict(item.split("=", 1) for item in args.env)
+    stack = make_stack(args.stack, extra_env)
     started = time.monotonic()
     say(f"starting the {args.stack} stack")
     async with running(stack, Pace()) as suite:
@@ -318,15 +320,16 @@ async def run(args: argparse.Namespace) -> int:
     print(report.table(rows))
     path = report.write(
         rows,
-        RESULTS,
+        args.output,
         stack=args.stack,
         elapsed_s=elapsed,
         pace=Pace(),
         skipped=skipped,
         # The workload's own process shares the cores with what it measures.
         harness_cpu_s=time.process_time(),
+        service_env=extra_env,
     )
-    say(f"written to {path.relative_to(ROOT)}")
+    say(f"written to {path}")
     return 0
 
 
@@ -366,8 +369,23 @@ def main() -> None:
         default=os.environ.get("FAULTS_STACK", "cluster"),
         help="the production topology (default) or a make-dev-like stack of one process each",
     )
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a setting for every service, e.g. GATEWAY_AUDIT_MODE=durable (repeatable)",
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=RESULTS / "latest.json",
+        help="where the JSON goes (default faults/results/latest.json)",
+    )
     parser.add_argument("--list", action="store_true", help="list the faults and exit")
     args = parser.parse_args()
+    if any("=" not in item for item in args.env):
+        parser.error("--env takes KEY=VALUE")
     if args.list:
         for fault in catalog.FAULTS:
             print(f"{fault.name:<18} {fault.what}")
