@@ -175,10 +175,12 @@ FAULTS: tuple[Fault, ...] = (
         _redis_primary,
         "primaries",
     ),
-    Fault("redis-empty", "Redis Cluster restarted empty", "redis", _redis_empty, "primaries"),
     Fault("postgres-restart", "PostgreSQL restart", "postgres", _restart("postgres")),
     Fault("pgbouncer-restart", "PgBouncer restart", "pgbouncer", _restart("pgbouncer")),
     Fault("nginx-reload", "nginx reload", "nginx", _nginx_reload),
+    # Last: what it breaks for good (a consumer that never reads again) would otherwise be
+    # charged to every fault after it.
+    Fault("redis-empty", "Redis Cluster restarted empty", "redis", _redis_empty, "primaries"),
 )
 
 

@@ -315,6 +315,9 @@ async def run(args: argparse.Namespace) -> int:
             else:
                 await suite.inject(fault)
         rows = await suite.final_account()
+        if args.hold:
+            say(f"holding the stack for {args.hold:.0f}s to look at (.data/faults/cluster.env)")
+            await asyncio.sleep(args.hold)
     elapsed = time.monotonic() - started
     say(f"done in {elapsed:.0f}s")
     print(report.table(rows))
@@ -381,6 +384,13 @@ def main() -> None:
         type=Path,
         default=RESULTS / "latest.json",
         help="where the JSON goes (default faults/results/latest.json)",
+    )
+    parser.add_argument(
+        "--hold",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="keep the stack this long after the last fault, to look at it",
     )
     parser.add_argument("--list", action="store_true", help="list the faults and exit")
     args = parser.parse_args()
