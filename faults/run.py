@@ -115,11 +115,14 @@ class Drained:
     seconds: float
 
 
-async def drain(books: Books, calls: list[ledger.Call], window: ledger.Window) -> Drained:
+async def drain(books: Books, workload: Workload, window: ledger.Window) -> Drained:
     """Close the window now, and wait until its events are all delivered and its answered calls
     all audited. The workload goes on: calls from now on are the next window's."""
     began = window.end = time.monotonic()
     deadline = began + DRAIN_S
+    # The calls still in progress are the window's too (the client's timeout bounds this).
+    await workload.settled(window.end)
+    calls = workload.calls
     events = await _retrying("outbox", books.committed, deadline + 60) - books.attributed
     books.attributed |= events
     due = ledger.audit_due(ledger.calls_in(window, calls))
@@ -204,7 +207,7 @@ class Suite:
             window.injected = window.returned = time.monotonic()
         say(f"  back after {window.returned - window.injected:.1f}s; observing")
         await observe(self.workload.calls, window.returned)
-        drained = await drain(self.books, self.workload.calls, window)
+        drained = await drain(self.books, self.workload, window)
         await asyncio.sleep(SETTLE_S)
         self._start = window.end
         row = self.score(window, drained.events, drained.delivered, drained.stored, note)

@@ -66,6 +66,9 @@ class Workload:
         self.subscription_id = ""
         self._run = run
         self._ids = itertools.count(1)
+        # Calls in progress, by request id (or a key of ours): when each started.
+        self._in_flight: dict[str, float] = {}
+        self._ended = asyncio.Event()
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._http: aiohttp.ClientSession | None = None
@@ -136,7 +139,7 @@ class Workload:
     ) -> tuple[Call, bytes]:
         rid = self.request_id()
         headers = self.world.headers(token, **{"X-Request-Id": rid})
-        started = time.monotonic()
+        started = self._begin(rid)
         raw = b""
         try:
             async with self.http.request(
@@ -146,9 +149,23 @@ class Workload:
                 status = resp.status
         except (aiohttp.ClientError, TimeoutError):
             status = 0
+        finally:
+            del self._in_flight[rid]
+            self._ended.set()
         call = Call(kind, started, time.monotonic(), status, rid, grant)
         self.calls.append(call)
         return call, raw
+
+    def _begin(self, key: str) -> float:
+        started = self._in_flight[key] = time.monotonic()
+        return started
+
+    async def settled(self, before: float) -> None:
+        """Until every call started before `before` has ended (and so is in `calls`): a
+        window is scored on all of its calls, the slow ones too."""
+        while any(started < before for started in self._in_flight.values()):
+            self._ended.clear()
+            await self._ended.wait()
 
     async def _json(
         self, method: str, path: str, token: str, body: dict[str, Any]
@@ -163,8 +180,13 @@ class Workload:
     async def _form(
         self, kind: str, path: str, form: dict[str, str]
     ) -> tuple[Call, dict[str, Any]]:
-        started = time.monotonic()
-        status, body = await post_form(self.http, self.world, path, form)
+        key = f"form-{next(self._ids)}"
+        started = self._begin(key)
+        try:
+            status, body = await post_form(self.http, self.world, path, form)
+        finally:
+            del self._in_flight[key]
+            self._ended.set()
         call = Call(kind, started, time.monotonic(), status)
         self.calls.append(call)
         return call, body
