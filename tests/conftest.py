@@ -168,12 +168,7 @@ async def migrated(settings: Settings) -> AsyncIterator[None]:
 
 @pytest.fixture(scope="session")
 async def pool(settings: Settings, migrated: None) -> AsyncIterator[asyncpg.Pool]:
-    p = await db.create_pool(
-        settings.database_url,
-        min_size=1,
-        max_size=5,
-        statement_cache=settings.database_statement_cache,
-    )
+    p = await db.create_pool(settings=settings, min_size=1, max_size=5)
     yield p
     await p.close()
 

@@ -10,6 +10,7 @@ when nginx or PgBouncer cannot be installed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import signal
@@ -18,16 +19,19 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import aiohttp
 import httpx2 as httpx
 import pytest
 from authlib.integrations.httpx_client import AsyncOAuth2Client
 
 from libs.common import db
 from services.dev import topology
+from tests.support import client_session
 from tests.test_authorize import Browser
 from tests.test_oauth_client_e2e import LocalhostTransport
 
 CLI = str(Path(sys.executable).with_name("loopwise-connect"))
+GATEWAY_UPSTREAM_TIMEOUT = 8.0
 
 
 @pytest.fixture(scope="session")
@@ -38,7 +42,18 @@ async def cluster(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[top
         pytest.skip(f"the topology's packages cannot be installed: {exc}")
     root = tmp_path_factory.mktemp("topology")
     root.chmod(0o755)
-    topo = topology.Topology(root / "cluster", ports=topology.TopologyPorts.free())
+    # nginx waits for a gateway its upstream timeout and a little more (topology.READ_MARGIN):
+    # shorter than make cluster's 30 s, so a stopped gateway is passed over within the test.
+    topo = topology.Topology(
+        root / "cluster",
+        ports=topology.TopologyPorts.free(),
+        extra_env={
+            "GATEWAY_UPSTREAM_TIMEOUT": str(GATEWAY_UPSTREAM_TIMEOUT),
+            # The load tests below call as fast as the machine lets them; they are about nginx.
+            "RATE_LIMIT_PER_MINUTE": "1000000",
+            "RATE_LIMIT_BURST": "100000",
+        },
+    )
     await topo.start()
     try:
         yield topo
@@ -53,7 +68,8 @@ async def browser() -> AsyncIterator[Browser]:
     await b.close()
 
 
-async def _access_token(topo: topology.Topology, browser: Browser) -> str:
+async def _access_token(topo: topology.Topology, browser: Browser) -> tuple[str, str]:
+    """An access token for the demo school, and its client's id."""
     """The authorization code flow with PKCE, every request through nginx's public port."""
     issuer = f"http://demo.localhost:{topo.ports.public}"
     login = next(x for x in topo.logins if x.school == "demo")
@@ -97,7 +113,7 @@ async def _access_token(topo: topology.Topology, browser: Browser) -> str:
         meta["token_endpoint"], authorization_response=headers["Location"], code_verifier=verifier
     )
     await oauth.aclose()
-    return str(token["access_token"])
+    return str(token["access_token"]), str(registered.json()["client_id"])
 
 
 async def _courses(topo: topology.Topology, access_token: str) -> int:
@@ -112,7 +128,7 @@ async def _courses(topo: topology.Topology, access_token: str) -> int:
 async def test_an_oauth_client_through_nginx_survives_a_killed_gateway(
     cluster: topology.Topology, browser: Browser
 ) -> None:
-    access_token = await _access_token(cluster, browser)
+    access_token, _ = await _access_token(cluster, browser)
     assert await _courses(cluster, access_token) == 200
 
     gateway = cluster.services["gateway-1"]
@@ -141,7 +157,7 @@ def _read(path: Path) -> tuple[str, int]:
 
 
 async def test_cluster_env_names_the_stores_the_services_use(cluster: topology.Topology) -> None:
-    text, mode = await asyncio.to_thread(_read, cluster.data_dir.parent / "cluster.env")
+    text, mode = await asyncio.to_thread(_read, cluster.env_file)
     written = dict(line.split("=", 1) for line in text.splitlines() if line)
     assert written == cluster.env
     assert mode == 0o600
@@ -173,3 +189,120 @@ async def test_cluster_env_names_the_stores_the_services_use(cluster: topology.T
     out, err = await proc.communicate()
     assert proc.returncode == 0, err.decode()
     assert b'"demo"' in out
+
+
+# -- nginx: reloads and a stuck gateway -------------------------------------------------------
+
+
+def _children(pid: int) -> set[int]:
+    """The processes `pid` forked (nginx's workers), from /proc."""
+    found: set[int] = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            # The command name may hold spaces: the parent comes after its closing ")".
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.add(int(stat.parent.name))
+    return found
+
+
+async def _call_loop(
+    topo: topology.Topology, access_token: str, stop: asyncio.Event, *, rounds: int | None = None
+) -> list[int | str]:
+    """GET the courses through nginx on one keep-alive connection, as a partner's client does,
+    until `stop` is set (or `rounds` calls); each call's status or the error it ended in."""
+    url = f"http://demo.localhost:{topo.ports.public}/api/v1/courses"
+    headers = {"Authorization": f"Bearer {access_token}"}
+    outcomes: list[int | str] = []
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with client_session(timeout=timeout) as http:
+        while not stop.is_set() and (rounds is None or len(outcomes) < rounds):
+            try:
+                async with http.get(url, headers=headers) as resp:
+                    await resp.read()
+                    outcomes.append(resp.status)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                outcomes.append(repr(exc))
+    return outcomes
+
+
+async def test_nginx_reloads_under_load_and_no_call_fails(
+    cluster: topology.Topology, browser: Browser
+) -> None:
+    access_token, _ = await _access_token(cluster, browser)
+    nginx = cluster.nginx
+    assert nginx is not None and nginx.pid is not None
+    stop = asyncio.Event()
+    callers = [asyncio.create_task(_call_loop(cluster, access_token, stop)) for _ in range(4)]
+    try:
+        for _ in range(4):
+            workers = _children(nginx.pid)
+            await nginx.reload()
+            # A reload starts new workers and lets the old ones finish their calls.
+            async with asyncio.timeout(30):
+                while True:
+                    if not _children(nginx.pid) & workers:
+                        break
+                    await asyncio.sleep(0.1)
+            await asyncio.sleep(0.3)
+    finally:
+        stop.set()
+        outcomes = [o for found in await asyncio.gather(*callers) for o in found]
+    assert [o for o in outcomes if o != 200] == []
+    assert len(outcomes) >= 40  # calls were flowing through every reload
+
+
+async def test_a_stopped_gateway_is_passed_over_and_then_honours_a_revocation(
+    cluster: topology.Topology, browser: Browser
+) -> None:
+    """gateway-1 SIGSTOPped for longer than nginx's read timeout and the revocation lease:
+    the calls it held are answered by gateway-2 while it is still stopped, new calls go there;
+    a grant revoked meanwhile is refused by gateway-1 once it runs again (its lease lapsed,
+    so it asks Redis rather than its own set)."""
+    access_token, client_id = await _access_token(cluster, browser)
+    stuck = cluster.services["gateway-1"]
+    error_log = cluster.data_dir / "nginx" / "error.log"
+    logged = error_log.stat().st_size if error_log.exists() else 0
+    stuck.kill(signal.SIGSTOP)
+    try:
+        never = asyncio.Event()
+        # Every call answered while gateway-1 is still stopped: nginx gave up on the calls it
+        # had sent there (read timeout) and sent them, all GETs, to gateway-2.
+        async with asyncio.timeout(6 * GATEWAY_UPSTREAM_TIMEOUT):
+            done = await asyncio.gather(
+                *(_call_loop(cluster, access_token, never, rounds=15) for _ in range(4))
+            )
+        outcomes = [o for found in done for o in found]
+        assert outcomes == [200] * 60
+        log_text = await asyncio.to_thread(_read_from, error_log, logged)
+        assert "upstream timed out" in log_text and f":{stuck.port}/" in log_text
+        # Revoked at identity while gateway-1 cannot confirm it: identity waits out its lease.
+        async with (
+            client_session() as http,
+            http.post(
+                f"http://{topology.HOST}:{cluster.ports.identity}/v1/oauth/revoke",
+                data={"token": access_token, "client_id": client_id},
+                headers={"Host": f"demo.localhost:{cluster.ports.public}"},
+            ) as resp,
+        ):
+            assert resp.status == 200, await resp.text()
+    finally:
+        stuck.kill(signal.SIGCONT)
+    # gateway-1 itself, first thing after it runs again, and through nginx.
+    async with (
+        client_session() as http,
+        http.get(
+            f"http://{topology.HOST}:{stuck.port}/api/v1/courses",
+            headers={
+                "Authorization": f"Bearer {access_token}",
+                "Host": f"demo.localhost:{cluster.ports.public}",
+            },
+        ) as resp,
+    ):
+        assert resp.status == 401, await resp.text()
+    assert set(await _call_loop(cluster, access_token, asyncio.Event(), rounds=6)) == {401}
+
+
+def _read_from(path: Path, offset: int) -> str:
+    with path.open("rb") as f:
+        f.seek(offset)
+        return f.read().decode(errors="replace")

@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import secrets
 import signal
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -374,7 +375,9 @@ async def _ok(_n: int, _request: web.Request) -> web.StreamResponse:
 # Outbox: Redis stopped and started
 
 
-async def start_redis(port: int) -> asyncio.subprocess.Process:
+async def start_redis(port: int, *extra: str) -> asyncio.subprocess.Process:
+    """A redis-server of the test's own on `port`, without persistence (`extra`: more of its
+    options, `--replicaof HOST PORT` say)."""
     proc = await asyncio.create_subprocess_exec(
         "redis-server",
         "--port",
@@ -385,6 +388,12 @@ async def start_redis(port: int) -> asyncio.subprocess.Process:
         "",
         "--appendonly",
         "no",
+        # A replica writes the copy it syncs to disk: somewhere of its own, not the checkout.
+        "--dir",
+        tempfile.gettempdir(),
+        "--dbfilename",
+        f"lc-test-{port}.rdb",
+        *extra,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL,
     )

@@ -94,7 +94,7 @@ async def test_health_ready_metrics_openapi(identity_url: str, http: Any) -> Non
     async with http.get(identity_url + "/readyz") as resp:
         body = await resp.json()
         assert resp.status == 200, body
-        assert body["checks"] == {"postgresql": True, "redis": True}
+        assert body["checks"] == {"postgresql": True, "redis": True, "background": True}
     async with http.get(identity_url + "/metrics") as resp:
         assert resp.status == 200
         assert "http_requests_total" in await resp.text()

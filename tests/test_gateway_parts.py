@@ -11,8 +11,9 @@ from typing import Any
 import orjson
 import pytest
 
-from libs.common import keys, streams
+from libs.common import keys, redis_client, streams
 from libs.common.config import Settings
+from services.gateway import redis_routing
 from services.gateway.audit import BATCH, BATCH_BYTES, AuditBuffer, api_call
 from services.gateway.ratelimit import Guard, Pace
 from services.gateway.redis_pipeline import PipelinedRedis, RedisReplyError, pack
@@ -38,7 +39,7 @@ def _record(n: int) -> dict[str, Any]:
 
 @pytest.fixture
 async def connection(settings: Settings) -> AsyncIterator[PipelinedRedis]:
-    conn = PipelinedRedis(settings.redis_url, timeout=2.0)
+    conn = redis_routing.pipelined(settings.redis_url, timeout=2.0)
     yield conn
     await conn.close()
 
@@ -64,6 +65,42 @@ async def test_audit_records_are_written_as_batch_entries_in_the_streams_shape(
     # once).
     assert len({r["rid"] for r in records}) == 450
     await redis.delete(stream)
+
+
+class _FailsOnce(PipelinedRedis):
+    """A real connection whose next write raises what no Redis failure raises (as a bug
+    would): the audit's flush loop is not to end on it."""
+
+    failures = 1
+
+    async def execute_many(self, commands: list[bytes]) -> list[Any]:
+        if self.failures:
+            self.failures -= 1
+            raise RuntimeError("nobody foresaw this")
+        return await super().execute_many(commands)
+
+
+async def test_the_flush_loop_is_restarted_whatever_ends_it(settings: Settings, redis: Any) -> None:
+    """Supervised (libs/common/tasks.py): a call whose write met the unforeseen is answered
+    503 rather than left waiting, and the loop, restarted, writes its record with the next."""
+    stream = settings.stream(f"test:audit:{secrets.token_hex(4)}")
+    connection = _FailsOnce(settings.redis_url, timeout=2.0)
+    buffer = AuditBuffer(connection, stream, capacity=1000, durable=True)
+    buffer.start()
+    try:
+        first = buffer.reserve()
+        assert first is not None
+        assert await asyncio.wait_for(first.written(_record(1)), timeout=10) is False
+        second = buffer.reserve()
+        assert second is not None
+        assert await asyncio.wait_for(second.written(_record(2)), timeout=10) is True
+        entries = await streams.read_tail(redis, stream, "0-0", count=100, block_ms=10)
+        paths = [r["path"] for e in entries for r in audit.records_of(e.data)]
+        assert paths == ["/api/v1/courses/1", "/api/v1/courses/2"]
+    finally:
+        await buffer.stop()
+        await connection.close()
+        await redis.delete(stream)
 
 
 async def test_durable_records_of_concurrent_calls_share_one_xadd_and_each_call_waits_for_it(
@@ -177,9 +214,16 @@ async def test_a_full_audit_buffer_drops_and_counts_and_never_raises(settings: S
 
 
 async def test_the_pipelined_connection_orders_replies_and_recovers(
-    connection: PipelinedRedis, settings: Settings
+    settings: Settings, redis: Any
 ) -> None:
     key = settings.stream(f"test:resp:{secrets.token_hex(4)}")
+    # One node's connection (under a Cluster, that of the primary serving the key): the
+    # connection PipelinedCluster holds per primary.
+    url = settings.redis_url
+    if redis_client.parse(url).kind == "cluster":
+        node = redis.get_node_from_key(key)
+        url = f"redis://{node.host}:{node.port}/0"
+    connection = PipelinedRedis(url, timeout=2.0)
     answers = await asyncio.gather(*(connection.execute(pack("INCR", key)) for _ in range(200)))
     assert answers == list(range(1, 201))
     with pytest.raises(RedisReplyError):
@@ -190,6 +234,7 @@ async def test_the_pipelined_connection_orders_replies_and_recovers(
     await asyncio.sleep(0)
     assert await connection.execute(pack("INCR", key)) == 201
     await connection.execute(pack("DEL", key))
+    await connection.close()
 
 
 async def test_a_silent_redis_is_given_up_after_the_timeout() -> None:

@@ -760,3 +760,42 @@ async def test_an_mcp_call_that_cannot_be_recorded_is_refused(
 
 async def _equal(got: Awaitable[Any], expected: Any) -> bool:
     return bool(await got == expected)
+
+
+async def test_in_durable_mode_an_mcp_answer_comes_after_its_own_record(
+    http: aiohttp.ClientSession,
+    system: System,
+    tenant_token: TenantToken,
+    gateway_env: dict[str, str],
+    gateway_settings: Settings,
+    school_api_url: str,
+    redis: redis_asyncio.Redis,
+) -> None:
+    """GATEWAY_AUDIT_MODE=durable: the /mcp call's record is on connect:audit before the
+    answer's status goes out, streamed or not (the SDK's answers are streamed: they were sent
+    before the record was even queued)."""
+    issued = await tenant_token()
+    async with extra_gateway(
+        gateway_env, SCHOOL_API_URL=school_api_url, GATEWAY_AUDIT_MODE="durable"
+    ) as base:
+        for n in range(3):
+            request_id = f"durable-mcp-{secrets.token_hex(4)}-{n}"
+            headers = {
+                "Host": system.platform_host,
+                "Accept": "application/json, text/event-stream",
+                "Content-Type": "application/json",
+                "Authorization": f"Bearer {issued.access_token}",
+                "X-Request-Id": request_id,
+            }
+            ping = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
+            async with http.post(base + "/mcp", data=orjson.dumps(ping), headers=headers) as r:
+                assert r.status == 200
+                # The status is here: the record must be on the stream already.
+                recorded = [
+                    rec
+                    for _, fields in await redis.xrange(gateway_settings.stream(streams.AUDIT))
+                    for rec in audit.records_of(orjson.loads(fields[b"data"]))
+                    if (rec.get("detail") or {}).get("request_id") == request_id
+                ]
+                await r.read()
+            assert [(rec["path"], rec["status"]) for rec in recorded] == [("/mcp", 200)]

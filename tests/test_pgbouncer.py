@@ -8,6 +8,7 @@ Skipped only when Debian's pgbouncer cannot be installed.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import secrets
 import subprocess
 import sys
@@ -92,6 +93,31 @@ async def test_statement_cache_zero_holds_under_concurrency(pgbouncer_url: str) 
     errors = [d for d in done if isinstance(d, BaseException)]
     assert not errors, errors[:3]
     assert sum(d for d in done if isinstance(d, int)) == 24 * 25 * 4
+
+
+async def test_a_pool_from_settings_takes_their_statement_cache(
+    settings: Settings, pgbouncer_url: str
+) -> None:
+    """`create_pool(settings=...)` (what every service and the tests open): the cache of 0
+    and the pool sizes come from the settings, so no caller can forget them behind PgBouncer."""
+    pooled = dataclasses.replace(
+        settings,
+        database_url=pgbouncer_url,
+        database_statement_cache=0,
+        db_pool_min=2,
+        db_pool_max=8,
+    )
+    pools = [await db.create_pool(settings=pooled) for _ in range(2)]
+    try:
+        assert [(p.get_min_size(), p.get_max_size()) for p in pools] == [(2, 8), (2, 8)]
+        done = await asyncio.gather(
+            *(_mixed_work(pools[w % 2], w, 10) for w in range(16)), return_exceptions=True
+        )
+    finally:
+        for pool in pools:
+            await pool.close()
+    errors = [d for d in done if isinstance(d, BaseException)]
+    assert not errors, errors[:3]
 
 
 async def test_named_statements_break_without_statement_cache_zero(pgbouncer_url: str) -> None:

@@ -121,7 +121,7 @@ async def test_probes_and_the_openapi_document_need_no_identity(
         status, _ = await call(http, "GET", school_api_url + path, {})
         assert status == 200, path
     _, ready = await call(http, "GET", school_api_url + "/readyz", {})
-    assert ready["checks"] == {"postgresql": True, "redis": True}
+    assert ready["checks"] == {"postgresql": True, "redis": True, "background": True}
     async with http.get(school_api_url + "/metrics") as resp:
         assert resp.status == 200
         text = await resp.text()

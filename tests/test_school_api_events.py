@@ -91,7 +91,12 @@ async def until(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> 
 
 
 def check_shape(event: dict[str, Any], school_id: int) -> None:
-    assert set(event) == EVENT_KEYS
+    # The webhook body's members, and the resource and sequence it is ordered by (the
+    # dispatcher keeps those out of the body).
+    assert set(event) == EVENT_KEYS | {"ordering_key", "sequence"}
+    resource = event["type"].rpartition(".")[0]
+    assert event["ordering_key"] == f"{resource}:{event['data']['id']}"
+    assert isinstance(event["sequence"], int)
     assert event["school_id"] == school_id
     UUID(event["id"])
     assert event["occurred_at"].endswith("Z")
@@ -297,8 +302,17 @@ def _other_database(url: str, name: str) -> str:
 
 @pytest.fixture(scope="module")
 async def side(settings: Settings, run_id: str) -> AsyncIterator[Settings]:
+    # The same server(s) as the run's, so through PgBouncer its session DSN (where the relays
+    # LISTEN) names the side database too.
+    name = f"{run_id}_relay"
     own = dataclasses.replace(
-        settings, database_url=_other_database(settings.database_url, f"{run_id}_relay")
+        settings,
+        database_url=_other_database(settings.database_url, name),
+        database_session_url=(
+            _other_database(settings.database_session_url, name)
+            if settings.database_session_url
+            else ""
+        ),
     )
     await db.migrate(own.database_url)
     yield own
@@ -307,7 +321,7 @@ async def side(settings: Settings, run_id: str) -> AsyncIterator[Settings]:
 
 @pytest.fixture
 async def side_pool(side: Settings) -> AsyncIterator[asyncpg.Pool]:
-    p = await db.create_pool(side.database_url, min_size=1, max_size=8)
+    p = await db.create_pool(settings=side, min_size=1, max_size=8)
     await p.execute("TRUNCATE school_api.outbox")
     yield p
     await p.close()
@@ -331,13 +345,21 @@ async def test_with_redis_down_writes_succeed_and_events_wait_until_it_is_back(
         )
         assert status == 201
         status, ready = await call(http, "GET", f"{url}/readyz", {})
-        assert (status, ready["checks"]) == (503, {"postgresql": True, "redis": False})
+        assert (status, ready["checks"]) == (
+            503,
+            {"postgresql": True, "redis": False, "background": True},
+        )
         relay = app[RELAY]
 
         async def retried() -> bool:
             return relay.failures >= 2
 
         assert await until(retried)  # it tried, failed, and is backing off
+        # What is owed shows on /metrics while Redis is away, not only once it is back.
+        async with http.get(f"{url}/metrics") as response:
+            text = await response.text()
+        assert "school_api_outbox_backlog 1.0" in text.splitlines()
+        assert "school_api_outbox_unsettled 0.0" in text.splitlines()
         [row] = await store.outbox_events_for(side_pool, school)
         assert row["published_at"] is None
         assert row["data"] == created
@@ -402,7 +424,12 @@ async def test_two_relays_publish_every_event_exactly_once(
     # And the running loops, woken by NOTIFY, while writes keep arriving.
     loops = [
         OutboxRelay(
-            side_pool, redis, stream, dsn=side.database_url, batch_size=5, poll_interval=0.2
+            side_pool,
+            redis,
+            stream,
+            dsn=side.session_database_url,
+            batch_size=5,
+            poll_interval=0.2,
         )
         for _ in range(2)
     ]
@@ -432,7 +459,7 @@ async def test_notify_wakes_the_relay_long_before_its_poll(
     side: Settings, side_pool: asyncpg.Pool, redis: redis_asyncio.Redis
 ) -> None:
     stream = side.stream(f"test:relay:{secrets.token_hex(4)}")
-    relay = OutboxRelay(side_pool, redis, stream, dsn=side.database_url, poll_interval=60)
+    relay = OutboxRelay(side_pool, redis, stream, dsn=side.session_database_url, poll_interval=60)
     task = asyncio.create_task(relay.run())
     try:
         await asyncio.sleep(0.3)  # its first (empty) round is done; now it waits 60 s or NOTIFY

@@ -11,7 +11,7 @@ import pytest
 import redis.asyncio as redis_asyncio
 from redis.exceptions import ResponseError
 
-from libs.common import streams
+from libs.common import redis_client, streams
 from libs.common.config import Settings
 
 Name = Callable[[str], str]
@@ -34,10 +34,17 @@ class CountingConnection(redis_asyncio.Connection):
 
 
 @pytest.fixture
-async def counting_redis(settings: Settings) -> AsyncIterator[redis_asyncio.Redis]:
-    pool = redis_asyncio.ConnectionPool.from_url(
-        settings.redis_url, connection_class=CountingConnection
-    )
+async def counting_redis(
+    settings: Settings, redis: Any, name: Name
+) -> AsyncIterator[redis_asyncio.Redis]:
+    """A one-node client counting its writes: under a Cluster, on the primary that serves the
+    test's stream (name("batch")), the node a Cluster client would send it to."""
+    url = settings.redis_url
+    if redis_client.parse(url).kind == "cluster":
+        await redis.initialize()
+        node = redis.get_node_from_key(name("batch"))
+        url = f"redis://{node.host}:{node.port}/0"
+    pool = redis_asyncio.ConnectionPool.from_url(url, connection_class=CountingConnection)
     client = redis_asyncio.Redis(connection_pool=pool)
     await client.ping()  # connect (and its handshake) before anything is counted
     yield client

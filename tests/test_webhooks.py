@@ -1140,12 +1140,14 @@ async def test_probes_metrics_and_openapi(api: Api) -> None:
         assert response.status == 200
     async with api.http.get(api.base + "/readyz") as response:
         assert response.status == 200
-        assert (await response.json())["checks"] == {"postgresql": True, "redis": True}
+        checks = (await response.json())["checks"]
+        assert checks == {"postgresql": True, "redis": True, "background": True}
     async with api.http.get(api.base + "/metrics") as response:
         text = await response.text()
     assert "webhook_delivery_attempts_total" in text
     assert "webhook_delivery_duration_seconds_bucket" in text
     assert "webhook_queue_due" in text
+    assert 'webhook_stream_lag{stream="connect:events"}' in text
     async with api.http.get(api.base + "/openapi.json") as response:
         doc = await response.json()
     assert "/api/v1/webhooks/{id}/deliveries/{delivery_id}/retry" in doc["paths"]

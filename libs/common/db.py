@@ -31,13 +31,16 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypedDict
+from typing import TYPE_CHECKING, TypedDict
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from libs.common.logging import get_logger
+
+if TYPE_CHECKING:
+    from libs.common.config import Settings
 
 log = get_logger(__name__)
 
@@ -106,28 +109,75 @@ async def connect(
     return await asyncpg.connect(dsn, **connect_options(statement_cache, server_settings))
 
 
-async def create_pool(
-    dsn: str,
+@dataclass(frozen=True, slots=True)
+class PoolTarget:
+    """Where a pool connects and how: what `create_pool(settings=...)` takes from Settings."""
+
+    dsn: str
+    statement_cache: int
+    min_size: int
+    max_size: int
+
+
+def pool_target(
+    dsn: str | None,
+    settings: Settings | None,
     *,
-    min_size: int = 2,
-    max_size: int = 10,
+    statement_cache: int | None,
+    min_size: int | None,
+    max_size: int | None,
+) -> PoolTarget:
+    """With `settings`: its DATABASE_URL, DATABASE_STATEMENT_CACHE and DB_POOL_MIN/MAX, each
+    unless given. Without: `dsn` is taken for PostgreSQL itself (asyncpg's statement cache)
+    unless `statement_cache` says otherwise. A pool for a configured database goes through
+    settings, so behind a transaction pooler no caller can forget the cache of 0."""
+    if settings is not None:
+        return PoolTarget(
+            dsn=dsn or settings.database_url,
+            statement_cache=(
+                settings.database_statement_cache if statement_cache is None else statement_cache
+            ),
+            min_size=settings.db_pool_min if min_size is None else min_size,
+            max_size=settings.db_pool_max if max_size is None else max_size,
+        )
+    if dsn is None:
+        raise TypeError("create_pool needs a dsn or settings")
+    return PoolTarget(
+        dsn=dsn,
+        statement_cache=DEFAULT_STATEMENT_CACHE if statement_cache is None else statement_cache,
+        min_size=2 if min_size is None else min_size,
+        max_size=10 if max_size is None else max_size,
+    )
+
+
+async def create_pool(
+    dsn: str | None = None,
+    *,
+    settings: Settings | None = None,
+    min_size: int | None = None,
+    max_size: int | None = None,
     keep_session: bool = False,
     server_settings: Mapping[str, str] | None = None,
-    statement_cache: int = DEFAULT_STATEMENT_CACHE,
+    statement_cache: int | None = None,
 ) -> asyncpg.Pool:
-    """`keep_session=True` only for a service whose pooled connections never change session
+    """A pool on `settings`' database with its statement cache and pool sizes (`pool_target`),
+    or on a bare `dsn` (PostgreSQL itself unless `statement_cache` says otherwise).
+
+    `keep_session=True` only for a service whose pooled connections never change session
     state: no SET, no LISTEN, no session-level advisory locks (xact locks are fine).
-    `server_settings`: PostgreSQL settings for every connection of this pool.
-    `statement_cache`: Settings.database_statement_cache (0 behind a transaction pooler)."""
+    `server_settings`: PostgreSQL settings for every connection of this pool."""
+    target = pool_target(
+        dsn, settings, statement_cache=statement_cache, min_size=min_size, max_size=max_size
+    )
     pool = await asyncpg.create_pool(
-        dsn,
-        min_size=min_size,
-        max_size=max_size,
+        target.dsn,
+        min_size=target.min_size,
+        max_size=target.max_size,
         init=_init_connection,
         reset=_keep_session if keep_session else None,
         command_timeout=30,
         **connect_options(
-            statement_cache,
+            target.statement_cache,
             {"application_name": "loopwise-connect", **(server_settings or {})},
         ),
     )

@@ -19,6 +19,10 @@ from redis.typing import EncodableT, FieldT
 from libs.common import redis_client
 
 EVENTS = "connect:events"
+# The consumer group that turns connect:events into deliveries (webhooks' dispatcher). It
+# acknowledges an entry only once its deliveries are in PostgreSQL, so the school API's outbox
+# keeps an event until this group has acknowledged it (services/school_api/outbox.py).
+EVENTS_GROUP = "webhooks"
 REVOCATIONS = "connect:revocations"
 AUDIT = "connect:audit"
 KEYS = "connect:keys"
@@ -41,6 +45,9 @@ class Entry:
     # The `data` member as stored: a consumer that hands it on whole (identity's audit
     # consumer, to PostgreSQL's JSON functions) need not serialize it again.
     payload: bytes = b""
+    # The `data` member is missing, not JSON, or not a JSON object (`data` is then empty): a
+    # poison entry, for the consumer to set aside rather than fail on for ever.
+    malformed: bool = False
 
 
 def connect(url: str) -> redis.Redis:
@@ -53,12 +60,19 @@ def _encode(data: Mapping[str, Any]) -> dict[FieldT, EncodableT]:
 
 
 def _decode(raw: Sequence[Any]) -> list[Entry]:
+    """Never raises on an entry's content: one bad entry must not fail every read after it."""
     entries = []
     for entry_id, fields in raw:
         payload = fields.get(b"data") if fields else None
-        data = orjson.loads(payload) if payload else {}
+        try:
+            data = orjson.loads(payload) if payload else None
+        except orjson.JSONDecodeError:
+            data = None
         eid = text(entry_id)
-        entries.append(Entry(eid, data, payload or b""))
+        if isinstance(data, dict):
+            entries.append(Entry(eid, data, payload or b""))
+        else:
+            entries.append(Entry(eid, {}, payload or b"", malformed=True))
     return entries
 
 
@@ -163,6 +177,24 @@ async def claim_stale(
         cursor = text(next_cursor)
         if cursor == "0-0" or len(claimed) >= count:
             return claimed
+
+
+async def claim(
+    client: redis.Redis,
+    stream: str,
+    group: str,
+    consumer: str,
+    ids: Sequence[str],
+    *,
+    min_idle_ms: int = 0,
+) -> list[Entry]:
+    """Take over the pending entries `ids` (XCLAIM); entries trimmed meanwhile are left out."""
+    if not ids:
+        return []
+    raw = await client.xclaim(
+        stream, group, consumer, min_idle_time=min_idle_ms, message_ids=list(ids)
+    )
+    return _decode([r for r in raw if r and r[1] is not None])
 
 
 async def read_tail(

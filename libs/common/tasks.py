@@ -77,8 +77,18 @@ class LoopState:
 class Supervisor:
     """Runs a service's background loops, restarting any that ends while `stop` is unset."""
 
-    def __init__(self, stop: asyncio.Event, *, on_restart: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        stop: asyncio.Event,
+        *,
+        on_restart: Callable[[str], None] | None = None,
+        not_ready_after: float = NOT_READY_AFTER,
+        steady_after: float = STEADY_AFTER,
+    ):
         self.stop = stop
+        # The readiness thresholds (NOT_READY_AFTER, STEADY_AFTER); shorter in tests.
+        self.not_ready_after = not_ready_after
+        self.steady_after = steady_after
         self.loops: dict[str, LoopState] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._on_restart = on_restart
@@ -131,13 +141,13 @@ class Supervisor:
         return all(not task.done() for task in self._tasks) or self.stop.is_set()
 
     def ready(self) -> bool:
-        """Readiness: no loop has been failing for longer than NOT_READY_AFTER (a loop running
-        again for STEADY_AFTER seconds since its last restart counts as recovered)."""
+        """Readiness: no loop has been failing for longer than `not_ready_after` (a loop running
+        again for `steady_after` seconds since its last restart counts as recovered)."""
         now = asyncio.get_running_loop().time()
         return all(
             state.failing_since is None
-            or now - state.failing_since < NOT_READY_AFTER
-            or (state.running_since is not None and now - state.running_since >= STEADY_AFTER)
+            or now - state.failing_since < self.not_ready_after
+            or (state.running_since is not None and now - state.running_since >= self.steady_after)
             for state in self.loops.values()
         )
 

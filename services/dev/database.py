@@ -96,12 +96,7 @@ async def prepare(
         await _verify_secrets(settings)
     if own_database and settings.dev_secrets is not None:
         _bind(settings.dev_secrets, settings.database_url)
-    pool = await db.create_pool(
-        settings.database_url,
-        min_size=1,
-        max_size=2,
-        statement_cache=settings.database_statement_cache,
-    )
+    pool = await db.create_pool(settings=settings, min_size=1, max_size=2)
     try:
         return await seed.seed_demo(pool, settings, logins_file)
     finally:
@@ -109,12 +104,7 @@ async def prepare(
 
 
 async def _verify_secrets(settings: Settings) -> None:
-    pool = await db.create_pool(
-        settings.database_url,
-        min_size=1,
-        max_size=1,
-        statement_cache=settings.database_statement_cache,
-    )
+    pool = await db.create_pool(settings=settings, min_size=1, max_size=1)
     try:
         await secret_checks.verify(pool, settings)
     finally:

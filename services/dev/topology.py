@@ -487,16 +487,36 @@ log_disconnections = 0
 """
 
 
-def _nginx_conf(directory: Path, ports: TopologyPorts) -> str:
+# nginx's passive health checks (README "Production topology"). A process that refuses or
+# resets a connection (killed, restarting) is marked failed at once for FAIL_TIMEOUT, and the
+# call goes to the other process, whatever its method (nothing was sent). One that accepts
+# and never answers (SIGSTOPped, wedged) is found only by a read timeout: a timeout that means
+# the process itself is stuck, never that its upstream is slow, so nginx waits for a gateway
+# GATEWAY_UPSTREAM_TIMEOUT plus READ_MARGIN (a healthy gateway answers within its upstream
+# timeout, a 504 of its own at worst). Then an idempotent call (GET, HEAD, PUT, DELETE, ...)
+# is retried on the other process; a POST or PATCH that was sent is answered 504, never sent
+# twice (nginx's default, no `non_idempotent`). Meanwhile least_conn steers new calls away
+# from the stuck process, whose calls pile up: the `zone` shares those counts and the failure
+# marks between nginx's workers.
+MAX_FAILS = 1
+FAIL_TIMEOUT = 5
+READ_MARGIN = 2.0
+
+
+def _nginx_conf(directory: Path, ports: TopologyPorts, *, gateway_timeout: float = 30.0) -> str:
     def upstream(kind: str) -> str:
         servers = "".join(
-            f"        server {HOST}:{port} max_fails=1 fail_timeout=2s;\n"
+            f"        server {HOST}:{port} max_fails={MAX_FAILS} fail_timeout={FAIL_TIMEOUT}s;\n"
             for port in ports.processes[kind]
         )
         return (
-            f"    upstream {kind} {{\n        least_conn;\n{servers}"
+            f"    upstream {kind} {{\n        zone {kind} 64k;\n        least_conn;\n{servers}"
             "        keepalive 64;\n        keepalive_timeout 60s;\n    }\n"
         )
+
+    # The gateways' own calls to the internal ports are bounded by their upstream timeout
+    # already; the public port bounds the gateways (above).
+    public_timeout = f"{round((gateway_timeout + READ_MARGIN) * 1000)}ms"
 
     # The public port appends the caller to X-Forwarded-For (the gateways trust us for it);
     # the internal ports pass the gateways' own forwarding headers on untouched.
@@ -506,6 +526,7 @@ def _nginx_conf(directory: Path, ports: TopologyPorts) -> str:
             if public
             else ""
         )
+        timeout = public_timeout if public else "300s"
         return f"""\
     server {{
         listen {HOST}:{port} reuseport;
@@ -516,7 +537,8 @@ def _nginx_conf(directory: Path, ports: TopologyPorts) -> str:
             proxy_set_header Host $http_host;
 {forwarded}            proxy_buffering off;
             proxy_request_buffering off;
-            proxy_read_timeout 300s;
+            proxy_read_timeout {timeout};
+            proxy_send_timeout {timeout};
             proxy_connect_timeout 2s;
             proxy_next_upstream error timeout http_502;
             proxy_next_upstream_tries 3;
@@ -571,8 +593,11 @@ class Topology:
         ports: TopologyPorts | None = None,
         replicas: int = 2,
         extra_env: dict[str, str] | None = None,
+        env_file: Path | None = None,
     ) -> None:
         self.data_dir = Path(data_dir).absolute()
+        # `make cluster`'s is .data/cluster.env (contract section 13), beside its data.
+        self.env_file = Path(env_file or self.data_dir.parent / "cluster.env").absolute()
         self.ports = ports or TopologyPorts()
         if any(len(p) != replicas for p in self.ports.processes.values()):
             raise ValueError(f"TopologyPorts.processes needs {replicas} ports per kind")
@@ -705,7 +730,7 @@ class Topology:
         await self.nginx.wait_ready()
 
     def _write_env_file(self) -> None:
-        path = self.data_dir.parent / "cluster.env"
+        path = self.env_file
         path.parent.mkdir(parents=True, exist_ok=True)
         # Owner only: a DSN may carry a password where the stores are not our own.
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -727,7 +752,8 @@ class Topology:
         for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
             (directory / "tmp" / sub).mkdir(parents=True, exist_ok=True)
         conf = directory / "nginx.conf"
-        conf.write_text(_nginx_conf(directory, self.ports))
+        gateway_timeout = load_settings(self._service_env()).gateway.upstream_timeout
+        conf.write_text(_nginx_conf(directory, self.ports, gateway_timeout=gateway_timeout))
         if owner.name is not None:
             _own(directory, owner.uid, owner.gid)
         return Proc(
@@ -780,7 +806,7 @@ class Topology:
             f"  PostgreSQL :{p.postgres} behind PgBouncer :{p.pgbouncer} (transaction pooling)",
             f"  Redis {self.redis.url}",
             f"  logs            {self.data_dir / 'logs'}",
-            f"  stores          {self.data_dir.parent / 'cluster.env'}"
+            f"  stores          {self.env_file}"
             " (env $(cat .data/cluster.env) .venv/bin/loopwise-connect ...)",
             "",
             "Admin logins:",
@@ -878,7 +904,9 @@ def run(data_dir: Path = DATA_DIR) -> int:
 
 
 async def _run_tests(pytest_args: Sequence[str], data_dir: Path) -> int:
-    topology = Topology(data_dir, ports=TopologyPorts.free())
+    # Its stores' URLs inside its own directory: a `make cluster` running beside it keeps
+    # .data/cluster.env.
+    topology = Topology(data_dir, ports=TopologyPorts.free(), env_file=data_dir / "cluster.env")
     await topology.start()
     try:
         env = {**os.environ, **{k: v for k, v in topology.env.items() if k.startswith("TEST_")}}
@@ -893,7 +921,8 @@ async def _run_tests(pytest_args: Sequence[str], data_dir: Path) -> int:
 def main(argv: Sequence[str]) -> int:
     """`python -m services.dev.topology test [PYTEST ARGS]` (`make test-cluster`): a topology on
     free ports under `.data/test-cluster/`, the tests run with its stores (TEST_DATABASE_URL
-    through PgBouncer, TEST_REDIS_URL), then stopped whatever the outcome."""
+    through PgBouncer, TEST_REDIS_URL; also in `.data/test-cluster/cluster.env` meanwhile),
+    then stopped whatever the outcome."""
     if not argv or argv[0] != "test":
         sys.stderr.write("usage: python -m services.dev.topology test [pytest arguments]\n")
         return 2

@@ -109,12 +109,7 @@ class _Stores:
         # Durable mode holds calls while their records are written: a write that hangs ends
         # soon (the calls answered 503, the records kept), as the guard's does.
         audit_timeout = 2 * REDIS_TIMEOUT if settings.gateway.audit_mode == "durable" else 5.0
-        pool: asyncpg.Pool = await db.create_pool(
-            settings.database_url,
-            min_size=settings.db_pool_min,
-            max_size=settings.db_pool_max,
-            statement_cache=settings.database_statement_cache,
-        )
+        pool: asyncpg.Pool = await db.create_pool(settings=settings)
         client = redis_client.connect(
             settings.redis_url,
             decode_responses=False,
@@ -242,15 +237,17 @@ def _resources(
         lease = revocation.Lease(settings.gateway.revocation_lease)
         ctx = app[CONTEXT] = _context(settings, table, stores, metrics, lease)
         _register_readiness(app, ctx)
-        ctx.audit.start()
         supervisor = tasks.Supervisor(asyncio.Event())
+        ctx.audit.start(supervisor)
         _follow_announcements(settings, ctx, stores.followers, lease, supervisor)
         watch_background(app, supervisor)
         try:
             yield
         finally:
             # In-flight calls have finished by now (aiohttp's shutdown runs before cleanup):
-            # write out their audit records, then let go of everything.
+            # write out their audit records (no loop is restarted once stop is set), then let go
+            # of everything.
+            supervisor.stop.set()
             await ctx.audit.stop()
             await supervisor.close(grace=0)
             await ctx.jwks.close()

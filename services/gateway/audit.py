@@ -44,7 +44,7 @@ from typing import Any
 
 import orjson
 
-from libs.common import streams
+from libs.common import streams, tasks
 from libs.common.logging import get_logger
 from services.gateway.redis_pipeline import PipelinedRedis, RedisReplyError, pack
 
@@ -70,6 +70,8 @@ BATCH_BYTES = 256 * 1024
 # Batch entries sent in one pipelined write when a backlog (Redis was away) is written out.
 PIPELINE = 16
 WARN_INTERVAL = 10.0
+# The flush loop's name under the gateway's Supervisor (/healthz, /readyz, logs).
+FLUSH_TASK = "gateway-audit-flush"
 
 
 def api_call(
@@ -172,8 +174,11 @@ class AuditBuffer:
         self._has_records = asyncio.Event()
         self._last_warning = float("-inf")
         self._task: asyncio.Task[None] | None = None
+        self._own_supervisor: tasks.Supervisor | None = None
         self._stopping = False
         self._stopped = asyncio.Event()
+        # Set when the flush loop has ended for the shutdown (everything written, or given up).
+        self._finished = asyncio.Event()
         self.dropped = 0
         self.refused = 0
         self._id_prefix = secrets.token_hex(8) + "-"
@@ -352,19 +357,53 @@ class AuditBuffer:
                     await asyncio.wait_for(self._stopped.wait(), timeout=delay)
                 delay = min(delay * 2, DURABLE_RETRY_MAX)
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run_durable() if self.durable else self._run())
+    async def run(self) -> None:
+        """The flush loop, until stop(). Run under a Supervisor (`start`): its own handling
+        covers Redis failing (records kept, retried); anything else ending it (a bug, an
+        exception nobody foresaw) must not end the audit trail for good, with records piling
+        up until every call is refused and, in durable mode, calls waiting for ever."""
+        try:
+            if self.durable:
+                await self._run_durable()
+            else:
+                await self._run()
+        except BaseException:
+            # The calls waiting now are answered 503 rather than held until the restart; their
+            # records stay buffered for it.
+            self._settle(False)
+            raise
+        finally:
+            if self._stopping:
+                self._finished.set()
+
+    def start(self, supervisor: tasks.Supervisor | None = None) -> None:
+        """Run the flush loop under `supervisor` (the gateway's, which restarts it with backoff
+        whatever ends it and shows it in /healthz and /readyz), or under one of its own."""
+        if supervisor is None:
+            supervisor = self._own_supervisor = tasks.Supervisor(asyncio.Event())
+        self._task = supervisor.start(FLUSH_TASK, self.run)
 
     async def stop(self, timeout: float = 5.0) -> None:
-        """Write what is left and stop (graceful shutdown, after in-flight calls finished)."""
+        """Write what is left and stop (graceful shutdown, after in-flight calls finished). The
+        supervisor's stop is set first (the gateway's is, before this), so the loop, ending,
+        is not restarted."""
         self._stopping = True
         self._stopped.set()
         self._batch_ready.set()
         self._has_records.set()
         if self._task is None:
             return
-        try:
-            await asyncio.wait_for(self._task, timeout=timeout)
-        except TimeoutError:
+        if self._own_supervisor is not None:
+            self._own_supervisor.stop.set()
+        finished = asyncio.ensure_future(self._finished.wait())
+        await asyncio.wait({finished, self._task}, timeout=timeout)
+        finished.cancel()
+        if not self._finished.is_set() and self._task.done() and self._records:
+            # The loop was between a failure and its restart: one last attempt here.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.flush(), timeout=timeout)
+        if self._records:
             log.warning("audit_records_lost_at_shutdown", records=len(self._records))
         self._settle(False)
+        if self._own_supervisor is not None:
+            await self._own_supervisor.close(grace=0)

@@ -94,13 +94,7 @@ def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         # Identity keeps no session state on pooled connections (its only advisory locks are
         # transaction-scoped), so releasing one need not cost a reset round trip.
-        pool: asyncpg.Pool = await db.create_pool(
-            settings.database_url,
-            min_size=settings.db_pool_min,
-            max_size=settings.db_pool_max,
-            keep_session=True,
-            statement_cache=settings.database_statement_cache,
-        )
+        pool: asyncpg.Pool = await db.create_pool(settings=settings, keep_session=True)
         try:
             # Before anything else, and so before listening: a key-encryption key or pepper
             # other than the database's would fail every token request (SecretMismatch is a
@@ -134,12 +128,11 @@ def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[
         # PostgreSQL kept planning it afresh (a generic plan of `unnest` over parameter arrays
         # looks costlier to it than it is): planning was about a quarter of a flush's insert.
         audit_pool = await db.create_pool(
-            settings.database_url,
+            settings=settings,
             min_size=1,
             max_size=1,
             keep_session=True,
             server_settings={"plan_cache_mode": "force_generic_plan"},
-            statement_cache=settings.database_statement_cache,
         )
         stop = asyncio.Event()
         # Every loop supervised: restarted with backoff whatever ends it, and /healthz and

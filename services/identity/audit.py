@@ -105,9 +105,14 @@ def _parse_uuid(text: str) -> UUID | None:
 @functools.lru_cache(maxsize=4096)
 def _parse_ip(text: str) -> str | None:
     try:
-        return str(ipaddress.ip_address(text))
+        address = ipaddress.ip_address(text)
     except ValueError:
         return None
+    # PostgreSQL's inet takes no IPv6 zone (`fe80::1%eth0`), which Python's parser keeps: the
+    # record keeps the address without it rather than fail the transaction it is written in.
+    if isinstance(address, ipaddress.IPv6Address) and address.scope_id is not None:
+        address = ipaddress.IPv6Address(text.split("%", 1)[0])
+    return str(address)
 
 
 def _uuid(value: Any) -> UUID | None:

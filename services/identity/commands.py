@@ -34,12 +34,7 @@ async def run(
     """Run `command action` with `options` (the parser's, by name) and return its answer."""
     chosen = COMMANDS.get((command, action))
     await db.migrate(settings.database_url)
-    pool = await db.create_pool(
-        settings.database_url,
-        min_size=1,
-        max_size=2,
-        statement_cache=settings.database_statement_cache,
-    )
+    pool = await db.create_pool(settings=settings, min_size=1, max_size=2)
     try:
         # As identity at start: with secrets other than the database's, a command would seal
         # new signing keys or hash client secrets that nothing could open or match afterwards.

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 import asyncpg
@@ -84,9 +84,13 @@ async def revoke_grant(
     *,
     reason: str,
     ip: str | None = None,
+    records: Sequence[dict[str, Any]] = (),
 ) -> bool:
-    """Revoke the grant everywhere; True if this call revoked it, False if it already was."""
-    revoked = await revoke_grants(pool, redis_client, settings, [grant_id], reason=reason, ip=ip)
+    """Revoke the grant everywhere; True if this call revoked it, False if it already was.
+    `records`: audit records of what revoked it, committed with the revocation."""
+    revoked = await revoke_grants(
+        pool, redis_client, settings, [grant_id], reason=reason, ip=ip, records=records
+    )
     return bool(revoked)
 
 
@@ -98,10 +102,13 @@ async def revoke_grants(
     *,
     reason: str,
     ip: str | None = None,
+    records: Sequence[dict[str, Any]] = (),
 ) -> list[store.Grant]:
     """Revoke the grants everywhere: committed in PostgreSQL, then one round trip for the
     marks and one for the announcements, one wait for the gateways, however many grants.
-    Returns the grants this call revoked (not those that already were).
+    Returns the grants this call revoked (not those that already were). `records` (audit
+    records of the request that revoked them: a token revoked, a reuse detected) commit with
+    the revocations, whether or not a grant was still live.
 
     Never inside a transaction of the caller's (it would announce before that commits):
     there, `record_revocations` in it and `announce_revocations` after it."""
@@ -114,9 +121,11 @@ async def revoke_grants(
             )
         async with pool.transaction():
             revoked = await record_revocations(pool, grant_ids, reason=reason, ip=ip)
+            await audit.write_many(pool, list(records))
     else:
         async with pool.acquire() as conn, conn.transaction():
             revoked = await record_revocations(conn, grant_ids, reason=reason, ip=ip)
+            await audit.write_many(conn, list(records))
     # Grants already revoked are not in `revoked`: their schools are looked up (none, unless
     # a revoke is retried after a crash between the halves).
     schools = {grant.id: grant.school_id for grant in revoked}

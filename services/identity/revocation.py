@@ -86,21 +86,25 @@ async def revoke(
     if found is None:
         return False
     grant_id, kind = found
+    # The record commits with the revocation (a grant already revoked: with nothing else).
+    record = audit.record(
+        "token.revoked",
+        school_id=iss.school_id,
+        client_id=client.id,
+        grant_id=str(grant_id),
+        ip=ip,
+        token_type=kind,
+    )
     revoked = await grants.revoke_grant(
-        ctx.pool, ctx.redis, ctx.settings, grant_id, reason="client_revocation", ip=ip
+        ctx.pool,
+        ctx.redis,
+        ctx.settings,
+        grant_id,
+        reason="client_revocation",
+        ip=ip,
+        records=[record],
     )
     state.forget_grant(grant_id)
-    await audit.write(
-        ctx.pool,
-        audit.record(
-            "token.revoked",
-            school_id=iss.school_id,
-            client_id=client.id,
-            grant_id=str(grant_id),
-            ip=ip,
-            token_type=kind,
-        ),
-    )
     return revoked
 
 

@@ -463,18 +463,22 @@ async def sign_in(
         return SignIn("not_member", user=user)
 
     # A new id on every sign-in: a session id planted before login (fixation) is worthless.
-    if previous_session is not None:
-        await flow_store.delete_session(ctx.pool, previous_session)
+    # The session and its login.succeeded record commit together. A failed sign-in stores
+    # nothing in PostgreSQL (its count is in Redis): its record is written alone, before the
+    # answer.
     cookie_value = credentials.new_secret(credentials.SESSION_PREFIX)
-    session = await flow_store.insert_session(
-        ctx.pool,
-        id_hash=credentials.token_hash(cookie_value),
-        user_id=user.id,
-        csrf_secret=secrets.token_bytes(32),
-        lifetime_seconds=SESSION_LIFETIME,
-        user_agent=(user_agent or "")[:_USER_AGENT_MAX] or None,
-    )
-    await audit.write(ctx.pool, audit_record("login.succeeded", str(user.id)))
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        if previous_session is not None:
+            await flow_store.delete_session(conn, previous_session)
+        session = await flow_store.insert_session(
+            conn,
+            id_hash=credentials.token_hash(cookie_value),
+            user_id=user.id,
+            csrf_secret=secrets.token_bytes(32),
+            lifetime_seconds=SESSION_LIFETIME,
+            user_agent=(user_agent or "")[:_USER_AGENT_MAX] or None,
+        )
+        await audit.write(conn, audit_record("login.succeeded", str(user.id)))
     return SignIn(
         "ok",
         user=user,

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
-from libs.common import db, streams
+from libs.common import db, streams, tasks
 from libs.common.config import Settings
 from libs.common.logging import get_logger
-from libs.common.web import METRICS, READINESS, Handler, base_application
+from libs.common.web import METRICS, READINESS, Handler, base_application, watch_background
 from services.school_api import identity, routes, store
 from services.school_api.context import CONTEXT, SchoolApiContext
 from services.school_api.outbox import OutboxRelay, RelayMetrics
@@ -64,12 +63,7 @@ def _resources(
     settings: Settings, run_relay: bool
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        pool = await store.create_pool(
-            settings.database_url,
-            min_size=settings.db_pool_min,
-            max_size=settings.db_pool_max,
-            statement_cache=settings.database_statement_cache,
-        )
+        pool = await store.create_pool(settings=settings)
         redis_client = streams.connect(settings.redis_url)
         app[CONTEXT] = SchoolApiContext(settings=settings, pool=pool, redis=redis_client)
 
@@ -85,7 +79,10 @@ def _resources(
         app[READINESS]["postgresql"] = postgres_ready
         app[READINESS]["redis"] = redis_ready
 
-        relay_task: asyncio.Task[None] | None = None
+        # The relay restarts with backoff should it ever end, and /healthz and /readyz say
+        # when it is dead or has been failing for a while.
+        supervisor = tasks.Supervisor(asyncio.Event())
+        watch_background(app, supervisor)
         if run_relay:
             relay = OutboxRelay(
                 pool,
@@ -93,22 +90,20 @@ def _resources(
                 settings.stream(streams.EVENTS),
                 dsn=settings.session_database_url,
                 metrics=RelayMetrics(app[METRICS].registry),
+                on_progress=lambda: supervisor.ran_cleanly("outbox-relay"),
             )
             app[RELAY] = relay
-            relay_task = asyncio.create_task(relay.run(), name="outbox-relay")
+            supervisor.start("outbox-relay", relay.run)
         try:
             yield
         finally:
             # cleanup_ctx unwinds after the server stopped taking requests and finished the
             # in-flight ones, so the relay's last batch sees every change they made.
-            if relay_task is not None:
+            if run_relay:
                 app[RELAY].stop()
-                try:
-                    await asyncio.wait_for(asyncio.shield(relay_task), RELAY_STOP_TIMEOUT)
-                except TimeoutError:
-                    relay_task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await relay_task
+            # A batch cut short past the grace rolls back; its events go out with the next
+            # relay to run.
+            await supervisor.close(grace=RELAY_STOP_TIMEOUT)
             await redis_client.aclose()
             await pool.close()
 

@@ -1,12 +1,35 @@
-"""The outbox relay: moves committed events from PostgreSQL to the `connect:events` stream.
+"""The outbox relay: moves committed events from PostgreSQL to the `connect:events` stream,
+and keeps each until the dispatcher has it.
 
 Each batch is one transaction: lock the oldest unpublished rows (`FOR UPDATE SKIP LOCKED`, so
 any number of relays in any number of processes share the work and never publish a row
 twice), append them to the stream in id order in one round trip, mark them published, commit.
-If Redis fails the transaction rolls back and the rows wait for the next try, with backoff:
-an event is never lost. If the commit fails after the append, the rows are published again
-later: delivery is at least once, and the event id (the webhook-id) lets consumers drop the
-repeat.
+If Redis fails the transaction rolls back and the rows wait for the next try, with backoff.
+If the commit fails after the append, the rows are published again later.
+
+What is guaranteed: every committed event reaches the webhooks dispatcher at least once, even
+through a Redis that restarts empty or a failover that loses the last writes. An event on the
+stream is not yet safe, so a published row is kept, with the entry id and the `run_id` of the
+Redis that took it, until the dispatcher's consumer group (`streams.EVENTS_GROUP`) has
+acknowledged that entry, which it does only once the event's deliveries are recorded in
+PostgreSQL; the row is then *settled*. Each round the relay asks Redis, in one script, for its
+`run_id` and the group's progress: rows below the group's acknowledged floor on that run are
+settled; published rows of any other run that never settled are published again (in id
+order, before anything newer of the same resource). Appends carry the `run_id` the relay
+expects and are refused by a Redis of another run, so nothing is appended to a new Redis
+before what it lost has been put back. A republished event keeps its id (the webhook-id), and
+the dispatcher records one delivery per subscription and event id: no second delivery comes of
+it. What remains: settled rows and their deliveries live in PostgreSQL; a row published in a
+run that ended more than `retention` seconds ago unsettled (no dispatcher running) is purged
+with the rest and not published again.
+
+Order per resource: events of one resource (`ordering_key`, e.g. `course:12` within a school)
+reach the stream in commit order. Outbox ids of one resource follow commit order (store.enqueue
+runs after the change's row write, under its row lock), and a relay holds back an event while
+an older one of its resource is unpublished and not in its own batch (another relay is
+publishing it, or it waits to be published again). Each entry carries `ordering_key` and
+`sequence` (the outbox id) so that the webhooks service keeps the order per subscription.
+Events of different resources are not ordered with respect to each other.
 
 The relay wakes on the outbox trigger's NOTIFY (sent when a change commits) and polls every
 `poll_interval` seconds as well, for notifications lost while its listening connection was
@@ -18,10 +41,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
+import orjson
 import redis.asyncio as redis
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
@@ -38,14 +63,66 @@ def iso_utc(moment: datetime) -> str:
 
 
 def message(event: store.OutboxEvent) -> dict[str, Any]:
-    """The stream entry, and the webhook body it becomes (contract section 8)."""
-    return {
+    """The stream entry: the webhook body it becomes (contract section 8), and for ordering
+    (not part of the body) the event's resource and its place in the resource's history."""
+    entry = {
         "id": str(event.event_id),
         "type": event.type,
         "school_id": event.school_id,
         "occurred_at": iso_utc(event.occurred_at),
         "data": event.data,
     }
+    if event.ordering_key is not None:
+        entry["ordering_key"] = event.ordering_key
+        entry["sequence"] = event.id
+    return entry
+
+
+# Appends a batch to the stream unless the Redis answering is not the run the relay expects
+# (ARGV[1]; empty: any). Returns the run_id, then the entries' ids (none when refused).
+_APPEND = """
+local run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)')
+if ARGV[1] ~= '' and ARGV[1] ~= run_id then return {run_id} end
+local answer = {run_id}
+for i = 3, #ARGV do
+  answer[#answer + 1] = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'data', ARGV[i])
+end
+return answer
+"""
+
+# The run_id, and how far consumer group ARGV[1] has acknowledged the stream: its last
+# delivered id and its oldest pending one ('' when none); the run_id alone without the group.
+_PROGRESS = """
+local run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)')
+if redis.call('EXISTS', KEYS[1]) == 0 then return {run_id} end
+for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  local info = {}
+  for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
+  if info['name'] == ARGV[1] then
+    local oldest = ''
+    if tonumber(info['pending']) > 0 then
+      oldest = redis.call('XPENDING', KEYS[1], ARGV[1])[2]
+    end
+    return {run_id, info['last-delivered-id'], oldest}
+  end
+end
+return {run_id}
+"""
+
+
+# The outbox gauges are counted at most this often (a round can be much shorter).
+GAUGE_INTERVAL = 1.0
+# How soon a relay looks again at events it held back for another relay's batch to commit.
+HELD_BACK_RETRY = 0.02
+
+
+class RunChanged(Exception):
+    """The Redis answering is another run than the relay expected: it may have lost events."""
+
+
+def _entry_id(value: str) -> tuple[int, int]:
+    ms, _, seq = value.partition("-")
+    return int(ms), int(seq or 0)
 
 
 class RelayMetrics:
@@ -65,6 +142,16 @@ class RelayMetrics:
             "Events committed but not yet on the event stream",
             registry=registry,
         )
+        self.unsettled = Gauge(
+            "school_api_outbox_unsettled",
+            "Events on the stream the dispatcher has not acknowledged yet",
+            registry=registry,
+        )
+        self.republished = Counter(
+            "school_api_events_republished_total",
+            "Events published again because the Redis that took them restarted or failed over",
+            registry=registry,
+        )
 
 
 class OutboxRelay:
@@ -82,10 +169,18 @@ class OutboxRelay:
         max_backoff: float = 30.0,
         batch_timeout: float = 15.0,
         metrics: RelayMetrics | None = None,
+        on_progress: Callable[[], None] | None = None,
+        group: str = streams.EVENTS_GROUP,
     ) -> None:
         self._pool = pool
         self._redis = redis_client
         self._stream = stream
+        # The consumer group whose acknowledgement settles an event.
+        self._group = group
+        self._append = redis_client.register_script(_APPEND)
+        self._progress = redis_client.register_script(_PROGRESS)
+        # The run of the Redis the relay last reconciled with; appends expect it.
+        self._run_id: str | None = None
         # Without a DSN the relay only polls (tests that drive it batch by batch).
         self._dsn = dsn
         self._batch_size = batch_size
@@ -97,33 +192,85 @@ class OutboxRelay:
         # locks forever: past this, the batch is abandoned (rolled back) and retried.
         self._batch_timeout = batch_timeout
         self._metrics = metrics
+        # Told after each round that went through (the supervisor's `ran_cleanly`).
+        self._on_progress = on_progress
         self._wake = asyncio.Event()
         self._stopped = asyncio.Event()
         self._listener: asyncpg.Connection | None = None
         self._next_purge = 0.0
+        self._next_gauges = 0.0
         self.failures = 0  # consecutive failed batches; 0 when the last one went through
+        # Events of the last batch left for later: an older one of their resource was in
+        # another relay's hands. That relay is about to commit, so look again soon.
+        self.held_back = 0
 
     # -- one batch ------------------------------------------------------------------------
 
     async def publish_batch(self) -> int:
-        """Publish the oldest unclaimed events, at most one batch; how many went out."""
+        """Publish the oldest unclaimed events, at most one batch; how many went out. Raises
+        RunChanged (publishing nothing) when Redis is not the run last reconciled with."""
         async with store.transaction(self._pool) as conn:
-            events = await store.claim_outbox(conn, self._batch_size)
+            events, self.held_back = await store.claim_outbox(conn, self._batch_size)
             if not events:
                 return 0
-            await streams.append_many(self._redis, self._stream, [message(e) for e in events])
-            await store.mark_published(conn, [e.id for e in events])
+            answer = await self._append(
+                keys=[self._stream],
+                args=[
+                    self._run_id or "",
+                    streams.DEFAULT_MAXLEN,
+                    # The `data` member, as libs.common.streams writes every entry.
+                    *(orjson.dumps(message(e)) for e in events),
+                ],
+            )
+            run_id, entry_ids = streams.text(answer[0]), [streams.text(a) for a in answer[1:]]
+            if len(entry_ids) != len(events):
+                raise RunChanged(run_id)
+            await store.mark_published(conn, [e.id for e in events], entry_ids, run_id)
         if self._metrics is not None:
             self._metrics.published.inc(len(events))
         return len(events)
 
+    async def reconcile(self) -> None:
+        """Settle what the dispatcher's group has acknowledged on the Redis answering now, and
+        unpublish what a Redis of another run took and never had acknowledged."""
+        answer = await self._progress(keys=[self._stream], args=[self._group])
+        run_id = streams.text(answer[0])
+        if len(answer) == 3:
+            last = _entry_id(streams.text(answer[1]))
+            below = (last[0], last[1] + 1)
+            oldest = streams.text(answer[2])
+            if oldest:
+                below = min(below, _entry_id(oldest))
+            await store.settle(self._pool, run_id, below)
+        rewound = await store.rewind(self._pool, run_id)
+        if self._run_id is not None and run_id != self._run_id:
+            log.warning("redis_run_changed", stream=self._stream)
+        if rewound:
+            # The Redis that took them restarted or failed over before the dispatcher had them.
+            log.warning("outbox_republishing", events=rewound)
+            if self._metrics is not None:
+                self._metrics.republished.inc(rewound)
+        self._run_id = run_id
+
     async def drain(self) -> int:
-        """Publish batches until the backlog is empty (or the relay is stopping)."""
+        """Reconcile, then publish batches until the backlog is empty (or the relay is
+        stopping)."""
+        await asyncio.wait_for(self.reconcile(), self._batch_timeout)
         total = 0
+        reconciled_again = False
         while True:
-            count = await asyncio.wait_for(self.publish_batch(), self._batch_timeout)
+            try:
+                count = await asyncio.wait_for(self.publish_batch(), self._batch_timeout)
+            except RunChanged:
+                if reconciled_again:
+                    raise  # Redis keeps changing under us: the loop's backoff, not a spin
+                reconciled_again = True
+                # Put back what the new Redis lacks before appending anything to it.
+                await asyncio.wait_for(self.reconcile(), self._batch_timeout)
+                continue
+            reconciled_again = False
             total += count
-            if count < self._batch_size or self._stopped.is_set():
+            if count + self.held_back < self._batch_size or self._stopped.is_set():
                 return total
 
     # -- the loop -------------------------------------------------------------------------
@@ -135,6 +282,7 @@ class OutboxRelay:
 
     async def run(self) -> None:
         log.info("outbox_relay_started", stream=self._stream)
+        held_wait = 0.0
         try:
             while not self._stopped.is_set():
                 await self._ensure_listener()
@@ -143,6 +291,8 @@ class OutboxRelay:
                 try:
                     await self.drain()
                     self.failures = 0
+                    if self._on_progress is not None:
+                        self._on_progress()
                 except Exception:
                     self.failures += 1
                     if self._metrics is not None:
@@ -151,10 +301,21 @@ class OutboxRelay:
                     log.warning(
                         "outbox_relay_failed", failures=self.failures, retry_in=delay, exc_info=True
                     )
+                    # The gauges say what is owed most of all while Redis is away.
+                    await self._refresh_gauges()
                     await self._sleep(delay, wake_on_notify=False)
                     continue
                 await self._housekeeping()
-                await self._sleep(self._poll_interval, wake_on_notify=True)
+                await self._refresh_gauges()
+                if self.held_back:
+                    # Soon, but less often the longer the other relay's batch takes (a Redis
+                    # that hangs holds it up to batch_timeout).
+                    held_wait = (
+                        min(held_wait * 2, self._poll_interval) if held_wait else HELD_BACK_RETRY
+                    )
+                else:
+                    held_wait = 0.0
+                await self._sleep(held_wait or self._poll_interval, wake_on_notify=True)
         finally:
             await self._close_listener()
             log.info("outbox_relay_stopped")
@@ -172,10 +333,20 @@ class OutboxRelay:
                 purged = await store.purge_published(self._pool, self._retention)
                 if purged:
                     log.info("outbox_purged", events=purged)
-            if self._metrics is not None:
-                self._metrics.backlog.set(await store.outbox_backlog(self._pool))
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
             log.warning("outbox_housekeeping_failed", exc_info=True)
+
+    async def _refresh_gauges(self) -> None:
+        """The unpublished and unsettled counts, at most once per GAUGE_INTERVAL."""
+        now = time.monotonic()
+        if self._metrics is None or now < self._next_gauges:
+            return
+        self._next_gauges = now + GAUGE_INTERVAL
+        try:
+            self._metrics.backlog.set(await store.outbox_backlog(self._pool))
+            self._metrics.unsettled.set(await store.outbox_unsettled(self._pool))
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            log.warning("outbox_gauges_failed", exc_info=True)
 
     # -- LISTEN ---------------------------------------------------------------------------
 

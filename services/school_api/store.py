@@ -23,7 +23,8 @@ from uuid import UUID
 import asyncpg
 import orjson
 
-from libs.common.db import DEFAULT_STATEMENT_CACHE, Connection, Executor, connect_options
+from libs.common.config import Settings
+from libs.common.db import Connection, Executor, connect_options, pool_target
 from services.school_api import resources
 from services.school_api.resources.model import Resource
 from services.school_api.responses import dumps
@@ -94,17 +95,28 @@ async def _keep_session(_conn: asyncpg.Connection) -> None:
 
 
 async def create_pool(
-    dsn: str, *, min_size: int, max_size: int, statement_cache: int = DEFAULT_STATEMENT_CACHE
+    dsn: str | None = None,
+    *,
+    settings: Settings | None = None,
+    min_size: int | None = None,
+    max_size: int | None = None,
+    statement_cache: int | None = None,
 ) -> asyncpg.Pool:
-    """`statement_cache`: Settings.database_statement_cache (0 behind a transaction pooler)."""
+    """The school API's pool: on `settings`' database with its statement cache and pool sizes,
+    or on a bare `dsn` (libs.common.db.pool_target)."""
+    target = pool_target(
+        dsn, settings, statement_cache=statement_cache, min_size=min_size, max_size=max_size
+    )
     pool = await asyncpg.create_pool(
-        dsn,
-        min_size=min_size,
-        max_size=max_size,
+        target.dsn,
+        min_size=target.min_size,
+        max_size=target.max_size,
         init=_init_connection,
         reset=_keep_session,
         command_timeout=30,
-        **connect_options(statement_cache, {"application_name": "loopwise-connect-school-api"}),
+        **connect_options(
+            target.statement_cache, {"application_name": "loopwise-connect-school-api"}
+        ),
     )
     assert pool is not None
     return pool
@@ -134,16 +146,31 @@ async def _translated(resource: Resource) -> AsyncIterator[None]:
 # --- the outbox -----------------------------------------------------------------------------
 
 
+def ordering_key(event_type: str, data: Mapping[str, Any]) -> str | None:
+    """The resource an event is about, within its school (`course:12`): events of one
+    resource are published and delivered in commit order."""
+    row_id = data.get("id")
+    if row_id is None:
+        return None
+    return f"{event_type.rpartition('.')[0]}:{row_id}"
+
+
 async def enqueue(
     conn: Connection, event_type: str, school_id: int, data: Mapping[str, Any]
 ) -> None:
     """Write an event in the caller's transaction. `data` is encoded exactly as the API answers
-    (`responses.dumps`); passing it as text keeps the pool's json codec from re-encoding it."""
+    (`responses.dumps`); passing it as text keeps the pool's json codec from re-encoding it.
+
+    Called after the change's own write, whose row lock the transaction holds until commit:
+    so a later change of the same resource waits, and gets a later outbox id. The relay's
+    order per resource rests on this."""
     await conn.execute(
-        f"INSERT INTO {SCHEMA}.outbox (type, school_id, data) VALUES ($1, $2, $3::text::jsonb)",  # noqa: S608
+        f"INSERT INTO {SCHEMA}.outbox (type, school_id, data, ordering_key)"  # noqa: S608
+        " VALUES ($1, $2, $3::text::jsonb, $4)",
         event_type,
         school_id,
         dumps(data).decode(),
+        ordering_key(event_type, data),
     )
 
 
@@ -155,24 +182,79 @@ class OutboxEvent:
     school_id: int
     occurred_at: datetime
     data: dict[str, Any]
+    ordering_key: str | None = None
 
 
-async def claim_outbox(conn: Connection, limit: int) -> list[OutboxEvent]:
+_CLAIM_OUTBOX = f"""
+WITH claimed AS (
+    SELECT id, event_id, type, school_id, occurred_at, data, ordering_key FROM {SCHEMA}.outbox
+    WHERE published_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED
+)
+SELECT c.*, c.ordering_key IS NOT NULL AND EXISTS (
+    -- An older event of the same resource that is not ours to publish now: another relay
+    -- has it in flight (its lock made us skip it), or it is waiting to be published again.
+    SELECT 1 FROM {SCHEMA}.outbox p
+    WHERE p.published_at IS NULL AND p.school_id = c.school_id
+      AND p.ordering_key = c.ordering_key AND p.id < c.id
+      AND p.id NOT IN (SELECT id FROM claimed)
+) AS held
+FROM claimed c ORDER BY c.id
+"""  # noqa: S608
+
+
+async def claim_outbox(conn: Connection, limit: int) -> tuple[list[OutboxEvent], int]:
     """Lock the oldest unpublished events for this transaction; rows another relay holds are
-    skipped, so relays share the backlog without publishing anything twice."""
-    rows = await conn.fetch(
-        f"SELECT id, event_id, type, school_id, occurred_at, data FROM {SCHEMA}.outbox"  # noqa: S608
-        " WHERE published_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
-        limit,
-    )
-    return [OutboxEvent(**dict(r)) for r in rows]
+    skipped, so relays share the backlog without publishing anything twice. Returns the
+    events to publish, in id order, and how many more were locked but held back: a resource's
+    event waits while an older one of that resource is unpublished elsewhere."""
+    rows = await conn.fetch(_CLAIM_OUTBOX, limit)
+    events = [
+        OutboxEvent(**{k: v for k, v in r.items() if k != "held"}) for r in rows if not r["held"]
+    ]
+    return events, len(rows) - len(events)
 
 
-async def mark_published(conn: Connection, ids: Sequence[int]) -> None:
+async def mark_published(
+    conn: Connection, ids: Sequence[int], stream_ids: Sequence[str], run_id: str
+) -> None:
+    """Published as entries `stream_ids` of the Redis whose run is `run_id`; settled later."""
     await conn.execute(
-        f"UPDATE {SCHEMA}.outbox SET published_at = now() WHERE id = ANY($1::bigint[])",  # noqa: S608
+        f"UPDATE {SCHEMA}.outbox o SET published_at = now(), stream_id = p.stream_id,"  # noqa: S608
+        " published_run = $3"
+        " FROM unnest($1::bigint[], $2::text[]) AS p(id, stream_id) WHERE o.id = p.id",
         list(ids),
+        list(stream_ids),
+        run_id,
     )
+
+
+async def settle(db: Executor, run_id: str, below: tuple[int, int]) -> int:
+    """Settle what the Redis of `run_id` holds below entry id `below`: its consumer group has
+    acknowledged it, so the deliveries are recorded and the row need not be published again."""
+    status = await db.execute(
+        f"UPDATE {SCHEMA}.outbox SET settled_at = now()"  # noqa: S608
+        " WHERE published_at IS NOT NULL AND settled_at IS NULL AND published_run = $1"
+        " AND (split_part(stream_id, '-', 1)::bigint, split_part(stream_id, '-', 2)::bigint)"
+        " < ($2::bigint, $3::bigint)",
+        run_id,
+        below[0],
+        below[1],
+    )
+    return int(status.split()[-1])
+
+
+async def rewind(db: Executor, run_id: str) -> int:
+    """Unpublish what a Redis other than the one of `run_id` took and its consumers never
+    acknowledged: that Redis restarted (or failed over) since, and may have lost it. The rows
+    go out again in id order, before anything of the same resources that is newer."""
+    status = await db.execute(
+        f"UPDATE {SCHEMA}.outbox SET published_at = NULL, stream_id = NULL,"  # noqa: S608
+        " published_run = NULL"
+        " WHERE published_at IS NOT NULL AND settled_at IS NULL"
+        " AND published_run IS DISTINCT FROM $1",
+        run_id,
+    )
+    return int(status.split()[-1])
 
 
 async def purge_published(db: Executor, older_than_seconds: float, batch: int = 10_000) -> int:
@@ -193,9 +275,19 @@ async def outbox_backlog(db: Executor) -> int:
     return int(count)
 
 
+async def outbox_unsettled(db: Executor) -> int:
+    """Published, not yet acknowledged by the dispatcher: what a Redis loss would republish."""
+    count = await db.fetchval(
+        f"SELECT count(*) FROM {SCHEMA}.outbox"  # noqa: S608
+        " WHERE published_at IS NOT NULL AND settled_at IS NULL"
+    )
+    return int(count)
+
+
 async def outbox_event(db: Executor, event_id: UUID) -> dict[str, Any] | None:
     row = await db.fetchrow(
-        f"SELECT id, event_id, type, school_id, occurred_at, data, published_at"  # noqa: S608
+        f"SELECT id, event_id, type, school_id, occurred_at, data, published_at,"  # noqa: S608
+        " settled_at"
         f" FROM {SCHEMA}.outbox WHERE event_id = $1",
         event_id,
     )
@@ -205,7 +297,8 @@ async def outbox_event(db: Executor, event_id: UUID) -> dict[str, Any] | None:
 async def outbox_events_for(db: Executor, school_id: int) -> list[dict[str, Any]]:
     """A school's events still in the outbox, oldest first (operations and tests)."""
     rows = await db.fetch(
-        f"SELECT id, event_id, type, school_id, occurred_at, data, published_at"  # noqa: S608
+        f"SELECT id, event_id, type, school_id, occurred_at, data, published_at,"  # noqa: S608
+        " settled_at"
         f" FROM {SCHEMA}.outbox WHERE school_id = $1 ORDER BY id",
         school_id,
     )

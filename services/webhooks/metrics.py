@@ -51,3 +51,27 @@ class WebhookMetrics:
             ["reason"],  # gone | failing | grant_revoked
             registry=registry,
         )
+        self.dead_letters = Counter(
+            "stream_dead_letters_total",
+            "Stream entries set aside because no consumer can handle them",
+            ["stream"],  # connect:events | connect:revocations
+            registry=registry,
+        )
+        self.restarts = Counter(
+            "webhook_background_restarts_total",
+            "Background loops restarted after they failed, by loop",
+            ["loop"],
+            registry=registry,
+        )
+        self.stream_lag = Gauge(
+            "webhook_stream_lag",
+            "Stream entries the dispatchers' consumer group has not read yet (XINFO GROUPS lag)",
+            ["stream"],
+            registry=registry,
+        )
+        self.stream_pending = Gauge(
+            "webhook_stream_pending",
+            "Stream entries read by a dispatcher and not yet acknowledged",
+            ["stream"],
+            registry=registry,
+        )

@@ -3,6 +3,9 @@
 Small on purpose: the body is read whole (JSON-RPC messages are small and aiohttp's
 client_max_size bounds them), the answer is streamed as the application sends it, and
 `extra_scope` carries what the gateway verified to the application's handlers.
+`before_send(status)` runs before the answer's status goes out (the gateway's durable audit
+mode writes the call's record there); an answer it returns is sent instead, and the
+application's own is dropped.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from multidict import CIMultiDict
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
+BeforeSend = Callable[[int], Awaitable[web.StreamResponse | None]]
 ASGIApp = Callable[[MutableMapping[str, Any], Receive, Send], Awaitable[None]]
 
 # Credentials stay with the gateway: the application learns who called from `extra_scope`.
@@ -50,12 +54,16 @@ def _scope(request: web.Request, extra: Mapping[str, Any]) -> dict[str, Any]:
 
 
 async def serve(
-    app: ASGIApp, request: web.Request, extra_scope: Mapping[str, Any]
+    app: ASGIApp,
+    request: web.Request,
+    extra_scope: Mapping[str, Any],
+    before_send: BeforeSend | None = None,
 ) -> web.StreamResponse:
     body = await request.read()
     finished = asyncio.Event()
     delivered = False
     response: web.StreamResponse | None = None
+    instead: web.StreamResponse | None = None
     start: Message | None = None
 
     async def receive() -> Message:
@@ -68,12 +76,22 @@ async def serve(
         return {"type": "http.disconnect"}
 
     async def send(message: Message) -> None:
-        nonlocal response, start
+        nonlocal response, instead, start
         if message["type"] == "http.response.start":
             start = message
             return
         if message["type"] != "http.response.body" or start is None:
             return
+        if instead is not None:
+            if not message.get("more_body", False):
+                finished.set()
+            return
+        if response is None and before_send is not None:
+            instead = await before_send(int(start["status"]))
+            if instead is not None:
+                if not message.get("more_body", False):
+                    finished.set()
+                return
         if response is None:
             headers: CIMultiDict[str] = CIMultiDict(
                 (k.decode("latin-1"), v.decode("latin-1")) for k, v in start.get("headers", ())
@@ -91,6 +109,8 @@ async def serve(
         await app(_scope(request, extra_scope), receive, send)
     finally:
         finished.set()
+    if instead is not None:
+        return instead
     if response is None:
         # The application ended without a body message: its status (or 500) and nothing else.
         status = int(start["status"]) if start is not None else 500

@@ -143,13 +143,30 @@ class Endpoint:
         # own records. Recorded however it ends: its tools may have acted. 500 is what aiohttp
         # answers for a handler that raised; a call cancelled midway had no answer (499).
         status = 500
+
+        async def before_send(answered: int) -> web.StreamResponse | None:
+            # Durable mode: the call's own record is on the stream before its answer's status
+            # goes out (its tools' records were written before their results, schoolapi.call).
+            nonlocal status
+            status = answered
+            if await caller.audited("POST", metadata.PATH, answered, None):
+                return None
+            return refusals.audit_unavailable()
+
         try:
-            response = await asgi.serve(self.manager.handle_request, request, {CALLER_KEY: caller})
+            response = await asgi.serve(
+                self.manager.handle_request,
+                request,
+                {CALLER_KEY: caller},
+                before_send if caller.ctx.audit.durable else None,
+            )
             status = response.status
-            # Durable mode: an answer not yet sent waits for its record (one the SDK streamed
-            # went out with its tools' own records already written, schoolapi.call).
-            if not response.prepared and not await caller.audited(
-                "POST", metadata.PATH, status, None
+            # An answer the application ended without a body, not yet sent: it waits for its
+            # record here (durable mode), as a streamed one did in before_send.
+            if (
+                not response.prepared
+                and caller.slot.open
+                and not await caller.audited("POST", metadata.PATH, status, None)
             ):
                 return refusals.audit_unavailable()
             return response

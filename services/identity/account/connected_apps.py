@@ -123,13 +123,12 @@ async def revoke_app(
         if grant is None or grant.user_id != user_id or grant.school_id != school_id:
             return None
         client_id = grant.client_id
-        # Revoked again even when already revoked: revoke_grant then re-marks and re-announces,
-        # which repairs a revoke that died between PostgreSQL and Redis.
         named.append(grant.id)
     elif not client_id:
         return None
     # One transaction: the delete waits for a code being issued on the consent's strength
-    # (authorize.issue.issue_code holds the row), and the list that follows sees its grant.
+    # (authorize.issue.issue_code holds the row), the list that follows sees its grant, and the
+    # grants' revocations and the consent.revoked record commit with the consent's deletion.
     async with ctx.pool.acquire() as conn, conn.transaction():
         forgot = await flow_store.delete_consent(
             conn, user_id=user_id, client_id=client_id, school_id=school_id
@@ -137,24 +136,26 @@ async def revoke_app(
         live = await account_store.live_grant_ids_of_app(
             conn, user_id=user_id, school_id=school_id, client_id=client_id
         )
-    if not named and not live and not forgot:
-        return None
-    ended = 0
-    for gid in dict.fromkeys([*named, *live]):
-        ended += await grants.revoke_grant(
-            ctx.pool, ctx.redis, ctx.settings, gid, reason="user_revoked", ip=ip
+        if not named and not live and not forgot:
+            return None
+        ending = list(dict.fromkeys([*named, *live]))
+        revoked = await grants.record_revocations(conn, ending, reason="user_revoked", ip=ip)
+        await audit.write(
+            conn,
+            audit.record(
+                "consent.revoked",
+                school_id=school_id,
+                client_id=client_id,
+                subject=str(user_id),
+                ip=ip,
+                via="account",
+                revoked_grants=len(revoked),
+            ),
         )
-    await audit.write(
-        ctx.pool,
-        audit.record(
-            "consent.revoked",
-            school_id=school_id,
-            client_id=client_id,
-            subject=str(user_id),
-            ip=ip,
-            via="account",
-            revoked_grants=ended,
-        ),
+    # Announced once committed (grants.py); a grant named that was revoked already is
+    # announced again, which repairs a revoke that died between PostgreSQL and Redis.
+    await grants.announce_revocations(
+        ctx.redis, ctx.settings, dict.fromkeys(ending, school_id), reason="user_revoked"
     )
     return client_id
 

@@ -32,6 +32,31 @@ class AuditRow:
 
 
 _NAMES = [f.name for f in fields(AuditRow)]
+_COLUMNS = ", ".join(_NAMES)
+# Each column's parameter as insert_one takes it: address and detail as text, cast here (as in
+# insert_many: the pool's jsonb codec would encode a str as a JSON string).
+_CASTS = (
+    "text", "timestamptz", "bigint", "text", "text", "uuid", "text", "text", "text", "int",
+    "text", "text::inet", "text::jsonb",
+)  # fmt: skip
+assert len(_CASTS) == len(_NAMES)
+
+
+def insert_one(first: int, *, when: str | None = None) -> str:
+    """The INSERT of one record whose values are the parameters `$first`.. (`values(row)`),
+    for a data-modifying CTE of the statement doing what it records: the record commits with
+    it, in the same round trip. With `when` (another CTE of the statement), the record is
+    inserted only if that CTE yields a row: a rotation that rotated nothing records nothing."""
+    params = ", ".join(f"${first + i}::{cast}" for i, cast in enumerate(_CASTS))
+    condition = f" WHERE EXISTS (SELECT 1 FROM {when})" if when else ""  # noqa: S608
+    return f"INSERT INTO audit_log ({_COLUMNS}) SELECT {params}{condition}"
+
+
+def values(row: AuditRow) -> list[Any]:
+    """The parameters of insert_one for `row`, in order."""
+    out = [getattr(row, n) for n in _NAMES]
+    out[-1] = orjson.dumps(out[-1]).decode()
+    return out
 
 
 async def insert_many(db: Executor, rows: Sequence[AuditRow]) -> None:

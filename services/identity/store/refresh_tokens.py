@@ -17,6 +17,7 @@ from uuid import UUID
 import asyncpg
 
 from libs.common.db import Connection, Executor
+from services.identity.store import audit as audit_store
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,8 +136,11 @@ async def insert_refresh_token(
     )
 
 
-# Rotation and the grant's last use in one statement: one round trip on the hot path.
-_ROTATE = """
+# Rotation, the grant's last use and the record of the access token answered for it
+# (`token.refreshed`, $4..) in one statement: one round trip on the hot path, and no rotation
+# committed without its record (nor a record without its rotation: it is inserted only if the
+# successor was).
+_ROTATE = f"""
 WITH rotated AS (
     UPDATE refresh_tokens SET rotated_at = clock_timestamp(), successor_hash = $2
     WHERE token_hash = $1 AND rotated_at IS NULL
@@ -150,16 +154,25 @@ WITH rotated AS (
     RETURNING grant_id
 ), touched AS (
     UPDATE grants SET last_used_at = now() WHERE id IN (SELECT grant_id FROM successor)
+), recorded AS (
+    {audit_store.insert_one(4, when="successor")}
 )
 SELECT count(*) FROM successor
-"""
+"""  # noqa: S608 (constant SQL: insert_one only numbers parameters)
 
 
 async def rotate_refresh_token(
-    conn: Connection, token_hash: bytes, successor_hash: bytes, ttl_seconds: int
+    conn: Connection,
+    token_hash: bytes,
+    successor_hash: bytes,
+    ttl_seconds: int,
+    record: audit_store.AuditRow,
 ) -> bool:
-    """Rotate the (locked) token to its successor; False if it had been rotated already."""
-    inserted: int = await conn.fetchval(_ROTATE, token_hash, successor_hash, ttl_seconds)
+    """Rotate the (locked) token to its successor, storing `record` with the rotation; False
+    (and no record) if it had been rotated already."""
+    inserted: int = await conn.fetchval(
+        _ROTATE, token_hash, successor_hash, ttl_seconds, *audit_store.values(record)
+    )
     return inserted == 1
 
 
@@ -177,11 +190,34 @@ assert _ROTATE_LIVE != _ROTATE
 
 
 async def rotate_live_refresh_token(
-    db: Executor, token_hash: bytes, successor_hash: bytes, ttl_seconds: int
+    db: Executor,
+    token_hash: bytes,
+    successor_hash: bytes,
+    ttl_seconds: int,
+    record: audit_store.AuditRow,
 ) -> bool:
-    """Rotate the token if it is still unrotated, unexpired and its grant live; else False."""
-    inserted: int = await db.fetchval(_ROTATE_LIVE, token_hash, successor_hash, ttl_seconds)
+    """Rotate the token if it is still unrotated, unexpired and its grant live, storing
+    `record` with the rotation; else False, and nothing stored."""
+    inserted: int = await db.fetchval(
+        _ROTATE_LIVE, token_hash, successor_hash, ttl_seconds, *audit_store.values(record)
+    )
     return inserted == 1
+
+
+# After a code redemption, in its transaction: the grant's last use, the record of the access
+# token answered for it ($2.. without a refresh token, $8.. with one), and the first refresh
+# token if any, in one statement.
+_TOUCH_RECORDED = f"""
+WITH recorded AS ({audit_store.insert_one(2)})
+UPDATE grants SET last_used_at = now() WHERE id = $1
+"""  # noqa: S608
+_FIRST_REFRESH_TOKEN = f"""
+WITH touched AS (UPDATE grants SET last_used_at = now() WHERE id = $2),
+recorded AS ({audit_store.insert_one(8)})
+INSERT INTO refresh_tokens (token_hash, grant_id, client_id, scopes, resource, auth_time,
+                            expires_at)
+VALUES ($1, $2, $3, $4, $5, $6, now() + make_interval(secs => $7))
+"""  # noqa: S608
 
 
 async def issue_code_tokens(
@@ -194,16 +230,15 @@ async def issue_code_tokens(
     resource: str | None,
     auth_time: datetime | None,
     ttl_seconds: int,
+    record: audit_store.AuditRow,
 ) -> None:
-    """After a code redemption: the first refresh token (if any) and the grant's last use."""
+    """After a code redemption: the first refresh token (if any), the grant's last use and
+    `record`, the audit record of the access token about to be answered."""
     if refresh_token_hash is None:
-        await conn.execute("UPDATE grants SET last_used_at = now() WHERE id = $1", grant_id)
+        await conn.execute(_TOUCH_RECORDED, grant_id, *audit_store.values(record))
         return
     await conn.execute(
-        "WITH touched AS (UPDATE grants SET last_used_at = now() WHERE id = $2)"
-        " INSERT INTO refresh_tokens (token_hash, grant_id, client_id, scopes, resource,"
-        " auth_time, expires_at) VALUES ($1, $2, $3, $4, $5, $6,"
-        " now() + make_interval(secs => $7))",
+        _FIRST_REFRESH_TOKEN,
         refresh_token_hash,
         grant_id,
         client_id,
@@ -211,4 +246,5 @@ async def issue_code_tokens(
         resource,
         auth_time,
         ttl_seconds,
+        *audit_store.values(record),
     )

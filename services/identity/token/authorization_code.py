@@ -4,8 +4,9 @@ once, then mint.
 In order: the code is redeemed in one transaction (`redeem`), whose checks roll it back on
 failure so the code stays for its rightful client (`check_redemption`); a code presented again
 by its own client, or whose grant has since been shut out or outgrown, ends its grant instead
-(`end_grant`); otherwise the access token, and an ID token for `openid`, are signed after the
-commit (`issue`).
+(`end_grant`); otherwise the access token's claims are minted in the redemption's transaction,
+which stores its `token.issued` record with the refresh token, and the access token, and an ID
+token for `openid`, are signed after the commit (`issue`).
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from services.identity.store import codes as code_store
 from services.identity.store import refresh_tokens as refresh_store
 from services.identity.token.request import GrantRequest, audience_for, require, token_school
 from services.identity.token.response import (
-    access_token,
-    record_issued,
+    access_token_claims,
+    issued_record,
     revoke_grant,
     token_response,
 )
@@ -65,7 +66,8 @@ class Redeemed:
 
     code: code_store.Redemption
     school: store.School
-    audience: str
+    # The access token's claims, recorded (token.issued) with the redemption.
+    claims: dict[str, Any]
     refresh_token: str | None
 
 
@@ -130,7 +132,8 @@ def ending_of(found: code_store.Redemption) -> Ending | None:
 
 
 async def redeem(req: GrantRequest, code: str) -> Redeemed | Ended:
-    """Redeem the code in one transaction, storing the grant's first refresh token with it."""
+    """Redeem the code in one transaction, storing the grant's first refresh token and the
+    record of the access token to be answered with it."""
     ctx, client = req.ctx, req.client
     async with ctx.pool.acquire() as conn, conn.transaction():
         found = await code_store.redeem(conn, credentials.token_hash(code))
@@ -149,6 +152,15 @@ async def redeem(req: GrantRequest, code: str) -> Redeemed | Ended:
         if ending is not None:
             return Ended(ending, found)
         audience = audience_for(req, school, found.resource)
+        claims = access_token_claims(
+            req,
+            school,
+            subject=str(found.user_id),
+            scopes=found.scopes,
+            audience=audience,
+            grant_id=found.grant_id,
+            auth_time=found.auth_time,
+        )
         refresh_token = None
         if "refresh_token" in client.grant_types:
             refresh_token = credentials.new_secret(credentials.REFRESH_TOKEN_PREFIX)
@@ -161,8 +173,9 @@ async def redeem(req: GrantRequest, code: str) -> Redeemed | Ended:
             resource=found.resource,
             auth_time=found.auth_time,
             ttl_seconds=ctx.settings.tokens.refresh_token_ttl,
+            record=issued_record(req, "token.issued", claims, grant_type="authorization_code"),
         )
-    return Redeemed(found, school, audience, refresh_token)
+    return Redeemed(found, school, claims, refresh_token)
 
 
 async def end_grant(req: GrantRequest, ended: Ended) -> NoReturn:
@@ -185,19 +198,9 @@ async def issue(
 ) -> dict[str, Any]:
     """The access token, the refresh token stored with the redemption, and for `openid` an
     ID token (OIDC Core 3.1.3.3) carrying the nonce and the access token's hash."""
-    ctx, found, school = req.ctx, redeemed.code, redeemed.school
+    ctx, found, school, claims = req.ctx, redeemed.code, redeemed.school, redeemed.claims
     settings = ctx.settings
-    subject = str(found.user_id)
-    token, claims = access_token(
-        req,
-        access_signer,
-        school,
-        subject=subject,
-        scopes=found.scopes,
-        audience=redeemed.audience,
-        grant_id=found.grant_id,
-        auth_time=found.auth_time,
-    )
+    token = minting.sign_access_token(access_signer, claims)
     id_token = None
     if "openid" in found.scopes:
         id_signer = await ctx.keyring.signer(req.issuer.school_id, keys.ID_TOKEN_ALG)
@@ -206,14 +209,13 @@ async def issue(
             issuer=req.issuer,
             school=school,
             client_id=req.client.id,
-            subject=subject,
+            subject=claims["sub"],
             auth_time=found.auth_time,
             nonce=found.nonce,
             access_token=token,
             now=claims["iat"],
         )
         id_token = minting.sign_id_token(id_signer, id_claims)
-    await record_issued(req, "token.issued", claims, grant_type="authorization_code")
     return token_response(
         token,
         settings.tokens.access_token_ttl,

@@ -9,10 +9,11 @@ from uuid import UUID
 
 from libs.common import scopes as catalogue
 from libs.common.errors import InvalidScope, InvalidTarget, UnauthorizedClient
-from services.identity import keys, resources, store
+from services.identity import audit, keys, minting, resources, store
+from services.identity.store import audit as audit_store
 from services.identity.store import grants as grant_store
 from services.identity.token.request import GrantRequest
-from services.identity.token.response import access_token, record, record_issued, token_response
+from services.identity.token.response import access_token_claims, issued_record, token_response
 
 
 def client_credentials_scopes(
@@ -52,24 +53,29 @@ def client_credentials_scopes(
 
 
 async def standing_grant(req: GrantRequest, school: store.School) -> UUID:
-    """The client's standing grant at the school, made on first use (and recorded as made);
-    this process then keeps its id for a few seconds (TokenState.standing_grants)."""
+    """The client's standing grant at the school, made on first use and recorded as made in the
+    same transaction; this process then keeps its id for a few seconds
+    (TokenState.standing_grants), so the transaction is rare."""
     ctx, client = req.ctx, req.client
-    grant_id, created = await grant_store.standing_grant(
-        ctx.pool, client_id=client.id, school_id=school.id, scopes=client.scopes
-    )
-    req.state.standing_grants.put((client.id, school.id), grant_id)
-    if created:
-        await record(
-            req,
-            "grant.created",
-            school_id=school.id,
-            client_id=client.id,
-            subject=client.id,
-            grant_id=str(grant_id),
-            scope=catalogue.format_scopes(client.scopes),
-            grant_type="client_credentials",
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        grant_id, created = await grant_store.standing_grant(
+            conn, client_id=client.id, school_id=school.id, scopes=client.scopes
         )
+        if created:
+            await audit.write(
+                conn,
+                audit.record(
+                    "grant.created",
+                    ip=req.ip,
+                    school_id=school.id,
+                    client_id=client.id,
+                    subject=client.id,
+                    grant_id=str(grant_id),
+                    scope=catalogue.format_scopes(client.scopes),
+                    grant_type="client_credentials",
+                ),
+            )
+    req.state.standing_grants.put((client.id, school.id), grant_id)
     return grant_id
 
 
@@ -95,9 +101,8 @@ async def client_credentials_grant(req: GrantRequest) -> dict[str, Any]:
     grant_id = req.state.standing_grants.get((client.id, school.id))
     if grant_id is None:
         grant_id = await standing_grant(req, school)
-    token, claims = access_token(
+    claims = access_token_claims(
         req,
-        access_signer,
         school,
         subject=client.id,
         scopes=scopes,
@@ -105,5 +110,10 @@ async def client_credentials_grant(req: GrantRequest) -> dict[str, Any]:
         grant_id=grant_id,
         auth_time=None,
     )
-    await record_issued(req, "token.issued", claims, grant_type="client_credentials")
+    # Issuing changes nothing stored, so there is no transaction to join: the record is
+    # written before the token is signed and answered, and a crash in between leaves a record
+    # of a token nobody received, never a token without its record.
+    record = issued_record(req, "token.issued", claims, grant_type="client_credentials")
+    await audit_store.insert_many(ctx.pool, [record])
+    token = minting.sign_access_token(access_signer, claims)
     return token_response(token, settings.tokens.access_token_ttl, scopes, school)

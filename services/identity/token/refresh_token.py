@@ -9,6 +9,10 @@ against with one conditional statement; whatever that does not settle goes to th
 (`rotate_locked`), which holds the row while it decides, and also recognises a concurrent retry
 of the same rotation (`Rotation.RETRIED`), answered with the same successor: successors are
 derived from the presented token (`successor_of`), so a retry can be given it again.
+
+Either way the new access token's claims are minted before the rotation commits, and its
+`token.refreshed` record is stored by the rotation's own statement (a retry's, which rotates
+nothing, in its transaction): a token is answered only once its record has committed.
 """
 
 from __future__ import annotations
@@ -21,14 +25,15 @@ from typing import Any, NoReturn
 from libs.common import scopes as catalogue
 from libs.common.db import Connection
 from libs.common.errors import InvalidGrant, InvalidScope, UnauthorizedClient
-from services.identity import credentials, keys, roles, store
+from services.identity import credentials, keys, minting, roles, store
 from services.identity.grants import within_registration
+from services.identity.store import audit as audit_store
 from services.identity.store import refresh_tokens as refresh_store
 from services.identity.store.refresh_tokens import RefreshTokenState
 from services.identity.token.request import GrantRequest, audience_for, require, token_school
 from services.identity.token.response import (
-    access_token,
-    record_issued,
+    access_token_claims,
+    issued_record,
     revoke_grant,
     token_response,
 )
@@ -70,13 +75,28 @@ class Rotation(enum.Enum):
 @dataclass(frozen=True, slots=True)
 class Rotated:
     """A refresh that mints: the token's state, its school, the new access token's scopes and
-    audience."""
+    its claims (recorded with the rotation)."""
 
     rotation: Rotation
     token: RefreshTokenState
     school: store.School
     scopes: list[str]
-    audience: str
+    claims: dict[str, Any]
+
+
+def refreshed_claims(
+    req: GrantRequest, st: RefreshTokenState, school: store.School, scopes: list[str], aud: str
+) -> dict[str, Any]:
+    """The claims of the access token a refresh of `st` answers with."""
+    return access_token_claims(
+        req,
+        school,
+        subject=str(st.user_id),
+        scopes=scopes,
+        audience=aud,
+        grant_id=st.grant_id,
+        auth_time=st.auth_time,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,12 +186,17 @@ async def rotate_locked(
         audience = audience_for(req, school, st.resource)
         if refused is Refusal.REUSED:
             return Refused(refused, st)
+        claims = refreshed_claims(req, st, school, scopes, audience)
         if st.rotated_at is not None:
-            return Rotated(Rotation.RETRIED, st, school, scopes, audience)
+            # Nothing to rotate, but a token answered all the same: its record commits first.
+            record = issued_record(req, "token.refreshed", claims, retry=True)
+            await audit_store.insert_many(conn, [record])
+            return Rotated(Rotation.RETRIED, st, school, scopes, claims)
+        record = issued_record(req, "token.refreshed", claims, retry=False)
         await refresh_store.rotate_refresh_token(
-            conn, st.token_hash, successor_hash, settings.tokens.refresh_token_ttl
+            conn, st.token_hash, successor_hash, settings.tokens.refresh_token_ttl, record
         )
-    return Rotated(Rotation.ROTATED, st, school, scopes, audience)
+    return Rotated(Rotation.ROTATED, st, school, scopes, claims)
 
 
 async def end_grant(req: GrantRequest, refused: Refused) -> NoReturn:
@@ -215,28 +240,20 @@ async def refresh_token_grant(req: GrantRequest) -> dict[str, Any]:
         ):
             school = await token_school(req, peek.school_id)
             scopes = narrowed_scopes(req.form.get("scope"), peek.scopes)
-            audience = audience_for(req, school, peek.resource)
+            claims = refreshed_claims(
+                req, peek, school, scopes, audience_for(req, school, peek.resource)
+            )
+            record = issued_record(req, "token.refreshed", claims, retry=False)
             if await refresh_store.rotate_live_refresh_token(
-                conn, presented_hash, successor_hash, settings.tokens.refresh_token_ttl
+                conn, presented_hash, successor_hash, settings.tokens.refresh_token_ttl, record
             ):
-                decided = Rotated(Rotation.ROTATED, peek, school, scopes, audience)
+                decided = Rotated(Rotation.ROTATED, peek, school, scopes, claims)
         if decided is None:
             decided = await rotate_locked(req, conn, presented_hash, successor_hash)
     if isinstance(decided, Refused):
         await end_grant(req, decided)
 
-    st = decided.token
-    token, claims = access_token(
-        req,
-        access_signer,
-        decided.school,
-        subject=str(st.user_id),
-        scopes=decided.scopes,
-        audience=decided.audience,
-        grant_id=st.grant_id,
-        auth_time=st.auth_time,
-    )
-    await record_issued(req, "token.refreshed", claims, retry=decided.rotation is Rotation.RETRIED)
+    token = minting.sign_access_token(access_signer, decided.claims)
     # No new ID token on refresh (OIDC Core 12.2 allows it): RS256 signing would cost more
     # than the rest of the refresh together, and the user did not sign in again.
     return token_response(

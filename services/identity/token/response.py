@@ -1,6 +1,12 @@
-"""What every grant answers with: the access token minted and signed (RFC 9068), the successful
+"""What every grant answers with: the access token's claims (RFC 9068), the successful
 response's JSON (RFC 6749 5.1), the audit records of what the request did, and the ending of a
-grant the request showed to be compromised or outgrown."""
+grant the request showed to be compromised or outgrown.
+
+The record of a token issued (`issued_record`) is made from the token's claims before the
+transaction granting it commits (a code redeemed, a refresh token rotated) and stored in that
+transaction, by the same statement where it can be: a crash after the commit cannot leave a
+token answerable without its record, and a rollback leaves neither. The token is signed after
+the commit, with no connection held."""
 
 from __future__ import annotations
 
@@ -10,7 +16,8 @@ from typing import Any
 from uuid import UUID
 
 from libs.common import scopes as catalogue
-from services.identity import audit, grants, keys, minting, store
+from services.identity import audit, grants, minting, store
+from services.identity.store import audit as audit_store
 from services.identity.token.request import GrantRequest
 
 # RFC 6749 5.1: "The authorization server MUST include the HTTP "Cache-Control" response
@@ -18,9 +25,8 @@ from services.identity.token.request import GrantRequest
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 
 
-def access_token(
+def access_token_claims(
     req: GrantRequest,
-    signer: keys.Signer,
     school: store.School,
     *,
     subject: str,
@@ -28,9 +34,10 @@ def access_token(
     audience: str,
     grant_id: UUID,
     auth_time: datetime | None,
-) -> tuple[str, dict[str, Any]]:
-    """The signed access token for the request's client and its claims."""
-    claims = minting.access_token_claims(
+) -> dict[str, Any]:
+    """The claims of the access token for the request's client: minted before the transaction
+    that grants it commits, so its record (`issued_record`) commits with it; signed after."""
+    return minting.access_token_claims(
         req.ctx.settings,
         issuer=req.issuer,
         school=school,
@@ -41,7 +48,6 @@ def access_token(
         grant_id=grant_id,
         auth_time=auth_time,
     )
-    return minting.sign_access_token(signer, claims), claims
 
 
 def token_response(
@@ -68,11 +74,6 @@ def token_response(
     return body
 
 
-async def record(req: GrantRequest, action: str, **fields: Any) -> None:
-    """An audit record of this request (its caller's address included)."""
-    await audit.write(req.ctx.pool, audit.record(action, ip=req.ip, **fields))
-
-
 async def revoke_grant(
     req: GrantRequest,
     grant_id: UUID,
@@ -83,33 +84,42 @@ async def revoke_grant(
     user_id: UUID | None,
 ) -> None:
     """End the grant at every gateway (`grants.revoke_grant`) on this request's account, and
-    record what gave it away as the audit action `detected`, if it is one to record."""
+    record what gave it away as the audit action `detected`, if it is one to record, in the
+    revocation's transaction."""
     ctx = req.ctx
-    await grants.revoke_grant(ctx.pool, ctx.redis, ctx.settings, grant_id, reason=reason, ip=req.ip)
+    records = []
     if detected is not None:
-        await record(
-            req,
-            detected,
-            school_id=school_id,
-            client_id=req.client.id,
-            subject=str(user_id),
-            grant_id=str(grant_id),
+        records.append(
+            audit.record(
+                detected,
+                ip=req.ip,
+                school_id=school_id,
+                client_id=req.client.id,
+                subject=str(user_id),
+                grant_id=str(grant_id),
+            )
         )
-
-
-async def record_issued(
-    req: GrantRequest, action: str, claims: dict[str, Any], **detail: Any
-) -> None:
-    """The audit record of an access token issued: to whom, of which grant, for what."""
-    fields = audit.record(
-        action,
-        ip=req.ip,
-        school_id=claims["school_id"],
-        client_id=claims["client_id"],
-        subject=claims["sub"],
-        grant_id=claims["grant_id"],
-        scope=claims["scope"],
-        jti=claims["jti"],
-        **detail,
+    await grants.revoke_grant(
+        ctx.pool, ctx.redis, ctx.settings, grant_id, reason=reason, ip=req.ip, records=records
     )
-    await audit.write(req.ctx.pool, fields)
+
+
+def issued_record(
+    req: GrantRequest, action: str, claims: dict[str, Any], **detail: Any
+) -> audit_store.AuditRow:
+    """The audit record of an access token issued (to whom, of which grant, for what), as the
+    row the grant's own statement stores with what it does."""
+    return audit.row(
+        audit.new_id(),
+        audit.record(
+            action,
+            ip=req.ip,
+            school_id=claims["school_id"],
+            client_id=claims["client_id"],
+            subject=claims["sub"],
+            grant_id=claims["grant_id"],
+            scope=claims["scope"],
+            jti=claims["jti"],
+            **detail,
+        ),
+    )

@@ -31,7 +31,7 @@ import asyncpg
 from cryptography.exceptions import InvalidTag
 from redis.exceptions import RedisError
 
-from libs.common import keys
+from libs.common import keys, tasks
 from libs.common.logging import get_logger
 from services.webhooks import dispatcher, signing, ssrf, store
 from services.webhooks.context import WebhooksContext
@@ -112,26 +112,33 @@ class Sender:
         self._slot_freed = asyncio.Event()
         self._stopping = False
         self._background: list[asyncio.Task[None]] = []
+        self._supervisor: tasks.Supervisor | None = None
         self._session: aiohttp.ClientSession | None = None
         self._resolver: ssrf.GuardedResolver | None = None
         self._family = egress.egress_family(ctx.settings)
 
-    async def start(self) -> None:
+    async def start(self, supervisor: tasks.Supervisor | None = None) -> None:
+        """Start the sender's loops under `supervisor` (the service's, so its health reflects
+        them; one of the sender's own without)."""
         self._resolver = egress.make_resolver(
             self._ctx.settings, self._ctx.policy, self._ctx.resolver
         )
         self._session = egress.make_session(self._ctx.settings, self._resolver)
+        self._supervisor = supervisor or tasks.Supervisor(asyncio.Event())
         self._background = [
-            asyncio.create_task(self._claim_loop(), name="webhooks-claim"),
-            asyncio.create_task(self._flush_loop(), name="webhooks-record"),
-            asyncio.create_task(self._listen(), name="webhooks-listen"),
-            asyncio.create_task(self._renew_loop(), name="webhooks-renew"),
+            self._supervisor.start("webhooks-claim", self._claim_loop),
+            self._supervisor.start("webhooks-record", self._flush_loop),
+            self._supervisor.start("webhooks-listen", self._listen),
+            self._supervisor.start("webhooks-renew", self._renew_loop),
         ]
 
     async def stop(self) -> None:
         """Stop claiming, let in-flight deliveries finish (the timeout bounds them), record
         their outcomes. Anything cut short keeps its lease and is sent again later."""
         self._stopping = True
+        if self._supervisor is not None:
+            # Loops that end now end for good (the claim loop returns once stopping).
+            self._supervisor.stop.set()
         self._ctx.due.set()
         self._slot_freed.set()
         claim_loop = self._background[0]
@@ -141,7 +148,7 @@ class Sender:
         for task in waiting:
             task.cancel()
         with contextlib.suppress(OSError, asyncpg.PostgresError):
-            await queue_store.release_leases(self._ctx.pool, list(waiting.values()))
+            await queue_store.release_leases(self._ctx.pool, list(waiting.values()), self._worker)
         if self._tasks:
             _, unfinished = await asyncio.wait(self._tasks, timeout=self._policy.timeout + 2)
             for task in unfinished:
@@ -326,7 +333,7 @@ class Sender:
                 # Unsure whether it may go: hand it back to be claimed (and checked) again.
                 log.warning("revocation_check_failed", delivery_id=str(c.id), exc_info=True)
                 with contextlib.suppress(OSError, asyncpg.PostgresError):
-                    await queue_store.release_leases(self._ctx.pool, [c.id])
+                    await queue_store.release_leases(self._ctx.pool, [c.id], self._worker)
                 return
             await self._attempt(c)
 
@@ -414,7 +421,10 @@ class Sender:
             batch = self._outcomes[:1000]
             try:
                 disabled = await outcome_store.record_outcomes(
-                    self._ctx.pool, batch, disable_after=self._policy.disable_after
+                    self._ctx.pool,
+                    batch,
+                    worker=self._worker,
+                    disable_after=self._policy.disable_after,
                 )
             except (OSError, asyncpg.PostgresError) as exc:
                 failures += 1

@@ -134,6 +134,8 @@ async def retry_delivery(
             status = 'pending',
             next_attempt_at = now(),
             manual = d.manual OR old.status <> 'pending',
+            -- A finished one sent again is a replay, outside its resource's order.
+            held = d.held AND old.status = 'pending',
             updated_at = now()
         FROM old WHERE d.id = old.id AND ($3::text IS NULL OR old.status = $3)
         RETURNING old.status

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from uuid import UUID
 
-from libs.common.db import Executor
+from libs.common.db import Connection, Executor
+from services.webhooks.store import ordering
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,8 +68,13 @@ deliveries AS (
         delivered_at = CASE WHEN o.outcome = 'delivered' THEN o.at ELSE d.delivered_at END,
         updated_at = now()
     FROM o
+    -- Compare-and-set on the lease: a sender whose lease lapsed (and was taken by another,
+    -- whose request may be in flight) records its attempt but leaves the delivery to the
+    -- holder, so it can neither clear the holder's lease nor schedule a third attempt. A
+    -- success is a success whoever got it (the holder's answer then changes nothing).
     -- Cancelled while in flight (revoked, disabled) stays cancelled unless it got through.
-    WHERE d.id = o.id AND (d.status = 'pending' OR o.outcome = 'delivered')
+    WHERE d.id = o.id
+      AND ((d.status = 'pending' AND d.locked_by = $14) OR o.outcome = 'delivered')
 ),
 streak_reset AS (
     UPDATE webhooks.subscriptions SET failing_since = NULL
@@ -103,11 +109,12 @@ WHERE subscription_id = ANY ($1::uuid[]) AND status = 'pending'
 
 
 async def record_outcomes(
-    db: Executor, outcomes: Sequence[Outcome], *, disable_after: float
+    db: Executor, outcomes: Sequence[Outcome], *, worker: str, disable_after: float
 ) -> list[Disabled]:
-    """Write a batch of attempts and their consequences in one statement; return the
-    subscriptions this batch disabled (a 410, or failing for `disable_after` seconds), whose
-    pending deliveries it then cancels."""
+    """Write a batch of `worker`'s attempts and their consequences in one statement; return
+    the subscriptions this batch disabled (a 410, or failing for `disable_after` seconds),
+    whose pending deliveries it then cancels. A delivery whose lease `worker` no longer holds
+    keeps its state (only a success changes it)."""
     if not outcomes:
         return []
     # Per subscription, the batch's last word: a success resets the failure streak, else the
@@ -128,8 +135,23 @@ async def record_outcomes(
         first, gone = failures.get(o.subscription_id, (o.attempted_at, False))
         failures[o.subscription_id] = (min(first, o.attempted_at), gone or o.outcome == "gone")
     reset = [s for s in last_success if s not in failures]
+    async with ordering.transaction(db) as conn:
+        disabled = await _record(conn, outcomes, reset, failures, disable_after, worker)
+        # The next delivery of each finished one's resource may go now.
+        await ordering.release_finished(conn, [o.delivery_id for o in outcomes])
+    return disabled
+
+
+async def _record(
+    conn: Connection,
+    outcomes: Sequence[Outcome],
+    reset: list[UUID],
+    failures: dict[UUID, tuple[datetime, bool]],
+    disable_after: float,
+    worker: str,
+) -> list[Disabled]:
     failed = list(failures)
-    rows = await db.fetch(
+    rows = await conn.fetch(
         _RECORD_OUTCOMES,
         [o.delivery_id for o in outcomes],
         [o.attempted_at for o in outcomes],
@@ -144,6 +166,7 @@ async def record_outcomes(
         [failures[i][0] for i in failed],
         [failures[i][1] for i in failed],
         disable_after,
+        worker,
     )
     disabled = [
         Disabled(
@@ -158,9 +181,8 @@ async def record_outcomes(
         if r["disabled_at"] is not None
     ]
     if disabled:
-        # A separate statement: the one above may have just written these rows. Should the
-        # process die in between, the claim cancels them (the subscription is disabled).
-        await db.execute(_CANCEL_FOR_SUBSCRIPTIONS, [d.subscription_id for d in disabled])
+        # A separate statement: the one above may have just written these rows.
+        await conn.execute(_CANCEL_FOR_SUBSCRIPTIONS, [d.subscription_id for d in disabled])
     return disabled
 
 

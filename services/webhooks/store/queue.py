@@ -1,6 +1,7 @@
 """The pending deliveries as a work queue shared by every sender: claim due ones with
-FOR UPDATE SKIP LOCKED and a lease (fair across subscriptions, bounded per subscription),
-renew, release or cancel leases, wake senders (NOTIFY), and the queue's depth.
+FOR UPDATE SKIP LOCKED and a lease (fair across subscriptions, bounded per subscription, one
+at a time per subscription and resource, in the resource's order), renew, release or cancel
+leases, wake senders (NOTIFY), and the queue's depth.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from uuid import UUID
 
 from libs.common.db import Executor
+from services.webhooks.store import ordering
 
 NOTIFY_CHANNEL = "webhooks_due"
 
@@ -44,14 +46,15 @@ WITH RECURSIVE busy AS (
 due_subs (subscription_id, depth) AS (
     SELECT coalesce(
         (SELECT d.subscription_id FROM webhooks.deliveries d
-         WHERE d.status = 'pending' AND d.next_attempt_at <= now() AND d.subscription_id >= $6
+         WHERE d.status = 'pending' AND NOT d.held AND d.next_attempt_at <= now()
+           AND d.subscription_id >= $6
          ORDER BY d.subscription_id LIMIT 1),
         (SELECT d.subscription_id FROM webhooks.deliveries d
-         WHERE d.status = 'pending' AND d.next_attempt_at <= now()
+         WHERE d.status = 'pending' AND NOT d.held AND d.next_attempt_at <= now()
          ORDER BY d.subscription_id LIMIT 1)), 1
   UNION ALL
     SELECT (SELECT d.subscription_id FROM webhooks.deliveries d
-            WHERE d.status = 'pending' AND d.next_attempt_at <= now()
+            WHERE d.status = 'pending' AND NOT d.held AND d.next_attempt_at <= now()
               AND d.subscription_id > due_subs.subscription_id
             ORDER BY d.subscription_id LIMIT 1), due_subs.depth + 1
     FROM due_subs
@@ -69,6 +72,8 @@ picked AS (
         WHERE d.subscription_id = s.subscription_id AND d.status = 'pending'
           AND d.next_attempt_at <= now()
           AND (d.locked_until IS NULL OR d.locked_until <= now())
+          -- Not while an earlier delivery of its resource is pending (store/ordering.py).
+          AND NOT d.held
         ORDER BY d.next_attempt_at
         -- A plain parameter: an expression here makes the planner guess a tenth of the
         -- table per subscription, and the guess costs a JIT compilation per claim.
@@ -153,26 +158,30 @@ async def claim_due(
 async def cancel_deliveries(db: Executor, ids: Sequence[UUID]) -> None:
     """Deliveries that must not be sent (grant revoked, subscription disabled)."""
     if ids:
-        await db.execute(
-            """
-            UPDATE webhooks.deliveries
-            SET status = 'cancelled', next_attempt_at = NULL, locked_until = NULL,
-                locked_by = NULL, updated_at = now()
-            WHERE id = ANY ($1::uuid[]) AND status = 'pending'
-            """,
-            list(ids),
-        )
+        async with ordering.transaction(db) as conn:
+            await conn.execute(
+                """
+                UPDATE webhooks.deliveries
+                SET status = 'cancelled', next_attempt_at = NULL, locked_until = NULL,
+                    locked_by = NULL, updated_at = now()
+                WHERE id = ANY ($1::uuid[]) AND status = 'pending'
+                """,
+                list(ids),
+            )
+            await ordering.release_finished(conn, ids)
 
 
-async def release_leases(db: Executor, ids: Sequence[UUID]) -> None:
-    """Give back deliveries leased but never sent (a sender stopping), for others to send."""
+async def release_leases(db: Executor, ids: Sequence[UUID], worker: str) -> None:
+    """Give back deliveries `worker` leased but never sent (a sender stopping), for others to
+    send; one whose lease it lost meanwhile is another's now and stays so."""
     if ids:
         await db.execute(
             """
             UPDATE webhooks.deliveries SET locked_until = NULL, locked_by = NULL
-            WHERE id = ANY ($1::uuid[]) AND status = 'pending'
+            WHERE id = ANY ($1::uuid[]) AND status = 'pending' AND locked_by = $2
             """,
             list(ids),
+            worker,
         )
 
 
