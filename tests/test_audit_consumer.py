@@ -13,8 +13,8 @@ import orjson
 
 from libs.common import streams
 from libs.common.config import Settings
-from services.gateway import redis_routing
 from services.gateway.audit import AuditBuffer
+from services.gateway.redis_routing import pipelined
 from services.identity import audit, audit_consumer
 from services.identity.store import audit as audit_store
 
@@ -144,7 +144,7 @@ async def test_batch_entries_are_stored_a_row_per_record_once_beside_single_entr
     settings = dataclasses.replace(settings, redis_prefix=f"{settings.redis_prefix}{unique}:")
     stream = settings.stream(streams.AUDIT)
     await streams.ensure_group(redis, stream, audit_consumer.GROUP)
-    connection = redis_routing.pipelined(settings.redis_url, timeout=2.0)
+    connection = pipelined(settings.redis_url, timeout=2.0)
     try:
         buffer = AuditBuffer(connection, stream, capacity=1000)
         for n in range(250):  # two batch entries
@@ -320,7 +320,7 @@ async def test_the_running_consumer_claims_stores_and_acknowledges_everything(
 
     stop = asyncio.Event()
     task = asyncio.create_task(audit_consumer.run(pool, redis, settings, stop))
-    connection = redis_routing.pipelined(settings.redis_url, timeout=2.0)
+    connection = pipelined(settings.redis_url, timeout=2.0)
     try:
         buffer = AuditBuffer(connection, stream, capacity=1000)
         for flush in range(5):

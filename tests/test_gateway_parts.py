@@ -13,10 +13,10 @@ import pytest
 
 from libs.common import keys, redis_client, streams
 from libs.common.config import Settings
-from services.gateway import redis_routing
 from services.gateway.audit import BATCH, BATCH_BYTES, AuditBuffer, api_call
 from services.gateway.ratelimit import Guard, Pace
 from services.gateway.redis_pipeline import PipelinedRedis, RedisReplyError, pack
+from services.gateway.redis_routing import pipelined
 from services.gateway.revocation import RevokedGrants
 from services.identity import audit
 from tests.support import free_port
@@ -39,7 +39,8 @@ def _record(n: int) -> dict[str, Any]:
 
 @pytest.fixture
 async def connection(settings: Settings) -> AsyncIterator[PipelinedRedis]:
-    conn = redis_routing.pipelined(settings.redis_url, timeout=2.0)
+    # The factory: on a Cluster (TEST_REDIS_URL=redis+cluster://...) a PipelinedCluster.
+    conn = pipelined(settings.redis_url, timeout=2.0)
     yield conn
     await conn.close()
 

@@ -10,6 +10,7 @@ drains, calls are served again, each with its record.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import secrets
 import time
@@ -24,7 +25,7 @@ import pytest
 from aiohttp import web
 from pytest_aiohttp import AiohttpServer
 
-from libs.common import streams
+from libs.common import redis_client, streams
 from libs.common.config import Settings
 from services.identity import audit, keys, store
 from tests.support import base_url, without_handler_cancellation
@@ -247,26 +248,38 @@ class AuditLink:
     """A TCP proxy in front of Redis for one gateway: everything passes, but the connections
     that write the audit trail (those that have sent an XADD) can be stopped, as by a Redis
     that no longer answers them ("hold": their writes wait) or that they cannot reach ("cut":
-    each is closed as soon as it writes), and let through again."""
+    each is closed as soon as it writes), and let through again.
+
+    In front of a Redis Cluster (TEST_REDIS_URL=redis+cluster://...) it listens once per node,
+    and the node addresses Redis hands out (CLUSTER SLOTS, MOVED, ASK) are rewritten to the
+    link's, so every connection the gateway makes goes through it."""
 
     def __init__(self, redis_url: str) -> None:
-        target = urlsplit(redis_url)
-        self._host = target.hostname or "127.0.0.1"
-        self._port = target.port or 6379
-        self._db = target.path or "/0"
+        target = redis_client.parse(redis_url)
+        self._cluster = target.kind == "cluster"
+        if self._cluster:
+            self._upstreams = list(target.nodes)
+            self._db = ""
+        else:
+            parts = urlsplit(redis_url)
+            self._upstreams = [(parts.hostname or "127.0.0.1", parts.port or 6379)]
+            self._db = parts.path or "/0"
         self.mode = "pass"
         self._flowing = asyncio.Event()
         self._flowing.set()
         self.stopped = 0  # audit writes held or cut
-        self._server: asyncio.Server | None = None
+        self._servers: list[asyncio.Server] = []
+        # Upstream port -> the link's port in front of it.
+        self._ports: dict[int, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: list[asyncio.StreamWriter] = []
 
     @property
     def url(self) -> str:
-        assert self._server is not None
-        port = self._server.sockets[0].getsockname()[1]
-        return f"redis://127.0.0.1:{port}{self._db}"
+        hosts = ",".join(f"127.0.0.1:{port}" for port in self._ports.values())
+        if self._cluster:
+            return f"redis+cluster://{hosts}"
+        return f"redis://{hosts}{self._db}"
 
     def stop(self, mode: str) -> None:
         assert mode in ("hold", "cut")
@@ -278,12 +291,23 @@ class AuditLink:
         self._flowing.set()
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        for host, port in self._upstreams:
+
+            async def accept(
+                reader: asyncio.StreamReader,
+                writer: asyncio.StreamWriter,
+                upstream: tuple[str, int] = (host, port),
+            ) -> None:
+                await self._accept(reader, writer, upstream)
+
+            server = await asyncio.start_server(accept, "127.0.0.1", 0)
+            self._servers.append(server)
+            self._ports[port] = server.sockets[0].getsockname()[1]
 
     async def close(self) -> None:
         self.resume()
-        if self._server is not None:
-            self._server.close()
+        for server in self._servers:
+            server.close()
         for writer in self._writers:
             writer.close()
         for task in list(self._tasks):
@@ -297,19 +321,28 @@ class AuditLink:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection(self._host, self._port)
+    async def _accept(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        upstream: tuple[str, int],
+    ) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*upstream)
         self._writers += [writer, up_writer]
-        self._spawn(self._outgoing(reader, up_writer, writer))
-        self._spawn(self._pipe(up_reader, writer))
+        # The names of the commands sent and not yet answered (a Cluster's replies are read).
+        asked: collections.deque[bytes] | None = collections.deque() if self._cluster else None
+        self._spawn(self._outgoing(reader, up_writer, writer, asked))
+        self._spawn(self._pipe(up_reader, writer, asked))
 
     async def _outgoing(
         self,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         client: asyncio.StreamWriter,
+        asked: collections.deque[bytes] | None,
     ) -> None:
         audit_connection = False
+        pending = bytearray()
         try:
             while data := await reader.read(65536):
                 audit_connection = audit_connection or b"XADD" in data
@@ -320,6 +353,10 @@ class AuditLink:
                 if audit_connection and self.mode == "hold":
                     self.stopped += 1
                     await self._flowing.wait()
+                if asked is not None:
+                    pending += data
+                    for raw in _resp_values(pending):
+                        asked.append(_command_name(raw))
                 writer.write(data)
                 await writer.drain()
         except (ConnectionError, OSError):
@@ -327,15 +364,82 @@ class AuditLink:
         finally:
             writer.close()
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        asked: collections.deque[bytes] | None,
+    ) -> None:
+        pending = bytearray()
         try:
             while data := await reader.read(65536):
+                if asked is not None:
+                    pending += data
+                    data = b"".join(self._readdressed(raw, asked) for raw in _resp_values(pending))
                 writer.write(data)
                 await writer.drain()
         except (ConnectionError, OSError):
             pass
         finally:
             writer.close()
+
+    def _readdressed(self, raw: bytes, asked: collections.deque[bytes]) -> bytes:
+        """One reply of a Cluster node, naming the link's ports instead of the nodes'."""
+        if raw.startswith(b">"):
+            return raw  # a RESP3 push: no command of ours asked for it
+        command = asked.popleft() if asked else b""
+        if command == b"CLUSTER SLOTS":
+            # Ports are integers above any slot number (16383): only node ports match.
+            for real, ours in self._ports.items():
+                raw = raw.replace(b":%d\r\n" % real, b":%d\r\n" % ours)
+            return raw
+        if raw.startswith((b"-MOVED ", b"-ASK ")):
+            kind, slot, where = raw[1:-2].decode().split(" ", 2)
+            host, _, port = where.rpartition(":")
+            return f"-{kind} {slot} {host}:{self._ports.get(int(port), port)}\r\n".encode()
+        return raw
+
+
+def _command_name(raw: bytes) -> bytes:
+    """`CLUSTER SLOTS`, `XADD`, ...: the first two words of a packed command, upper case."""
+    words = raw.split(b"\r\n")[2:5:2]
+    return b" ".join(words).upper() if words[0].upper() == b"CLUSTER" else words[0].upper()
+
+
+def _resp_values(buffer: bytearray) -> Iterator[bytes]:
+    """The complete RESP2/RESP3 values at the start of `buffer`, each as its bytes, removed."""
+    pos = 0
+    while pos < len(buffer):
+        end = _resp_end(buffer, pos)
+        if end is None:
+            break
+        yield bytes(buffer[pos:end])
+        pos = end
+    del buffer[:pos]
+
+
+def _resp_end(buffer: bytearray, pos: int) -> int | None:
+    """Where the value at `pos` ends; None when it is not all there yet."""
+    line_end = buffer.find(b"\r\n", pos)
+    if line_end < 0:
+        return None
+    kind, header, nxt = buffer[pos : pos + 1], buffer[pos + 1 : line_end], line_end + 2
+    if kind in (b"$", b"=", b"!"):  # bulk, verbatim, bulk error
+        size = int(header)
+        if size < 0:
+            return nxt
+        return nxt + size + 2 if len(buffer) >= nxt + size + 2 else None
+    if kind in (b"*", b"~", b">", b"%", b"|"):  # array, set, push, map, attribute
+        count = int(header)
+        items = 2 * count if kind in (b"%", b"|") else max(count, 0)
+        for _ in range(items):
+            end = _resp_end(buffer, nxt)
+            if end is None:
+                return None
+            nxt = end
+        # An attribute comes before the value it describes: one value with it.
+        return _resp_end(buffer, nxt) if kind == b"|" else nxt
+    return nxt  # + - : _ # , ( : one line
 
 
 @pytest.fixture

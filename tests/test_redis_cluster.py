@@ -5,6 +5,7 @@ and the revocation marks fence (libs/common/marks_fence.py) after a node loses i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import secrets
 import shutil
@@ -119,10 +120,6 @@ async def test_streams_append_read_and_groups_on_the_cluster(
         assert [e.id for e in await streams.read_tail(client, stream, "0-0", block_ms=100)] == ids
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="open: after the failover the promoted replica's record read equal to its own run_id",
-)
 async def test_the_guard_follows_a_failover_and_refuses_until_marks_are_restored(
     cluster: RedisCluster, cluster_settings: Settings, client: Any
 ) -> None:
@@ -167,6 +164,103 @@ async def test_the_guard_follows_a_failover_and_refuses_until_marks_are_restored
         await conn.close()
         cluster.start_node(victim)
         await asyncio.to_thread(cluster.wait_ok)
+
+
+async def test_a_node_promoted_again_is_asked_again_over_the_same_connection(
+    cluster: RedisCluster, cluster_settings: Settings, client: Any
+) -> None:
+    """A primary paused past the node timeout comes back as its replica's replica, then is
+    promoted again: same process, same run_id, and the guard's connection to it never dropped.
+    Its record is a copy of the other node's, so it is not trusted until identity's pass
+    records its run (the connection's "restored" of before is forgotten when the map moves)."""
+    from redis.crc import key_slot
+
+    settings = cluster_settings
+    await marks_fence.record(client, settings, await marks_fence.run_ids(client, settings))
+    school = _spread_schools(cluster)[1]
+    slot = key_slot(keys.school_tag(school).encode())
+    mark = keys.revoked_mark(settings, school, "g1")
+    bucket = keys.gateway_bucket(settings, school, "app")
+    first = cluster.primary_for_slot(slot)
+    conn = pipelined(settings.redis_url, timeout=1.0, fenced_by=settings)
+    guard = Guard(conn)
+    pace = Pace.of(per_minute=6000, burst=100)
+
+    async def until(what: str, probe: Any) -> None:
+        for _ in range(300):
+            with contextlib.suppress(Exception):
+                if await asyncio.to_thread(probe):
+                    return
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"not within 30 s: {what}")
+
+    try:
+        assert (await guard.check(mark, bucket, want=1, pace=pace)).allowed
+        # Paused with nothing in flight: the gateway's connection to it stays open.
+        cluster.pause(first)
+        await until("its replica promoted", lambda: cluster.primary_for_slot(slot) != first)
+        second = cluster.primary_for_slot(slot)
+        cluster.resume(first)
+        await until("the paused node a replica", lambda: cluster.roles().get(first) == "slave")
+        await asyncio.to_thread(cluster.wait_ok)
+        await marks_fence.record(client, settings, await marks_fence.run_ids(client, settings))
+        # MOVED from the old node to the new primary, restored: answered.
+        assert (await guard.check(mark, bucket, want=1, pace=pace)).allowed
+        # The first node takes its slots back (a manual failover), its run_id unchanged.
+        import redis as redis_sync
+
+        with redis_sync.Redis(port=first) as node:
+            node.execute_command("CLUSTER", "FAILOVER")
+
+        def demoted() -> bool:
+            # As the second node itself sees it: it answers MOVED, not the guard's script.
+            with redis_sync.Redis(port=second) as node:
+                return bool(node.info("replication")["role"] == "slave")
+
+        await until("the second node a replica again", demoted)
+        refused = False
+        for _ in range(100):
+            try:
+                verdict = await guard.check(mark, bucket, want=1, pace=pace)
+            except MarksNotRestored:
+                refused = True
+                break
+            except ConnectionError:
+                await asyncio.sleep(0.1)
+            else:
+                pytest.fail(f"the node promoted again answered on its old word: {verdict}")
+        assert refused
+    finally:
+        await conn.close()
+        await asyncio.to_thread(cluster.wait_ok)
+
+
+async def test_concurrent_first_calls_share_the_fence_check(
+    cluster_settings: Settings, client: Any
+) -> None:
+    """Calls arriving while a new connection asks its node's record wait for that answer: on
+    restored nodes none of them is refused (they were, all but the first, before)."""
+    settings = cluster_settings
+    await marks_fence.record(client, settings, await marks_fence.run_ids(client, settings))
+    conn = pipelined(settings.redis_url, timeout=2.0, fenced_by=settings)
+    guard = Guard(conn)
+    pace = Pace.of(per_minute=60_000, burst=1000)
+    try:
+        await conn.refresh()  # the map known, so the calls meet at the connections
+        verdicts = await asyncio.gather(
+            *[
+                guard.check(
+                    keys.revoked_mark(settings, school, "g"),
+                    keys.gateway_bucket(settings, school, "app"),
+                    want=1,
+                    pace=pace,
+                )
+                for school in range(1, 33)
+            ]
+        )
+        assert all(v.allowed for v in verdicts)
+    finally:
+        await conn.close()
 
 
 @pytest.fixture

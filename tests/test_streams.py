@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis.asyncio as redis_asyncio
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
 from libs.common import redis_client, streams
@@ -34,22 +35,33 @@ class CountingConnection(redis_asyncio.Connection):
 
 
 @pytest.fixture
-async def counting_redis(
-    settings: Settings, redis: Any, name: Name
-) -> AsyncIterator[redis_asyncio.Redis]:
-    """A one-node client counting its writes: under a Cluster, on the primary that serves the
-    test's stream (name("batch")), the node a Cluster client would send it to."""
-    url = settings.redis_url
-    if redis_client.parse(url).kind == "cluster":
-        await redis.initialize()
-        node = redis.get_node_from_key(name("batch"))
-        url = f"redis://{node.host}:{node.port}/0"
-    pool = redis_asyncio.ConnectionPool.from_url(url, connection_class=CountingConnection)
+async def counting_redis(settings: Settings) -> AsyncIterator[redis_asyncio.Redis]:
+    if redis_client.parse(settings.redis_url).kind == "cluster":
+        async for client in _counting_cluster(settings.redis_url):
+            yield client
+        return
+    pool = redis_asyncio.ConnectionPool.from_url(
+        settings.redis_url, connection_class=CountingConnection
+    )
     client = redis_asyncio.Redis(connection_pool=pool)
     await client.ping()  # connect (and its handshake) before anything is counted
     yield client
     await client.aclose()
     await pool.disconnect()
+
+
+async def _counting_cluster(url: str) -> AsyncIterator[redis_asyncio.Redis]:
+    """The factory's RedisCluster, each node's connections counting (RedisCluster takes no
+    connection class of its own: the nodes it makes from CLUSTER SLOTS get the one in its
+    connection kwargs), every primary connected before anything is counted."""
+    client = redis_client.connect(url)
+    cluster = cast(RedisCluster, client)
+    cluster.nodes_manager.connection_kwargs["connection_class"] = CountingConnection
+    await cluster.initialize()
+    assert all(n.connection_class is CountingConnection for n in cluster.get_nodes())
+    await cluster.ping(target_nodes=RedisCluster.PRIMARIES)
+    yield client
+    await client.aclose()
 
 
 def _data(raw: list[Any]) -> list[Any]:

@@ -14,7 +14,15 @@ record copied to a replica or loaded from a snapshot names another run_id and co
 nothing, as the revocation leases' epoch does (libs/common/leases.py).
 
 The gateway checks the record on each (re)connection to a node (a new run_id is a new
-connection) and, until it holds, fails closed: services/gateway/redis_pipeline.py.
+connection), and on a Cluster again whenever its slot map changes or a MOVED names a node (a
+replica promoted keeps its run_id and the gateway's connection to it), and until it holds,
+fails closed: services/gateway/redis_pipeline.py, redis_routing.py.
+
+A promoted replica is never trusted before identity's pass records it, even after a failover
+that lost nothing: replication is asynchronous and marks are written without WAIT, so nothing
+the gateway can read proves the replica took every mark its primary had (the dead primary's
+offset is gone with it). The cost is a refusal (503) on that primary's slots until identity's
+next check (CHECK_INTERVAL, 5 s) and pass.
 """
 
 from __future__ import annotations

@@ -455,7 +455,13 @@ def main(argv: Sequence[str]) -> int:
             file=sys.stderr,
         )
         return 2
+    # While the nodes start, SIGTERM ends the start as Ctrl-C does (start_redis_cluster stops
+    # every node it started). Signals are blocked for sigwait only afterwards: a node inherits
+    # its parent's signal mask, and one started with SIGTERM blocked ignores it, so every stop
+    # waited out _STOP_TIMEOUT and ended in SIGKILL.
+    signal.signal(signal.SIGTERM, _terminated)
     cluster = start_redis_cluster(Path(argv[1]), [int(port) for port in argv[2:]])
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     print(cluster.url, flush=True)
     try:
         signal.sigwait({signal.SIGINT, signal.SIGTERM})
@@ -464,6 +470,9 @@ def main(argv: Sequence[str]) -> int:
     return 0
 
 
+def _terminated(_signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signal.SIGTERM)
+
+
 if __name__ == "__main__":
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     sys.exit(main(sys.argv))

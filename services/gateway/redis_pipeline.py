@@ -108,9 +108,13 @@ class _Protocol(asyncio.Protocol):
         self._buffer = bytearray()
         self._outgoing: list[bytes] = []
         self.lost = asyncio.get_running_loop().create_future()
-        # libs/common/marks_fence.py, per connection: a new run_id is a new connection.
+        # libs/common/marks_fence.py, per connection: a new run_id is a new connection. A
+        # role change keeps both, so a Cluster client asks again after its slot map changes
+        # (PipelinedRedis.recheck_fence).
         self.restored = False
         self.fence_checked = 0.0
+        # The check in flight or last made: the calls arriving meanwhile share its answer.
+        self.fence_check: asyncio.Future[bool] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but behave as one.
@@ -284,27 +288,55 @@ class PipelinedRedis:
         return answer
 
     async def _check_fence(self, protocol: _Protocol) -> None:
-        assert self._fence is not None
-        now = time.monotonic()
-        if now - protocol.fence_checked >= FENCE_RECHECK:
-            protocol.fence_checked = now
-            key = self._fence()
-            if key is None:
-                return  # a node that serves no slot of the map: a redirection (ASK) only
-            if key is not None:
-                answer = await protocol.send(pack(b"EVAL", marks_fence.STATE, b"1", key))
-                if isinstance(answer, RedisReplyError):
-                    raise answer
-                run_id, recorded = answer
-                protocol.restored = bool(run_id) and run_id == recorded
-        if not protocol.restored:
+        check = protocol.fence_check
+        if check is None or (
+            check.done() and time.monotonic() - protocol.fence_checked >= FENCE_RECHECK
+        ):
+            protocol.fence_checked = time.monotonic()
+            check = protocol.fence_check = asyncio.ensure_future(self._ask_fence(protocol))
+        # Shielded: one caller cancelled does not cancel the answer the others wait for.
+        if not await asyncio.shield(check):
             raise MarksNotRestored("revocation marks not restored on this Redis node yet")
 
-    async def execute_many(self, commands: list[bytes]) -> list[Any]:
-        """Send packed commands pipelined; their replies in order (errors as values)."""
+    async def _ask_fence(self, protocol: _Protocol) -> bool:
+        assert self._fence is not None
+        key = self._fence()
+        if key is None:
+            return True  # a node that serves no slot of the map: a redirection (ASK) only
+        answer = await protocol.send(pack(b"EVAL", marks_fence.STATE, b"1", key))
+        if isinstance(answer, RedisReplyError):
+            # MOVED: the record asked for is not on this node (the map is stale), so nothing
+            # says this node's marks are restored.
+            raise MarksNotRestored(f"revocation marks record unreadable: {answer}")
+        run_id, recorded = answer
+        protocol.restored = bool(run_id) and run_id == recorded
+        return protocol.restored
+
+    def recheck_fence(self) -> None:
+        """Ask the node's record again before the next command (its role may have changed)."""
+        protocol = self._protocol
+        if protocol is not None:
+            protocol.restored = False
+            protocol.fence_check = None
+
+    async def execute_unfenced(self, command: bytes) -> Any:
+        """:meth:`execute` for a command that reads no marks (CLUSTER SLOTS): never fenced."""
         protocol = self._protocol
         if protocol is None or protocol.lost.done():
             protocol = await self._connection()
+        answer = await protocol.send(command)
+        if isinstance(answer, RedisReplyError):
+            raise answer
+        return answer
+
+    async def execute_many(self, commands: list[bytes]) -> list[Any]:
+        """Send packed commands pipelined; their replies in order (errors as values). Fenced
+        as :meth:`execute` is (the Cluster's guard calls come this way)."""
+        protocol = self._protocol
+        if protocol is None or protocol.lost.done():
+            protocol = await self._connection()
+        if self._fence is not None and not protocol.restored:
+            await self._check_fence(protocol)
         if not commands:
             return []
         replies: list[Any] = await protocol.send(b"".join(commands), len(commands))

@@ -14,6 +14,11 @@ importing node, once, without touching the map. TRYAGAIN, CLUSTERDOWN and a refu
 connection (a primary dying, its replica not yet promoted) are retried with a short backoff for
 as long as the caller's timeout allows; then the error stands, and the gateway answers 503 as
 with one node.
+
+Fenced (the guard's connection), every node's revocation marks record is asked before the first
+command on a connection, again after the map changes and after a MOVED to it
+(libs/common/marks_fence.py); a node not restored refuses at once (MarksNotRestored, not
+retried: it answers, and waiting would only hold the call until its timeout).
 """
 
 from __future__ import annotations
@@ -29,7 +34,12 @@ from redis.crc import key_slot
 
 from libs.common import marks_fence, redis_client
 from libs.common.config import Settings
-from services.gateway.redis_pipeline import PipelinedRedis, RedisReplyError, pack
+from services.gateway.redis_pipeline import (
+    MarksNotRestored,
+    PipelinedRedis,
+    RedisReplyError,
+    pack,
+)
 
 _SLOTS = 16384
 # Redirections followed for one command: a slot moves once per resharding step.
@@ -89,8 +99,9 @@ def _sentinel_locator(target: redis_client.RedisTarget, timeout: float) -> Any:
     return locate
 
 
-def key_of(command: bytes) -> bytes:
-    """The key a packed command is routed by (RESP2 array of bulk strings)."""
+def key_of(command: bytes) -> bytes | None:
+    """The key a packed command is routed by (RESP2 array of bulk strings); None for a command
+    without one (PING), which any primary answers."""
     pos = command.index(b"\r\n") + 2
     parts: list[bytes] = []
     while len(parts) < 4 and pos < len(command):
@@ -101,8 +112,8 @@ def key_of(command: bytes) -> bytes:
         pos = start + size + 2
     name = parts[0].upper()
     if name in (b"EVALSHA", b"EVAL"):
-        return parts[3]
-    return parts[1]
+        return parts[3] if len(parts) > 3 else None
+    return parts[1] if len(parts) > 1 else None
 
 
 class PipelinedCluster(PipelinedRedis):
@@ -123,6 +134,7 @@ class PipelinedCluster(PipelinedRedis):
         self._nodes: dict[tuple[str, int], PipelinedRedis] = {}
         self._refreshing: asyncio.Task[None] | None = None
         self._refresh_lock: asyncio.Lock | None = None
+        self._generation = 0
 
     # --- the slot map ---------------------------------------------------------------------------
 
@@ -154,17 +166,21 @@ class PipelinedCluster(PipelinedRedis):
 
         return fence
 
-    async def refresh(self) -> None:
-        """Read CLUSTER SLOTS from a primary known, else from a seed."""
+    async def refresh(self, *, unless_since: int | None = None) -> None:
+        """Read CLUSTER SLOTS from a primary known, else from a seed. `unless_since`: a
+        generation of the map (`_generation`); skipped when a refresh completed since it (the
+        calls that found a slot unknown together read the map once)."""
         if self._refresh_lock is None:
             self._refresh_lock = asyncio.Lock()
         async with self._refresh_lock:
+            if unless_since is not None and self._generation != unless_since:
+                return
             known = list(dict.fromkeys(a for a in self._slots if a is not None))
             candidates = known + [s for s in self._seeds if s not in known]
             last: Exception | None = None
             for address in candidates:
                 try:
-                    answer = await self._node(address).execute(pack(b"CLUSTER", b"SLOTS"))
+                    answer = await self._node(address).execute_unfenced(pack(b"CLUSTER", b"SLOTS"))
                 except (OSError, RedisReplyError) as exc:
                     last = exc
                     continue
@@ -174,7 +190,13 @@ class PipelinedCluster(PipelinedRedis):
                     where = (host, int(primary[1]))
                     for slot in range(int(start), int(end) + 1):
                         slots[slot] = where
+                if slots != self._slots:
+                    # A replica promoted keeps its run_id and our connection to it, and may lack
+                    # writes its primary took: every node's record is asked again.
+                    for node in self._nodes.values():
+                        node.recheck_fence()
                 self._slots = slots
+                self._generation += 1
                 # Connections to nodes that no longer serve slots are let go.
                 serving = set(slots)
                 for gone in [a for a in self._nodes if a not in serving and a not in self._seeds]:
@@ -194,7 +216,7 @@ class PipelinedCluster(PipelinedRedis):
     async def _where(self, slot: int) -> tuple[str, int]:
         address = self._slots[slot]
         if address is None:
-            await self.refresh()
+            await self.refresh(unless_since=self._generation)
             address = self._slots[slot]
             if address is None:
                 raise ConnectionError(f"no primary serves slot {slot}")
@@ -214,8 +236,8 @@ class PipelinedCluster(PipelinedRedis):
             return []
         return await self._route(commands, key_of(commands[0]))
 
-    async def _route(self, commands: list[bytes], key: bytes) -> list[Any]:
-        slot = key_slot(key)
+    async def _route(self, commands: list[bytes], key: bytes | None) -> list[Any]:
+        slot = 0 if key is None else key_slot(key)
         deadline = time.monotonic() + self._timeout
         pause = _BACKOFF_FIRST
         asking: tuple[str, int] | None = None
@@ -230,6 +252,12 @@ class PipelinedCluster(PipelinedRedis):
                     asking = None
                 else:
                     replies = await self._node(await self._where(slot)).execute_many(commands)
+            except MarksNotRestored as exc:
+                # Fail closed at once (the node answers; identity's pass will restore it), not
+                # after the caller's whole timeout.
+                if "MOVED" in str(exc):
+                    self._refresh_soon()
+                raise
             except ConnectionError:
                 # A primary gone: its replica takes over within the node timeout. The map is
                 # read again (a refused seed is skipped) until the caller's time is up.
@@ -250,6 +278,7 @@ class PipelinedCluster(PipelinedRedis):
                 address = (host, int(port))
                 if kind == "MOVED":
                     self._slots[slot] = address
+                    self._node(address).recheck_fence()
                     self._refresh_soon()
                 else:
                     asking = address

@@ -104,15 +104,12 @@ def _parse_uuid(text: str) -> UUID | None:
 
 @functools.lru_cache(maxsize=4096)
 def _parse_ip(text: str) -> str | None:
+    # An IPv6 zone ("fe80::1%eth0") names the receiver's interface, not the caller, and
+    # PostgreSQL's inet refuses it (the record, and the call recording it, failed).
     try:
-        address = ipaddress.ip_address(text)
+        return str(ipaddress.ip_address(text.partition("%")[0]))
     except ValueError:
         return None
-    # PostgreSQL's inet takes no IPv6 zone (`fe80::1%eth0`), which Python's parser keeps: the
-    # record keeps the address without it rather than fail the transaction it is written in.
-    if isinstance(address, ipaddress.IPv6Address) and address.scope_id is not None:
-        address = ipaddress.IPv6Address(text.split("%", 1)[0])
-    return str(address)
 
 
 def _uuid(value: Any) -> UUID | None:

@@ -124,8 +124,8 @@ async def _store_entries(pool: asyncpg.Pool, entries: list[streams.Entry]) -> in
     whole: list[streams.Entry] = []
     by_row: list[streams.Entry] = []
     for e in entries:
-        if not isinstance(e.data, dict):
-            continue  # poison: set aside by the caller (dead_letters), never stored
+        if _poison(e):
+            continue  # set aside by the caller (dead_letters), never stored
         (whole if _passes_whole(e) else by_row).append(e)
     if whole:
         try:
@@ -141,6 +141,11 @@ async def _store_entries(pool: asyncpg.Pool, entries: list[streams.Entry]) -> in
 DEAD_LETTERS = "connect:audit:dead"
 
 
+def _poison(entry: streams.Entry) -> bool:
+    """Data that is not a JSON object (streams reads it as an empty, malformed entry)."""
+    return entry.malformed or not isinstance(entry.data, dict)
+
+
 async def dead_letters(
     client: redis.Redis,
     settings: Settings,
@@ -151,7 +156,7 @@ async def dead_letters(
     stream (for an operator to look at) and acknowledged with the rest, so one bad entry
     neither stops the consumer nor is read again for ever."""
     for e in entries:
-        if isinstance(e.data, dict):
+        if not _poison(e):
             continue
         await client.xadd(
             settings.stream(DEAD_LETTERS),
