@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: dev cluster test-cluster test lint format lock up down bench bench-quick clean install
+.PHONY: dev cluster test-cluster test lint format lock up down bench bench-quick faults clean install
 
 install: $(STAMP)
 
@@ -47,14 +47,19 @@ bench: $(STAMP)
 bench-quick: $(STAMP)
 	$(BIN)/python -m bench --quick
 
+# The fault suite (faults/README.md): the production topology under steady load, one fault at a
+# time, what each cost. Under 10 minutes; `FAULTS_ARGS="--only kill-gateway"` for a quick look.
+faults: $(STAMP)
+	$(BIN)/python -m faults $(FAULTS_ARGS)
+
 lint: $(STAMP)
-	$(BIN)/ruff check libs services tests bench
-	$(BIN)/ruff format --check libs services tests bench
+	$(BIN)/ruff check libs services tests bench faults
+	$(BIN)/ruff format --check libs services tests bench faults
 	$(BIN)/mypy
 
 format: $(STAMP)
-	$(BIN)/ruff format libs services tests bench
-	$(BIN)/ruff check --fix libs services tests bench
+	$(BIN)/ruff format libs services tests bench faults
+	$(BIN)/ruff check --fix libs services tests bench faults
 
 # Regenerate requirements.lock from pyproject.toml (needs uv: `pip install uv`).
 lock:

@@ -8,6 +8,7 @@ It answers 204 at once. The same handler takes wrk's direct POSTs (the receiver'
 capacity, the scenario's baseline).
 
     GET  /stats/{channel}   counts, first/last arrival (epoch seconds), latency percentiles
+    GET  /ids/{channel}     deliveries per `webhook-id` (the fault suite's ledger reads it)
     POST /reset/{channel}
 """
 
@@ -17,6 +18,7 @@ import argparse
 import asyncio
 import signal
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import orjson
@@ -26,7 +28,7 @@ from aiohttp import web
 @dataclass
 class Channel:
     count: int = 0
-    ids: set[str] = field(default_factory=set)
+    ids: Counter[str] = field(default_factory=Counter)
     first_at: float = 0.0
     last_at: float = 0.0
     latencies_ms: list[float] = field(default_factory=list)
@@ -40,7 +42,7 @@ async def hook(request: web.Request) -> web.Response:
     body = await request.read()
     channel = request.app[CHANNELS].setdefault(request.match_info["channel"], Channel())
     channel.count += 1
-    channel.ids.add(request.headers.get("webhook-id", ""))
+    channel.ids[request.headers.get("webhook-id", "")] += 1
     if channel.first_at == 0.0:
         channel.first_at = now
     channel.last_at = now
@@ -77,6 +79,11 @@ async def stats(request: web.Request) -> web.Response:
     return web.Response(body=orjson.dumps(body), content_type="application/json")
 
 
+async def ids(request: web.Request) -> web.Response:
+    channel = request.app[CHANNELS].get(request.match_info["channel"], Channel())
+    return web.Response(body=orjson.dumps(channel.ids), content_type="application/json")
+
+
 async def reset(request: web.Request) -> web.Response:
     request.app[CHANNELS].pop(request.match_info["channel"], None)
     return web.Response(status=204)
@@ -91,6 +98,7 @@ def create_app() -> web.Application:
     app[CHANNELS] = {}
     app.router.add_post("/hook/{channel}", hook)
     app.router.add_get("/stats/{channel}", stats)
+    app.router.add_get("/ids/{channel}", ids)
     app.router.add_post("/reset/{channel}", reset)
     app.router.add_get("/healthz", healthz)
     return app
