@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import os
 import secrets
 import sys
@@ -284,11 +283,6 @@ async def seed(system: System, users: int) -> World:
         await pool.close()
 
 
-def _challenge(verifier: str) -> str:
-    digest = hashlib.sha256(verifier.encode()).digest()
-    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
-
-
 async def mint_codes(
     pool: asyncpg.Pool,
     system: System,
@@ -302,7 +296,7 @@ async def mint_codes(
     in bulk. Returns the token-request bodies that redeem them (PKCE verifier included).
 
     Codes live 60 s (AUTHORIZATION_CODE_TTL), so mint right before they are exchanged."""
-    from services.identity import credentials
+    from services.identity import credentials, pkce
 
     ttl = 60
     bodies: list[str] = []
@@ -333,7 +327,7 @@ async def mint_codes(
                 [credentials.token_hash(c) for c in codes],
                 [r["id"] for r in rows],
                 [r["user_id"] for r in rows],
-                [_challenge(v) for v in verifiers],
+                [pkce.s256_challenge(v) for v in verifiers],
                 world.app_id,
                 world.school_id,
                 REDIRECT_URI,

@@ -9,8 +9,6 @@ the public origin, so every token and refresh token is the system's own.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import secrets
 from dataclasses import dataclass
 from typing import Any
@@ -86,14 +84,9 @@ async def seed(pool: asyncpg.Pool, settings: Settings, public_url: str, port: in
     )
 
 
-def _challenge(verifier: str) -> str:
-    digest = hashlib.sha256(verifier.encode()).digest()
-    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
-
-
 async def mint_code(pool: asyncpg.Pool, world: World, ttl: int = 60) -> dict[str, str]:
     """A code on a grant of its own; returns the token request's form that redeems it."""
-    from services.identity import credentials
+    from services.identity import credentials, pkce
 
     verifier = secrets.token_urlsafe(48)
     code = credentials.new_secret(credentials.AUTHORIZATION_CODE_PREFIX)
@@ -118,7 +111,7 @@ async def mint_code(pool: asyncpg.Pool, world: World, ttl: int = 60) -> dict[str
             world.user_id,
             REDIRECT_URI,
             list(SCOPES),
-            _challenge(verifier),
+            pkce.s256_challenge(verifier),
             ttl,
         )
     return {

@@ -16,9 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import socket
+import subprocess
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
@@ -27,6 +31,9 @@ from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import ThreadedResolver
 from aiohttp.test_utils import BaseTestServer, TestServer
+
+from libs.common import db
+from libs.common.config import Settings, load_settings
 
 
 def free_port() -> int:
@@ -146,6 +153,117 @@ async def wait_for_port(port: int, timeout: float = 15.0) -> None:
             if asyncio.get_running_loop().time() > deadline:
                 raise
             await asyncio.sleep(0.05)
+
+
+def redis_dump(port: int, directory: str | Path | None = None) -> Path:
+    """Where a redis-server of `redis_server_argv` writes its data file (a replica writes
+    the copy it syncs even without persistence): named by port, in `directory` or the
+    system's temporary folder, never the checkout."""
+    return Path(directory or tempfile.gettempdir(), f"lc-test-{port}.rdb")
+
+
+def redis_server_argv(port: int, *extra: str, directory: str | Path | None = None) -> list[str]:
+    """The command line of a redis-server of a test's own on 127.0.0.1:`port`, without
+    persistence (no snapshots, no append-only file: a restart starts it empty). `extra`: more
+    of its options (`--replicaof HOST PORT`, say)."""
+    dump = redis_dump(port, directory)
+    return [
+        "redis-server",
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(dump.parent),
+        "--dbfilename",
+        dump.name,
+        *extra,
+    ]
+
+
+def redis_server(
+    port: int, *extra: str, directory: str | Path | None = None
+) -> subprocess.Popen[bytes]:
+    """`redis_server_argv` started (not waited for), for synchronous fixtures and tests that
+    manage the process themselves; `directory` is made if missing."""
+    if directory is not None:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(
+        redis_server_argv(port, *extra, directory=directory),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+async def start_redis(
+    port: int, *extra: str, directory: str | Path | None = None
+) -> asyncio.subprocess.Process:
+    """`redis_server_argv` started, returned once it accepts connections."""
+    proc = await asyncio.create_subprocess_exec(
+        *redis_server_argv(port, *extra, directory=directory),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        await wait_for_port(port, timeout=10)
+    except BaseException:
+        proc.kill()
+        await proc.wait()
+        raise
+    return proc
+
+
+async def shutdown_redis(port: int, proc: asyncio.subprocess.Process) -> None:
+    """A clean SHUTDOWN NOSAVE (as an operator stops it), then the process's end."""
+    cli = await asyncio.create_subprocess_exec(
+        "redis-cli",
+        "-p",
+        str(port),
+        "shutdown",
+        "nosave",
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    await asyncio.wait_for(cli.wait(), 10)
+    await asyncio.wait_for(proc.wait(), 10)
+
+
+async def kill_process(proc: asyncio.subprocess.Process) -> None:
+    """SIGKILL `proc` unless it has ended already, and reap it."""
+    if proc.returncode is None:
+        proc.kill()
+        await proc.wait()
+
+
+@asynccontextmanager
+async def migrated_database(base_env: dict[str, str], suffix: str) -> AsyncIterator[str]:
+    """A database of a module's own (the session's name + `suffix`), migrated, dropped at the
+    block's end: services started on it never share work with the session's workers."""
+    url = base_env["DATABASE_URL"] + suffix
+    await db.migrate(url)
+    try:
+        yield url
+    finally:
+        await db.drop_database(url)
+
+
+def settings_on_own_redis(
+    env: dict[str, str], database_url: str, redis_port: int, label: str
+) -> Settings:
+    """`env`'s settings on `database_url` and a redis-server of the test's own on
+    `redis_port`, under a key prefix of its own (`label` + random)."""
+    return load_settings(
+        {
+            **env,
+            "DATABASE_URL": database_url,
+            "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+            "REDIS_KEY_PREFIX": f"{label}{secrets.token_hex(3)}:",
+        }
+    )
 
 
 async def identity_records(

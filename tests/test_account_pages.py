@@ -35,14 +35,15 @@ from tests.token_helpers import (
     REDIRECT_URI,
     World,
     basic,
+    code_grant,
     insert_code,
     introspect,
     make_world,
     pkce_pair,
     post_form,
+    redeem,
     refresh,
     revocation_marked,
-    token,
 )
 
 __all__ = ["chromium", "echo_upstream"]
@@ -121,16 +122,13 @@ async def authorize_in_browser(
         )
     assert status in (302, 303), body
     code = query_of(headers["Location"])["code"]
-    answer = await token(
+    answer = await redeem(
         http,
         world.origin,
-        {
-            "grant_type": "authorization_code",
-            "code": code,
-            "redirect_uri": REDIRECT_URI,
-            "code_verifier": verifier,
-        },
-        authorization=basic(world.confidential.id, world.secret),
+        code,
+        verifier,
+        client_id=world.confidential.id,
+        secret=world.secret,
     )
     assert answer.status == 200, answer.body
     return answer.body
@@ -654,28 +652,17 @@ async def test_revoke_in_chromium_and_the_gateway_refuses_the_token(
     http: Any,
 ) -> None:
     w = await gateway_world(pool, gateway_settings, "acct", gateway_port)
-    redirect = "https://partner.example/callback"
-    verifier, challenge = pkce_pair()
-    code, grant_id = await insert_code(
+    issued, grant_id = await code_grant(
+        http,
         pool,
         gateway_settings,
+        w.origin,
         school_id=w.school.id,
         client_id=w.client.id,
+        secret=w.secret,
         user_id=w.user.id,
         scopes=["courses:read"],
-        challenge=challenge,
-        redirect_uri=redirect,
-    )
-    issued = await post_form(
-        http,
-        w.origin + "/v1/oauth/token",
-        {
-            "grant_type": "authorization_code",
-            "code": code,
-            "redirect_uri": redirect,
-            "code_verifier": verifier,
-        },
-        authorization=basic(w.client.id, w.secret),
+        redirect_uri="https://partner.example/callback",
     )
     assert issued.status == 200, issued.body
     bearer = {"Authorization": f"Bearer {issued.body['access_token']}"}

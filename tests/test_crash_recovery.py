@@ -20,7 +20,6 @@ import contextlib
 import dataclasses
 import secrets
 import signal
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -37,13 +36,20 @@ from aiohttp import web
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 from standardwebhooks import Webhook
 
-from libs.common import db, streams
+from libs.common import streams
 from libs.common.config import Settings, load_settings
 from services.school_api import store as school_store
 from services.school_api.app import RELAY
 from services.school_api.app import create_app as create_school_api
 from services.webhooks import dispatcher
-from tests.support import base_url, free_port, wait_for_port, without_handler_cancellation
+from tests.support import (
+    base_url,
+    free_port,
+    migrated_database,
+    shutdown_redis,
+    start_redis,
+    without_handler_cancellation,
+)
 from tests.test_school_api_events import call, who
 from tests.test_webhooks import (
     CLI,
@@ -72,10 +78,8 @@ DELIVERY_TIMEOUT = 1.0
 @pytest.fixture(scope="module")
 async def crash_database(base_env: dict[str, str]) -> AsyncIterator[str]:
     """A migrated database no session-wide service works on."""
-    url = base_env["DATABASE_URL"] + "_crash"
-    await db.migrate(url)
-    yield url
-    await db.drop_database(url)
+    async with migrated_database(base_env, "_crash") as url:
+        yield url
 
 
 def crash_env(webhooks_env: dict[str, str], database_url: str) -> dict[str, str]:
@@ -373,51 +377,6 @@ async def _ok(_n: int, _request: web.Request) -> web.StreamResponse:
 
 # -------------------------------------------------------------------------------------------------
 # Outbox: Redis stopped and started
-
-
-async def start_redis(port: int, *extra: str) -> asyncio.subprocess.Process:
-    """A redis-server of the test's own on `port`, without persistence (`extra`: more of its
-    options, `--replicaof HOST PORT` say)."""
-    proc = await asyncio.create_subprocess_exec(
-        "redis-server",
-        "--port",
-        str(port),
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        # A replica writes the copy it syncs to disk: somewhere of its own, not the checkout.
-        "--dir",
-        tempfile.gettempdir(),
-        "--dbfilename",
-        f"lc-test-{port}.rdb",
-        *extra,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    try:
-        await wait_for_port(port, timeout=10)
-    except BaseException:
-        proc.kill()
-        await proc.wait()
-        raise
-    return proc
-
-
-async def shutdown_redis(port: int, proc: asyncio.subprocess.Process) -> None:
-    cli = await asyncio.create_subprocess_exec(
-        "redis-cli",
-        "-p",
-        str(port),
-        "shutdown",
-        "nosave",
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    await asyncio.wait_for(cli.wait(), 10)
-    await asyncio.wait_for(proc.wait(), 10)
 
 
 async def test_an_event_written_while_redis_is_down_reaches_the_stream_once_it_is_back(

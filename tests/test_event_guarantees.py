@@ -44,8 +44,17 @@ from services.webhooks.store import outcomes as outcome_store
 from services.webhooks.store import queue as queue_store
 from services.webhooks.store import subscriptions as subscription_store
 from services.webhooks.store.events import EventRow
-from tests.support import ExampleResolver, base_url, free_port, without_handler_cancellation
-from tests.test_crash_recovery import receiving, start_redis
+from tests.support import (
+    ExampleResolver,
+    base_url,
+    free_port,
+    kill_process,
+    migrated_database,
+    settings_on_own_redis,
+    start_redis,
+    without_handler_cancellation,
+)
+from tests.test_crash_recovery import receiving
 from tests.test_school_api_events import call, who
 from tests.test_webhooks import Api, Caller, _ok, eventually
 
@@ -54,10 +63,8 @@ pytestmark = pytest.mark.timeout(120)
 
 @pytest.fixture(scope="module")
 async def own_database(base_env: dict[str, str]) -> AsyncIterator[str]:
-    url = base_env["DATABASE_URL"] + "_events"
-    await db.migrate(url)
-    yield url
-    await db.drop_database(url)
+    async with migrated_database(base_env, "_events") as url:
+        yield url
 
 
 @pytest.fixture
@@ -70,25 +77,12 @@ async def own_pool(own_database: str) -> AsyncIterator[asyncpg.Pool]:
 def own_settings(webhooks_env: dict[str, str], database_url: str, redis_port: int) -> Settings:
     """The school API and webhooks of one test: this module's database, a redis-server of
     the test's own, a key prefix of its own."""
-    return load_settings(
-        {
-            **webhooks_env,
-            "DATABASE_URL": database_url,
-            "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
-            "REDIS_KEY_PREFIX": f"ev{secrets.token_hex(3)}:",
-        }
-    )
+    return settings_on_own_redis(webhooks_env, database_url, redis_port, "ev")
 
 
 async def serve(aiohttp_server: AiohttpServer, app: Any) -> str:
     server = await aiohttp_server(app, access_log=None, shutdown_timeout=1)
     return base_url(without_handler_cancellation(server))
-
-
-async def kill(proc: asyncio.subprocess.Process) -> None:
-    if proc.returncode is None:
-        proc.kill()
-        await proc.wait()
 
 
 async def settle_everything(pool: asyncpg.Pool) -> None:
@@ -261,7 +255,7 @@ async def test_events_a_redis_lost_before_the_dispatcher_read_them_are_delivered
             async with redis_asyncio.Redis(port=port) as client:
                 assert await client.xlen(stream) == 5
 
-            await kill(redis_proc)
+            await kill_process(redis_proc)
             redis_proc = await start_redis(port)  # empty: the five entries are gone
 
             await serve(aiohttp_server, create_webhooks(settings, resolver=ExampleResolver()))
@@ -280,7 +274,7 @@ async def test_events_a_redis_lost_before_the_dispatcher_read_them_are_delivered
             await asyncio.sleep(1.5)
             assert len(receiver.received) == 5
     finally:
-        await kill(redis_proc)
+        await kill_process(redis_proc)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -591,7 +585,7 @@ async def test_after_a_redis_restart_nothing_is_appended_before_what_it_lost(
         relay = OutboxRelay(own_pool, client, stream)
         course = await school_store.create_row(own_pool, resources.COURSES, school, {"title": "A"})
         assert await relay.drain() == 1
-        await kill(proc)
+        await kill_process(proc)
         proc = await start_redis(port)
         await school_store.update_row(
             own_pool, resources.COURSES, school, course["id"], {"title": "B"}
@@ -607,4 +601,4 @@ async def test_after_a_redis_restart_nothing_is_appended_before_what_it_lost(
         ]
     finally:
         await client.aclose()
-        await kill(proc)
+        await kill_process(proc)

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import aiohttp
 import orjson
@@ -112,12 +113,28 @@ async def two_gateways(
     return [p.url for p in gateway_processes]
 
 
-async def _status(http: Any, base: str, host: str, token: str) -> int:
-    async with http.get(
-        base + "/api/v1/courses", headers={"Host": host, "Authorization": f"Bearer {token}"}
-    ) as resp:
+async def _status(
+    http: Any,
+    base: str,
+    host: str,
+    token: str,
+    path: str = "/api/v1/courses",
+    request_id: str | None = None,
+) -> int:
+    """The status of a protected call to the school `host` with `token`."""
+    headers = {"Host": host, "Authorization": f"Bearer {token}"}
+    if request_id is not None:
+        headers["X-Request-Id"] = request_id
+    async with http.get(base + path, headers=headers) as resp:
         await resp.read()
         return int(resp.status)
+
+
+async def _minted(
+    keyring: keys.KeyRing, settings: Settings, world: World, grant_id: UUID, scope: str
+) -> str:
+    """An access token of `grant_id` for `scope`, signed as identity signs for the school."""
+    return await mint(keyring, world.school.id, access_claims(settings, world, grant_id, scope))
 
 
 class Race:
@@ -195,9 +212,7 @@ async def test_a_revoked_user_grant_is_refused_at_both(
     keyring = keys.KeyRing(pool, gateway_settings)
     for _ in range(10):
         grant_id = await user_grant(pool, world, ["read"])
-        token = await mint(
-            keyring, world.school.id, access_claims(gateway_settings, world, grant_id, "read")
-        )
+        token = await _minted(keyring, gateway_settings, world, grant_id, "read")
         assert [await _status(http, b, world.host, token) for b in two_gateways] == [200, 200]
         await grants.revoke_grant(pool, redis, gateway_settings, grant_id, reason="user_revoked")
         assert [await _status(http, b, world.host, token) for b in two_gateways] == [401, 401]
@@ -216,27 +231,14 @@ async def test_a_stopping_gateway_finishes_in_flight_calls_and_flushes_the_audit
     world: World = await make_world(pool, gateway_settings, "stop", gateway_port)
     keyring = keys.KeyRing(pool, gateway_settings)
     grant_id = await user_grant(pool, world, ["read"])
-    token = await mint(
-        keyring, world.school.id, access_claims(gateway_settings, world, grant_id, "read")
-    )
+    token = await _minted(keyring, gateway_settings, world, grant_id, "read")
     process = GatewayProcess({**gateway_env, "LOG_LEVEL": "warning"}, tmp_path / "gw.log")
     try:
         await process.ready(http)
         request_id = f"inflight-{os.getpid()}-{time.monotonic_ns()}"
 
-        async def slow_call() -> int:
-            async with http.get(
-                process.url + "/api/v1/courses/slow?s=1",
-                headers={
-                    "Host": world.host,
-                    "Authorization": f"Bearer {token}",
-                    "X-Request-Id": request_id,
-                },
-            ) as resp:
-                await resp.read()
-                return int(resp.status)
-
-        call = asyncio.create_task(slow_call())
+        slow = "/api/v1/courses/slow?s=1"
+        call = asyncio.create_task(_status(http, process.url, world.host, token, slow, request_id))
         await asyncio.sleep(0.4)
         process.process.send_signal(signal.SIGTERM)
         assert await call == 200
@@ -271,12 +273,8 @@ async def test_a_gateway_killed_under_load_has_recorded_every_call_it_answered(
     )
     keyring = keys.KeyRing(pool, gateway_settings)
     grant_id = await user_grant(pool, world, ["courses:read", "openid"])
-    reader = await mint(
-        keyring, world.school.id, access_claims(gateway_settings, world, grant_id, "courses:read")
-    )
-    openid = await mint(
-        keyring, world.school.id, access_claims(gateway_settings, world, grant_id, "openid")
-    )
+    reader = await _minted(keyring, gateway_settings, world, grant_id, "courses:read")
+    openid = await _minted(keyring, gateway_settings, world, grant_id, "openid")
     stream = gateway_settings.stream(streams.AUDIT)
     since = await streams.last_id(redis, stream)
     answered: dict[str, int] = {}
@@ -286,20 +284,11 @@ async def test_a_gateway_killed_under_load_has_recorded_every_call_it_answered(
         for i in range(100_000):
             rid = f"{label}-{i}"
             try:
-                async with http.get(
-                    url + "/api/v1/courses",
-                    headers={
-                        "Host": world.host,
-                        "Authorization": f"Bearer {token}",
-                        "X-Request-Id": rid,
-                    },
-                ) as resp:
-                    await resp.read()
-                    answered[rid] = resp.status
-                    if len(answered) >= target:
-                        steady.set()
+                answered[rid] = await _status(http, url, world.host, token, request_id=rid)
             except (aiohttp.ClientError, OSError):
                 return  # killed: this call had no answer
+            if len(answered) >= target:
+                steady.set()
 
     # Twice: one kill could land just after a buffered gateway's flush, and prove nothing.
     for round_ in range(2):

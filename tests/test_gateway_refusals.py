@@ -514,6 +514,14 @@ async def _served_again(
         await asyncio.sleep(0.05)
 
 
+def _assert_unavailable(status: int, headers: Any, body: Any) -> None:
+    """The answer to a call the gateway will not serve without room for its audit record:
+    503 temporarily_unavailable, to be tried again in a second."""
+    assert status == 503, body
+    assert body["error"] == "temporarily_unavailable"
+    assert headers["Retry-After"] == "1"
+
+
 def _ids(label: str) -> Iterator[str]:
     prefix = f"{label}-{secrets.token_hex(4)}"
     n = 0
@@ -581,9 +589,7 @@ async def test_calls_in_progress_hold_their_records_place_and_a_full_buffer_refu
             refused = [next(ids) for _ in attempts]
             for rid, (method, path, t) in zip(refused, attempts, strict=True):
                 status, headers, body = await _call(http, base, world, t, method, path, rid)
-                assert status == 503, body
-                assert body["error"] == "temporarily_unavailable"
-                assert headers["Retry-After"] == "1"
+                _assert_unavailable(status, headers, body)
             assert await gateway_metric(http, base, "gateway_audit_refused_total") == before + 3
             assert upstream.received == served  # none of the refused calls got there
         finally:
@@ -652,9 +658,7 @@ async def test_with_the_audit_redis_away_the_buffer_fills_then_calls_are_refused
                 if status == 200:
                     served.append(rid)
                     continue
-                assert status == 503, body
-                assert body["error"] == "temporarily_unavailable"
-                assert headers["Retry-After"] == "1"
+                _assert_unavailable(status, headers, body)
                 refused.append(rid)
 
         # Four records fit, then every call is refused, before and after the gateway tried to
@@ -755,9 +759,7 @@ async def test_in_durable_mode_a_call_whose_record_cannot_be_written_is_answered
         unanswered = [next(ids) for _ in range(3)]
         for rid in unanswered:
             status, headers, body = await _call(http, base, world, token, request_id=rid)
-            assert status == 503, body
-            assert body["error"] == "temporarily_unavailable"
-            assert headers["Retry-After"] == "1"
+            _assert_unavailable(status, headers, body)
         # They reached the upstream before their records could be written.
         assert upstream.received == [first, *unanswered]
         assert not await _records(redis, gateway_settings, set(unanswered))

@@ -78,18 +78,27 @@ async def _mixed_work(pool: asyncpg.Pool, worker: int, rounds: int) -> int:
     return checked
 
 
+async def _mixed_work_on(
+    pools: list[asyncpg.Pool], workers: int, rounds: int
+) -> list[int | BaseException]:
+    """`workers` running `_mixed_work` at once, spread over `pools` (closed afterwards): how
+    many each checked, or what it raised."""
+    try:
+        return await asyncio.gather(
+            *(_mixed_work(pools[w % len(pools)], w, rounds) for w in range(workers)),
+            return_exceptions=True,
+        )
+    finally:
+        for pool in pools:
+            await pool.close()
+
+
 async def test_statement_cache_zero_holds_under_concurrency(pgbouncer_url: str) -> None:
     pools = [
         await db.create_pool(pgbouncer_url, min_size=2, max_size=8, statement_cache=0)
         for _ in range(3)
     ]
-    try:
-        done = await asyncio.gather(
-            *(_mixed_work(pools[w % 3], w, 25) for w in range(24)), return_exceptions=True
-        )
-    finally:
-        for pool in pools:
-            await pool.close()
+    done = await _mixed_work_on(pools, 24, 25)
     errors = [d for d in done if isinstance(d, BaseException)]
     assert not errors, errors[:3]
     assert sum(d for d in done if isinstance(d, int)) == 24 * 25 * 4
@@ -108,14 +117,9 @@ async def test_a_pool_from_settings_takes_their_statement_cache(
         db_pool_max=8,
     )
     pools = [await db.create_pool(settings=pooled) for _ in range(2)]
-    try:
-        assert [(p.get_min_size(), p.get_max_size()) for p in pools] == [(2, 8), (2, 8)]
-        done = await asyncio.gather(
-            *(_mixed_work(pools[w % 2], w, 10) for w in range(16)), return_exceptions=True
-        )
-    finally:
-        for pool in pools:
-            await pool.close()
+    sizes = [(p.get_min_size(), p.get_max_size()) for p in pools]
+    done = await _mixed_work_on(pools, 16, 10)
+    assert sizes == [(2, 8), (2, 8)]
     errors = [d for d in done if isinstance(d, BaseException)]
     assert not errors, errors[:3]
 
@@ -127,13 +131,7 @@ async def test_named_statements_break_without_statement_cache_zero(pgbouncer_url
         await db.create_pool(pgbouncer_url, min_size=4, max_size=4, statement_cache=100)
         for _ in range(2)
     ]
-    try:
-        done = await asyncio.gather(
-            *(_mixed_work(pools[w % 2], w, 10) for w in range(8)), return_exceptions=True
-        )
-    finally:
-        for pool in pools:
-            await pool.close()
+    done = await _mixed_work_on(pools, 8, 10)
     assert any(isinstance(d, asyncpg.PostgresError) for d in done)
 
 

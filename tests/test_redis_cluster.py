@@ -23,7 +23,7 @@ from services.gateway.ratelimit import Guard, Pace
 from services.gateway.redis_pipeline import MarksNotRestored, PipelinedRedis
 from services.gateway.redis_routing import PipelinedCluster, pipelined
 from services.gateway.revocation import RevokedGrants, load_marks
-from tests.support import free_port
+from tests.support import free_port, redis_server
 
 pytestmark = pytest.mark.skipif(
     shutil.which("redis-server") is None, reason="no redis-server (apt-get install redis-server)"
@@ -264,31 +264,12 @@ async def test_concurrent_first_calls_share_the_fence_check(
 
 
 @pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+def own_redis(tmp_path: Path) -> Iterator[tuple[int, dict[str, subprocess.Popen[bytes]]]]:
+    """A redis-server of the test's own (its files in `tmp_path`); a test may replace the
+    process in the holder, which is stopped at the end."""
     port = free_port()
-
-    def start() -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(tmp_path),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-
-    proc = start()
-    holder = {"proc": proc}
-    yield port, holder  # type: ignore[misc]
+    holder = {"proc": redis_server(port, directory=tmp_path)}
+    yield port, holder
     holder["proc"].terminate()
     holder["proc"].wait(5)
 
@@ -307,7 +288,7 @@ async def _answers(port: int) -> None:
 
 
 async def test_a_single_redis_restarted_empty_is_not_read_as_not_revoked(
-    settings: Settings, own_redis: Any
+    settings: Settings, own_redis: Any, tmp_path: Path
 ) -> None:
     """The hole: a revoked grant's mark lost with a restart must not make the call pass."""
     port, holder = own_redis
@@ -327,21 +308,7 @@ async def test_a_single_redis_restarted_empty_is_not_read_as_not_revoked(
         assert (await guard.check(mark, bucket, want=1, pace=pace)).revoked
         holder["proc"].kill()
         holder["proc"].wait(5)
-        holder["proc"] = subprocess.Popen(  # noqa: ASYNC220 - a test server, started once
-            [
-                "redis-server",
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        holder["proc"] = redis_server(port, directory=tmp_path)  # empty: no persistence
         await _answers(port)
         with pytest.raises(ConnectionError):
             # Without the fence this answered "not revoked": the mark went with the data.

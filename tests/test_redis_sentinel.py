@@ -29,7 +29,7 @@ from libs.common.config import Settings
 from services.gateway.ratelimit import Guard, Pace
 from services.gateway.redis_pipeline import MarksNotRestored
 from services.gateway.redis_routing import pipelined
-from tests.support import free_port
+from tests.support import free_port, redis_server
 
 pytestmark = pytest.mark.skipif(
     shutil.which("redis-server") is None, reason="no redis-server (apt-get install redis-server)"
@@ -58,28 +58,6 @@ class Watched:
         proc = self.procs.pop(port)
         proc.kill()
         proc.wait(5)
-
-
-def _server(port: int, directory: Path, *extra: str) -> subprocess.Popen[bytes]:
-    directory.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(directory),
-            *extra,
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
 
 
 def _sentinel(port: int, master: int, directory: Path) -> subprocess.Popen[bytes]:
@@ -124,9 +102,9 @@ def watched(tmp_path: Path) -> Iterator[Watched]:
     procs: dict[int, subprocess.Popen[bytes]] = {}
     made = Watched(master, replica, sentinels, procs)
     try:
-        procs[master] = _server(master, tmp_path / "master")
-        procs[replica] = _server(
-            replica, tmp_path / "replica", "--replicaof", "127.0.0.1", str(master)
+        procs[master] = redis_server(master, directory=tmp_path / "master")
+        procs[replica] = redis_server(
+            replica, "--replicaof", "127.0.0.1", str(master), directory=tmp_path / "replica"
         )
 
         def linked() -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,25 @@ def bearer(token: str) -> dict[str, str]:
 
 async def stream_entries(redis: Any, name: str) -> list[dict[str, Any]]:
     return [orjson.loads(fields[b"data"]) for _id, fields in await redis.xrange(name)]
+
+
+async def grants_of_new_users(
+    pool: Any, school_id: int, client_id: str, unique: str, scopes: dict[str, Sequence[str]]
+) -> dict[str, store.Grant]:
+    """For each name, a new user of the school (`{name}{unique}@example.com`) and their grant
+    of those scopes to the client, as consent would leave it."""
+    made = {}
+    for name, granted in scopes.items():
+        user, _ = await users.create_user(
+            pool,
+            school_id=school_id,
+            email=f"{name}{unique}@example.com",
+            password="correct horse battery",
+        )
+        made[name] = await grants.create_grant(
+            pool, school_id=school_id, client_id=client_id, user_id=user.id, scopes=granted
+        )
+    return made
 
 
 # Registration ----------------------------------------------------------------------------
@@ -716,17 +736,13 @@ async def test_update_revokes_grants_wider_than_the_new_registration(
         http, origin(identity_port, school.subdomain), body(scope="courses:read students:read")
     )
     # Two users' grants: one within the narrowed registration, one wider.
-    grant_of = {}
-    for name, scopes in (("narrow", ["courses:read"]), ("wide", ["courses:read", "students:read"])):
-        user, _ = await users.create_user(
-            pool,
-            school_id=school.id,
-            email=f"{name}{unique}@example.com",
-            password="correct horse battery",
-        )
-        grant_of[name] = await grants.create_grant(
-            pool, school_id=school.id, client_id=made["client_id"], user_id=user.id, scopes=scopes
-        )
+    grant_of = await grants_of_new_users(
+        pool,
+        school.id,
+        made["client_id"],
+        unique,
+        {"narrow": ["courses:read"], "wide": ["courses:read", "students:read"]},
+    )
     narrow, wide = grant_of["narrow"], grant_of["wide"]
     doc = {
         "client_id": made["client_id"],
@@ -764,21 +780,17 @@ async def test_update_keeps_grants_of_identity_scopes_and_umbrella_covered_scope
     _, made, _ = await register(
         http, origin(identity_port, school.subdomain), body(scope="read courses:write")
     )
-    grant_of = {}
-    for name, scopes in (
-        ("umbrella", ["openid", "read"]),
-        ("covered", ["openid", "profile", "email", "courses:read"]),
-        ("wider", ["openid", "students:write"]),
-    ):
-        user, _ = await users.create_user(
-            pool,
-            school_id=school.id,
-            email=f"{name}{unique}@example.com",
-            password="correct horse battery",
-        )
-        grant_of[name] = await grants.create_grant(
-            pool, school_id=school.id, client_id=made["client_id"], user_id=user.id, scopes=scopes
-        )
+    grant_of = await grants_of_new_users(
+        pool,
+        school.id,
+        made["client_id"],
+        unique,
+        {
+            "umbrella": ["openid", "read"],
+            "covered": ["openid", "profile", "email", "courses:read"],
+            "wider": ["openid", "students:write"],
+        },
+    )
     doc = {
         "client_id": made["client_id"],
         "redirect_uris": [*made["redirect_uris"], "https://app.example/other-callback"],

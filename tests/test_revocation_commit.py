@@ -15,10 +15,18 @@ import pytest
 
 from libs.common import keys, streams
 from libs.common.config import Settings
-from services.identity import grants, store, users
+from services.identity import store, users
 from tests.support import identity_records
-from tests.test_registration import bearer, body, new_school, origin, register, stream_entries
-from tests.token_helpers import REDIRECT_URI, insert_code, pkce_pair, post_form
+from tests.test_registration import (
+    bearer,
+    body,
+    grants_of_new_users,
+    new_school,
+    origin,
+    register,
+    stream_entries,
+)
+from tests.token_helpers import REDIRECT_URI, code_grant
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -41,25 +49,6 @@ async def failing_revoke_of(pool: Any, grant_id: UUID) -> AsyncIterator[None]:
     finally:
         await pool.execute(f"DROP TRIGGER {name} ON grants")
         await pool.execute(f"DROP FUNCTION {name}()")
-
-
-async def _users_grants(
-    pool: Any, school_id: int, client_id: str, unique: str, scopes: Sequence[Sequence[str]]
-) -> list[store.Grant]:
-    made = []
-    for n, granted in enumerate(scopes):
-        user, _ = await users.create_user(
-            pool,
-            school_id=school_id,
-            email=f"u{n}{unique}@example.com",
-            password="correct horse battery",
-        )
-        made.append(
-            await grants.create_grant(
-                pool, school_id=school_id, client_id=client_id, user_id=user.id, scopes=granted
-            )
-        )
-    return made
 
 
 async def _announced(redis: Any, settings: Settings, grant_ids: Sequence[UUID]) -> set[str]:
@@ -87,8 +76,10 @@ async def test_a_delete_failing_midway_announces_nothing_and_revokes_nothing(
     or webhook hears of the first two (they stay live in PostgreSQL); then it succeeds."""
     school = await new_school(pool, settings, unique, "rdel")
     _, made, _ = await register(http, origin(identity_port, school.subdomain), body())
-    held = await _users_grants(pool, school.id, made["client_id"], unique, [["courses:read"]] * 3)
-    ids = [g.id for g in held]
+    held = await grants_of_new_users(
+        pool, school.id, made["client_id"], unique, {f"u{n}": ["courses:read"] for n in range(3)}
+    )
+    ids = [g.id for g in held.values()]
     uri, auth = made["registration_client_uri"], bearer(made["registration_access_token"])
     async with failing_revoke_of(pool, ids[2]), http.delete(uri, headers=auth) as resp:
         assert resp.status == 500
@@ -128,8 +119,10 @@ async def test_a_narrowing_failing_midway_changes_nothing(
         http, origin(identity_port, school.subdomain), body(scope="courses:read students:read")
     )
     wide = ["courses:read", "students:read"]
-    held = await _users_grants(pool, school.id, made["client_id"], unique, [wide, wide])
-    ids = [g.id for g in held]
+    held = await grants_of_new_users(
+        pool, school.id, made["client_id"], unique, {"u0": wide, "u1": wide}
+    )
+    ids = [g.id for g in held.values()]
     doc = {
         "client_id": made["client_id"],
         "redirect_uris": made["redirect_uris"],
@@ -201,27 +194,17 @@ async def test_a_grant_made_from_the_registration_before_a_narrowing_yields_no_t
         password="correct horse battery",
         role="admin",  # whose role allows every scope: only the registration bounds the grant
     )
-    verifier, challenge = pkce_pair()
-    code, grant_id = await insert_code(
+    assert made["token_endpoint_auth_method"] == "none"  # a public client: no secret
+    answer, grant_id = await code_grant(
+        http,
         pool,
         settings,
+        base,
         school_id=school.id,
         client_id=made["client_id"],
+        secret=None,
         user_id=user.id,
         scopes=["courses:read", "students:read"],
-        challenge=challenge,
-    )
-    answer = await post_form(
-        http,
-        base + "/v1/oauth/token",
-        {
-            "grant_type": "authorization_code",
-            "code": code,
-            "redirect_uri": REDIRECT_URI,
-            "code_verifier": verifier,
-            "client_id": made["client_id"],
-            **({"client_secret": made["client_secret"]} if "client_secret" in made else {}),
-        },
     )
     assert answer.status == 400, answer.body
     assert answer.body["error"] == "invalid_grant"

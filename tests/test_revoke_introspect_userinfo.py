@@ -19,6 +19,7 @@ from tests.token_helpers import (
     World,
     basic,
     code_flow,
+    code_grant,
     insert_code,
     introspect,
     make_world,
@@ -212,26 +213,16 @@ async def test_introspection_answers_only_for_tokens_of_its_own_issuer(
         scopes=["read", "courses:read"],
     )
     assert platform_app.client_secret is not None
-    verifier, challenge = pkce_pair()
-    code, platform_grant = await insert_code(
+    issued, platform_grant = await code_grant(
+        http,
         pool,
         settings,
+        platform_origin,
         school_id=a.school.id,
         client_id=platform_app.client.id,
+        secret=platform_app.client_secret,
         user_id=a.user.id,
         scopes=["courses:read"],
-        challenge=challenge,
-    )
-    issued = await token(
-        http,
-        platform_origin,
-        {
-            "grant_type": "authorization_code",
-            "code": code,
-            "redirect_uri": REDIRECT_URI,
-            "code_verifier": verifier,
-        },
-        authorization=basic(platform_app.client.id, platform_app.client_secret),
     )
     assert issued.status == 200, issued.body
     assert issued.body["school_id"] == a.school.id

@@ -17,8 +17,7 @@ from libs.common.config import Settings, load_settings
 from libs.common.web import base_application, watch_background
 from services.gateway.context import CONTEXT as GATEWAY
 from services.identity import grants
-from tests.support import free_port, running
-from tests.test_crash_recovery import shutdown_redis, start_redis
+from tests.support import free_port, running, shutdown_redis, start_redis
 
 
 async def _status(http: Any, url: str) -> int:

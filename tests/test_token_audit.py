@@ -21,6 +21,7 @@ from tests.token_helpers import (
     World,
     basic,
     code_flow,
+    code_grant,
     insert_code,
     make_world,
     pkce_pair,
@@ -131,26 +132,16 @@ async def test_every_token_answered_has_its_record(
         grant_types=["authorization_code"],
     )
     assert no_refresh.client_secret is not None
-    verifier, challenge = pkce_pair()
-    code, _ = await insert_code(
+    exchanged, _ = await code_grant(
+        http,
         pool,
         settings,
+        world.origin,
         school_id=world.school.id,
         client_id=no_refresh.client.id,
+        secret=no_refresh.client_secret,
         user_id=world.user.id,
         scopes=["read"],
-        challenge=challenge,
-    )
-    exchanged = await token(
-        http,
-        world.origin,
-        {
-            "grant_type": "authorization_code",
-            "code": code,
-            "redirect_uri": REDIRECT_URI,
-            "code_verifier": verifier,
-        },
-        authorization=basic(no_refresh.client.id, no_refresh.client_secret),
     )
     assert exchanged.status == 200 and "refresh_token" not in exchanged.body, exchanged.body
     await _assert_recorded(pool, exchanged.body, "token.issued")

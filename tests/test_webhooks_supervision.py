@@ -10,10 +10,7 @@ started here work on a database of their own, so the session's workers never tak
 from __future__ import annotations
 
 import asyncio
-import secrets
-import tempfile
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -22,12 +19,22 @@ import pytest
 import redis.asyncio as redis_asyncio
 from pytest_aiohttp import AiohttpServer
 
-from libs.common import db, streams
-from libs.common.config import Settings, load_settings
+from libs.common import streams
+from libs.common.config import Settings
 from services.webhooks import dispatcher
 from services.webhooks.app import create_app
-from tests.support import ExampleResolver, base_url, free_port, without_handler_cancellation
-from tests.test_crash_recovery import receiving, start_redis
+from tests.support import (
+    ExampleResolver,
+    base_url,
+    free_port,
+    kill_process,
+    migrated_database,
+    redis_dump,
+    settings_on_own_redis,
+    start_redis,
+    without_handler_cancellation,
+)
+from tests.test_crash_recovery import receiving
 from tests.test_webhooks import Api, Caller, Receiver, _ok, eventually, new_school, publish
 
 pytestmark = pytest.mark.timeout(120)
@@ -35,21 +42,12 @@ pytestmark = pytest.mark.timeout(120)
 
 @pytest.fixture(scope="module")
 async def own_database(base_env: dict[str, str]) -> AsyncIterator[str]:
-    url = base_env["DATABASE_URL"] + "_supervised"
-    await db.migrate(url)
-    yield url
-    await db.drop_database(url)
+    async with migrated_database(base_env, "_supervised") as url:
+        yield url
 
 
 def own_settings(webhooks_env: dict[str, str], database_url: str, redis_port: int) -> Settings:
-    return load_settings(
-        {
-            **webhooks_env,
-            "DATABASE_URL": database_url,
-            "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
-            "REDIS_KEY_PREFIX": f"sup{secrets.token_hex(3)}:",
-        }
-    )
+    return settings_on_own_redis(webhooks_env, database_url, redis_port, "sup")
 
 
 async def serve(aiohttp_server: AiohttpServer, settings: Settings) -> str:
@@ -74,12 +72,6 @@ async def session_api(webhooks_url: str, webhooks_settings: Settings) -> AsyncIt
     """The session's webhooks service (conftest `webhooks_url`)."""
     async with aiohttp.ClientSession() as http:
         yield Api(http, webhooks_url, webhooks_settings)
-
-
-async def stop(proc: asyncio.subprocess.Process) -> None:
-    if proc.returncode is None:
-        proc.kill()
-        await proc.wait()
 
 
 # -------------------------------------------------------------------------------------------------
@@ -199,7 +191,7 @@ async def test_a_redis_that_refuses_at_start_is_waited_for_and_readiness_says_so
             assert got.headers["webhook-id"] == event["id"]
         finally:
             if proc is not None:
-                await stop(proc)
+                await kill_process(proc)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -250,9 +242,8 @@ async def test_a_read_only_replica_given_as_the_primary_fails_readiness_until_pr
                 (got,) = await receiver.wait_for(1, timeout=15)
                 assert got.headers["webhook-id"] == event["id"]
     finally:
-        await stop(replica)
-        await stop(primary)
+        await kill_process(replica)
+        await kill_process(primary)
         for port in (primary_port, replica_port):
-            # What the replica synced (start_redis names the file by port).
-            synced = Path(tempfile.gettempdir(), f"lc-test-{port}.rdb")
-            await asyncio.to_thread(synced.unlink, missing_ok=True)
+            # What the replica synced.
+            await asyncio.to_thread(redis_dump(port).unlink, missing_ok=True)

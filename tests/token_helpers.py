@@ -178,6 +178,69 @@ async def token(
     )
 
 
+async def redeem(
+    http: Any,
+    origin: str,
+    code: str,
+    verifier: str,
+    *,
+    client_id: str,
+    secret: str | None,
+    redirect_uri: str = REDIRECT_URI,
+) -> Answer:
+    """The client's authorization_code request with its PKCE verifier: a confidential client
+    authenticates with HTTP Basic, a public one (`secret` None) names itself in the form."""
+    data = {
+        "grant_type": "authorization_code",
+        "code": code,
+        "redirect_uri": redirect_uri,
+        "code_verifier": verifier,
+    }
+    if secret is None:
+        return await token(http, origin, {**data, "client_id": client_id})
+    return await token(http, origin, data, authorization=basic(client_id, secret))
+
+
+async def code_grant(
+    http: Any,
+    pool: Any,
+    settings: Settings,
+    origin: str,
+    *,
+    school_id: int,
+    client_id: str,
+    secret: str | None,
+    user_id: UUID,
+    scopes: Sequence[str],
+    redirect_uri: str = REDIRECT_URI,
+    nonce: str | None = None,
+) -> tuple[Answer, UUID]:
+    """A code inserted (as authorize stores it) and redeemed at `origin`; returns the token
+    answer and the grant id."""
+    verifier, challenge = pkce_pair()
+    code, grant_id = await insert_code(
+        pool,
+        settings,
+        school_id=school_id,
+        client_id=client_id,
+        user_id=user_id,
+        scopes=scopes,
+        challenge=challenge,
+        redirect_uri=redirect_uri,
+        nonce=nonce,
+    )
+    answer = await redeem(
+        http,
+        origin,
+        code,
+        verifier,
+        client_id=client_id,
+        secret=secret,
+        redirect_uri=redirect_uri,
+    )
+    return answer, grant_id
+
+
 async def code_flow(
     http: Any,
     pool: Any,
@@ -188,30 +251,21 @@ async def code_flow(
     nonce: str | None = None,
     public: bool = False,
 ) -> tuple[Answer, UUID]:
-    """Insert a code and exchange it; returns the token answer and the grant id."""
+    """Insert a code for the world's user and exchange it; returns the token answer and the
+    grant id."""
     client = world.public if public else world.confidential
-    verifier, challenge = pkce_pair()
-    code, grant_id = await insert_code(
+    return await code_grant(
+        http,
         pool,
         settings,
+        world.origin,
         school_id=world.school.id,
         client_id=client.id,
+        secret=None if public else world.secret,
         user_id=world.user.id,
         scopes=scopes,
-        challenge=challenge,
         nonce=nonce,
     )
-    data = {
-        "grant_type": "authorization_code",
-        "code": code,
-        "redirect_uri": REDIRECT_URI,
-        "code_verifier": verifier,
-    }
-    if public:
-        answer = await token(http, world.origin, {**data, "client_id": client.id})
-    else:
-        answer = await token(http, world.origin, data, authorization=basic(client.id, world.secret))
-    return answer, grant_id
 
 
 async def refresh(http: Any, world: World, refresh_token: str, **extra: str) -> Answer:
