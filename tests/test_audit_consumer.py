@@ -10,8 +10,9 @@ from datetime import timedelta
 from typing import Any
 
 import orjson
+from redis.exceptions import RedisError
 
-from libs.common import streams
+from libs.common import redis_client, streams
 from libs.common.config import Settings
 from services.gateway.audit import AuditBuffer
 from services.gateway.redis_routing import pipelined
@@ -503,3 +504,57 @@ async def test_a_poison_entry_is_dead_lettered_and_the_consumer_goes_on(
     assert [fields[b"data"] for _, fields in letters] == [b"[1, 2, 3]"]
     assert (await redis.xpending(stream, audit_consumer.GROUP))["pending"] == 0
     await redis.delete(stream, settings.stream(audit_consumer.DEAD_LETTERS))
+
+
+async def test_records_a_redis_lost_before_identity_stored_them_are_stored_once(
+    pool: Any, settings: Settings, unique: str, tmp_path: Any
+) -> None:
+    """The gateway keeps what it wrote until identity's group acknowledged it: a Redis that
+    restarts empty before identity's consumer read the records gets them again, and each
+    record is stored once (the fault suite lost 4 to 37 per Cluster restart before this)."""
+    from services.gateway.audit_retention import AuditRetention
+    from tests.support import free_port, kill_process, start_redis
+
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    proc = await start_redis(port, directory=tmp_path)
+    own = dataclasses.replace(settings, redis_url=url, redis_prefix=f"{unique}:")
+    stream = own.stream(streams.AUDIT)
+    client = redis_client.connect(url)
+    connection = pipelined(url, timeout=2.0)
+    retention = AuditRetention(client, stream)
+    buffer = AuditBuffer(connection, stream, capacity=1000, retention=retention)
+    try:
+        await streams.ensure_group(client, stream, audit_consumer.GROUP)
+        await retention.check()  # the run these writes go to
+        for n in range(40):
+            buffer.append({**audit.record("api.call", marker=unique, n=n)})
+        assert await buffer.flush() == 40
+        await retention.check()
+        assert retention.records == 40  # nobody has stored them yet
+
+        # Redis restarts empty before identity's consumer has read a single entry.
+        await kill_process(proc)
+        proc = await start_redis(port, directory=tmp_path)
+        again = 0
+        for _ in range(50):
+            try:
+                again = await retention.check()
+                break
+            except (ConnectionError, OSError, RedisError):
+                await asyncio.sleep(0.1)
+        assert again >= 1  # the new run is seen, and what it lost appended to it
+        assert retention.records == 40
+
+        # Identity's consumer now reads the new Redis (its group made afresh, from the start).
+        await streams.ensure_group(client, stream, audit_consumer.GROUP)
+        while await audit_consumer.consume_once(pool, client, own, "c", block_ms=10):
+            pass
+        stored = sorted(int(r["detail"]["n"]) for r in await _stored(pool, unique))
+        assert stored == list(range(40))
+        await retention.check()
+        assert retention.records == 0  # stored: nothing kept any more
+    finally:
+        await connection.close()
+        await client.aclose()
+        await kill_process(proc)

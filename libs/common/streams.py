@@ -23,6 +23,8 @@ EVENTS = "connect:events"
 # acknowledges an entry only once its deliveries are in PostgreSQL, so the school API's outbox
 # keeps an event until this group has acknowledged it (services/school_api/outbox.py).
 EVENTS_GROUP = "webhooks"
+# Identity's audit consumer: its acknowledgement is what makes a record on connect:audit safe.
+AUDIT_GROUP = "identity-audit"
 REVOCATIONS = "connect:revocations"
 AUDIT = "connect:audit"
 KEYS = "connect:keys"
@@ -53,6 +55,64 @@ class Entry:
 def connect(url: str) -> redis.Redis:
     """A client for REDIS_URL: one node, a Cluster or Sentinel (libs/common/redis_client.py)."""
     return redis_client.connect(url, decode_responses=False, health_check_interval=30)
+
+
+# -- How far a consumer group has acknowledged a stream, on which run of Redis ----------------
+# An entry on a stream is not safe until its consumer group has acknowledged it: a Redis that
+# restarts empty, or fails over before replicating, loses it. A producer that must not lose
+# what it appended (the outbox relay, the gateway's audit records) keeps its own copy until
+# the group's acknowledged floor passes the entry on the run of Redis that took it.
+
+# KEYS[1] the stream, ARGV[1] the group. Answers the run_id; with the group, also its last
+# delivered id and its oldest pending one ('' when none).
+_GROUP_PROGRESS = """
+local run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)')
+if redis.call('EXISTS', KEYS[1]) == 0 then return {run_id} end
+for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  local info = {}
+  for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
+  if info['name'] == ARGV[1] then
+    local oldest = ''
+    if tonumber(info['pending']) > 0 then
+      oldest = redis.call('XPENDING', KEYS[1], ARGV[1])[2]
+    end
+    return {run_id, info['last-delivered-id'], oldest}
+  end
+end
+return {run_id}
+"""
+
+EntryKey = tuple[int, int]
+
+
+def entry_key(entry_id: str | bytes) -> EntryKey:
+    """A stream entry id (`<ms>-<seq>`) as a tuple that orders as Redis orders entries."""
+    ms, _, seq = text(entry_id).partition("-")
+    return int(ms), int(seq or 0)
+
+
+@dataclass(frozen=True, slots=True)
+class GroupProgress:
+    run_id: str
+    # Every entry below this key is acknowledged by the group (None: no such group yet).
+    below: EntryKey | None
+
+    def acknowledged(self, entry_id: str | bytes) -> bool:
+        return self.below is not None and entry_key(entry_id) < self.below
+
+
+async def group_progress(client: redis.Redis, stream: str, group: str) -> GroupProgress:
+    """One round trip: the run of the Redis holding `stream`, and how far `group` acknowledged."""
+    answer = await client.eval(_GROUP_PROGRESS, 1, stream, group)
+    run_id = text(answer[0])
+    if len(answer) < 3:
+        return GroupProgress(run_id, None)
+    last = entry_key(answer[1])
+    below = (last[0], last[1] + 1)
+    oldest = text(answer[2])
+    if oldest:
+        below = min(below, entry_key(oldest))
+    return GroupProgress(run_id, below)
 
 
 def _encode(data: Mapping[str, Any]) -> dict[FieldT, EncodableT]:

@@ -27,6 +27,7 @@ from libs.common.logging import get_logger
 from libs.common.web import METRICS, READINESS, watch_background
 from services.gateway import broadcasts, edge, mcp, openapi, revocation, routes, routetable
 from services.gateway.audit import AuditBuffer
+from services.gateway.audit_retention import AuditRetention
 from services.gateway.context import CONTEXT, ROUTES, GatewayContext
 from services.gateway.directory import Directory
 from services.gateway.jwks import JwksCache
@@ -154,6 +155,14 @@ def _context(
         refresh_interval=settings.gateway.jwks_refresh_interval,
         on_fetch=lambda _issuer: metrics.jwks_fetches.inc(),
     )
+    # Written records kept until identity stored them: a Redis that loses them gets them
+    # again (audit_retention.py).
+    retention = AuditRetention(
+        stores.client,
+        settings.stream(streams.AUDIT),
+        on_dropped=metrics.audit_unconfirmed_dropped.inc,
+    )
+    metrics.audit_unconfirmed.set_function(lambda: retention.records)
     audit_buffer = AuditBuffer(
         stores.audit,
         settings.stream(streams.AUDIT),
@@ -161,6 +170,7 @@ def _context(
         on_drop=metrics.audit_dropped.inc,
         on_refuse=metrics.audit_refused.inc,
         durable=settings.gateway.audit_mode == "durable",
+        retention=retention,
     )
     metrics.audit_buffer_used.set_function(lambda: len(audit_buffer) + audit_buffer.reserved)
     return GatewayContext(
@@ -239,6 +249,8 @@ def _resources(
         _register_readiness(app, ctx)
         supervisor = tasks.Supervisor(asyncio.Event())
         ctx.audit.start(supervisor)
+        if ctx.audit.retention is not None:
+            supervisor.start("gateway-audit-retention", ctx.audit.retention.run)
         _follow_announcements(settings, ctx, stores.followers, lease, supervisor)
         watch_background(app, supervisor)
         try:

@@ -46,6 +46,7 @@ import orjson
 
 from libs.common import streams, tasks
 from libs.common.logging import get_logger
+from services.gateway.audit_retention import AuditRetention
 from services.gateway.redis_pipeline import PipelinedRedis, RedisReplyError, pack
 
 log = get_logger(__name__)
@@ -155,9 +156,12 @@ class AuditBuffer:
         on_drop: Callable[[], None] | None = None,
         on_refuse: Callable[[], None] | None = None,
         durable: bool = False,
+        retention: AuditRetention | None = None,
     ) -> None:
         self._redis = connection
         self.durable = durable
+        # The entries written, kept until identity has stored them (audit_retention.py).
+        self.retention = retention
         # Everything of the XADD but the value: `XADD <stream> MAXLEN ~ N * data <json>`.
         self._head = pack(
             b"XADD", stream, b"MAXLEN", b"~", streams.DEFAULT_MAXLEN, b"*", b"data", b""
@@ -275,6 +279,17 @@ class AuditBuffer:
         value = b'{"records":[%s]}' % b",".join(taken)
         return b"%s$%d\r\n%s\r\n" % (self._head, len(value), value), len(taken)
 
+    def _entered(self, entry_id: Any, count: int) -> None:
+        """The oldest `count` records went into the stream as entry `entry_id`: written, and
+        kept until identity has stored them (audit_retention.py)."""
+        if self.retention is None:
+            for _ in range(count):
+                self._records.popleft()
+        else:
+            taken = [self._records.popleft() for _ in range(count)]
+            self.retention.kept(entry_id, b'{"records":[%s]}' % b",".join(taken), count)
+        self._written += count
+
     async def flush(self) -> int:
         """Append everything buffered now; records stay buffered when Redis fails."""
         written = 0
@@ -293,10 +308,8 @@ class AuditBuffer:
             for answer, count in zip(answers, counts, strict=True):
                 if isinstance(answer, RedisReplyError):
                     raise answer
-                for _ in range(count):
-                    self._records.popleft()
+                self._entered(answer, count)
                 written += count
-                self._written += count
             if self._waiters:
                 self._settle(True)
         return written

@@ -47,6 +47,17 @@ class GatewayMetrics:
             registry=registry,
         )
         # Read at each scrape (app.py sets its function), nothing per call.
+        self.audit_unconfirmed = Gauge(
+            "gateway_audit_unconfirmed",
+            "Audit records on connect:audit that identity has not stored yet, kept here to be "
+            "appended again if Redis loses them",
+            registry=registry,
+        )
+        self.audit_unconfirmed_dropped = Counter(
+            "gateway_audit_unconfirmed_dropped_total",
+            "Kept audit records given up (identity's consumer away past the bound)",
+            registry=registry,
+        )
         self.audit_buffer_used = Gauge(
             "gateway_audit_buffer_used",
             "Audit records waiting to be written plus places held by calls in progress; at "

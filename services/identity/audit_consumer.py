@@ -35,7 +35,7 @@ from services.identity.store import audit as audit_store
 
 log = get_logger(__name__)
 
-GROUP = "identity-audit"
+GROUP = streams.AUDIT_GROUP
 # After a batch smaller than the batch size, wait this long before reading again: under load
 # entries trickle in one request at a time, and reading them as they come makes every batch
 # (read, insert, ack) carry a handful of records for the fixed cost of three round trips.

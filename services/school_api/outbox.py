@@ -90,25 +90,6 @@ end
 return answer
 """
 
-# The run_id, and how far consumer group ARGV[1] has acknowledged the stream: its last
-# delivered id and its oldest pending one ('' when none); the run_id alone without the group.
-_PROGRESS = """
-local run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)')
-if redis.call('EXISTS', KEYS[1]) == 0 then return {run_id} end
-for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
-  local info = {}
-  for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
-  if info['name'] == ARGV[1] then
-    local oldest = ''
-    if tonumber(info['pending']) > 0 then
-      oldest = redis.call('XPENDING', KEYS[1], ARGV[1])[2]
-    end
-    return {run_id, info['last-delivered-id'], oldest}
-  end
-end
-return {run_id}
-"""
-
 
 # The outbox gauges are counted at most this often (a round can be much shorter).
 GAUGE_INTERVAL = 1.0
@@ -118,11 +99,6 @@ HELD_BACK_RETRY = 0.02
 
 class RunChanged(Exception):
     """The Redis answering is another run than the relay expected: it may have lost events."""
-
-
-def _entry_id(value: str) -> tuple[int, int]:
-    ms, _, seq = value.partition("-")
-    return int(ms), int(seq or 0)
 
 
 class RelayMetrics:
@@ -178,7 +154,6 @@ class OutboxRelay:
         # The consumer group whose acknowledgement settles an event.
         self._group = group
         self._append = redis_client.register_script(_APPEND)
-        self._progress = redis_client.register_script(_PROGRESS)
         # The run of the Redis the relay last reconciled with; appends expect it.
         self._run_id: str | None = None
         # Without a DSN the relay only polls (tests that drive it batch by batch).
@@ -233,15 +208,10 @@ class OutboxRelay:
     async def reconcile(self) -> None:
         """Settle what the dispatcher's group has acknowledged on the Redis answering now, and
         unpublish what a Redis of another run took and never had acknowledged."""
-        answer = await self._progress(keys=[self._stream], args=[self._group])
-        run_id = streams.text(answer[0])
-        if len(answer) == 3:
-            last = _entry_id(streams.text(answer[1]))
-            below = (last[0], last[1] + 1)
-            oldest = streams.text(answer[2])
-            if oldest:
-                below = min(below, _entry_id(oldest))
-            await store.settle(self._pool, run_id, below)
+        progress = await streams.group_progress(self._redis, self._stream, self._group)
+        run_id = progress.run_id
+        if progress.below is not None:
+            await store.settle(self._pool, run_id, progress.below)
         rewound = await store.rewind(self._pool, run_id)
         if self._run_id is not None and run_id != self._run_id:
             log.warning("redis_run_changed", stream=self._stream)
