@@ -137,8 +137,11 @@ class GatewayPolicy:
     # connect:audit (the records of concurrent calls share one XADD, a group commit), so a
     # gateway killed at any moment loses no record of a call it answered. "buffered": records
     # are written every few milliseconds after the answers (services/gateway/audit.py).
-    # Buffered by default: on the shared 2-core bench machine durable added +2.9 and +5.7 ms
-    # of p99 over the bare proxy at c=2 (buffered: -2.4 and +3.1), beyond the ~2 ms allowed.
+    # Buffered by default: durable costs a Redis round trip per call, and no quick bench of it
+    # on the shared 2-core machine has yet been clean enough to show its p99 added at c=2
+    # within the ~2 ms allowed (2026-12-07, 11 runs of each, every one NOISY: medians durable
+    # +2.05, buffered +1.44 ms over the bare proxy; the one run whose gateway half was quiet:
+    # durable +3.0).
     audit_mode: str = "buffered"
     # Whether the proxy in front of the gateway overwrites X-Forwarded-Host and -Proto (take
     # the Host, scheme and client address from them). Never implied by TRUST_FORWARDED_HOST,

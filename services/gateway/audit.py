@@ -23,12 +23,17 @@ full. Identity's audit consumer stores the stream in PostgreSQL.
 Durable mode (GATEWAY_AUDIT_MODE=durable) closes the one window buffering leaves:
 a gateway killed (SIGKILL, OOM, a lost host) loses the records it held, up to FLUSH_INTERVAL of
 answered calls. There a call's answer waits until its record is on the stream
-(`Slot.written`): the flush starts as soon as a record comes, with no interval, and the records
-of every call that finished while the previous XADD was in flight go together in the next one
-(a group commit, as databases do for their log), so a call waits one Redis round trip or two,
-and under load one XADD still carries many records. A call whose record cannot be written (Redis
-away) is answered 503, like one refused a place; its record stays buffered and is written when
-Redis is back (the upstream was called: the call happened).
+(`Slot.written`), in a group commit as databases do for their log: one write in flight at a
+time, started by the call whose record finds none in flight, in that call's own turn of the
+event loop (no timer, no task to wake); the records of the calls finishing meanwhile go
+together in the next write, which the reply of the previous one starts, in the turn that parses
+it, where the calls it wrote are released too (PipelinedRedis.send_now: no task between the
+reply and the answer). So a call waits one Redis round trip, two under load, and under load one
+XADD carries many records. The flush loop takes over only when that cannot be done at once (no
+connection yet, a write failed, a Cluster redirection): it writes the backlog the awaitable way
+and hands back. A call whose record cannot be written (Redis away) is answered 503, like one
+refused a place; its record stays buffered and is written when Redis is back (the upstream was
+called: the call happened).
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ import orjson
 from libs.common import streams, tasks
 from libs.common.logging import get_logger
 from services.gateway.audit_retention import AuditRetention
-from services.gateway.redis_pipeline import PipelinedRedis, RedisReplyError, pack
+from services.gateway.redis_pipeline import PipelinedRedis, RedisReplyError, Replies, pack
 
 log = get_logger(__name__)
 
@@ -192,6 +197,13 @@ class AuditBuffer:
         self._written = 0
         # Durable mode: calls waiting for their record, in order (its number, their future).
         self._waiters: deque[tuple[int, asyncio.Future[bool]]] = deque()
+        # Durable mode: records in each entry of the write in flight (empty: none in flight),
+        # and whether the flush loop has the writing (a write failed or could not start).
+        self._in_flight: list[int] = []
+        self._loop_writes = False
+        # The loop's next write waits first (the last one failed: Redis away).
+        self._backoff = False
+        self._wake = asyncio.Event()
 
     def __len__(self) -> int:
         return len(self._records)
@@ -243,7 +255,10 @@ class AuditBuffer:
         self._queued += 1
         record["rid"] = f"{self._id_prefix}{self._queued:x}"
         self._records.append(orjson.dumps(record))
-        if len(self._records) == 1:
+        if self.durable:
+            if not self._in_flight and not self._loop_writes:
+                self._start_write()
+        elif len(self._records) == 1:
             self._has_records.set()
         elif len(self._records) >= BATCH:
             self._batch_ready.set()
@@ -290,18 +305,75 @@ class AuditBuffer:
             self.retention.kept(entry_id, b'{"records":[%s]}' % b",".join(taken), count)
         self._written += count
 
+    def _commands(self) -> tuple[list[bytes], list[int]]:
+        """The XADDs of what is buffered (at most PIPELINE entries), and the records in each."""
+        commands: list[bytes] = []
+        counts: list[int] = []
+        start = 0
+        while start < len(self._records) and len(commands) < PIPELINE:
+            command, count = self._entry(start)
+            commands.append(command)
+            counts.append(count)
+            start += count
+        return commands, counts
+
+    def _start_write(self) -> None:
+        """Durable mode: send what is buffered now, or hand it to the flush loop when the
+        connection cannot take it at once."""
+        commands, counts = self._commands()
+        if self._redis.send_now(b"".join(commands), len(counts), self._on_replies):
+            self._in_flight = counts
+        else:
+            self._hand_to_loop()
+
+    def _on_replies(self, replies: Replies) -> None:
+        """The write in flight answered: release the calls it wrote, start the next write."""
+        counts, self._in_flight = self._in_flight, []
+        try:
+            if isinstance(replies, ConnectionError):
+                # Whether Redis applied the write is unknown; the records stay buffered, and a
+                # record is stored once however often it is sent (its rid). The calls waiting
+                # are answered 503 now, as the flush loop answers them when its write fails.
+                self._settle(False)
+                self._warn_failed()
+                self._backoff = True
+                self._hand_to_loop()
+                return
+            for answer, count in zip(replies, counts, strict=True):
+                if isinstance(answer, RedisReplyError):
+                    # A redirection (Cluster) or a refusal: the loop sends the rest again
+                    # the awaitable way, which follows redirections, and answers the calls.
+                    self._settle(True)
+                    self._hand_to_loop()
+                    return
+                self._entered(answer, count)
+            self._settle(True)
+            if self._records and not self._loop_writes:
+                self._start_write()
+            elif self._stopping:
+                self._wake.set()
+        except Exception:
+            # Called from the connection's reader: what nobody foresaw must not end it, nor
+            # leave calls waiting. The loop takes over, as after a failed write.
+            log.exception("audit_write_failed")
+            self._settle(False)
+            self._hand_to_loop()
+
+    def _hand_to_loop(self) -> None:
+        self._loop_writes = True
+        self._wake.set()
+
+    def _warn_failed(self) -> None:
+        now = time.monotonic()
+        if now - self._last_warning >= WARN_INTERVAL:
+            self._last_warning = now
+            log.warning("audit_flush_failed", buffered=len(self._records))
+
     async def flush(self) -> int:
         """Append everything buffered now; records stay buffered when Redis fails."""
         written = 0
         while self._records:
-            commands: list[bytes] = []
-            counts: list[int] = []
-            start = 0
-            while start < len(self._records) and len(commands) < PIPELINE:
-                command, count = self._entry(start)
-                commands.append(command)
-                counts.append(count)
-                start += count
+            commands, counts = self._commands()
             answers = await self._redis.execute_many(commands)
             # Redis answers in order: the entries before a refused one are in the stream, and
             # re-sending them would store their records twice (under new entry ids).
@@ -342,33 +414,39 @@ class AuditBuffer:
                 return
 
     async def _run_durable(self) -> None:
-        """Write records as soon as they come: while one write is in flight the records of
-        the calls finishing meanwhile gather, and go together in the next (group commit)."""
+        """Durable mode: idle while calls write their records themselves (`_start_write`);
+        when that cannot go on (no connection yet, a write failed or was redirected), write
+        the backlog here the awaitable way, then hand the writing back."""
         delay = FLUSH_INTERVAL
         while True:
-            if not self._records:
-                if self._stopping:
-                    return
-                self._has_records.clear()
-                await self._has_records.wait()
+            if not self._loop_writes:
+                if self._stopping and not self._in_flight:
+                    if not self._records:
+                        return
+                    self._loop_writes = True
+                    continue
+                self._wake.clear()
+                await self._wake.wait()
                 continue
+            if self._backoff:
+                if self._stopping:
+                    log.warning("audit_records_lost_at_shutdown", records=len(self._records))
+                    return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopped.wait(), timeout=delay)
+                delay = min(delay * 2, DURABLE_RETRY_MAX)
             try:
                 await self.flush()
-                delay = FLUSH_INTERVAL
             except (OSError, RedisReplyError):
                 # The calls waiting are answered 503 now rather than held; their records stay
                 # buffered and are written once Redis answers again.
                 self._settle(False)
-                if self._stopping:
-                    log.warning("audit_records_lost_at_shutdown", records=len(self._records))
-                    return
-                now = time.monotonic()
-                if now - self._last_warning >= WARN_INTERVAL:
-                    self._last_warning = now
-                    log.warning("audit_flush_failed", buffered=len(self._records))
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopped.wait(), timeout=delay)
-                delay = min(delay * 2, DURABLE_RETRY_MAX)
+                self._warn_failed()
+                self._backoff = True
+                continue
+            delay = FLUSH_INTERVAL
+            self._backoff = False
+            self._loop_writes = False
 
     async def run(self) -> None:
         """The flush loop, until stop(). Run under a Supervisor (`start`): its own handling
@@ -402,6 +480,7 @@ class AuditBuffer:
         is not restarted."""
         self._stopping = True
         self._stopped.set()
+        self._wake.set()
         self._batch_ready.set()
         self._has_records.set()
         if self._task is None:
@@ -411,7 +490,12 @@ class AuditBuffer:
         finished = asyncio.ensure_future(self._finished.wait())
         await asyncio.wait({finished, self._task}, timeout=timeout)
         finished.cancel()
-        if not self._finished.is_set() and self._task.done() and self._records:
+        if (
+            not self._finished.is_set()
+            and self._task.done()
+            and self._records
+            and not self._in_flight
+        ):
             # The loop was between a failure and its restart: one last attempt here.
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.flush(), timeout=timeout)

@@ -100,11 +100,41 @@ class _Batch:
         self.replies: list[Any] = []
 
 
+Replies = list[Any] | ConnectionError
+OnReplies = Callable[[Replies], None]
+
+
+class _Callback:
+    """A waiter that is a function, not a future: it is called with the replies (or the
+    ConnectionError) in the turn of the loop that parsed them, with no task to wake first. The
+    durable audit answers its calls from there (audit.py)."""
+
+    __slots__ = ("_done", "_on_replies")
+
+    def __init__(self, on_replies: OnReplies) -> None:
+        self._on_replies = on_replies
+        self._done = False
+
+    def done(self) -> bool:
+        return self._done
+
+    def set_result(self, value: Any) -> None:
+        self._done = True
+        self._on_replies(value)
+
+    def set_exception(self, exc: BaseException) -> None:
+        self._done = True
+        self._on_replies(exc if isinstance(exc, ConnectionError) else ConnectionError(str(exc)))
+
+
+_Waiter = asyncio.Future[Any] | _Callback
+
+
 class _Protocol(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
-        # (sent at, future, None for one reply or the _Batch collecting several)
-        self.waiters: deque[tuple[float, asyncio.Future[Any], _Batch | None]] = deque()
+        # (sent at, future or _Callback, None for one reply or the _Batch collecting several)
+        self.waiters: deque[tuple[float, _Waiter, _Batch | None]] = deque()
         self._buffer = bytearray()
         self._outgoing: list[bytes] = []
         self.lost = asyncio.get_running_loop().create_future()
@@ -160,26 +190,38 @@ class _Protocol(asyncio.Protocol):
         if not self.lost.done():
             self.lost.set_result(None)
 
+    @property
+    def usable(self) -> bool:
+        return not (self.transport is None or self.transport.is_closing() or self.lost.done())
+
     def send(self, command: bytes, batch: int | None = None) -> asyncio.Future[Any]:
         """Queue a command, or `batch` commands packed together (answered as one list)."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        if self.transport is None or self.transport.is_closing() or self.lost.done():
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if not self.usable:
             future.set_exception(ConnectionError("the Redis connection is closed"))
             return future
+        self._send(command, future, None if batch is None else _Batch(batch))
+        return future
+
+    def send_calling(self, commands: bytes, count: int, on_replies: OnReplies) -> None:
+        """Queue `count` packed commands whose replies (a list) go to `on_replies` as soon as
+        they are parsed; the caller checked `usable`."""
+        self._send(commands, _Callback(on_replies), _Batch(count))
+
+    def _send(self, command: bytes, waiter: _Waiter, batch: _Batch | None) -> None:
+        assert self.transport is not None
         idle = not self.waiters
-        self.waiters.append((time.monotonic(), future, None if batch is None else _Batch(batch)))
+        self.waiters.append((time.monotonic(), waiter, batch))
         if idle:
             # Nothing in flight: under light load, waiting for the end of the loop's turn
             # would only add whatever else runs in it to this call's latency.
             self.transport.write(command)
-            return future
+            return
         # Under load, commands sent in the same turn of the event loop leave in one write (one
         # syscall) at the end of the turn, and many calls share it.
         if not self._outgoing:
-            loop.call_soon(self._flush)
+            asyncio.get_running_loop().call_soon(self._flush)
         self._outgoing.append(command)
-        return future
 
     def _flush(self) -> None:
         outgoing, self._outgoing = self._outgoing, []
@@ -341,6 +383,20 @@ class PipelinedRedis:
             return []
         replies: list[Any] = await protocol.send(b"".join(commands), len(commands))
         return replies
+
+    def send_now(self, commands: bytes, count: int, on_replies: OnReplies) -> bool:
+        """Send `count` packed commands now, from code that cannot wait (no task, no turn of
+        the loop in between): True when they went, their replies (a list, errors as values)
+        or the ConnectionError to come to `on_replies` in the turn that parses them. False
+        when no connection is ready to take them now (none yet, lost, or a fence not yet
+        passed): the caller goes the awaitable way (:meth:`execute_many`), which connects."""
+        protocol = self._protocol
+        if protocol is None or not protocol.usable:
+            return False
+        if self._fence is not None and not protocol.restored:
+            return False
+        protocol.send_calling(commands, count, on_replies)
+        return True
 
     async def close(self) -> None:
         if self._watchdog is not None:

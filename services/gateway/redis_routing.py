@@ -36,6 +36,7 @@ from libs.common import marks_fence, redis_client
 from libs.common.config import Settings
 from services.gateway.redis_pipeline import (
     MarksNotRestored,
+    OnReplies,
     PipelinedRedis,
     RedisReplyError,
     pack,
@@ -235,6 +236,15 @@ class PipelinedCluster(PipelinedRedis):
         if not commands:
             return []
         return await self._route(commands, key_of(commands[0]))
+
+    def send_now(self, commands: bytes, count: int, on_replies: OnReplies) -> bool:
+        """To the primary the map names for the first command's key, if connected; a
+        redirection comes back as an error reply, for the caller to send again the awaitable
+        way (:meth:`execute_many` follows it)."""
+        key = key_of(commands)
+        address = self._slots[0 if key is None else key_slot(key)]
+        node = None if address is None else self._nodes.get(address)
+        return node is not None and node.send_now(commands, count, on_replies)
 
     async def _route(self, commands: list[bytes], key: bytes | None) -> list[Any]:
         slot = 0 if key is None else key_slot(key)
