@@ -26,7 +26,13 @@ from libs.common import db, streams
 from libs.common.config import Settings, load_settings
 from services.webhooks import dispatcher
 from services.webhooks.app import create_app
-from tests.support import ExampleResolver, base_url, free_port, without_handler_cancellation
+from tests.support import (
+    ExampleResolver,
+    base_url,
+    database_env,
+    free_port,
+    without_handler_cancellation,
+)
 from tests.test_crash_recovery import receiving, start_redis
 from tests.test_webhooks import Api, Caller, Receiver, _ok, eventually, new_school, publish
 
@@ -45,7 +51,7 @@ def own_settings(webhooks_env: dict[str, str], database_url: str, redis_port: in
     return load_settings(
         {
             **webhooks_env,
-            "DATABASE_URL": database_url,
+            **database_env(webhooks_env, database_url),
             "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
             "REDIS_KEY_PREFIX": f"sup{secrets.token_hex(3)}:",
         }
