@@ -50,10 +50,15 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("migrate", parents=[common], help="apply pending database migrations")
     sub.add_parser("dev", parents=[common], help="run the whole system locally (make dev)")
-    sub.add_parser(
+    cluster = sub.add_parser(
         "cluster",
         parents=[common],
         help="run the production topology on this machine (make cluster)",
+    )
+    cluster.add_argument(
+        "--stores-only",
+        action="store_true",
+        help="only its stores (PostgreSQL behind PgBouncer, Redis Cluster), for the tests",
     )
 
     schools = sub.add_parser("schools", parents=[common]).add_subparsers(
@@ -197,7 +202,7 @@ def _dev(args: argparse.Namespace, settings: Settings) -> int:
 def _cluster(args: argparse.Namespace, settings: Settings) -> int:
     from services.dev import topology
 
-    return topology.run()
+    return topology.run(stores_only=args.stores_only)
 
 
 def _administer(args: argparse.Namespace, settings: Settings) -> int:

@@ -157,7 +157,9 @@ def settings(base_env: dict[str, str]) -> Settings:
 async def migrated(settings: Settings) -> AsyncIterator[None]:
     await db.migrate(settings.database_url)
     # Generated school ids start high, so ids chosen on purpose (the quickstart's 42) are free.
-    conn = await asyncpg.connect(settings.database_url)
+    conn = await db.connect(
+        settings.database_url, statement_cache=settings.database_statement_cache
+    )
     try:
         await conn.execute("SELECT setval('schools_id_seq', 1000)")
     finally:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
 import socket
 import subprocess
@@ -24,6 +25,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import asyncpg
@@ -34,6 +36,42 @@ from aiohttp.test_utils import BaseTestServer, TestServer
 
 from libs.common import db
 from libs.common.config import Settings, load_settings
+
+
+def statement_cache() -> int:
+    """asyncpg's statement cache for a connection of the tests' own to the run's server: 0
+    through a transaction pooler (`make test-cluster`: TEST_DATABASE_STATEMENT_CACHE), where a
+    named statement prepared on one server session may be bound on another."""
+    return int(os.environ.get("TEST_DATABASE_STATEMENT_CACHE") or 100)
+
+
+async def connect(database_url: str) -> asyncpg.Connection:
+    """One plain connection (no JSON codec) to a database of the run's server."""
+    return await asyncpg.connect(database_url, statement_cache_size=statement_cache())
+
+
+def direct_url(database_url: str) -> str:
+    """The same database on the server itself: through a transaction pooler
+    (TEST_DATABASE_SESSION_URL), a look at it that leaves no server session idle in the
+    pooler's pool, where it would count as a process using the database."""
+    session = os.environ.get("TEST_DATABASE_SESSION_URL")
+    if not session:
+        return database_url
+    path = urlsplit(database_url).path
+    return urlunsplit(urlsplit(session)._replace(path=path))
+
+
+def database_env(base_env: dict[str, str], database_url: str) -> dict[str, str]:
+    """The DATABASE_* variables of `base_env` for another database on the run's server:
+    through a transaction pooler, its session DSN and statement cache too."""
+    env = {"DATABASE_URL": database_url}
+    session = base_env.get("DATABASE_SESSION_URL")
+    if session:
+        path = urlsplit(database_url).path
+        env["DATABASE_SESSION_URL"] = urlunsplit(urlsplit(session)._replace(path=path))
+    if "DATABASE_STATEMENT_CACHE" in base_env:
+        env["DATABASE_STATEMENT_CACHE"] = base_env["DATABASE_STATEMENT_CACHE"]
+    return env
 
 
 def free_port() -> int:
@@ -259,7 +297,7 @@ def settings_on_own_redis(
     return load_settings(
         {
             **env,
-            "DATABASE_URL": database_url,
+            **database_env(env, database_url),
             "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
             "REDIS_KEY_PREFIX": f"{label}{secrets.token_hex(3)}:",
         }
@@ -271,7 +309,7 @@ async def identity_records(
 ) -> list[dict[str, Any]]:
     """Identity's own audit records (audit_log rows it wrote in the transactions of what they
     record), oldest first, as records: grant and address as text, `detail` as it was given."""
-    conn = await asyncpg.connect(database_url)
+    conn = await connect(database_url)
     try:
         rows = await conn.fetch(
             "SELECT * FROM audit_log WHERE record_id LIKE 'i:%'"

@@ -18,6 +18,7 @@ import pytest
 from libs.common import db
 from libs.common.config import Settings
 from services.identity import clients, credentials, store, users
+from tests.support import database_env
 
 CLI = str(Path(sys.executable).with_name("loopwise-connect"))
 
@@ -264,7 +265,9 @@ async def test_json_goes_to_stdout_and_logs_to_stderr(
     dsn = urlunsplit(urlsplit(settings.database_url)._replace(path=f"/{name}"))
     try:
         run = await _cli(
-            {**base_env, "DATABASE_URL": dsn, "LOG_LEVEL": "debug"}, "migrate", "--json"
+            {**base_env, **database_env(base_env, dsn), "LOG_LEVEL": "debug"},
+            "migrate",
+            "--json",
         )
     finally:
         await db.drop_database(dsn)

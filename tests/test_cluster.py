@@ -14,6 +14,7 @@ import contextlib
 import os
 import secrets
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -24,7 +25,7 @@ import httpx2 as httpx
 import pytest
 from authlib.integrations.httpx_client import AsyncOAuth2Client
 
-from libs.common import db
+from libs.common import db, redis_client
 from services.dev import topology
 from tests.support import client_session
 from tests.test_authorize import Browser
@@ -189,6 +190,71 @@ async def test_cluster_env_names_the_stores_the_services_use(cluster: topology.T
     out, err = await proc.communicate()
     assert proc.returncode == 0, err.decode()
     assert b'"demo"' in out
+
+
+# -- stores only (make test-cluster) ----------------------------------------------------------
+
+
+def _listening(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+        return True
+    return False
+
+
+async def test_stores_only_runs_the_stores_and_nothing_else(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """`Topology(stores_only=True)` (what `make test-cluster` runs the suite on): PostgreSQL,
+    PgBouncer in transaction pooling and Redis Cluster, their URLs in its env file for the
+    tests; no service process, no nginx, no database prepared; all gone once stopped."""
+    try:
+        await asyncio.to_thread(topology.ensure_packages, topology.STORE_PROGRAMS)
+    except RuntimeError as exc:
+        pytest.skip(f"the topology's packages cannot be installed: {exc}")
+    root = tmp_path_factory.mktemp("stores")
+    root.chmod(0o755)
+    ports = topology.TopologyPorts.free()
+    topo = topology.Topology(
+        root / "cluster", ports=ports, env_file=root / "cluster.env", stores_only=True
+    )
+    await topo.start()
+    try:
+        assert topo.services == {} and topo.nginx is None and topo.logins == []
+        fronts = (ports.public, ports.identity, ports.school_api, ports.webhooks)
+        processes = [port for kind in ports.processes.values() for port in kind]
+        assert not any(_listening(port) for port in (*fronts, *processes))
+        text, _ = await asyncio.to_thread(_read, topo.env_file)
+        written = dict(line.split("=", 1) for line in text.splitlines() if line)
+        assert urlsplit(written["TEST_DATABASE_URL"]).port == ports.pgbouncer
+        assert urlsplit(written["TEST_DATABASE_SESSION_URL"]).port == ports.postgres
+        assert written["TEST_DATABASE_STATEMENT_CACHE"] == "0"
+        # Through PgBouncer each transaction may take another server session; the session DSN
+        # is the server itself. No database of the product's was made.
+        pooled = await db.connect(written["TEST_DATABASE_URL"], statement_cache=0)
+        session = await db.connect(written["TEST_DATABASE_SESSION_URL"], statement_cache=0)
+        try:
+            names = {r["datname"] for r in await pooled.fetch("SELECT datname FROM pg_database")}
+            assert topology.DATABASE_NAME not in names
+            assert int(await session.fetchval("SHOW port")) == ports.postgres
+        finally:
+            await pooled.close()
+            await session.close()
+        client = redis_client.connect(written["TEST_REDIS_URL"])
+        try:
+            # Keys in every slot range answer: three primaries serve the whole key space.
+            nodes = await client.cluster_nodes()  # type: ignore[attr-defined]
+            primaries = [n for n in nodes.values() if "master" in n["flags"]]
+            assert len(primaries) == 3 and len(nodes) == 6
+            keys = [f"stores-only:{secrets.token_hex(4)}" for _ in range(16)]
+            for key in keys:
+                await client.set(key, key, ex=60)
+            assert [await client.get(key) for key in keys] == [k.encode() for k in keys]
+            await client.delete(*keys)
+        finally:
+            await client.aclose()
+    finally:
+        await topo.stop()
+    assert not any(_listening(port) for port in (ports.pgbouncer, ports.postgres, *ports.redis))
 
 
 # -- nginx: reloads and a stuck gateway -------------------------------------------------------

@@ -44,10 +44,13 @@ from services.school_api.app import create_app as create_school_api
 from services.webhooks import dispatcher
 from tests.support import (
     base_url,
+    connect,
+    database_env,
     free_port,
     migrated_database,
     shutdown_redis,
     start_redis,
+    statement_cache,
     without_handler_cancellation,
 )
 from tests.test_school_api_events import call, who
@@ -87,7 +90,7 @@ def crash_env(webhooks_env: dict[str, str], database_url: str) -> dict[str, str]
     the run's, so the session's cleanup removes its keys too); short timeouts and claims."""
     return {
         **webhooks_env,
-        "DATABASE_URL": database_url,
+        **database_env(webhooks_env, database_url),
         "REDIS_KEY_PREFIX": f"{webhooks_env['REDIS_KEY_PREFIX']}crash{secrets.token_hex(3)}:",
         "WEBHOOK_EGRESS_IP": "127.0.0.2",
         "WEBHOOK_TIMEOUT_SECONDS": str(DELIVERY_TIMEOUT),
@@ -171,7 +174,7 @@ def holding_the_first(release: asyncio.Event) -> Behaviour:
 
 
 async def delivery_rows(database_url: str, subscription_id: str) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(database_url)
+    conn = await connect(database_url)
     try:
         return list(
             await conn.fetch(
@@ -399,7 +402,9 @@ async def test_an_event_written_while_redis_is_down_reaches_the_stream_once_it_i
     redis_proc = await start_redis(port)
     pool: asyncpg.Pool | None = None
     try:
-        pool = await school_store.create_pool(crash_database, min_size=1, max_size=2)
+        pool = await school_store.create_pool(
+            crash_database, min_size=1, max_size=2, statement_cache=statement_cache()
+        )
         app = create_school_api(own)
         server = await aiohttp_server(app, access_log=None, shutdown_timeout=2)
         async with await aiohttp_client(without_handler_cancellation(server)) as client:

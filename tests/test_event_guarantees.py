@@ -28,7 +28,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from pytest_aiohttp import AiohttpServer
 
-from libs.common import db, streams
+from libs.common import db, redis_client, streams
 from libs.common.config import Settings, load_settings
 from services.school_api import resources
 from services.school_api import store as school_store
@@ -47,11 +47,13 @@ from services.webhooks.store.events import EventRow
 from tests.support import (
     ExampleResolver,
     base_url,
+    database_env,
     free_port,
     kill_process,
     migrated_database,
     settings_on_own_redis,
     start_redis,
+    statement_cache,
     without_handler_cancellation,
 )
 from tests.test_crash_recovery import receiving
@@ -69,7 +71,9 @@ async def own_database(base_env: dict[str, str]) -> AsyncIterator[str]:
 
 @pytest.fixture
 async def own_pool(own_database: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await db.create_pool(own_database, min_size=1, max_size=8)
+    pool = await db.create_pool(
+        own_database, min_size=1, max_size=8, statement_cache=statement_cache()
+    )
     yield pool
     await pool.close()
 
@@ -295,7 +299,7 @@ async def test_each_subscription_gets_a_resources_events_in_commit_order(
     settings = load_settings(
         {
             **webhooks_env,
-            "DATABASE_URL": own_database,
+            **database_env(webhooks_env, own_database),
             "REDIS_KEY_PREFIX": f"{webhooks_env['REDIS_KEY_PREFIX']}order{secrets.token_hex(3)}:",
         }
     )
@@ -313,13 +317,13 @@ async def test_each_subscription_gets_a_resources_events_in_commit_order(
         accepted.append(event)
         return web.Response(text="ok")
 
-    clients = [redis_asyncio.Redis.from_url(settings.redis_url) for _ in range(2)]
+    clients = [redis_client.connect(settings.redis_url) for _ in range(2)]
     relays = [
         OutboxRelay(
             own_pool,
             client,
             settings.stream(streams.EVENTS),
-            dsn=own_database,
+            dsn=settings.session_database_url,
             batch_size=3,
             poll_interval=0.05,
         )

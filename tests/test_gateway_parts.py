@@ -69,23 +69,32 @@ async def test_audit_records_are_written_as_batch_entries_in_the_streams_shape(
 
 
 class _FailsOnce(PipelinedRedis):
-    """A real connection whose next write raises what no Redis failure raises (as a bug
-    would): the audit's flush loop is not to end on it."""
+    """The factory's real connection (on a Cluster a PipelinedCluster), whose next write raises
+    what no Redis failure raises (as a bug would): the audit's flush loop is not to end on it.
+    Every call goes to the real connection; this one opens none of its own."""
 
-    failures = 1
+    def __init__(self, real: PipelinedRedis) -> None:
+        self._real = real
+        self.failures = 1
+
+    async def execute(self, command: bytes) -> Any:
+        return await self._real.execute(command)
 
     async def execute_many(self, commands: list[bytes]) -> list[Any]:
         if self.failures:
             self.failures -= 1
             raise RuntimeError("nobody foresaw this")
-        return await super().execute_many(commands)
+        return await self._real.execute_many(commands)
+
+    async def close(self) -> None:
+        await self._real.close()
 
 
 async def test_the_flush_loop_is_restarted_whatever_ends_it(settings: Settings, redis: Any) -> None:
     """Supervised (libs/common/tasks.py): a call whose write met the unforeseen is answered
     503 rather than left waiting, and the loop, restarted, writes its record with the next."""
     stream = settings.stream(f"test:audit:{secrets.token_hex(4)}")
-    connection = _FailsOnce(settings.redis_url, timeout=2.0)
+    connection = _FailsOnce(pipelined(settings.redis_url, timeout=2.0))
     buffer = AuditBuffer(connection, stream, capacity=1000, durable=True)
     buffer.start()
     try:

@@ -17,6 +17,7 @@ import pytest
 
 from libs.common import db
 from libs.common.config import Settings
+from tests.support import connect, database_env
 
 CLI = str(Path(sys.executable).with_name("loopwise-connect"))
 _TABLE = re.compile(
@@ -56,7 +57,7 @@ async def fresh_database(settings: Settings, run_id: str) -> AsyncIterator[Fresh
 
 
 async def _fetch(dsn: str, query: str) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(dsn)
+    conn = await connect(dsn)
     try:
         return list(await conn.fetch(query))
     finally:
@@ -152,7 +153,7 @@ async def test_cli_processes_and_in_process_migrators_race(
     """Two real `loopwise-connect migrate` processes and two in-process calls, on two fresh
     databases at once, each database ends with every file applied once and the same schema."""
     dsn_a, dsn_b = fresh_database(), fresh_database()
-    env = {**base_env, "DATABASE_URL": dsn_b}
+    env = {**base_env, **database_env(base_env, dsn_b)}
     runs: list[Awaitable[list[str]]] = [
         _cli_migrate(env),
         _cli_migrate(env),

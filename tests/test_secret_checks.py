@@ -36,7 +36,13 @@ from libs.common.logging import configure_logging
 from services.dev import database
 from services.identity import clients, keys, secret_checks, store, users
 from services.identity.app import create_app
-from tests.support import free_port, without_handler_cancellation
+from tests.support import (
+    connect,
+    database_env,
+    direct_url,
+    free_port,
+    without_handler_cancellation,
+)
 from tests.token_helpers import basic, insert_code, pkce_pair, token, verify_with_jwks
 
 CLI = str(Path(sys.executable).with_name("loopwise-connect"))
@@ -285,13 +291,13 @@ async def test_two_identities_starting_at_once_on_an_empty_database(
     under one of them. The platform issuer's key lock is held until each has either exited or
     come to wait for it, so both pass the look at the (still empty) signing keys before either
     makes one, every time. The same with the same key and different peppers."""
-    env = {**base_env, "DATABASE_URL": fresh_database}
+    env = {**base_env, **database_env(base_env, fresh_database)}
     for variable in ("KEY_ENCRYPTION_KEY", "SECRET_PEPPER"):
         await db.drop_database(fresh_database)
         await db.migrate(fresh_database)
         envs = [{**env, variable: b64(secrets.token_bytes(32))} for _ in range(2)]
         ports = [free_port(), free_port()]
-        holder = await asyncpg.connect(fresh_database)
+        holder = await connect(fresh_database)
         try:
             hold = holder.transaction()
             await hold.start()
@@ -325,7 +331,7 @@ async def test_two_identities_starting_at_once_on_an_empty_database(
                 await asyncio.wait_for(proc.communicate(), 30)
         # The one that started is the one whose key sealed the platform's keys.
         winner = envs[procs.index(next(p for p in procs if p.returncode != 2))]
-        conn = await asyncpg.connect(fresh_database)
+        conn = await connect(fresh_database)
         try:
             await secret_checks.verify(conn, load_settings(winner))
             loser = load_settings(envs[1 - envs.index(winner)])
@@ -343,8 +349,8 @@ async def test_one_damaged_key_does_not_stop_a_start_that_a_wrong_key_does(
     trouble, not a wrong KEY_ENCRYPTION_KEY: the check still passes with the right key, and
     still refuses another key."""
     await db.migrate(fresh_database)
-    settings = load_settings({**base_env, "DATABASE_URL": fresh_database})
-    pool = await db.create_pool(fresh_database, min_size=1, max_size=2)
+    settings = load_settings({**base_env, **database_env(base_env, fresh_database)})
+    pool = await db.create_pool(settings=settings, min_size=1, max_size=2)
     try:
         await secret_checks.verify(pool, settings)
         school = await store.insert_school(pool, "damaged", "Damaged School", None)
@@ -359,7 +365,11 @@ async def test_one_damaged_key_does_not_stop_a_start_that_a_wrong_key_does(
             )
         await secret_checks.verify(pool, settings)
         other = load_settings(
-            {**base_env, "DATABASE_URL": fresh_database, "KEY_ENCRYPTION_KEY": b64(b"k" * 32)}
+            {
+                **base_env,
+                **database_env(base_env, fresh_database),
+                "KEY_ENCRYPTION_KEY": b64(b"k" * 32),
+            }
         )
         with pytest.raises(secret_checks.SecretMismatch) as caught:
             await secret_checks.verify(pool, other)
@@ -387,7 +397,7 @@ def _dev_env(
     """What `make dev` runs with: no secret given, the generated ones in data_dir."""
     return {
         "CONNECT_ENV": "development",
-        "DATABASE_URL": database_url,
+        **database_env(base_env, database_url),
         "REDIS_URL": base_env["REDIS_URL"],
         "REDIS_KEY_PREFIX": f"{base_env['REDIS_KEY_PREFIX']}dev{secrets.token_hex(3)}:",
         "CONNECT_DEV_SECRETS": str(data_dir / "dev-secrets"),
@@ -401,7 +411,7 @@ def _dev_env(
 
 
 async def _demo_kids(database_url: str) -> set[str]:
-    conn = await asyncpg.connect(database_url)
+    conn = await connect(direct_url(database_url))
     try:
         rows = await conn.fetch("SELECT kid FROM signing_keys WHERE school_id = 42")
     finally:
@@ -446,7 +456,7 @@ async def test_make_clean_then_make_dev_works_on_the_same_postgresql(
         create_app(second), port=port, access_log=None, shutdown_timeout=2
     )
     async with without_handler_cancellation(server):  # stopped before the third start below
-        pool = await db.create_pool(dev_database, min_size=1, max_size=2)
+        pool = await db.create_pool(settings=second, min_size=1, max_size=2)
         try:
             demo = await store.school_by_subdomain(pool, "demo")
             assert demo is not None and demo.id == 42
@@ -593,8 +603,11 @@ async def test_dev_leaves_a_database_in_use_alone(
         load_settings(first), own_database=True, logins_file=tmp_path / "first" / "logins.json"
     )
     kids = await _demo_kids(dev_database)
-    other = await asyncpg.connect(dev_database)
+    other = await connect(dev_database)
     try:
+        # Using it: through a transaction pooler, a client that has run nothing holds no
+        # session on the server, and nothing on the server can tell it is there.
+        assert await other.fetchval("SELECT 1") == 1
         renewed = _dev_env(base_env, dev_database, tmp_path / "renewed", port)
         with pytest.raises(RuntimeError, match=r"in use by another process"):
             await database.prepare(

@@ -19,7 +19,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
-import asyncpg
 import pytest
 import redis.asyncio as redis_asyncio
 from aiohttp import web
@@ -31,7 +30,13 @@ from libs.common.config import load_settings
 from services.webhooks import ssrf
 from services.webhooks.delivery import egress
 from services.webhooks.delivery.attempt import post
-from tests.support import ExampleResolver, base_url, without_handler_cancellation
+from tests.support import (
+    ExampleResolver,
+    base_url,
+    connect,
+    database_env,
+    without_handler_cancellation,
+)
 from tests.test_webhooks import (
     Api,
     Caller,
@@ -443,7 +448,7 @@ async def strict_service(
     env = {
         **webhooks_env,
         "WEBHOOK_ALLOW_LOOPBACK": "false",
-        "DATABASE_URL": webhooks_env["DATABASE_URL"] + "_ssrf",
+        **database_env(webhooks_env, webhooks_env["DATABASE_URL"] + "_ssrf"),
         "REDIS_KEY_PREFIX": f"{webhooks_env['REDIS_KEY_PREFIX']}ssrf{secrets.token_hex(3)}:",
     }
     settings = load_settings(env)
@@ -476,7 +481,7 @@ async def test_a_stored_url_that_folds_to_a_forbidden_address_is_never_posted_to
     ]
     caller = Caller(new_school())
     made = []
-    conn = await asyncpg.connect(settings.database_url)
+    conn = await connect(settings.database_url)
     try:
         for url in legacy:
             hook = await api.subscribe(caller, "https://hooks.example.com/in")

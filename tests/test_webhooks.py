@@ -40,6 +40,8 @@ from services.webhooks.metrics import WebhookMetrics
 from tests.support import (
     ExampleResolver,
     base_url,
+    connect,
+    database_env,
     free_port,
     wait_for_port,
     without_handler_cancellation,
@@ -849,7 +851,7 @@ async def test_serve_webhooks_finishes_an_in_flight_delivery_on_sigterm(
     port = free_port()
     env = {
         **webhooks_env,
-        "DATABASE_URL": webhooks_env["DATABASE_URL"] + "_stop",
+        **database_env(webhooks_env, webhooks_env["DATABASE_URL"] + "_stop"),
         # Under the run's prefix, so the session's cleanup removes its keys too.
         "REDIS_KEY_PREFIX": f"{webhooks_env['REDIS_KEY_PREFIX']}stop{secrets.token_hex(3)}:",
         "WEBHOOKS_PORT": str(port),
@@ -871,7 +873,7 @@ async def test_serve_webhooks_finishes_an_in_flight_delivery_on_sigterm(
         await asyncio.wait_for(proc.wait(), 15)
         assert proc.returncode == 0
         assert receiver.in_flight == 0
-        conn = await asyncpg.connect(settings.database_url)
+        conn = await connect(settings.database_url)
         try:
             status = await conn.fetchval(
                 "SELECT status FROM webhooks.deliveries WHERE subscription_id = $1",

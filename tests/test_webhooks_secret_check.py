@@ -16,7 +16,6 @@ import uuid
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit, urlunsplit
 
-import asyncpg
 import pytest
 
 from libs.common import db
@@ -24,6 +23,7 @@ from libs.common.config import load_settings
 from services.identity import secret_checks as identity_secret_checks
 from services.webhooks import signing
 from services.webhooks.store import subscriptions
+from tests.support import connect, database_env
 from tests.test_secret_checks import Exit, b64, decoded, refused, serving
 
 pytestmark = pytest.mark.timeout(120)
@@ -67,14 +67,14 @@ async def own_env(webhooks_env: dict[str, str], run_id: str) -> AsyncIterator[di
     await db.migrate(url)
     yield {
         **webhooks_env,
-        "DATABASE_URL": url,
+        **database_env(webhooks_env, url),
         "REDIS_KEY_PREFIX": f"{webhooks_env['REDIS_KEY_PREFIX']}wsc{secrets.token_hex(3)}:",
     }
     await db.drop_database(url)
 
 
 async def _store_subscriptions(url: str, kek: bytes, count: int) -> None:
-    conn = await asyncpg.connect(url)
+    conn = await connect(url)
     try:
         for n in range(count):
             sid = uuid.uuid4()
@@ -105,7 +105,7 @@ async def test_webhooks_refuses_a_key_that_does_not_open_the_subscription_secret
     right_text = own_env["KEY_ENCRYPTION_KEY"]
     right = decoded(right_text)
     await _store_subscriptions(own_env["DATABASE_URL"], right, 4)
-    conn = await asyncpg.connect(own_env["DATABASE_URL"])
+    conn = await connect(own_env["DATABASE_URL"])
     try:
         assert await conn.fetchval("SELECT count(*) FROM secret_checks") == 0
     finally:
@@ -131,7 +131,7 @@ async def test_webhooks_refuses_a_key_other_than_identitys_recorded_one(
     right_text = own_env["KEY_ENCRYPTION_KEY"]
     right = decoded(right_text)
     # Identity's own start-up check records the check values on a database that has none.
-    conn = await asyncpg.connect(own_env["DATABASE_URL"])
+    conn = await connect(own_env["DATABASE_URL"])
     try:
         await identity_secret_checks.verify(conn, load_settings(own_env))
         assert await conn.fetchval("SELECT count(*) FROM webhooks.subscriptions") == 0
@@ -155,7 +155,7 @@ async def test_webhooks_starts_with_any_key_on_a_database_with_nothing_sealed(
     """No check value and no subscription: nothing says which key is the database's, so any
     key starts, and webhooks did not record one (identity owns the check values)."""
     await _starts({**own_env, "KEY_ENCRYPTION_KEY": b64(secrets.token_bytes(32))})
-    conn = await asyncpg.connect(own_env["DATABASE_URL"])
+    conn = await connect(own_env["DATABASE_URL"])
     try:
         assert await conn.fetchval("SELECT count(*) FROM secret_checks") == 0
     finally:
@@ -170,7 +170,7 @@ async def test_a_damaged_secret_does_not_stop_a_start_that_a_wrong_key_does(
     still refused."""
     right_text = own_env["KEY_ENCRYPTION_KEY"]
     await _store_subscriptions(own_env["DATABASE_URL"], decoded(right_text), 3)
-    conn = await asyncpg.connect(own_env["DATABASE_URL"])
+    conn = await connect(own_env["DATABASE_URL"])
     try:
         ids = [r["id"] for r in await conn.fetch("SELECT id FROM webhooks.subscriptions")]
         await conn.execute(

@@ -5,6 +5,13 @@ agree, or every token request fails: `make clean` removes the secrets while a Po
 default port keeps the database, and two checkouts share that database. So the secrets file
 notes the databases it was used with (`dev-secrets.databases`), and when new secrets meet the
 development database holding data made under others, that database is started afresh.
+
+Behind a transaction pooler (`make cluster`: DATABASE_URL is PgBouncer's) all of this runs on
+the server itself (DATABASE_SESSION_URL), before any service starts: the pooler keeps the
+server sessions our own migrate/check/seed opened idle in its pool for minutes, and those
+would hold the database against the DROP of a start afresh, refused as "in use by another
+process". On the server itself, a session on the database is another process's (a direct
+client, or the pooler serving one).
 """
 
 from __future__ import annotations
@@ -74,9 +81,10 @@ async def prepare(
     data that nothing could open any more. Anything else with secrets that are not the
     database's is refused (SecretMismatch, exit status 2), and nothing is dropped.
     """
-    await db.migrate(settings.database_url)
+    dsn = settings.session_database_url  # module docstring
+    await db.migrate(dsn)
     try:
-        await _verify_secrets(settings)
+        await _verify_secrets(settings, dsn)
     except secret_checks.SecretMismatch:
         secrets_file = settings.dev_secrets
         if not (
@@ -92,19 +100,19 @@ async def prepare(
             " afresh (development data only).\n"
         )
         sys.stdout.flush()
-        await _start_afresh(settings.database_url)
-        await _verify_secrets(settings)
+        await _start_afresh(dsn)
+        await _verify_secrets(settings, dsn)
     if own_database and settings.dev_secrets is not None:
         _bind(settings.dev_secrets, settings.database_url)
-    pool = await db.create_pool(settings=settings, min_size=1, max_size=2)
+    pool = await db.create_pool(dsn, settings=settings, min_size=1, max_size=2)
     try:
         return await seed.seed_demo(pool, settings, logins_file)
     finally:
         await pool.close()
 
 
-async def _verify_secrets(settings: Settings) -> None:
-    pool = await db.create_pool(settings=settings, min_size=1, max_size=1)
+async def _verify_secrets(settings: Settings, dsn: str) -> None:
+    pool = await db.create_pool(dsn, settings=settings, min_size=1, max_size=1)
     try:
         await secret_checks.verify(pool, settings)
     finally:

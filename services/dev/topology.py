@@ -91,6 +91,9 @@ PACKAGES = {
     "redis-server": "redis-server",
     "redis-cli": "redis-tools",
 }
+# What a stores-only topology runs (Redis Cluster is started by redis-server, set up by
+# redis-cli).
+STORE_PROGRAMS = ("pgbouncer", "redis-server", "redis-cli")
 # PgBouncer's server connections per database and user (README "Connection budgets").
 POOL_SIZE = 20
 _RESTART_DELAY = 0.2
@@ -597,8 +600,13 @@ class Topology:
         replicas: int = 2,
         extra_env: dict[str, str] | None = None,
         env_file: Path | None = None,
+        stores_only: bool = False,
     ) -> None:
         self.data_dir = Path(data_dir).absolute()
+        # Only the stores (PostgreSQL, PgBouncer, Redis Cluster): no database prepared, no
+        # service process, no nginx. What the whole suite needs (`make test-cluster`): each
+        # test run makes its own database and serves its own services in process.
+        self.stores_only = stores_only
         # `make cluster`'s is .data/cluster.env (contract section 13), beside its data.
         self.env_file = Path(env_file or self.data_dir.parent / "cluster.env").absolute()
         self.ports = ports or TopologyPorts()
@@ -679,7 +687,8 @@ class Topology:
             raise
 
     async def _start(self) -> None:
-        programs = await asyncio.to_thread(ensure_packages)
+        needed = STORE_PROGRAMS if self.stores_only else tuple(PACKAGES)
+        programs = await asyncio.to_thread(ensure_packages, needed)
         (self.data_dir / "logs").mkdir(parents=True, exist_ok=True)
         owner = postgres.run_as()
         pg_bin = _postgres_bin()
@@ -701,6 +710,8 @@ class Topology:
         self.pgbouncer = self._pgbouncer(programs["pgbouncer"], owner)
         await self.pgbouncer.start()
         await self.pgbouncer.wait_ready()
+        if self.stores_only:
+            return
 
         settings = load_settings(self._service_env())
         self.logins = await database.prepare(
@@ -786,6 +797,23 @@ class Topology:
 
     def banner(self, seconds: float) -> str:
         p = self.ports
+        if self.stores_only:
+            return "\n".join(
+                [
+                    "",
+                    f"The production topology's stores are running (ready in {seconds:.1f}s).",
+                    "",
+                    f"  PostgreSQL :{p.postgres} behind PgBouncer :{p.pgbouncer}"
+                    " (transaction pooling)",
+                    f"  Redis {self.redis.url}",
+                    f"  stores          {self.env_file}",
+                    "",
+                    "Tests on them: env $(cat .data/cluster.env) .venv/bin/python -m pytest ...",
+                    "",
+                    "Press Ctrl-C to stop.",
+                    "",
+                ]
+            )
         demo = f"http://demo.localhost:{p.public}"
         lines = [
             "",
@@ -901,15 +929,22 @@ async def _serve(topology: Topology) -> int:
     return 0
 
 
-def run(data_dir: Path = DATA_DIR) -> int:
-    """`loopwise-connect cluster`: up, print, wait for Ctrl-C, down."""
-    return asyncio.run(_serve(Topology(data_dir)))
+def run(data_dir: Path = DATA_DIR, *, stores_only: bool = False) -> int:
+    """`loopwise-connect cluster [--stores-only]`: up, print, wait for Ctrl-C, down."""
+    return asyncio.run(_serve(Topology(data_dir, stores_only=stores_only)))
 
 
 async def _run_tests(pytest_args: Sequence[str], data_dir: Path) -> int:
     # Its stores' URLs inside its own directory: a `make cluster` running beside it keeps
     # .data/cluster.env.
-    topology = Topology(data_dir, ports=TopologyPorts.free(), env_file=data_dir / "cluster.env")
+    # The stores alone: every test serves its services in process on the TEST_* stores (the
+    # topology's own tests, tests/test_cluster.py, start a whole topology of their own).
+    topology = Topology(
+        data_dir,
+        ports=TopologyPorts.free(),
+        env_file=data_dir / "cluster.env",
+        stores_only=True,
+    )
     await topology.start()
     try:
         env = {**os.environ, **{k: v for k, v in topology.env.items() if k.startswith("TEST_")}}
