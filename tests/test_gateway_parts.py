@@ -80,6 +80,11 @@ class _FailsOnce(PipelinedRedis):
     async def execute(self, command: bytes) -> Any:
         return await self._real.execute(command)
 
+    def send_now(self, commands: bytes, count: int, on_replies: Any) -> bool:
+        # Durable mode's fast path declines (as with no connection ready), so every write
+        # goes the flush loop's way, where the unforeseen is raised.
+        return False
+
     async def execute_many(self, commands: list[bytes]) -> list[Any]:
         if self.failures:
             self.failures -= 1
