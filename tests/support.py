@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import secrets
 import socket
 import subprocess
@@ -74,7 +75,37 @@ def database_env(base_env: dict[str, str], database_url: str) -> dict[str, str]:
     return env
 
 
+def _ephemeral_ports() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[:2]
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+# Below the kernel's ephemeral range, where free ports are drawn from.
+_FIRST_PORT = 10000
+
+
 def free_port() -> int:
+    """A port nothing is bound to now, outside the kernel's ephemeral range when it can be.
+
+    A port is often chosen long before it is bound (a session fixture's, a service's settings),
+    and meanwhile the kernel may give it to an outgoing connection as its local port, or to
+    another program binding port 0; it draws both from the ephemeral range. A run on the
+    topology's stores opens many connections (PgBouncer's server sessions, six Cluster nodes
+    per client) beside other runs on the machine: the session's gateway upstream port was
+    taken once, and the 74 tests using it failed to start (EADDRINUSE)."""
+    low, _high = _ephemeral_ports()
+    if low - _FIRST_PORT >= 1000:
+        for _ in range(50):
+            port = random.randrange(_FIRST_PORT, low)
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
