@@ -96,6 +96,22 @@ async def _store_subscriptions(url: str, kek: bytes, count: int) -> None:
         await conn.close()
 
 
+async def _wrong_keys_refused_right_key_starts(own_env: dict[str, str], because: str) -> None:
+    """Every wrong key stops webhooks at start, naming the variable and `because`; the right
+    key, spelled otherwise (standard base64, no padding), starts."""
+    right_text = own_env["KEY_ENCRYPTION_KEY"]
+    right = decoded(right_text)
+    wrong_keys = _wrong_keys(right)
+    runs = await asyncio.gather(
+        *(refused({**own_env, "KEY_ENCRYPTION_KEY": key}, "webhooks") for key in wrong_keys)
+    )
+    for key, run in zip(wrong_keys, runs, strict=True):
+        _assert_refused(run, right_text, key)
+        assert because in run.err
+
+    await _starts({**own_env, "KEY_ENCRYPTION_KEY": base64.b64encode(right).decode().rstrip("=")})
+
+
 async def test_webhooks_refuses_a_key_that_does_not_open_the_subscription_secrets(
     own_env: dict[str, str],
 ) -> None:
@@ -111,15 +127,9 @@ async def test_webhooks_refuses_a_key_that_does_not_open_the_subscription_secret
     finally:
         await conn.close()
 
-    wrong_keys = _wrong_keys(right)
-    runs = await asyncio.gather(
-        *(refused({**own_env, "KEY_ENCRYPTION_KEY": key}, "webhooks") for key in wrong_keys)
+    await _wrong_keys_refused_right_key_starts(
+        own_env, "does not open the webhook signing secrets stored in the database"
     )
-    for key, run in zip(wrong_keys, runs, strict=True):
-        _assert_refused(run, right_text, key)
-        assert "does not open the webhook signing secrets stored in the database" in run.err
-
-    await _starts({**own_env, "KEY_ENCRYPTION_KEY": base64.b64encode(right).decode().rstrip("=")})
 
 
 async def test_webhooks_refuses_a_key_other_than_identitys_recorded_one(
@@ -128,8 +138,6 @@ async def test_webhooks_refuses_a_key_other_than_identitys_recorded_one(
     """No subscription yet, but identity recorded the key's check value: another key stops
     webhooks the same way (before it would seal the first secret under it); the right key
     spelled otherwise starts."""
-    right_text = own_env["KEY_ENCRYPTION_KEY"]
-    right = decoded(right_text)
     # Identity's own start-up check records the check values on a database that has none.
     conn = await connect(own_env["DATABASE_URL"])
     try:
@@ -138,15 +146,9 @@ async def test_webhooks_refuses_a_key_other_than_identitys_recorded_one(
     finally:
         await conn.close()
 
-    wrong_keys = _wrong_keys(right)
-    runs = await asyncio.gather(
-        *(refused({**own_env, "KEY_ENCRYPTION_KEY": key}, "webhooks") for key in wrong_keys)
+    await _wrong_keys_refused_right_key_starts(
+        own_env, "is not the key this database's secrets are sealed under"
     )
-    for key, run in zip(wrong_keys, runs, strict=True):
-        _assert_refused(run, right_text, key)
-        assert "is not the key this database's secrets are sealed under" in run.err
-
-    await _starts({**own_env, "KEY_ENCRYPTION_KEY": base64.b64encode(right).decode().rstrip("=")})
 
 
 async def test_webhooks_starts_with_any_key_on_a_database_with_nothing_sealed(
