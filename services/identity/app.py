@@ -29,6 +29,7 @@ from services.identity import (
     secret_checks,
     sweep,
 )
+from services.identity.audit_commit import AuditCommitter
 from services.identity.context import CONTEXT, ISSUER, IdentityContext
 from services.identity.schools import SchoolDirectory, UnknownSchool
 
@@ -111,6 +112,7 @@ def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[
             schools=SchoolDirectory(pool, settings),
             keyring=keys.KeyRing(pool, settings),
             passwords=credentials.PasswordGate(settings.identity.password_hash_concurrency),
+            audit=AuditCommitter(pool),
         )
         app[CONTEXT] = context
 
@@ -173,6 +175,7 @@ def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[
             yield
         finally:
             await supervisor.close()
+            await context.audit.close()
             await redis_client.aclose()
             await audit_pool.close()
             await pool.close()

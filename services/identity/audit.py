@@ -79,12 +79,12 @@ def records_of(data: dict[str, Any]) -> list[dict[str, Any]]:
 async def write(db: Executor, entry: dict[str, Any]) -> None:
     """Store one of identity's records, in `db`'s transaction when it is a connection inside
     one: the record commits with what it records."""
-    await audit_store.insert_many(db, [row(new_id(), entry)])
+    await audit_store.insert_new(db, [row(new_id(), entry)])
 
 
 async def write_many(db: Executor, entries: list[dict[str, Any]]) -> None:
     """write() for several records, in one statement."""
-    await audit_store.insert_many(db, [row(new_id(), e) for e in entries])
+    await audit_store.insert_new(db, [row(new_id(), e) for e in entries])
 
 
 def new_id() -> str:

@@ -9,6 +9,7 @@ import redis.asyncio as redis
 from aiohttp import web
 
 from libs.common.config import Settings
+from services.identity.audit_commit import AuditCommitter
 from services.identity.credentials import PasswordGate
 from services.identity.keys import KeyRing
 from services.identity.schools import Issuer, SchoolDirectory
@@ -22,6 +23,8 @@ class IdentityContext:
     schools: SchoolDirectory
     keyring: KeyRing
     passwords: PasswordGate
+    # identity's records that join no transaction, group-committed (audit_commit.py)
+    audit: AuditCommitter
 
 
 CONTEXT = web.AppKey("identity", IdentityContext)
