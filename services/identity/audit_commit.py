@@ -8,9 +8,9 @@ its client_credentials rate in `make bench-quick` (README, "Performance").
 
 Here the records of concurrent requests share one multi-row INSERT, one commit, as databases
 do for their log and as the gateway's durable audit does for its XADDs
-(services/gateway/audit.py): one write in flight at a time; a record that finds none in flight
-starts one at once (no timer, so a lone request waits one round trip, not an interval), and
-the records arriving while it is in flight go together in the next. Each request awaits the
+(services/gateway/audit.py): a record that finds a write free starts one at once (no timer,
+so a lone request waits one round trip, not an interval); while MAX_IN_FLIGHT writes are in
+flight, the records arriving go together in the next. Each request awaits the
 commit of its own batch. A batch that fails fails its requests (the token endpoint answers
 500 `server_error`), never a token without its record; a row PostgreSQL refuses (a
 constraint, a trigger) is retried alone with each of its batch's rows, so it fails its own
@@ -20,7 +20,6 @@ request only.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import Any
 
 import asyncpg
@@ -32,8 +31,14 @@ from services.identity.store import audit as audit_store
 log = get_logger(__name__)
 
 # Rows of one INSERT: the bound keeps one statement's parameters and its time in PostgreSQL
-# small; a backlog larger than this goes in several statements, one after the other.
+# small; a backlog larger than this goes in several statements.
 MAX_BATCH = 256
+# Statements in flight at once. One alone makes the records arriving during a commit wait for
+# it to end before theirs can start: about one and a half WAL flushes per request, and the
+# flush is what grows when the disk is busy. With two, a batch starts while the other one's
+# flush is under way (PostgreSQL flushes concurrent commits together), for at most twice the
+# statements.
+MAX_IN_FLIGHT = 2
 
 _Waiter = tuple[audit_store.AuditRow, "asyncio.Future[None]"]
 
@@ -41,11 +46,14 @@ _Waiter = tuple[audit_store.AuditRow, "asyncio.Future[None]"]
 class AuditCommitter:
     """Stores identity's records outside any transaction, concurrent ones in one statement."""
 
-    def __init__(self, pool: asyncpg.Pool, *, max_batch: int = MAX_BATCH) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, *, max_batch: int = MAX_BATCH, in_flight: int = MAX_IN_FLIGHT
+    ) -> None:
         self._pool = pool
         self._max_batch = max_batch
+        self._in_flight = in_flight
         self._pending: list[_Waiter] = []
-        self._writer: asyncio.Task[None] | None = None
+        self._writers: set[asyncio.Task[None]] = set()
 
     async def write(self, entry: dict[str, Any]) -> None:
         """Store one record (`audit.record(...)`); returns once it has committed, raises what
@@ -56,10 +64,12 @@ class AuditCommitter:
         """write() for a record already made into its row (`audit.row`)."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append((row, done))
-        if self._writer is None:
+        if len(self._writers) < self._in_flight:
             # A task, not this request's own coroutine: a request cancelled (its client
             # gone) must not cancel the write others in its batch wait for.
-            self._writer = asyncio.create_task(self._write_pending())
+            writer = asyncio.create_task(self._write_pending())
+            self._writers.add(writer)
+            writer.add_done_callback(self._writers.discard)
         await done
 
     async def _write_pending(self) -> None:
@@ -68,12 +78,12 @@ class AuditCommitter:
                 batch = self._pending[: self._max_batch]
                 del self._pending[: len(batch)]
                 await self._store(batch)
-        finally:
-            self._writer = None
+        except BaseException:
             # Cancelled (the process stopping): nothing waiting is left waiting for ever.
             for _, done in self._pending:
                 _settle(done, RuntimeError("the audit writer stopped"))
             self._pending.clear()
+            raise
 
     async def _store(self, batch: list[_Waiter]) -> None:
         try:
@@ -109,11 +119,9 @@ class AuditCommitter:
             _settle(done, None)
 
     async def close(self) -> None:
-        """Let the write in flight, and the backlog, finish (the process is stopping)."""
-        writer = self._writer
-        if writer is not None:
-            with contextlib.suppress(Exception):
-                await writer
+        """Let the writes in flight, and the backlog, finish (the process is stopping)."""
+        if self._writers:
+            await asyncio.gather(*self._writers, return_exceptions=True)
 
 
 def _refused_row(exc: asyncpg.PostgresError) -> bool:
