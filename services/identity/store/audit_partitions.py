@@ -124,7 +124,11 @@ async def lock_truncation(conn: Connection) -> TruncationState | None:
     row = await conn.fetchrow(
         "SELECT ips_truncated_before FROM audit_retention FOR UPDATE SKIP LOCKED"
     )
-    return TruncationState(row["ips_truncated_before"]) if row else None
+    if row is None:
+        return None
+    done: datetime = row["ips_truncated_before"]
+    # '-infinity' (nothing cut yet) comes back from asyncpg as a naive datetime.min.
+    return TruncationState(done if done.tzinfo else done.replace(tzinfo=UTC))
 
 
 async def first_full_address(db: Executor, low: datetime, high: datetime) -> datetime | None:
