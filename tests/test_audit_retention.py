@@ -16,6 +16,7 @@ ahead drops months) and must not touch the session's rows:
 from __future__ import annotations
 
 import ipaddress
+import random
 import secrets
 import uuid
 from collections.abc import AsyncIterator
@@ -29,7 +30,7 @@ import pytest
 
 from libs.common import db
 from libs.common.config import ConfigError, Settings, load_settings
-from services.identity import audit_retention, sweep
+from services.identity import audit, audit_retention, sweep
 from services.identity.store import admin as admin_store
 from services.identity.store import audit as audit_store
 from services.identity.store import audit_partitions
@@ -287,3 +288,18 @@ def test_bad_retention_settings_name_their_variable(base_env: dict[str, str]) ->
     assert loaded.identity.audit_ip_retention_days == 7
     defaults = load_settings(base_env).identity
     assert (defaults.audit_retention_days, defaults.audit_ip_retention_days) == (400, 30)
+
+
+async def test_the_consumer_stamps_a_record_as_postgresql_does(pool: asyncpg.Pool) -> None:
+    """A record's occurred_at is part of its key: the instant the consumer makes of a float
+    of seconds (audit.row) is the one PostgreSQL's to_timestamp makes (insert_batches), to
+    the microsecond, or a record stored both ways would be two rows."""
+    rng = random.Random(20261207)
+    seconds = [rng.uniform(0, 4e9) for _ in range(20_000)] + [1.5e-6, 0.0000005, 1733616000.0000025]
+    by_postgresql = await pool.fetch(
+        "SELECT to_timestamp(s) AS at FROM unnest($1::float8[]) WITH ORDINALITY AS u(s, n)"
+        " ORDER BY n",
+        seconds,
+    )
+    mine = [audit.from_unix_seconds(s) for s in seconds]
+    assert mine == [r["at"] for r in by_postgresql]
