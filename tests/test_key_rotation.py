@@ -214,6 +214,7 @@ async def test_key_encryption_key_rotation_end_to_end(
     sealed_before = await _sealed_keys(own_database)
     assert {r["kek_id"] for r in sealed_before} == {keys.kek_id(old)}
     pems = {r["kid"]: keys.unseal(old, r["kid"], r["private_key_enc"]) for r in sealed_before}
+    webhook_rows_before = await _sealed_secrets(own_database)
     auth = basic(world.confidential.id, world.secret)
     machine = {"grant_type": "client_credentials"}
 
@@ -226,6 +227,19 @@ async def test_key_encryption_key_rotation_end_to_end(
         answer = await token(http, world.origin, machine, authorization=auth)
         assert answer.status == 200, answer.body
         await verify_with_jwks(http, world.origin, answer.body["access_token"])
+
+        # Webhooks starts with both too, and its sender opens every secret sealed under the old.
+        async with serving(env_both, "webhooks"):
+            pass
+        cache = signing.KeyCache(both.key_encryption_keys)
+        assert {
+            r["id"]: {
+                cache.key(r["id"], enc)
+                for enc in (r["secret_enc"], r["previous_secret_enc"])
+                if enc is not None
+            }
+            for r in webhook_rows_before
+        } == webhook_keys
 
         # Rewrap while identity serves: every token request meanwhile is answered.
         async def tokens_meanwhile(stop: asyncio.Event) -> list[int]:
