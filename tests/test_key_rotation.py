@@ -43,7 +43,15 @@ from services.webhooks import signing
 from services.webhooks.store import subscriptions as subscription_store
 from tests.support import connect, database_env, free_port, without_handler_cancellation
 from tests.test_secret_checks import refused, serving
-from tests.token_helpers import basic, code_flow, make_world, refresh, token, verify_with_jwks
+from tests.token_helpers import (
+    PASSWORD,
+    basic,
+    code_flow,
+    make_world,
+    refresh,
+    token,
+    verify_with_jwks,
+)
 
 CLI = str(Path(sys.executable).with_name("loopwise-connect"))
 
@@ -406,6 +414,9 @@ async def test_pepper_rotation_end_to_end(
         )
         assert idle.client_secret and registered.registration_access_token
         device_cookie = sessions.remember_device(first, world.user.id, [])
+        # A sign-in form served before the rotation: its CSRF token is a MAC under the pepper.
+        presession = secrets.token_urlsafe(32)
+        form_token = sessions.login_csrf_token(first, presession, "account-login")
 
         # A refresh under the old pepper: its successor is derived under it.
         server = await aiohttp_server(create_app(first), port=port, access_log=None)
@@ -424,6 +435,21 @@ async def test_pepper_rotation_end_to_end(
     auth = basic(world.confidential.id, world.secret)
     idle_auth = basic(idle.client.id, idle.client_secret)
     registration_uri = f"{world.origin}/v1/oauth/register/{registered.client.id}"
+
+    async def sign_in_with_that_form() -> int:
+        async with http.post(
+            f"{world.origin}/account/login",
+            data={
+                "csrf_token": form_token,
+                "email": world.user.email,
+                "password": PASSWORD,
+                "return_to": "/account",
+            },
+            headers={"Cookie": f"{sessions.PRESESSION_COOKIE}={presession}"},
+            allow_redirects=False,
+        ) as resp:
+            return resp.status
+
     bearer = {"Authorization": f"Bearer {registered.registration_access_token}"}
 
     async def secret_hashes() -> dict[str, bytes | None]:
@@ -469,6 +495,7 @@ async def test_pepper_rotation_end_to_end(
 
         # A device cookie made under the old pepper still names its account.
         assert sessions.devices(overlap, device_cookie)
+        assert await sign_in_with_that_form() == 303
         remade = sessions.remember_device(
             overlap, world.user.id, sessions.devices(overlap, device_cookie)
         )
@@ -490,6 +517,8 @@ async def test_pepper_rotation_end_to_end(
         # Refresh tokens are not peppered (a plain SHA-256 finds them): the successor works.
         onwards = await refresh(http, world, successor)
         assert onwards.status == 200, onwards.body
+        # A form from before the overlap no longer passes.
+        assert await sign_in_with_that_form() == 403
     await server.close()
     assert sessions.devices(after, device_cookie) == []
     assert len(sessions.devices(after, remade)) == 1
