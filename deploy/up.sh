@@ -133,16 +133,23 @@ up() {
   wait_for 60 redis "$ENGINE" exec "$redis" redis-cli ping
   log "up: PostgreSQL and Redis ready in $((SECONDS - step)) s"
   step=$SECONDS
-  compose up -d >&2
-  if ! wait_for "${CONNECT_UP_TIMEOUT:-180}" gateway gateway_ready; then
-    show_failure
-    die "the gateway did not turn ready on port $CONNECT_HTTP_PORT"
-  fi
+  # Then migrate to its end, then the services, each step told not to start what it depends
+  # on: podman-compose turns depends_on into `podman run --requires`, and Podman 4.3 cannot
+  # start a container whose requirement (migrate) has exited and requires others in turn.
+  compose up -d --no-deps migrate >&2
   local migrate
   migrate=$(container_of migrate)
+  "$ENGINE" wait "$migrate" >/dev/null
   if [ "$("$ENGINE" inspect --format '{{.State.ExitCode}}' "$migrate")" != 0 ]; then
     show_failure
     die "migrate --demo failed"
+  fi
+  log "up: migrated and seeded in $((SECONDS - step)) s"
+  step=$SECONDS
+  compose up -d --no-deps identity school-api webhooks gateway >&2
+  if ! wait_for "${CONNECT_UP_TIMEOUT:-180}" gateway gateway_ready; then
+    show_failure
+    die "the gateway did not turn ready on port $CONNECT_HTTP_PORT"
   fi
   log "up: services ready in $((SECONDS - step)) s; make up took $((SECONDS - started)) s in all"
   cat <<MSG
