@@ -162,7 +162,17 @@ Loopwise Connect is running in containers ($ENGINE, project $COMPOSE_PROJECT_NAM
 
 Admin logins (migrate --demo):
 MSG
-  "$ENGINE" logs "$migrate" 2>/dev/null | sed -n '/^logins:/,$p' | sed 's/^/  /'
+  # migrate's one JSON result, among its JSON log lines.
+  "$ENGINE" logs "$migrate" 2>&1 | python3 -c '
+import json, sys
+for line in sys.stdin:
+    try:
+        result = json.loads(line)
+    except ValueError:
+        continue
+    for x in result.get("logins", []) if isinstance(result, dict) else []:
+        print("  {school:<15} {email}  password: {password}".format(**x))
+'
   printf '\nStop it with: make down\n'
 }
 

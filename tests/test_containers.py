@@ -277,7 +277,7 @@ def stack() -> Iterator[Stack]:
         # A first run builds the base images from Debian's packages (minutes); later ones
         # find them and the application image's layers cached.
         up = running.make("up", timeout=1500)
-        running.printed = up.stdout
+        running.printed = up.stdout + up.stderr
         assert up.returncode == 0, f"make up failed:\n{up.stdout}\n{up.stderr[-6000:]}"
         yield running
     finally:
@@ -340,6 +340,9 @@ async def test_make_up_serves_the_demo_school_through_a_partners_whole_flow(
 ) -> None:
     origin = f"http://demo.localhost:{stack.port}"
     assert origin in stack.printed
+    # The login it prints names the variable, never the password itself.
+    assert "admin@demo.example.com  password: (CONNECT_DEMO_ADMIN_PASSWORD)" in stack.printed
+    assert stack.password not in stack.printed
 
     redirect_uri = "http://127.0.0.1:9/callback"  # never contacted: the browser stops at it
     async with httpx.AsyncClient(transport=LocalhostTransport()) as plain:
