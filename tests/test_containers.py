@@ -3,8 +3,8 @@
 The one marked `containers` builds the images, brings the system up with `make up` in a real
 engine (Podman or Docker; skipped where neither is) and drives a partner's whole flow over
 HTTP: discovery, dynamic registration, sign-in and consent, a protected API call, revocation.
-It is not in the default run (a first run builds the base images from Debian's packages, about
-4 minutes; then about a minute with the images cached): `.ci/run` runs it with
+It is not in the default run (a first run builds the base images from Debian's packages, 5 to 7
+minutes; then about a minute with the images cached): `.ci/run` runs it with
 `pytest -m containers tests/test_containers.py`. The others check, without an engine, what
 the images and `make up` rely on: the runtime lock, `migrate --demo`, the development secrets
 made by several containers at once.
