@@ -66,15 +66,32 @@ def redact(
     return event_dict
 
 
+def add_trace_ids(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """structlog processor: the current trace's and span's ids (with tracing on), so a log
+    line leads to its trace and back."""
+    from libs.common import tracing
+
+    ids = tracing.current_ids()
+    if ids is not None:
+        event_dict["trace_id"], event_dict["span_id"] = ids
+    return event_dict
+
+
 def _dumps(obj: Any, **_: Any) -> str:
     return orjson.dumps(obj, default=str).decode()
 
 
-def configure_logging(level: str = "info", *, service: str = "connect") -> None:
-    """JSON lines on stderr; stdout stays free for the CLI's `--json` answers."""
+def configure_logging(
+    level: str = "info", *, service: str = "connect", trace_ids: bool = False
+) -> None:
+    """JSON lines on stderr; stdout stays free for the CLI's `--json` answers. `trace_ids`
+    (tracing on) adds the current trace and span ids to every line."""
     numeric = logging.getLevelName(level.upper())
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,
+        *([add_trace_ids] if trace_ids else []),
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.format_exc_info,
