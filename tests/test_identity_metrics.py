@@ -40,7 +40,10 @@ async def browser() -> AsyncIterator[Browser]:
     await b.close()
 
 
-async def scrape(http: Any, identity_url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+async def scrape(http: Any, identity_url: str) -> Samples:
     """Every sample of identity's /metrics by (name, sorted labels)."""
     async with http.get(f"{identity_url}/metrics") as resp:
         assert resp.status == 200
@@ -52,7 +55,7 @@ async def scrape(http: Any, identity_url: str) -> dict[tuple[str, tuple[tuple[st
     }
 
 
-def value(samples: dict[Any, float], name: str, **labels: str) -> float:
+def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 

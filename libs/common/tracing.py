@@ -174,6 +174,21 @@ def client_span(
         yield span
 
 
+@contextmanager
+def redis_span(command: str, purpose: str) -> Iterator[Any]:
+    """A CLIENT span around one command of our own Redis client (the command's name only,
+    never its keys or values, as the redis-py instrumentation records them)."""
+    from opentelemetry import trace
+
+    tracer = trace.get_tracer("loopwise-connect")
+    with tracer.start_as_current_span(
+        f"{command} {purpose}",
+        kind=trace.SpanKind.CLIENT,
+        attributes={"db.system": "redis", "db.operation.name": command},
+    ) as span:
+        yield span
+
+
 def answered(span: Any, status: int) -> None:
     """Record an upstream's answer on a client span (an error from 500 up, as the
     instrumentations mark theirs)."""
