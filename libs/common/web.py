@@ -28,11 +28,9 @@ from prometheus_client import generate_latest as prometheus_latest
 from redis.exceptions import RedisError
 
 from libs.common.errors import json_response
-from libs.common.logging import get_logger
+from libs.common.logging import access_logger, get_logger
 
 log = get_logger(__name__)
-# The access log: one line per request answered (ACCESS_LOG=false turns it off).
-access_log = get_logger("access")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ReadinessCheck = Callable[[], Awaitable[bool]]
@@ -155,7 +153,7 @@ def log_access(request: web.Request, status: int, seconds: float) -> None:
     """The access log line: the path without its query (a query may hold a signature, a code
     or a state), never a header; request id, school and client come from the bound context,
     the trace id from the tracing processor."""
-    access_log.info(
+    access_logger().info(
         "access",
         method=request.method,
         path=request.path,
