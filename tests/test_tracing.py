@@ -250,6 +250,10 @@ async def test_one_api_call_is_one_trace_from_gateway_to_postgresql(
 
     spans = await collector.wait_for(root.trace_id, complete)
     shown = tree(spans)
+    # Shown with `pytest -s`: the README's captured trace is this print (a moment later, so
+    # spans of identity's that the JWKS fetch made are in too).
+    await asyncio.sleep(0.5)
+    print(f"\ntrace {root.trace_id}\n{tree(collector.trace(root.trace_id))}")
     # gateway SERVER → gateway CLIENT (the lean client's span) → school-api SERVER → PostgreSQL
     server = next(s for s in spans if s.service == "school-api" and s.kind == "SERVER")
     forwarded = by_id(spans)[server.parent_id]
@@ -290,6 +294,7 @@ async def test_one_api_call_is_one_trace_from_gateway_to_postgresql(
     assert len(school_access) == 1, school_access
     assert school_access[0]["span_id"] == server.span_id
     assert school_access[0]["path"] == "/api/v1/courses"
+    print(orjson.dumps(gateway_access[0]).decode())
 
 
 async def test_a_public_route_continues_the_callers_trace_through_the_gateways_span(
