@@ -7,6 +7,7 @@ with a :class:`ConfigError` that names the variable and what is wrong with it.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import ipaddress
@@ -281,6 +282,9 @@ class Settings:
     # database afresh for secrets of this file (services/dev/database.py), never for given
     # ones.
     dev_secrets: Path | None = None
+    # CONNECT_DEMO_ADMIN_PASSWORD: the demo school's admin's password when the demo is seeded
+    # (`make dev`, `migrate --demo` under `make up`); generated when not given.
+    demo_admin_password: str | None = field(repr=False, default=None)
     log_level: str = "info"
     host: str = "127.0.0.1"
     ports: Ports = field(default_factory=Ports)
@@ -505,13 +509,36 @@ def _dev_secrets(path: Path) -> tuple[bytes, bytes]:
     """Development's key-encryption key and pepper, generated once per checkout."""
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, stat.S_IRUSR | stat.S_IWUSR)
-        with os.fdopen(fd, "wb") as out:
-            out.write(secrets.token_bytes(64))
+        # Written whole under another name, then linked into place: processes starting at once
+        # (the containers of `make up`) all end up with the one that won, never a half-written
+        # file or their own.
+        draft = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, stat.S_IRUSR | stat.S_IWUSR)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(secrets.token_bytes(64))
+            # Another process linked its draft first: theirs is the one everyone reads.
+            with contextlib.suppress(FileExistsError):
+                os.link(draft, path)
+        finally:
+            draft.unlink()
     data = path.read_bytes()
     if len(data) != 64:
         raise ConfigError("KEY_ENCRYPTION_KEY", f"{path} is damaged; delete it to start afresh")
     return data[:32], data[32:]
+
+
+def _demo_admin_password(env: Mapping[str, str]) -> str | None:
+    password = env.get("CONNECT_DEMO_ADMIN_PASSWORD", "")
+    if not password:
+        return None
+    # The account rules' own minimum (services/identity/users.py), checked at start rather
+    # than after the stores are up.
+    if len(password) < 8:
+        raise ConfigError("CONNECT_DEMO_ADMIN_PASSWORD", "must have at least 8 characters")
+    if password != password.strip():
+        raise ConfigError("CONNECT_DEMO_ADMIN_PASSWORD", "must not begin or end with a space")
+    return password
 
 
 def _lease(env: Mapping[str, str]) -> float:
@@ -614,6 +641,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         key_encryption_key=_key(env, "KEY_ENCRYPTION_KEY", dev_keys[0] if dev_keys else None),
         secret_pepper=_key(env, "SECRET_PEPPER", dev_keys[1] if dev_keys else None),
         dev_secrets=dev_secrets,
+        demo_admin_password=_demo_admin_password(env),
         log_level=log_level,
         host=_text(env, "BIND_HOST", "127.0.0.1"),
         ports=ports,
