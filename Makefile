@@ -59,17 +59,25 @@ format: $(STAMP)
 	$(BIN)/ruff format libs services tests bench faults
 	$(BIN)/ruff check --fix libs services tests bench faults
 
-# Regenerate requirements.lock from pyproject.toml (needs uv: `pip install uv`).
+# Regenerate requirements.lock from pyproject.toml (needs uv: `pip install uv`), and
+# requirements.runtime.lock, the runtime dependencies alone, which the container image installs,
+# at the versions requirements.lock has (what the tests ran with).
 lock:
-	uv pip compile pyproject.toml --extra devstores --extra test --extra lint \
+	uv pip compile pyproject.toml --extra devstores --extra test --extra lint --extra compose \
 		--python-version 3.11 --generate-hashes --quiet -o requirements.lock \
 		--no-emit-package loopwise-connect
+	uv pip compile pyproject.toml --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+		--generate-hashes --quiet -o requirements.runtime.lock --no-emit-package loopwise-connect \
+		-c requirements.lock
 
-up:
-	docker compose -f deploy/docker-compose.yml up --build
+# The whole system in containers (README "Containers"): CONTAINER_ENGINE=docker|podman,
+# CONNECT_DEMO_ADMIN_PASSWORD for the demo admin, CONNECT_HTTP_PORT (8080); deploy/up.sh says
+# the rest. It returns once the gateway answers; `make down` stops it.
+up: $(STAMP)
+	deploy/up.sh up
 
-down:
-	docker compose -f deploy/docker-compose.yml down
+down: $(STAMP)
+	deploy/up.sh down
 
 clean:
 	rm -rf $(VENV) .data .pytest_cache .mypy_cache .ruff_cache

@@ -7,6 +7,7 @@ with a :class:`ConfigError` that names the variable and what is wrong with it.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import ipaddress
@@ -180,6 +181,63 @@ class IdentityPolicy:
     audit_ip_retention_days: int = 30
 
 
+@dataclass(frozen=True, slots=True)
+class Observability:
+    """Tracing (libs/common/tracing.py) and the access log, from the standard OTEL_* variables.
+
+    Tracing is off unless an exporter is named (OTEL_TRACES_EXPORTER) or an OTLP endpoint is
+    given; the OTLP exporter reads its own variables (endpoint, headers, timeout) itself."""
+
+    # none | otlp (OTLP over HTTP with protobuf) | console (one JSON span a line on stdout)
+    exporter: str = "none"
+    # Share of new traces recorded; a caller's sampled `traceparent` is always followed.
+    sample_ratio: float = 1.0
+    # One log line per request answered (libs/common/web.py).
+    access_log: bool = True
+
+    @property
+    def tracing(self) -> bool:
+        return self.exporter != "none"
+
+
+_TRACE_EXPORTERS = ("none", "otlp", "console")
+
+
+def _observability(env: Mapping[str, str]) -> Observability:
+    for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        if env.get(name, "").strip():
+            _url(env, name, "", ("http", "https"))
+    protocol = (
+        env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "").strip()
+        or env.get("OTEL_EXPORTER_OTLP_PROTOCOL", "").strip()
+    )
+    if protocol not in ("", "http/protobuf"):
+        # Only the HTTP exporter is installed: no gRPC in the image.
+        name = (
+            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"
+            if env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "").strip()
+            else "OTEL_EXPORTER_OTLP_PROTOCOL"
+        )
+        raise ConfigError(name, f"must be http/protobuf, got {protocol!r}")
+    endpoint_given = any(
+        env.get(n, "").strip()
+        for n in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    )
+    exporter = env.get("OTEL_TRACES_EXPORTER", "").strip().lower() or (
+        "otlp" if endpoint_given else "none"
+    )
+    if exporter not in _TRACE_EXPORTERS:
+        raise ConfigError("OTEL_TRACES_EXPORTER", "must be otlp, console or none")
+    if _bool(env, "OTEL_SDK_DISABLED", False):
+        exporter = "none"
+    ratio = _float(env, "OTEL_TRACES_SAMPLER_ARG", 1.0)
+    if ratio > 1:
+        raise ConfigError("OTEL_TRACES_SAMPLER_ARG", f"must be between 0 and 1, got {ratio}")
+    return Observability(
+        exporter=exporter, sample_ratio=ratio, access_log=_bool(env, "ACCESS_LOG", True)
+    )
+
+
 DEFAULT_WEBHOOK_RETRY_SCHEDULE = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
 
 
@@ -237,6 +295,9 @@ class Settings:
     # database afresh for secrets of this file (services/dev/database.py), never for given
     # ones.
     dev_secrets: Path | None = None
+    # CONNECT_DEMO_ADMIN_PASSWORD: the demo school's admin's password when the demo is seeded
+    # (`make dev`, `migrate --demo` under `make up`); generated when not given.
+    demo_admin_password: str | None = field(repr=False, default=None)
     log_level: str = "info"
     host: str = "127.0.0.1"
     ports: Ports = field(default_factory=Ports)
@@ -256,6 +317,7 @@ class Settings:
     gateway: GatewayPolicy = field(default_factory=GatewayPolicy)
     webhooks: WebhookPolicy = field(default_factory=WebhookPolicy)
     identity: IdentityPolicy = field(default_factory=IdentityPolicy)
+    observability: Observability = field(default_factory=Observability)
     previous_key_encryption_keys: tuple[bytes, ...] = field(repr=False, default=())
     previous_secret_pepper: bytes | None = field(repr=False, default=None)
 
@@ -511,13 +573,36 @@ def _dev_secrets(path: Path) -> tuple[bytes, bytes]:
     """Development's key-encryption key and pepper, generated once per checkout."""
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, stat.S_IRUSR | stat.S_IWUSR)
-        with os.fdopen(fd, "wb") as out:
-            out.write(secrets.token_bytes(64))
+        # Written whole under another name, then linked into place: processes starting at once
+        # (the containers of `make up`) all end up with the one that won, never a half-written
+        # file or their own.
+        draft = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, stat.S_IRUSR | stat.S_IWUSR)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(secrets.token_bytes(64))
+            # Another process linked its draft first: theirs is the one everyone reads.
+            with contextlib.suppress(FileExistsError):
+                os.link(draft, path)
+        finally:
+            draft.unlink()
     data = path.read_bytes()
     if len(data) != 64:
         raise ConfigError("KEY_ENCRYPTION_KEY", f"{path} is damaged; delete it to start afresh")
     return data[:32], data[32:]
+
+
+def _demo_admin_password(env: Mapping[str, str]) -> str | None:
+    password = env.get("CONNECT_DEMO_ADMIN_PASSWORD", "")
+    if not password:
+        return None
+    # The account rules' own minimum (services/identity/users.py), checked at start rather
+    # than after the stores are up.
+    if len(password) < 8:
+        raise ConfigError("CONNECT_DEMO_ADMIN_PASSWORD", "must have at least 8 characters")
+    if password != password.strip():
+        raise ConfigError("CONNECT_DEMO_ADMIN_PASSWORD", "must not begin or end with a space")
+    return password
 
 
 def _lease(env: Mapping[str, str]) -> float:
@@ -624,6 +709,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         previous_key_encryption_keys=_previous_keys(env, kek),
         previous_secret_pepper=_previous_pepper(env, pepper),
         dev_secrets=dev_secrets,
+        demo_admin_password=_demo_admin_password(env),
         log_level=log_level,
         host=_text(env, "BIND_HOST", "127.0.0.1"),
         ports=ports,
@@ -644,6 +730,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         gateway=gateway,
         webhooks=_webhook_policy(env, environment),
         identity=_identity_policy(env),
+        observability=_observability(env),
         # Last, so a wrong value of any other variable is the one reported first.
         internal_token=_internal_token(env, environment, dev_keys),
     )

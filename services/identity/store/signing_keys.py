@@ -141,3 +141,11 @@ async def reseal_private_key(
         kek_id,
     )
     return status == "UPDATE 1"
+
+
+async def oldest_current_activation(db: Executor) -> datetime | None:
+    """When the longest-serving current key of any issuer became current (the key age metric)."""
+    value: datetime | None = await db.fetchval(
+        "SELECT min(activated_at) FROM signing_keys WHERE state = 'current'"
+    )
+    return value
