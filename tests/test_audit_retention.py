@@ -15,6 +15,7 @@ ahead drops months) and must not touch the session's rows:
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import random
 import secrets
@@ -308,3 +309,34 @@ async def test_the_consumer_stamps_a_record_as_postgresql_does(pool: asyncpg.Poo
     )
     mine = [audit.from_unix_seconds(s) for s in seconds]
     assert mine == [r["at"] for r in by_postgresql]
+
+
+async def test_upkeep_runs_once_among_many_and_gives_way_to_readers(
+    own: tuple[str, Settings], pool: asyncpg.Pool
+) -> None:
+    """Sweeps running at once make each month once and fail none; a drop that would wait
+    behind a reader holding audit_log (a long export) is left to the next pass rather than
+    queueing every insert behind it."""
+    url, settings = own
+    settings = replace(settings, identity=replace(settings.identity, audit_retention_days=60))
+    now = datetime(2032, 6, 15, tzinfo=UTC)
+    results = await asyncio.gather(
+        *(audit_retention.sweep(pool, settings, now=now - timedelta(days=120)) for _ in range(4))
+    )
+    assert sum(r["audit_partitions_made"] for r in results) == 4  # Feb to May 2032
+    assert date(2032, 2, 1) in await audit_partitions.months(pool)
+
+    reader = await connect(url)
+    try:
+        async with reader.transaction():
+            await reader.execute("LOCK TABLE audit_log IN ACCESS SHARE MODE")
+            held = await audit_retention.sweep(pool, settings, now=now)
+            # Inserts still go through while the reader holds its lock.
+            await audit_store.insert_many(pool, [_row(now)])
+        assert held["audit_partitions_dropped"] == 0
+        assert date(2032, 2, 1) in await audit_partitions.months(pool)
+    finally:
+        await reader.close()
+    released = await audit_retention.sweep(pool, settings, now=now)
+    assert released["audit_partitions_dropped"] == 2  # February and March 2032
+    assert date(2032, 2, 1) not in await audit_partitions.months(pool)
