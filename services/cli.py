@@ -111,6 +111,12 @@ def _parser() -> argparse.ArgumentParser:
     keys = sub.add_parser("keys", parents=[common]).add_subparsers(dest="action", required=True)
     kr = keys.add_parser("rotate", parents=[common])
     kr.add_argument("--school", help="the school's subdomain or id; the platform issuer if absent")
+    keys.add_parser(
+        "rewrap",
+        parents=[common],
+        help="seal every private key and webhook secret under KEY_ENCRYPTION_KEY (after a"
+        " key-encryption key rotation; idempotent, safe while the services run)",
+    )
     return p
 
 

@@ -171,6 +171,14 @@ class IdentityPolicy:
     # argon2 verifications (and hashes) running at once per process; each holds its memory
     # cost (64 MiB), so a login flood costs at most this many times that.
     password_hash_concurrency: int = 4
+    # audit_log keeps a month's partition until its last day is this many days old, then
+    # drops it whole (a year and a month by default, so a year-on-year review still finds
+    # last year's month).
+    audit_retention_days: int = 400
+    # Client addresses in audit_log are cut to their network (/24, /48) once this many days
+    # old: who called from where stays answerable for an investigation's usual window, and no
+    # longer names a household after it.
+    audit_ip_retention_days: int = 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,7 +280,12 @@ class Settings:
     # never see each other's data.
     redis_prefix: str
     urls: PublicUrls
+    # The key-encryption key that seals (KEY_ENCRYPTION_KEY); KEY_ENCRYPTION_KEYS_PREVIOUS
+    # only open what they sealed, until `keys rewrap` has re-sealed it under this one.
     key_encryption_key: bytes = field(repr=False)
+    # The pepper new hashes and MACs are made with (SECRET_PEPPER); SECRET_PEPPER_PREVIOUS
+    # is still accepted during a rotation's overlap, and a secret that matched only under it
+    # is hashed again under this one.
     secret_pepper: bytes = field(repr=False)
     # Proves to resource services that identity headers came from a gateway (sent as
     # X-Connect-Internal-Token); resource services refuse calls without it.
@@ -305,6 +318,20 @@ class Settings:
     webhooks: WebhookPolicy = field(default_factory=WebhookPolicy)
     identity: IdentityPolicy = field(default_factory=IdentityPolicy)
     observability: Observability = field(default_factory=Observability)
+    previous_key_encryption_keys: tuple[bytes, ...] = field(repr=False, default=())
+    previous_secret_pepper: bytes | None = field(repr=False, default=None)
+
+    @property
+    def key_encryption_keys(self) -> tuple[bytes, ...]:
+        """Every configured key-encryption key, the sealing one first."""
+        return (self.key_encryption_key, *self.previous_key_encryption_keys)
+
+    @property
+    def secret_peppers(self) -> tuple[bytes, ...]:
+        """The pepper, then the previous one during a rotation's overlap."""
+        if self.previous_secret_pepper is None:
+            return (self.secret_pepper,)
+        return (self.secret_pepper, self.previous_secret_pepper)
 
     @property
     def session_database_url(self) -> str:
@@ -484,7 +511,11 @@ def _identity_policy(env: Mapping[str, str]) -> IdentityPolicy:
     # Each one holds argon2's 64 MiB: 64 of them is already 4 GiB.
     _at_most("PASSWORD_HASH_CONCURRENCY", concurrency, 64)
     return IdentityPolicy(
-        sweep_interval=interval, sweep_batch_size=batch, password_hash_concurrency=concurrency
+        sweep_interval=interval,
+        sweep_batch_size=batch,
+        password_hash_concurrency=concurrency,
+        audit_retention_days=_int(env, "AUDIT_RETENTION_DAYS", 400, minimum=1),
+        audit_ip_retention_days=_int(env, "AUDIT_IP_RETENTION_DAYS", 30, minimum=1),
     )
 
 
@@ -494,6 +525,10 @@ def _key(env: Mapping[str, str], name: str, dev_value: bytes | None) -> bytes:
         if dev_value is None:
             raise ConfigError(name, "is required in production (32 random bytes, base64)")
         return dev_value
+    return _decoded_key(name, raw)
+
+
+def _decoded_key(name: str, raw: str) -> bytes:
     try:
         # Either alphabet, padding optional; any other character is an error, not dropped.
         padded = (raw + "=" * (-len(raw) % 4)).replace("-", "+").replace("_", "/")
@@ -503,6 +538,35 @@ def _key(env: Mapping[str, str], name: str, dev_value: bytes | None) -> bytes:
     if len(value) != 32:
         raise ConfigError(name, f"must decode to 32 bytes, got {len(value)}")
     return value
+
+
+def _previous_keys(env: Mapping[str, str], kek: bytes) -> tuple[bytes, ...]:
+    """KEY_ENCRYPTION_KEYS_PREVIOUS: comma-separated keys that still open, never seal."""
+    name = "KEY_ENCRYPTION_KEYS_PREVIOUS"
+    found: list[bytes] = []
+    for position, item in enumerate(env.get(name, "").split(","), start=1):
+        if not item.strip():
+            continue
+        try:
+            key = _decoded_key(name, item.strip())
+        except ConfigError as exc:
+            # Which one of the list, never its value.
+            raise ConfigError(name, f"key {position}: {exc.problem}") from None
+        if key == kek:
+            raise ConfigError(name, f"key {position} is KEY_ENCRYPTION_KEY itself")
+        if key not in found:
+            found.append(key)
+    return tuple(found)
+
+
+def _previous_pepper(env: Mapping[str, str], pepper: bytes) -> bytes | None:
+    raw = env.get("SECRET_PEPPER_PREVIOUS", "").strip()
+    if not raw:
+        return None
+    previous = _decoded_key("SECRET_PEPPER_PREVIOUS", raw)
+    if previous == pepper:
+        raise ConfigError("SECRET_PEPPER_PREVIOUS", "is SECRET_PEPPER itself")
+    return previous
 
 
 def _dev_secrets(path: Path) -> tuple[bytes, bytes]:
@@ -632,14 +696,18 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         revocation_lease=_lease(env),
     )
     database_url = _url(env, "DATABASE_URL", DEFAULT_DATABASE_URL, ("postgresql", "postgres"))
+    kek = _key(env, "KEY_ENCRYPTION_KEY", dev_keys[0] if dev_keys else None)
+    pepper = _key(env, "SECRET_PEPPER", dev_keys[1] if dev_keys else None)
     return Settings(
         environment=environment,  # type: ignore[arg-type]
         database_url=database_url,
         redis_url=_redis_url(env, "REDIS_URL", DEFAULT_REDIS_URL),
         redis_prefix=_text(env, "REDIS_KEY_PREFIX", ""),
         urls=PublicUrls(school_template=template.rstrip("/"), platform_url=platform_url),
-        key_encryption_key=_key(env, "KEY_ENCRYPTION_KEY", dev_keys[0] if dev_keys else None),
-        secret_pepper=_key(env, "SECRET_PEPPER", dev_keys[1] if dev_keys else None),
+        key_encryption_key=kek,
+        secret_pepper=pepper,
+        previous_key_encryption_keys=_previous_keys(env, kek),
+        previous_secret_pepper=_previous_pepper(env, pepper),
         dev_secrets=dev_secrets,
         demo_admin_password=_demo_admin_password(env),
         log_level=log_level,

@@ -27,7 +27,7 @@ import functools
 import ipaddress
 import time
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -145,6 +145,22 @@ def _ip(value: Any) -> str | None:
     return _parse_ip(str(value)) if value else None
 
 
+_POSTGRES_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+_POSTGRES_EPOCH_UNIX = 946_684_800.0
+
+
+def from_unix_seconds(seconds: float) -> datetime:
+    """The instant PostgreSQL's to_timestamp(float8) makes of `seconds`, to the microsecond.
+
+    A record's occurred_at is part of its key in audit_log (partitioned by it), so a record
+    stored once through insert_batches (PostgreSQL converts) and again through insert_many
+    (this converts) must get the very same instant. datetime.fromtimestamp rounds otherwise
+    for about one value in ten; this is PostgreSQL's arithmetic (float8_timestamptz): shift to
+    its epoch, scale to microseconds, round half to even (rint; Python's round on a float)."""
+    micros = round((seconds - _POSTGRES_EPOCH_UNIX) * 1_000_000.0)
+    return _POSTGRES_EPOCH + timedelta(microseconds=micros)
+
+
 def row(key: str, d: dict[str, Any]) -> audit_store.AuditRow:
     """The audit_log row of a record, keyed `key`, its values cleaned for PostgreSQL."""
     occurred = d.get("occurred_at")
@@ -152,7 +168,7 @@ def row(key: str, d: dict[str, Any]) -> audit_store.AuditRow:
     if isinstance(occurred, int | float):
         # Out of datetime's range, or NaN: the record is kept, stamped when it was stored.
         with contextlib.suppress(ValueError, OverflowError, OSError):
-            when = datetime.fromtimestamp(float(occurred), UTC)
+            when = from_unix_seconds(float(occurred))
     detail = d.get("detail") if isinstance(d.get("detail"), dict) else {}
     return audit_store.AuditRow(
         record_id=key,
