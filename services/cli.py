@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from libs.common import db
-from libs.common.config import ConfigError, Settings, load_settings
+from libs.common.config import SECRET_VARIABLES, SECRETS_OF, ConfigError, Settings, load_settings
 from libs.common.logging import configure_logging
 
 if TYPE_CHECKING:
@@ -229,8 +229,11 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # A part is given only the secrets it uses (config.SECRETS_OF): the gateway starts
+    # without the key-encryption key and the pepper, the migration without any.
+    part = args.part if args.command == "serve" else args.command
     try:
-        settings = load_settings()
+        settings = load_settings(needs=SECRETS_OF.get(part, SECRET_VARIABLES))
     except ConfigError as exc:
         sys.stderr.write(f"configuration error: {exc}\n")
         return 2

@@ -35,6 +35,20 @@ DEV_SECRETS_FILE = Path(".data") / "dev-secrets"
 DEFAULT_GATEWAY_ROUTES = str(Path(__file__).resolve().parents[2] / "deploy" / "routes.toml")
 
 
+# The secret variables, and which of them each process needs: a part is given (and holds) only
+# its own, so the internet-facing gateway never holds the key-encryption key or the pepper, and
+# the migration job holds none. The school API signs upload URLs with the pepper; webhooks
+# seals its signing secrets with the key-encryption key.
+SECRET_VARIABLES = frozenset({"KEY_ENCRYPTION_KEY", "SECRET_PEPPER", "INTERNAL_TOKEN"})
+SECRETS_OF: dict[str, frozenset[str]] = {
+    "identity": SECRET_VARIABLES,
+    "gateway": frozenset({"INTERNAL_TOKEN"}),
+    "school-api": frozenset({"SECRET_PEPPER", "INTERNAL_TOKEN"}),
+    "webhooks": frozenset({"KEY_ENCRYPTION_KEY", "INTERNAL_TOKEN"}),
+    "migrate": frozenset(),
+}
+
+
 class ConfigError(ValueError):
     """A configuration variable is missing or malformed."""
 
@@ -214,8 +228,10 @@ class Settings:
     # never see each other's data.
     redis_prefix: str
     urls: PublicUrls
-    key_encryption_key: bytes = field(repr=False)
-    secret_pepper: bytes = field(repr=False)
+    # None where the process was not given the secret (load_settings's `needs`): reading it
+    # then is a programming error, raised, never an empty key.
+    given_key_encryption_key: bytes | None = field(repr=False)
+    given_secret_pepper: bytes | None = field(repr=False)
     # Proves to resource services that identity headers came from a gateway (sent as
     # X-Connect-Internal-Token); resource services refuse calls without it.
     internal_token: str = field(repr=False, default="")
@@ -245,6 +261,14 @@ class Settings:
     identity: IdentityPolicy = field(default_factory=IdentityPolicy)
 
     @property
+    def key_encryption_key(self) -> bytes:
+        return _held(self.given_key_encryption_key, "KEY_ENCRYPTION_KEY")
+
+    @property
+    def secret_pepper(self) -> bytes:
+        return _held(self.given_secret_pepper, "SECRET_PEPPER")
+
+    @property
     def session_database_url(self) -> str:
         """The DSN for what needs a PostgreSQL session of its own (LISTEN, session locks)."""
         return self.database_session_url or self.database_url
@@ -256,6 +280,12 @@ class Settings:
     def stream(self, name: str) -> str:
         """The full Redis name of a stream or key: `connect:events` plus the run's prefix."""
         return f"{self.redis_prefix}{name}"
+
+
+def _held(value: bytes | None, name: str) -> bytes:
+    if value is None:
+        raise ConfigError(name, "is not given to this process (libs/common/config.SECRETS_OF)")
+    return value
 
 
 def _text(env: Mapping[str, str], name: str, default: str) -> str:
@@ -443,6 +473,19 @@ def _key(env: Mapping[str, str], name: str, dev_value: bytes | None) -> bytes:
     return value
 
 
+def _secret_key(
+    env: Mapping[str, str],
+    name: str,
+    needs: frozenset[str],
+    dev_keys: tuple[bytes, bytes] | None,
+    index: int,
+) -> bytes | None:
+    if name not in needs and dev_keys is None:
+        # Production (or both given): a process that does not use it never reads it.
+        return None
+    return _key(env, name, dev_keys[index] if dev_keys else None)
+
+
 def _dev_secrets(path: Path) -> tuple[bytes, bytes]:
     """Development's key-encryption key and pepper, generated once per checkout."""
     if not path.exists():
@@ -466,8 +509,15 @@ def _lease(env: Mapping[str, str]) -> float:
 
 
 def _internal_token(
-    env: Mapping[str, str], environment: str, dev_keys: tuple[bytes, bytes] | None
+    env: Mapping[str, str],
+    environment: str,
+    dev_keys: tuple[bytes, bytes] | None,
+    needed: bool,
 ) -> str:
+    if environment == "production" and not needed:
+        # Resource services refuse every call under an empty token; a process that sends
+        # none (the migration) never reads it.
+        return ""
     token = _text(env, "INTERNAL_TOKEN", "")
     if token:
         if len(token) < 32:
@@ -481,8 +531,14 @@ def _internal_token(
     return hmac.new(seed_key, b"internal-token", hashlib.sha256).hexdigest()
 
 
-def load_settings(env: Mapping[str, str] | None = None) -> Settings:
-    """Read and validate every variable; raise ConfigError naming the first bad one."""
+def load_settings(
+    env: Mapping[str, str] | None = None, *, needs: frozenset[str] = SECRET_VARIABLES
+) -> Settings:
+    """Read and validate every variable; raise ConfigError naming the first bad one.
+
+    `needs`: the secret variables this process uses (SECRETS_OF); in production only those are
+    required, and a process never reads (so never holds) a key or pepper it does not need,
+    even where one is set. Development and tests generate or derive every one."""
     env = os.environ if env is None else env
     environment = _text(env, "CONNECT_ENV", "development")
     if environment not in ("development", "test", "production"):
@@ -553,8 +609,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         redis_url=_redis_url(env, "REDIS_URL", DEFAULT_REDIS_URL),
         redis_prefix=_text(env, "REDIS_KEY_PREFIX", ""),
         urls=PublicUrls(school_template=template.rstrip("/"), platform_url=platform_url),
-        key_encryption_key=_key(env, "KEY_ENCRYPTION_KEY", dev_keys[0] if dev_keys else None),
-        secret_pepper=_key(env, "SECRET_PEPPER", dev_keys[1] if dev_keys else None),
+        given_key_encryption_key=_secret_key(env, "KEY_ENCRYPTION_KEY", needs, dev_keys, 0),
+        given_secret_pepper=_secret_key(env, "SECRET_PEPPER", needs, dev_keys, 1),
         dev_secrets=dev_secrets,
         log_level=log_level,
         host=_text(env, "BIND_HOST", "127.0.0.1"),
@@ -577,5 +633,5 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         webhooks=_webhook_policy(env, environment),
         identity=_identity_policy(env),
         # Last, so a wrong value of any other variable is the one reported first.
-        internal_token=_internal_token(env, environment, dev_keys),
+        internal_token=_internal_token(env, environment, dev_keys, "INTERNAL_TOKEN" in needs),
     )
