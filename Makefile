@@ -7,7 +7,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: dev cluster test-cluster test lint format lock up down bench bench-quick faults clean install
+.PHONY: dev cluster test-cluster test lint format lock up down bench bench-quick faults clean install \
+	tools lock-tools k8s-check kube-play
 
 install: $(STAMP)
 
@@ -16,6 +17,20 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --require-hashes --no-deps -r requirements.lock
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	@touch $(STAMP)
+
+# The manifest checks' tools (deploy/k8s/tools.in): kustomize (pykustomize), kubernetes-validate
+# and checkov, in an environment of their own so checkov's pins never meet ours.
+TOOLS       := .venv-tools
+TOOLS_STAMP := $(TOOLS)/.installed
+
+tools: $(TOOLS_STAMP)
+
+$(TOOLS_STAMP): requirements.tools.lock deploy/k8s/kustomize.lock
+	@test -x $(TOOLS)/bin/python || $(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/python -m pip install --quiet --disable-pip-version-check --require-hashes --no-deps -r requirements.tools.lock
+	$(TOOLS)/bin/python -m pip install --quiet --disable-pip-version-check --require-hashes --no-deps \
+		--ignore-requires-python -r deploy/k8s/kustomize.lock
+	@touch $@
 
 dev: $(STAMP)
 	$(BIN)/loopwise-connect dev
@@ -65,6 +80,15 @@ lock:
 		--python-version 3.11 --generate-hashes --quiet -o requirements.lock \
 		--no-emit-package loopwise-connect
 
+lock-tools:
+	uv pip compile deploy/k8s/tools.in --python-version 3.11 --generate-hashes --quiet \
+		-o requirements.tools.lock
+
+# deploy/k8s rendered (base, dev, prod) and checked: kubernetes-validate --strict, checkov,
+# Pod Security "restricted", least-privilege secrets, network policies (tests/test_k8s.py).
+k8s-check: $(STAMP) tools
+	$(BIN)/python -m pytest -q tests/test_k8s.py
+
 up:
 	docker compose -f deploy/docker-compose.yml up --build
 
@@ -72,4 +96,4 @@ down:
 	docker compose -f deploy/docker-compose.yml down
 
 clean:
-	rm -rf $(VENV) .data .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(TOOLS) .data .pytest_cache .mypy_cache .ruff_cache
