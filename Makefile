@@ -32,6 +32,16 @@ $(TOOLS_STAMP): requirements.tools.lock deploy/k8s/kustomize.lock
 		--ignore-requires-python -r deploy/k8s/kustomize.lock
 	@touch $@
 
+# requirements.tools.lock from deploy/k8s/tools.in (needs uv, as `make lock`).
+lock-tools:
+	uv pip compile deploy/k8s/tools.in --python-version 3.11 --generate-hashes --quiet \
+		-o requirements.tools.lock
+
+# deploy/k8s rendered (base, dev, prod) and checked: kubernetes-validate --strict, checkov,
+# Pod Security "restricted", least-privilege secrets, network policies (tests/test_k8s.py).
+k8s-check: $(STAMP) tools
+	$(BIN)/python -m pytest -q tests/test_k8s.py
+
 dev: $(STAMP)
 	$(BIN)/loopwise-connect dev
 
@@ -79,15 +89,6 @@ lock:
 	uv pip compile pyproject.toml --extra devstores --extra test --extra lint \
 		--python-version 3.11 --generate-hashes --quiet -o requirements.lock \
 		--no-emit-package loopwise-connect
-
-lock-tools:
-	uv pip compile deploy/k8s/tools.in --python-version 3.11 --generate-hashes --quiet \
-		-o requirements.tools.lock
-
-# deploy/k8s rendered (base, dev, prod) and checked: kubernetes-validate --strict, checkov,
-# Pod Security "restricted", least-privilege secrets, network policies (tests/test_k8s.py).
-k8s-check: $(STAMP) tools
-	$(BIN)/python -m pytest -q tests/test_k8s.py
 
 up:
 	docker compose -f deploy/docker-compose.yml up --build
