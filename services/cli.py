@@ -232,8 +232,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     # A part is given only the secrets it uses (config.SECRETS_OF): the gateway starts
     # without the key-encryption key and the pepper, the migration without any.
     part = args.part if args.command == "serve" else args.command
+    needs = SECRETS_OF.get(part, SECRET_VARIABLES)
+    if getattr(args, "demo", False):
+        # `migrate --demo` (outside production only) seeds users and keys: every secret.
+        needs = SECRET_VARIABLES
     try:
-        settings = load_settings(needs=SECRETS_OF.get(part, SECRET_VARIABLES))
+        settings = load_settings(needs=needs)
     except ConfigError as exc:
         sys.stderr.write(f"configuration error: {exc}\n")
         return 2
