@@ -1,9 +1,9 @@
 """Render a kustomization with kustomize's own library (pykustomize, in .venv-tools).
 
-    .venv-tools/bin/python deploy/k8s/render.py deploy/k8s/overlays/prod > prod.yaml
+    .venv-tools/bin/python deploy/k8s/tools/render.py deploy/k8s/overlays/prod > prod.yaml
 
 The same output as `kustomize build` / `kubectl kustomize` of kustomize v5 (overlays/*/secrets
-must exist: deploy/k8s/make-secrets.py).
+must exist: deploy/k8s/tools/make-secrets.py).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Write a development set of per-part secrets for a deploy/k8s overlay.
 
-    python deploy/k8s/make-secrets.py deploy/k8s/overlays/dev \
+    python deploy/k8s/tools/make-secrets.py deploy/k8s/overlays/dev \
         --database-url postgresql://... --redis-url redis://...
 
 Fresh random KEY_ENCRYPTION_KEY, SECRET_PEPPER and INTERNAL_TOKEN, each written only into the
@@ -17,7 +17,7 @@ import secrets
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT))
 
 from libs.common.config import SECRETS_OF  # noqa: E402
