@@ -42,6 +42,14 @@ lock-tools:
 k8s-check: $(STAMP) tools
 	$(BIN)/python -m pytest -q tests/test_k8s.py
 
+# deploy/k8s's dev overlay under `podman kube play` (README "Kubernetes"): the application image
+# built as `make up` builds it (deploy/up.sh images), then every pod started and waited for until
+# ready (PostgreSQL and Redis as pods too), and torn down. About 30 s once the images exist.
+KUBE_PLAY_IMAGE ?= localhost/loopwise-connect:kube-play
+kube-play: $(STAMP) tools
+	CONTAINER_ENGINE=podman CONNECT_IMAGE=$(KUBE_PLAY_IMAGE) deploy/up.sh images
+	CONNECT_IMAGE=$(KUBE_PLAY_IMAGE) $(TOOLS)/bin/python deploy/k8s/tools/kube-play.py
+
 dev: $(STAMP)
 	$(BIN)/loopwise-connect dev
 

@@ -436,6 +436,36 @@ def test_a_migration_job_per_release(rendered: dict[str, Path]) -> None:
         assert {i for i in images if i.startswith("loopwise/connect:")} == {container["image"]}
 
 
+def test_the_release_first_step_holds_the_migration_and_all_it_needs(
+    rendered: dict[str, Path],
+) -> None:
+    """`kubectl apply -l connect.loopwise.com/migration=true` (README "Kubernetes") applies the
+    migration Job with every object it refers to and the policies that let it reach the
+    stores, and no Deployment (they roll in the second step, once the Job completed)."""
+    for overlay, docs in _overlay_docs(rendered):
+        step = [
+            d
+            for d in docs
+            if d["metadata"].get("labels", {}).get("connect.loopwise.com/migration") == "true"
+        ]
+        names = {(d["kind"], d["metadata"]["name"]) for d in step}
+        (job,) = [d for d in step if d["kind"] == "Job"]
+        pod = _pod(job)
+        needed = {("ServiceAccount", pod["serviceAccountName"])}
+        for container in pod["containers"]:
+            for source in container.get("envFrom", []):
+                if "configMapRef" in source:
+                    needed.add(("ConfigMap", source["configMapRef"]["name"]))
+                else:
+                    needed.add(("Secret", source["secretRef"]["name"]))
+        assert needed <= names, (overlay, needed - names)
+        assert not [d for d in step if d["kind"] == "Deployment"], overlay
+        policies = [d for d in step if d["kind"] == "NetworkPolicy"]
+        labels = job["spec"]["template"]["metadata"]["labels"]
+        stores = [p for p in _peers(policies, labels, "egress") if "ipBlock" in p]
+        assert stores, (overlay, "the migration's step has no policy to reach the stores")
+
+
 def test_the_ingress_serves_every_school_and_the_platform_over_tls(
     rendered: dict[str, Path],
 ) -> None:
@@ -455,3 +485,41 @@ def test_the_ingress_serves_every_school_and_the_platform_over_tls(
         for rule in ingress["spec"]["rules"]:
             for path in rule["http"]["paths"]:
                 assert path["backend"]["service"]["name"] == "connect-gateway"
+
+
+@pytest.mark.skipif(shutil.which("podman") is None, reason="no podman here")
+def test_the_pods_turn_ready_under_podman_kube_play() -> None:
+    """`make kube-play`: the dev overlay's pods, built from this checkout, start under Podman
+    with their security context as written and turn ready; each holds only its own secrets;
+    the gateway reaches identity and webhooks. A minute or two, most of it the image build
+    (layers cached after the first)."""
+    if not (ROOT / "deploy" / "up.sh").exists():
+        pytest.skip("no image build here (deploy/up.sh)")
+    result = subprocess.run(
+        ["make", "--no-print-directory", "kube-play"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["migration"]["exit"] == 0
+    held = {
+        "identity": ["INTERNAL_TOKEN", "KEY_ENCRYPTION_KEY", "SECRET_PEPPER"],
+        "gateway": ["INTERNAL_TOKEN"],
+        "school-api": ["INTERNAL_TOKEN", "SECRET_PEPPER"],
+        "webhooks": ["INTERNAL_TOKEN", "KEY_ENCRYPTION_KEY"],
+        "egress-proxy": [],
+    }
+    assert set(report["pods"]) == set(held)
+    for part, pod in [*report["pods"].items(), ("migrate", report["migration"])]:
+        security = pod["security"]
+        assert security["user"] == "10001:10001", part
+        assert security["read_only_root"] is True, part
+        assert security["no_new_privileges"] is True, part
+        assert security["effective_capabilities"] == [], part
+        assert security["secrets_held"] == held.get(part, []), part
+    for part, pod in report["pods"].items():
+        assert pod["healthz"] == 200, part
+    assert set(report["through_the_gateway"].values()) == {200}, report
