@@ -40,10 +40,14 @@ SERVER_DRAIN_SECONDS = 20
 
 Doc = dict[str, Any]
 
+# The first run makes .venv-tools (checkov and its pins: a few minutes on a shared machine).
+pytestmark = pytest.mark.timeout(900)
+
 
 def _tools() -> Path:
     if not (TOOLS / ".installed").exists():
-        subprocess.run(["make", "tools"], cwd=ROOT, check=True, capture_output=True)
+        made = subprocess.run(["make", "tools"], cwd=ROOT, capture_output=True, text=True)
+        assert made.returncode == 0, made.stderr[-4000:]
     return TOOLS / "bin"
 
 
@@ -488,6 +492,7 @@ def test_the_ingress_serves_every_school_and_the_platform_over_tls(
 
 
 @pytest.mark.skipif(shutil.which("podman") is None, reason="no podman here")
+@pytest.mark.timeout(1500)  # the first run builds the base images and the application's
 def test_the_pods_turn_ready_under_podman_kube_play() -> None:
     """`make kube-play`: the dev overlay's pods, built from this checkout, start under Podman
     with their security context as written and turn ready; each holds only its own secrets;

@@ -92,7 +92,7 @@ async def main() -> int:
         subprocess.run([CLI, *argv], env=env, check=True, capture_output=True, cwd=ROOT)
 
     cli("migrate")
-    proc = None
+    proc: asyncio.subprocess.Process | None = None
     try:
         cli("schools", "create", "--subdomain", "memory", "--name", "Memory")
         # Several accounts, so the per-account sign-in throttle leaves more of the burst to hash.
@@ -101,7 +101,7 @@ async def main() -> int:
                 "users", "create", "--school", "memory",
                 "--email", f"user{n}@memory.example.com", "--password", PASSWORD,
             )  # fmt: skip
-        proc = subprocess.Popen([CLI, "serve", "identity"], env=env, cwd=ROOT)
+        proc = await asyncio.create_subprocess_exec(CLI, "serve", "identity", env=env, cwd=ROOT)
         base = f"http://127.0.0.1:{port}"
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(
@@ -137,7 +137,7 @@ async def main() -> int:
     finally:
         if proc is not None:
             proc.terminate()
-            proc.wait(30)
+            await asyncio.wait_for(proc.wait(), 30)
         conn = await asyncpg.connect(server)
         try:
             await conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import copy
 import json
 import os
@@ -48,6 +49,8 @@ ROOT = Path(__file__).resolve().parents[3]
 K8S = ROOT / "deploy" / "k8s"
 PORTS = {"identity": 8081, "gateway": 8080, "school-api": 8082, "webhooks": 8083}
 PARTS = (*PORTS, "egress-proxy")
+# Where each pod has its emptyDir (the root file system is read-only).
+TMP = "/tmp"  # noqa: S108
 
 Doc = dict[str, Any]
 
@@ -199,6 +202,20 @@ def container_of(pod: str) -> Doc:
     raise RuntimeError(f"no container in pod {pod}")
 
 
+class PodFailed(Exception):
+    """A container exited or was restarted: it will not turn ready by waiting."""
+
+
+def running(container_id: str) -> bool:
+    (state,) = json.loads(podman("inspect", container_id))
+    if state["State"]["Status"] != "running" or state.get("RestartCount", 0) > 0:
+        raise PodFailed(
+            f"{state['Name']}: {state['State']['Status']}, restarted "
+            f"{state.get('RestartCount', 0)} times:\n{logs(container_id)}"
+        )
+    return True
+
+
 def wait_until(seconds: float, what: str, check: Any) -> float:
     started = time.monotonic()
     while True:
@@ -213,9 +230,10 @@ def wait_until(seconds: float, what: str, check: Any) -> float:
 
 
 def http_status(url: str, host: str | None = None) -> int:
-    request = urllib.request.Request(url, headers={"Host": host} if host else {})
+    # Always http:// to a pod's address on this run's network.
+    request = urllib.request.Request(url, headers={"Host": host} if host else {})  # noqa: S310
     try:
-        with urllib.request.urlopen(request, timeout=3) as response:
+        with urllib.request.urlopen(request, timeout=3) as response:  # noqa: S310
             status: int = response.status
             return status
     except urllib.error.HTTPError as exc:
@@ -230,6 +248,7 @@ def address(container: Doc, network: str) -> str:
 def security_of(container: Doc) -> Doc:
     config, host = container["Config"], container["HostConfig"]
     names = {item.split("=", 1)[0] for item in config.get("Env") or []}
+    mounts = container.get("Mounts", [])
     return {
         "user": config.get("User"),
         "effective_capabilities": container.get("EffectiveCaps") or [],
@@ -237,10 +256,7 @@ def security_of(container: Doc) -> Doc:
         "read_only_root": host.get("ReadonlyRootfs"),
         "capabilities_added": host.get("CapAdd") or [],
         "no_new_privileges": any("no-new-privileges" in o for o in host.get("SecurityOpt") or []),
-        "tmp": next(
-            (m.get("Type") for m in container.get("Mounts", []) if m["Destination"] == "/tmp"),
-            None,
-        ),
+        "tmp": next((m.get("Type") for m in mounts if m["Destination"] == TMP), None),
     }
 
 
@@ -306,8 +322,9 @@ def main() -> int:
 
         step = time.monotonic()
         podman("kube", "play", "--network", network, str(files[0]))
-        pg, rd = container_of(f"connect-postgres-{run}-pod-0"), container_of(
-            f"connect-redis-{run}-pod-0"
+        pg, rd = (
+            container_of(f"connect-postgres-{run}-pod-0"),
+            container_of(f"connect-redis-{run}-pod-0"),
         )
         wait_until(60, "PostgreSQL", lambda: podman("exec", pg["Id"], "pg_isready", "-q") == "")
         wait_until(30, "Redis", lambda: "PONG" in podman("exec", rd["Id"], "redis-cli", "ping"))
@@ -332,7 +349,11 @@ def main() -> int:
             if part in PORTS:
                 url = f"http://{ip}:{PORTS[part]}"
                 ready = wait_until(
-                    args.timeout, part, lambda url=url: http_status(url + "/readyz") == 200
+                    args.timeout,
+                    part,
+                    lambda url=url, cid=container["Id"]: (
+                        running(cid) and http_status(url + "/readyz") == 200
+                    ),
                 )
                 live = http_status(url + "/healthz")
             else:
@@ -363,14 +384,12 @@ def main() -> int:
         result["total_s"] = round(time.monotonic() - started, 1)
         print(json.dumps(result))
         return 0
-    except (RuntimeError, TimeoutError) as exc:
+    except (RuntimeError, TimeoutError, PodFailed) as exc:
         log(str(exc))
         for part in PARTS:
             pod = f"connect-{part}-{run}-pod-0"
-            try:
+            with contextlib.suppress(RuntimeError):
                 log(f"logs of {pod}:\n{logs(container_of(pod)['Id'])}")
-            except RuntimeError:
-                pass
         return 1
     finally:
         if not args.keep:
