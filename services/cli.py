@@ -173,9 +173,12 @@ SERVICES = tuple(_PARTS)
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    from libs.common import tracing
     from libs.common.web import serve
 
     make_app, configured_port = _PARTS[args.part]
+    # Before the application and its clients are made: they are instrumented as they are.
+    tracing.setup(settings.observability, args.part)
     app = make_app(settings)
     try:
         import uvloop
@@ -183,7 +186,10 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         uvloop.install()
     except ImportError:  # pragma: no cover - uvloop is a dependency; keep serving without it
         pass
-    asyncio.run(serve(app, settings.host, args.port or configured_port(settings)))
+    try:
+        asyncio.run(serve(app, settings.host, args.port or configured_port(settings)))
+    finally:
+        tracing.shutdown()
     return 0
 
 
@@ -242,7 +248,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"configuration error: {exc}\n")
         return 2
     service = "identity" if args.command != "serve" else args.part
-    configure_logging(settings.log_level, service=service)
+    configure_logging(
+        settings.log_level,
+        service=service,
+        trace_ids=args.command == "serve" and settings.observability.tracing,
+    )
     try:
         return _COMMANDS.get(args.command, _administer)(args, settings)
     except ServeError as exc:

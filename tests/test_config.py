@@ -86,6 +86,13 @@ _STANDARD_B64_KEY = base64.b64encode(b"\xfb\xff" * 16).decode()
         pytest.param("GATEWAY_REVOCATION_LEASE", "0.05", id="lease-shorter-than-a-read"),
         pytest.param("GATEWAY_REVOCATION_LEASE", "60", id="lease-holding-revokes-too-long"),
         pytest.param("GATEWAY_REVOCATION_LEASE", "-1", id="lease-negative"),
+        ("ACCESS_LOG", "sometimes"),
+        ("OTEL_TRACES_EXPORTER", "jaeger"),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4318"),
+        ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "grpc://collector:4317"),
+        pytest.param("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc", id="otlp-grpc-not-installed"),
+        ("OTEL_TRACES_SAMPLER_ARG", "1.5"),
+        ("OTEL_TRACES_SAMPLER_ARG", "half"),
     ],
 )
 def test_bad_value_names_its_variable(variable: str, value: str) -> None:
@@ -125,6 +132,19 @@ def test_redis_urls_of_every_topology_load(
     settings = load_settings({**_production_env(), "REDIS_URL": url})
     target = redis_client.parse(settings.redis_url)
     assert (target.kind, target.nodes, target.master, target.db) == (kind, nodes, master, db)
+
+
+def test_tracing_is_off_unless_an_exporter_or_endpoint_is_given() -> None:
+    assert load_settings(_production_env()).observability.exporter == "none"
+    endpoint = {**_production_env(), "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}
+    assert load_settings(endpoint).observability.exporter == "otlp"
+    console = {**_production_env(), "OTEL_TRACES_EXPORTER": "console"}
+    assert load_settings(console).observability.tracing
+    disabled = {**endpoint, "OTEL_SDK_DISABLED": "true"}
+    assert not load_settings(disabled).observability.tracing
+    assert load_settings(_production_env()).observability.access_log
+    quiet = {**_production_env(), "ACCESS_LOG": "false"}
+    assert not load_settings(quiet).observability.access_log
 
 
 def test_revocation_lease_may_be_turned_off() -> None:

@@ -186,6 +186,63 @@ class IdentityPolicy:
     password_hash_concurrency: int = 4
 
 
+@dataclass(frozen=True, slots=True)
+class Observability:
+    """Tracing (libs/common/tracing.py) and the access log, from the standard OTEL_* variables.
+
+    Tracing is off unless an exporter is named (OTEL_TRACES_EXPORTER) or an OTLP endpoint is
+    given; the OTLP exporter reads its own variables (endpoint, headers, timeout) itself."""
+
+    # none | otlp (OTLP over HTTP with protobuf) | console (one JSON span a line on stdout)
+    exporter: str = "none"
+    # Share of new traces recorded; a caller's sampled `traceparent` is always followed.
+    sample_ratio: float = 1.0
+    # One log line per request answered (libs/common/web.py).
+    access_log: bool = True
+
+    @property
+    def tracing(self) -> bool:
+        return self.exporter != "none"
+
+
+_TRACE_EXPORTERS = ("none", "otlp", "console")
+
+
+def _observability(env: Mapping[str, str]) -> Observability:
+    for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        if env.get(name, "").strip():
+            _url(env, name, "", ("http", "https"))
+    protocol = (
+        env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "").strip()
+        or env.get("OTEL_EXPORTER_OTLP_PROTOCOL", "").strip()
+    )
+    if protocol not in ("", "http/protobuf"):
+        # Only the HTTP exporter is installed: no gRPC in the image.
+        name = (
+            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"
+            if env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "").strip()
+            else "OTEL_EXPORTER_OTLP_PROTOCOL"
+        )
+        raise ConfigError(name, f"must be http/protobuf, got {protocol!r}")
+    endpoint_given = any(
+        env.get(n, "").strip()
+        for n in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    )
+    exporter = env.get("OTEL_TRACES_EXPORTER", "").strip().lower() or (
+        "otlp" if endpoint_given else "none"
+    )
+    if exporter not in _TRACE_EXPORTERS:
+        raise ConfigError("OTEL_TRACES_EXPORTER", "must be otlp, console or none")
+    if _bool(env, "OTEL_SDK_DISABLED", False):
+        exporter = "none"
+    ratio = _float(env, "OTEL_TRACES_SAMPLER_ARG", 1.0)
+    if ratio > 1:
+        raise ConfigError("OTEL_TRACES_SAMPLER_ARG", f"must be between 0 and 1, got {ratio}")
+    return Observability(
+        exporter=exporter, sample_ratio=ratio, access_log=_bool(env, "ACCESS_LOG", True)
+    )
+
+
 DEFAULT_WEBHOOK_RETRY_SCHEDULE = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
 
 
@@ -259,6 +316,7 @@ class Settings:
     gateway: GatewayPolicy = field(default_factory=GatewayPolicy)
     webhooks: WebhookPolicy = field(default_factory=WebhookPolicy)
     identity: IdentityPolicy = field(default_factory=IdentityPolicy)
+    observability: Observability = field(default_factory=Observability)
 
     @property
     def key_encryption_key(self) -> bytes:
@@ -632,6 +690,7 @@ def load_settings(
         gateway=gateway,
         webhooks=_webhook_policy(env, environment),
         identity=_identity_policy(env),
+        observability=_observability(env),
         # Last, so a wrong value of any other variable is the one reported first.
         internal_token=_internal_token(env, environment, dev_keys, "INTERNAL_TOKEN" in needs),
     )

@@ -11,6 +11,7 @@ from aiohttp import web
 from libs.common.config import Settings
 from services.identity.credentials import PasswordGate
 from services.identity.keys import KeyRing
+from services.identity.metrics import IdentityMetrics
 from services.identity.schools import Issuer, SchoolDirectory
 
 
@@ -22,6 +23,7 @@ class IdentityContext:
     schools: SchoolDirectory
     keyring: KeyRing
     passwords: PasswordGate
+    metrics: IdentityMetrics
 
 
 CONTEXT = web.AppKey("identity", IdentityContext)

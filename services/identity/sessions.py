@@ -438,6 +438,7 @@ async def sign_in(
     device = await _device_for(ctx, known, email) if known else None
     retry = await throttle.reserve(email, address, device)
     if retry is not None:
+        ctx.metrics.sign_in_failures.labels("throttled").inc()
         await audit.write(ctx.pool, audit_record("login.failed", reason="throttled"))
         return SignIn("throttled", retry_after=retry)
 
@@ -453,11 +454,13 @@ async def sign_in(
             raise
     if user is None:
         # The reservation stays: it is this failure's count.
+        ctx.metrics.sign_in_failures.labels("bad_credentials").inc()
         await audit.write(ctx.pool, audit_record("login.failed", reason="bad_credentials"))
         return SignIn("invalid")
     await throttle.succeeded(email, address, device)
 
     if school is not None and not await flow_store.may_use_school(ctx.pool, user.id, school.id):
+        ctx.metrics.sign_in_failures.labels("not_member").inc()
         entry = audit_record("login.failed", str(user.id), reason="not_member")
         await audit.write(ctx.pool, entry)
         return SignIn("not_member", user=user)

@@ -112,3 +112,11 @@ async def issuers_due_for_rotation(db: Executor, older_than_seconds: int) -> lis
         older_than_seconds,
     )
     return [r["school_id"] for r in rows]
+
+
+async def oldest_current_activation(db: Executor) -> datetime | None:
+    """When the longest-serving current key of any issuer became current (the key age metric)."""
+    value: datetime | None = await db.fetchval(
+        "SELECT min(activated_at) FROM signing_keys WHERE state = 'current'"
+    )
+    return value

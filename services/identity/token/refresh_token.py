@@ -203,6 +203,8 @@ async def end_grant(req: GrantRequest, refused: Refused) -> NoReturn:
     """End the grant of a token refused for reuse or for its user's role, then refuse."""
     st = refused.token
     reason, detected = _ENDS_GRANT[refused.refusal]
+    if refused.refusal is Refusal.REUSED:
+        req.ctx.metrics.refresh_reuse.inc()
     await revoke_grant(
         req,
         st.grant_id,
