@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from libs.common import db
-from libs.common.config import ConfigError, Settings, load_settings
+from libs.common.config import SECRET_VARIABLES, SECRETS_OF, ConfigError, Settings, load_settings
 from libs.common.logging import configure_logging
 
 if TYPE_CHECKING:
@@ -268,8 +268,15 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # A part is given only the secrets it uses (config.SECRETS_OF): the gateway starts
+    # without the key-encryption key and the pepper, the migration without any.
+    part = args.part if args.command == "serve" else args.command
+    needs = SECRETS_OF.get(part, SECRET_VARIABLES)
+    if getattr(args, "demo", False):
+        # `migrate --demo` (outside production only) seeds users and keys: every secret.
+        needs = SECRET_VARIABLES
     try:
-        settings = load_settings()
+        settings = load_settings(needs=needs)
     except ConfigError as exc:
         sys.stderr.write(f"configuration error: {exc}\n")
         return 2

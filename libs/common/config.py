@@ -36,6 +36,20 @@ DEV_SECRETS_FILE = Path(".data") / "dev-secrets"
 DEFAULT_GATEWAY_ROUTES = str(Path(__file__).resolve().parents[2] / "deploy" / "routes.toml")
 
 
+# The secret variables, and which of them each process needs: a part is given (and holds) only
+# its own, so the internet-facing gateway never holds the key-encryption key or the pepper, and
+# the migration job holds none. The school API signs upload URLs with the pepper; webhooks
+# seals its signing secrets with the key-encryption key.
+SECRET_VARIABLES = frozenset({"KEY_ENCRYPTION_KEY", "SECRET_PEPPER", "INTERNAL_TOKEN"})
+SECRETS_OF: dict[str, frozenset[str]] = {
+    "identity": SECRET_VARIABLES,
+    "gateway": frozenset({"INTERNAL_TOKEN"}),
+    "school-api": frozenset({"SECRET_PEPPER", "INTERNAL_TOKEN"}),
+    "webhooks": frozenset({"KEY_ENCRYPTION_KEY", "INTERNAL_TOKEN"}),
+    "migrate": frozenset(),
+}
+
+
 class ConfigError(ValueError):
     """A configuration variable is missing or malformed."""
 
@@ -280,13 +294,12 @@ class Settings:
     # never see each other's data.
     redis_prefix: str
     urls: PublicUrls
-    # The key-encryption key that seals (KEY_ENCRYPTION_KEY); KEY_ENCRYPTION_KEYS_PREVIOUS
-    # only open what they sealed, until `keys rewrap` has re-sealed it under this one.
-    key_encryption_key: bytes = field(repr=False)
-    # The pepper new hashes and MACs are made with (SECRET_PEPPER); SECRET_PEPPER_PREVIOUS
-    # is still accepted during a rotation's overlap, and a secret that matched only under it
-    # is hashed again under this one.
-    secret_pepper: bytes = field(repr=False)
+    # The key-encryption key that seals (KEY_ENCRYPTION_KEY) and the pepper new hashes and MACs
+    # are made with (SECRET_PEPPER), read through `key_encryption_key` / `secret_pepper`. None
+    # where the process was not given the secret (load_settings's `needs`): reading it then is
+    # a programming error, raised, never an empty key.
+    given_key_encryption_key: bytes | None = field(repr=False)
+    given_secret_pepper: bytes | None = field(repr=False)
     # Proves to resource services that identity headers came from a gateway (sent as
     # X-Connect-Internal-Token); resource services refuse calls without it.
     internal_token: str = field(repr=False, default="")
@@ -334,6 +347,14 @@ class Settings:
         return (self.secret_pepper, self.previous_secret_pepper)
 
     @property
+    def key_encryption_key(self) -> bytes:
+        return _held(self.given_key_encryption_key, "KEY_ENCRYPTION_KEY")
+
+    @property
+    def secret_pepper(self) -> bytes:
+        return _held(self.given_secret_pepper, "SECRET_PEPPER")
+
+    @property
     def session_database_url(self) -> str:
         """The DSN for what needs a PostgreSQL session of its own (LISTEN, session locks)."""
         return self.database_session_url or self.database_url
@@ -345,6 +366,12 @@ class Settings:
     def stream(self, name: str) -> str:
         """The full Redis name of a stream or key: `connect:events` plus the run's prefix."""
         return f"{self.redis_prefix}{name}"
+
+
+def _held(value: bytes | None, name: str) -> bytes:
+    if value is None:
+        raise ConfigError(name, "is not given to this process (libs/common/config.SECRETS_OF)")
+    return value
 
 
 def _text(env: Mapping[str, str], name: str, default: str) -> str:
@@ -569,6 +596,19 @@ def _previous_pepper(env: Mapping[str, str], pepper: bytes) -> bytes | None:
     return previous
 
 
+def _secret_key(
+    env: Mapping[str, str],
+    name: str,
+    needs: frozenset[str],
+    dev_keys: tuple[bytes, bytes] | None,
+    index: int,
+) -> bytes | None:
+    if name not in needs and dev_keys is None:
+        # Production (or both given): a process that does not use it never reads it.
+        return None
+    return _key(env, name, dev_keys[index] if dev_keys else None)
+
+
 def _dev_secrets(path: Path) -> tuple[bytes, bytes]:
     """Development's key-encryption key and pepper, generated once per checkout."""
     if not path.exists():
@@ -615,8 +655,15 @@ def _lease(env: Mapping[str, str]) -> float:
 
 
 def _internal_token(
-    env: Mapping[str, str], environment: str, dev_keys: tuple[bytes, bytes] | None
+    env: Mapping[str, str],
+    environment: str,
+    dev_keys: tuple[bytes, bytes] | None,
+    needed: bool,
 ) -> str:
+    if environment == "production" and not needed:
+        # Resource services refuse every call under an empty token; a process that sends
+        # none (the migration) never reads it.
+        return ""
     token = _text(env, "INTERNAL_TOKEN", "")
     if token:
         if len(token) < 32:
@@ -630,8 +677,14 @@ def _internal_token(
     return hmac.new(seed_key, b"internal-token", hashlib.sha256).hexdigest()
 
 
-def load_settings(env: Mapping[str, str] | None = None) -> Settings:
-    """Read and validate every variable; raise ConfigError naming the first bad one."""
+def load_settings(
+    env: Mapping[str, str] | None = None, *, needs: frozenset[str] = SECRET_VARIABLES
+) -> Settings:
+    """Read and validate every variable; raise ConfigError naming the first bad one.
+
+    `needs`: the secret variables this process uses (SECRETS_OF); in production only those are
+    required, and a process never reads (so never holds) a key or pepper it does not need,
+    even where one is set. Development and tests generate or derive every one."""
     env = os.environ if env is None else env
     environment = _text(env, "CONNECT_ENV", "development")
     if environment not in ("development", "test", "production"):
@@ -696,18 +749,20 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         revocation_lease=_lease(env),
     )
     database_url = _url(env, "DATABASE_URL", DEFAULT_DATABASE_URL, ("postgresql", "postgres"))
-    kek = _key(env, "KEY_ENCRYPTION_KEY", dev_keys[0] if dev_keys else None)
-    pepper = _key(env, "SECRET_PEPPER", dev_keys[1] if dev_keys else None)
+    kek = _secret_key(env, "KEY_ENCRYPTION_KEY", needs, dev_keys, 0)
+    pepper = _secret_key(env, "SECRET_PEPPER", needs, dev_keys, 1)
     return Settings(
         environment=environment,  # type: ignore[arg-type]
         database_url=database_url,
         redis_url=_redis_url(env, "REDIS_URL", DEFAULT_REDIS_URL),
         redis_prefix=_text(env, "REDIS_KEY_PREFIX", ""),
         urls=PublicUrls(school_template=template.rstrip("/"), platform_url=platform_url),
-        key_encryption_key=kek,
-        secret_pepper=pepper,
-        previous_key_encryption_keys=_previous_keys(env, kek),
-        previous_secret_pepper=_previous_pepper(env, pepper),
+        given_key_encryption_key=kek,
+        given_secret_pepper=pepper,
+        # KEY_ENCRYPTION_KEYS_PREVIOUS / SECRET_PEPPER_PREVIOUS: what a part is not given, it
+        # does not hold in any generation.
+        previous_key_encryption_keys=_previous_keys(env, kek) if kek is not None else (),
+        previous_secret_pepper=_previous_pepper(env, pepper) if pepper is not None else None,
         dev_secrets=dev_secrets,
         demo_admin_password=_demo_admin_password(env),
         log_level=log_level,
@@ -732,5 +787,5 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         identity=_identity_policy(env),
         observability=_observability(env),
         # Last, so a wrong value of any other variable is the one reported first.
-        internal_token=_internal_token(env, environment, dev_keys),
+        internal_token=_internal_token(env, environment, dev_keys, "INTERNAL_TOKEN" in needs),
     )
