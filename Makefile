@@ -7,7 +7,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: dev cluster test-cluster test lint format lock up down bench bench-quick faults clean install
+.PHONY: dev cluster test-cluster test lint format lock up down bench bench-quick faults clean install \
+	tools lock-tools k8s-check kube-play
 
 install: $(STAMP)
 
@@ -16,6 +17,38 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --require-hashes --no-deps -r requirements.lock
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	@touch $(STAMP)
+
+# The manifest checks' tools (deploy/k8s/tools.in): kustomize (pykustomize), kubernetes-validate
+# and checkov, in an environment of their own so checkov's pins never meet ours.
+TOOLS       := .venv-tools
+TOOLS_STAMP := $(TOOLS)/.installed
+
+tools: $(TOOLS_STAMP)
+
+$(TOOLS_STAMP): requirements.tools.lock deploy/k8s/kustomize.lock
+	@test -x $(TOOLS)/bin/python || $(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/python -m pip install --quiet --disable-pip-version-check --require-hashes --no-deps -r requirements.tools.lock
+	$(TOOLS)/bin/python -m pip install --quiet --disable-pip-version-check --require-hashes --no-deps \
+		--ignore-requires-python -r deploy/k8s/kustomize.lock
+	@touch $@
+
+# requirements.tools.lock from deploy/k8s/tools.in (needs uv, as `make lock`).
+lock-tools:
+	uv pip compile deploy/k8s/tools.in --python-version 3.11 --generate-hashes --quiet \
+		-o requirements.tools.lock
+
+# deploy/k8s rendered (base, dev, prod) and checked: kubernetes-validate --strict, checkov,
+# Pod Security "restricted", least-privilege secrets, network policies (tests/test_k8s.py).
+k8s-check: $(STAMP) tools
+	$(BIN)/python -m pytest -q tests/test_k8s.py
+
+# deploy/k8s's dev overlay under `podman kube play` (README "Kubernetes"): the application image
+# built as `make up` builds it (deploy/up.sh images), then every pod started and waited for until
+# ready (PostgreSQL and Redis as pods too), and torn down. About 30 s once the images exist.
+KUBE_PLAY_IMAGE ?= localhost/loopwise-connect:kube-play
+kube-play: $(STAMP) tools
+	CONTAINER_ENGINE=podman CONNECT_IMAGE=$(KUBE_PLAY_IMAGE) deploy/up.sh images
+	CONNECT_IMAGE=$(KUBE_PLAY_IMAGE) $(TOOLS)/bin/python deploy/k8s/tools/kube-play.py
 
 dev: $(STAMP)
 	$(BIN)/loopwise-connect dev
@@ -59,17 +92,25 @@ format: $(STAMP)
 	$(BIN)/ruff format libs services tests bench faults
 	$(BIN)/ruff check --fix libs services tests bench faults
 
-# Regenerate requirements.lock from pyproject.toml (needs uv: `pip install uv`).
+# Regenerate requirements.lock from pyproject.toml (needs uv: `pip install uv`), and
+# requirements.runtime.lock, the runtime dependencies alone, which the container image installs,
+# at the versions requirements.lock has (what the tests ran with).
 lock:
-	uv pip compile pyproject.toml --extra devstores --extra test --extra lint \
+	uv pip compile pyproject.toml --extra devstores --extra test --extra lint --extra compose \
 		--python-version 3.11 --generate-hashes --quiet -o requirements.lock \
 		--no-emit-package loopwise-connect
+	uv pip compile pyproject.toml --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+		--generate-hashes --quiet -o requirements.runtime.lock --no-emit-package loopwise-connect \
+		-c requirements.lock
 
-up:
-	docker compose -f deploy/docker-compose.yml up --build
+# The whole system in containers (README "Containers"): CONTAINER_ENGINE=docker|podman,
+# CONNECT_DEMO_ADMIN_PASSWORD for the demo admin, CONNECT_HTTP_PORT (8080); deploy/up.sh says
+# the rest. It returns once the gateway answers; `make down` stops it.
+up: $(STAMP)
+	deploy/up.sh up
 
-down:
-	docker compose -f deploy/docker-compose.yml down
+down: $(STAMP)
+	deploy/up.sh down
 
 clean:
-	rm -rf $(VENV) .data .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(TOOLS) .data .pytest_cache .mypy_cache .ruff_cache

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from libs.common import db
-from libs.common.config import ConfigError, Settings, load_settings
+from libs.common.config import SECRET_VARIABLES, SECRETS_OF, ConfigError, Settings, load_settings
 from libs.common.logging import configure_logging
 
 if TYPE_CHECKING:
@@ -48,7 +48,13 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("part", choices=SERVICES)
     serve.add_argument("--port", type=int, help="listen here instead of the configured port")
 
-    sub.add_parser("migrate", parents=[common], help="apply pending database migrations")
+    migrate = sub.add_parser("migrate", parents=[common], help="apply pending database migrations")
+    migrate.add_argument(
+        "--demo",
+        action="store_true",
+        help="then seed the demo schools as `make dev` does (what `make up` runs; not in"
+        " production); CONNECT_DEMO_ADMIN_PASSWORD sets the demo admin's password",
+    )
     sub.add_parser("dev", parents=[common], help="run the whole system locally (make dev)")
     cluster = sub.add_parser(
         "cluster",
@@ -105,6 +111,12 @@ def _parser() -> argparse.ArgumentParser:
     keys = sub.add_parser("keys", parents=[common]).add_subparsers(dest="action", required=True)
     kr = keys.add_parser("rotate", parents=[common])
     kr.add_argument("--school", help="the school's subdomain or id; the platform issuer if absent")
+    keys.add_parser(
+        "rewrap",
+        parents=[common],
+        help="seal every private key and webhook secret under KEY_ENCRYPTION_KEY (after a"
+        " key-encryption key rotation; idempotent, safe while the services run)",
+    )
     return p
 
 
@@ -173,9 +185,12 @@ SERVICES = tuple(_PARTS)
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    from libs.common import tracing
     from libs.common.web import serve
 
     make_app, configured_port = _PARTS[args.part]
+    # Before the application and its clients are made: they are instrumented as they are.
+    tracing.setup(settings.observability, args.part)
     app = make_app(settings)
     try:
         import uvloop
@@ -183,13 +198,37 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         uvloop.install()
     except ImportError:  # pragma: no cover - uvloop is a dependency; keep serving without it
         pass
-    asyncio.run(serve(app, settings.host, args.port or configured_port(settings)))
+    try:
+        asyncio.run(serve(app, settings.host, args.port or configured_port(settings)))
+    finally:
+        tracing.shutdown()
     return 0
 
 
 def _migrate(args: argparse.Namespace, settings: Settings) -> int:
+    if args.demo and not settings.is_development:
+        return _refuse("--demo seeds demo schools and admins: never in production", args.json)
     applied = asyncio.run(db.migrate(settings.database_url))
-    _emit({"applied": applied}, args.json)
+    if not args.demo:
+        _emit({"applied": applied}, args.json)
+        return 0
+    from services.dev import database, seed
+
+    # Beside the development secrets (the containers' volume), else where `make dev` keeps them.
+    logins_file = (
+        settings.dev_secrets.with_name(seed.LOGINS_FILE.name)
+        if settings.dev_secrets is not None
+        else seed.LOGINS_FILE
+    )
+    # Not our own database (it is the compose file's): secrets that are not its own are
+    # refused, never started afresh.
+    logins = asyncio.run(database.prepare(settings, own_database=False, logins_file=logins_file))
+    schools = seed.summary(logins)
+    for login in schools:
+        if login["school"] == "demo" and settings.demo_admin_password:
+            # The caller chose it: not echoed into the container's log.
+            login["password"] = "(CONNECT_DEMO_ADMIN_PASSWORD)"
+    _emit({"applied": applied, "logins": schools}, args.json)
     return 0
 
 
@@ -229,13 +268,24 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # A part is given only the secrets it uses (config.SECRETS_OF): the gateway starts
+    # without the key-encryption key and the pepper, the migration without any.
+    part = args.part if args.command == "serve" else args.command
+    needs = SECRETS_OF.get(part, SECRET_VARIABLES)
+    if getattr(args, "demo", False):
+        # `migrate --demo` (outside production only) seeds users and keys: every secret.
+        needs = SECRET_VARIABLES
     try:
-        settings = load_settings()
+        settings = load_settings(needs=needs)
     except ConfigError as exc:
         sys.stderr.write(f"configuration error: {exc}\n")
         return 2
     service = "identity" if args.command != "serve" else args.part
-    configure_logging(settings.log_level, service=service)
+    configure_logging(
+        settings.log_level,
+        service=service,
+        trace_ids=args.command == "serve" and settings.observability.tracing,
+    )
     try:
         return _COMMANDS.get(args.command, _administer)(args, settings)
     except ServeError as exc:

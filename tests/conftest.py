@@ -135,6 +135,11 @@ def base_env(store_urls: StoreUrls, run_id: str, identity_port: int) -> dict[str
         "LOG_LEVEL": "warning",
         "DB_POOL_MIN": "1",
         "DB_POOL_MAX": "5",
+        # Tests stamp audit records at any time from 1970 to 2096: the session's sweeps must
+        # neither delete nor cut them under a test reading them back (tests of the retention
+        # itself set their own, on databases of their own).
+        "AUDIT_RETENTION_DAYS": "36500",
+        "AUDIT_IP_RETENTION_DAYS": "36500",
     }
     # Through a transaction pooler (`make test-cluster`: TEST_DATABASE_URL is PgBouncer's):
     # its statement cache, and the server itself for what needs a session (LISTEN).

@@ -9,10 +9,12 @@ import secrets
 import sys
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from libs.common import redis_client
-from libs.common.config import ConfigError, PublicUrls, Settings, load_settings
+from libs.common.config import SECRETS_OF, ConfigError, PublicUrls, Settings, load_settings
+from tests.support import client_session, free_port, kill_process
 
 CLI = str(Path(sys.executable).with_name("loopwise-connect"))
 
@@ -84,6 +86,13 @@ _STANDARD_B64_KEY = base64.b64encode(b"\xfb\xff" * 16).decode()
         pytest.param("GATEWAY_REVOCATION_LEASE", "0.05", id="lease-shorter-than-a-read"),
         pytest.param("GATEWAY_REVOCATION_LEASE", "60", id="lease-holding-revokes-too-long"),
         pytest.param("GATEWAY_REVOCATION_LEASE", "-1", id="lease-negative"),
+        ("ACCESS_LOG", "sometimes"),
+        ("OTEL_TRACES_EXPORTER", "jaeger"),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4318"),
+        ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "grpc://collector:4317"),
+        pytest.param("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc", id="otlp-grpc-not-installed"),
+        ("OTEL_TRACES_SAMPLER_ARG", "1.5"),
+        ("OTEL_TRACES_SAMPLER_ARG", "half"),
     ],
 )
 def test_bad_value_names_its_variable(variable: str, value: str) -> None:
@@ -125,6 +134,19 @@ def test_redis_urls_of_every_topology_load(
     assert (target.kind, target.nodes, target.master, target.db) == (kind, nodes, master, db)
 
 
+def test_tracing_is_off_unless_an_exporter_or_endpoint_is_given() -> None:
+    assert load_settings(_production_env()).observability.exporter == "none"
+    endpoint = {**_production_env(), "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}
+    assert load_settings(endpoint).observability.exporter == "otlp"
+    console = {**_production_env(), "OTEL_TRACES_EXPORTER": "console"}
+    assert load_settings(console).observability.tracing
+    disabled = {**endpoint, "OTEL_SDK_DISABLED": "true"}
+    assert not load_settings(disabled).observability.tracing
+    assert load_settings(_production_env()).observability.access_log
+    quiet = {**_production_env(), "ACCESS_LOG": "false"}
+    assert not load_settings(quiet).observability.access_log
+
+
 def test_revocation_lease_may_be_turned_off() -> None:
     env = _production_env()
     assert load_settings(env).gateway.revocation_lease == 2.0
@@ -147,6 +169,86 @@ def test_production_requires_keys(variable: str, tmp_path: Path) -> None:
         load_settings(env)
     assert caught.value.variable == variable
     assert not (tmp_path / "dev-secrets").exists()
+
+
+@pytest.mark.parametrize("part", sorted(SECRETS_OF))
+def test_each_part_holds_only_its_own_secrets(part: str) -> None:
+    """In production a part starts without the secrets it does not use, and never holds one
+    even where it is set (a shared environment): the gateway holds neither the key-encryption
+    key nor the pepper. Reading a withheld one is an error naming it, never an empty key."""
+    needs = SECRETS_OF[part]
+    full = _production_env()
+    bare = {
+        k: v
+        for k, v in full.items()
+        if k not in {"KEY_ENCRYPTION_KEY", "SECRET_PEPPER", "INTERNAL_TOKEN"} - needs
+    }
+    for env in (bare, full):
+        settings = load_settings(env, needs=needs)
+        for variable, attribute in (
+            ("KEY_ENCRYPTION_KEY", "key_encryption_key"),
+            ("SECRET_PEPPER", "secret_pepper"),
+        ):
+            if variable in needs:
+                assert getattr(settings, attribute) == base64.urlsafe_b64decode(full[variable])
+            else:
+                with pytest.raises(ConfigError) as caught:
+                    getattr(settings, attribute)
+                assert caught.value.variable == variable
+        assert bool(settings.internal_token) == ("INTERNAL_TOKEN" in needs)
+    assert "KEY_ENCRYPTION_KEY" not in SECRETS_OF["gateway"]
+    assert "SECRET_PEPPER" not in SECRETS_OF["gateway"]
+
+
+async def test_gateway_serves_in_production_without_key_or_pepper(
+    base_env: dict[str, str], migrated: None
+) -> None:
+    """The real CLI's `serve gateway`, in production with neither KEY_ENCRYPTION_KEY nor
+    SECRET_PEPPER in its environment (as deploy/k8s gives it), starts and turns ready."""
+    port = free_port()
+    env = {
+        k: v
+        for k, v in base_env.items()
+        if k not in ("KEY_ENCRYPTION_KEY", "SECRET_PEPPER", "PUBLIC_URL_TEMPLATE", "PLATFORM_URL")
+    }
+    env.update(
+        CONNECT_ENV="production",
+        PUBLIC_URL_TEMPLATE="https://{school}.loopwise.test",
+        PLATFORM_URL="https://loopwise.test",
+        INTERNAL_TOKEN=secrets.token_urlsafe(32),
+        PATH="/usr/bin:/bin",
+    )
+    proc = await asyncio.create_subprocess_exec(
+        CLI,
+        "serve",
+        "gateway",
+        "--port",
+        str(port),
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    status = None
+    try:
+        async with client_session() as http:
+            for _ in range(300):
+                # A gateway that refused its configuration has exited: no need to wait on.
+                if proc.returncode is not None:
+                    break
+                try:
+                    async with http.get(f"http://127.0.0.1:{port}/readyz") as resp:
+                        status = resp.status
+                except aiohttp.ClientConnectionError:
+                    pass
+                if status == 200:
+                    break
+                await asyncio.sleep(0.2)
+    finally:
+        await kill_process(proc)
+        assert proc.stderr is not None
+        err = (await proc.stderr.read()).decode()
+    assert status == 200, err
+    assert "KEY_ENCRYPTION_KEY" not in err and "SECRET_PEPPER" not in err, err
 
 
 def test_development_allows_http_and_generates_keys_once(tmp_path: Path) -> None:

@@ -197,3 +197,31 @@ def test_harmless_fields_pass_unchanged(log_lines: Lines) -> None:
     assert line["service"] == "logtest"
     assert line["level"] == "info"
     assert "timestamp" in line
+
+
+async def test_the_access_line_scrubs_the_path_and_keeps_its_own_fields(
+    log_lines: Lines, aiohttp_client: Any
+) -> None:
+    """The access log skips the scan of the fields it fills itself, never of the path: a token
+    pasted into a URL is blanked there too, and the query is never logged."""
+    from aiohttp import web
+
+    from libs.common.web import base_application
+
+    app = base_application("logtest")
+
+    async def anything(_request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app.router.add_get("/{tail:.*}", anything)
+    client = await aiohttp_client(app)
+    token, secret = _jwt(), _opaque("lcs_")
+    resp = await client.get(f"/api/v1/courses/{token}?client_secret={secret}&x=1")
+    assert resp.status == 200
+    access = [line for line in log_lines() if line.get("event") == "access"]
+    assert len(access) == 1
+    line = access[0]
+    assert line["path"] == f"/api/v1/courses/{REDACTED}"
+    assert line["method"] == "GET" and line["status"] == 200 and line["duration_ms"] >= 0
+    assert line["service"] == "logtest" and line["level"] == "info" and line["request_id"]
+    _assert_absent(log_lines(), token, secret)

@@ -297,7 +297,7 @@ async def test_forged_expired_or_foreign_device_cookies_do_not_help(
         return text[:-1] + ("A" if text[-1] != "A" else "B")
 
     old = int(time.time()) - sessions.DEVICE_LIFETIME - 60
-    other_pepper = dataclasses.replace(settings, secret_pepper=secrets.token_bytes(32))
+    other_pepper = dataclasses.replace(settings, given_secret_pepper=secrets.token_bytes(32))
     forged = {
         "mac changed": f"{tag}.{nonce}.{issued}.{flip(mac)}",
         "issued moved": f"{tag}.{nonce}.{int(issued) + 1}.{mac}",

@@ -7,6 +7,7 @@ with a :class:`ConfigError` that names the variable and what is wrong with it.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import ipaddress
@@ -33,6 +34,20 @@ DEFAULT_PLATFORM_URL = "http://localhost:8080"
 DEV_SECRETS_FILE = Path(".data") / "dev-secrets"
 # The gateway's default route table: the checkout's deploy/routes.toml (GATEWAY_ROUTES moves it).
 DEFAULT_GATEWAY_ROUTES = str(Path(__file__).resolve().parents[2] / "deploy" / "routes.toml")
+
+
+# The secret variables, and which of them each process needs: a part is given (and holds) only
+# its own, so the internet-facing gateway never holds the key-encryption key or the pepper, and
+# the migration job holds none. The school API signs upload URLs with the pepper; webhooks
+# seals its signing secrets with the key-encryption key.
+SECRET_VARIABLES = frozenset({"KEY_ENCRYPTION_KEY", "SECRET_PEPPER", "INTERNAL_TOKEN"})
+SECRETS_OF: dict[str, frozenset[str]] = {
+    "identity": SECRET_VARIABLES,
+    "gateway": frozenset({"INTERNAL_TOKEN"}),
+    "school-api": frozenset({"SECRET_PEPPER", "INTERNAL_TOKEN"}),
+    "webhooks": frozenset({"KEY_ENCRYPTION_KEY", "INTERNAL_TOKEN"}),
+    "migrate": frozenset(),
+}
 
 
 class ConfigError(ValueError):
@@ -170,6 +185,71 @@ class IdentityPolicy:
     # argon2 verifications (and hashes) running at once per process; each holds its memory
     # cost (64 MiB), so a login flood costs at most this many times that.
     password_hash_concurrency: int = 4
+    # audit_log keeps a month's partition until its last day is this many days old, then
+    # drops it whole (a year and a month by default, so a year-on-year review still finds
+    # last year's month).
+    audit_retention_days: int = 400
+    # Client addresses in audit_log are cut to their network (/24, /48) once this many days
+    # old: who called from where stays answerable for an investigation's usual window, and no
+    # longer names a household after it.
+    audit_ip_retention_days: int = 30
+
+
+@dataclass(frozen=True, slots=True)
+class Observability:
+    """Tracing (libs/common/tracing.py) and the access log, from the standard OTEL_* variables.
+
+    Tracing is off unless an exporter is named (OTEL_TRACES_EXPORTER) or an OTLP endpoint is
+    given; the OTLP exporter reads its own variables (endpoint, headers, timeout) itself."""
+
+    # none | otlp (OTLP over HTTP with protobuf) | console (one JSON span a line on stdout)
+    exporter: str = "none"
+    # Share of new traces recorded; a caller's sampled `traceparent` is always followed.
+    sample_ratio: float = 1.0
+    # One log line per request answered (libs/common/web.py).
+    access_log: bool = True
+
+    @property
+    def tracing(self) -> bool:
+        return self.exporter != "none"
+
+
+_TRACE_EXPORTERS = ("none", "otlp", "console")
+
+
+def _observability(env: Mapping[str, str]) -> Observability:
+    for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        if env.get(name, "").strip():
+            _url(env, name, "", ("http", "https"))
+    protocol = (
+        env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "").strip()
+        or env.get("OTEL_EXPORTER_OTLP_PROTOCOL", "").strip()
+    )
+    if protocol not in ("", "http/protobuf"):
+        # Only the HTTP exporter is installed: no gRPC in the image.
+        name = (
+            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"
+            if env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "").strip()
+            else "OTEL_EXPORTER_OTLP_PROTOCOL"
+        )
+        raise ConfigError(name, f"must be http/protobuf, got {protocol!r}")
+    endpoint_given = any(
+        env.get(n, "").strip()
+        for n in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    )
+    exporter = env.get("OTEL_TRACES_EXPORTER", "").strip().lower() or (
+        "otlp" if endpoint_given else "none"
+    )
+    if exporter not in _TRACE_EXPORTERS:
+        raise ConfigError("OTEL_TRACES_EXPORTER", "must be otlp, console or none")
+    if _bool(env, "OTEL_SDK_DISABLED", False):
+        exporter = "none"
+    ratio = _float(env, "OTEL_TRACES_SAMPLER_ARG", 1.0)
+    if ratio > 1:
+        raise ConfigError("OTEL_TRACES_SAMPLER_ARG", f"must be between 0 and 1, got {ratio}")
+    return Observability(
+        exporter=exporter, sample_ratio=ratio, access_log=_bool(env, "ACCESS_LOG", True)
+    )
 
 
 DEFAULT_WEBHOOK_RETRY_SCHEDULE = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
@@ -214,8 +294,12 @@ class Settings:
     # never see each other's data.
     redis_prefix: str
     urls: PublicUrls
-    key_encryption_key: bytes = field(repr=False)
-    secret_pepper: bytes = field(repr=False)
+    # The key-encryption key that seals (KEY_ENCRYPTION_KEY) and the pepper new hashes and MACs
+    # are made with (SECRET_PEPPER), read through `key_encryption_key` / `secret_pepper`. None
+    # where the process was not given the secret (load_settings's `needs`): reading it then is
+    # a programming error, raised, never an empty key.
+    given_key_encryption_key: bytes | None = field(repr=False)
+    given_secret_pepper: bytes | None = field(repr=False)
     # Proves to resource services that identity headers came from a gateway (sent as
     # X-Connect-Internal-Token); resource services refuse calls without it.
     internal_token: str = field(repr=False, default="")
@@ -224,6 +308,9 @@ class Settings:
     # database afresh for secrets of this file (services/dev/database.py), never for given
     # ones.
     dev_secrets: Path | None = None
+    # CONNECT_DEMO_ADMIN_PASSWORD: the demo school's admin's password when the demo is seeded
+    # (`make dev`, `migrate --demo` under `make up`); generated when not given.
+    demo_admin_password: str | None = field(repr=False, default=None)
     log_level: str = "info"
     host: str = "127.0.0.1"
     ports: Ports = field(default_factory=Ports)
@@ -243,6 +330,29 @@ class Settings:
     gateway: GatewayPolicy = field(default_factory=GatewayPolicy)
     webhooks: WebhookPolicy = field(default_factory=WebhookPolicy)
     identity: IdentityPolicy = field(default_factory=IdentityPolicy)
+    observability: Observability = field(default_factory=Observability)
+    previous_key_encryption_keys: tuple[bytes, ...] = field(repr=False, default=())
+    previous_secret_pepper: bytes | None = field(repr=False, default=None)
+
+    @property
+    def key_encryption_keys(self) -> tuple[bytes, ...]:
+        """Every configured key-encryption key, the sealing one first."""
+        return (self.key_encryption_key, *self.previous_key_encryption_keys)
+
+    @property
+    def secret_peppers(self) -> tuple[bytes, ...]:
+        """The pepper, then the previous one during a rotation's overlap."""
+        if self.previous_secret_pepper is None:
+            return (self.secret_pepper,)
+        return (self.secret_pepper, self.previous_secret_pepper)
+
+    @property
+    def key_encryption_key(self) -> bytes:
+        return _held(self.given_key_encryption_key, "KEY_ENCRYPTION_KEY")
+
+    @property
+    def secret_pepper(self) -> bytes:
+        return _held(self.given_secret_pepper, "SECRET_PEPPER")
 
     @property
     def session_database_url(self) -> str:
@@ -256,6 +366,12 @@ class Settings:
     def stream(self, name: str) -> str:
         """The full Redis name of a stream or key: `connect:events` plus the run's prefix."""
         return f"{self.redis_prefix}{name}"
+
+
+def _held(value: bytes | None, name: str) -> bytes:
+    if value is None:
+        raise ConfigError(name, "is not given to this process (libs/common/config.SECRETS_OF)")
+    return value
 
 
 def _text(env: Mapping[str, str], name: str, default: str) -> str:
@@ -422,7 +538,11 @@ def _identity_policy(env: Mapping[str, str]) -> IdentityPolicy:
     # Each one holds argon2's 64 MiB: 64 of them is already 4 GiB.
     _at_most("PASSWORD_HASH_CONCURRENCY", concurrency, 64)
     return IdentityPolicy(
-        sweep_interval=interval, sweep_batch_size=batch, password_hash_concurrency=concurrency
+        sweep_interval=interval,
+        sweep_batch_size=batch,
+        password_hash_concurrency=concurrency,
+        audit_retention_days=_int(env, "AUDIT_RETENTION_DAYS", 400, minimum=1),
+        audit_ip_retention_days=_int(env, "AUDIT_IP_RETENTION_DAYS", 30, minimum=1),
     )
 
 
@@ -432,6 +552,10 @@ def _key(env: Mapping[str, str], name: str, dev_value: bytes | None) -> bytes:
         if dev_value is None:
             raise ConfigError(name, "is required in production (32 random bytes, base64)")
         return dev_value
+    return _decoded_key(name, raw)
+
+
+def _decoded_key(name: str, raw: str) -> bytes:
     try:
         # Either alphabet, padding optional; any other character is an error, not dropped.
         padded = (raw + "=" * (-len(raw) % 4)).replace("-", "+").replace("_", "/")
@@ -443,17 +567,82 @@ def _key(env: Mapping[str, str], name: str, dev_value: bytes | None) -> bytes:
     return value
 
 
+def _previous_keys(env: Mapping[str, str], kek: bytes) -> tuple[bytes, ...]:
+    """KEY_ENCRYPTION_KEYS_PREVIOUS: comma-separated keys that still open, never seal."""
+    name = "KEY_ENCRYPTION_KEYS_PREVIOUS"
+    found: list[bytes] = []
+    for position, item in enumerate(env.get(name, "").split(","), start=1):
+        if not item.strip():
+            continue
+        try:
+            key = _decoded_key(name, item.strip())
+        except ConfigError as exc:
+            # Which one of the list, never its value.
+            raise ConfigError(name, f"key {position}: {exc.problem}") from None
+        if key == kek:
+            raise ConfigError(name, f"key {position} is KEY_ENCRYPTION_KEY itself")
+        if key not in found:
+            found.append(key)
+    return tuple(found)
+
+
+def _previous_pepper(env: Mapping[str, str], pepper: bytes) -> bytes | None:
+    raw = env.get("SECRET_PEPPER_PREVIOUS", "").strip()
+    if not raw:
+        return None
+    previous = _decoded_key("SECRET_PEPPER_PREVIOUS", raw)
+    if previous == pepper:
+        raise ConfigError("SECRET_PEPPER_PREVIOUS", "is SECRET_PEPPER itself")
+    return previous
+
+
+def _secret_key(
+    env: Mapping[str, str],
+    name: str,
+    needs: frozenset[str],
+    dev_keys: tuple[bytes, bytes] | None,
+    index: int,
+) -> bytes | None:
+    if name not in needs and dev_keys is None:
+        # Production (or both given): a process that does not use it never reads it.
+        return None
+    return _key(env, name, dev_keys[index] if dev_keys else None)
+
+
 def _dev_secrets(path: Path) -> tuple[bytes, bytes]:
     """Development's key-encryption key and pepper, generated once per checkout."""
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, stat.S_IRUSR | stat.S_IWUSR)
-        with os.fdopen(fd, "wb") as out:
-            out.write(secrets.token_bytes(64))
+        # Written whole under another name, then linked into place: processes starting at once
+        # (the containers of `make up`) all end up with the one that won, never a half-written
+        # file or their own.
+        draft = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, stat.S_IRUSR | stat.S_IWUSR)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(secrets.token_bytes(64))
+            # Another process linked its draft first: theirs is the one everyone reads.
+            with contextlib.suppress(FileExistsError):
+                os.link(draft, path)
+        finally:
+            draft.unlink()
     data = path.read_bytes()
     if len(data) != 64:
         raise ConfigError("KEY_ENCRYPTION_KEY", f"{path} is damaged; delete it to start afresh")
     return data[:32], data[32:]
+
+
+def _demo_admin_password(env: Mapping[str, str]) -> str | None:
+    password = env.get("CONNECT_DEMO_ADMIN_PASSWORD", "")
+    if not password:
+        return None
+    # The account rules' own minimum (services/identity/users.py), checked at start rather
+    # than after the stores are up.
+    if len(password) < 8:
+        raise ConfigError("CONNECT_DEMO_ADMIN_PASSWORD", "must have at least 8 characters")
+    if password != password.strip():
+        raise ConfigError("CONNECT_DEMO_ADMIN_PASSWORD", "must not begin or end with a space")
+    return password
 
 
 def _lease(env: Mapping[str, str]) -> float:
@@ -466,8 +655,15 @@ def _lease(env: Mapping[str, str]) -> float:
 
 
 def _internal_token(
-    env: Mapping[str, str], environment: str, dev_keys: tuple[bytes, bytes] | None
+    env: Mapping[str, str],
+    environment: str,
+    dev_keys: tuple[bytes, bytes] | None,
+    needed: bool,
 ) -> str:
+    if environment == "production" and not needed:
+        # Resource services refuse every call under an empty token; a process that sends
+        # none (the migration) never reads it.
+        return ""
     token = _text(env, "INTERNAL_TOKEN", "")
     if token:
         if len(token) < 32:
@@ -481,8 +677,14 @@ def _internal_token(
     return hmac.new(seed_key, b"internal-token", hashlib.sha256).hexdigest()
 
 
-def load_settings(env: Mapping[str, str] | None = None) -> Settings:
-    """Read and validate every variable; raise ConfigError naming the first bad one."""
+def load_settings(
+    env: Mapping[str, str] | None = None, *, needs: frozenset[str] = SECRET_VARIABLES
+) -> Settings:
+    """Read and validate every variable; raise ConfigError naming the first bad one.
+
+    `needs`: the secret variables this process uses (SECRETS_OF); in production only those are
+    required, and a process never reads (so never holds) a key or pepper it does not need,
+    even where one is set. Development and tests generate or derive every one."""
     env = os.environ if env is None else env
     environment = _text(env, "CONNECT_ENV", "development")
     if environment not in ("development", "test", "production"):
@@ -547,15 +749,22 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         revocation_lease=_lease(env),
     )
     database_url = _url(env, "DATABASE_URL", DEFAULT_DATABASE_URL, ("postgresql", "postgres"))
+    kek = _secret_key(env, "KEY_ENCRYPTION_KEY", needs, dev_keys, 0)
+    pepper = _secret_key(env, "SECRET_PEPPER", needs, dev_keys, 1)
     return Settings(
         environment=environment,  # type: ignore[arg-type]
         database_url=database_url,
         redis_url=_redis_url(env, "REDIS_URL", DEFAULT_REDIS_URL),
         redis_prefix=_text(env, "REDIS_KEY_PREFIX", ""),
         urls=PublicUrls(school_template=template.rstrip("/"), platform_url=platform_url),
-        key_encryption_key=_key(env, "KEY_ENCRYPTION_KEY", dev_keys[0] if dev_keys else None),
-        secret_pepper=_key(env, "SECRET_PEPPER", dev_keys[1] if dev_keys else None),
+        given_key_encryption_key=kek,
+        given_secret_pepper=pepper,
+        # KEY_ENCRYPTION_KEYS_PREVIOUS / SECRET_PEPPER_PREVIOUS: what a part is not given, it
+        # does not hold in any generation.
+        previous_key_encryption_keys=_previous_keys(env, kek) if kek is not None else (),
+        previous_secret_pepper=_previous_pepper(env, pepper) if pepper is not None else None,
         dev_secrets=dev_secrets,
+        demo_admin_password=_demo_admin_password(env),
         log_level=log_level,
         host=_text(env, "BIND_HOST", "127.0.0.1"),
         ports=ports,
@@ -576,6 +785,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         gateway=gateway,
         webhooks=_webhook_policy(env, environment),
         identity=_identity_policy(env),
+        observability=_observability(env),
         # Last, so a wrong value of any other variable is the one reported first.
-        internal_token=_internal_token(env, environment, dev_keys),
+        internal_token=_internal_token(env, environment, dev_keys, "INTERNAL_TOKEN" in needs),
     )

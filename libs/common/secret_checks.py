@@ -24,6 +24,15 @@ def check_value(variable: str, secret: bytes) -> bytes:
     ).digest()
 
 
+def matching(variable: str, secrets: tuple[bytes, ...], recorded: bytes) -> bytes | None:
+    """The one of `secrets` (a variable's configured values, during a rotation more than one)
+    whose check value is `recorded`; None when none is."""
+    for secret in secrets:
+        if hmac.compare_digest(check_value(variable, secret), recorded):
+            return secret
+    return None
+
+
 def remedy(settings: Settings, variable: str) -> str:
     path = settings.dev_secrets
     if path is not None:

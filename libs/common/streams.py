@@ -286,6 +286,22 @@ def text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+async def group_lag(client: redis.Redis, stream: str, group: str) -> tuple[int | None, int] | None:
+    """A consumer group's lag (entries it has not read; None when Redis cannot tell, after
+    deletions mid-stream) and pending count (read, not acknowledged); None without the
+    stream or the group."""
+    try:
+        groups = await client.xinfo_groups(stream)
+    except ResponseError:
+        return None
+    for entry in groups:
+        info = {text(k): v for k, v in entry.items()}
+        if text(info["name"]) == group:
+            lag = info.get("lag")
+            return (int(lag) if lag is not None else None), int(info.get("pending", 0))
+    return None
+
+
 async def trim_consumed(client: redis.Redis, stream: str) -> str | None:
     """Trim the entries every consumer group has read and acknowledged (XTRIM MINID at the
     oldest entry some group still needs: its first pending one, else the one after its last

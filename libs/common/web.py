@@ -14,12 +14,21 @@ from typing import Any
 
 import structlog
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
 from prometheus_client import generate_latest as prometheus_latest
 from redis.exceptions import RedisError
 
 from libs.common.errors import json_response
-from libs.common.logging import get_logger
+from libs.common.logging import access_logger, get_logger
 
 log = get_logger(__name__)
 
@@ -31,6 +40,7 @@ READINESS = web.AppKey("readiness_checks", dict[str, ReadinessCheck])
 # when one fails, so the orchestrator restarts the process.
 LIVENESS = web.AppKey("liveness_checks", dict[str, Callable[[], bool]])
 REQUEST_ID_KEY = web.RequestKey("request_id", str)
+ACCESS_LOG = web.AppKey("access_log", bool)
 
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -54,9 +64,35 @@ class ServiceMetrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
         )
         self.service = service
+        self.pool_connections = Gauge(
+            "db_pool_connections",
+            "PostgreSQL connections of the process's asyncpg pools, by pool and state",
+            ["pool", "state"],  # state: in_use | idle
+            registry=self.registry,
+        )
+        self.pool_max = Gauge(
+            "db_pool_max_connections",
+            "The most connections each asyncpg pool may open",
+            ["pool"],
+            registry=self.registry,
+        )
+        # The process's CPU, memory, open files and start time, and the interpreter's: read
+        # at each scrape, nothing per request.
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
 
 
 METRICS: web.AppKey[ServiceMetrics] = web.AppKey("metrics")
+
+
+def watch_pool(metrics: ServiceMetrics, name: str, pool: Any) -> None:
+    """Report an asyncpg pool's connections at each scrape (in use, idle, the most allowed)."""
+    metrics.pool_connections.labels(name, "in_use").set_function(
+        lambda: pool.get_size() - pool.get_idle_size()
+    )
+    metrics.pool_connections.labels(name, "idle").set_function(pool.get_idle_size)
+    metrics.pool_max.labels(name).set_function(pool.get_max_size)
 
 
 def _route_name(request: web.Request) -> str:
@@ -101,13 +137,29 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
             status=500,
         )
     finally:
+        elapsed = time.perf_counter() - started
         if metrics is not None:
             route = _route_name(request)
             metrics.requests.labels(metrics.service, request.method, route, str(status)).inc()
-            metrics.latency.labels(metrics.service, route).observe(time.perf_counter() - started)
+            metrics.latency.labels(metrics.service, route).observe(elapsed)
+        if request.app.get(ACCESS_LOG, True):
+            log_access(request, status, elapsed)
         structlog.contextvars.unbind_contextvars("request_id", "school", "client_id")
     response.headers["X-Request-Id"] = request_id
     return response
+
+
+def log_access(request: web.Request, status: int, seconds: float) -> None:
+    """The access log line: the path without its query (a query may hold a signature, a code
+    or a state), never a header; request id, school and client come from the bound context,
+    the trace id from the tracing processor."""
+    access_logger().info(
+        "access",
+        method=request.method,
+        path=request.path,
+        status=status,
+        duration_ms=round(seconds * 1000, 2),
+    )
 
 
 # aiohttp's own client errors by the `error` code the API services answer them with.
@@ -197,9 +249,12 @@ async def restore_gc(app: web.Application) -> None:
     gc.unfreeze()
 
 
-def base_application(service: str, *, middlewares: list[Any] | None = None) -> web.Application:
+def base_application(
+    service: str, *, middlewares: list[Any] | None = None, access_log: bool = True
+) -> web.Application:
     app = web.Application(middlewares=[request_context, *(middlewares or [])])
     app[METRICS] = ServiceMetrics(service)
+    app[ACCESS_LOG] = access_log
     app[READINESS] = {}
     app[LIVENESS] = {}
     app.router.add_get("/healthz", healthz)

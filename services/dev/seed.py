@@ -1,9 +1,10 @@
 """The demo data `make dev` starts with: the quickstart's school `demo` (school_id 42), a second
-school `northside`, and an admin of each.
+school `northside`, and an admin of each (`make up` seeds the same with `migrate --demo`).
 
 Seeding is idempotent: a second run finds what the first made. The admins' passwords are
 generated on the first run and kept in `.data/dev-logins.json` (mode 0600) so they can be
-printed again; no password lives in the repository.
+printed again; no password lives in the repository. CONNECT_DEMO_ADMIN_PASSWORD, when set, is
+the demo school's admin's password instead (an existing account is given it).
 """
 
 from __future__ import annotations
@@ -67,8 +68,9 @@ async def seed_demo(
         email = f"admin@{subdomain}.example.com"
         login = saved.get(subdomain)
         existing = await store.user_by_email(pool, email)
-        if login is None or existing is None:
-            password = login["password"] if login else demo_password()
+        given = settings.demo_admin_password if subdomain == "demo" else None
+        if login is None or existing is None or (given and login["password"] != given):
+            password = given or (login["password"] if login else demo_password())
             user, created = await users.create_user(
                 pool,
                 school_id=school.id,

@@ -666,7 +666,14 @@ class Topology:
             k: v
             for k, v in os.environ.items()
             if not k.startswith(("DATABASE_", "REDIS_", "TEST_", "GATEWAY_", "PG"))
-            and k not in ("KEY_ENCRYPTION_KEY", "SECRET_PEPPER", "INTERNAL_TOKEN")
+            and k
+            not in (
+                "KEY_ENCRYPTION_KEY",
+                "KEY_ENCRYPTION_KEYS_PREVIOUS",
+                "SECRET_PEPPER",
+                "SECRET_PEPPER_PREVIOUS",
+                "INTERNAL_TOKEN",
+            )
         }
         return {
             **inherited,

@@ -24,7 +24,7 @@ from aiohttp import web
 from libs.common import db, redis_client, streams, tasks
 from libs.common.config import Settings
 from libs.common.logging import get_logger
-from libs.common.web import METRICS, READINESS, watch_background
+from libs.common.web import METRICS, READINESS, watch_background, watch_pool
 from services.gateway import broadcasts, edge, mcp, openapi, revocation, routes, routetable
 from services.gateway.audit import AuditBuffer
 from services.gateway.audit_retention import AuditRetention
@@ -51,7 +51,9 @@ def create_app(settings: Settings, *, routes_file: str | None = None) -> web.App
     """The gateway; raises routetable.RouteTableError when the route file is wrong."""
     table = routetable.load(routes_file or settings.gateway.routes_file, settings)
     app = edge.application(
-        "gateway", public=lambda host: settings.urls.subdomain_of(host) is not None
+        "gateway",
+        public=lambda host: settings.urls.subdomain_of(host) is not None,
+        access_log=settings.observability.access_log,
     )
     app[ROUTES] = table
     document = orjson.dumps(openapi.document(settings, table))
@@ -245,6 +247,8 @@ def _resources(
         metrics = GatewayMetrics(app[METRICS].registry)
         stores = await _Stores.open(settings)
         lease = revocation.Lease(settings.gateway.revocation_lease)
+        watch_pool(app[METRICS], "main", stores.pool)
+        metrics.revocation_lease.set_function(lambda: 1 if lease.live() else 0)
         ctx = app[CONTEXT] = _context(settings, table, stores, metrics, lease)
         _register_readiness(app, ctx)
         supervisor = tasks.Supervisor(asyncio.Event())

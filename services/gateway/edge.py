@@ -28,6 +28,7 @@ from aiohttp import web
 from libs.common.errors import json_response
 from libs.common.logging import get_logger
 from libs.common.web import (
+    ACCESS_LOG,
     LIVENESS,
     METRICS,
     READINESS,
@@ -35,6 +36,7 @@ from libs.common.web import (
     Handler,
     ServiceMetrics,
     healthz,
+    log_access,
     metrics_endpoint,
     readyz,
     restore_gc,
@@ -90,6 +92,7 @@ def application(
     *,
     middlewares: list[Any] | None = None,
     public: Callable[[str], bool] | None = None,
+    access_log: bool = True,
 ) -> web.Application:
     """As libs.common.web.base_application, with the gateway's request middleware.
 
@@ -127,13 +130,17 @@ def application(
                 status=500,
             )
         finally:
-            children.record(request.method, _route_name(request), status, perf() - started)
+            elapsed = perf() - started
+            children.record(request.method, _route_name(request), status, elapsed)
+            if access_log:
+                log_access(request, status, elapsed)
             unbind(*_CONTEXT_KEYS)
         response.headers["X-Request-Id"] = request_id
         return response
 
     app = web.Application(middlewares=[request_context, *(middlewares or [])])
     app[METRICS] = metrics
+    app[ACCESS_LOG] = access_log
     app[READINESS] = {}
     app[LIVENESS] = {}
     app.router.add_get("/healthz", healthz)

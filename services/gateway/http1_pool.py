@@ -243,8 +243,8 @@ class Pool:
         parts = urlsplit(url)
         if parts.scheme != "http" or not parts.hostname:
             raise ValueError("the lean client speaks plain http only")
-        self._host = parts.hostname
-        self._port = parts.port or 80
+        self.host = self._host = parts.hostname
+        self.port = self._port = parts.port or 80
         self._connect_timeout = connect_timeout
         self.total_timeout = total_timeout
         self._idle: deque[_Connection] = deque()

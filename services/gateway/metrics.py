@@ -64,6 +64,13 @@ class GatewayMetrics:
             "GATEWAY_AUDIT_BUFFER, protected calls are refused",
             registry=registry,
         )
+        # Read at each scrape (app.py sets its function).
+        self.revocation_lease = Gauge(
+            "gateway_revocation_lease_live",
+            '1 while this gateway holds a live revocation lease (it may answer "not revoked" '
+            "from its own set); 0 sends every protected call's check to Redis",
+            registry=registry,
+        )
         self.jwks_fetches = Counter(
             "gateway_jwks_fetches_total",
             "JWKS documents fetched from identity",

@@ -13,6 +13,7 @@ resource service the identity came from a gateway.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from libs.common import tracing
 from libs.common.errors import json_response
 from libs.common.logging import get_logger
 from services.gateway import http1_pool
@@ -321,15 +323,34 @@ async def _forward_lean(
     deadline = time.monotonic() + pool.total_timeout
     answer: http1_pool.Answer | None = None
     body = b""
+    # The lean client is no aiohttp session the instrumentation sees: its span, and the
+    # `traceparent` naming it, are added here.
+    span_scope: contextlib.AbstractContextManager[object | None] = (
+        tracing.client_span(
+            f"{request.method} {name}",
+            headers,
+            {
+                "http.request.method": request.method,
+                "server.address": pool.host,
+                "server.port": pool.port,
+                "url.full": f"http://{pool.host}:{pool.port}{request.raw_path}",
+            },
+        )
+        if tracing.ENABLED
+        else contextlib.nullcontext()
+    )
     try:
         # One timeout for the head and a small body: the call's whole exchange.
-        async with asyncio.timeout(pool.total_timeout):
-            answer = await pool.exchange(request.method, request.raw_path, headers.items())
-            metrics.upstream_answered(name, time.perf_counter() - started)
-            length = answer.content_length
-            small = length is not None and length <= SMALL_BODY
-            if small:
-                body = await answer.read()
+        with span_scope as span:
+            async with asyncio.timeout(pool.total_timeout):
+                answer = await pool.exchange(request.method, request.raw_path, headers.items())
+                metrics.upstream_answered(name, time.perf_counter() - started)
+                if span is not None:
+                    tracing.answered(span, answer.status)
+                length = answer.content_length
+                small = length is not None and length <= SMALL_BODY
+                if small:
+                    body = await answer.read()
     except TimeoutError:
         if answer is not None:
             answer.release()

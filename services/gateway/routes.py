@@ -16,6 +16,7 @@ import asyncpg
 import structlog
 from aiohttp import web
 
+from libs.common import tracing
 from services.gateway import cors, proxy, refusals
 from services.gateway.checks import checked_call
 from services.gateway.context import GatewayContext, context
@@ -47,6 +48,9 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     if route is None:
         ctx.metrics.call("unmatched", 404)
         return refusals.not_found()
+    if tracing.ENABLED:
+        # The catch-all route names nothing: the span takes the route table's prefix.
+        tracing.rename_request_span(f"{request.method} {route.prefix}")
     if route.protected:
         response = await protected(request, ctx, route)
     else:

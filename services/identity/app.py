@@ -17,7 +17,14 @@ from libs.common import db, streams, tasks
 from libs.common.config import Settings
 from libs.common.errors import NotFound, OAuthError
 from libs.common.logging import get_logger
-from libs.common.web import METRICS, READINESS, Handler, base_application, watch_background
+from libs.common.web import (
+    METRICS,
+    READINESS,
+    Handler,
+    base_application,
+    watch_background,
+    watch_pool,
+)
 from services.identity import (
     audit_consumer,
     clients,
@@ -31,7 +38,9 @@ from services.identity import (
 )
 from services.identity.audit_commit import AuditCommitter
 from services.identity.context import CONTEXT, ISSUER, IdentityContext
+from services.identity.metrics import IdentityMetrics
 from services.identity.schools import SchoolDirectory, UnknownSchool
+from services.identity.store import signing_keys as signing_key_store
 
 log = get_logger(__name__)
 
@@ -69,7 +78,11 @@ async def oauth_errors(request: web.Request, handler: Handler) -> web.StreamResp
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = base_application("identity", middlewares=[resolve_issuer, cors.middleware, oauth_errors])
+    app = base_application(
+        "identity",
+        middlewares=[resolve_issuer, cors.middleware, oauth_errors],
+        access_log=settings.observability.access_log,
+    )
     app.cleanup_ctx.append(_resources(settings))
     routes.setup(app)
     return app
@@ -91,6 +104,38 @@ async def _rotate_on_schedule(
             await asyncio.wait_for(stop.wait(), period)
 
 
+# How often the gauges read from the stores (key age, audit stream lag) are refreshed.
+METRICS_INTERVAL = 15.0
+
+
+async def _observe(
+    pool: asyncpg.Pool,
+    redis_client: Any,
+    settings: Settings,
+    metrics: IdentityMetrics,
+    stop: asyncio.Event,
+    interval: float = METRICS_INTERVAL,
+) -> None:
+    """Refresh the gauges no request moves: the oldest current signing key's activation and
+    the audit consumer group's lag on connect:audit."""
+    while not stop.is_set():
+        try:
+            activated = await signing_key_store.oldest_current_activation(pool)
+            metrics.oldest_key_activated = activated.timestamp() if activated else None
+            found = await streams.group_lag(
+                redis_client, settings.stream(streams.AUDIT), audit_consumer.GROUP
+            )
+            if found is not None:
+                lag, pending = found
+                if lag is not None:
+                    metrics.audit_lag.set(lag)
+                metrics.audit_pending.set(pending)
+        except (OSError, asyncpg.PostgresError, RedisError):
+            log.warning("metrics_refresh_failed", exc_info=True)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval)
+
+
 def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         # Identity keeps no session state on pooled connections (its only advisory locks are
@@ -105,6 +150,8 @@ def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[
             await pool.close()
             raise
         redis_client = streams.connect(settings.redis_url)
+        metrics = IdentityMetrics(app[METRICS].registry)
+        watch_pool(app[METRICS], "main", pool)
         context = IdentityContext(
             settings=settings,
             pool=pool,
@@ -112,6 +159,7 @@ def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[
             schools=SchoolDirectory(pool, settings),
             keyring=keys.KeyRing(pool, settings),
             passwords=credentials.PasswordGate(settings.identity.password_hash_concurrency),
+            metrics=metrics,
             audit=AuditCommitter(pool),
         )
         app[CONTEXT] = context
@@ -136,6 +184,7 @@ def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[
             keep_session=True,
             server_settings={"plan_cache_mode": "force_generic_plan"},
         )
+        watch_pool(app[METRICS], "audit", audit_pool)
         stop = asyncio.Event()
         # Every loop supervised: restarted with backoff whatever ends it, and /healthz and
         # /readyz say when one is dead or keeps failing (libs/common/tasks.py).
@@ -162,6 +211,9 @@ def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[
             ),
         )
         supervisor.start("identity-sweep", lambda: sweep.run(pool, settings, stop))
+        supervisor.start(
+            "identity-metrics", lambda: _observe(pool, redis_client, settings, metrics, stop)
+        )
         supervisor.start(
             "identity-revocation-marks",
             lambda: revocation_marks.run(pool, redis_client, settings, stop),

@@ -8,11 +8,11 @@ the entry, lost it). `connect:audit` carries the gateway's records, which identi
 stores (audit_consumer.py).
 
 Every record has its own id, made where it is created: `rid` on the gateway's records (a prefix
-random to the process and a counter), `i:<uuid>` for identity's. Rows are keyed by it, so a
-record stored twice (an entry claimed again after a crash, a batch sent again after a lost
-reply) is one row, and two records are never taken for one (a stream entry id is not an
-identity: a Redis restarted empty, or one whose clock is behind the old one's, hands out ids
-it handed out before).
+random to the process and a counter), `i:<hex>` for identity's (128 random bits, as a UUID's
+hex). Rows are keyed by it, so a record stored twice (an entry claimed again after a crash, a
+batch sent again after a lost reply) is one row, and two records are never taken for one (a
+stream entry id is not an identity: a Redis restarted empty, or one whose clock is behind the
+old one's, hands out ids it handed out before).
 
 Two shapes of entry share the stream: a record itself (one entry each, as identity wrote them
 before its records went to PostgreSQL), and a batch, `{"records": [record, ...]}` (the
@@ -27,7 +27,7 @@ import functools
 import ipaddress
 import os
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -146,6 +146,22 @@ def _ip(value: Any) -> str | None:
     return parse_ip(str(value)) if value else None
 
 
+_POSTGRES_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+_POSTGRES_EPOCH_UNIX = 946_684_800.0
+
+
+def from_unix_seconds(seconds: float) -> datetime:
+    """The instant PostgreSQL's to_timestamp(float8) makes of `seconds`, to the microsecond.
+
+    A record's occurred_at is part of its key in audit_log (partitioned by it), so a record
+    stored once through insert_batches (PostgreSQL converts) and again through insert_many
+    (this converts) must get the very same instant. datetime.fromtimestamp rounds otherwise
+    for about one value in ten; this is PostgreSQL's arithmetic (float8_timestamptz): shift to
+    its epoch, scale to microseconds, round half to even (rint; Python's round on a float)."""
+    micros = round((seconds - _POSTGRES_EPOCH_UNIX) * 1_000_000.0)
+    return _POSTGRES_EPOCH + timedelta(microseconds=micros)
+
+
 def row(key: str, d: dict[str, Any]) -> audit_store.AuditRow:
     """The audit_log row of a record, keyed `key`, its values cleaned for PostgreSQL."""
     occurred = d.get("occurred_at")
@@ -153,7 +169,7 @@ def row(key: str, d: dict[str, Any]) -> audit_store.AuditRow:
     if isinstance(occurred, int | float):
         # Out of datetime's range, or NaN: the record is kept, stamped when it was stored.
         with contextlib.suppress(ValueError, OverflowError, OSError):
-            when = datetime.fromtimestamp(float(occurred), UTC)
+            when = from_unix_seconds(float(occurred))
     detail = d.get("detail") if isinstance(d.get("detail"), dict) else {}
     return audit_store.AuditRow(
         record_id=key,

@@ -24,7 +24,7 @@ from aiohttp import web
 
 from libs.common.config import Settings
 from libs.common.errors import InvalidClient, InvalidRequest, InvalidTarget
-from services.identity import clients, credentials, store
+from services.identity import clients, store
 from services.identity.schools import Issuer
 
 FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
@@ -129,7 +129,7 @@ async def authenticate(
         if confidential_only:
             raise InvalidClient("this endpoint is for confidential clients")
         method = "none"
-    elif not secret or not credentials.matches(settings.secret_pepper, secret, client.secret_hash):
+    elif not secret or not await clients.check_secret(pool, settings, client, secret):
         raise InvalidClient("client authentication failed")
     structlog.contextvars.bind_contextvars(client_id=client.id)
     return AuthenticatedClient(client, method)

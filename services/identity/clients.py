@@ -134,6 +134,32 @@ async def create_client(
     return NewClient(client, secret, registration_token)
 
 
+async def check_secret(
+    pool: asyncpg.Pool,
+    settings: Settings,
+    client: store.Client,
+    value: str,
+    column: str = "secret_hash",
+) -> bool:
+    """Whether `value` is the client's secret (or, with `column="registration_token_hash"`,
+    its registration access token), under SECRET_PEPPER or, during a rotation's overlap,
+    SECRET_PEPPER_PREVIOUS; one that matched only under the previous pepper is hashed again
+    under the new one, so it keeps working once the overlap ends."""
+    stored: bytes | None = getattr(client, column)
+    pepper = credentials.matching_pepper(settings.secret_peppers, value, stored)
+    if pepper is None:
+        return False
+    if pepper != settings.secret_pepper and stored is not None:
+        await store.rehash_client_secret(
+            pool,
+            client.id,
+            column,
+            old=stored,
+            new=credentials.keyed_hash(settings.secret_pepper, value),
+        )
+    return True
+
+
 async def rotate_secret(
     pool: asyncpg.Pool, redis_client: redis.Redis, settings: Settings, client: store.Client
 ) -> tuple[store.Client, str]:

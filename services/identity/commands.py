@@ -203,6 +203,47 @@ async def keys_rotate(
     return {"school_id": school_id, "keys": changes}
 
 
+# Passes of `keys rewrap` before it gives up on rows that keep changing under it (a secret
+# rotated between a pass's read and its write): each pass is idempotent, so one more is safe.
+_REWRAP_PASSES = 5
+
+
+async def keys_rewrap(pool: asyncpg.Pool, settings: Settings) -> dict[str, Any]:
+    """Seal every sealed secret (signing keys, webhook signing secrets) under
+    KEY_ENCRYPTION_KEY; then record it as the database's key, so that dropping
+    KEY_ENCRYPTION_KEYS_PREVIOUS is safe (README "Key rotation")."""
+    from services.webhooks import rewrap as webhooks_rewrap
+
+    totals: dict[str, dict[str, int]] = {}
+    for _ in range(_REWRAP_PASSES):
+        passes = {
+            "signing_keys": await keys.rewrap(pool, settings),
+            "webhook_subscriptions": await webhooks_rewrap.rewrap(pool, settings),
+        }
+        for part, counts in passes.items():
+            total = totals.setdefault(part, dict.fromkeys(counts, 0))
+            total["resealed"] += counts["resealed"]
+            # What the last pass found: earlier passes' "already" and races are this one's.
+            for name in ("already", "raced", "unopenable"):
+                total[name] = counts[name]
+        if not any(counts["raced"] for counts in passes.values()):
+            break
+    unopenable = sum(t["unopenable"] for t in totals.values())
+    raced = sum(t["raced"] for t in totals.values())
+    if unopenable or raced:
+        raise CommandError(
+            f"{unopenable} sealed values open under none of the configured keys and {raced}"
+            " kept changing; everything else is sealed under KEY_ENCRYPTION_KEY. Keep"
+            " KEY_ENCRYPTION_KEYS_PREVIOUS until a rewrap finishes without this error"
+        )
+    recorded = await secret_checks.recorded_key(pool, settings)
+    if recorded is not None and recorded != settings.key_encryption_key:
+        await secret_checks.record_newest(
+            pool, "KEY_ENCRYPTION_KEY", recorded, settings.key_encryption_key
+        )
+    return {"kek_id": keys.kek_id(settings.key_encryption_key), **totals}
+
+
 COMMANDS: dict[tuple[str, str], Command] = {
     ("schools", "create"): schools_create,
     ("schools", "list"): schools_list,
@@ -210,4 +251,5 @@ COMMANDS: dict[tuple[str, str], Command] = {
     ("users", "create"): users_create,
     ("clients", "create"): clients_create,
     ("keys", "rotate"): keys_rotate,
+    ("keys", "rewrap"): keys_rewrap,
 }

@@ -12,6 +12,7 @@ from libs.common.config import Settings
 from services.identity.audit_commit import AuditCommitter
 from services.identity.credentials import PasswordGate
 from services.identity.keys import KeyRing
+from services.identity.metrics import IdentityMetrics
 from services.identity.schools import Issuer, SchoolDirectory
 
 
@@ -23,6 +24,7 @@ class IdentityContext:
     schools: SchoolDirectory
     keyring: KeyRing
     passwords: PasswordGate
+    metrics: IdentityMetrics
     # identity's records that join no transaction, group-committed (audit_commit.py)
     audit: AuditCommitter
 

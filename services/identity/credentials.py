@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import hmac
 import secrets
+from collections.abc import Sequence
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
@@ -106,6 +107,16 @@ def matches(pepper: bytes, value: str, stored: bytes | None) -> bool:
     if stored is None:
         return False
     return hmac.compare_digest(keyed_hash(pepper, value), stored)
+
+
+def matching_pepper(peppers: Sequence[bytes], value: str, stored: bytes | None) -> bytes | None:
+    """The pepper of `peppers` (SECRET_PEPPER, then SECRET_PEPPER_PREVIOUS during a rotation's
+    overlap) under which `value` hashes to `stored`; None when none does. A caller that got
+    the previous one stores the hash under the first again (rehash on use)."""
+    for pepper in peppers:
+        if matches(pepper, value, stored):
+            return pepper
+    return None
 
 
 def token_hash(value: str) -> bytes:

@@ -12,14 +12,16 @@ import asyncio
 import hashlib
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from joserfc.jwk import ECKey, RSAKey
 
-from libs.common import streams
+from libs.common import sealing, streams
 from libs.common.config import Settings
 from libs.common.db import Connection
 from services.identity import store
@@ -44,6 +46,15 @@ def seal(kek: bytes, kid: str, plaintext: bytes) -> bytes:
 
 def unseal(kek: bytes, kid: str, sealed: bytes) -> bytes:
     return AESGCM(kek).decrypt(sealed[:12], sealed[12:], kid.encode())
+
+
+def unseal_any(keks: Sequence[bytes], kid: str, sealed: bytes) -> bytes:
+    """Open under whichever configured key sealed it (InvalidTag when none did)."""
+    return _open(keks, kid, sealed)[0]
+
+
+def _open(keks: Sequence[bytes], kid: str, sealed: bytes) -> tuple[bytes, bytes]:
+    return sealing.open_with_any(keks, lambda kek: unseal(kek, kid, sealed))
 
 
 def generate(alg: str) -> PrivateKey:
@@ -165,6 +176,43 @@ async def jwks(pool: asyncpg.Pool, school_id: int | None) -> dict[str, Any]:
     return {"keys": [k.public_jwk for k in keys]}
 
 
+async def rewrap(pool: asyncpg.Pool, settings: Settings) -> dict[str, int]:
+    """Seal every private key (retired ones too) under KEY_ENCRYPTION_KEY, opening each under
+    whichever configured key sealed it; how many were re-sealed, already were, changed in
+    between (raced), and would not open under any configured key.
+
+    Idempotent: a key already sealed under KEY_ENCRYPTION_KEY is left as it is. Safe beside
+    running services: each key is replaced only if its sealed value is still the one read
+    (another rewrap that got there first is not undone), and every configured process opens
+    either value as long as it has both keys, which a rotation's first step gives them all.
+    """
+    newest = settings.key_encryption_key
+    newest_id = kek_id(newest)
+    counts = {"resealed": 0, "already": 0, "raced": 0, "unopenable": 0}
+    for sealed in await store.sealed_private_keys(pool):
+        try:
+            pem, opened_by = _open(settings.key_encryption_keys, sealed.kid, sealed.private_key_enc)
+        except (InvalidTag, ValueError):
+            # Sealed under no configured key: left for an operator (rewrap refuses to finish).
+            counts["unopenable"] += 1
+            continue
+        if opened_by == newest and sealed.kek_id == newest_id:
+            counts["already"] += 1
+            continue
+        if await store.reseal_private_key(
+            pool,
+            sealed.kid,
+            old=sealed.private_key_enc,
+            new=seal(newest, sealed.kid, pem),
+            kek_id=newest_id,
+        ):
+            counts["resealed"] += 1
+        else:
+            # Another rewrap re-sealed it in between: the next pass finds it done.
+            counts["raced"] += 1
+    return counts
+
+
 @dataclass(frozen=True, slots=True)
 class Signer:
     kid: str
@@ -208,7 +256,9 @@ class KeyRing:
                 await ensure_issuer_keys(self._pool, self._settings, school_id)
                 current = await self._current(school_id, alg)
             assert current is not None
-            pem = unseal(self._settings.key_encryption_key, current.kid, current.private_key_enc)
+            pem = unseal_any(
+                self._settings.key_encryption_keys, current.kid, current.private_key_enc
+            )
             key: PrivateKey = RSAKey.import_key(pem) if alg == "RS256" else ECKey.import_key(pem)
             signer = Signer(current.kid, alg, key)
             self._cache[cache_key] = (now + self._ttl, signer)

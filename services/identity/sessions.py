@@ -133,7 +133,7 @@ def browser_mark(settings: Settings, presession_value: str) -> str:
 
 def is_browser(request: web.Request, mark: str) -> bool:
     value = request.cookies.get(PRESESSION_COOKIE, "")
-    return bool(value) and _same_token(browser_mark(context(request).settings, value), mark)
+    return bool(value) and _any_same(context(request).settings, mark, "authorize-browser", value)
 
 
 # Device cookies ---------------------------------------------------------------------------
@@ -165,6 +165,15 @@ def device_tag(settings: Settings, user_id: UUID) -> str:
     return _mac(settings.secret_pepper, "device-account", str(user_id))[:22]
 
 
+def _is_device_tag(settings: Settings, user_id: UUID, tag: str) -> bool:
+    """Whether `tag` names the account under SECRET_PEPPER or, in a rotation's overlap,
+    SECRET_PEPPER_PREVIOUS (a cookie from before it began)."""
+    return any(
+        _same_token(_mac(pepper, "device-account", str(user_id))[:22], tag)
+        for pepper in settings.secret_peppers
+    )
+
+
 def _device_mac(settings: Settings, tag: str, nonce: str, issued: int) -> str:
     return _mac(settings.secret_pepper, "device-cookie", tag, nonce, str(issued))
 
@@ -183,16 +192,17 @@ def devices(settings: Settings, value: str | None, now: float | None = None) -> 
         # A minute ahead for clocks of other identity processes.
         if not now - DEVICE_LIFETIME < issued <= now + 60:
             continue
-        if _same_token(_device_mac(settings, tag, nonce, issued), mac):
+        if _any_same(settings, mac, "device-cookie", tag, nonce, str(issued)):
             found.append(Device(tag, nonce, issued))
     return found
 
 
 def remember_device(settings: Settings, user_id: UUID, known: Sequence[Device]) -> str:
     """The device cookie after `user_id` signed in: a fresh entry for that account first,
-    then the browser's other accounts."""
+    then the browser's other accounts (their MACs made again under SECRET_PEPPER)."""
     fresh = Device(device_tag(settings, user_id), secrets.token_urlsafe(16), int(time.time()))
-    return encode_devices(settings, [fresh, *(d for d in known if d.tag != fresh.tag)])
+    others = (d for d in known if not _is_device_tag(settings, user_id, d.tag))
+    return encode_devices(settings, [fresh, *others])
 
 
 def encode_devices(settings: Settings, entries: Sequence[Device]) -> str:
@@ -224,6 +234,12 @@ def _mac(key: bytes, *parts: str) -> str:
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
 
+def _any_same(settings: Settings, given: str, *parts: str) -> bool:
+    """Whether `given` is the MAC of `parts` under SECRET_PEPPER or, during a rotation's
+    overlap, SECRET_PEPPER_PREVIOUS: what was made before the rotation began still holds."""
+    return any(_same_token(_mac(pepper, *parts), given) for pepper in settings.secret_peppers)
+
+
 def _same_token(expected: str, given: str) -> bool:
     # compare_digest refuses str with non-ASCII characters (TypeError, so a 500), and a form
     # field can hold anything; as bytes any text compares, and none but the MAC matches.
@@ -238,8 +254,7 @@ def check_login_csrf(request: web.Request, token: str, request_id: str) -> bool:
     value = request.cookies.get(PRESESSION_COOKIE, "")
     if not value or not token:
         return False
-    expected = login_csrf_token(context(request).settings, value, request_id)
-    return _same_token(expected, token)
+    return _any_same(context(request).settings, token, "login-csrf", value, request_id)
 
 
 def session_csrf_token(session: Session, purpose: str, request_id: str) -> str:
@@ -438,6 +453,7 @@ async def sign_in(
     device = await _device_for(ctx, known, email) if known else None
     retry = await throttle.reserve(email, address, device)
     if retry is not None:
+        ctx.metrics.sign_in_failures.labels("throttled").inc()
         await ctx.audit.write(audit_record("login.failed", reason="throttled"))
         return SignIn("throttled", retry_after=retry)
 
@@ -453,11 +469,13 @@ async def sign_in(
             raise
     if user is None:
         # The reservation stays: it is this failure's count.
+        ctx.metrics.sign_in_failures.labels("bad_credentials").inc()
         await ctx.audit.write(audit_record("login.failed", reason="bad_credentials"))
         return SignIn("invalid")
     await throttle.succeeded(email, address, device)
 
     if school is not None and not await flow_store.may_use_school(ctx.pool, user.id, school.id):
+        ctx.metrics.sign_in_failures.labels("not_member").inc()
         entry = audit_record("login.failed", str(user.id), reason="not_member")
         await ctx.audit.write(entry)
         return SignIn("not_member", user=user)
@@ -496,8 +514,7 @@ async def _device_for(ctx: IdentityContext, known: Sequence[Device], email: str)
     user = await store.user_by_email(ctx.pool, email.strip())
     if user is None:
         return None
-    tag = device_tag(ctx.settings, user.id)
-    return next((d for d in known if _same_token(tag, d.tag)), None)
+    return next((d for d in known if _is_device_tag(ctx.settings, user.id, d.tag)), None)
 
 
 async def sign_out(ctx: IdentityContext, id_hash: bytes | None) -> None:

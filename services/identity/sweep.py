@@ -7,7 +7,9 @@ What is kept, and why (the SQL and its reasoning are in store/sweep.py):
 - refresh tokens, rotated-away ones included, until their own expiry: reuse detection needs
   the rotated row exactly as long as the token could otherwise be exchanged; the tokens of a
   revoked grant go at once, since nothing can come of presenting them;
-- sessions until they expire.
+- sessions until they expire;
+- audit_log's months until AUDIT_RETENTION_DAYS, client addresses in full until
+  AUDIT_IP_RETENTION_DAYS (audit_retention.py), partitions made months ahead.
 Remembered consents do not expire; CSRF tokens are stateless MACs; pending authorization
 requests, rate-limit and sign-in throttle counters live in Redis with an expiry of their own.
 
@@ -28,6 +30,7 @@ import asyncpg
 
 from libs.common.config import Settings
 from libs.common.logging import get_logger
+from services.identity import audit_retention
 from services.identity.store import sweep as sweep_store
 
 log = get_logger(__name__)
@@ -49,10 +52,12 @@ async def _drain(delete: Callable[[], Awaitable[int]], batch: int) -> int:
 
 
 async def sweep_once(pool: asyncpg.Pool, settings: Settings) -> dict[str, int]:
-    """One pass over every table; how many rows each lost."""
+    """One pass over every table; how many rows each lost (and what the audit trail's
+    retention did: services/identity/audit_retention.py)."""
     batch = settings.identity.sweep_batch_size
     ttl = settings.tokens.refresh_token_ttl
     return {
+        **await audit_retention.sweep(pool, settings),
         "authorization_codes": await _drain(
             lambda: sweep_store.delete_expired_codes(pool, batch), batch
         ),

@@ -10,7 +10,14 @@ from aiohttp import web
 from libs.common import db, streams, tasks
 from libs.common.config import Settings
 from libs.common.logging import get_logger
-from libs.common.web import METRICS, READINESS, Handler, base_application, watch_background
+from libs.common.web import (
+    METRICS,
+    READINESS,
+    Handler,
+    base_application,
+    watch_background,
+    watch_pool,
+)
 from services.school_api import identity, routes, store
 from services.school_api.context import CONTEXT, SchoolApiContext
 from services.school_api.outbox import OutboxRelay, RelayMetrics
@@ -52,7 +59,9 @@ async def api_errors(request: web.Request, handler: Handler) -> web.StreamRespon
 def create_app(settings: Settings, *, relay: bool = True) -> web.Application:
     """The service; `relay=False` leaves publishing to other processes (and to tests)."""
     app = base_application(
-        "school-api", middlewares=[api_errors, identity.authenticate(settings.internal_token)]
+        "school-api",
+        middlewares=[api_errors, identity.authenticate(settings.internal_token)],
+        access_log=settings.observability.access_log,
     )
     app.cleanup_ctx.append(_resources(settings, relay))
     routes.setup(app)
@@ -64,6 +73,7 @@ def _resources(
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         pool = await store.create_pool(settings=settings)
+        watch_pool(app[METRICS], "main", pool)
         redis_client = streams.connect(settings.redis_url)
         app[CONTEXT] = SchoolApiContext(settings=settings, pool=pool, redis=redis_client)
 

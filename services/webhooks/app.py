@@ -25,6 +25,7 @@ from libs.common.web import (
     base_application,
     json_http_errors,
     watch_background,
+    watch_pool,
 )
 from services.webhooks import dispatcher, routes, secret_checks
 from services.webhooks.context import CONTEXT, WebhooksContext
@@ -51,7 +52,9 @@ def create_app(
     without a sender claiming deliveries). `resolver` answers webhook host names (the
     system's by default)."""
     app = base_application(
-        "webhooks", middlewares=[json_http_errors, routes.api_errors, routes.require_gateway]
+        "webhooks",
+        middlewares=[json_http_errors, routes.api_errors, routes.require_gateway],
+        access_log=settings.observability.access_log,
     )
     app.cleanup_ctx.append(_resources(settings, workers, resolver))
     routes.setup(app)
@@ -93,6 +96,7 @@ def _resources(
         if workers:
             egress.check_egress(settings)
         pool: asyncpg.Pool = await db.create_pool(settings=settings)
+        watch_pool(app[METRICS], "main", pool)
         try:
             # Before anything else, and so before listening: another key-encryption key would
             # fail every delivery's signing and seal new secrets that the right key cannot

@@ -9,17 +9,17 @@ Two looks, either enough to refuse: the check value identity recorded for the ke
 key is caught even before the first subscription), and one stored secret per kek_id that must
 open (so it is caught on a database identity has not recorded a value in). The check value
 is never written here: identity owns it, and it is the one whose first start decides it.
+During a rotation, any of KEY_ENCRYPTION_KEY and KEY_ENCRYPTION_KEYS_PREVIOUS will do for
+either look (README "Key rotation").
 """
 
 from __future__ import annotations
-
-import hmac
 
 from cryptography.exceptions import InvalidTag
 
 from libs.common.config import Settings
 from libs.common.db import Executor
-from libs.common.secret_checks import SecretMismatch, check_value, remedy
+from libs.common.secret_checks import SecretMismatch, matching, remedy
 from services.webhooks import signing
 from services.webhooks.store import secret_checks as store
 
@@ -33,10 +33,12 @@ async def _same_as_recorded(db: Executor, settings: Settings) -> None:
     recorded = await store.recorded_check_value(db, VARIABLE)
     if recorded is None:
         return
-    if not hmac.compare_digest(check_value(VARIABLE, settings.key_encryption_key), recorded):
+    keks = settings.key_encryption_keys
+    if matching(VARIABLE, keks, recorded) is None:
+        also = " (nor is KEY_ENCRYPTION_KEYS_PREVIOUS)" if len(keks) > 1 else ""
         raise SecretMismatch(
             VARIABLE,
-            "is not the key this database's secrets are sealed under;"
+            f"is not the key this database's secrets are sealed under{also};"
             f" {remedy(settings, VARIABLE)}",
         )
 
@@ -45,9 +47,9 @@ async def _subscription_secrets_open(db: Executor, settings: Settings) -> None:
     groups: dict[str, list[store.SealedSecret]] = {}
     for sample in await store.sealed_samples(db, _SAMPLES_PER_KEK):
         groups.setdefault(sample.kek_id, []).append(sample)
-    kek = settings.key_encryption_key
+    keks = settings.key_encryption_keys
     for group in groups.values():
-        if not any(_opens(kek, sample) for sample in group):
+        if not any(_opens(kek, sample) for sample in group for kek in keks):
             raise SecretMismatch(
                 VARIABLE,
                 "does not open the webhook signing secrets stored in the database"

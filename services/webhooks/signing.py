@@ -14,10 +14,12 @@ import hashlib
 import hmac
 import os
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from uuid import UUID
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from libs.common import sealing
 
 SECRET_PREFIX = "whsec_"
 SECRET_BYTES = 32
@@ -45,6 +47,14 @@ def unseal(kek: bytes, subscription_id: UUID, sealed: bytes) -> bytes:
     return AESGCM(kek).decrypt(sealed[:12], sealed[12:], subscription_id.bytes)
 
 
+def unseal_any(keks: Sequence[bytes], subscription_id: UUID, sealed: bytes) -> tuple[bytes, bytes]:
+    """Open under whichever configured key sealed it: the key bytes and the key-encryption key
+    that opened them (InvalidTag when none did). A subscription's previous secret may be
+    sealed under an older key than its `kek_id` names (a rotation of the secret keeps the
+    sealed value as it was), so every key is tried, not only the one the row names."""
+    return sealing.open_with_any(keks, lambda kek: unseal(kek, subscription_id, sealed))
+
+
 def sign(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
     content = b"%s.%d.%s" % (msg_id.encode(), timestamp, body)
     digest = hmac.new(key, content, hashlib.sha256).digest()
@@ -59,8 +69,8 @@ def signature_header(keys: Iterable[bytes], msg_id: str, timestamp: int, body: b
 class KeyCache:
     """Unsealed keys by sealed value: AES-GCM per delivery is cheap, but not free at 2k/s."""
 
-    def __init__(self, kek: bytes, size: int = 4096) -> None:
-        self._kek = kek
+    def __init__(self, keks: Sequence[bytes], size: int = 4096) -> None:
+        self._keks = tuple(keks)
         self._size = size
         self._keys: dict[bytes, bytes] = {}
 
@@ -68,7 +78,7 @@ class KeyCache:
         cache_key = subscription_id.bytes + sealed
         found = self._keys.get(cache_key)
         if found is None:
-            found = unseal(self._kek, subscription_id, sealed)
+            found = unseal_any(self._keks, subscription_id, sealed)[0]
             if len(self._keys) >= self._size:
                 self._keys.pop(next(iter(self._keys)))
             self._keys[cache_key] = found

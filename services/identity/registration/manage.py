@@ -12,7 +12,7 @@ from typing import Any
 
 from libs.common import scopes as catalogue
 from libs.common.logging import get_logger
-from services.identity import audit, clients, credentials, grants, store
+from services.identity import audit, clients, grants, store
 from services.identity.context import IdentityContext
 from services.identity.grants import within_registration
 from services.identity.registration.access_token import invalid_token
@@ -38,7 +38,7 @@ async def update(
     secret = document.get("client_secret")
     if secret is not None and not (
         isinstance(secret, str)
-        and credentials.matches(ctx.settings.secret_pepper, secret, client.secret_hash)
+        and await clients.check_secret(ctx.pool, ctx.settings, client, secret)
     ):
         raise _bad("client_secret does not match the client's current secret")
     wanted = parse_metadata(

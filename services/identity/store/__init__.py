@@ -26,6 +26,7 @@ from services.identity.store.clients import (
     insert_client,
     list_clients,
     possible_client_id,
+    rehash_client_secret,
     update_client,
 )
 from services.identity.store.grants import (
@@ -55,7 +56,9 @@ from services.identity.store.signing_keys import (
     keys_of_issuer,
     lock_issuer_keys,
     promote_key,
+    reseal_private_key,
     retire_key,
+    sealed_private_keys,
 )
 from services.identity.store.users import (
     Membership,
@@ -106,10 +109,13 @@ __all__ = [
     "memberships_of",
     "possible_client_id",
     "promote_key",
+    "rehash_client_secret",
+    "reseal_private_key",
     "retire_key",
     "school_by_id",
     "school_by_subdomain",
     "schools_of_grants",
+    "sealed_private_keys",
     "set_open_registration",
     "touch_grant",
     "update_client",

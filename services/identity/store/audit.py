@@ -60,14 +60,16 @@ def values(row: AuditRow) -> list[Any]:
 
 
 async def insert_many(db: Executor, rows: Sequence[AuditRow]) -> None:
-    """One statement per batch; rows seen before (same record id) are skipped."""
+    """One statement per batch; rows seen before (same record id) are skipped. The conflict
+    target includes occurred_at because audit_log is partitioned by it, and a record keeps
+    its occurred_at on every resend (migrations/012_audit_partitions.sql)."""
     await _insert(db, rows, _INSERT_ROWS)
 
 
 async def insert_new(db: Executor, rows: Sequence[AuditRow]) -> None:
-    """insert_many for rows whose ids were just made (identity's `i:<uuid>`), so none can
+    """insert_many for rows whose ids were just made (identity's `i:<hex>`), so none can
     have been stored before: no `ON CONFLICT`, whose speculative insertion costs PostgreSQL
-    an index probe and a WAL record more per row. A duplicate id fails the statement."""
+    an index probe and a WAL record more per row. A duplicate key fails the statement."""
     await _insert(db, rows, _INSERT_NEW_ROWS)
 
 
@@ -78,9 +80,10 @@ _INSERT_ROWS = (
     " FROM unnest($1::text[], $2::timestamptz[], $3::bigint[], $4::text[],"
     " $5::text[], $6::uuid[], $7::text[], $8::text[], $9::text[], $10::int[], $11::text[],"
     " $12::text[], $13::text[]) AS u(s, o, sc, c, su, g, a, m, p, st, sco, i, d)"
-    " ON CONFLICT (record_id) DO NOTHING"
+    " ON CONFLICT (record_id, occurred_at) DO NOTHING"
 )
-_INSERT_NEW_ROWS = _INSERT_ROWS.removesuffix(" ON CONFLICT (record_id) DO NOTHING")
+_INSERT_NEW_ROWS = _INSERT_ROWS.removesuffix(" ON CONFLICT (record_id, occurred_at) DO NOTHING")
+assert _INSERT_NEW_ROWS != _INSERT_ROWS
 
 
 async def _insert(db: Executor, rows: Sequence[AuditRow], statement: str) -> None:
@@ -123,7 +126,7 @@ SELECT
     CASE WHEN jsonb_typeof(r->'detail') = 'object' THEN r->'detail' ELSE '{}' END
 FROM unnest($1::text[]) AS e(doc),
     jsonb_array_elements(e.doc::jsonb->'records') AS x(r)
-ON CONFLICT (record_id) DO NOTHING
+ON CONFLICT (record_id, occurred_at) DO NOTHING
 """
 
 
@@ -131,7 +134,7 @@ ON CONFLICT (record_id) DO NOTHING
 # crash, or sent again after a lost reply, and `ON CONFLICT` makes PostgreSQL insert each row
 # speculatively (an extra index probe and WAL record per row: about a fifth of the
 # statement's cost) to allow for them.
-_INSERT_NEW_BATCHES = _INSERT_BATCHES.replace("ON CONFLICT (record_id) DO NOTHING", "")
+_INSERT_NEW_BATCHES = _INSERT_BATCHES.replace("ON CONFLICT (record_id, occurred_at) DO NOTHING", "")
 
 
 async def insert_batches(db: Executor, payloads: Sequence[str]) -> int:

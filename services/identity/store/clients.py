@@ -225,6 +225,24 @@ async def update_client(db: Executor, client_id: str, **fields: Any) -> Client |
     return _client(row) if row else None
 
 
+async def rehash_client_secret(
+    db: Executor, client_id: str, column: str, *, old: bytes, new: bytes
+) -> bool:
+    """Store a client's secret (or registration access token) hashed under the new pepper, if
+    its hash is still `old` (compare and set: a rotation of the secret in between wins). The
+    secret itself is unchanged, so neither updated_at nor secret_rotated_at moves."""
+    if column not in ("secret_hash", "registration_token_hash"):
+        raise ValueError(f"cannot rehash {column}")
+    status = await db.execute(
+        f"UPDATE clients SET {column} = $3 WHERE id = $1 AND {column} = $2",  # noqa: S608
+        client_id,
+        old,
+        new,
+    )
+    forget_client(client_id)
+    return status == "UPDATE 1"
+
+
 async def delete_client(db: Executor, client_id: str) -> bool:
     forget_client(client_id)
     result: str = await db.execute("DELETE FROM clients WHERE id = $1", client_id)

@@ -53,3 +53,14 @@ async def recorded_check_value(db: Executor, variable: str, check_value: bytes) 
         "SELECT check_value FROM secret_checks WHERE variable = $1", variable
     )
     return stored
+
+
+async def move_check_value(db: Executor, variable: str, old: bytes, new: bytes) -> bool:
+    """Record `new` for `variable` if `old` is still what is recorded; whether it was."""
+    status = await db.execute(
+        "UPDATE secret_checks SET check_value = $3 WHERE variable = $1 AND check_value = $2",
+        variable,
+        old,
+        new,
+    )
+    return status == "UPDATE 1"

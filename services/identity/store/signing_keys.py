@@ -112,3 +112,40 @@ async def issuers_due_for_rotation(db: Executor, older_than_seconds: int) -> lis
         older_than_seconds,
     )
     return [r["school_id"] for r in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class SealedPrivateKey:
+    kid: str
+    private_key_enc: bytes
+    kek_id: str
+
+
+async def sealed_private_keys(db: Executor) -> list[SealedPrivateKey]:
+    """Every issuer's private keys as sealed, retired ones included: what a rewrap re-seals.
+    Issuers hold a handful each, so all of them at once is a few thousand rows at most."""
+    rows = await db.fetch("SELECT kid, private_key_enc, kek_id FROM signing_keys ORDER BY kid")
+    return [SealedPrivateKey(r["kid"], r["private_key_enc"], r["kek_id"]) for r in rows]
+
+
+async def reseal_private_key(
+    db: Executor, kid: str, *, old: bytes, new: bytes, kek_id: str
+) -> bool:
+    """Replace a key's sealed value if it is still `old` (compare and set); whether it was."""
+    status = await db.execute(
+        "UPDATE signing_keys SET private_key_enc = $3, kek_id = $4"
+        " WHERE kid = $1 AND private_key_enc = $2",
+        kid,
+        old,
+        new,
+        kek_id,
+    )
+    return status == "UPDATE 1"
+
+
+async def oldest_current_activation(db: Executor) -> datetime | None:
+    """When the longest-serving current key of any issuer became current (the key age metric)."""
+    value: datetime | None = await db.fetchval(
+        "SELECT min(activated_at) FROM signing_keys WHERE state = 'current'"
+    )
+    return value

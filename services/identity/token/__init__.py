@@ -65,6 +65,7 @@ async def token_endpoint(request: web.Request) -> web.Response:
         ip=client_auth.client_ip(request, ctx.settings),
     )
     body = await handler(req)
+    ctx.metrics.tokens_issued.labels(grant_type).inc()
     return json_response(body, headers=NO_STORE)
 
 

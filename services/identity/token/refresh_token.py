@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from libs.common import scopes as catalogue
+from libs.common.config import Settings
 from libs.common.db import Connection
 from libs.common.errors import InvalidGrant, InvalidScope, UnauthorizedClient
 from services.identity import credentials, keys, minting, roles, store
@@ -203,6 +204,8 @@ async def end_grant(req: GrantRequest, refused: Refused) -> NoReturn:
     """End the grant of a token refused for reuse or for its user's role, then refuse."""
     st = refused.token
     reason, detected = _ENDS_GRANT[refused.refusal]
+    if refused.refusal is Refusal.REUSED:
+        req.ctx.metrics.refresh_reuse.inc()
     await revoke_grant(
         req,
         st.grant_id,
@@ -212,6 +215,21 @@ async def end_grant(req: GrantRequest, refused: Refused) -> NoReturn:
         user_id=st.user_id,
     )
     raise InvalidGrant(refused.refusal.value)
+
+
+def _successor_before_pepper_rotation(
+    settings: Settings, presented: str, decided: Rotated | Refused
+) -> str | None:
+    """The successor a retry was first answered with under the previous pepper, when the
+    refusal of `presented` for reuse is a retry under that pepper; None otherwise."""
+    previous = settings.previous_secret_pepper
+    if previous is None or not isinstance(decided, Refused):
+        return None
+    if decided.refusal is not Refusal.REUSED:
+        return None
+    earlier = successor_of(previous, presented)
+    grace = settings.tokens.refresh_reuse_grace
+    return earlier if is_retry(decided.token, credentials.token_hash(earlier), grace) else None
 
 
 async def refresh_token_grant(req: GrantRequest) -> dict[str, Any]:
@@ -250,6 +268,13 @@ async def refresh_token_grant(req: GrantRequest) -> dict[str, Any]:
                 decided = Rotated(Rotation.ROTATED, peek, school, scopes, claims)
         if decided is None:
             decided = await rotate_locked(req, conn, presented_hash, successor_hash)
+        earlier = _successor_before_pepper_rotation(settings, presented, decided)
+        if earlier is not None:
+            # A retry of a rotation answered under SECRET_PEPPER_PREVIOUS: its successor was
+            # derived under that pepper, and a retry is given the same one, not taken for theft.
+            again = await rotate_locked(req, conn, presented_hash, credentials.token_hash(earlier))
+            if isinstance(again, Rotated):
+                decided, successor = again, earlier
     if isinstance(decided, Refused):
         await end_grant(req, decided)
 

@@ -103,7 +103,7 @@ class Sender:
         # it, and a "not revoked" answer stands for RECHECK_AFTER.
         self._grant_checks: dict[UUID, asyncio.Future[bool]] = {}
         self._grant_clear_at: dict[UUID, float] = {}
-        self._keys = signing.KeyCache(ctx.settings.key_encryption_key)
+        self._keys = signing.KeyCache(ctx.settings.key_encryption_keys)
         self._tasks: set[asyncio.Task[None]] = set()
         self._outcomes: list[outcome_store.Outcome] = []
         self._flush_wanted = asyncio.Event()

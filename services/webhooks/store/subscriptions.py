@@ -248,3 +248,52 @@ async def rotate_secret(
         overlap_seconds,
     )
     return subscription_from_row(row) if row else None
+
+
+@dataclass(frozen=True, slots=True)
+class SealedSecrets:
+    """A subscription's signing secrets as sealed: what a rewrap re-seals."""
+
+    id: UUID
+    secret_enc: bytes
+    previous_secret_enc: bytes | None
+    kek_id: str
+
+
+async def sealed_secrets(db: Executor, after: UUID | None, limit: int) -> list[SealedSecrets]:
+    """The next `limit` subscriptions by id after `after`, disabled ones included (re-enabling
+    one signs with its secret again)."""
+    rows = await db.fetch(
+        "SELECT id, secret_enc, previous_secret_enc, kek_id FROM webhooks.subscriptions"
+        " WHERE $1::uuid IS NULL OR id > $1 ORDER BY id LIMIT $2",
+        after,
+        limit,
+    )
+    return [
+        SealedSecrets(r["id"], r["secret_enc"], r["previous_secret_enc"], r["kek_id"]) for r in rows
+    ]
+
+
+async def reseal_secrets(
+    db: Executor,
+    before: SealedSecrets,
+    *,
+    secret_enc: bytes,
+    previous_secret_enc: bytes | None,
+    kek_id: str,
+) -> bool:
+    """Replace a subscription's sealed secrets if both are still as read (compare and set: a
+    rotation of the secret in between wins, and the next rewrap takes its values); whether
+    they were."""
+    status = await db.execute(
+        "UPDATE webhooks.subscriptions SET secret_enc = $4, previous_secret_enc = $5,"
+        " kek_id = $6 WHERE id = $1 AND secret_enc = $2"
+        " AND previous_secret_enc IS NOT DISTINCT FROM $3",
+        before.id,
+        before.secret_enc,
+        before.previous_secret_enc,
+        secret_enc,
+        previous_secret_enc,
+        kek_id,
+    )
+    return status == "UPDATE 1"
