@@ -28,7 +28,8 @@ import orjson
 from bench.procs import BenchError, Proc, Procs, pids_named, port_free
 
 ROOT = Path(__file__).resolve().parents[1]
-DATABASE_NAME = "loopwise_bench"
+# BENCH_DATABASE: another name, for a bench beside another clone's on the same PostgreSQL.
+DATABASE_NAME = os.environ.get("BENCH_DATABASE", "loopwise_bench")
 SUBDOMAIN = "bench"
 REDIRECT_URI = "https://app.example.com/callback"
 # What the public app's users consent to: an OIDC sign-in plus the API scopes the scenarios use

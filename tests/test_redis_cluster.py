@@ -235,6 +235,63 @@ async def test_a_node_promoted_again_is_asked_again_over_the_same_connection(
         await asyncio.to_thread(cluster.wait_ok)
 
 
+async def test_a_restored_node_a_move_names_is_answered_at_once(
+    cluster: RedisCluster, cluster_settings: Settings, client: Any
+) -> None:
+    """After a failover, the first call redirected (MOVED) to a node whose marks identity has
+    restored is answered. The guard used to patch its slot map with the one slot the MOVED
+    named and ask the node's record in the first slot of that partial map, not the record
+    identity keeps in the node's real first slot: the restored node was refused (503) until
+    the refresh in the background had read the whole map."""
+    import redis as redis_sync
+    from redis.crc import key_slot
+
+    settings = cluster_settings
+    with redis_sync.Redis(port=cluster.primaries()[0]) as node:
+        starts = {int(r[0]) for r in node.execute_command("CLUSTER", "SLOTS")}
+    # A school whose slot is not the first of its primary's range (most are not).
+    school = next(
+        s for s in _spread_schools(cluster) if key_slot(keys.school_tag(s).encode()) not in starts
+    )
+    slot = key_slot(keys.school_tag(school).encode())
+    mark = keys.revoked_mark(settings, school, "g1")
+    bucket = keys.gateway_bucket(settings, school, "app")
+    first = cluster.primary_for_slot(slot)
+    second = cluster.replica_of(first)[0]
+    conn = pipelined(settings.redis_url, timeout=1.0, fenced_by=settings)
+    guard = Guard(conn)
+    pace = Pace.of(per_minute=6000, burst=100)
+
+    async def fail_over_to(port: int) -> None:
+        """A manual failover (run_ids kept), then identity's pass. TAKEOVER: no election, whose
+        votes the primaries refuse a second failover of the same slots for a while."""
+        with redis_sync.Redis(port=port) as node:
+            node.execute_command("CLUSTER", "FAILOVER", "TAKEOVER")
+        for _ in range(300):
+            if await asyncio.to_thread(cluster.primary_for_slot, slot) == port:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError(f"{port} did not take over within 30 s")
+        await asyncio.to_thread(cluster.wait_ok)
+        await marks_fence.record(client, settings, await marks_fence.run_ids(client, settings))
+
+    try:
+        await marks_fence.record(client, settings, await marks_fence.run_ids(client, settings))
+        assert (await guard.check(mark, bucket, want=1, pace=pace)).allowed
+        # There and back: the guard holds its map and a connection to each node, and each
+        # node is restored for its run before the guard's next call, which meets a MOVED.
+        for port in (second, first):
+            await fail_over_to(port)
+            assert (await guard.check(mark, bucket, want=1, pace=pace)).allowed
+    finally:
+        await conn.close()
+        if await asyncio.to_thread(cluster.primary_for_slot, slot) != first:
+            with redis_sync.Redis(port=first) as node:
+                node.execute_command("CLUSTER", "FAILOVER", "TAKEOVER")
+        await asyncio.to_thread(cluster.wait_ok)
+
+
 async def test_concurrent_first_calls_share_the_fence_check(
     cluster_settings: Settings, client: Any
 ) -> None:

@@ -12,10 +12,12 @@ from contextlib import asynccontextmanager
 from typing import Any
 from uuid import UUID
 
+import asyncpg
 import orjson
 import pytest
 
-from services.identity import clients, credentials
+from services.identity import audit, clients, credentials
+from services.identity.audit_commit import AuditCommitter
 from tests.token_helpers import (
     REDIRECT_URI,
     World,
@@ -279,3 +281,101 @@ async def test_a_revocation_whose_record_fails_is_not_announced(
         "grant.revoked",
         "token.revoked",
     ]
+
+
+def _record_of(client_id: str, n: int) -> dict[str, Any]:
+    return audit.record("token.issued", client_id=client_id, subject=client_id, n=n)
+
+
+async def _commits_of(pool: Any, client_id: str) -> tuple[int, int]:
+    """Rows of `client_id`, and the transactions that inserted them (rows inserted by one
+    transaction share its xmin)."""
+    row = await pool.fetchrow(
+        "SELECT count(*) AS rows, count(DISTINCT xmin::text) AS commits"
+        " FROM audit_log WHERE client_id = $1",
+        client_id,
+    )
+    return row["rows"], row["commits"]
+
+
+async def test_concurrent_records_share_one_commit(pool: Any, unique: str) -> None:
+    """Records with no transaction of their own (client_credentials tokens, failed sign-ins)
+    arriving together are stored by one statement, in batches of at most max_batch."""
+    client_id = f"gc-{unique}"
+    committer = AuditCommitter(pool)
+    await asyncio.gather(*(committer.write(_record_of(client_id, n)) for n in range(40)))
+    rows, commits = await _commits_of(pool, client_id)
+    assert rows == 40
+    assert commits == 1
+
+    bounded = AuditCommitter(pool, max_batch=10)
+    other = f"gc-b-{unique}"
+    await asyncio.gather(*(bounded.write(_record_of(other, n)) for n in range(40)))
+    assert await _commits_of(pool, other) == (40, 4)
+
+    # A lone record goes at once, alone; every write has returned with its row committed.
+    await committer.write(_record_of(client_id, 40))
+    assert await _commits_of(pool, client_id) == (41, 2)
+
+
+async def test_a_refused_record_fails_its_own_request_only(pool: Any, unique: str) -> None:
+    """A batch PostgreSQL refuses fails its requests (nothing of it stored); a row refused for
+    itself fails only the request that wrote it, the others of its batch are stored."""
+    refused, fine = f"gc-r-{unique}", f"gc-f-{unique}"
+    committer = AuditCommitter(pool)
+    async with _audit_refused(pool, refused):
+        outcomes = await asyncio.gather(
+            *(committer.write(_record_of(fine, n)) for n in range(5)),
+            committer.write(_record_of(refused, 0)),
+            *(committer.write(_record_of(fine, n)) for n in range(5, 10)),
+            return_exceptions=True,
+        )
+        alone = await asyncio.gather(
+            committer.write(_record_of(refused, 1)), return_exceptions=True
+        )
+    assert outcomes[:5] == [None] * 5 and outcomes[6:] == [None] * 5, outcomes
+    assert isinstance(outcomes[5], asyncpg.RaiseError), outcomes[5]
+    assert isinstance(alone[0], asyncpg.RaiseError), alone
+    assert (await _commits_of(pool, fine))[0] == 10
+    assert (await _commits_of(pool, refused))[0] == 0
+
+
+async def test_a_client_credentials_token_is_answered_only_with_its_record(
+    world: World, http: Any, pool: Any, settings: Any
+) -> None:
+    service = await clients.create_client(
+        pool,
+        settings,
+        school=world.school,
+        name="Service",
+        redirect_uris=[],
+        scopes=["read"],
+        grant_types=["client_credentials"],
+    )
+    assert service.client_secret is not None
+    auth = basic(service.client.id, service.client_secret)
+    form = {"grant_type": "client_credentials"}
+    # The standing grant made first (its own transaction, its grant.created record).
+    first = await token(http, world.origin, form, authorization=auth)
+    assert first.status == 200, first.body
+
+    async with _audit_refused(pool, service.client.id, "token.issued"):
+        failed = await asyncio.gather(
+            *(token(http, world.origin, form, authorization=auth) for _ in range(8))
+        )
+    for answer in failed:
+        assert answer.status == 500, answer.body
+        assert answer.body["error"] == "server_error" and "access_token" not in answer.body
+    issued = await pool.fetchval(
+        "SELECT count(*) FROM audit_log WHERE action = 'token.issued' AND client_id = $1",
+        service.client.id,
+    )
+    assert issued == 1
+
+    # Concurrent requests once the records are taken again: every token has its record.
+    answers = await asyncio.gather(
+        *(token(http, world.origin, form, authorization=auth) for _ in range(8))
+    )
+    for answer in answers:
+        assert answer.status == 200, answer.body
+        await _assert_recorded(pool, answer.body, "token.issued")

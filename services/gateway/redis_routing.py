@@ -8,8 +8,9 @@ on every (re)connection; ``redis+cluster://`` a :class:`PipelinedCluster`.
 PipelinedCluster keeps a slot map (CLUSTER SLOTS) and one pipelined connection per primary, and
 sends each command to the primary of its key's slot (the key is read from the packed command:
 the first key of EVAL/EVALSHA, else the first argument). Redirections are followed as a
-Cluster client must: MOVED updates the slot and refreshes the whole map in the background (a
-failover or a resharding moves many slots at once); ASK sends ASKING then the command to the
+Cluster client must: MOVED reads the whole map again, from the node it names, before the
+command goes again (a failover or a resharding moves many slots at once, and the marks fence
+below needs the whole map); ASK sends ASKING then the command to the
 importing node, once, without touching the map. TRYAGAIN, CLUSTERDOWN and a refused or lost
 connection (a primary dying, its replica not yet promoted) are retried with a short backoff for
 as long as the caller's timeout allows; then the error stands, and the gateway answers 503 as
@@ -167,17 +168,29 @@ class PipelinedCluster(PipelinedRedis):
 
         return fence
 
-    async def refresh(self, *, unless_since: int | None = None) -> None:
+    async def refresh(
+        self, *, unless_since: int | None = None, first: tuple[str, int] | None = None
+    ) -> None:
         """Read CLUSTER SLOTS from a primary known, else from a seed. `unless_since`: a
         generation of the map (`_generation`); skipped when a refresh completed since it (the
-        calls that found a slot unknown together read the map once)."""
+        calls that found a slot unknown together read the map once). `first`: the node to ask
+        first (the one a MOVED named: it knows it serves the slot, where another node's view
+        may not have caught up yet).
+
+        The map is only ever written whole, from one node's answer: the fence of a node
+        (`_fence_of`) is the record in the first slot the map gives it, which a map patched
+        slot by slot (after a MOVED) gets wrong, refusing a restored node until the next
+        refresh."""
         if self._refresh_lock is None:
             self._refresh_lock = asyncio.Lock()
         async with self._refresh_lock:
             if unless_since is not None and self._generation != unless_since:
                 return
             known = list(dict.fromkeys(a for a in self._slots if a is not None))
-            candidates = known + [s for s in self._seeds if s not in known]
+            candidates = ([first] if first is not None else []) + [
+                a for a in known + self._seeds if a != first
+            ]
+            candidates = list(dict.fromkeys(candidates))
             last: Exception | None = None
             for address in candidates:
                 try:
@@ -217,6 +230,7 @@ class PipelinedCluster(PipelinedRedis):
     async def _where(self, slot: int) -> tuple[str, int]:
         address = self._slots[slot]
         if address is None:
+            # No map yet, or one where no primary serves the slot (a failover under way).
             await self.refresh(unless_since=self._generation)
             address = self._slots[slot]
             if address is None:
@@ -252,6 +266,11 @@ class PipelinedCluster(PipelinedRedis):
         pause = _BACKOFF_FIRST
         asking: tuple[str, int] | None = None
         redirects = 0
+        # The map to read again before the next attempt (the generation the failed attempt
+        # was routed by, and the node a MOVED named), never patched here: see `refresh`.
+        stale: int | None = None
+        moved_to: tuple[str, int] | None = None
+        generation = self._generation
         while True:
             try:
                 if asking is not None:
@@ -261,6 +280,11 @@ class PipelinedCluster(PipelinedRedis):
                     replies = replies[1::2]
                     asking = None
                 else:
+                    if stale is not None:
+                        # Concurrent calls redirected by one move read the map once.
+                        await self.refresh(unless_since=stale, first=moved_to)
+                        stale = moved_to = None
+                    generation = self._generation
                     replies = await self._node(await self._where(slot)).execute_many(commands)
             except MarksNotRestored as exc:
                 # Fail closed at once (the node answers; identity's pass will restore it), not
@@ -271,7 +295,7 @@ class PipelinedCluster(PipelinedRedis):
             except ConnectionError:
                 # A primary gone: its replica takes over within the node timeout. The map is
                 # read again (a refused seed is skipped) until the caller's time is up.
-                self._slots[slot] = None
+                stale = generation
                 if time.monotonic() + pause > deadline:
                     raise
                 await asyncio.sleep(pause)
@@ -287,9 +311,12 @@ class PipelinedCluster(PipelinedRedis):
                 host, _, port = where.rpartition(":")
                 address = (host, int(port))
                 if kind == "MOVED":
-                    self._slots[slot] = address
+                    # A failover or a resharding step: the whole map is read again, from the
+                    # node named first, before the command is sent again. A replica promoted
+                    # keeps its run_id and our connection: its record is asked again even if
+                    # the map read looks the same.
                     self._node(address).recheck_fence()
-                    self._refresh_soon()
+                    stale, moved_to = generation, address
                 else:
                     asking = address
                 continue

@@ -36,6 +36,7 @@ from services.identity import (
     secret_checks,
     sweep,
 )
+from services.identity.audit_commit import AuditCommitter
 from services.identity.context import CONTEXT, ISSUER, IdentityContext
 from services.identity.metrics import IdentityMetrics
 from services.identity.schools import SchoolDirectory, UnknownSchool
@@ -159,6 +160,7 @@ def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[
             keyring=keys.KeyRing(pool, settings),
             passwords=credentials.PasswordGate(settings.identity.password_hash_concurrency),
             metrics=metrics,
+            audit=AuditCommitter(pool),
         )
         app[CONTEXT] = context
 
@@ -225,6 +227,7 @@ def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[
             yield
         finally:
             await supervisor.close()
+            await context.audit.close()
             await redis_client.aclose()
             await audit_pool.close()
             await pool.close()

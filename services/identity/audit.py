@@ -8,11 +8,11 @@ the entry, lost it). `connect:audit` carries the gateway's records, which identi
 stores (audit_consumer.py).
 
 Every record has its own id, made where it is created: `rid` on the gateway's records (a prefix
-random to the process and a counter), `i:<uuid>` for identity's. Rows are keyed by it, so a
-record stored twice (an entry claimed again after a crash, a batch sent again after a lost
-reply) is one row, and two records are never taken for one (a stream entry id is not an
-identity: a Redis restarted empty, or one whose clock is behind the old one's, hands out ids
-it handed out before).
+random to the process and a counter), `i:<hex>` for identity's (128 random bits, as a UUID's
+hex). Rows are keyed by it, so a record stored twice (an entry claimed again after a crash, a
+batch sent again after a lost reply) is one row, and two records are never taken for one (a
+stream entry id is not an identity: a Redis restarted empty, or one whose clock is behind the
+old one's, hands out ids it handed out before).
 
 Two shapes of entry share the stream: a record itself (one entry each, as identity wrote them
 before its records went to PostgreSQL), and a batch, `{"records": [record, ...]}` (the
@@ -25,8 +25,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import ipaddress
+import os
 import time
-import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
@@ -79,23 +79,24 @@ def records_of(data: dict[str, Any]) -> list[dict[str, Any]]:
 async def write(db: Executor, entry: dict[str, Any]) -> None:
     """Store one of identity's records, in `db`'s transaction when it is a connection inside
     one: the record commits with what it records."""
-    await audit_store.insert_many(db, [row(new_id(), entry)])
+    await audit_store.insert_new(db, [row(new_id(), entry)])
 
 
 async def write_many(db: Executor, entries: list[dict[str, Any]]) -> None:
     """write() for several records, in one statement."""
-    await audit_store.insert_many(db, [row(new_id(), e) for e in entries])
+    await audit_store.insert_new(db, [row(new_id(), e) for e in entries])
 
 
 def new_id() -> str:
-    """The row key of one of identity's records."""
-    return f"i:{uuid.uuid4().hex}"
+    """The row key of one of identity's records: `i:` and 128 random bits in hex (a UUID's
+    text without the UUID object, which the token endpoint made once per token)."""
+    return "i:" + os.urandom(16).hex()
 
 
 # Parsing an address or a UUID is a third of the Python work per record, and the records of a
 # busy client repeat the same few of each: parsed once, looked up after.
 @functools.lru_cache(maxsize=4096)
-def _parse_uuid(text: str) -> UUID | None:
+def parse_uuid(text: str) -> UUID | None:
     try:
         return UUID(text)
     except ValueError:
@@ -103,7 +104,7 @@ def _parse_uuid(text: str) -> UUID | None:
 
 
 @functools.lru_cache(maxsize=4096)
-def _parse_ip(text: str) -> str | None:
+def parse_ip(text: str) -> str | None:
     # An IPv6 zone ("fe80::1%eth0") names the receiver's interface, not the caller, and
     # PostgreSQL's inet refuses it (the record, and the call recording it, failed).
     try:
@@ -113,7 +114,7 @@ def _parse_ip(text: str) -> str | None:
 
 
 def _uuid(value: Any) -> UUID | None:
-    return _parse_uuid(str(value)) if value else None
+    return parse_uuid(str(value)) if value else None
 
 
 def _int(value: Any) -> int | None:
@@ -142,7 +143,7 @@ def _clean(value: Any) -> Any:
 
 
 def _ip(value: Any) -> str | None:
-    return _parse_ip(str(value)) if value else None
+    return parse_ip(str(value)) if value else None
 
 
 _POSTGRES_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)

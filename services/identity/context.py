@@ -9,6 +9,7 @@ import redis.asyncio as redis
 from aiohttp import web
 
 from libs.common.config import Settings
+from services.identity.audit_commit import AuditCommitter
 from services.identity.credentials import PasswordGate
 from services.identity.keys import KeyRing
 from services.identity.metrics import IdentityMetrics
@@ -24,6 +25,8 @@ class IdentityContext:
     keyring: KeyRing
     passwords: PasswordGate
     metrics: IdentityMetrics
+    # identity's records that join no transaction, group-committed (audit_commit.py)
+    audit: AuditCommitter
 
 
 CONTEXT = web.AppKey("identity", IdentityContext)

@@ -454,7 +454,7 @@ async def sign_in(
     retry = await throttle.reserve(email, address, device)
     if retry is not None:
         ctx.metrics.sign_in_failures.labels("throttled").inc()
-        await audit.write(ctx.pool, audit_record("login.failed", reason="throttled"))
+        await ctx.audit.write(audit_record("login.failed", reason="throttled"))
         return SignIn("throttled", retry_after=retry)
 
     # Absurd lengths are refused unhashed: no one's password is this long, and argon2 should
@@ -470,14 +470,14 @@ async def sign_in(
     if user is None:
         # The reservation stays: it is this failure's count.
         ctx.metrics.sign_in_failures.labels("bad_credentials").inc()
-        await audit.write(ctx.pool, audit_record("login.failed", reason="bad_credentials"))
+        await ctx.audit.write(audit_record("login.failed", reason="bad_credentials"))
         return SignIn("invalid")
     await throttle.succeeded(email, address, device)
 
     if school is not None and not await flow_store.may_use_school(ctx.pool, user.id, school.id):
         ctx.metrics.sign_in_failures.labels("not_member").inc()
         entry = audit_record("login.failed", str(user.id), reason="not_member")
-        await audit.write(ctx.pool, entry)
+        await ctx.audit.write(entry)
         return SignIn("not_member", user=user)
 
     # A new id on every sign-in: a session id planted before login (fixation) is worthless.

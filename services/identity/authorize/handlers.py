@@ -231,8 +231,7 @@ async def consent_submit(request: web.Request) -> web.StreamResponse:
     if not await consume_pending(ctx, authz.id):
         return expired(request)
     if form.get("decision") != "allow":
-        await audit.write(
-            ctx.pool,
+        await ctx.audit.write(
             audit.record(
                 "consent.denied",
                 school_id=school_id,

@@ -62,7 +62,32 @@ def values(row: AuditRow) -> list[Any]:
 async def insert_many(db: Executor, rows: Sequence[AuditRow]) -> None:
     """One statement per batch; rows seen before (same record id) are skipped. The conflict
     target includes occurred_at because audit_log is partitioned by it, and a record keeps
-    its occurred_at on every resend (migrations/012_audit_partitions.sql).
+    its occurred_at on every resend (migrations/012_audit_partitions.sql)."""
+    await _insert(db, rows, _INSERT_ROWS)
+
+
+async def insert_new(db: Executor, rows: Sequence[AuditRow]) -> None:
+    """insert_many for rows whose ids were just made (identity's `i:<hex>`), so none can
+    have been stored before: no `ON CONFLICT`, whose speculative insertion costs PostgreSQL
+    an index probe and a WAL record more per row. A duplicate key fails the statement."""
+    await _insert(db, rows, _INSERT_NEW_ROWS)
+
+
+_INSERT_ROWS = (
+    "INSERT INTO audit_log (record_id, occurred_at, school_id, client_id, subject, grant_id,"
+    " action, method, path, status, scope, ip, detail)"
+    " SELECT s, o, sc, c, su, g, a, m, p, st, sco, i::inet, d::jsonb"
+    " FROM unnest($1::text[], $2::timestamptz[], $3::bigint[], $4::text[],"
+    " $5::text[], $6::uuid[], $7::text[], $8::text[], $9::text[], $10::int[], $11::text[],"
+    " $12::text[], $13::text[]) AS u(s, o, sc, c, su, g, a, m, p, st, sco, i, d)"
+    " ON CONFLICT (record_id, occurred_at) DO NOTHING"
+)
+_INSERT_NEW_ROWS = _INSERT_ROWS.removesuffix(" ON CONFLICT (record_id, occurred_at) DO NOTHING")
+assert _INSERT_NEW_ROWS != _INSERT_ROWS
+
+
+async def _insert(db: Executor, rows: Sequence[AuditRow], statement: str) -> None:
+    """The rows in one statement.
 
     Addresses and details travel as text, cast by PostgreSQL: asyncpg's inet[] and jsonb[]
     encoders (ipaddress objects, json.dumps per element) cost the consumer a third more CPU
@@ -76,16 +101,7 @@ async def insert_many(db: Executor, rows: Sequence[AuditRow]) -> None:
     # Plain attribute reads: dataclasses.astuple deep-copies every value, costly per record.
     columns = [[getattr(r, n) for r in rows] for n in _NAMES]
     columns[-1] = [orjson.dumps(d).decode() for d in columns[-1]]
-    await db.execute(
-        "INSERT INTO audit_log (record_id, occurred_at, school_id, client_id, subject, grant_id,"
-        " action, method, path, status, scope, ip, detail)"
-        " SELECT s, o, sc, c, su, g, a, m, p, st, sco, i::inet, d::jsonb"
-        " FROM unnest($1::text[], $2::timestamptz[], $3::bigint[], $4::text[],"
-        " $5::text[], $6::uuid[], $7::text[], $8::text[], $9::text[], $10::int[], $11::text[],"
-        " $12::text[], $13::text[]) AS u(s, o, sc, c, su, g, a, m, p, st, sco, i, d)"
-        " ON CONFLICT (record_id, occurred_at) DO NOTHING",
-        *columns,
-    )
+    await db.execute(statement, *columns)
 
 
 # The gateway's batch entries, expanded by PostgreSQL itself: the entry's JSON goes over as it

@@ -10,7 +10,6 @@ from uuid import UUID
 from libs.common import scopes as catalogue
 from libs.common.errors import InvalidScope, InvalidTarget, UnauthorizedClient
 from services.identity import audit, keys, minting, resources, store
-from services.identity.store import audit as audit_store
 from services.identity.store import grants as grant_store
 from services.identity.token.request import GrantRequest
 from services.identity.token.response import access_token_claims, issued_record, token_response
@@ -111,9 +110,11 @@ async def client_credentials_grant(req: GrantRequest) -> dict[str, Any]:
         auth_time=None,
     )
     # Issuing changes nothing stored, so there is no transaction to join: the record is
-    # written before the token is signed and answered, and a crash in between leaves a record
-    # of a token nobody received, never a token without its record.
-    record = issued_record(req, "token.issued", claims, grant_type="client_credentials")
-    await audit_store.insert_many(ctx.pool, [record])
+    # committed before the token is signed and answered (with the records of concurrent
+    # requests, in one statement: audit_commit.py), and a crash in between leaves a record of
+    # a token nobody received, never a token without its record.
+    await ctx.audit.write_row(
+        issued_record(req, "token.issued", claims, grant_type="client_credentials")
+    )
     token = minting.sign_access_token(access_signer, claims)
     return token_response(token, settings.tokens.access_token_ttl, scopes, school)
