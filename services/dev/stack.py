@@ -26,6 +26,8 @@ from services.dev import database, localstores, seed
 log = get_logger(__name__)
 
 DATA_DIR = Path(".data")
+# Seconds between the demo storefront actions under `make dev` (when not set otherwise).
+DEMO_ACTIVITY = "5"
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +101,14 @@ def _banner(settings: Settings, logins: list[seed.Login], started: float) -> str
         f"  your apps       {demo}/account/apps",
         f"  school admin    {demo}/admin/apps",
         "",
+        "  storefront      "
+        + (
+            f"demo activity every ~{settings.demo_activity:g}s (CONNECT_DEMO_ACTIVITY=off stops"
+            " it); `loopwise-connect storefront --help` for more"
+            if settings.demo_activity
+            else "demo activity off; `loopwise-connect storefront --help` to act by hand"
+        ),
+        "",
         f"  behind the gateway: identity :{settings.ports.identity},"
         f" school API :{settings.ports.school_api}, webhooks :{settings.ports.webhooks}",
         "",
@@ -135,6 +145,9 @@ def run(settings: Settings) -> int:
         # stands in front of the gateway, so it trusts no forwarded header itself.
         "TRUST_FORWARDED_HOST": "true",
         "GATEWAY_TRUST_FORWARDED": "false",
+        # A storefront action in a demo school every few seconds, so webhooks have something
+        # to deliver; CONNECT_DEMO_ACTIVITY=off turns it off.
+        "CONNECT_DEMO_ACTIVITY": os.environ.get("CONNECT_DEMO_ACTIVITY", DEMO_ACTIVITY),
     }
     children: dict[str, subprocess.Popen[bytes]] = {}
     stopping = False
