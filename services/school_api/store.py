@@ -440,7 +440,12 @@ async def update_row(
         if record is None:
             return None
         row = dict(record)
-        before = {f: row.pop(f"was_{f}") for f in {t.field for t in resource.transitions}}
+        # Only the transition statement returns the `was_` columns.
+        before = (
+            {f: row.pop(f"was_{f}") for f in {t.field for t in resource.transitions}}
+            if transitions
+            else {}
+        )
         await enqueue(conn, resource.event_type("updated"), school_id, row)
         for t in transitions:
             if before[t.field] != t.value:
