@@ -41,22 +41,26 @@ from services.identity import clients
 from services.school_api import store as api_store
 from services.school_api.storefront import actions
 from services.webhooks.event_types import CATALOGUE, ENDPOINT_DISABLED, EVENT_TYPES
+from tests import test_system
 from tests.support import without_handler_cancellation
-from tests.test_system import (  # noqa: F401 (fixtures)
+from tests.test_system import (
     REDIRECT_URI,
     App,
     PartnerBrowser,
     Receiver,
     System,
     Tenant,
-    browser,
     call,
     connect_app,
-    http,
     new_tenant,
-    receivers,
-    system,
 )
+
+# The whole system of tests/test_system.py, with its partner's HTTP client, browser and
+# webhook receivers (fixtures, named as the tests below ask for them).
+system = test_system.system
+http = test_system.http
+browser = test_system.browser
+receivers = test_system.receivers
 
 pytestmark = pytest.mark.timeout(240)
 
