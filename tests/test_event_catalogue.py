@@ -18,6 +18,7 @@ subscription (403). Also here: the storefront CLI as a real process.
 from __future__ import annotations
 
 import asyncio
+import random
 import secrets
 import sys
 import time
@@ -39,7 +40,7 @@ from libs.common.config import Settings
 from libs.common.scopes import satisfies
 from services.identity import clients
 from services.school_api import store as api_store
-from services.school_api.storefront import actions
+from services.school_api.storefront import actions, demo
 from services.webhooks.event_types import CATALOGUE, ENDPOINT_DISABLED, EVENT_TYPES
 from tests import test_system
 from tests.support import without_handler_cancellation
@@ -527,3 +528,65 @@ async def test_storefront_cli_checks_out_a_paid_order_with_its_events(
 
     code, out, _ = await _cli(base_env, "storefront", "signup", "--help")
     assert code == 0 and "member.created" in out
+
+
+# The demo activity -------------------------------------------------------------------------------
+
+
+async def test_demo_activity_acts_in_the_school_and_emits_only_listed_types(
+    pool: asyncpg.Pool, settings: Settings
+) -> None:
+    """The `make dev` loop, run here over one school of its own (the run's other schools are
+    other tests'): it keeps acting, every action's events are catalogue types, each action's
+    rows and events commit together, and it stops when asked."""
+    from services.identity import schools
+    from services.school_api import seed
+
+    school = await schools.create_school(
+        pool, settings, f"demo{secrets.token_hex(4)}", "Demo Activity School", None
+    )
+    assert await seed.seed_school(pool, school.id, school.name)
+    stop = asyncio.Event()
+    rounds = 0
+
+    def progressed() -> None:
+        nonlocal rounds
+        rounds += 1
+        if rounds >= 25:
+            stop.set()
+
+    run = demo.loop(
+        pool, 0.2, stop, on_progress=progressed, rng=random.Random(17), schools=[school.id]
+    )
+    await asyncio.wait_for(run(), 60)
+    outbox = await api_store.outbox_events_for(pool, school.id)
+    types = [e["type"] for e in outbox]
+    assert len(set(types)) >= 5, types  # a varied stream, not one action over and over
+    assert set(types) <= set(EVENT_TYPES), set(types) - set(EVENT_TYPES)
+    paid = [e["data"] for e in outbox if e["type"] == "order.paid"]
+    for order in paid:
+        status = await pool.fetchval(
+            "SELECT status FROM school_api.orders WHERE school_id = $1 AND id = $2",
+            school.id,
+            order["id"],
+        )
+        assert status in ("paid", "refunded")
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [("often", "seconds"), ("0.01", "between"), ("5", "production")],
+)
+def test_demo_activity_setting_is_checked_at_start(value: str, problem: str) -> None:
+    from libs.common.config import ConfigError, load_settings
+    from tests.test_config import _production_env
+
+    env = {"CONNECT_DEMO_ACTIVITY": value}
+    if problem == "production":
+        env = {**_production_env(), **env}
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env, needs=frozenset())
+    assert caught.value.variable == "CONNECT_DEMO_ACTIVITY"
+    assert problem in caught.value.problem
+    assert load_settings({"CONNECT_DEMO_ACTIVITY": "off"}, needs=frozenset()).demo_activity == 0
+    assert load_settings({"CONNECT_DEMO_ACTIVITY": "2.5"}, needs=frozenset()).demo_activity == 2.5

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import asyncpg
@@ -46,9 +46,12 @@ _STEPS: tuple[tuple[str, dict[str, Any], float], ...] = (
 )
 
 
-async def step(pool: asyncpg.Pool, rng: random.Random) -> store.Outcome | None:
-    """One action in one demo school; None when there is no school or nothing fits."""
-    schools = await store.demo_schools(pool)
+async def step(
+    pool: asyncpg.Pool, rng: random.Random, schools: Sequence[int] | None = None
+) -> store.Outcome | None:
+    """One action in one of `schools` (default: every school given sample data); None when
+    there is no school or nothing fits."""
+    schools = schools if schools is not None else await store.demo_schools(pool)
     if not schools:
         return None
     name, options, _ = rng.choices(_STEPS, weights=[w for *_, w in _STEPS])[0]
@@ -70,13 +73,14 @@ def loop(
     *,
     on_progress: Callable[[], None] | None = None,
     rng: random.Random | None = None,
+    schools: Sequence[int] | None = None,
 ) -> Callable[[], Any]:
     """The loop for the supervisor: a step every `interval` seconds (jittered) until `stop`."""
     chance = rng or random.Random()  # noqa: S311 (demo data, not security)
 
     async def run() -> None:
         while not stop.is_set():
-            await step(pool, chance)
+            await step(pool, chance, schools)
             if on_progress is not None:
                 on_progress()
             with contextlib.suppress(TimeoutError):
