@@ -4,7 +4,8 @@ It finds PostgreSQL and Redis (DATABASE_URL/REDIS_URL, else the default local po
 starts local ones under `.data/`: `localstores`), prepares the development database
 (`database`: migrated, secrets checked, demo seeded), starts every part as its own process,
 waits until each is ready, prints the URLs and the admin logins, and on Ctrl-C stops
-everything it started.
+everything it started. The school API it starts runs a gentle stream of demo storefront
+activity (CONNECT_DEMO_ACTIVITY, every DEMO_ACTIVITY seconds unless set; `off` stops it).
 """
 
 from __future__ import annotations
