@@ -98,16 +98,17 @@ def _banner(settings: Settings, logins: list[seed.Login], started: float) -> str
         f"  discovery       {demo}/.well-known/openid-configuration",
         f"  API             {demo}/api/v1/courses (with a Bearer token)",
         f"  webhook egress  {urls.platform_url}/v1/webhooks/egress-ips",
+        f"  event types     {urls.platform_url}/v1/webhooks/event-types",
         f"  MCP             {urls.platform_url}/mcp",
         f"  your apps       {demo}/account/apps",
         f"  school admin    {demo}/admin/apps",
         "",
         "  storefront      "
         + (
-            f"demo activity every ~{settings.demo_activity:g}s (CONNECT_DEMO_ACTIVITY=off stops"
-            " it); `loopwise-connect storefront --help` for more"
+            f"an action every ~{settings.demo_activity:g}s in the demo schools"
+            " (CONNECT_DEMO_ACTIVITY=off to stop); `loopwise-connect storefront --help`"
             if settings.demo_activity
-            else "demo activity off; `loopwise-connect storefront --help` to act by hand"
+            else "no demo activity; `loopwise-connect storefront --help` to act by hand"
         ),
         "",
         f"  behind the gateway: identity :{settings.ports.identity},"
