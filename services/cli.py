@@ -352,7 +352,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         sys.stderr.write(f"configuration error: {exc}\n")
         return 2
-    service = "identity" if args.command != "serve" else args.part
+    service = {"serve": getattr(args, "part", ""), "storefront": "school-api"}.get(
+        args.command, "identity"
+    )
     configure_logging(
         settings.log_level,
         service=service,

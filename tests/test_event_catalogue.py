@@ -141,6 +141,22 @@ async def _lesson(c: Ctx) -> int:
     return await c.made("/api/v1/lessons", {"course_id": await c.course(), "title": "Brushes"})
 
 
+async def _enrolled(c: Ctx) -> dict[str, int]:
+    """A new member enrolled (through the API) in a new published course."""
+    member, course = await c.member(), await c.course("published")
+    await c.made(f"/api/v1/members/{member}/enrollments", {"course_id": course})
+    return {"member": member, "course": course}
+
+
+def _on_enrollment(action: str, **options: Any) -> Trigger:
+    """A storefront action on an enrollment of its own, so no trigger uses up another's."""
+
+    async def run(c: Ctx) -> None:
+        await c.storefront(action, **await _enrolled(c), **options)
+
+    return run
+
+
 async def _refund(c: Ctx) -> None:
     order = (await c.storefront("checkout", paid=True)).rows["order"]
     await c.storefront("refund", order=order["id"])
@@ -262,12 +278,14 @@ TRIGGERS: dict[str, Source] = {
     "member.enrolled": S("POST /api/v1/members", lambda c: c.member()),
     "member.updated": S("PATCH /api/v1/members/{id}", _patch(_member_path, {"name": "Noor A."})),
     "member.deleted": S("storefront remove-member", _remove_member),
-    "member.unenrolled": S("storefront unenroll", _sf("unenroll")),
-    "member.progressed": S("storefront progress", _sf("progress")),
+    "member.unenrolled": S("storefront unenroll", _on_enrollment("unenroll")),
+    "member.progressed": S("storefront progress", _on_enrollment("progress")),
     "enrollment.created": S("POST /api/v1/members/{id}/enrollments", _enroll),
-    "enrollment.updated": S("storefront progress", _sf("progress")),
-    "enrollment.deleted": S("storefront unenroll", _sf("unenroll")),
-    "enrollment.completed": S("storefront progress --percent 100", _sf("progress", percent=100)),
+    "enrollment.updated": S("storefront progress", _on_enrollment("progress")),
+    "enrollment.deleted": S("storefront unenroll", _on_enrollment("unenroll")),
+    "enrollment.completed": S(
+        "storefront progress --percent 100", _on_enrollment("progress", percent=100)
+    ),
     "order.created": S("storefront checkout", _sf("checkout")),
     "order.paid": S("storefront checkout --paid", _sf("checkout", paid=True)),
     "order.failed": S("storefront checkout --declined", _sf("checkout", declined=True)),
@@ -405,6 +423,15 @@ async def test_every_listed_type_is_delivered_to_its_scope_and_no_other(
     receivers: Callable[[], Awaitable[Receiver]],
     aiohttp_server: AiohttpServer,
 ) -> None:
+    # What a partner reads, through the gateway, is this very table.
+    async with http.get(f"{system.platform}/v1/webhooks/event-types") as resp:
+        assert resp.status == 200
+        served = (await resp.json())["data"]
+    assert [t["type"] for t in served] == [e.type for e in CATALOGUE]
+    for shown, entry in zip(served, CATALOGUE, strict=True):
+        assert shown["scope"] == (entry.scopes[0] if entry.scopes else None)
+        assert (shown["source"], shown["description"]) == (entry.source, entry.description)
+
     tenant = await new_tenant(pool, gateway_settings, system, "Catalogue Art School")
     connect = (http, browser, pool, gateway_settings, tenant)
     writer = await _connect(*connect, WRITE_SCOPES, "Writer")

@@ -463,7 +463,18 @@ async def register(
             " AND a.event_id = events.id AND a.status = 'registered'))",
             what="upcoming event with a seat left",
         )
-        member = await _member(conn, school_id, member_id)
+        # One not registered yet, unless the caller named one.
+        member = await _pick(
+            conn,
+            r.MEMBERS,
+            school_id,
+            member_id,
+            "status = 'active' AND NOT EXISTS (SELECT 1 FROM"  # noqa: S608
+            f" {S}.attendees a WHERE a.school_id = $1 AND a.event_id = $2"
+            " AND a.member_id = members.id AND a.status = 'registered')",
+            (event["id"],),
+            what=f"active member not registered for event {event['id']}",
+        )
         record = await conn.fetchrow(
             f"INSERT INTO {S}.attendees AS a (school_id, event_id, member_id)"  # noqa: S608
             " VALUES ($1, $2, $3) ON CONFLICT (school_id, event_id, member_id) DO UPDATE"
