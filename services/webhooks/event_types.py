@@ -79,7 +79,8 @@ CATALOGUE: tuple[EventType, ...] = (
         "member.deleted",
         _STUDENTS,
         "storefront remove-member",
-        "A member (without orders or subscriptions) was removed from the school",
+        "A member without orders or subscriptions left the school; their enrollments and"
+        " event registrations went with them (no event of their own)",
     ),
     E(
         "member.unenrolled",
