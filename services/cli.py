@@ -1,7 +1,8 @@
 """`loopwise-connect`: serve each part and administer, against DATABASE_URL and REDIS_URL.
 
 The argument parser and the dispatch: `serve`, `migrate`, `dev` and `cluster` (`services/dev/`)
-are run here; every other command is identity's administration, one function per subcommand in
+and `storefront <action>` (the school API's storefront, `services/school_api/storefront/`) are
+run here; every other command is identity's administration, one function per subcommand in
 `services/identity/commands.py`. Results go to stdout (one JSON object with `--json`); logs go
 to stderr.
 """
