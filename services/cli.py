@@ -1,7 +1,8 @@
 """`loopwise-connect`: serve each part and administer, against DATABASE_URL and REDIS_URL.
 
 The argument parser and the dispatch: `serve`, `migrate`, `dev` and `cluster` (`services/dev/`)
-are run here; every other command is identity's administration, one function per subcommand in
+and `storefront <action>` (the school API's storefront, `services/school_api/storefront/`) are
+run here; every other command is identity's administration, one function per subcommand in
 `services/identity/commands.py`. Results go to stdout (one JSON object with `--json`); logs go
 to stderr.
 """
@@ -67,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
         help="only its stores (PostgreSQL behind PgBouncer, Redis Cluster), for the tests",
     )
 
+    _storefront_parser(sub, common)
+
     schools = sub.add_parser("schools", parents=[common]).add_subparsers(
         dest="action", required=True
     )
@@ -118,6 +121,37 @@ def _parser() -> argparse.ArgumentParser:
         " key-encryption key rotation; idempotent, safe while the services run)",
     )
     return p
+
+
+def _storefront_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    """`storefront <action> --school S ...`: one subcommand per storefront action."""
+    from services.school_api.storefront.actions import ACTIONS
+
+    storefront = sub.add_parser(
+        "storefront",
+        parents=[common],
+        help="act on a school's storefront (checkout, signup, progress, ...): the school data"
+        " changes and events that happen outside the partner API",
+        description="What members and buyers do on the school's own site. Each action writes"
+        " its rows and its events in one transaction; the school API's outbox relay publishes"
+        " the events to webhooks. Ids left out choose a fitting row at random.",
+    ).add_subparsers(dest="action", required=True)
+    for action in ACTIONS.values():
+        ap = storefront.add_parser(
+            action.name, parents=[common], help=action.help, description=action.help
+        )
+        ap.add_argument("--school", required=True, help="the school's subdomain or id")
+        for option in action.options:
+            flag = f"--{option.name}"
+            if option.kind == "flag":
+                ap.add_argument(flag, action="store_true", help=option.help)
+            else:
+                ap.add_argument(
+                    flag,
+                    type=int if option.kind == "int" else str,
+                    default=option.default,
+                    help=option.help,
+                )
 
 
 def _emit(result: dict[str, Any], as_json: bool) -> None:
@@ -244,6 +278,44 @@ def _cluster(args: argparse.Namespace, settings: Settings) -> int:
     return topology.run(stores_only=args.stores_only)
 
 
+def _storefront(args: argparse.Namespace, settings: Settings) -> int:
+    """One storefront action (services/school_api/storefront/) against DATABASE_URL."""
+    from services.school_api import store
+    from services.school_api.storefront import actions
+
+    async def act() -> tuple[int, actions.Outcome]:
+        # The school named as every command names it: by id or subdomain (identity's table).
+        from services.identity.store import school_by_id, school_by_subdomain
+
+        pool = await store.create_pool(settings=settings, min_size=1, max_size=2)
+        try:
+            ref = str(args.school)
+            school = await (
+                school_by_id(pool, int(ref)) if ref.isdigit() else school_by_subdomain(pool, ref)
+            )
+            if school is None:
+                raise actions.StorefrontError(f"no school {ref!r}")
+            names = {o.name for o in actions.ACTIONS[args.action].options}
+            options = {k: v for k, v in vars(args).items() if k in names}
+            return school.id, await actions.run(pool, args.action, school.id, options)
+        finally:
+            await pool.close()
+
+    try:
+        school_id, outcome = asyncio.run(act())
+    except actions.StorefrontError as exc:
+        return _refuse(str(exc), args.json)
+    result: dict[str, Any] = {
+        "action": args.action,
+        "school_id": school_id,
+        "events": outcome.events,
+    }
+    for name, row in outcome.rows.items():
+        result[name] = row if args.json else " ".join(f"{k}={v}" for k, v in row.items())
+    _emit(result, args.json)
+    return 0
+
+
 def _administer(args: argparse.Namespace, settings: Settings) -> int:
     """Identity's administration commands (`services/identity/commands.py`)."""
     from services.identity import commands
@@ -263,6 +335,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
     "migrate": _migrate,
     "dev": _dev,
     "cluster": _cluster,
+    "storefront": _storefront,
 }
 
 
@@ -280,7 +353,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         sys.stderr.write(f"configuration error: {exc}\n")
         return 2
-    service = "identity" if args.command != "serve" else args.part
+    service = {"serve": getattr(args, "part", ""), "storefront": "school-api"}.get(
+        args.command, "identity"
+    )
     configure_logging(
         settings.log_level,
         service=service,

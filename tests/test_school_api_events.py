@@ -127,14 +127,21 @@ async def test_create_update_delete_publish_exactly_one_event_each(
     assert (await call(http, "DELETE", f"{base}/{created['id']}", headers))[0] == 204
 
     stream = settings.stream(streams.EVENTS)
-    events = await events_of(redis, stream, school, 3)
-    assert [e["type"] for e in events] == ["course.created", "course.updated", "course.deleted"]
+    events = await events_of(redis, stream, school, 4)
+    # Draft to published: course.updated, then course.published, in the same transaction.
+    assert [e["type"] for e in events] == [
+        "course.created",
+        "course.updated",
+        "course.published",
+        "course.deleted",
+    ]
     for event in events:
         check_shape(event, school)
     assert events[0]["data"] == created
     assert events[1]["data"] == updated
-    assert events[2]["data"] == updated  # the row as it was when it went
-    assert len({e["id"] for e in events}) == 3
+    assert events[2]["data"] == updated
+    assert events[3]["data"] == updated  # the row as it was when it went
+    assert len({e["id"] for e in events}) == 4
     # Each event id is the outbox row's, now published; no other event exists for the school.
     # The relay appends to the stream first and commits `published_at` just after.
     for _ in range(100):
@@ -145,7 +152,51 @@ async def test_create_update_delete_publish_exactly_one_event_each(
     assert [str(r["event_id"]) for r in rows] == [e["id"] for e in events]
     assert all(r["published_at"] is not None for r in rows)
     await asyncio.sleep(0.3)
-    assert len(await events_of(redis, stream, school, 4, timeout=0)) == 3
+    assert len(await events_of(redis, stream, school, 5, timeout=0)) == 4
+
+
+async def test_a_transition_event_comes_only_when_the_status_moves_to_it(
+    school_api_url: str,
+    http: aiohttp.ClientSession,
+    settings: Settings,
+    redis: redis_asyncio.Redis,
+) -> None:
+    """Publishing what is already published, or changing anything else, is course.updated
+    alone; an event cancelled is event.updated then event.cancelled."""
+    school = new_school()
+    headers = who(settings, school, "courses:write events:write")
+    base = f"{school_api_url}/api/v1"
+    status, course = await call(
+        http, "POST", f"{base}/courses", headers, {"title": "Live", "status": "published"}
+    )
+    assert status == 201
+    for body in ({"status": "published"}, {"title": "Live, again"}):
+        status, _ = await call(http, "PATCH", f"{base}/courses/{course['id']}", headers, body)
+        assert status == 200
+    status, event = await call(
+        http,
+        "POST",
+        f"{base}/events",
+        headers,
+        {"title": "Meetup", "starts_at": "2031-01-01T18:00:00Z"},
+    )
+    assert status == 201
+    status, cancelled = await call(
+        http, "PATCH", f"{base}/events/{event['id']}", headers, {"status": "cancelled"}
+    )
+    assert status == 200
+    events = await events_of(redis, settings.stream(streams.EVENTS), school, 6)
+    assert [e["type"] for e in events] == [
+        "course.created",
+        "course.updated",
+        "course.updated",
+        "event.created",
+        "event.updated",
+        "event.cancelled",
+    ]
+    assert events[-1]["data"] == cancelled
+    await asyncio.sleep(0.3)
+    assert len(await events_of(redis, settings.stream(streams.EVENTS), school, 7, timeout=0)) == 6
 
 
 CHANGES: list[tuple[str, str, str, dict[str, Any], str]] = [
@@ -153,7 +204,7 @@ CHANGES: list[tuple[str, str, str, dict[str, Any], str]] = [
     ("member", "POST", "members", {"name": "Ana", "email": "ana@example.com"}, "member.enrolled"),
     ("member", "PATCH", "members/{id}", {"status": "suspended"}, "member.updated"),
     ("post", "POST", "posts", {"title": "Hello"}, "post.created"),
-    ("post", "PATCH", "posts/{id}", {"status": "published"}, "post.updated"),
+    ("post", "PATCH", "posts/{id}", {"body": "Edited."}, "post.updated"),
     ("post", "DELETE", "posts/{id}", {}, "post.deleted"),
     ("event", "PATCH", "events/{id}", {"capacity": 12}, "event.updated"),
     ("lecturer", "POST", "lecturers", {"name": "Maya"}, "lecturer.created"),

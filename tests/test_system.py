@@ -199,9 +199,18 @@ async def connect_app(
     tenant: Tenant,
     scope: str,
     name: str = "My Integration",
+    client_id: str | None = None,
 ) -> App:
-    """Seed 001's quickstart through the gateway: register, authorize with PKCE, sign in
-    (once per browser), consent, exchange the code."""
+    """Seed 001's quickstart through the gateway: register (unless `client_id` names a client
+    already made), authorize with PKCE, sign in (once per browser), consent, exchange the
+    code."""
+    if client_id is None:
+        client_id = await register(http, tenant, name)
+    return await authorize(http, browser, tenant, scope, client_id)
+
+
+async def register(http: aiohttp.ClientSession, tenant: Tenant, name: str) -> str:
+    """Dynamic registration of a public client (seed 001, option B)."""
     async with http.post(
         f"{tenant.origin}/api/oauth/register",
         json={
@@ -214,8 +223,13 @@ async def connect_app(
     ) as resp:
         registered = await resp.json()
         assert resp.status == 201, registered
-    client_id = str(registered["client_id"])
+    return str(registered["client_id"])
 
+
+async def authorize(
+    http: aiohttp.ClientSession, browser: Browser, tenant: Tenant, scope: str, client_id: str
+) -> App:
+    """Authorize with PKCE, sign in (once per browser), consent, exchange the code."""
     verifier, challenge = pkce()
     state = secrets.token_urlsafe(12)
     query = urlencode(

@@ -47,6 +47,8 @@ SECRETS_OF: dict[str, frozenset[str]] = {
     "school-api": frozenset({"SECRET_PEPPER", "INTERNAL_TOKEN"}),
     "webhooks": frozenset({"KEY_ENCRYPTION_KEY", "INTERNAL_TOKEN"}),
     "migrate": frozenset(),
+    # The storefront actions write school data and its events: no key, pepper or token.
+    "storefront": frozenset(),
 }
 
 
@@ -311,6 +313,9 @@ class Settings:
     # CONNECT_DEMO_ADMIN_PASSWORD: the demo school's admin's password when the demo is seeded
     # (`make dev`, `migrate --demo` under `make up`); generated when not given.
     demo_admin_password: str | None = field(repr=False, default=None)
+    # CONNECT_DEMO_ACTIVITY: seconds between the school API's demo storefront actions
+    # (services/school_api/storefront/demo.py); 0 (the default) is off. `make dev` sets 5.
+    demo_activity: float = 0.0
     log_level: str = "info"
     host: str = "127.0.0.1"
     ports: Ports = field(default_factory=Ports)
@@ -645,6 +650,24 @@ def _demo_admin_password(env: Mapping[str, str]) -> str | None:
     return password
 
 
+def _demo_activity(env: Mapping[str, str], environment: str) -> float:
+    raw = env.get("CONNECT_DEMO_ACTIVITY", "").strip().lower()
+    if raw in ("", "off", "false", "no"):
+        return 0.0
+    try:
+        seconds = float(raw)
+    except ValueError:
+        raise ConfigError(
+            "CONNECT_DEMO_ACTIVITY", "must be seconds between actions, or off"
+        ) from None
+    if seconds and not 0.2 <= seconds <= 3600:
+        raise ConfigError("CONNECT_DEMO_ACTIVITY", "must be between 0.2 and 3600 seconds, or off")
+    if seconds and environment == "production":
+        # Made-up orders and members among a real school's: never.
+        raise ConfigError("CONNECT_DEMO_ACTIVITY", "writes demo data: never in production")
+    return seconds
+
+
 def _lease(env: Mapping[str, str]) -> float:
     lease = _float(env, "GATEWAY_REVOCATION_LEASE", 2.0)
     if 0 < lease < 0.2 or lease > 30:
@@ -765,6 +788,7 @@ def load_settings(
         previous_secret_pepper=_previous_pepper(env, pepper) if pepper is not None else None,
         dev_secrets=dev_secrets,
         demo_admin_password=_demo_admin_password(env),
+        demo_activity=_demo_activity(env, environment),
         log_level=log_level,
         host=_text(env, "BIND_HOST", "127.0.0.1"),
         ports=ports,

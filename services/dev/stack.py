@@ -4,7 +4,8 @@ It finds PostgreSQL and Redis (DATABASE_URL/REDIS_URL, else the default local po
 starts local ones under `.data/`: `localstores`), prepares the development database
 (`database`: migrated, secrets checked, demo seeded), starts every part as its own process,
 waits until each is ready, prints the URLs and the admin logins, and on Ctrl-C stops
-everything it started.
+everything it started. The school API it starts runs a gentle stream of demo storefront
+activity (CONNECT_DEMO_ACTIVITY, every DEMO_ACTIVITY seconds unless set; `off` stops it).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from services.dev import database, localstores, seed
 log = get_logger(__name__)
 
 DATA_DIR = Path(".data")
+# Seconds between the demo storefront actions under `make dev` (when not set otherwise).
+DEMO_ACTIVITY = "5"
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,9 +98,18 @@ def _banner(settings: Settings, logins: list[seed.Login], started: float) -> str
         f"  discovery       {demo}/.well-known/openid-configuration",
         f"  API             {demo}/api/v1/courses (with a Bearer token)",
         f"  webhook egress  {urls.platform_url}/v1/webhooks/egress-ips",
+        f"  event types     {urls.platform_url}/v1/webhooks/event-types",
         f"  MCP             {urls.platform_url}/mcp",
         f"  your apps       {demo}/account/apps",
         f"  school admin    {demo}/admin/apps",
+        "",
+        "  storefront      "
+        + (
+            f"an action every ~{settings.demo_activity:g}s in the demo schools"
+            " (CONNECT_DEMO_ACTIVITY=off to stop); `loopwise-connect storefront --help`"
+            if settings.demo_activity
+            else "no demo activity; `loopwise-connect storefront --help` to act by hand"
+        ),
         "",
         f"  behind the gateway: identity :{settings.ports.identity},"
         f" school API :{settings.ports.school_api}, webhooks :{settings.ports.webhooks}",
@@ -135,6 +147,9 @@ def run(settings: Settings) -> int:
         # stands in front of the gateway, so it trusts no forwarded header itself.
         "TRUST_FORWARDED_HOST": "true",
         "GATEWAY_TRUST_FORWARDED": "false",
+        # A storefront action in a demo school every few seconds, so webhooks have something
+        # to deliver; CONNECT_DEMO_ACTIVITY=off turns it off.
+        "CONNECT_DEMO_ACTIVITY": os.environ.get("CONNECT_DEMO_ACTIVITY", DEMO_ACTIVITY),
     }
     children: dict[str, subprocess.Popen[bytes]] = {}
     stopping = False

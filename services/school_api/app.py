@@ -22,6 +22,7 @@ from services.school_api import identity, routes, store
 from services.school_api.context import CONTEXT, SchoolApiContext
 from services.school_api.outbox import OutboxRelay, RelayMetrics
 from services.school_api.responses import ApiError, conflict, json, validation_failed
+from services.school_api.storefront import demo
 
 log = get_logger(__name__)
 
@@ -104,6 +105,17 @@ def _resources(
             )
             app[RELAY] = relay
             supervisor.start("outbox-relay", relay.run)
+        if settings.demo_activity:
+            # `make dev`'s gentle storefront activity (CONNECT_DEMO_ACTIVITY).
+            supervisor.start(
+                "demo-activity",
+                demo.loop(
+                    pool,
+                    settings.demo_activity,
+                    supervisor.stop,
+                    on_progress=lambda: supervisor.ran_cleanly("demo-activity"),
+                ),
+            )
         try:
             yield
         finally:

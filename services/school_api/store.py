@@ -156,21 +156,27 @@ def ordering_key(event_type: str, data: Mapping[str, Any]) -> str | None:
 
 
 async def enqueue(
-    conn: Connection, event_type: str, school_id: int, data: Mapping[str, Any]
+    conn: Connection,
+    event_type: str,
+    school_id: int,
+    data: Mapping[str, Any],
+    *,
+    key: str | None = None,
 ) -> None:
     """Write an event in the caller's transaction. `data` is encoded exactly as the API answers
     (`responses.dumps`); passing it as text keeps the pool's json codec from re-encoding it.
 
     Called after the change's own write, whose row lock the transaction holds until commit:
     so a later change of the same resource waits, and gets a later outbox id. The relay's
-    order per resource rests on this."""
+    order per resource rests on this. `key`: the ordering key, when the event's resource is
+    not the row it carries (an attendee's events are its event's: `event:7`)."""
     await conn.execute(
         f"INSERT INTO {SCHEMA}.outbox (type, school_id, data, ordering_key)"  # noqa: S608
         " VALUES ($1, $2, $3::text::jsonb, $4)",
         event_type,
         school_id,
         dumps(data).decode(),
-        ordering_key(event_type, data),
+        key or ordering_key(event_type, data),
     )
 
 
@@ -396,6 +402,23 @@ def _update_sql(resource: Resource, names: tuple[str, ...]) -> str:
     )
 
 
+@cache
+def _transition_update_sql(resource: Resource, names: tuple[str, ...]) -> str:
+    """`_update_sql` that also returns, as `was_{field}`, the value each transition's field
+    had before, read under the update's own row lock."""
+    fields = sorted({t.field for t in resource.transitions})
+    sets = [f"{name} = ${i}" for i, name in enumerate(names, start=3)]
+    if resource.has_updated_at:
+        sets.append("updated_at = now()")
+    returning = [*(f"t.{c}" for c in resource.columns), *(f"o.{f} AS was_{f}" for f in fields)]
+    return (
+        f"UPDATE {_table(resource)} AS t SET {', '.join(sets)}"  # noqa: S608
+        f" FROM (SELECT id, {', '.join(fields)} FROM {_table(resource)}"
+        " WHERE school_id = $1 AND id = $2 FOR UPDATE) AS o"
+        f" WHERE t.school_id = $1 AND t.id = o.id RETURNING {', '.join(returning)}"
+    )
+
+
 async def update_row(
     pool: asyncpg.Pool,
     resource: Resource,
@@ -403,15 +426,30 @@ async def update_row(
     row_id: int,
     values: Mapping[str, Any],
 ) -> Row | None:
+    """Change a row and publish `.updated`; when the change moves a transition's field to its
+    value (a course to `published`), publish the transition's event after it."""
+    transitions = [t for t in resource.transitions if values.get(t.field) == t.value]
+    sql = (
+        _transition_update_sql(resource, tuple(values))
+        if transitions
+        else _update_sql(resource, tuple(values))
+    )
     async with transaction(pool) as conn:
         async with _translated(resource):
-            record = await conn.fetchrow(
-                _update_sql(resource, tuple(values)), school_id, row_id, *values.values()
-            )
+            record = await conn.fetchrow(sql, school_id, row_id, *values.values())
         if record is None:
             return None
         row = dict(record)
+        # Only the transition statement returns the `was_` columns.
+        before = (
+            {f: row.pop(f"was_{f}") for f in {t.field for t in resource.transitions}}
+            if transitions
+            else {}
+        )
         await enqueue(conn, resource.event_type("updated"), school_id, row)
+        for t in transitions:
+            if before[t.field] != t.value:
+                await enqueue(conn, f"{resource.singular}.{t.action}", school_id, row)
     return row
 
 

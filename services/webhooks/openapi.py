@@ -163,6 +163,42 @@ _ERRORS = {
 _NOT_JSON = {"400": _json(_ref("Error"), "The body is not JSON")}
 _BAD_QUERY = {"422": _json(_ref("Error"), "A query parameter is out of range; `field` names it")}
 _OBJECT = {"type": "object"}
+_STRINGS = {"type": "array", "items": {"type": "string"}}
+_CATALOGUE = {
+    "type": "object",
+    "required": ["data", "wildcards", "scope_rule"],
+    "properties": {
+        "data": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["type", "scope", "scopes", "source", "description"],
+                "properties": {
+                    "type": {"type": "string", "examples": ["order.paid"]},
+                    "scope": {
+                        "type": ["string", "null"],
+                        "description": "The scope a subscription needs; null: none",
+                    },
+                    "scopes": {**_STRINGS, "description": "Any one of these is enough"},
+                    "source": {
+                        "type": "string",
+                        "description": "The API write or storefront action that emits it",
+                        "examples": ["storefront checkout --paid"],
+                    },
+                    "description": {"type": "string"},
+                },
+            },
+        },
+        "wildcards": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {"pattern": {"type": "string"}, "scopes": _STRINGS},
+            },
+        },
+        "scope_rule": {"type": "string", "enum": ["any_of"]},
+    },
+}
 
 
 _INFO: dict[str, Any] = {
@@ -275,8 +311,8 @@ _PATHS: dict[str, Any] = {
     },
     "/v1/webhooks/event-types": {
         "get": {
-            "summary": "Every event type and the scope(s) that gate it",
-            "responses": {"200": _json(_OBJECT, "The table")},
+            "summary": "Every event type the system emits, the scope that gates it and its source",
+            "responses": {"200": _json(_CATALOGUE, "The table")},
         }
     },
     "/v1/webhooks/egress-ips": {

@@ -15,7 +15,7 @@ from services.school_api.resources.fields import (
     title,
     updated,
 )
-from services.school_api.resources.model import MAX_CENTS, MAX_INT, Field, Resource
+from services.school_api.resources.model import MAX_CENTS, MAX_INT, Field, Resource, Transition
 
 ORDERS = Resource(
     name="orders",
@@ -93,6 +93,7 @@ SUBSCRIPTIONS = Resource(
     read_scopes=("subscriptions:read",),
     write_scopes=("subscriptions:write",),
     operations=frozenset({"list", "get", "create", "update"}),
+    transitions=(Transition("status", "cancelled", "cancelled"),),
 )
 
 
@@ -160,4 +161,5 @@ DIGITAL_DOWNLOADS = Resource(
     read_scopes=("digital_products:read",),
     write_scopes=("digital_products:write",),
     operations=frozenset({"list", "get", "create", "update"}),
+    transitions=(Transition("status", "published", "published"),),
 )

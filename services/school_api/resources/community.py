@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from services.school_api.resources.fields import created, ref, status, title, updated
-from services.school_api.resources.model import Field, Resource
+from services.school_api.resources.model import Field, Resource, Transition
 
 POSTS = Resource(
     name="posts",
@@ -22,6 +22,7 @@ POSTS = Resource(
     read_scopes=("posts:read",),
     write_scopes=("posts:write",),
     operations=frozenset({"list", "get", "create", "update", "delete"}),
+    transitions=(Transition("status", "published", "published"),),
 )
 
 

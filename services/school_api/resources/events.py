@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from services.school_api.resources.fields import created, description, ref, status, title, updated
-from services.school_api.resources.model import MAX_INT, Field, Parent, Resource
+from services.school_api.resources.model import MAX_INT, Field, Parent, Resource, Transition
 
 EVENTS = Resource(
     name="events",
@@ -31,6 +31,7 @@ EVENTS = Resource(
     read_scopes=("events:read",),
     write_scopes=("events:write",),
     operations=frozenset({"list", "get", "create", "update", "delete"}),
+    transitions=(Transition("status", "cancelled", "cancelled"),),
 )
 
 

@@ -59,6 +59,13 @@ class Parent:
     field: str
 
 
+@dataclass(frozen=True, slots=True)
+class Transition:
+    field: str
+    value: str
+    action: str
+
+
 # eq=False: resources are singletons of the catalogue, compared and hashed by identity, which
 # keeps the statement caches keyed by them cheap on every request.
 @dataclass(frozen=True, slots=True, eq=False)
@@ -75,6 +82,9 @@ class Resource:
     parent: Parent | None = None
     # Event names that differ from `{singular}.{created|updated|deleted}`.
     event_overrides: tuple[tuple[str, str], ...] = ()
+    # An update that moves `field` to `value` from anything else also publishes
+    # `{singular}.{action}` after `.updated` (`("status", "published", "published")`).
+    transitions: tuple[Transition, ...] = ()
     # Derived in __post_init__: the fields by name, for validation's lookups per request.
     field_map: dict[str, Field] = field(init=False, repr=False, compare=False)
 
@@ -112,4 +122,6 @@ class Resource:
             changes.append("updated")
         if "delete" in self.operations:
             changes.append("deleted")
-        return [self.event_type(c) for c in changes]
+        return [self.event_type(c) for c in changes] + [
+            f"{self.singular}.{t.action}" for t in self.transitions
+        ]

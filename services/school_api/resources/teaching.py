@@ -14,7 +14,7 @@ from services.school_api.resources.fields import (
     title,
     updated,
 )
-from services.school_api.resources.model import Field, Parent, Resource
+from services.school_api.resources.model import Field, Parent, Resource, Transition
 
 COURSES = Resource(
     name="courses",
@@ -33,6 +33,7 @@ COURSES = Resource(
     read_scopes=("courses:read",),
     write_scopes=("courses:write",),
     operations=frozenset({"list", "get", "create", "update", "delete"}),
+    transitions=(Transition("status", "published", "published"),),
 )
 
 
@@ -72,6 +73,7 @@ LESSONS = Resource(
     read_scopes=("curriculum:read",),
     write_scopes=("curriculum:write",),
     operations=frozenset({"list", "get", "create", "update"}),
+    transitions=(Transition("status", "published", "published"),),
 )
 
 
