@@ -18,6 +18,22 @@ from libs.common.scopes import satisfies
 ENDPOINT_DISABLED = "endpoint.disabled"
 
 _CRUD = ("created", "updated", "deleted")
+_CURRICULUM_READ = ("curriculum:read", "courses:read")
+
+# The API write that emits each type added with the curriculum and the scopes' split (issue 17
+# section 3), for the `{type, scope, source, description}` catalogue.
+SOURCES: dict[str, str] = {
+    "chapter.created": "POST /api/v1/chapters",
+    "chapter.updated": "PATCH /api/v1/chapters/{id}",
+    "chapter.deleted": "DELETE /api/v1/chapters/{id}",
+    "material.created": "POST /api/v1/materials",
+    "material.updated": "PATCH /api/v1/materials/{id}",
+    "material.deleted": "DELETE /api/v1/materials/{id}",
+    "enrollment.created": "POST /api/v1/enrollments, POST /api/v1/members/{id}/enrollments",
+    "enrollment.updated": "PATCH /api/v1/enrollments/{id}",
+    "enrollment.deleted": "DELETE /api/v1/enrollments/{id}",
+    "appearance.updated": "PATCH /api/v1/settings/appearance, PATCH /api/v1/settings",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,8 +56,12 @@ FAMILIES: dict[str, Family] = {
             (*_CRUD, "enrolled", "unenrolled", "progressed"),
             "Members (students) and their enrollments",
         ),
+        # Seed 002: courses:read reads "enrollment data" too.
         Family(
-            "enrollment", ("students:read",), (*_CRUD, "completed"), "Members' course enrollments"
+            "enrollment",
+            ("courses:read", "students:read"),
+            (*_CRUD, "completed"),
+            "Members' course enrollments",
         ),
         Family("order", ("orders:read",), (*_CRUD, "paid", "refunded", "failed"), "Orders"),
         Family("post", ("posts:read",), (*_CRUD, "published"), "Posts"),
@@ -51,7 +71,10 @@ FAMILIES: dict[str, Family] = {
             (*_CRUD, "cancelled", "attendee_registered", "attendee_cancelled"),
             "School events and their attendees",
         ),
-        Family("lesson", ("curriculum:read",), (*_CRUD, "published"), "Lessons (curriculum)"),
+        # Seed 002: the curriculum reads with curriculum:read or a course's courses:read.
+        Family("chapter", _CURRICULUM_READ, _CRUD, "Chapters of a course (curriculum)"),
+        Family("lesson", _CURRICULUM_READ, (*_CRUD, "published"), "Lessons (curriculum)"),
+        Family("material", _CURRICULUM_READ, _CRUD, "Materials of a lesson (curriculum)"),
         Family("coupon", ("coupons:read",), (*_CRUD, "redeemed"), "Coupons"),
         Family("membership_plan", ("membership_plans:read",), _CRUD, "Membership plans"),
         Family("digital_download", ("digital_products:read",), (*_CRUD, "published"), "Downloads"),
@@ -63,7 +86,14 @@ FAMILIES: dict[str, Family] = {
             (*_CRUD, "renewed", "cancelled"),
             "Members' subscriptions to membership plans",
         ),
-        Family("settings", ("school:read", "appearance:read"), ("updated",), "School settings"),
+        # The whole settings object is school:read's; appearance:read hears of the theme only.
+        Family("settings", ("school:read",), ("updated",), "School settings"),
+        Family(
+            "appearance",
+            ("appearance:read", "school:read"),
+            ("updated",),
+            "School appearance and theme settings",
+        ),
         # Uploads have no read scope of their own: the scope that makes them sees them.
         Family("upload", ("storage:write",), ("created", "confirmed"), "Uploaded files"),
         Family("endpoint", (), ("disabled",), "This client's own webhook endpoints"),
