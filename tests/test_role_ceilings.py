@@ -165,6 +165,8 @@ def test_ceilings_are_nested_and_never_hold_admin_scopes() -> None:
     assert not admin & catalogue.ADMIN_SCOPES
     for personal in ("students:read", "orders:read", "analytics:read", "subscriptions:read"):
         assert personal not in lecturer
+    # Seed 002's courses:read holds the whole curriculum and everyone's enrollments: staff's.
+    assert "courses:read" in lecturer and "courses:read" not in member
     assert roles.ceiling(None) == frozenset()
     assert roles.ceiling(None, platform_admin=True) == admin
     # An umbrella fits only where everything it stands for does.
