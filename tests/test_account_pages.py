@@ -24,7 +24,7 @@ from libs.common import scopes as catalogue
 from libs.common import streams
 from libs.common.config import Settings
 from services.gateway.audit import api_call
-from services.identity import sessions, users
+from services.identity import sessions, store, users
 from services.identity.store import audit as audit_store
 from tests.test_authorize import Browser, authorize_url, form, query_of
 from tests.test_gateway_support import echo_upstream
@@ -652,6 +652,8 @@ async def test_revoke_in_chromium_and_the_gateway_refuses_the_token(
     http: Any,
 ) -> None:
     w = await gateway_world(pool, gateway_settings, "acct", gateway_port)
+    # courses:read is staff's to grant (seed 002: the curriculum and everyone's enrollments).
+    await store.upsert_membership(pool, w.school.id, w.user.id, "lecturer")
     issued, grant_id = await code_grant(
         http,
         pool,

@@ -302,7 +302,7 @@ async def test_lowering_a_role_ends_the_grants_it_no_longer_allows(
         name="Roster",
         redirect_uris=["https://roster.example/cb"],
         public=True,
-        scopes=["courses:read", "students:read"],
+        scopes=["events:read", "students:read"],
     )
 
     async def grant(*scopes: str) -> UUID:
@@ -316,7 +316,7 @@ async def test_lowering_a_role_ends_the_grants_it_no_longer_allows(
         return made_grant.id
 
     wide = await grant("students:read")
-    narrow = await grant("openid", "courses:read")
+    narrow = await grant("openid", "events:read")
 
     run = await _cli(
         base_env,

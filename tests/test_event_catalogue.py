@@ -70,7 +70,7 @@ CLI = str(Path(sys.executable).with_name("loopwise-connect"))
 WRITE_SCOPES = (
     "courses:write students:write posts:write events:write curriculum:write coupons:write"
     " membership_plans:write digital_products:write lecturers:write subscriptions:write"
-    " school:write storage:write"
+    " school:write appearance:write storage:write"
 )
 
 
@@ -222,6 +222,18 @@ async def _lesson_path(c: Ctx) -> str:
     return f"/api/v1/lessons/{await _lesson(c)}"
 
 
+async def _chapter_path(c: Ctx) -> str:
+    made = await c.made("/api/v1/chapters", {"course_id": await c.course(), "title": "Basics"})
+    return f"/api/v1/chapters/{made}"
+
+
+async def _material_path(c: Ctx) -> str:
+    made = await c.made(
+        "/api/v1/materials", {"lesson_id": await _lesson(c), "title": "Notes", "kind": "text"}
+    )
+    return f"/api/v1/materials/{made}"
+
+
 async def _coupon_path(c: Ctx) -> str:
     code = f"C{secrets.token_hex(3).upper()}"
     return f"/api/v1/coupons/{await c.made('/api/v1/coupons', {'code': code})}"
@@ -306,6 +318,14 @@ TRIGGERS: dict[str, Source] = {
     ),
     "event.attendee_registered": S("storefront register", _sf("register")),
     "event.attendee_cancelled": S("storefront cancel-registration", _sf("cancel-registration")),
+    "chapter.created": S("POST /api/v1/chapters", _chapter_path),
+    "chapter.updated": S("PATCH /api/v1/chapters/{id}", _patch(_chapter_path, {"title": "Ink"})),
+    "chapter.deleted": S("DELETE /api/v1/chapters/{id}", _delete(_chapter_path)),
+    "material.created": S("POST /api/v1/materials", _material_path),
+    "material.updated": S(
+        "PATCH /api/v1/materials/{id}", _patch(_material_path, {"title": "More notes"})
+    ),
+    "material.deleted": S("DELETE /api/v1/materials/{id}", _delete(_material_path)),
     "lesson.created": S("POST /api/v1/lessons", _lesson),
     "lesson.updated": S("PATCH /api/v1/lessons/{id}", _patch(_lesson_path, {"title": "Inks"})),
     "lesson.published": S(
@@ -344,6 +364,10 @@ TRIGGERS: dict[str, Source] = {
     "subscription.cancelled": S("storefront cancel-subscription", _cancel_subscription),
     "settings.updated": S(
         "PATCH /api/v1/settings", lambda c: c.api("PATCH", "/api/v1/settings", {"tagline": "Hi"})
+    ),
+    "appearance.updated": S(
+        "PATCH /api/v1/settings/appearance",
+        lambda c: c.api("PATCH", "/api/v1/settings/appearance", {"theme": "dark"}),
     ),
     "upload.created": S("POST /api/v1/uploads", _upload),
     "upload.confirmed": S("POST /api/v1/uploads/{id}/confirm", _confirm),

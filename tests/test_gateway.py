@@ -257,13 +257,18 @@ async def test_a_token_without_the_scope_is_403_naming_it(
         "error_description": "The access token does not hold the scope this call needs",
         "scope": "courses:read",
     }
-    # Any-of: settings reads with school:read or appearance:read; the 403 names both.
-    status, headers, _ = await _get(http, gateway_url + "/api/v1/settings", world.host, token)
+    # Any-of: the appearance reads with appearance:read or school:read; the 403 names both.
+    look = gateway_url + "/api/v1/settings/appearance"
+    status, headers, _ = await _get(http, look, world.host, token)
     assert status == 403
-    assert 'scope="school:read appearance:read"' in headers["WWW-Authenticate"]
+    assert 'scope="appearance:read school:read"' in headers["WWW-Authenticate"]
     appearance = await _token(keyring, gateway_settings, pool, world, "appearance:read")
-    status, _, _ = await _get(http, gateway_url + "/api/v1/settings", world.host, appearance)
+    status, _, _ = await _get(http, look, world.host, appearance)
     assert status == 200
+    # The longest prefix wins: the whole settings stay school:read's (seed 002).
+    status, headers, _ = await _get(http, gateway_url + "/api/v1/settings", world.host, appearance)
+    assert status == 403
+    assert 'scope="school:read"' in headers["WWW-Authenticate"]
     # A write needs the write scope even when reads are allowed.
     async with http.post(
         gateway_url + "/api/v1/members", headers=_headers(world.host, token), json={}
@@ -1014,8 +1019,9 @@ async def test_probes_metrics_and_openapi(gateway_url: str, http: Any, world: Wo
     courses = doc["paths"]["/api/v1/courses"]
     assert courses["get"]["security"] == [{"loopwise": ["courses:read"]}]
     assert courses["post"]["security"] == [{"loopwise": ["courses:write"]}]
-    assert doc["paths"]["/api/v1/settings"]["get"]["security"] == [
-        {"loopwise": ["school:read", "appearance:read"]}
+    assert doc["paths"]["/api/v1/settings"]["get"]["security"] == [{"loopwise": ["school:read"]}]
+    assert doc["paths"]["/api/v1/settings/appearance"]["get"]["security"] == [
+        {"loopwise": ["appearance:read", "school:read"]}
     ]
     assert "/readyz" in doc["paths"]
     assert (

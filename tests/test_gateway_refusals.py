@@ -81,11 +81,11 @@ async def _limited_world(pool: Any, settings: Settings, port: int, label: str) -
 # Refusals for scope are charged -----------------------------------------------------------------
 
 # Calls an `openid`-only token is refused for: routes and methods of the default route table,
-# one of them with an any-of scope list (settings: school:read or appearance:read).
+# one of them with an any-of scope list (the appearance: appearance:read or school:read).
 REFUSED = [
     ("GET", "/api/v1/courses", "courses:read"),
     ("POST", "/api/v1/members", "students:write"),
-    ("GET", "/api/v1/settings", "school:read appearance:read"),
+    ("GET", "/api/v1/settings/appearance", "appearance:read school:read"),
     ("DELETE", "/api/v1/courses/3", "courses:write"),
     ("PATCH", "/api/v1/members/7", "students:write"),
 ]

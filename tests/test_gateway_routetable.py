@@ -22,8 +22,14 @@ CLI = str(Path(sys.executable).with_name("loopwise-connect"))
 SEED_MAPPING = [
     ("courses", ["courses:read"], ["courses:write"]),
     ("members", ["students:read"], ["students:write"]),
-    ("lessons", ["curriculum:read"], ["curriculum:write"]),
-    ("settings", ["school:read", "appearance:read"], ["school:write", "appearance:write"]),
+    # Seed 002's words: courses:read reads a course's curriculum and enrollment data,
+    # students:write manages enrollments, appearance:read the appearance and theme only.
+    ("enrollments", ["courses:read", "students:read"], ["students:write"]),
+    ("chapters", ["curriculum:read", "courses:read"], ["curriculum:write"]),
+    ("lessons", ["curriculum:read", "courses:read"], ["curriculum:write"]),
+    ("materials", ["curriculum:read", "courses:read"], ["curriculum:write"]),
+    ("settings", ["school:read"], ["school:write", "appearance:write"]),
+    ("settings/appearance", ["appearance:read", "school:read"], ["appearance:write"]),
     ("site-info", ["school:read"], None),
     ("orders", ["orders:read"], None),
     ("events", ["events:read"], ["events:write"]),

@@ -741,13 +741,13 @@ async def test_a_school_pick_does_not_survive_signing_in_as_someone_else(
     theirs = await make_school(pool, settings, f"sb{unique}")
     first = await make_user(pool, mine, unique)
     await pool.execute(
-        "INSERT INTO school_memberships (school_id, user_id, role) VALUES ($1, $2, 'member')",
+        "INSERT INTO school_memberships (school_id, user_id, role) VALUES ($1, $2, 'lecturer')",
         theirs.id,
         first.id,
     )
     second = await make_user(pool, mine, unique)
     await pool.execute(
-        "INSERT INTO school_memberships (school_id, user_id, role) VALUES ($1, $2, 'member')",
+        "INSERT INTO school_memberships (school_id, user_id, role) VALUES ($1, $2, 'lecturer')",
         theirs.id,
         second.id,
     )

@@ -349,7 +349,7 @@ def _rotated(seconds_ago: float, **changes: Any) -> RefreshTokenState:
         (_token_state(user_role="member"), 10, Refusal.OUTGROWN),
         (_token_state(user_role=None), 10, Refusal.OUTGROWN),
         (_token_state(user_role=None, platform_admin=True), 10, None),
-        (_token_state(user_role="member", scopes=("openid", "courses:read")), 10, None),
+        (_token_state(user_role="member", scopes=("openid", "events:read")), 10, None),
         # The first reason in the rule's order is the one told.
         (_rotated(3600, grant_revoked=True, expired=True), 10, Refusal.GRANT_REVOKED),
         (_rotated(3600, expired=True, user_role=None), 10, Refusal.EXPIRED),

@@ -51,7 +51,7 @@ from tests.token_helpers import (
 )
 from tests.token_helpers import make_world as token_world
 
-DATA_ASKED = ("openid", "students:read", "orders:read", "courses:read")
+DATA_ASKED = ("openid", "students:read", "orders:read", "events:read")
 WIDE = ("openid", "profile", "read", "write", *catalogue.DATA_SCOPES)
 
 
@@ -165,10 +165,12 @@ def test_ceilings_are_nested_and_never_hold_admin_scopes() -> None:
     assert not admin & catalogue.ADMIN_SCOPES
     for personal in ("students:read", "orders:read", "analytics:read", "subscriptions:read"):
         assert personal not in lecturer
+    # Seed 002's courses:read holds the whole curriculum and everyone's enrollments: staff's.
+    assert "courses:read" in lecturer and "courses:read" not in member
     assert roles.ceiling(None) == frozenset()
     assert roles.ceiling(None, platform_admin=True) == admin
     # An umbrella fits only where everything it stands for does.
-    assert roles.narrow(["read", "write", "courses:read"], lecturer).granted == ("courses:read",)
+    assert roles.narrow(["read", "write", "events:read"], lecturer).granted == ("events:read",)
     assert roles.narrow(["read", "write"], admin).granted == ("read", "write")
 
 
@@ -183,23 +185,23 @@ async def test_a_member_gets_only_what_a_member_may_grant(
     # The page lists what will be granted, and says in words what needs a school admin.
     granted_part, _, withheld_part = page.partition("only a school admin can give")
     assert withheld_part, page
-    assert "courses:read" in granted_part and "students:read" not in granted_part
+    assert "events:read" in granted_part and "students:read" not in granted_part
     assert "students:read" in withheld_part and "orders:read" in withheld_part
     assert "Read student profiles and progress data" in withheld_part
 
     tokens = await allow(browser, world, page, verifier)
-    assert tokens["scope"] == "openid courses:read"
-    assert claims_of(tokens["access_token"])["scope"] == "openid courses:read"
+    assert tokens["scope"] == "openid events:read"
+    assert claims_of(tokens["access_token"])["scope"] == "openid events:read"
     consented = await pool.fetchval(
         "SELECT scopes FROM consents WHERE user_id = $1 AND client_id = $2",
         world.user.id,
         world.client.id,
     )
-    assert consented == ["openid", "courses:read"]
+    assert consented == ["openid", "events:read"]
 
     # Asking again: the remembered consent covers what a member may grant; still no more.
     answer = await reauthorize(browser, world, " ".join(DATA_ASKED))
-    assert answer.body["scope"] == "openid courses:read"
+    assert answer.body["scope"] == "openid events:read"
 
 
 async def test_an_admin_gets_everything_asked(browser: Browser, world_of: WorldOf) -> None:
@@ -215,15 +217,15 @@ async def test_the_read_umbrella_is_dropped_for_a_member_and_a_lecturer(
     world_of: WorldOf,
 ) -> None:
     expected = {
-        "member": "openid courses:read",
-        "lecturer": "openid courses:read curriculum:write",
+        "member": "openid events:read",
+        "lecturer": "openid events:read curriculum:write",
     }
     for role, scope in expected.items():
         world = await world_of(role)
         b = Browser()
         try:
             page, verifier = await consent_page(
-                b, world, "openid read courses:read curriculum:write"
+                b, world, "openid read events:read curriculum:write"
             )
             assert (
                 '<code class="scope-name">read</code>'
@@ -258,7 +260,7 @@ async def test_remembered_consent_does_not_outlive_a_lowered_role(
     await store.upsert_membership(pool, world.school.id, world.user.id, "member")
     # Consent is still remembered (no page), but it grants only what a member may.
     answer = await reauthorize(browser, world, " ".join(DATA_ASKED))
-    assert answer.body["scope"] == "openid courses:read"
+    assert answer.body["scope"] == "openid events:read"
 
 
 async def test_a_role_raised_after_the_consent_page_grants_no_more_than_it_showed(
@@ -267,7 +269,7 @@ async def test_a_role_raised_after_the_consent_page_grants_no_more_than_it_showe
     world = await world_of("member")
     page, verifier = await consent_page(browser, world, " ".join(DATA_ASKED))
     await store.upsert_membership(pool, world.school.id, world.user.id, "admin")
-    assert (await allow(browser, world, page, verifier))["scope"] == "openid courses:read"
+    assert (await allow(browser, world, page, verifier))["scope"] == "openid events:read"
 
 
 async def assert_ended_for_the_role(
@@ -294,7 +296,7 @@ async def test_a_lowered_role_ends_the_grant_at_its_next_refresh(
 ) -> None:
     world = await token_world(pool, settings, unique, identity_port, label="rl")
     answer, grant_id = await code_flow(
-        http, pool, settings, world, scopes=("openid", "courses:read", "students:read")
+        http, pool, settings, world, scopes=("openid", "events:read", "students:read")
     )
     assert answer.status == 200, answer.body
     first = answer.body
@@ -303,7 +305,7 @@ async def test_a_lowered_role_ends_the_grant_at_its_next_refresh(
 
     await store.upsert_membership(pool, world.school.id, world.user.id, "member")
     # Even asking for only what a member may hold: the grant itself is beyond the role.
-    refused = await refresh(http, world, refreshed.body["refresh_token"], scope="courses:read")
+    refused = await refresh(http, world, refreshed.body["refresh_token"], scope="events:read")
     assert refused.status == 400
     assert refused.body["error"] == "invalid_grant"
     assert "role" in refused.body["error_description"]
@@ -363,12 +365,12 @@ async def test_a_grant_within_the_role_refreshes_and_a_removed_membership_ends_i
 ) -> None:
     world = await token_world(pool, settings, unique, identity_port, label="rm", role="member")
     answer, grant_id = await code_flow(
-        http, pool, settings, world, scopes=("openid", "courses:read")
+        http, pool, settings, world, scopes=("openid", "events:read")
     )
     assert answer.status == 200, answer.body
     refreshed = await refresh(http, world, answer.body["refresh_token"])
     assert refreshed.status == 200, refreshed.body
-    assert refreshed.body["scope"] == "openid courses:read"
+    assert refreshed.body["scope"] == "openid events:read"
 
     await pool.execute(
         "DELETE FROM school_memberships WHERE school_id = $1 AND user_id = $2",
@@ -413,7 +415,7 @@ async def test_a_platform_clients_user_gets_the_ceiling_of_the_school_picked(
     assert status == 200 and attended.name in page
     assert "only a school admin can give" in page
     tokens = await allow(browser, actor, page, verifier)
-    assert tokens["scope"] == "openid courses:read"
+    assert tokens["scope"] == "openid events:read"
     assert tokens["school_id"] == attended.id
 
 
@@ -437,7 +439,7 @@ async def test_a_self_registered_platform_client_cannot_reach_a_closed_school(
     )
     actor = platform_actor(open_school, client, user, identity_port)
     platform = actor.base
-    url = authorize_url(platform, client.id, scope="openid courses:read", state="cl")
+    url = authorize_url(platform, client.id, scope="openid events:read", state="cl")
     status, _, page = await browser.sign_in_to_consent(actor, url)
     assert status == 200
     picker = form(page, "/v1/oauth/select-school")
@@ -489,14 +491,14 @@ async def test_a_self_registered_platform_client_mints_for_the_mcp_resource_only
     # Naming the school's API is refused before anyone signs in: on our own page, since the
     # client registered itself and nobody has acted yet (RFC 9700 4.11.2).
     status, headers, body = await browser.get(
-        authorize_url(platform, client.id, scope="courses:read", state="api", resource=api)
+        authorize_url(platform, client.id, scope="events:read", state="api", resource=api)
     )
     assert_error_page(status, headers, body)
     assert "invalid_target" in body
 
     # Naming none: the code, and so the token, is for the MCP server.
     verifier, challenge = pkce()
-    url = authorize_url(platform, client.id, challenge=challenge, scope="openid courses:read")
+    url = authorize_url(platform, client.id, challenge=challenge, scope="openid events:read")
     status, _, page = await browser.sign_in_to_consent(actor, url)
     assert status == 200
     status, headers, _ = await browser.decide(platform, page, "allow")

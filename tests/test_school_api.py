@@ -560,7 +560,13 @@ READ_SCOPES = {
     "courses": "courses:read",
     "members": "students:read",
     "orders": "orders:read",
-    "lessons": "curriculum:read",
+    # Seed 002: the curriculum and enrollments read with courses:read too (any-of, in order).
+    "chapters": "curriculum:read courses:read",
+    "lessons": "curriculum:read courses:read",
+    "materials": "curriculum:read courses:read",
+    "enrollments": "courses:read students:read",
+    "settings": "school:read",
+    "settings/appearance": "appearance:read school:read",
     "membership-plans": "membership_plans:read",
     "events": "events:read",
     "coupons": "coupons:read",
@@ -659,15 +665,31 @@ async def test_settings_take_school_or_appearance_scopes(
 ) -> None:
     school = new_school()
     url = f"{school_api_url}/api/v1/settings"
-    for scope in ("school:read", "appearance:read", "read"):
+    for scope in ("school:read", "read"):
         status, body = await call(http, "GET", url, who(settings, school, scope))
         assert status == 200, scope
         assert (body["id"], body["school_id"]) == (school, school)
-    assert await call(http, "GET", url, who(settings, school, "courses:read")) == (
-        403,
-        {"error": "insufficient_scope", "scope": "school:read appearance:read"},
+    # Seed 002: appearance:read reads the appearance and theme, not the whole settings.
+    for scope in ("courses:read", "appearance:read"):
+        assert await call(http, "GET", url, who(settings, school, scope)) == (
+            403,
+            {"error": "insufficient_scope", "scope": "school:read"},
+        )
+    status, look = await call(
+        http, "GET", f"{url}/appearance", who(settings, school, "appearance:read")
     )
+    assert status == 200
+    assert set(look) == {
+        "id",
+        "school_id",
+        "logo_url",
+        "primary_color",
+        "accent_color",
+        "theme",
+        "updated_at",
+    }
     # appearance:write changes the look, not the school's name; school:write the reverse.
+    # Its answer is the look too: the rest of the settings is not appearance:write's to read.
     status, body = await call(
         http,
         "PATCH",
@@ -676,6 +698,32 @@ async def test_settings_take_school_or_appearance_scopes(
         {"theme": "dark", "primary_color": "#112233"},
     )
     assert (status, body["theme"], body["primary_color"]) == (200, "dark", "#112233")
+    assert "contact_email" not in body and "timezone" not in body
+    status, body = await call(
+        http,
+        "PATCH",
+        f"{url}/appearance",
+        who(settings, school, "appearance:write"),
+        {"accent_color": "#445566"},
+    )
+    assert (status, body["accent_color"], body["theme"]) == (200, "#445566", "dark")
+    assert "contact_email" not in body
+    assert await call(
+        http,
+        "PATCH",
+        f"{url}/appearance",
+        who(settings, school, "school:write"),
+        {"theme": "light"},
+    ) == (403, {"error": "insufficient_scope", "scope": "appearance:write"})
+    assert (
+        await call(
+            http,
+            "PATCH",
+            f"{url}/appearance",
+            who(settings, school, "appearance:write"),
+            {"name": "x"},
+        )
+    )[0] == 422
     assert await call(
         http, "PATCH", url, who(settings, school, "appearance:write"), {"name": "Renamed"}
     ) == (
@@ -930,6 +978,13 @@ async def test_the_openapi_document_lists_every_resource(
         "/api/v1/lecturers",
         "/api/v1/lecturers/{id}",
         "/api/v1/settings",
+        "/api/v1/settings/appearance",
+        "/api/v1/chapters",
+        "/api/v1/chapters/{id}",
+        "/api/v1/materials",
+        "/api/v1/materials/{id}",
+        "/api/v1/enrollments",
+        "/api/v1/enrollments/{id}",
         "/api/v1/site-info",
         "/api/v1/subscriptions",
         "/api/v1/subscriptions/{id}",
@@ -940,9 +995,10 @@ async def test_the_openapi_document_lists_every_resource(
         assert path in paths, path
     assert set(paths["/api/v1/courses/{id}"]) >= {"get", "patch", "delete"}
     assert paths["/api/v1/posts"]["post"]["security"] == [{"oauth2": ["posts:write"]}]
-    assert paths["/api/v1/settings"]["get"]["security"] == [
-        {"oauth2": ["school:read"]},
+    assert paths["/api/v1/settings"]["get"]["security"] == [{"oauth2": ["school:read"]}]
+    assert paths["/api/v1/settings/appearance"]["get"]["security"] == [
         {"oauth2": ["appearance:read"]},
+        {"oauth2": ["school:read"]},
     ]
     course = doc["components"]["schemas"]["Course"]
     assert {"id", "school_id", "title", "description"} <= set(course["required"])

@@ -563,3 +563,87 @@ async def test_the_service_metrics_count_published_events(
             break
         await asyncio.sleep(0.05)
     assert float(line.split()[1]) >= 1
+
+
+async def test_the_curriculum_enrollments_and_appearance_publish_their_events(
+    school_api_url: str,
+    http: aiohttp.ClientSession,
+    settings: Settings,
+    redis: redis_asyncio.Redis,
+) -> None:
+    """Seed 002's chapters and materials, enrollments managed on their own, and the appearance
+    split from the settings: each change publishes its event with the row as answered."""
+    school = new_school()
+    headers = who(settings, school)
+    api = f"{school_api_url}/api/v1"
+    answers: list[tuple[str, Any]] = []
+
+    async def change(method: str, path: str, body: Any, event_type: str) -> Any:
+        status, answer = await call(http, method, f"{api}/{path}", headers, body)
+        assert status in (200, 201, 204), (path, status, answer)
+        answers.append((event_type, answer))
+        return answer
+
+    _, course = await call(http, "POST", f"{api}/courses", headers, {"title": "Watercolour"})
+    _, other = await call(http, "POST", f"{api}/courses", headers, {"title": "Ink"})
+    _, member = await call(
+        http, "POST", f"{api}/members", headers, {"name": "A", "email": "a@x.io"}
+    )
+    chapter = await change(
+        "POST", "chapters", {"course_id": course["id"], "title": "Basics"}, "chapter.created"
+    )
+    await change("PATCH", f"chapters/{chapter['id']}", {"position": 2}, "chapter.updated")
+    _, lesson = await call(
+        http,
+        "POST",
+        f"{api}/lessons",
+        headers,
+        {"course_id": course["id"], "chapter_id": chapter["id"], "title": "Washes"},
+    )
+    assert lesson["chapter_id"] == chapter["id"]
+    # A lesson's chapter is one of its own course's.
+    assert await call(
+        http,
+        "POST",
+        f"{api}/lessons",
+        headers,
+        {"course_id": other["id"], "chapter_id": chapter["id"], "title": "Misplaced"},
+    ) == (422, {"error": "validation_failed", "fields": {"chapter_id": "not_found"}})
+    material = await change(
+        "POST",
+        "materials",
+        {"lesson_id": lesson["id"], "title": "Sheet", "kind": "link", "url": "https://x.io/a"},
+        "material.created",
+    )
+    await change("PATCH", f"materials/{material['id']}", {"title": "Sheet 2"}, "material.updated")
+    await change("DELETE", f"materials/{material['id']}", None, "material.deleted")
+    enrollment = await change(
+        "POST",
+        "enrollments",
+        {"member_id": member["id"], "course_id": course["id"]},
+        "enrollment.created",
+    )
+    await change(
+        "PATCH",
+        f"enrollments/{enrollment['id']}",
+        {"progress_percent": 40, "status": "cancelled"},
+        "enrollment.updated",
+    )
+    await change("DELETE", f"enrollments/{enrollment['id']}", None, "enrollment.deleted")
+    await change("DELETE", f"chapters/{chapter['id']}", None, "chapter.deleted")
+    look = await change("PATCH", "settings/appearance", {"theme": "dark"}, "appearance.updated")
+    # The lesson stays, out of any chapter.
+    _, kept = await call(http, "GET", f"{api}/lessons/{lesson['id']}", headers)
+    assert kept["chapter_id"] is None
+
+    events = await events_of(redis, settings.stream(streams.EVENTS), school, 15)
+    mine = [e for e in events if e["type"].split(".")[0] in ("chapter", "material", "enrollment")]
+    assert [e["type"] for e in mine] == [t for t, _ in answers[:-1]]
+    for event, (_, answer) in zip(mine, answers, strict=False):
+        check_shape(event, school)
+        if answer is not None:
+            assert event["data"] == answer
+    # An appearance change is a settings change too; appearance:read's event holds the look only.
+    assert [e["type"] for e in events[-2:]] == ["settings.updated", "appearance.updated"]
+    assert events[-1]["data"] == look
+    assert "contact_email" in events[-2]["data"] and "contact_email" not in look

@@ -273,7 +273,7 @@ class Member:
 async def member(
     identity_url: str, pool: asyncpg.Pool, settings: Settings, unique: str, identity_port: int
 ) -> Member:
-    """A member of a school (who may grant none of `courses:write`), and two clients."""
+    """A member of a school (who may grant none of `events:write`), and two clients."""
     school = await make_school(pool, settings, f"um{unique}")
     user = await make_user(pool, school, unique, role="member")
     registered = await make_client(
@@ -281,11 +281,11 @@ async def member(
         settings,
         school,
         redirect_uris=(EVIL,),
-        scopes=("courses:read", "courses:write"),
+        scopes=("events:read", "events:write"),
         created_via="registration",
     )
     admin_made = await make_client(
-        pool, settings, school, redirect_uris=(EVIL,), scopes=("courses:read", "courses:write")
+        pool, settings, school, redirect_uris=(EVIL,), scopes=("events:read", "events:write")
     )
     base = f"http://{school.subdomain}.localhost:{identity_port}"
     world = World(school, base, registered, user, user.email, PASSWORD, EVIL)
@@ -294,7 +294,7 @@ async def member(
 
 async def sign_in(browser: Browser, world: World) -> None:
     """Sign in through a flow of the client, and leave it at its consent page."""
-    url = authorize_url(world.base, world.client.id, redirect_uri=EVIL, scope="courses:read")
+    url = authorize_url(world.base, world.client.id, redirect_uri=EVIL, scope="events:read")
     status, _, page = await browser.sign_in_to_consent(world, url)
     assert status == 200 and 'action="/v1/oauth/consent"' in page
 
@@ -306,8 +306,8 @@ async def test_a_signed_in_users_silent_errors_for_an_unreviewed_client_are_our_
     await sign_in(browser, world)  # no consent given: the page is left undecided
     for client, reviewed in ((member.registered, False), (member.admin_made, True)):
         for extra, error in (
-            ({"scope": "courses:write"}, "access_denied"),  # beyond the member's role
-            ({"scope": "courses:read", "prompt": "none"}, "consent_required"),
+            ({"scope": "events:write"}, "access_denied"),  # beyond the member's role
+            ({"scope": "events:read", "prompt": "none"}, "consent_required"),
         ):
             status, headers, body = await browser.get(
                 authorize_url(world.base, client.id, redirect_uri=EVIL, **extra)
@@ -333,7 +333,7 @@ async def test_a_platform_users_silent_school_choice_for_an_unreviewed_client_is
     actor = World(
         first, site.base, await client_of(pool, site.registered), user, user.email, PASSWORD, EVIL
     )
-    url = authorize_url(site.base, site.registered, redirect_uri=EVIL, scope="courses:read")
+    url = authorize_url(site.base, site.registered, redirect_uri=EVIL, scope="events:read")
     status, _, page = await browser.sign_in_to_consent(actor, url)
     assert 'action="/v1/oauth/select-school"' in page
     status, headers, body = await browser.get(
@@ -362,7 +362,7 @@ async def test_deny_redirects_access_denied_for_every_client(
     await sign_in(browser, world)
     for client in (member.registered, member.admin_made):
         status, _, page = await browser.get(
-            authorize_url(world.base, client.id, redirect_uri=EVIL, scope="courses:read", state="d")
+            authorize_url(world.base, client.id, redirect_uri=EVIL, scope="events:read", state="d")
         )
         assert status == 200 and 'action="/v1/oauth/consent"' in page
         status, headers, _ = await browser.decide(world.base, page, "deny")
@@ -398,7 +398,7 @@ async def test_an_error_after_signing_in_during_the_flow_redirects(
     """Signing in on a page naming the app is acting: the app hears what came of it."""
     world = member.world
     url = authorize_url(
-        world.base, member.registered.id, redirect_uri=EVIL, scope="courses:write", state="w"
+        world.base, member.registered.id, redirect_uri=EVIL, scope="events:write", state="w"
     )
     status, headers, _ = await browser.sign_in_to_consent(world, url)
     assert_redirects_to_evil(status, headers, "access_denied", world.base)
@@ -419,13 +419,13 @@ async def test_an_error_after_picking_a_school_redirects(
     site = sites.platform
     client = await client_of(pool, site.registered)
     actor = World(led, site.base, client, user, user.email, PASSWORD, EVIL)
-    first = authorize_url(site.base, site.registered, redirect_uri=EVIL, scope="courses:read")
+    first = authorize_url(site.base, site.registered, redirect_uri=EVIL, scope="events:read")
     _, _, page = await browser.sign_in_to_consent(actor, first)
     assert 'action="/v1/oauth/select-school"' in page
     # A new request in the signed-in browser: nobody signs in, the user picks a school
     # whose role allows none of what is asked.
     url = authorize_url(
-        site.base, site.registered, redirect_uri=EVIL, scope="courses:write", state="pick"
+        site.base, site.registered, redirect_uri=EVIL, scope="events:write", state="pick"
     )
     status, _, page = await browser.get(url)
     assert status == 200
@@ -457,7 +457,7 @@ async def test_an_unreviewed_clients_flow_still_ends_with_a_code(
             site.registered,
             redirect_uri=EVIL,
             challenge=challenge,
-            scope="openid courses:read",
+            scope="openid events:read",
             state="ok",
         )
         _, _, page = await browser.sign_in_to_consent(actor, url)

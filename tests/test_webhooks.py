@@ -296,12 +296,19 @@ async def test_an_event_type_needs_the_scope_that_gates_it(api: Api) -> None:
     )
     assert (status, body["field"]) == (422, "event_types")
 
-    # The legacy `read` umbrella holds every :read scope; settings.* takes either of two;
-    # endpoint.disabled is our own and needs none.
+    # The legacy `read` umbrella holds every :read scope; appearance.* takes either of two,
+    # settings.* (the whole settings) school:read only; endpoint.disabled is our own and
+    # needs none.
     await api.subscribe(Caller(school, scopes="read"), "https://h.example.com/", ["member.*"])
-    await api.subscribe(
-        Caller(school, scopes="appearance:read"), "https://h.example.com/", ["settings.updated"]
+    look_only = Caller(school, scopes="appearance:read")
+    await api.subscribe(look_only, "https://h.example.com/", ["appearance.updated"])
+    status, body = await api.call(
+        "POST",
+        "/api/v1/webhooks",
+        look_only,
+        {"url": "https://h.example.com/", "event_types": ["settings.updated"]},
     )
+    assert (status, body["scope"]) == (403, "school:read")
     await api.subscribe(Caller(school, scopes="openid"), "https://h.example.com/",
                         ["endpoint.disabled"])  # fmt: skip
 
@@ -1123,7 +1130,8 @@ async def test_egress_ips_and_event_types_are_published(api: Api) -> None:
     assert types["course.updated"] == ["courses:read"]
     assert types["endpoint.disabled"] == []
     wildcards = {w["pattern"]: w["scopes"] for w in table["wildcards"]}
-    assert wildcards["settings.*"] == ["school:read", "appearance:read"]
+    assert wildcards["settings.*"] == ["school:read"]
+    assert wildcards["appearance.*"] == ["appearance:read", "school:read"]
 
 
 def test_every_type_the_school_api_publishes_is_subscribable_with_its_scopes() -> None:

@@ -100,12 +100,23 @@ class PublicUrls:
 _SUBDOMAIN = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", re.ASCII)
 
 
+REFRESH_TOKEN_IDLE_TTL_DEFAULT = 60 * 60 * 24 * 365
+# How far back identity's sweep looks for refresh tokens of revoked grants when no lifetime
+# bounds them (a pass at least this often finds each revocation: IDENTITY_SWEEP_INTERVAL).
+_REVOKED_SWEEP_WINDOW = 60 * 60 * 24 * 90
+
+
 @dataclass(frozen=True, slots=True)
 class TokenPolicy:
     access_token_ttl: int = 7200
     id_token_ttl: int = 3600
     authorization_code_ttl: int = 60
-    refresh_token_ttl: int = 60 * 60 * 24 * 90
+    # Seed 003: "long-lived refresh tokens keep your app working until the user revokes".
+    # Idle: a refresh token not used for this long expires (each rotation starts it again);
+    # max: the chain of rotations from one authorization ends this long after it began. 0 is
+    # no limit. By default an app that refreshes at least once a year never has to ask again.
+    refresh_token_idle_ttl: int = REFRESH_TOKEN_IDLE_TTL_DEFAULT
+    refresh_token_max_ttl: int = 0
     # A rotated-away refresh token presented again within this many seconds is treated as a
     # concurrent retry and answered with the same successor instead of revoking the grant.
     refresh_reuse_grace: int = 10
@@ -113,6 +124,12 @@ class TokenPolicy:
     # for every token it signed to expire.
     retired_key_ttl: int = 7200 + 300
     key_rotation_interval: int = 60 * 60 * 24 * 30
+
+    @property
+    def revoked_refresh_sweep_window(self) -> int:
+        """Seconds: past this, a revoked grant's refresh tokens have been swept already."""
+        limits = [t for t in (self.refresh_token_idle_ttl, self.refresh_token_max_ttl) if t > 0]
+        return min(limits) if limits else _REVOKED_SWEEP_WINDOW
 
 
 @dataclass(frozen=True, slots=True)
@@ -395,6 +412,27 @@ def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0) -
     if value < minimum:
         raise ConfigError(name, f"must be at least {minimum}, got {value}")
     return value
+
+
+def _lifetime(env: Mapping[str, str], name: str, default: int) -> int:
+    """Seconds, 0 for no limit; a limit shorter than a minute would end tokens in use."""
+    value = _int(env, name, default)
+    if 0 < value < 60:
+        raise ConfigError(name, f"must be 0 (no limit) or at least 60 seconds, got {value}")
+    return value
+
+
+def _refresh_lifetimes(env: Mapping[str, str]) -> dict[str, int]:
+    """REFRESH_TOKEN_IDLE_TTL and REFRESH_TOKEN_MAX_TTL (seconds, 0: no limit)."""
+    idle = _lifetime(env, "REFRESH_TOKEN_IDLE_TTL", REFRESH_TOKEN_IDLE_TTL_DEFAULT)
+    longest = _lifetime(env, "REFRESH_TOKEN_MAX_TTL", 0)
+    if longest and idle > longest:
+        # An idle limit beyond the absolute one would never apply: a sign of a mistake.
+        raise ConfigError(
+            "REFRESH_TOKEN_IDLE_TTL",
+            f"must be at most REFRESH_TOKEN_MAX_TTL ({longest}) when that is set, got {idle}",
+        )
+    return {"refresh_token_idle_ttl": idle, "refresh_token_max_ttl": longest}
 
 
 def _float(env: Mapping[str, str], name: str, default: float, *, minimum: float = 0.0) -> float:
@@ -794,6 +832,7 @@ def load_settings(
         ports=ports,
         tokens=TokenPolicy(
             access_token_ttl=access_ttl,
+            **_refresh_lifetimes(env),
             refresh_reuse_grace=grace,
             retired_key_ttl=access_ttl + 300,
             key_rotation_interval=_int(env, "KEY_ROTATION_INTERVAL", 60 * 60 * 24 * 30, minimum=60),

@@ -31,6 +31,7 @@ from services.gateway.audit_retention import AuditRetention
 from services.gateway.context import CONTEXT, ROUTES, GatewayContext
 from services.gateway.directory import Directory
 from services.gateway.jwks import JwksCache
+from services.gateway.mcp import tools as mcp_tools
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.proxy import Upstreams
 from services.gateway.ratelimit import Guard, Pace
@@ -50,6 +51,10 @@ JWKS_TIMEOUT = aiohttp.ClientTimeout(total=5)
 def create_app(settings: Settings, *, routes_file: str | None = None) -> web.Application:
     """The gateway; raises routetable.RouteTableError when the route file is wrong."""
     table = routetable.load(routes_file or settings.gateway.routes_file, settings)
+    # The MCP tools ask what the route table asks of the same calls, or the gateway stops.
+    drift = mcp_tools.disagreements(table)
+    if drift:
+        raise routetable.RouteTableError(table.source, None, "; ".join(drift))
     app = edge.application(
         "gateway",
         public=lambda host: settings.urls.subdomain_of(host) is not None,

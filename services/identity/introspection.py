@@ -11,6 +11,7 @@ school's), whatever `token_type_hint` says.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from aiohttp import web
@@ -72,6 +73,11 @@ async def introspect_access_token(
     return answer
 
 
+def _unlimited(expires_at: datetime) -> bool:
+    # PostgreSQL's 'infinity' reaches asyncpg as datetime.max, without a time zone.
+    return expires_at.tzinfo is None or expires_at.year >= 9999
+
+
 async def introspect_refresh_token(
     ctx: IdentityContext,
     state: token_state.TokenState,
@@ -111,7 +117,8 @@ async def introspect_refresh_token(
             client=owner,
         ),
         "iss": iss.issuer,
-        "exp": int(st.expires_at.timestamp()),
+        # RFC 7662's exp is optional: a token with no idle limit left out has none to give.
+        **({} if _unlimited(st.expires_at) else {"exp": int(st.expires_at.timestamp())}),
         "iat": int(st.created_at.timestamp()),
         "token_type": "refresh_token",
         "school_id": school.id,

@@ -22,9 +22,10 @@ _IDENTITY = catalogue.IDENTITY_SCOPES
 
 # What a member already sees in the school's storefront. Not `school:read` ("configuration
 # and settings" is more than the public site shows), not `curriculum:read` (lessons and
-# materials of courses the member has not bought), and nothing about other people.
+# materials of courses the member has not bought), and nothing about other people: so not
+# `courses:read` either, which seed 002 gives "course details, curriculum, and enrollment
+# data" (every lesson and material, and who is enrolled in what).
 _MEMBER = _IDENTITY | {
-    "courses:read",
     "events:read",
     "posts:read",
     "comments:read",
@@ -43,6 +44,7 @@ _MEMBER = _IDENTITY | {
 # their courses they already see through `courses:read` ("enrollment data").
 # Not `lecturers:write` either: it edits every lecturer's profile, not just one's own.
 _LECTURER = _MEMBER | {
+    "courses:read",
     "school:read",
     "appearance:read",
     "curriculum:read",

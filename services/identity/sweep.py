@@ -55,7 +55,7 @@ async def sweep_once(pool: asyncpg.Pool, settings: Settings) -> dict[str, int]:
     """One pass over every table; how many rows each lost (and what the audit trail's
     retention did: services/identity/audit_retention.py)."""
     batch = settings.identity.sweep_batch_size
-    ttl = settings.tokens.refresh_token_ttl
+    ttl = settings.tokens.revoked_refresh_sweep_window
     return {
         **await audit_retention.sweep(pool, settings),
         "authorization_codes": await _drain(

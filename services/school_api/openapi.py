@@ -12,7 +12,7 @@ from functools import cache
 from typing import Any
 
 from libs.common.scopes import CATALOGUE as SCOPES
-from services.school_api.resources import CATALOGUE, COLLECTIONS, event_scopes
+from services.school_api.resources import BY_NAME, CATALOGUE, COLLECTIONS, event_scopes
 from services.school_api.resources.model import Change, Field, Resource
 from services.school_api.validation import DEFAULT_LIMIT, MAX_LIMIT
 
@@ -192,7 +192,7 @@ def _collection_paths(resource: Resource) -> dict[str, Any]:
         }
         collection["get"] = {
             "summary": f"List {resource.summary.lower()}",
-            "operationId": f"list_{resource.name.replace('-', '_')}",
+            "operationId": f"list_{_nested_prefix(resource)}{resource.name.replace('-', '_')}",
             "security": _security(resource.read_scopes),
             "parameters": nested_param + _list_parameters(resource),
             "responses": {
@@ -204,7 +204,7 @@ def _collection_paths(resource: Resource) -> dict[str, Any]:
     if "create" in ops:
         collection["post"] = {
             "summary": f"Create: {resource.summary.lower()}",
-            "operationId": f"create_{resource.singular}",
+            "operationId": f"create_{_nested_prefix(resource)}{resource.singular}",
             "description": _event_note(resource, "created"),
             "security": _security(resource.write_scopes),
             "parameters": nested_param,
@@ -259,11 +259,46 @@ def _collection_paths(resource: Resource) -> dict[str, Any]:
     return paths
 
 
+def _nested_prefix(resource: Resource) -> str:
+    """`member_` for a member's enrollments, so their operations differ from the top-level
+    enrollments' ones."""
+    if resource.parent is None:
+        return ""
+    return f"{BY_NAME[resource.parent.resource].singular}_"
+
+
 def _singleton_paths() -> dict[str, Any]:
     by_name = {r.name: r for r in CATALOGUE}
     settings, site_info, analytics = by_name["settings"], by_name["site-info"], by_name["analytics"]
-    uploads = by_name["uploads"]
+    uploads, appearance = by_name["uploads"], by_name["settings/appearance"]
     return {
+        "/api/v1/settings/appearance": {
+            "get": {
+                "summary": appearance.summary,
+                "operationId": "get_appearance",
+                "security": _security(appearance.read_scopes),
+                "responses": {
+                    "200": _json(_ref(appearance), "The appearance settings"),
+                    **_errors("401", "403"),
+                },
+            },
+            "patch": {
+                "summary": "Change the appearance and theme",
+                "operationId": "update_appearance",
+                "description": _event_note(appearance, "updated"),
+                "security": _security(appearance.write_scopes),
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {"schema": _input_schema(appearance, creating=False)}
+                    },
+                },
+                "responses": {
+                    "200": _json(_ref(appearance), "The appearance as changed"),
+                    **_errors("400", "413", "401", "403", "422"),
+                },
+            },
+        },
         "/api/v1/settings": {
             "get": {
                 "summary": settings.summary,
@@ -278,7 +313,8 @@ def _singleton_paths() -> dict[str, Any]:
                 "summary": "Change settings: school fields need school:write, appearance "
                 "fields appearance:write (see x-required-scopes)",
                 "operationId": "update_settings",
-                "description": _event_note(settings, "updated"),
+                "description": _event_note(settings, "updated")
+                + " With an appearance field, `appearance.updated` too (its fields only).",
                 "security": _security(settings.write_scopes),
                 "requestBody": {
                     "required": True,

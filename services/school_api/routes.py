@@ -14,11 +14,13 @@ from uuid import UUID, uuid4
 
 from aiohttp import web
 
+from libs.common.scopes import satisfies
 from services.school_api import openapi, store, uploads, validation
 from services.school_api.context import context
 from services.school_api.identity import caller
 from services.school_api.resources import (
     ANALYTICS,
+    APPEARANCE,
     BY_NAME,
     COLLECTIONS,
     SETTINGS,
@@ -137,7 +139,26 @@ async def update_settings(request: web.Request) -> web.Response:
     # appearance:write may change the theme but not the school's name, and the reverse.
     for scopes in validation.field_scopes(SETTINGS, values):
         who.require(scopes)
-    return json(await store.update_settings(context(request).pool, who.school_id, values))
+    row = await store.update_settings(context(request).pool, who.school_id, values)
+    # A caller that may only change the theme is answered the theme: the rest of the
+    # settings (contact email, time zone...) is not appearance:write's to read.
+    if not satisfies(who.scopes, ("school:read", "school:write")):
+        return json(store.appearance_of(row))
+    return json(row)
+
+
+async def get_appearance(request: web.Request) -> web.Response:
+    who = caller(request)
+    who.require(APPEARANCE.read_scopes)
+    return json(store.appearance_of(await store.get_settings(context(request).pool, who.school_id)))
+
+
+async def update_appearance(request: web.Request) -> web.Response:
+    who = caller(request)
+    who.require(APPEARANCE.write_scopes)
+    values = validation.for_update(APPEARANCE, await validation.read_object(request))
+    row = await store.update_settings(context(request).pool, who.school_id, values)
+    return json(store.appearance_of(row))
 
 
 async def get_site_info(request: web.Request) -> web.Response:
@@ -215,6 +236,8 @@ def setup(app: web.Application) -> None:
             router.add_delete(item, delete_handler(resource))
     router.add_get(f"/api/v1/{SETTINGS.name}", get_settings)
     router.add_patch(f"/api/v1/{SETTINGS.name}", update_settings)
+    router.add_get(f"/api/v1/{APPEARANCE.name}", get_appearance)
+    router.add_patch(f"/api/v1/{APPEARANCE.name}", update_appearance)
     router.add_get(f"/api/v1/{SITE_INFO.name}", get_site_info)
     router.add_get(f"/api/v1/{ANALYTICS.name}", get_analytics)
     router.add_post(f"/api/v1/{UPLOADS.name}", create_upload)

@@ -1,6 +1,6 @@
-"""Sample data for a school: lecturers, courses and their lessons, members, enrollments,
-orders, reviews, plans and subscriptions, events with attendees, coupons, posts with comments,
-digital downloads and settings.
+"""Sample data for a school: lecturers, courses with their chapters, lessons and materials,
+members, enrollments, orders, reviews, plans and subscriptions, events with attendees,
+coupons, posts with comments, digital downloads and settings.
 
 Every title carries the school's name, so two seeded schools are easy to tell apart (and a
 leak between them easy to see). Seeding is idempotent and all-or-nothing: one transaction,
@@ -62,6 +62,7 @@ _COURSES = (
         0,
     ),
 )
+_CHAPTERS = ("Getting started", "Going further")
 _LESSONS = ("Welcome and materials", "First steps", "Practice project", "Review and next steps")
 _MEMBERS = (
     ("Ana Souza", "ana.souza"),
@@ -108,7 +109,8 @@ Row = tuple[Resource, Mapping[str, Any]]
 
 
 def _course(index: int) -> Iterator[Row]:
-    """A course, then its lessons (published with it, drafts with a draft)."""
+    """A course, its two chapters, then its lessons (published with it, drafts with a draft),
+    two to a chapter, each with a material."""
     title, description, status, price, lecturer = _COURSES[index]
     yield (
         r.COURSES,
@@ -121,16 +123,41 @@ def _course(index: int) -> Iterator[Row]:
             "lecturer_id": _Seeded(r.LECTURERS, lecturer),
         },
     )
+    for position, chapter in enumerate(_CHAPTERS, start=1):
+        yield (
+            r.CHAPTERS,
+            {
+                "course_id": _Seeded(r.COURSES, index),
+                "title": f"{title}: {chapter}",
+                "position": position,
+                "description": f"{chapter} of {title} at {{name}}.",
+            },
+        )
+    per_chapter = len(_LESSONS) // len(_CHAPTERS)
     for position, lesson in enumerate(_LESSONS, start=1):
+        lesson_index = index * len(_LESSONS) + position - 1
         yield (
             r.LESSONS,
             {
                 "course_id": _Seeded(r.COURSES, index),
+                "chapter_id": _Seeded(
+                    r.CHAPTERS, index * len(_CHAPTERS) + (position - 1) // per_chapter
+                ),
                 "title": f"{title}: {lesson}",
                 "position": position,
                 "content": f"{lesson} for {title} at {{name}}.",
                 "duration_minutes": 10 + 5 * position,
                 "status": "published" if status == "published" else "draft",
+            },
+        )
+        yield (
+            r.MATERIALS,
+            {
+                "lesson_id": _Seeded(r.LESSONS, lesson_index),
+                "title": f"{lesson}: worksheet",
+                "kind": "link",
+                "url": f"https://files.loopwise.com/{{slug}}/c{index + 1}/lesson-{position}.pdf",
+                "position": 1,
             },
         )
 

@@ -521,7 +521,21 @@ async def save_settings(
     row = dict(record)
     if publish:
         await enqueue(conn, resources.SETTINGS.event_type("updated"), school_id, row)
+        # appearance:read's subscribers hear of the theme only, never the whole settings.
+        if any(name in resources.APPEARANCE_FIELDS for name in values):
+            await enqueue(
+                conn, resources.APPEARANCE.event_type("updated"), school_id, appearance_of(row)
+            )
     return row
+
+
+def appearance_of(settings: Row) -> Row:
+    """The appearance part of a settings row: what appearance:read may see."""
+    return {
+        "id": settings["id"],
+        "school_id": settings["school_id"],
+        **{f.name: settings[f.name] for f in resources.APPEARANCE.fields},
+    }
 
 
 async def update_settings(pool: asyncpg.Pool, school_id: int, values: Mapping[str, Any]) -> Row:

@@ -44,14 +44,18 @@ _STUDENTS = ("students:read",)
 _ORDERS = ("orders:read",)
 _POSTS = ("posts:read",)
 _EVENTS = ("events:read",)
-_CURRICULUM = ("curriculum:read",)
+# Seed 002: courses:read reads a course's curriculum and its enrollment data too.
+_CURRICULUM = ("curriculum:read", "courses:read")
+_ENROLLMENTS = ("students:read", "courses:read")
 _COUPONS = ("coupons:read",)
 _PLANS = ("membership_plans:read",)
 _DOWNLOADS = ("digital_products:read",)
 _COMMENTS = ("comments:read",)
 _LECTURERS = ("lecturers:read",)
 _SUBSCRIPTIONS = ("subscriptions:read",)
-_SETTINGS = ("school:read", "appearance:read")
+# The whole settings object is school:read's; appearance:read hears of the theme only.
+_SETTINGS = ("school:read",)
+_APPEARANCE = ("appearance:read", "school:read")
 # Uploads have no read scope of their own: the scope that makes them sees them.
 _UPLOADS = ("storage:write",)
 
@@ -96,20 +100,20 @@ CATALOGUE: tuple[EventType, ...] = (
     ),
     E(
         "enrollment.created",
-        _STUDENTS,
+        _ENROLLMENTS,
         "POST /api/v1/members/{id}/enrollments",
         "A member was enrolled in a course (also by storefront checkout --paid)",
     ),
     E(
         "enrollment.updated",
-        _STUDENTS,
+        _ENROLLMENTS,
         "storefront progress",
         "An enrollment's progress or status changed",
     ),
-    E("enrollment.deleted", _STUDENTS, "storefront unenroll", "An enrollment ended"),
+    E("enrollment.deleted", _ENROLLMENTS, "storefront unenroll", "An enrollment ended"),
     E(
         "enrollment.completed",
-        _STUDENTS,
+        _ENROLLMENTS,
         "storefront progress --percent 100",
         "A member completed a course",
     ),
@@ -147,6 +151,17 @@ CATALOGUE: tuple[EventType, ...] = (
         "storefront cancel-registration",
         "A member cancelled their registration (data: the attendee)",
     ),
+    E("chapter.created", _CURRICULUM, "POST /api/v1/chapters", "A chapter was added to a course"),
+    E("chapter.updated", _CURRICULUM, "PATCH /api/v1/chapters/{id}", "A chapter changed"),
+    E(
+        "chapter.deleted",
+        _CURRICULUM,
+        "DELETE /api/v1/chapters/{id}",
+        "A chapter was deleted (its lessons stay, outside any chapter)",
+    ),
+    E("material.created", _CURRICULUM, "POST /api/v1/materials", "A lesson's material was added"),
+    E("material.updated", _CURRICULUM, "PATCH /api/v1/materials/{id}", "A material changed"),
+    E("material.deleted", _CURRICULUM, "DELETE /api/v1/materials/{id}", "A material was deleted"),
     E("lesson.created", _CURRICULUM, "POST /api/v1/lessons", "A lesson was created"),
     E("lesson.updated", _CURRICULUM, "PATCH /api/v1/lessons/{id}", "A lesson changed"),
     E(
@@ -232,7 +247,14 @@ CATALOGUE: tuple[EventType, ...] = (
         "settings.updated",
         _SETTINGS,
         "PATCH /api/v1/settings",
-        "The school's settings or appearance changed",
+        "The school's settings changed",
+    ),
+    E(
+        "appearance.updated",
+        _APPEARANCE,
+        "PATCH /api/v1/settings/appearance",
+        "The school's appearance or theme changed (data: the appearance fields only; also by"
+        " PATCH /api/v1/settings when it changes them)",
     ),
     E("upload.created", _UPLOADS, "POST /api/v1/uploads", "An upload was announced"),
     E(

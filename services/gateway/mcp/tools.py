@@ -8,6 +8,7 @@ the tool returns as its error.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -18,8 +19,10 @@ from mcp import types
 
 from services.gateway.mcp import schoolapi
 from services.gateway.mcp.auth import Caller
+from services.gateway.routetable import RouteTable
 
 Kind = Literal["integer", "string", "boolean", "uuid"]
+_PLACEHOLDER = re.compile(r"\{[a-z_]+\}")
 Where = Literal["path", "query", "body"]
 
 _JSON_TYPES: dict[Kind, str] = {
@@ -109,6 +112,19 @@ class Tool:
     method: Literal["GET", "POST", "PATCH", "DELETE"]
     path: str  # `{name}` placeholders are filled from path parameters
     params: tuple[Param, ...] = ()
+    # (scope, path): the first held scope's path is called instead of `path`, for a tool whose
+    # scopes open different routes (get_settings: the whole settings, or their appearance).
+    paths_by_scope: tuple[tuple[str, str], ...] = ()
+
+    def paths(self) -> tuple[str, ...]:
+        """Every path the tool may call."""
+        return (self.path, *(p for _, p in self.paths_by_scope if p != self.path))
+
+    def path_for(self, caller: Caller) -> str:
+        for scope, path in self.paths_by_scope:
+            if caller.holds((scope,))[0]:
+                return path
+        return self.path
 
     @property
     def read_only(self) -> bool:
@@ -134,7 +150,7 @@ class Tool:
             ),
         )
 
-    def request(self, arguments: Mapping[str, Any]) -> Request:
+    def request(self, arguments: Mapping[str, Any], path: str | None = None) -> Request:
         known = {p.name: p for p in self.params}
         unknown = sorted(set(arguments) - set(known))
         if unknown:
@@ -158,7 +174,7 @@ class Tool:
         if self.method == "PATCH" and not body and any(p.where == "body" for p in self.params):
             raise ArgumentError("name at least one field to change")
         send_body = body if self.method in ("POST", "PATCH") else None
-        return Request(self.path.format(**path_values), query, send_body)
+        return Request((path or self.path).format(**path_values), query, send_body)
 
 
 # Argument sets -------------------------------------------------------------------------------
@@ -286,10 +302,15 @@ TOOLS: tuple[Tool, ...] = (
     Tool(
         "get_settings",
         "Get settings",
-        "The school's configuration and appearance settings.",
+        "The school's configuration and appearance settings; with appearance:read alone, the "
+        "appearance and theme settings only.",
         ("school:read", "appearance:read"),
         "GET",
         "/api/v1/settings",
+        paths_by_scope=(
+            ("school:read", "/api/v1/settings"),
+            ("appearance:read", "/api/v1/settings/appearance"),
+        ),
     ),
     Tool(
         "update_settings",
@@ -315,11 +336,12 @@ TOOLS: tuple[Tool, ...] = (
             ("pending", "paid", "refunded", "failed"),
         ),
     ),
+    # Seed 002: a course's curriculum is courses:read's too (the route table says so).
     _lister(
         "list_lessons",
         "List lessons",
         "lessons (the curriculum)",
-        ("curriculum:read",),
+        ("curriculum:read", "courses:read"),
         "/api/v1/lessons",
         _filter("course_id", "integer", "Only this course's lessons"),
     ),
@@ -458,6 +480,39 @@ TOOLS: tuple[Tool, ...] = (
 BY_NAME: dict[str, Tool] = {t.name: t for t in TOOLS}
 
 
+def disagreements(table: RouteTable) -> list[str]:
+    """Where a tool's scopes differ from what the route table asks of the same call.
+
+    The route table is the one place saying which scope opens which route; a tool reaches the
+    school API directly, so the gateway checks at start that each tool asks the same (any-of,
+    as sets; a tool with `paths_by_scope` needs each scope to open its own path). A route the
+    table does not protect is not compared (a trimmed table of a test or a deployment).
+    """
+    problems: list[str] = []
+    for tool in TOOLS:
+        wanted: set[str] = set()
+        for path in tool.paths():
+            route = table.match(_PLACEHOLDER.sub("1", path))
+            if route is None or not route.protected:
+                continue
+            required = route.required(tool.method)
+            if required is None:
+                problems.append(f"MCP tool {tool.name}: no {tool.method} {path} in the table")
+                continue
+            wanted |= set(required)
+            opened_by = [s for s, p in tool.paths_by_scope if p == path and s not in required]
+            if opened_by:
+                problems.append(f"MCP tool {tool.name}: {opened_by[0]} does not open {path}")
+        if tool.paths_by_scope:
+            wanted &= {s for s, _ in tool.paths_by_scope}
+        if wanted and wanted != set(tool.scopes):
+            problems.append(
+                f"MCP tool {tool.name} asks for {' or '.join(tool.scopes)}; the route table for "
+                f"{tool.method} {tool.path} asks for {' or '.join(sorted(wanted))}"
+            )
+    return problems
+
+
 # Running a tool ----------------------------------------------------------------------------
 
 
@@ -511,7 +566,7 @@ async def run(caller: Caller, name: str, arguments: Mapping[str, Any]) -> types.
             {"error": "insufficient_scope", "scope": " ".join(tool.scopes)},
         )
     try:
-        req = tool.request(arguments)
+        req = tool.request(arguments, tool.path_for(caller))
     except ArgumentError as exc:
         return _error(f"invalid arguments: {exc}")
     try:

@@ -111,6 +111,23 @@ async def refresh_token_state(db: Executor, token_hash: bytes) -> RefreshTokenSt
     return _state(row) if row else None
 
 
+_INFINITY = "'infinity'::timestamptz"
+
+
+def _until(seconds: str, unlimited: str) -> str:
+    """SQL: `seconds` (a parameter) from now, or `unlimited` when it is 0."""
+    return (
+        f"(CASE WHEN {seconds}::float8 > 0 THEN now() + make_interval(secs => {seconds}::float8)"
+        f" ELSE {unlimited} END)"
+    )
+
+
+# A first token: idle limit $idle, chain limit $max (both seconds, 0: none). LEAST ignores NULL.
+def _first_expiry(idle: str, longest: str) -> tuple[str, str]:
+    family = _until(longest, "NULL::timestamptz")
+    return f"LEAST({_until(idle, _INFINITY)}, {family})", family
+
+
 async def insert_refresh_token(
     db: Executor,
     *,
@@ -121,11 +138,13 @@ async def insert_refresh_token(
     resource: str | None,
     auth_time: datetime | None,
     ttl_seconds: int,
+    max_seconds: int = 0,
 ) -> None:
+    expires, family = _first_expiry("$7", "$8")
     await db.execute(
-        "INSERT INTO refresh_tokens (token_hash, grant_id, client_id, scopes, resource,"
-        " auth_time, expires_at) VALUES ($1, $2, $3, $4, $5, $6,"
-        " now() + make_interval(secs => $7))",
+        "INSERT INTO refresh_tokens (token_hash, grant_id, client_id, scopes, resource,"  # noqa: S608
+        f" auth_time, expires_at, family_expires_at) VALUES ($1, $2, $3, $4, $5, $6,"
+        f" {expires}, {family})",
         token_hash,
         grant_id,
         client_id,
@@ -133,6 +152,7 @@ async def insert_refresh_token(
         resource,
         auth_time,
         ttl_seconds,
+        max_seconds,
     )
 
 
@@ -144,12 +164,13 @@ _ROTATE = f"""
 WITH rotated AS (
     UPDATE refresh_tokens SET rotated_at = clock_timestamp(), successor_hash = $2
     WHERE token_hash = $1 AND rotated_at IS NULL
-    RETURNING grant_id, client_id, scopes, resource, auth_time
+    RETURNING grant_id, client_id, scopes, resource, auth_time, family_expires_at
 ), successor AS (
+    -- The idle limit starts again; the chain's own end stays where it was.
     INSERT INTO refresh_tokens (token_hash, grant_id, client_id, scopes, resource, auth_time,
-                                expires_at)
+                                expires_at, family_expires_at)
     SELECT $2, grant_id, client_id, scopes, resource, auth_time,
-           now() + make_interval(secs => $3)
+           LEAST({_until("$3", _INFINITY)}, family_expires_at), family_expires_at
     FROM rotated
     RETURNING grant_id
 ), touched AS (
@@ -213,10 +234,10 @@ UPDATE grants SET last_used_at = now() WHERE id = $1
 """  # noqa: S608
 _FIRST_REFRESH_TOKEN = f"""
 WITH touched AS (UPDATE grants SET last_used_at = now() WHERE id = $2),
-recorded AS ({audit_store.insert_one(8)})
+recorded AS ({audit_store.insert_one(9)})
 INSERT INTO refresh_tokens (token_hash, grant_id, client_id, scopes, resource, auth_time,
-                            expires_at)
-VALUES ($1, $2, $3, $4, $5, $6, now() + make_interval(secs => $7))
+                            expires_at, family_expires_at)
+VALUES ($1, $2, $3, $4, $5, $6, {", ".join(_first_expiry("$7", "$8"))})
 """  # noqa: S608
 
 
@@ -231,9 +252,11 @@ async def issue_code_tokens(
     auth_time: datetime | None,
     ttl_seconds: int,
     record: audit_store.AuditRow,
+    max_seconds: int = 0,
 ) -> None:
     """After a code redemption: the first refresh token (if any), the grant's last use and
-    `record`, the audit record of the access token about to be answered."""
+    `record`, the audit record of the access token about to be answered. `ttl_seconds` is
+    the idle limit, `max_seconds` the chain's (0: none)."""
     if refresh_token_hash is None:
         await conn.execute(_TOUCH_RECORDED, grant_id, *audit_store.values(record))
         return
@@ -246,5 +269,6 @@ async def issue_code_tokens(
         resource,
         auth_time,
         ttl_seconds,
+        max_seconds,
         *audit_store.values(record),
     )

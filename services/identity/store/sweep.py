@@ -43,8 +43,9 @@ DELETE FROM refresh_tokens WHERE ctid = ANY(ARRAY(
 
 # Once its grant is revoked a refresh token can do nothing (every endpoint checks the grant
 # first, and a revocation is never undone), rotated or not, so reuse detection has nothing
-# to guard. Grants revoked longer ago than the refresh lifetime have only expired tokens left,
-# which the expiry sweep takes: the window keeps this scan from growing with history.
+# to guard. Grants revoked longer ago than the window (the shorter refresh lifetime, or 90 days
+# when none is set: TokenPolicy.revoked_refresh_sweep_window) had their tokens taken by an
+# earlier pass or left only expired ones: the window keeps this scan from growing with history.
 _REVOKED_GRANT_REFRESH_TOKENS = """
 DELETE FROM refresh_tokens WHERE ctid = ANY(ARRAY(
     SELECT rt.ctid FROM grants g JOIN refresh_tokens rt ON rt.grant_id = g.id
@@ -67,6 +68,6 @@ async def delete_expired_refresh_tokens(db: Executor, batch: int) -> int:
 
 
 async def delete_refresh_tokens_of_revoked_grants(
-    db: Executor, batch: int, refresh_token_ttl: int
+    db: Executor, batch: int, window_seconds: int
 ) -> int:
-    return _deleted(await db.execute(_REVOKED_GRANT_REFRESH_TOKENS, batch, refresh_token_ttl))
+    return _deleted(await db.execute(_REVOKED_GRANT_REFRESH_TOKENS, batch, window_seconds))

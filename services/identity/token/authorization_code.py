@@ -172,7 +172,8 @@ async def redeem(req: GrantRequest, code: str) -> Redeemed | Ended:
             scopes=found.scopes,
             resource=found.resource,
             auth_time=found.auth_time,
-            ttl_seconds=ctx.settings.tokens.refresh_token_ttl,
+            ttl_seconds=ctx.settings.tokens.refresh_token_idle_ttl,
+            max_seconds=ctx.settings.tokens.refresh_token_max_ttl,
             record=issued_record(req, "token.issued", claims, grant_type="authorization_code"),
         )
     return Redeemed(found, school, claims, refresh_token)

@@ -195,7 +195,7 @@ async def rotate_locked(
             return Rotated(Rotation.RETRIED, st, school, scopes, claims)
         record = issued_record(req, "token.refreshed", claims, retry=False)
         await refresh_store.rotate_refresh_token(
-            conn, st.token_hash, successor_hash, settings.tokens.refresh_token_ttl, record
+            conn, st.token_hash, successor_hash, settings.tokens.refresh_token_idle_ttl, record
         )
     return Rotated(Rotation.ROTATED, st, school, scopes, claims)
 
@@ -263,7 +263,7 @@ async def refresh_token_grant(req: GrantRequest) -> dict[str, Any]:
             )
             record = issued_record(req, "token.refreshed", claims, retry=False)
             if await refresh_store.rotate_live_refresh_token(
-                conn, presented_hash, successor_hash, settings.tokens.refresh_token_ttl, record
+                conn, presented_hash, successor_hash, settings.tokens.refresh_token_idle_ttl, record
             ):
                 decided = Rotated(Rotation.ROTATED, peek, school, scopes, claims)
         if decided is None:

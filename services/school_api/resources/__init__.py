@@ -6,10 +6,10 @@ events its changes publish. Validation, SQL, routes, scope checks and the OpenAP
 all derived from this one place, so they cannot drift apart.
 
 `model` says what an entry is (`Resource`, `Field`, the limits) and `fields` the fields many
-share; one module per family of seed 002 holds its entries: `teaching` (courses, lessons,
-reviews, lecturers), `students` (members, enrollments), `commerce` (orders, plans,
-subscriptions, coupons, digital downloads), `events` (events, attendees), `community` (posts,
-comments), `school` (settings, site info, analytics), `storage` (uploads). Here: the
+share; one module per family of seed 002 holds its entries: `teaching` (courses, chapters,
+lessons, materials, reviews, lecturers), `students` (members, enrollments), `commerce` (orders,
+plans, subscriptions, coupons, digital downloads), `events` (events, attendees), `community` (posts,
+comments), `school` (settings, appearance, site info, analytics), `storage` (uploads). Here: the
 catalogue itself, in the order routes and the OpenAPI document list it.
 """
 
@@ -25,16 +25,32 @@ from services.school_api.resources.commerce import (
 from services.school_api.resources.community import COMMENTS, POSTS
 from services.school_api.resources.events import ATTENDEES, EVENTS
 from services.school_api.resources.model import Resource
-from services.school_api.resources.school import ANALYTICS, SETTINGS, SITE_INFO
+from services.school_api.resources.school import (
+    ANALYTICS,
+    APPEARANCE,
+    APPEARANCE_FIELDS,
+    SETTINGS,
+    SITE_INFO,
+)
 from services.school_api.resources.storage import UPLOADS
-from services.school_api.resources.students import ENROLLMENTS, MEMBERS
-from services.school_api.resources.teaching import COURSES, LECTURERS, LESSONS, REVIEWS
+from services.school_api.resources.students import ENROLLMENTS, MEMBER_ENROLLMENTS, MEMBERS
+from services.school_api.resources.teaching import (
+    CHAPTERS,
+    COURSES,
+    LECTURERS,
+    LESSONS,
+    MATERIALS,
+    REVIEWS,
+)
 
 __all__ = [
     "ANALYTICS",
+    "APPEARANCE",
+    "APPEARANCE_FIELDS",
     "ATTENDEES",
     "BY_NAME",
     "CATALOGUE",
+    "CHAPTERS",
     "COLLECTIONS",
     "COMMENTS",
     "COUPONS",
@@ -44,8 +60,10 @@ __all__ = [
     "EVENTS",
     "LECTURERS",
     "LESSONS",
+    "MATERIALS",
     "MEMBERS",
     "MEMBERSHIP_PLANS",
+    "MEMBER_ENROLLMENTS",
     "ORDERS",
     "POSTS",
     "REVIEWS",
@@ -60,9 +78,12 @@ CATALOGUE: tuple[Resource, ...] = (
     COURSES,
     REVIEWS,
     MEMBERS,
+    MEMBER_ENROLLMENTS,
     ENROLLMENTS,
     ORDERS,
+    CHAPTERS,
     LESSONS,
+    MATERIALS,
     MEMBERSHIP_PLANS,
     EVENTS,
     ATTENDEES,
@@ -72,12 +93,15 @@ CATALOGUE: tuple[Resource, ...] = (
     COMMENTS,
     LECTURERS,
     SETTINGS,
+    APPEARANCE,
     SITE_INFO,
     SUBSCRIPTIONS,
     ANALYTICS,
     UPLOADS,
 )
-BY_NAME: dict[str, Resource] = {r.name: r for r in CATALOGUE}
+# By URL segment, top-level resources only: `enrollments` names the collection of its own, not
+# the same rows listed under a member.
+BY_NAME: dict[str, Resource] = {r.name: r for r in CATALOGUE if r.parent is None}
 COLLECTIONS: tuple[Resource, ...] = tuple(r for r in CATALOGUE if r.kind == "collection")
 
 

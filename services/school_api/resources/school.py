@@ -1,7 +1,10 @@
 """The school itself: its settings (one object per school), what its public site shows, and
 the figures computed over its data.
 
-Scopes `school:*`, `appearance:*` (a settings field each) and `analytics:read`.
+Scopes `school:*`, `appearance:*` and `analytics:read`. Seed 002 gives `appearance:read` the
+"school appearance and theme settings" only, so those fields are also a resource of their own
+(`/settings/appearance`), the one `appearance:read` reads; the whole settings object is
+`school:read`'s ("school configuration and settings").
 """
 
 from __future__ import annotations
@@ -80,9 +83,26 @@ SETTINGS = Resource(
         ),
         updated(),
     ),
-    # Seed 002: get_settings with school:read or appearance:read; update with either :write.
-    read_scopes=("school:read", "appearance:read"),
+    # Reading it whole is school:read's; appearance:read reads APPEARANCE below. Seed 002:
+    # update_settings with either :write, each field needing its own (write_scopes above).
+    read_scopes=("school:read",),
     write_scopes=("school:write", "appearance:write"),
+    operations=frozenset({"get", "update"}),
+    kind="singleton",
+)
+
+
+APPEARANCE_FIELDS = frozenset({"logo_url", "primary_color", "accent_color", "theme", "updated_at"})
+
+APPEARANCE = Resource(
+    name="settings/appearance",
+    singular="appearance",
+    table="settings",
+    summary="The school's appearance and theme (part of its settings)",
+    fields=tuple(f for f in SETTINGS.fields if f.name in APPEARANCE_FIELDS),
+    # school:read reads the whole settings object, this part included.
+    read_scopes=("appearance:read", "school:read"),
+    write_scopes=_THEME_WRITE,
     operations=frozenset({"get", "update"}),
     kind="singleton",
 )

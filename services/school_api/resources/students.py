@@ -1,4 +1,10 @@
-"""Students: the school's members and their enrollments in courses (`students:*`)."""
+"""Students: the school's members and their enrollments in courses (`students:*`).
+
+Enrollments are reachable two ways: under their member (`/members/{id}/enrollments`, as the
+member's record) and on their own (`/enrollments`), where seed 002's `courses:read` ("course
+details, curriculum, and enrollment data") reads them too and `students:write` ("manage
+enrollments") creates, updates and ends them. Both publish the same `enrollment.*` events.
+"""
 
 from __future__ import annotations
 
@@ -33,7 +39,14 @@ MEMBERS = Resource(
 )
 
 
-ENROLLMENTS = Resource(
+_ENROLLMENT_STATUS = status(
+    ("active", "completed", "cancelled"), "active, or how it ended: completed or cancelled"
+)
+_PROGRESS = Field(
+    "progress_percent", "integer", "Progress through the course", minimum=0, maximum=100
+)
+
+MEMBER_ENROLLMENTS = Resource(
     name="enrollments",
     singular="enrollment",
     table="enrollments",
@@ -41,8 +54,8 @@ ENROLLMENTS = Resource(
     fields=(
         ref("member_id", "members", "The member", writable=False),
         ref("course_id", "courses", "The course", required=True, updatable=False, unique=True),
-        status(("active", "completed", "cancelled")),
-        Field("progress_percent", "integer", "Progress through the course", minimum=0, maximum=100),
+        _ENROLLMENT_STATUS,
+        _PROGRESS,
         Field("enrolled_at", "timestamp", "When the enrollment began", writable=False),
         updated(),
     ),
@@ -51,4 +64,33 @@ ENROLLMENTS = Resource(
     write_scopes=("students:write",),
     parent=Parent("members", "member_id"),
     operations=frozenset({"list", "create"}),
+)
+
+
+ENROLLMENTS = Resource(
+    name="enrollments",
+    singular="enrollment",
+    table="enrollments",
+    summary="Enrollments of members in courses",
+    fields=(
+        ref("member_id", "members", "The member", required=True, updatable=False, filterable=True),
+        ref(
+            "course_id",
+            "courses",
+            "The course",
+            required=True,
+            updatable=False,
+            unique=True,
+            filterable=True,
+        ),
+        _ENROLLMENT_STATUS,
+        _PROGRESS,
+        Field("enrolled_at", "timestamp", "When the enrollment began", writable=False),
+        updated(),
+    ),
+    # Seed 002: courses:read reads "enrollment data", students:read "progress data";
+    # students:write "manage enrollments": create, update (progress, status) and end (delete).
+    read_scopes=("courses:read", "students:read"),
+    write_scopes=("students:write",),
+    operations=frozenset({"list", "get", "create", "update", "delete"}),
 )

@@ -1,6 +1,9 @@
-"""Teaching: courses, their lessons (the curriculum) and reviews, and the lecturers.
+"""Teaching: courses, their curriculum (chapters, lessons, materials) and reviews, and the
+lecturers.
 
-Scopes `courses:*`, `curriculum:*` and `lecturers:*`.
+Scopes `courses:*`, `curriculum:*` and `lecturers:*`. Seed 002: `courses:read` reads "course
+details, curriculum, and enrollment data", so the curriculum reads with either scope;
+`curriculum:write` alone changes it.
 """
 
 from __future__ import annotations
@@ -55,6 +58,30 @@ REVIEWS = Resource(
 )
 
 
+# Reading the curriculum: its own scope, or the course's (seed 002).
+_CURRICULUM_READ = ("curriculum:read", "courses:read")
+_CURRICULUM_WRITE = ("curriculum:write",)
+
+
+CHAPTERS = Resource(
+    name="chapters",
+    singular="chapter",
+    table="chapters",
+    summary="Chapters: the sections a course's lessons are grouped in",
+    fields=(
+        ref("course_id", "courses", "The course it belongs to", required=True, filterable=True),
+        title(),
+        Field("position", "integer", "Order within the course", minimum=0, maximum=100_000),
+        description(),
+        created(),
+        updated(),
+    ),
+    read_scopes=_CURRICULUM_READ,
+    write_scopes=_CURRICULUM_WRITE,
+    operations=frozenset({"list", "get", "create", "update", "delete"}),
+)
+
+
 LESSONS = Resource(
     name="lessons",
     singular="lesson",
@@ -62,6 +89,13 @@ LESSONS = Resource(
     summary="Lessons: the curriculum of each course",
     fields=(
         ref("course_id", "courses", "The course it belongs to", required=True, filterable=True),
+        ref(
+            "chapter_id",
+            "chapters",
+            "The chapter it is in (a chapter of the same course)",
+            nullable=True,
+            filterable=True,
+        ),
         title(),
         Field("position", "integer", "Order within the course", minimum=0, maximum=100_000),
         Field("content", "text", "Lesson material", max_length=100_000),
@@ -70,10 +104,38 @@ LESSONS = Resource(
         created(),
         updated(),
     ),
-    read_scopes=("curriculum:read",),
-    write_scopes=("curriculum:write",),
+    read_scopes=_CURRICULUM_READ,
+    write_scopes=_CURRICULUM_WRITE,
     operations=frozenset({"list", "get", "create", "update"}),
     transitions=(Transition("status", "published", "published"),),
+)
+
+
+MATERIALS = Resource(
+    name="materials",
+    singular="material",
+    table="materials",
+    summary="Materials: files, links and notes that go with a lesson",
+    fields=(
+        ref("lesson_id", "lessons", "The lesson it goes with", required=True, filterable=True),
+        title(),
+        Field(
+            "kind",
+            "enum",
+            "What it is (default file)",
+            choices=("file", "link", "text"),
+        ),
+        Field(
+            "url", "string", "Where the file or link is", nullable=True, fmt="url", max_length=2000
+        ),
+        Field("body", "text", "The note, for a text material", max_length=100_000),
+        Field("position", "integer", "Order within the lesson", minimum=0, maximum=100_000),
+        created(),
+        updated(),
+    ),
+    read_scopes=_CURRICULUM_READ,
+    write_scopes=_CURRICULUM_WRITE,
+    operations=frozenset({"list", "get", "create", "update", "delete"}),
 )
 
 
