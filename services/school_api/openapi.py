@@ -351,7 +351,12 @@ def _storage_paths() -> dict[str, Any]:
     """The storage edge (storage_edge.py): the signed PUT and the public files, no token."""
     segments = [
         {"name": "school", "in": "path", "required": True, "schema": {"type": "integer"}},
-        {"name": "upload", "in": "path", "required": True, "schema": {"type": "string"}},
+        {
+            "name": "upload",
+            "in": "path",
+            "required": True,
+            "schema": {"type": "string", "format": "uuid"},
+        },
         {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
     ]
     signed = [
@@ -377,6 +382,7 @@ def _storage_paths() -> dict[str, Any]:
                     "201": {"description": "Stored; Location names the file's url"},
                     "400": _json(_ERROR, "size_mismatch: fewer bytes than announced"),
                     "403": _json(_ERROR, "invalid_signature or upload_url_expired"),
+                    "404": _json(_ERROR, "Not an upload URL's path"),
                     "409": _json(_ERROR, "already_stored: the bytes were PUT already"),
                     "413": _json(_ERROR, "payload_too_large: more bytes than announced"),
                     "415": _json(_ERROR, "unsupported_media_type: not the announced image"),

@@ -76,7 +76,8 @@ async def put_upload(request: web.Request) -> web.StreamResponse:
         )
     except uploads.Refused as refused:
         log.info("upload_refused", reason=refused.error)
-        return json({"error": refused.error}, status=403)
+        # Not a byte of the body is read for a URL that allows nothing.
+        return await answer_and_close(request, json({"error": refused.error}, status=403))
 
     declared = request.content_length
     if declared is not None and declared > grant.size:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from urllib.parse import quote, urlencode
@@ -20,6 +21,7 @@ from libs.common.config import Settings
 UPLOAD_URL_TTL = timedelta(minutes=15)
 UPLOADS_PATH = "/storage/uploads"
 FILES_PATH = "/storage/files"
+_HEX_SIGNATURE = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +57,8 @@ def _signing_key(pepper: bytes) -> bytes:
 
 
 def _signed(path: str, expires: int, content_type: str, size: int) -> bytes:
-    return f"PUT\n{path}\n{expires}\n{content_type}\n{size}".encode()
+    # surrogatepass: a decoded path may hold any code point; it is refused by the MAC, not here.
+    return f"PUT\n{path}\n{expires}\n{content_type}\n{size}".encode("utf-8", "surrogatepass")
 
 
 def signature(path: str, expires: int, content_type: str, size: int, pepper: bytes) -> str:
@@ -135,6 +138,8 @@ def check(
         upload_id = UUID(upload)
     except (KeyError, ValueError):
         raise Refused("invalid_signature") from None
+    if not _HEX_SIGNATURE.fullmatch(given):
+        raise Refused("invalid_signature")
     # Either pepper of a rotation's overlap: URLs handed out just before it stay good.
     if not any(
         hmac.compare_digest(signature(path, expires, content_type, size, pepper), given)
