@@ -632,3 +632,24 @@ async def test_the_mcp_tools_upload_an_image(
         assert resp.status == 200
         assert resp.headers["Content-Type"] == "image/jpeg"
         assert await resp.read() == data
+
+
+def test_urls_signed_before_a_pepper_rotation_stay_good(gateway_env: dict[str, str]) -> None:
+    old, new = (base64.urlsafe_b64encode(secrets.token_bytes(32)).decode() for _ in range(2))
+    before = load_settings({**gateway_env, "SECRET_PEPPER": old})
+    during = load_settings({**gateway_env, "SECRET_PEPPER": new, "SECRET_PEPPER_PREVIOUS": old})
+    after = load_settings({**gateway_env, "SECRET_PEPPER": new})
+    upload_id = uuid4()
+    urls = uploads.urls_for(before, 9, upload_id, "a b.png", "image/png", 10, datetime.now(UTC))
+    query = {k: v[0] for k, v in parse_qs(urlsplit(urls.upload_url).query).items()}
+    path = f"{uploads.UPLOADS_PATH}/9/{upload_id}/a b.png"  # as the edge sees it, decoded
+
+    def check(settings: Settings) -> uploads.Grant:
+        return uploads.check(
+            settings, path, "9", str(upload_id), "a b.png", query, datetime.now(UTC).timestamp()
+        )
+
+    assert check(before).key == f"9/{upload_id}"
+    assert (check(during).size, check(during).content_type) == (10, "image/png")
+    with pytest.raises(uploads.Refused):
+        check(after)
