@@ -43,9 +43,13 @@ async def run(
     stop: asyncio.Event,
     on_progress: Callable[[], None],
 ) -> None:
-    """Sweep every `interval` seconds until `stop` (supervised: an error restarts it)."""
-    while not stop.is_set():
-        await sweep_once(pool, objects)
-        on_progress()
+    """Sweep every `interval` seconds until `stop` (supervised: an error restarts it). The
+    first pass waits an interval too: nothing is urgent at start, when the relay and the
+    first requests want the pool."""
+    while True:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=interval)
+        if stop.is_set():
+            return
+        await sweep_once(pool, objects)
+        on_progress()
