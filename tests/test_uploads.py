@@ -501,6 +501,49 @@ def test_storage_url_is_validated_at_start(gateway_env: dict[str, str]) -> None:
     assert caught.value.variable == "STORAGE_URL"
 
 
+# The stores ----------------------------------------------------------------------------------
+
+
+async def _store_contract(store: Any) -> None:
+    """put/get/exists/delete as every backend keeps them; each key written once."""
+    key = f"42/{uuid4()}"
+    data = png(300_000)
+    try:
+        assert not await store.exists(key)
+        assert await store.get(key) is None
+        with tempfile.TemporaryFile() as body:
+            body.write(data)
+            body.seek(0)
+            assert await store.put(
+                key, body, size=len(data), content_type="image/png", name="été.png"
+            )
+            body.seek(0)
+            # Written once: a second put of the key leaves the first as it was.
+            assert not await store.put(
+                key, body, size=len(data), content_type="image/jpeg", name="x"
+            )
+        assert await store.exists(key)
+        found = await store.get(key)
+        assert found is not None
+        assert (found.content_type, found.size, found.name) == ("image/png", len(data), "été.png")
+        assert b"".join([chunk async for chunk in found.chunks]) == data
+        await store.delete(key)
+        assert not await store.exists(key)
+        await store.delete(key)  # deleting what is gone is no error
+        with pytest.raises(ValueError):
+            await store.exists("../../etc/passwd")
+    finally:
+        await store.close()
+
+
+async def test_the_local_store_keeps_its_contract(
+    gateway_env: dict[str, str], tmp_path: Path
+) -> None:
+    await _store_contract(
+        open_store(load_settings({**gateway_env, "STORAGE_URL": tmp_path.as_uri()}))
+    )
+
+
 # S3 ------------------------------------------------------------------------------------------
 
 
@@ -528,7 +571,7 @@ def moto_s3() -> Any:
 
 
 async def test_the_s3_store_round_trips_against_a_real_s3_server(
-    moto_s3: str, gateway_env: dict[str, str], http: aiohttp.ClientSession
+    moto_s3: str, gateway_env: dict[str, str], http: aiohttp.ClientSession, migrated: None
 ) -> None:
     from aiobotocore.session import get_session
 
@@ -542,33 +585,7 @@ async def test_the_s3_store_round_trips_against_a_real_s3_server(
         "STORAGE_URL": f"s3://{bucket}/connect?endpoint={moto_s3}&region=us-east-1",
     }
     settings = load_settings(env)
-    store = open_store(settings)
-    key = f"42/{uuid4()}"
-    data = png(300_000)
-    try:
-        assert not await store.exists(key)
-        assert await store.get(key) is None
-        with tempfile.TemporaryFile() as body:
-            body.write(data)
-            body.seek(0)
-            assert await store.put(
-                key, body, size=len(data), content_type="image/png", name="été.png"
-            )
-            body.seek(0)
-            # Written once: a second put of the key leaves the first.
-            assert not await store.put(
-                key, body, size=len(data), content_type="image/jpeg", name="x"
-            )
-        assert await store.exists(key)
-        found = await store.get(key)
-        assert found is not None
-        assert (found.content_type, found.size, found.name) == ("image/png", len(data), "été.png")
-        assert b"".join([chunk async for chunk in found.chunks]) == data
-        await store.delete(key)
-        assert not await store.exists(key)
-        await store.delete(key)  # deleting what is gone is no error
-    finally:
-        await store.close()
+    await _store_contract(open_store(settings))
 
     # And the storage edge on it: PUT to the signed URL, GET the same bytes.
     async with running(school_api_app(settings, relay=False, sweep=False), free_port()) as api:

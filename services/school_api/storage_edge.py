@@ -79,6 +79,11 @@ async def put_upload(request: web.Request) -> web.StreamResponse:
         # Not a byte of the body is read for a URL that allows nothing.
         return await answer_and_close(request, json({"error": refused.error}, status=403))
 
+    if await ctx.objects.exists(grant.key):
+        # Written once; the store's own create-once check settles a race of two PUTs below.
+        return await _refuse_and_close(
+            request, 409, "already_stored", "These bytes were PUT already."
+        )
     declared = request.content_length
     if declared is not None and declared > grant.size:
         return await _refuse_and_close(

@@ -1,4 +1,6 @@
-"""Objects as files under a directory: `{root}/{key}/data` and its `meta.json` beside it."""
+"""Objects as files under a directory, one file per key: `{root}/{key}`, its first line the
+object's metadata (JSON), then its bytes. One file, so writing it once (a hard link, which
+fails when the name exists) covers the bytes and what they are together."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import shutil
 import tempfile
 from collections.abc import AsyncGenerator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from services.school_api.objectstore import CHUNK, StoredObject, check_key
 
@@ -19,26 +21,25 @@ class LocalStore:
     def __init__(self, root: Path) -> None:
         self.root = root
 
-    def _dir(self, key: str) -> Path:
+    def _path(self, key: str) -> Path:
         return self.root / check_key(key)
 
     async def put(
         self, key: str, body: IO[bytes], *, size: int, content_type: str, name: str
     ) -> bool:
-        return await asyncio.to_thread(self._put, self._dir(key), body, size, content_type, name)
+        meta = {"content_type": content_type, "size": size, "name": name}
+        return await asyncio.to_thread(self._put, self._path(key), body, meta)
 
     @staticmethod
-    def _put(folder: Path, body: IO[bytes], size: int, content_type: str, name: str) -> bool:
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "meta.json").write_text(
-            json.dumps({"content_type": content_type, "size": size, "name": name})
-        )
-        fd, temporary = tempfile.mkstemp(dir=folder, prefix=".part-")
+    def _put(path: Path, body: IO[bytes], meta: dict[str, Any]) -> bool:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=".part-")
         try:
             with os.fdopen(fd, "wb") as out:
+                out.write(json.dumps(meta).encode() + b"\n")
                 shutil.copyfileobj(body, out, CHUNK)
-            # A hard link fails when the target exists: the first complete PUT wins, once.
-            os.link(temporary, folder / "data")
+            # Complete before it has its name, and never replaced: the first PUT wins, once.
+            os.link(temporary, path)
             return True
         except FileExistsError:
             return False
@@ -46,12 +47,15 @@ class LocalStore:
             os.unlink(temporary)
 
     async def get(self, key: str) -> StoredObject | None:
-        folder = self._dir(key)
         try:
-            meta = json.loads(await asyncio.to_thread((folder / "meta.json").read_text))
-            handle = await asyncio.to_thread(open, folder / "data", "rb")
+            handle = await asyncio.to_thread(open, self._path(key), "rb")
         except FileNotFoundError:
             return None
+        try:
+            meta = json.loads(await asyncio.to_thread(handle.readline))
+        except BaseException:
+            handle.close()
+            raise
         return StoredObject(
             content_type=meta["content_type"],
             size=meta["size"],
@@ -60,10 +64,11 @@ class LocalStore:
         )
 
     async def exists(self, key: str) -> bool:
-        return await asyncio.to_thread((self._dir(key) / "data").is_file)
+        return await asyncio.to_thread(self._path(key).is_file)
 
     async def delete(self, key: str) -> None:
-        await asyncio.to_thread(shutil.rmtree, self._dir(key), True)
+        with contextlib.suppress(FileNotFoundError):
+            await asyncio.to_thread(os.unlink, self._path(key))
 
     async def close(self) -> None:
         return None
