@@ -204,6 +204,13 @@ async def test_announce_put_confirm_get_round_trip(
     # Written once: the same URL cannot replace the bytes.
     status, body = await put(http, edge, upload["upload_url"], MAKERS[content_type](size))
     assert (status, body["error"]) == (409, "already_stored")
+    # ... and says so before reading a body for it.
+    parts = urlsplit(upload["upload_url"])
+    sent, head, closed = await _send_until_answered(
+        edge.gateway, edge.platform_host, f"{parts.path}?{parts.query}", 64 * 1024, 64 << 20
+    )
+    assert head.startswith(b"HTTP/1.1 409") and b"already_stored" in head, head[:300]
+    assert sent < 32 << 20 and closed
     # Another name under the same upload id is no file.
     other = upload["url"].rsplit("/", 1)[0] + "/other.png"
     async with http.get(edge.public(other), headers={"Host": edge.platform_host}) as resp:
