@@ -17,8 +17,10 @@ import base64
 import os
 import secrets
 import socket
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -140,6 +142,8 @@ def base_env(store_urls: StoreUrls, run_id: str, identity_port: int) -> dict[str
         # itself set their own, on databases of their own).
         "AUDIT_RETENTION_DAYS": "36500",
         "AUDIT_IP_RETENTION_DAYS": "36500",
+        # Uploaded files of this run: a directory of its own, never the checkout's .data.
+        "STORAGE_URL": Path(tempfile.mkdtemp(prefix=f"{run_id}-uploads-")).as_uri(),
     }
     # Through a transaction pooler (`make test-cluster`: TEST_DATABASE_URL is PgBouncer's):
     # its statement cache, and the server itself for what needs a session (LISTEN).

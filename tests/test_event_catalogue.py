@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import asyncpg
@@ -55,6 +56,7 @@ from tests.test_system import (
     connect_app,
     new_tenant,
 )
+from tests.test_uploads import png
 
 # The whole system of tests/test_system.py, with its partner's HTTP client, browser and
 # webhook receivers (fixtures, named as the tests below ask for them).
@@ -261,17 +263,29 @@ async def _enroll(c: Ctx) -> None:
     await c.made(f"/api/v1/members/{await c.member()}/enrollments", {"course_id": course})
 
 
-async def _upload(c: Ctx) -> str:
-    made = await c.api(
+async def _announce(c: Ctx) -> dict[str, Any]:
+    made: dict[str, Any] = await c.api(
         "POST",
         "/api/v1/uploads",
         {"filename": "logo.png", "content_type": "image/png", "size_bytes": 68},
     )
-    return str(made["id"])
+    return made
+
+
+async def _upload(c: Ctx) -> None:
+    await _announce(c)
 
 
 async def _confirm(c: Ctx) -> None:
-    await c.api("POST", f"/api/v1/uploads/{await _upload(c)}/confirm")
+    """Confirmed once its bytes are stored: the signed PUT (no token), then the confirm."""
+    upload = await _announce(c)
+    # On the platform origin, whose port the school API's settings name: sent to this
+    # module's public port (its gateway), as the partner's client would reach it.
+    url = urlsplit(upload["upload_url"])
+    public = urlsplit(c.tenant.origin).port
+    async with c.http.put(f"http://localhost:{public}{url.path}?{url.query}", data=png(68)) as resp:
+        assert resp.status == 201, (resp.status, await resp.text())
+    await c.api("POST", f"/api/v1/uploads/{upload['id']}/confirm")
 
 
 S = Source

@@ -68,6 +68,10 @@ def test_the_default_table_maps_the_seed_scopes(settings: Settings) -> None:
         assert table.match(f"/api/v1/{resource}/7/sub") is route
     uploads = table.match("/api/v1/uploads/abc")
     assert uploads is not None and uploads.required("POST") == ("storage:write",)
+    # The storage edge: public (the signed URL is the credential), bodies capped as they stream.
+    storage = table.match("/storage/uploads/1/abc/x.png")
+    assert storage is not None and not storage.protected and storage.upstream == "school_api"
+    assert storage.max_body == 20 * 1024 * 1024
     webhooks = table.match("/api/v1/webhooks/1/deliveries")
     assert webhooks is not None and webhooks.upstream == "webhooks"
     assert webhooks.required("POST") == ()  # any valid token; webhooks checks per event type
@@ -183,6 +187,18 @@ read = ["courses:read"]
         (GOOD_ROUTE + '\n[[route]]\nprefix = "/api/../x"\nupstream = "identity"\n', 7, "prefix"),
         ('[upstreams]\nreports = "ftp://x"\n' + GOOD_ROUTE, 2, "reports"),
         (GOOD_ROUTE + '\n[[routes]]\nprefix = "/x"\n', 6, "routes"),
+        (
+            GOOD_ROUTE + '\n[[public]]\nprefix = "/storage/"\nupstream = "school_api"\n'
+            'max_body = "20M"\n',
+            9,
+            "max_body",
+        ),
+        (
+            GOOD_ROUTE + '\n[[route]]\nprefix = "/api/v1/x"\nupstream = "school_api"\n'
+            "read = []\nmax_body = 10\n",
+            10,
+            "max_body",
+        ),
     ],
 )
 def test_a_bad_route_file_is_refused_naming_the_line(text: str, line: int, words: str) -> None:

@@ -900,6 +900,16 @@ async def test_enrollments_are_made_under_their_member(
     assert page["data"] == [enrollment]
 
 
+PNG_2048 = (b"\x89PNG\r\n\x1a\n" + bytes(2048))[:2048]
+
+
+async def put_bytes(http: aiohttp.ClientSession, base: str, upload_url: str, data: bytes) -> None:
+    """PUT the bytes to the storage edge of the school API at `base` (no gateway here)."""
+    path = upload_url.split("/storage/", 1)[1]
+    async with http.put(f"{base}/storage/{path}", data=data) as resp:
+        assert resp.status == 201, await resp.text()
+
+
 async def test_uploads_are_announced_then_confirmed(
     school_api_url: str, http: aiohttp.ClientSession, settings: Settings, pool: Any
 ) -> None:
@@ -920,6 +930,9 @@ async def test_uploads_are_announced_then_confirmed(
         0
     ] == 404
     assert (await call(http, "POST", confirm, who(settings, school, "read")))[0] == 403
+    status, body = await call(http, "POST", confirm, headers)
+    assert (status, body["error"]) == (409, "upload_incomplete")  # no bytes yet
+    await put_bytes(http, school_api_url, upload["upload_url"], PNG_2048)
     status, done = await call(http, "POST", confirm, headers)
     assert (status, done["status"]) == (200, "confirmed")
     assert done["confirmed_at"] is not None

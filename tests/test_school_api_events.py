@@ -34,6 +34,7 @@ from services.school_api.identity import (
 )
 from services.school_api.outbox import OutboxRelay
 from tests.support import base_url, without_handler_cancellation
+from tests.test_school_api import PNG_2048, put_bytes
 
 EVENT_KEYS = {"id", "type", "school_id", "occurred_at", "data"}
 
@@ -279,6 +280,7 @@ async def test_upload_events_leave_the_presigned_url_out(
         {"filename": "logo.png", "content_type": "image/png", "size_bytes": 100},
     )
     assert status == 201
+    await put_bytes(http, school_api_url, upload["upload_url"], PNG_2048[:100])
     status, confirmed = await call(
         http, "POST", f"{school_api_url}/api/v1/uploads/{upload['id']}/confirm", headers
     )

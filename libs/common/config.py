@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from libs.common import redis_client
 
@@ -305,6 +305,31 @@ class WebhookPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class ObjectStorage:
+    """STORAGE_URL, read: where uploaded files are kept (services/school_api/objectstore).
+
+    `file:///abs/dir` keeps them on the local filesystem; `s3://bucket[/prefix]?endpoint=URL&
+    region=R` in an S3-compatible store. The URL holds no secret: S3 credentials come from the
+    AWS SDK's own sources (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a role), never from here.
+    None (the variable unset) in production, where the school API refuses to start without it.
+    """
+
+    url: str
+    kind: Literal["file", "s3"]
+    root: Path | None = None  # file: the directory
+    bucket: str = ""  # s3: the bucket, the key prefix, the endpoint and region (None: SDK's)
+    prefix: str = ""
+    endpoint: str | None = None
+    region: str | None = None
+
+
+# Development and tests keep uploaded files here (relative to the working directory, as
+# DEV_SECRETS_FILE) unless STORAGE_URL says otherwise.
+DEV_STORAGE_DIR = Path(".data") / "uploads"
+_S3_OPTIONS = frozenset({"endpoint", "region"})
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     environment: Environment
     database_url: str
@@ -355,6 +380,9 @@ class Settings:
     observability: Observability = field(default_factory=Observability)
     previous_key_encryption_keys: tuple[bytes, ...] = field(repr=False, default=())
     previous_secret_pepper: bytes | None = field(repr=False, default=None)
+    storage: ObjectStorage | None = None
+    # How often the school API sweeps uploads never PUT or never confirmed (UPLOAD_SWEEP_INTERVAL).
+    upload_sweep_interval: float = 60.0
 
     @property
     def key_encryption_keys(self) -> tuple[bytes, ...]:
@@ -472,6 +500,53 @@ def _url(env: Mapping[str, str], name: str, default: str, schemes: tuple[str, ..
     if parts.scheme not in schemes or not parts.netloc:
         raise ConfigError(name, f"must be a URL with scheme {' or '.join(schemes)}")
     return value
+
+
+def _object_storage(env: Mapping[str, str], environment: str) -> ObjectStorage | None:
+    name = "STORAGE_URL"
+    raw = env.get(name, "").strip()
+    if not raw:
+        if environment == "production":
+            return None  # the school API, the one part that stores files, refuses to start
+        root = DEV_STORAGE_DIR.resolve()
+        return ObjectStorage(url=root.as_uri(), kind="file", root=root)
+    parts = urlsplit(raw)
+    if parts.username or parts.password:
+        raise ConfigError(name, "must not hold credentials (the AWS SDK's variables give them)")
+    if parts.scheme == "file":
+        if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
+            raise ConfigError(name, "a file: URL must name an absolute directory, file:///dir")
+        if parts.query or parts.fragment:
+            raise ConfigError(name, "a file: URL takes no query or fragment")
+        root = Path(unquote(parts.path))
+        return ObjectStorage(url=raw, kind="file", root=root)
+    if parts.scheme == "s3":
+        bucket = parts.netloc
+        if not re.fullmatch(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]", bucket):
+            raise ConfigError(name, "an s3: URL must name a valid bucket, s3://bucket[/prefix]")
+        options = parse_qs(parts.query, keep_blank_values=True)
+        unknown = set(options) - _S3_OPTIONS
+        if unknown:
+            raise ConfigError(name, f"unknown option {sorted(unknown)[0]!r} (endpoint, region)")
+        if any(len(values) != 1 or not values[0] for values in options.values()):
+            raise ConfigError(name, "each option once, with a value")
+        endpoint = options.get("endpoint", [None])[0]
+        if endpoint is not None:
+            ends = urlsplit(endpoint)
+            if ends.scheme not in ("http", "https") or not ends.netloc:
+                raise ConfigError(name, "endpoint must be an http or https URL")
+            if environment == "production" and ends.scheme != "https":
+                raise ConfigError(name, "endpoint must be https in production")
+        prefix = parts.path.strip("/")
+        return ObjectStorage(
+            url=raw,
+            kind="s3",
+            bucket=bucket,
+            prefix=f"{prefix}/" if prefix else "",
+            endpoint=endpoint,
+            region=options.get("region", [None])[0],
+        )
+    raise ConfigError(name, "must be a file:///dir or s3://bucket URL")
 
 
 def _redis_url(env: Mapping[str, str], name: str, default: str) -> str:
@@ -849,6 +924,8 @@ def load_settings(
         webhooks=_webhook_policy(env, environment),
         identity=_identity_policy(env),
         observability=_observability(env),
+        storage=_object_storage(env, environment),
+        upload_sweep_interval=_float(env, "UPLOAD_SWEEP_INTERVAL", 60.0, minimum=0.1),
         # Last, so a wrong value of any other variable is the one reported first.
         internal_token=_internal_token(env, environment, dev_keys, "INTERNAL_TOKEN" in needs),
     )

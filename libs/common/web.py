@@ -283,3 +283,16 @@ async def serve(
     finally:
         log.info("shutting_down")
         await runner.cleanup()
+
+
+async def answer_and_close(request: web.Request, response: web.Response) -> web.Response:
+    """Send `response`, then close the connection at once, leaving the rest of the request's
+    body unread: a body refused for its size must not be read after all (aiohttp would
+    otherwise read and discard what is left, for up to its lingering time, to keep the
+    connection alive)."""
+    response.force_close()
+    await response.prepare(request)
+    await response.write_eof()
+    if request.protocol is not None:
+        request.protocol.force_close()
+    return response

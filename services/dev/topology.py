@@ -652,6 +652,8 @@ class Topology:
             "IDENTITY_URL": f"http://{HOST}:{p.identity}",
             "SCHOOL_API_URL": f"http://{HOST}:{p.school_api}",
             "WEBHOOKS_URL": f"http://{HOST}:{p.webhooks}",
+            # Uploaded files: one directory every school API process shares.
+            "STORAGE_URL": (self.data_dir / "uploads").resolve().as_uri(),
             # The test suite's stores: the server through PgBouncer (each run creates its own
             # database there), the session DSN for what needs one, the same Redis.
             "TEST_DATABASE_URL": f"postgresql://{PG_SUPERUSER}@{HOST}:{p.pgbouncer}/postgres",

@@ -15,8 +15,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -27,6 +28,7 @@ from yarl import URL
 from libs.common import tracing
 from libs.common.errors import json_response
 from libs.common.logging import get_logger
+from libs.common.web import answer_and_close
 from services.gateway import http1_pool
 from services.gateway.metrics import GatewayMetrics
 
@@ -212,8 +214,10 @@ async def forward(
     protected: bool,
     extra: Mapping[str, str] | None = None,
     before_send: BeforeSend | None = None,
+    max_body: int | None = None,
 ) -> web.StreamResponse:
-    """Send the call to `upstream` and relay its answer; 502/504 JSON when it fails.
+    """Send the call to `upstream` and relay its answer; 502/504 JSON when it fails, 413 when
+    the body passes `max_body` bytes (counted as it streams; the caller's connection closed).
 
     `before_send(status)` runs before an answer streamed as it comes sends its status; what it
     returns, if anything, is answered instead. An answer returned whole (not yet prepared) is
@@ -226,20 +230,35 @@ async def forward(
             )
     url = URL(upstreams.urls[upstream] + request.raw_path, encoded=True)
     session = upstreams.session(upstream)
-    data = request.content if request.body_exists else None
+    data: Any = request.content if request.body_exists else None
+    limit: _BodyLimit | None = None
+    if max_body is not None and data is not None:
+        length = request.content_length
+        if length is not None and length > max_body:
+            return await body_too_large(request)
+        limit = data = _BodyLimit(request.content, max_body)
     started = time.perf_counter()
     try:
         upstream_response = await session.request(
             request.method, url, headers=headers, data=data, allow_redirects=False
         )
     except TimeoutError:
+        if limit is not None and limit.exceeded:
+            return await body_too_large(request)
         metrics.upstream_errors.labels(upstream, "timeout").inc()
         log.warning("upstream_timeout", upstream=upstream)
         return upstream_timeout()
     except aiohttp.ClientError as exc:
+        if limit is not None and limit.exceeded:
+            # The body passed the route's max_body on its way upstream; sending stopped there.
+            return await body_too_large(request)
         metrics.upstream_errors.labels(upstream, "connect").inc()
         log.warning("upstream_failed", upstream=upstream, error=type(exc).__name__)
         return bad_gateway()
+    if limit is not None and limit.exceeded:
+        # The upstream answered before the body ended; what passed the limit is refused.
+        upstream_response.release()
+        return await body_too_large(request)
     metrics.upstream_answered(upstream, time.perf_counter() - started)
     try:
         out_headers = response_headers(upstream_response, protected=protected, extra=extra)
@@ -258,12 +277,17 @@ async def forward(
             except aiohttp.ClientError:
                 metrics.upstream_errors.labels(upstream, "protocol").inc()
                 return bad_gateway()
-            return web.Response(
+            answer = web.Response(
                 body=body or None,
                 status=status,
                 reason=upstream_response.reason,
                 headers=out_headers,
             )
+            if limit is not None and not request.content.is_eof():
+                # The upstream answered without reading the whole body (a refusal): stop
+                # reading it here too, rather than take in the rest only to discard it.
+                return await answer_and_close(request, answer)
+            return answer
         if before_send is not None:
             instead = await before_send(status)
             if instead is not None:
@@ -271,6 +295,39 @@ async def forward(
         return await _stream(request, upstream_response, out_headers, upstream, metrics)
     finally:
         upstream_response.release()
+
+
+class _BodyLimit:
+    """The caller's body as it streams upstream, stopped at the first byte past `limit`."""
+
+    def __init__(self, content: aiohttp.StreamReader, limit: int) -> None:
+        self.content = content
+        self.limit = limit
+        self.exceeded = False
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        seen = 0
+        async for chunk in self.content.iter_chunked(CHUNK):
+            seen += len(chunk)
+            if seen > self.limit:
+                self.exceeded = True
+                raise BodyTooLarge
+            yield chunk
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._chunks()
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+async def body_too_large(request: web.Request) -> web.Response:
+    response = json_response(
+        {"error": "payload_too_large", "error_description": "The request body is too large."},
+        status=413,
+    )
+    return await answer_and_close(request, response)
 
 
 async def _stream(

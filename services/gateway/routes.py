@@ -66,7 +66,13 @@ async def public(request: web.Request, ctx: GatewayContext, route: Route) -> web
         return refusals.not_found()
     headers = proxy.upstream_request_headers(request, forwarding(request, ctx, host), identity=None)
     return await proxy.forward(
-        request, ctx.upstreams, route.upstream, headers, ctx.metrics, protected=False
+        request,
+        ctx.upstreams,
+        route.upstream,
+        headers,
+        ctx.metrics,
+        protected=False,
+        max_body=route.max_body,
     )
 
 

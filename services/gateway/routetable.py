@@ -25,7 +25,7 @@ METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 READ_METHODS = ("GET", "HEAD")
 WRITE_METHODS = ("POST", "PUT", "PATCH", "DELETE")
 
-_PUBLIC_KEYS = frozenset({"prefix", "upstream"})
+_PUBLIC_KEYS = frozenset({"prefix", "upstream", "max_body"})
 _ROUTE_KEYS = frozenset({"prefix", "upstream", "read", "write", "all_methods", "methods"})
 _TOP_KEYS = frozenset({"upstreams", "public", "route"})
 _UPSTREAM_NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
@@ -51,6 +51,9 @@ class Route:
     # Method to its any-of scopes; an empty tuple admits any valid token of the school.
     scopes: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     line: int | None = None
+    # A public route's largest request body in bytes (`max_body`), counted as it streams
+    # through; None: no limit here (the upstream sets its own).
+    max_body: int | None = None
 
     def required(self, method: str) -> tuple[str, ...] | None:
         """The any-of scopes `method` needs here; None when the method is not routed."""
@@ -261,7 +264,12 @@ def _route(
         )
     if kind == "public":
         all_methods = dict.fromkeys((*METHODS, "OPTIONS"), ())
-        return Route(prefix, str(upstream), False, all_methods, line)
+        max_body = entry.get("max_body")
+        if max_body is not None and (
+            not isinstance(max_body, int) or isinstance(max_body, bool) or max_body < 0
+        ):
+            raise fail("max_body must be a whole number of bytes", "max_body")
+        return Route(prefix, str(upstream), False, all_methods, line, max_body)
     return Route(prefix, str(upstream), True, _method_scopes(entry, fail), line)
 
 

@@ -18,8 +18,9 @@ from libs.common.web import (
     watch_background,
     watch_pool,
 )
-from services.school_api import identity, routes, store
+from services.school_api import identity, routes, storage_edge, store, upload_sweep
 from services.school_api.context import CONTEXT, SchoolApiContext
+from services.school_api.objectstore import open_store
 from services.school_api.outbox import OutboxRelay, RelayMetrics
 from services.school_api.responses import ApiError, conflict, json, validation_failed
 from services.school_api.storefront import demo
@@ -57,26 +58,33 @@ async def api_errors(request: web.Request, handler: Handler) -> web.StreamRespon
         return json({"error": "payload_too_large"}, status=413)
 
 
-def create_app(settings: Settings, *, relay: bool = True) -> web.Application:
-    """The service; `relay=False` leaves publishing to other processes (and to tests)."""
+def create_app(settings: Settings, *, relay: bool = True, sweep: bool = True) -> web.Application:
+    """The service; `relay=False` leaves publishing to other processes (and to tests),
+    `sweep=False` the sweep of expired uploads."""
+    # At start, naming the variable: no STORAGE_URL in production.
+    open_store(settings)
     app = base_application(
         "school-api",
         middlewares=[api_errors, identity.authenticate(settings.internal_token)],
         access_log=settings.observability.access_log,
     )
-    app.cleanup_ctx.append(_resources(settings, relay))
+    app.cleanup_ctx.append(_resources(settings, relay, sweep))
     routes.setup(app)
+    storage_edge.setup(app)
     return app
 
 
 def _resources(
-    settings: Settings, run_relay: bool
+    settings: Settings, run_relay: bool, run_sweep: bool
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         pool = await store.create_pool(settings=settings)
         watch_pool(app[METRICS], "main", pool)
         redis_client = streams.connect(settings.redis_url)
-        app[CONTEXT] = SchoolApiContext(settings=settings, pool=pool, redis=redis_client)
+        objects = open_store(settings)
+        app[CONTEXT] = SchoolApiContext(
+            settings=settings, pool=pool, redis=redis_client, objects=objects
+        )
 
         async def postgres_ready() -> bool:
             return await db.ping(pool)
@@ -116,6 +124,17 @@ def _resources(
                     on_progress=lambda: supervisor.ran_cleanly("demo-activity"),
                 ),
             )
+        if run_sweep:
+            supervisor.start(
+                "upload-sweep",
+                lambda: upload_sweep.run(
+                    pool,
+                    objects,
+                    settings.upload_sweep_interval,
+                    supervisor.stop,
+                    lambda: supervisor.ran_cleanly("upload-sweep"),
+                ),
+            )
         try:
             yield
         finally:
@@ -126,6 +145,7 @@ def _resources(
             # A batch cut short past the grace rolls back; its events go out with the next
             # relay to run.
             await supervisor.close(grace=RELAY_STOP_TIMEOUT)
+            await objects.close()
             await redis_client.aclose()
             await pool.close()
 

@@ -9,6 +9,7 @@ import redis.asyncio as redis
 from aiohttp import web
 
 from libs.common.config import Settings
+from services.school_api.objectstore import ObjectStore
 
 
 @dataclass(frozen=True, slots=True)
@@ -16,6 +17,7 @@ class SchoolApiContext:
     settings: Settings
     pool: asyncpg.Pool
     redis: redis.Redis
+    objects: ObjectStore  # where uploaded files are kept (STORAGE_URL)
 
 
 CONTEXT = web.AppKey("school_api", SchoolApiContext)

@@ -372,7 +372,69 @@ def _singleton_paths() -> dict[str, Any]:
                 "responses": {
                     "200": _json(_ref(uploads), "The confirmed upload"),
                     **_errors("401", "403", "404"),
-                    "409": _json(_ERROR, "upload_expired: announce it again"),
+                    "409": _json(
+                        _ERROR,
+                        "upload_incomplete: PUT the bytes first; upload_expired: announce again",
+                    ),
+                },
+            },
+        },
+        **_storage_paths(),
+    }
+
+
+def _storage_paths() -> dict[str, Any]:
+    """The storage edge (storage_edge.py): the signed PUT and the public files, no token."""
+    segments = [
+        {"name": "school", "in": "path", "required": True, "schema": {"type": "integer"}},
+        {
+            "name": "upload",
+            "in": "path",
+            "required": True,
+            "schema": {"type": "string", "format": "uuid"},
+        },
+        {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
+    ]
+    signed = [
+        {"name": name, "in": "query", "required": True, "schema": {"type": kind}}
+        for name, kind in (
+            ("expires", "integer"),
+            ("size", "integer"),
+            ("type", "string"),
+            ("signature", "string"),
+        )
+    ]
+    image = {"image/*": {"schema": {"type": "string", "format": "binary"}}}
+    return {
+        "/storage/uploads/{school}/{upload}/{name}": {
+            "parameters": segments,
+            "put": {
+                "summary": "PUT an upload's bytes to its signed upload_url (no bearer token)",
+                "operationId": "put_upload_bytes",
+                "security": [],
+                "parameters": signed,
+                "requestBody": {"required": True, "content": image},
+                "responses": {
+                    "201": {"description": "Stored; Location names the file's url"},
+                    "400": _json(_ERROR, "size_mismatch: fewer bytes than announced"),
+                    "403": _json(_ERROR, "invalid_signature or upload_url_expired"),
+                    "404": _json(_ERROR, "Not an upload URL's path"),
+                    "409": _json(_ERROR, "already_stored: the bytes were PUT already"),
+                    "413": _json(_ERROR, "payload_too_large: more bytes than announced"),
+                    "415": _json(_ERROR, "unsupported_media_type: not the announced image"),
+                },
+            },
+        },
+        "/storage/files/{school}/{upload}/{name}": {
+            "parameters": segments,
+            "get": {
+                "summary": "A stored upload (public; immutable, cacheable)",
+                "operationId": "get_uploaded_file",
+                "security": [],
+                "responses": {
+                    "200": {"description": "The image", "content": image},
+                    "304": {"description": "Not modified (If-None-Match)"},
+                    "404": _json(_ERROR, "No such file"),
                 },
             },
         },

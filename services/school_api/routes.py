@@ -28,7 +28,7 @@ from services.school_api.resources import (
     UPLOADS,
 )
 from services.school_api.resources.model import Resource
-from services.school_api.responses import ApiError, json, not_found
+from services.school_api.responses import ApiError, json, not_found, validation_failed
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -177,10 +177,18 @@ async def create_upload(request: web.Request) -> web.Response:
     who = caller(request)
     who.require(UPLOADS.write_scopes)
     values = validation.for_create(UPLOADS, await validation.read_object(request))
+    if not uploads.good_filename(values["filename"]):
+        raise validation_failed({"filename": "invalid"})
     ctx = context(request)
     upload_id = uuid4()
     urls = uploads.urls_for(
-        ctx.settings, who.school_id, upload_id, values["filename"], datetime.now(UTC)
+        ctx.settings,
+        who.school_id,
+        upload_id,
+        values["filename"],
+        values["content_type"],
+        values["size_bytes"],
+        datetime.now(UTC),
     )
     row = await store.create_upload(
         ctx.pool,
@@ -201,16 +209,30 @@ async def confirm_upload(request: web.Request) -> web.Response:
         upload_id = UUID(request.match_info["id"])
     except ValueError:
         raise not_found() from None
-    pool = context(request).pool
-    row = await store.confirm_upload(pool, who.school_id, upload_id)
-    if row is not None:
-        return json(row)
-    existing = await store.get_upload(pool, who.school_id, upload_id)
+    ctx = context(request)
+    existing = await store.get_upload(ctx.pool, who.school_id, upload_id)
     if existing is None:
         raise not_found()
+    if existing["status"] == "pending":
+        if not await ctx.objects.exists(uploads.object_key(who.school_id, upload_id)):
+            if existing["expires_at"] <= datetime.now(UTC):
+                raise _upload_expired()
+            raise ApiError(
+                409,
+                "upload_incomplete",
+                error_description="PUT the bytes to upload_url before confirming.",
+            )
+        row = await store.confirm_upload(ctx.pool, who.school_id, upload_id)
+        if row is not None:
+            return json(row)
+        existing = await store.get_upload(ctx.pool, who.school_id, upload_id) or existing
     if existing["status"] == "confirmed":
         return json(existing)  # confirming twice is a retry, not an error
-    raise ApiError(409, "upload_expired", error_description="Announce the upload again.")
+    raise _upload_expired()
+
+
+def _upload_expired() -> ApiError:
+    return ApiError(409, "upload_expired", error_description="Announce the upload again.")
 
 
 async def openapi_document(request: web.Request) -> web.Response:

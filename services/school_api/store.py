@@ -12,10 +12,10 @@ that commits always has its event and one that rolls back never does.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import cache
 from typing import Any
 from uuid import UUID
@@ -655,11 +655,13 @@ async def get_upload(db: Executor, school_id: int, upload_id: UUID) -> Row | Non
 
 
 async def confirm_upload(pool: asyncpg.Pool, school_id: int, upload_id: UUID) -> Row | None:
-    """Mark a pending, unexpired upload confirmed; None when nothing changed."""
+    """Mark a pending upload confirmed (the caller saw its bytes stored); None when nothing
+    changed. No expiry test: bytes stored before the URL expired may be confirmed until the
+    sweep takes the upload, whose row lock makes the two exclusive."""
     async with transaction(pool) as conn:
         record = await conn.fetchrow(
             f"UPDATE {SCHEMA}.uploads SET status = 'confirmed', confirmed_at = now()"  # noqa: S608
-            " WHERE school_id = $1 AND id = $2 AND status = 'pending' AND expires_at > now()"
+            " WHERE school_id = $1 AND id = $2 AND status = 'pending'"
             f" RETURNING {_UPLOAD_COLUMNS}",
             school_id,
             upload_id,
@@ -669,6 +671,36 @@ async def confirm_upload(pool: asyncpg.Pool, school_id: int, upload_id: UUID) ->
         row = dict(record)
         await enqueue(conn, resources.UPLOADS.event_type("updated"), school_id, _public(row))
     return row
+
+
+async def sweep_uploads(
+    pool: asyncpg.Pool,
+    grace: timedelta,
+    delete_bytes: Callable[[int, UUID], Awaitable[None]],
+    *,
+    batch: int = 100,
+) -> int:
+    """Expire up to `batch` uploads still pending `grace` after their URL expired, deleting
+    their bytes (if any were PUT) while their rows are locked; how many were expired.
+    SKIP LOCKED: sweeps in several processes share the work, and a confirm in progress
+    keeps its upload."""
+    async with transaction(pool) as conn:
+        rows = await conn.fetch(
+            f"SELECT school_id, id FROM {SCHEMA}.uploads"  # noqa: S608
+            " WHERE status = 'pending' AND expires_at < now() - $1::interval"
+            " ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED",
+            grace,
+            batch,
+        )
+        for row in rows:
+            await delete_bytes(row["school_id"], row["id"])
+        if rows:
+            await conn.execute(
+                f"UPDATE {SCHEMA}.uploads SET status = 'expired'"  # noqa: S608
+                " WHERE id = ANY($1::uuid[])",
+                [row["id"] for row in rows],
+            )
+    return len(rows)
 
 
 # --- seeding --------------------------------------------------------------------------------

@@ -257,7 +257,8 @@ def _lecturer_fields(name_required: bool) -> tuple[Param, ...]:
     )
 
 
-_IMAGE_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp", "image/svg+xml")
+# Raster images, as the school API's uploads take them (no SVG: it can carry script).
+_IMAGE_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp")
 
 # Seed 002's table, in its order ------------------------------------------------------------
 
@@ -426,8 +427,9 @@ TOOLS: tuple[Tool, ...] = (
     Tool(
         "upload_image",
         "Start an image upload",
-        "Announce an image: answers an upload_url to PUT the bytes to before expires_at, then "
-        "call confirm_upload with the id.",
+        "Announce an image: answers an upload_url to PUT exactly size_bytes of content_type to "
+        "(no Authorization header: the URL is signed) before expires_at, then call "
+        "confirm_upload with the id.",
         ("storage:write",),
         "POST",
         "/api/v1/uploads",
@@ -446,7 +448,8 @@ TOOLS: tuple[Tool, ...] = (
     Tool(
         "confirm_upload",
         "Confirm an image upload",
-        "Confirm an upload once its bytes are PUT; answers the image's url.",
+        "Confirm an upload once its bytes are PUT (refused with upload_incomplete before); "
+        "answers the image's url.",
         ("storage:write",),
         "POST",
         "/api/v1/uploads/{id}/confirm",

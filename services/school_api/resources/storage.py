@@ -5,7 +5,8 @@ from __future__ import annotations
 from services.school_api.resources.fields import created
 from services.school_api.resources.model import Field, Resource
 
-UPLOAD_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp", "image/svg+xml")
+# Raster images only: an SVG is a document that can run script, never accepted as an image.
+UPLOAD_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp")
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 
 
@@ -44,12 +45,12 @@ UPLOADS = Resource(
         Field(
             "status",
             "enum",
-            "pending until confirmed",
-            choices=("pending", "confirmed"),
+            "pending until confirmed; expired when never PUT or confirmed in time",
+            choices=("pending", "confirmed", "expired"),
             writable=False,
         ),
         Field("upload_url", "string", "Where to PUT the bytes before expires_at", writable=False),
-        Field("url", "string", "Where the file is served once confirmed", writable=False),
+        Field("url", "string", "Where the file is served once stored", writable=False),
         Field("expires_at", "timestamp", "When upload_url stops working", writable=False),
         Field("confirmed_at", "timestamp", "When it was confirmed", nullable=True, writable=False),
         created(),
