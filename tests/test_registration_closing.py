@@ -70,7 +70,7 @@ async def _app(
         name=f"{created_via} app",
         redirect_uris=[REDIRECT],
         public=public,
-        scopes=["openid", "courses:read"],
+        scopes=["openid", "events:read"],
         created_via=created_via,
         with_registration_token=created_via == "registration",
     )
@@ -98,7 +98,7 @@ async def _exchange(
         school_id=world.school.id,
         client_id=app.client.id,
         user_id=world.user.id,
-        scopes=["openid", "courses:read"],
+        scopes=["openid", "events:read"],
         challenge=challenge,
         redirect_uri=REDIRECT,
     )
@@ -144,7 +144,7 @@ async def _call(http: Any, gateway_url: str, world: World, issued: Issued) -> in
         async with http.post(gateway_url + "/mcp", data=ping, headers=headers) as resp:
             return int(resp.status)
     headers["Host"] = world.host
-    async with http.get(gateway_url + "/api/v1/courses", headers=headers) as resp:
+    async with http.get(gateway_url + "/api/v1/events", headers=headers) as resp:
         return int(resp.status)
 
 
@@ -226,7 +226,7 @@ async def test_closing_registration_ends_self_registered_apps_grants_at_once(
             user_id=world.user.id,
             client_id=app.client.id,
             school_id=world.school.id,
-            scopes=["openid", "courses:read"],
+            scopes=["openid", "events:read"],
         )
     for name, token in issued.items():
         assert await _call(http, gateway_url, world, token) == 200, name
@@ -296,7 +296,7 @@ async def test_a_closed_school_gives_self_registered_apps_nothing_new(
         "response_type": "code",
         "client_id": school_app.client.id,
         "redirect_uri": REDIRECT,
-        "scope": "openid courses:read",
+        "scope": "openid events:read",
         "state": "s1",
         "code_challenge": challenge,
         "code_challenge_method": "S256",
@@ -323,7 +323,7 @@ async def test_a_closed_school_gives_self_registered_apps_nothing_new(
         school_id=world.school.id,
         client_id=school_app.client.id,
         user_id=world.user.id,
-        scopes=["courses:read"],
+        scopes=["events:read"],
     )
     assert await _set_registration(gateway_env, world.school.subdomain, "false") == 1
     assert await _reason(pool, left.id) == "registration_closed"
@@ -353,7 +353,7 @@ async def test_closing_ends_every_page_of_grants(
             school_id=world.school.id,
             client_id=app.client.id,
             user_id=world.user.id,
-            scopes=["courses:read"],
+            scopes=["events:read"],
         )
         for _ in range(5)
     ]

@@ -46,7 +46,7 @@ _POSTS = ("posts:read",)
 _EVENTS = ("events:read",)
 # Seed 002: courses:read reads a course's curriculum and its enrollment data too.
 _CURRICULUM = ("curriculum:read", "courses:read")
-_ENROLLMENTS = ("students:read", "courses:read")
+_ENROLLMENTS = ("courses:read", "students:read")
 _COUPONS = ("coupons:read",)
 _PLANS = ("membership_plans:read",)
 _DOWNLOADS = ("digital_products:read",)
